@@ -1,0 +1,43 @@
+"""TensorDict key names used across aefrl, in one place.
+
+We follow torchrl's vocabulary where it has a word for the thing (``"pixels"``, ``"action"``,
+``("next", "reward")``, ``"state"`` for the stochastic latent z and ``"belief"`` for the recurrent
+state h, as in torchrl's own ``DreamerEnv``). Predictions get their own keys and never overwrite a
+data key, so losses never need to rename anything.
+
+Replay rows use the *arrival* layout (see :mod:`aefrl.world_model.rssm` for the time-alignment
+diagram): row t holds what arrived at time t — the observation ``o_t``, the action ``a_{t-1}`` that
+led to it, the reward ``r_t`` received on arriving, and the flags ``is_first`` / ``terminated``.
+"""
+
+from __future__ import annotations
+
+# --- data (environment and replay) -------------------------------------------------------------
+PIXELS = "pixels"  # uint8 [..., C, H, W]
+ACTION = "action"  # float [..., A] in [-1, 1]; the action taken at the current observation
+PREV_ACTION = "prev_action"  # float [..., A]; a_{t-1}, zero on the first step of an episode
+REWARD = "reward"  # float [..., 1]
+IS_FIRST = "is_first"  # bool [..., 1]; first row of an episode (the RSSM resets here)
+TERMINATED = "terminated"  # bool [..., 1]; true terminal (no bootstrap)
+TRUNCATED = "truncated"  # bool [..., 1]; time limit (bootstrap)
+DONE = "done"  # bool [..., 1]; terminated or truncated
+TRAJ_ID = "traj_id"  # int64 [...]; episode id, used by the replay's slice sampler
+NEXT = "next"
+
+NEXT_REWARD = (NEXT, REWARD)
+NEXT_DONE = (NEXT, DONE)
+NEXT_TERMINATED = (NEXT, TERMINATED)
+
+# --- model state (torchrl names) -----------------------------------------------------------------
+STATE = "state"  # z_t, float [..., d]
+BELIEF = "belief"  # h_t, float [..., H]
+
+# --- predictions (never a data key) --------------------------------------------------------------
+PRIOR_MEAN = "prior_mean"
+PRIOR_STD = "prior_std"
+POSTERIOR_MEAN = "posterior_mean"
+POSTERIOR_STD = "posterior_std"
+RECO_PIXELS = "reco_pixels"
+PRED_REWARD = "pred_reward"
+PRED_CONTINUE = "pred_continue"
+STATE_VALUE = "state_value"

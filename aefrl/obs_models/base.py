@@ -1,0 +1,351 @@
+"""One interface, three observation models (SPEC §3, §6).
+
+Every model is built from the same pieces, so VAE and AEF differ only in how z is made from the
+encoder's affine layer and in the objective:
+
+    y ──encoder trunk──► e ──posterior head g(context, e)──► (μ_q, σ_q),  σ_q ∈ [σ_min, σ_max]
+                                                              │
+    z = μ_q + σ_q ⊙ ξ  (vae: ξ ~ N(0, I))                      │
+    z = μ_q + σ_q ⊙ u  (aef: u = W·vec(y) + b; aef_partition: u = y_core)
+    z ──decoder trunk d(context, z)──► (μ_x, σ_x) per coordinate of y,  ε = (y − μ_x) / σ_x
+
+Shapes: ``y: [B, *obs_shape]`` (obs_shape ``(C, H, W)`` or ``(D,)``), ``context: [B, context_dim]``
+or ``None``, ``z: [B, d]``; every per-sample score is ``[B]`` in nats. ``prior`` is a
+``torch.distributions.Distribution`` with batch shape ``[B]`` and event shape ``[d]``
+(``Independent(Normal(0, 1), 1)`` when omitted); in the world model it is the RSSM transition
+``N(μ_p(h), σ_p(h))``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+from torch import distributions as D
+from torch import nn
+from torch.nn import functional as F
+
+from aefrl.nn import MLP, ConvDecoder, ConvEncoder, conv_stages
+
+SIGMA_X_MODES = ("learned", "head", "fixed")
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def std_normal_log_prob(x: torch.Tensor) -> torch.Tensor:
+    """Elementwise ``log N(x; 0, 1)``."""
+    return -0.5 * x.square() - _HALF_LOG_2PI
+
+
+def check_obs_shape(obs_shape) -> tuple[int, ...]:
+    """Validate an observation shape: ``(C, H, W)`` images or ``(D,)`` vectors, positive ints."""
+    try:
+        shape = tuple(int(s) for s in obs_shape)
+    except TypeError:
+        raise ValueError(
+            f"obs_shape must be a tuple (C, H, W) or (D,), got {obs_shape!r}"
+        ) from None
+    if len(shape) not in (1, 3) or any(s <= 0 for s in shape):
+        raise ValueError(f"obs_shape must be (C, H, W) or (D,) with positive sizes, got {shape}")
+    if len(shape) == 3:
+        conv_stages(shape[1], shape[2])
+    return shape
+
+
+class ObservationModel(nn.Module):
+    """Base class: shared trunks, the bounded posterior head, the decoder likelihood, sampling.
+
+    Args:
+        obs_shape: ``(C, H, W)`` (conv trunks) or ``(D,)`` (MLP trunks).
+        latent_dim: d, the size of z.
+        context_dim: size of the context vector (the RSSM state h); 0 for none.
+        depth: conv trunk width (channels of the first conv layer).
+        hidden: width of MLP layers (posterior head, vector trunks).
+        layers: hidden layers of the vector trunks (0 makes the vector decoder linear).
+        sigma_q_min, sigma_q_max: hard bounds of σ_q, ``σ_q = min + (max − min)·sigmoid(s)``;
+            the upper bound fixes the scale gauge of the AEF (SPEC §5).
+        sigma_x: ``"learned"`` (one parameter per coordinate), ``"head"`` (predicted by the
+            decoder from (context, z)) or ``"fixed"`` (``sigma_x_init`` everywhere, Dreamer's MSE
+            when 1).
+        sigma_x_min: floor added to a learned or predicted σ_x.
+        sigma_x_init: initial (or, for ``"fixed"``, constant) σ_x.
+    """
+
+    kind: ClassVar[str] = ""
+    #: True when :meth:`log_likelihood` is exact rather than importance-sampled.
+    exact_likelihood: ClassVar[bool] = False
+    #: True when :meth:`encode` is a deterministic function of (y, context).
+    deterministic_encoder: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        obs_shape,
+        latent_dim: int,
+        context_dim: int = 0,
+        *,
+        depth: int = 32,
+        hidden: int = 256,
+        layers: int = 2,
+        sigma_q_min: float = 0.1,
+        sigma_q_max: float = 1.0,
+        sigma_x: str = "learned",
+        sigma_x_min: float = 1e-2,
+        sigma_x_init: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.obs_shape = check_obs_shape(obs_shape)
+        if int(latent_dim) <= 0:
+            raise ValueError(f"latent_dim must be a positive integer, got {latent_dim}")
+        if int(context_dim) < 0:
+            raise ValueError(f"context_dim must be >= 0, got {context_dim}")
+        if not 0.0 < sigma_q_min < sigma_q_max:
+            raise ValueError(
+                f"need 0 < sigma_q_min < sigma_q_max, got {sigma_q_min} and {sigma_q_max}"
+            )
+        if sigma_x not in SIGMA_X_MODES:
+            raise ValueError(f"sigma_x must be one of {SIGMA_X_MODES}, got {sigma_x!r}")
+        if sigma_x_min < 0 or sigma_x_init <= sigma_x_min:
+            raise ValueError(
+                f"need 0 <= sigma_x_min < sigma_x_init, got {sigma_x_min} and {sigma_x_init}"
+            )
+        self.latent_dim = int(latent_dim)
+        self.context_dim = int(context_dim)
+        self.sigma_q_min, self.sigma_q_max = float(sigma_q_min), float(sigma_q_max)
+        self.sigma_x_mode, self.sigma_x_min = sigma_x, float(sigma_x_min)
+        self.num_dims = math.prod(self.obs_shape)
+        is_image = len(self.obs_shape) == 3
+        out_mult = 2 if sigma_x == "head" else 1
+
+        if is_image:
+            self.encoder = ConvEncoder(self.obs_shape, depth)
+            embed_dim = self.encoder.out_dim
+            self.decoder = ConvDecoder(
+                self.context_dim + self.latent_dim,
+                self.obs_shape,
+                self.obs_shape[0] * out_mult,
+                depth,
+            )
+        else:
+            self.encoder = MLP(self.num_dims, None, hidden, layers) if layers else nn.Identity()
+            embed_dim = hidden if layers else self.num_dims
+            self.decoder = MLP(
+                self.context_dim + self.latent_dim, self.num_dims * out_mult, hidden, layers
+            )
+        self.embed_dim = embed_dim
+        self.posterior_head = MLP(self.context_dim + embed_dim, 2 * self.latent_dim, hidden, 1)
+
+        # σ_x = sigma_x_min + softplus(raw), raw initialised so that σ_x = sigma_x_init.
+        raw_init = math.log(math.expm1(sigma_x_init - sigma_x_min))
+        if sigma_x == "learned":
+            self.sigma_x_raw = nn.Parameter(torch.full(self.obs_shape, raw_init))
+        elif sigma_x == "head":
+            self.register_buffer("sigma_x_offset", torch.tensor(raw_init))
+        else:
+            self.register_buffer("sigma_x_fixed", torch.tensor(float(sigma_x_init)))
+
+    # --- input checks ----------------------------------------------------------------------------
+    def _check_y(self, y: torch.Tensor) -> None:
+        if not torch.is_tensor(y) or y.dim() != 1 + len(self.obs_shape):
+            got = tuple(y.shape) if torch.is_tensor(y) else type(y).__name__
+            raise ValueError(f"y must be a tensor of shape [B, {self._shape_str()}], got {got}")
+        if tuple(y.shape[1:]) != self.obs_shape:
+            raise ValueError(f"y must have shape [B, {self._shape_str()}], got {tuple(y.shape)}")
+        if not y.is_floating_point():
+            raise ValueError(
+                f"y must be a floating-point tensor (pre-processed by aefrl.preprocess), "
+                f"got {y.dtype}"
+            )
+
+    def _shape_str(self) -> str:
+        return ", ".join(map(str, self.obs_shape))
+
+    def _with_context(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        if self.context_dim == 0:
+            if context is not None and context.shape[-1] != 0:
+                raise ValueError("this model was built with context_dim=0 but got a context")
+            return x
+        if context is None or context.shape[-1] != self.context_dim:
+            got = None if context is None else tuple(context.shape)
+            raise ValueError(
+                f"context must have shape [..., {self.context_dim}] (context_dim), got {got}"
+            )
+        if context.shape[:-1] != x.shape[:-1]:
+            raise ValueError(
+                f"context batch shape {tuple(context.shape[:-1])} does not match "
+                f"{tuple(x.shape[:-1])}"
+            )
+        return torch.cat([context, x], -1)
+
+    def _prior(self, prior: D.Distribution | None, like: torch.Tensor) -> D.Distribution:
+        """The given prior, or ``Independent(Normal(0, 1), 1)`` with batch shape ``[B]``."""
+        if prior is None:
+            zeros = like.new_zeros(like.shape[0], self.latent_dim)
+            return D.Independent(D.Normal(zeros, torch.ones_like(zeros)), 1)
+        if tuple(prior.event_shape) != (self.latent_dim,):
+            raise ValueError(
+                f"prior must have event shape [{self.latent_dim}] (latent_dim), "
+                f"got {list(prior.event_shape)}"
+            )
+        return prior
+
+    # --- pieces shared with the world model -------------------------------------------------------
+    def encoder_input(self, y: torch.Tensor) -> torch.Tensor:
+        """What the encoder trunk sees (the partition family hides the core)."""
+        return y
+
+    def coords(self, y: torch.Tensor) -> torch.Tensor | None:
+        """The coordinates the encoder affine layer scales: u (AEF), y_core (partition), None."""
+        return None
+
+    def embed(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Everything that depends on y alone: ``(e [B, E], coords [B, d] or None)``.
+
+        In a sequence model this runs once on all B·T frames before the recurrent loop.
+        """
+        return self.encoder(self.encoder_input(y)), self.coords(y)
+
+    def posterior(
+        self, e: torch.Tensor, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder affine layer parameters ``(μ_q, σ_q)``, each ``[..., d]``, σ_q hard-bounded."""
+        out = self.posterior_head(self._with_context(e, context))
+        mu, raw = out.chunk(2, -1)
+        sigma = self.sigma_q_min + (self.sigma_q_max - self.sigma_q_min) * torch.sigmoid(raw)
+        return mu, sigma
+
+    def latent(
+        self,
+        mu_q: torch.Tensor,
+        sigma_q: torch.Tensor,
+        coords: torch.Tensor | None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """z from the encoder affine layer (see the class docstrings)."""
+        raise NotImplementedError
+
+    def decoder_params(
+        self, z: torch.Tensor, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(μ_x, σ_x)`` in y-space; μ_x ``[B, *obs_shape]``, σ_x broadcastable to it."""
+        out = self.decoder(self._with_context(z, context))
+        if self.sigma_x_mode == "head":
+            # Images: mean and scale stacked on the channel axis; vectors: on the last axis.
+            mu, raw = out.chunk(2, dim=-len(self.obs_shape))
+            return mu, self.sigma_x_min + F.softplus(raw + self.sigma_x_offset)
+        if self.sigma_x_mode == "learned":
+            return out, self.sigma_x_min + F.softplus(self.sigma_x_raw)
+        return out, self.sigma_x_fixed
+
+    def likelihood_mask(self) -> torch.Tensor | None:
+        """Coordinates scored by the decoder (all, unless a family hides some)."""
+        return None
+
+    def log_px(self, y: torch.Tensor, mu_x: torch.Tensor, sigma_x: torch.Tensor) -> torch.Tensor:
+        """``Σ_i [log N(ε_i; 0, 1) − log σ_x,i]`` over scored coordinates, ``ε = (y − μ_x)/σ_x``.
+
+        ``y``, ``mu_x``: ``[..., *obs_shape]`` -> ``[...]``.
+        """
+        eps = (y - mu_x) / sigma_x
+        terms = std_normal_log_prob(eps) - torch.log(sigma_x).expand_as(eps)
+        mask = self.likelihood_mask()
+        if mask is not None:
+            terms = terms * mask
+        return terms.flatten(terms.dim() - len(self.obs_shape)).sum(-1)
+
+    # --- public API ------------------------------------------------------------------------------
+    def encode(
+        self,
+        y: torch.Tensor,
+        context: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``y [B, *obs_shape] -> z [B, d]`` (deterministic for the AEF families)."""
+        self._check_y(y)
+        e, coords = self.embed(y)
+        mu_q, sigma_q = self.posterior(e, context)
+        return self.latent(mu_q, sigma_q, coords, noise)
+
+    def decode(self, z: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder mean ``μ_x(context, z)``, ``[B, *obs_shape]`` in y-space."""
+        return self.decoder_params(z, context)[0]
+
+    def sample(
+        self,
+        num_samples: int | None = None,
+        context: torch.Tensor | None = None,
+        prior: D.Distribution | None = None,
+        pixel_noise: bool = True,
+    ) -> torch.Tensor:
+        """Draw ``y ~ p(y | context)``: ``z ~ prior``, ``y = μ_x + σ_x ε`` (``ε = 0`` when
+        ``pixel_noise`` is False, the usual choice for showing images). Returns ``[B, *obs_shape]``.
+        """
+        if prior is None:
+            if num_samples is None:
+                num_samples = context.shape[0] if context is not None else None
+            if num_samples is None:
+                raise ValueError("sample needs num_samples, a context or a prior")
+            like = next(self.parameters()).new_empty(num_samples, 0)
+            prior = self._prior(None, like)
+        z = prior.sample()
+        mu_x, sigma_x = self.decoder_params(z, context)
+        return mu_x + sigma_x * torch.randn_like(mu_x) if pixel_noise else mu_x
+
+    def objective(
+        self,
+        y: torch.Tensor,
+        context: torch.Tensor | None = None,
+        prior: D.Distribution | None = None,
+    ) -> torch.Tensor:
+        """Per-sample training objective ``[B]`` to maximise."""
+        raise NotImplementedError
+
+    def log_likelihood(
+        self,
+        y: torch.Tensor,
+        context: torch.Tensor | None = None,
+        prior: D.Distribution | None = None,
+        num_samples: int = 128,
+        chunk_size: int = 4096,
+    ) -> torch.Tensor:
+        """Per-sample ``log p(y | context)`` in nats, ``[B]`` (SPEC §6).
+
+        Importance-sampled with ``num_samples`` proposals, ``logsumexp_k log w_k − log K``, unless
+        the model is exact. ``chunk_size`` bounds how many decoder passes run at once.
+        """
+        self._check_y(y)
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        prior = self._prior(prior, y)
+        e, coords = self.embed(y)
+        mu_q, sigma_q = self.posterior(e, context)
+        per_chunk = max(1, chunk_size // y.shape[0])
+        log_w = []
+        remaining = num_samples
+        while remaining > 0:
+            k = min(per_chunk, remaining)
+            log_w.append(self._log_weights(y, mu_q, sigma_q, coords, context, prior, k))
+            remaining -= k
+        return torch.logsumexp(torch.cat(log_w, 0), 0) - math.log(num_samples)
+
+    def _log_weights(self, y, mu_q, sigma_q, coords, context, prior, k) -> torch.Tensor:
+        """``k`` importance log-weights per sample, ``[k, B]``."""
+        raise NotImplementedError
+
+    def _decode_repeated(
+        self, z: torch.Tensor, context: torch.Tensor | None, y: torch.Tensor
+    ) -> torch.Tensor:
+        """``log p(y | context, z_k)`` for ``z: [k, B, d]`` -> ``[k, B]`` in one decoder pass."""
+        k, b = z.shape[:2]
+        ctx = None if context is None else context.expand(k, *context.shape).reshape(k * b, -1)
+        mu_x, sigma_x = self.decoder_params(z.reshape(k * b, -1), ctx)
+        mu_x = mu_x.unflatten(0, (k, b))
+        if sigma_x.dim() > len(self.obs_shape):
+            sigma_x = sigma_x.unflatten(0, (k, b))
+        return self.log_px(y, mu_x, sigma_x)
+
+    def extra_repr(self) -> str:
+        return (
+            f"kind={self.kind!r}, obs_shape={self.obs_shape}, latent_dim={self.latent_dim}, "
+            f"context_dim={self.context_dim}, sigma_q=[{self.sigma_q_min}, {self.sigma_q_max}], "
+            f"sigma_x={self.sigma_x_mode!r}"
+        )
