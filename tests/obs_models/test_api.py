@@ -1,0 +1,129 @@
+"""The public observation-model API: shapes, gradients, save/load, clear errors."""
+
+import io
+
+import pytest
+import torch
+from torch import distributions as D
+
+from aefrl.obs_models import OBS_MODELS, accepted_options, make_obs_model
+
+KINDS = sorted(OBS_MODELS)
+SHAPES = [(3, 16, 16), (7,)]
+
+
+def _build(kind, shape, **opts):
+    opts.setdefault("depth", 4) if len(shape) == 3 else opts.setdefault("hidden", 16)
+    return make_obs_model(kind, shape, 4, 5, **opts)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_shapes_of_every_entry_point(kind, shape):
+    model = _build(kind, shape)
+    y, ctx = torch.randn(6, *shape), torch.randn(6, 5)
+    prior = D.Independent(D.Normal(torch.randn(6, 4), torch.rand(6, 4) + 0.1), 1)
+    assert model.objective(y, ctx, prior).shape == (6,)
+    assert model.log_likelihood(y, ctx, prior, num_samples=3).shape == (6,)
+    assert model.encode(y, ctx).shape == (6, 4)
+    assert model.decode(torch.randn(6, 4), ctx).shape == (6, *shape)
+    assert model.sample(context=ctx, prior=prior).shape == (6, *shape)
+    assert model.sample(context=ctx, pixel_noise=False).shape == (6, *shape)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("sigma_x", ["learned", "head", "fixed"])
+def test_gradients_reach_every_parameter(kind, sigma_x):
+    model = _build(kind, (3, 16, 16), sigma_x=sigma_x)
+    y, ctx = torch.randn(4, 3, 16, 16), torch.randn(4, 5)
+    prior = D.Independent(
+        D.Normal(torch.zeros(4, 4, requires_grad=True), torch.ones(4, 4, requires_grad=True)), 1
+    )
+    model.objective(y, ctx, prior).sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert prior.base_dist.loc.grad.abs().sum() > 0  # the prior (RSSM transition) is trained too
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_partition_sample_inverts_the_encoder_layer(kind):
+    model = _build(kind, (7,)).double()
+    y = model.sample(context=torch.randn(5, 5, dtype=torch.float64))
+    if kind == "aef_partition":
+        # Re-encoding a sample gives back the z it was decoded from: the core was solved for it.
+        torch.manual_seed(1)
+        ctx = torch.randn(5, 5, dtype=torch.float64)
+        prior = D.Independent(D.Normal(torch.zeros(5, 4).double(), torch.ones(5, 4).double()), 1)
+        torch.manual_seed(2)
+        z = prior.sample()
+        torch.manual_seed(2)
+        y = model.sample(context=ctx, prior=prior)
+        assert torch.allclose(model.encode(y, ctx), z, atol=1e-10)
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_dict_round_trip(kind):
+    model = _build(kind, (3, 16, 16), sigma_x="learned")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    torch.manual_seed(123)  # a different init, overwritten by the load
+    other = _build(kind, (3, 16, 16), sigma_x="learned")
+    other.load_state_dict(torch.load(buf, weights_only=True))
+    y, ctx = torch.randn(3, 3, 16, 16), torch.randn(3, 5)
+    noise = torch.randn(3, 4)
+    assert torch.equal(model.encode(y, ctx, noise), other.encode(y, ctx, noise))
+    torch.manual_seed(7)
+    a = model.log_likelihood(y, ctx, num_samples=4)
+    torch.manual_seed(7)
+    b = other.log_likelihood(y, ctx, num_samples=4)
+    assert torch.equal(a, b)
+
+
+def test_vae_encoder_is_stochastic_unless_noise_is_given():
+    model = _build("vae", (7,))
+    y, ctx = torch.randn(3, 7), torch.randn(3, 5)
+    assert not torch.equal(model.encode(y, ctx), model.encode(y, ctx))
+    xi = torch.randn(3, 4)
+    assert torch.equal(model.encode(y, ctx, xi), model.encode(y, ctx, xi))
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="accepted: aef, aef_partition, vae"):
+        make_obs_model("flow", (3, 64, 64), 8)
+    with pytest.raises(ValueError, match="shorter side must be 4 times a power of two"):
+        make_obs_model("aef", (3, 60, 60), 8)
+    with pytest.raises(ValueError, match=r"obs_shape must be \(C, H, W\) or \(D,\)"):
+        make_obs_model("aef", (64, 64), 8)
+    with pytest.raises(ValueError, match="unknown option"):
+        make_obs_model("vae", (7,), 2, projection="learned")  # an aef-only option
+    with pytest.raises(ValueError, match="sigma_q_min < sigma_q_max"):
+        make_obs_model("aef", (7,), 2, sigma_q_min=1.0, sigma_q_max=0.5)
+    with pytest.raises(ValueError, match="sigma_x must be one of"):
+        make_obs_model("aef", (7,), 2, sigma_x="adaptive")
+    with pytest.raises(ValueError, match="latent_dim < the observation size"):
+        make_obs_model("aef_partition", (4,), 4)
+    with pytest.raises(ValueError, match="latent_dim must be a positive"):
+        make_obs_model("aef", (7,), 0)
+    model = make_obs_model("aef", (3, 16, 16), 4, 5, depth=4)
+    with pytest.raises(ValueError, match=r"y must have shape \[B, 3, 16, 16\]"):
+        model.objective(torch.randn(2, 3, 8, 8), torch.randn(2, 5))
+    with pytest.raises(ValueError, match="floating-point"):
+        model.objective(torch.zeros(2, 3, 16, 16, dtype=torch.uint8), torch.randn(2, 5))
+    with pytest.raises(ValueError, match=r"context must have shape \[\.\.\., 5\]"):
+        model.objective(torch.randn(2, 3, 16, 16))
+    bad_prior = D.Independent(D.Normal(torch.zeros(2, 3), torch.ones(2, 3)), 1)
+    with pytest.raises(ValueError, match="event shape"):
+        model.objective(torch.randn(2, 3, 16, 16), torch.randn(2, 5), bad_prior)
+    with pytest.raises(ValueError, match="num_samples"):
+        model.log_likelihood(torch.randn(2, 3, 16, 16), torch.randn(2, 5), num_samples=0)
+
+
+def test_accepted_options_are_documented_names():
+    assert "projection" in accepted_options("aef") and "projection" not in accepted_options("vae")
+    assert "core_indices" in accepted_options("aef_partition")
+    assert {"sigma_q_min", "sigma_q_max", "sigma_x", "depth"} <= set(accepted_options("vae"))

@@ -1,0 +1,80 @@
+"""Pre-processing: dequantisation, logit (+ ActNorm) bijection, log-determinant, bits/dim."""
+
+import math
+
+import pytest
+import torch
+
+from aefrl.preprocess import Preprocess, bits_per_dim
+
+
+def _jacobian_logdet(pre: Preprocess, x: torch.Tensor) -> torch.Tensor:
+    """log|det ∂y/∂x̃| of one sample by the full autograd Jacobian (independent of ℓ_P's formula)."""
+    shape = x.shape
+
+    def f(flat):
+        return pre(flat.view(1, *shape))[0].flatten()
+
+    jac = torch.autograd.functional.jacobian(f, x.flatten())
+    return torch.linalg.slogdet(jac)[1]
+
+
+@pytest.mark.parametrize("obs_shape", [(3, 2, 2), (5,)])
+@pytest.mark.parametrize("actnorm", [False, True])
+def test_logdet_matches_autograd_and_inverse_round_trips(obs_shape, actnorm):
+    pre = Preprocess(obs_shape, alpha=0.05, actnorm=actnorm).double()
+    x = torch.rand(6, *obs_shape, dtype=torch.float64)
+    y, logdet = pre(x)  # first training call initialises ActNorm
+    if actnorm:
+        with torch.no_grad():  # move ActNorm away from its init so the check covers a, b
+            pre.an_log_scale.add_(torch.randn_like(pre.an_log_scale) * 0.3)
+            pre.an_bias.add_(torch.randn_like(pre.an_bias))
+        y, logdet = pre(x)
+    for i in range(x.shape[0]):
+        assert torch.allclose(logdet[i], _jacobian_logdet(pre, x[i]), atol=1e-10)
+    assert torch.allclose(pre.inverse(y), x, atol=1e-12)
+    assert logdet.shape == (6,)
+
+
+def test_actnorm_initialises_to_unit_variance_per_channel():
+    pre = Preprocess((3, 4, 4), actnorm=True).double()
+    x = torch.rand(32, 3, 4, 4, dtype=torch.float64) * torch.tensor([0.2, 0.5, 1.0]).view(3, 1, 1)
+    y, _ = pre(x)
+    assert torch.allclose(y.mean((0, 2, 3)), torch.zeros(3, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(y.std((0, 2, 3)), torch.ones(3, dtype=torch.float64), atol=1e-10)
+    pre.eval()
+    y2, _ = Preprocess((3, 4, 4), actnorm=True).double().eval()(x)  # eval: no init, identity
+    assert not torch.allclose(y2, y)
+
+
+def test_dequantize_stays_in_bin_and_quantize_inverts():
+    pre = Preprocess((3, 8, 8))
+    o = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)
+    x = pre.dequantize(o)
+    assert torch.all(x >= o.float() / 256) and torch.all(x < (o.float() + 1) / 256)
+    assert torch.equal(pre.quantize(x), o)
+    y, _ = pre(x)
+    assert torch.equal(pre.decode(y), o)
+
+
+def test_bits_per_dim_of_uniform_density_is_eight():
+    # The uniform density on [0,1)^D has log p(x̃) = 0, i.e. log p(y) = −ℓ_P: exactly 8 bits/dim.
+    pre = Preprocess((3, 4, 4)).double()
+    _, logdet = pre(torch.rand(4, 3, 4, 4, dtype=torch.float64))
+    bpd = bits_per_dim(-logdet, logdet, pre.num_dims)
+    assert torch.allclose(bpd, torch.full_like(bpd, 8.0))
+    # One nat better per dimension is 1/ln 2 bits better.
+    better = bits_per_dim(-logdet + pre.num_dims, logdet, pre.num_dims)
+    assert torch.allclose(better, bpd - 1 / math.log(2))
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="alpha"):
+        Preprocess((3, 8, 8), alpha=0.5)
+    with pytest.raises(ValueError, match="obs_shape"):
+        Preprocess((8, 8))
+    pre = Preprocess((3, 8, 8))
+    with pytest.raises(TypeError, match="uint8"):
+        pre.dequantize(torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"\[\.\.\., 3, 8, 8\]"):
+        pre(torch.rand(1, 3, 8, 7))
