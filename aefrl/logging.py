@@ -1,0 +1,119 @@
+"""TensorBoard logging on torchrl's ``TensorboardLogger``, with namespaced tags.
+
+Tags follow CleanRL's namespaces (``train/loss_*``, ``env/episode_return``,
+``eval/episode_return``, ``perf/fps``, ...); the x-axis is environment frames.
+
+torchrl's ``log_video`` needs moviepy (and torch's ``add_video`` breaks on moviepy 2), so videos
+are written here as animated-GIF image summaries encoded with Pillow — what TensorBoard's own
+video summaries are under the hood.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from PIL import Image
+from torchrl.record.loggers import TensorboardLogger
+
+
+def to_hwc_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    """``[C, H, W]`` or ``[H, W, C]`` image, uint8 or float in [0, 1] -> ``[H, W, C]`` uint8."""
+    arr = image.detach().cpu().numpy() if torch.is_tensor(image) else np.asarray(image)
+    if arr.ndim != 3:
+        raise ValueError(f"expected an image [C, H, W] or [H, W, C], got shape {arr.shape}")
+    if arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+        arr = arr.transpose(1, 2, 0)
+    if arr.dtype != np.uint8:
+        arr = (np.clip(arr, 0.0, 1.0) * 255).round().astype(np.uint8)
+    return arr
+
+
+def image_grid(rows: list[torch.Tensor], pad: int = 2) -> np.ndarray:
+    """Tile rows of images (each ``[N, C, H, W]``, uint8 or float) into one ``[H, W, C]`` array."""
+    tiles = [[to_hwc_uint8(img) for img in row] for row in rows]
+    h, w, c = tiles[0][0].shape
+    ncol = max(len(r) for r in tiles)
+    out = np.full((len(tiles) * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, np.uint8)
+    for i, row in enumerate(tiles):
+        for j, tile in enumerate(row):
+            y0, x0 = pad + i * (h + pad), pad + j * (w + pad)
+            out[y0 : y0 + h, x0 : x0 + w] = tile
+    return out
+
+
+def encode_gif(frames: list[np.ndarray], fps: float) -> bytes:
+    """Frames ``[H, W, C]`` uint8 -> animated GIF bytes (looping)."""
+    images = [Image.fromarray(f.squeeze(-1) if f.shape[-1] == 1 else f) for f in frames]
+    buf = io.BytesIO()
+    images[0].save(
+        buf,
+        format="GIF",
+        save_all=True,
+        append_images=images[1:],
+        duration=max(int(1000 / fps), 20),
+        loop=0,
+    )
+    return buf.getvalue()
+
+
+class RunLogger(TensorboardLogger):
+    """One run's TensorBoard writer: ``<log_dir>/<exp_name>/events.*``.
+
+    Adds dict-of-scalars logging, images, GIF videos and the resolved config as text.
+    """
+
+    def log_scalars(self, values: Mapping[str, float], step: int, prefix: str = "") -> None:
+        """Log ``{name: value}`` as ``prefix/name``; tensors are converted with ``float()``."""
+        for name, value in values.items():
+            tag = f"{prefix}/{name}" if prefix else name
+            self.experiment.add_scalar(tag, float(value), global_step=step)
+
+    def log_image(self, name: str, image: torch.Tensor | np.ndarray, step: int) -> None:
+        """Log one image (``[C, H, W]`` / ``[H, W, C]``, uint8 or float in [0, 1])."""
+        self.experiment.add_image(name, to_hwc_uint8(image), global_step=step, dataformats="HWC")
+
+    def log_video(self, name: str, video: torch.Tensor, step: int | None = None, **kwargs) -> None:
+        """Log a video ``[T, C, H, W]`` (uint8 or float in [0, 1]) as an animated GIF."""
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        fps = float(kwargs.pop("fps", 15))
+        if kwargs:
+            raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+        if video.dim() == 5:  # torchrl's ((N), T, C, H, W): tile the N videos side by side
+            video = torch.cat(list(video), dim=-1)
+        if video.dim() != 4 or video.shape[1] not in (1, 3):
+            raise ValueError(f"video must be [T, C, H, W] with C in (1, 3), got {video.shape}")
+        frames = [to_hwc_uint8(f) for f in video]
+        h, w, c = frames[0].shape
+        summary = Summary(
+            value=[
+                Summary.Value(
+                    tag=name,
+                    image=Summary.Image(
+                        height=h,
+                        width=w,
+                        colorspace=c,
+                        encoded_image_string=encode_gif(frames, fps),
+                    ),
+                )
+            ]
+        )
+        self.experiment._get_file_writer().add_summary(summary, step)
+
+    def log_text(self, name: str, text: str, step: int = 0) -> None:
+        self.experiment.add_text(name, text, global_step=step)
+
+    def log_config(self, config: Mapping) -> None:
+        """The resolved config, once, as pretty-printed JSON text (``config``)."""
+        text = json.dumps(config, indent=2, sort_keys=True, default=str)
+        self.log_text("config", "```\n" + text + "\n```")
+
+    def flush(self) -> None:
+        self.experiment.flush()
+
+    def close(self) -> None:
+        self.experiment.close()

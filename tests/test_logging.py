@@ -1,0 +1,45 @@
+"""TensorBoard logging: scalars, images, GIF videos and config text land in the event file."""
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from aefrl.logging import RunLogger, encode_gif, image_grid
+
+
+def _events(path):
+    acc = EventAccumulator(str(path), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_everything_logged_is_read_back(tmp_path):
+    logger = RunLogger("run", log_dir=str(tmp_path))
+    logger.log_scalars({"loss_model": torch.tensor(1.5), "kl": 0.25}, step=10, prefix="train")
+    logger.log_image("images/grid", torch.rand(3, 8, 12), step=10)
+    video = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
+    logger.log_video("video/imagined", video, step=10, fps=10)
+    logger.log_config({"env": {"task": "walker-walk"}, "seed": 1})
+    logger.close()
+    acc = _events(tmp_path / "run")
+    assert acc.Scalars("train/loss_model")[0].value == 1.5
+    assert acc.Scalars("train/kl")[0].step == 10
+    img = acc.Images("images/grid")[0]
+    assert (img.width, img.height) == (12, 8)
+    gif = Image.open(io.BytesIO(acc.Images("video/imagined")[0].encoded_image_string))
+    assert gif.format == "GIF" and gif.n_frames == 5
+    gif.seek(3)
+    assert np.array_equal(np.asarray(gif.convert("RGB")), video[3].permute(1, 2, 0).numpy())
+    assert "walker-walk" in str(acc.Tensors("config/text_summary")[0])
+
+
+def test_grid_layout_and_gif_frames():
+    rows = [torch.zeros(3, 3, 4, 4, dtype=torch.uint8), torch.ones(2, 3, 4, 4)]
+    grid = image_grid(rows, pad=1)
+    assert grid.shape == (2 * 5 + 1, 3 * 5 + 1, 3)
+    assert grid[1, 1, 0] == 0 and grid[6, 1, 0] == 255
+    frames = [np.full((4, 4, 3), i * 40, np.uint8) for i in range(4)]
+    assert Image.open(io.BytesIO(encode_gif(frames, fps=5))).n_frames == 4
