@@ -132,3 +132,26 @@ class ConvDecoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.linear(x).unflatten(-1, self.start_shape)
         return self.net(x)
+
+
+class frozen:  # noqa: N801 - used as a context manager, like torch.no_grad
+    """Context manager: turn off ``requires_grad`` of modules' parameters, then restore it.
+
+    Gradients still flow *through* a frozen module to its inputs (dynamics backprop through the
+    world model into the actor) without computing or accumulating its own parameter gradients.
+    """
+
+    def __init__(self, *modules: nn.Module) -> None:
+        self.params = [p for m in modules for p in m.parameters()]
+        self.flags: list[bool] = []
+
+    def __enter__(self):
+        self.flags = [p.requires_grad for p in self.params]
+        for p in self.params:
+            p.requires_grad_(False)
+        return self
+
+    def __exit__(self, *exc):
+        for p, flag in zip(self.params, self.flags):
+            p.requires_grad_(flag)
+        return False

@@ -1,0 +1,140 @@
+"""Actor, critic, λ-returns and return normalisation for learning in imagination (SPEC §7)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torchrl.modules import TanhNormal
+from torchrl.objectives.value.functional import td_lambda_return_estimate
+
+from aefrl.nn import MLP
+from aefrl.world_model.heads import TwoHotHead
+
+
+class Actor(nn.Module):
+    """``feat [..., F] -> TanhNormal`` over actions in ``[-1, 1]^A``.
+
+    The pre-tanh mean is soft-clipped to ``[-5, 5]`` (``5·tanh(μ/5)``, DreamerV1) and the std
+    kept in ``[min_std, max_std]`` through a shifted sigmoid (DreamerV3), so exploration noise
+    neither vanishes nor explodes.
+    """
+
+    def __init__(
+        self,
+        feat_dim: int,
+        action_dim: int,
+        hidden: int = 256,
+        layers: int = 2,
+        min_std: float = 0.1,
+        max_std: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if not 0 < min_std < max_std:
+            raise ValueError(f"need 0 < min_std < max_std, got {min_std} and {max_std}")
+        self.net = MLP(feat_dim, 2 * action_dim, hidden, layers)
+        self.min_std, self.max_std = float(min_std), float(max_std)
+
+    def forward(self, feat: torch.Tensor) -> TanhNormal:
+        loc, raw = self.net(feat).chunk(2, -1)
+        std = self.min_std + (self.max_std - self.min_std) * torch.sigmoid(raw + 2.0)
+        return TanhNormal(loc, std, upscale=5.0, tanh_loc=True, low=-1.0, high=1.0)
+
+
+class Critic(TwoHotHead):
+    """State value ``v(feat)`` as a symlog two-hot distribution (output layer zero-initialised)."""
+
+
+class SlowCopy(nn.Module):
+    """An exponential moving average of a module's parameters (the slow critic).
+
+    ``update()`` does ``θ_slow ← (1 − τ)·θ_slow + τ·θ``; the copy is never trained directly.
+    """
+
+    def __init__(self, module: nn.Module, tau: float = 0.02) -> None:
+        super().__init__()
+        if not 0 < tau <= 1:
+            raise ValueError(f"tau must lie in (0, 1], got {tau}")
+        self.tau = float(tau)
+        self.source = [module]  # a list keeps the source out of this module's state_dict
+        self.copy = copy.deepcopy(module).requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for slow, fast in zip(self.copy.parameters(), self.source[0].parameters()):
+            slow.lerp_(fast, self.tau)
+
+    def forward(self, *args, **kwargs):
+        return self.copy(*args, **kwargs)
+
+
+def lambda_returns(
+    reward: torch.Tensor, value: torch.Tensor, discount: torch.Tensor, lmbda: float
+) -> torch.Tensor:
+    """TD(λ) returns of an imagined trajectory, by torchrl's ``td_lambda_return_estimate``.
+
+    With states ``s_0..s_H``, ``reward[k] = r(s_{k+1})``, ``value[k] = v(s_{k+1})`` and
+    ``discount[k] = γ·c(s_{k+1})`` (all ``[N, H]``)::
+
+        R_k = reward[k] + discount[k]·((1 − λ)·value[k] + λ·R_{k+1}),   with R_H = value[H−1]
+
+    Returns ``[N, H]``: ``R_k`` is the return from ``s_k``.
+    """
+    done = torch.zeros_like(reward, dtype=torch.bool).unsqueeze(-1)
+    return td_lambda_return_estimate(
+        discount.unsqueeze(-1), lmbda, value.unsqueeze(-1), reward.unsqueeze(-1), done
+    ).squeeze(-1)
+
+
+class ReturnNormalizer(nn.Module):
+    """Scale ``S = EMA(P95(R) − P5(R))`` of λ-returns (DreamerV3); divide by ``max(1, S)``.
+
+    Dividing by at least 1 shrinks large returns without amplifying the noise of small ones.
+    """
+
+    def __init__(self, decay: float = 0.99, low: float = 0.05, high: float = 0.95) -> None:
+        super().__init__()
+        self.decay, self.low, self.high = float(decay), float(low), float(high)
+        self.register_buffer("scale", torch.zeros(()))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def update(self, returns: torch.Tensor) -> torch.Tensor:
+        flat = returns.detach().flatten().float()
+        q = torch.quantile(flat, torch.tensor([self.low, self.high], device=flat.device))
+        spread = q[1] - q[0]
+        if bool(self.initialized):
+            self.scale.lerp_(spread.to(self.scale.dtype), 1 - self.decay)
+        else:
+            self.scale.copy_(spread)
+            self.initialized.fill_(True)
+        return self.scale
+
+    def forward(self, returns: torch.Tensor) -> torch.Tensor:
+        return returns / self.scale.clamp_min(1.0)
+
+
+def imagine(rssm, actor: Actor, start, horizon: int) -> tuple[object, torch.Tensor, torch.Tensor]:
+    """Roll the prior forward ``horizon`` steps from ``start`` (RSSMState ``[N, ...]``) with
+    actions from ``actor`` (reparameterised, so returns are differentiable w.r.t. the actor).
+
+    Returns ``(states [N, H+1, ...], actions [N, H, A], log_probs [N, H])``: action k is taken
+    in state k and leads to state k + 1.
+    """
+    from aefrl.world_model.rssm import RSSMState
+
+    hs, zs, actions, log_probs = [start.h], [start.z], [], []
+    state = start
+    for _ in range(horizon):
+        action, log_prob = actor(state.feat).rsample_and_log_prob()
+        state = rssm.img_step(state, action)
+        hs.append(state.h)
+        zs.append(state.z)
+        actions.append(action)
+        log_probs.append(log_prob)
+    return (
+        RSSMState(torch.stack(hs, 1), torch.stack(zs, 1)),
+        torch.stack(actions, 1),
+        torch.stack(log_probs, 1),
+    )

@@ -1,0 +1,103 @@
+"""Actor loss in imagination (SPEC §7) as a torchrl ``LossModule``.
+
+From every posterior state of a replay batch, imagine ``horizon`` steps with the actor, score
+them with the reward and continue heads and the slow critic, form λ-returns, normalise them by
+the return scale ``max(1, S)``, and maximise them by backpropagating through the (frozen) world
+model — "dynamics backprop", the choice of DreamerV1/V2 for continuous actions — plus an
+entropy bonus.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torchrl.objectives import LossModule
+
+from aefrl import keys
+from aefrl.actor_critic import Actor, ReturnNormalizer, SlowCopy, imagine, lambda_returns
+from aefrl.nn import frozen
+from aefrl.world_model import RSSMState, WorldModel
+
+
+class DreamerActorLoss(LossModule):
+    """``loss_actor = −mean_k w_k · (R^λ_k / max(1, S) + η·H_k)``.
+
+    ``w_k = Π_{j<k} γ·c_j`` discounts steps that imagination believes come after an episode
+    end; ``H_k = −log π(a_k | s_k)`` is a one-sample entropy estimate (the tanh-Gaussian has
+    no closed form).
+
+    The returned TensorDict also carries the imagined trajectory (``belief``, ``state``
+    ``[N, H+1, ·]``, detached) with ``lambda_return``, ``slow_value`` and ``weight`` ``[N, H]``
+    for :class:`~aefrl.objectives.value.DreamerValueLoss`.
+    """
+
+    @dataclass
+    class _AcceptedKeys:
+        belief: str = keys.BELIEF
+        state: str = keys.STATE
+        terminated: str = keys.TERMINATED
+
+    default_keys = _AcceptedKeys
+
+    def __init__(
+        self,
+        world_model: WorldModel,
+        actor: Actor,
+        slow_critic: SlowCopy,
+        return_norm: ReturnNormalizer,
+        *,
+        horizon: int = 15,
+        gamma: float = 0.997,
+        lmbda: float = 0.95,
+        entropy_coef: float = 3e-4,
+    ) -> None:
+        super().__init__()
+        if horizon < 1:
+            raise ValueError(f"horizon must be >= 1, got {horizon}")
+        self.world_model = world_model
+        self.actor = actor
+        self.slow_critic = slow_critic
+        self.return_norm = return_norm
+        self.horizon, self.gamma, self.lmbda = int(horizon), float(gamma), float(lmbda)
+        self.entropy_coef = float(entropy_coef)
+
+    def _forward_value_estimator_keys(self, **kwargs) -> None:
+        pass
+
+    def forward(self, start: TensorDictBase) -> TensorDict:
+        """``start``: posterior states ``belief [N, H]``, ``state [N, d]`` and ``terminated
+        [N, 1]`` of the rows they came from (imagination from a terminal state counts zero)."""
+        wm = self.world_model
+        s0 = RSSMState(start[self.tensor_keys.belief], start[self.tensor_keys.state])
+        with frozen(wm, self.slow_critic):
+            states, _, log_probs = imagine(wm.rssm, self.actor, s0, self.horizon)
+            feat = states.feat  # [N, H+1, F]
+            reward = wm.reward_head(feat[:, 1:]).mean
+            cont = wm.continue_head(feat[:, 1:]).mean
+            value = self.slow_critic(feat).mean  # [N, H+1]
+        discount = self.gamma * cont
+        returns = lambda_returns(reward, value[:, 1:], discount, self.lmbda)  # [N, H]
+        alive = 1.0 - start[self.tensor_keys.terminated].to(feat.dtype)  # [N, 1]
+        weight = torch.cumprod(torch.cat([alive, discount[:, :-1]], 1), 1).detach()
+        scale = self.return_norm.update(returns)
+        entropy = -log_probs
+        objective = self.return_norm(returns) + self.entropy_coef * entropy
+        out = TensorDict(
+            {
+                "loss_actor": -(weight * objective).mean(),
+                "actor_entropy": entropy.detach().mean(),
+                "imag_return": returns.detach().mean(),
+                "imag_reward": reward.detach().mean(),
+                "imag_value": value[:, :-1].detach().mean(),
+                "return_scale": scale.detach().clone(),
+                keys.BELIEF: states.h.detach(),
+                keys.STATE: states.z.detach(),
+                "lambda_return": returns.detach(),
+                "slow_value": value[:, :-1].detach(),
+                "weight": weight,
+            },
+            batch_size=[],
+        )
+        return out

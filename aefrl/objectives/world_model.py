@@ -1,0 +1,137 @@
+"""World-model loss (SPEC §3) as a torchrl ``LossModule``.
+
+Both modes return the same four terms, so loss scales are configured the same way:
+
+* ``loss_obs``: ``−Σ_i [log N(ε_i) − log σ_x,i]``, the decoder's negative log-likelihood of y_t.
+* ``loss_latent``: VAE — ``β_dyn·max(free, KL(sg q ‖ p)) + β_rep·max(free, KL(q ‖ sg p))``;
+  AEF — ``−log p(z_t | h_t) − Σ_j log σ_q,j`` (cross-entropy to the prior plus the encoder
+  layer's volume term; no KL, no free nats). In AEF mode ``loss_obs + loss_latent = −J_t``.
+* ``loss_reward``: two-hot NLL of r_t; ``loss_continue``: Bernoulli NLL of 1 − terminated_t.
+
+Each is a mean over the ``[B, T]`` batch of per-step sums. Diagnostics (not differentiated) are
+returned next to the losses; the posterior states are returned for imagination.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torch import distributions as D
+from torchrl.objectives import LossModule
+
+from aefrl import keys
+from aefrl.preprocess import bits_per_dim
+from aefrl.world_model import WorldModel
+
+
+def _kl(mu_a, sigma_a, mu_b, sigma_b) -> torch.Tensor:
+    """``KL(N(μ_a, σ_a) ‖ N(μ_b, σ_b))`` summed over the last axis."""
+    return D.kl_divergence(
+        D.Independent(D.Normal(mu_a, sigma_a), 1), D.Independent(D.Normal(mu_b, sigma_b), 1)
+    )
+
+
+class WorldModelLoss(LossModule):
+    """Loss of a :class:`~aefrl.world_model.WorldModel` on a ``[B, T]`` replay batch.
+
+    Args:
+        world_model: the model.
+        free_nats: VAE only; KL below this many nats per step is not penalised.
+        kl_dyn_scale, kl_rep_scale: VAE only; KL balancing (DreamerV3: 0.5 and 0.1).
+        loss_scales: multipliers for ``obs``, ``latent``, ``reward``, ``continue`` applied in
+            :meth:`total`.
+    """
+
+    @dataclass
+    class _AcceptedKeys:
+        pixels: str = keys.PIXELS
+        prev_action: str = keys.PREV_ACTION
+        reward: str = keys.REWARD
+        is_first: str = keys.IS_FIRST
+        terminated: str = keys.TERMINATED
+
+    default_keys = _AcceptedKeys
+
+    def __init__(
+        self,
+        world_model: WorldModel,
+        *,
+        free_nats: float = 1.0,
+        kl_dyn_scale: float = 0.5,
+        kl_rep_scale: float = 0.1,
+        loss_scales: dict[str, float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.world_model = world_model
+        self.free_nats = float(free_nats)
+        self.kl_dyn_scale = float(kl_dyn_scale)
+        self.kl_rep_scale = float(kl_rep_scale)
+        scales = {"obs": 1.0, "latent": 1.0, "reward": 1.0, "continue": 1.0}
+        unknown = set(loss_scales or {}) - set(scales)
+        if unknown:
+            raise ValueError(f"unknown loss scale(s) {sorted(unknown)}; accepted: {sorted(scales)}")
+        scales.update(loss_scales or {})
+        self.loss_scales = scales
+
+    def _forward_value_estimator_keys(self, **kwargs) -> None:
+        pass
+
+    def forward(self, batch: TensorDictBase) -> TensorDict:
+        wm = self.world_model
+        om = wm.obs_model
+        filt = wm.filter(batch)
+        obs = filt.observed
+        b, t = obs.mu_q.shape[:2]
+        h, z = obs.state.h, obs.state.z
+        mu_x, sigma_x = om.decoder_params(z.flatten(0, 1), h.flatten(0, 1))
+        if sigma_x.dim() > len(wm.obs_shape):
+            sigma_x = sigma_x.unflatten(0, (b, t))
+        log_px = om.log_px(filt.y, mu_x.unflatten(0, (b, t)), sigma_x)  # [B, T]
+
+        out = {}
+        if om.kind == "vae":
+            kl_dyn = _kl(obs.mu_q.detach(), obs.sigma_q.detach(), obs.mu_p, obs.sigma_p)
+            kl_rep = _kl(obs.mu_q, obs.sigma_q, obs.mu_p.detach(), obs.sigma_p.detach())
+            latent = self.kl_dyn_scale * kl_dyn.clamp_min(self.free_nats)
+            latent = latent + self.kl_rep_scale * kl_rep.clamp_min(self.free_nats)
+            out["kl"] = kl_dyn.detach().mean()
+        else:
+            log_prior = obs.prior().log_prob(z)
+            log_det_q = obs.sigma_q.log().sum(-1)
+            latent = -(log_prior + log_det_q)
+            out["log_prior"] = log_prior.detach().mean()
+            out["log_det_q"] = log_det_q.detach().mean()
+            out["J"] = (log_px + log_prior + log_det_q).detach().mean()
+
+        feat = obs.state.feat
+        reward = batch[self.tensor_keys.reward].squeeze(-1).to(feat.dtype)
+        cont = 1.0 - batch[self.tensor_keys.terminated].squeeze(-1).to(feat.dtype)
+        reward_dist = wm.reward_head(feat)
+        out.update(
+            loss_obs=-log_px.mean(),
+            loss_latent=latent.mean(),
+            loss_reward=-reward_dist.log_prob(reward).mean(),
+            loss_continue=-wm.continue_head(feat).log_prob(cont).mean(),
+            reward_mae=(reward_dist.mean.detach() - reward).abs().mean(),
+            sigma_q_mean=obs.sigma_q.detach().mean(),
+            sigma_q_min=obs.sigma_q.detach().min(),
+            sigma_q_max=obs.sigma_q.detach().max(),
+            prior_std_mean=obs.sigma_p.detach().mean(),
+            sigma_x_mean=sigma_x.detach().mean(),
+            recon_bpd=self._bpd(log_px.detach(), filt.logdet),
+        )
+        td = TensorDict(out, batch_size=[])
+        td.set(keys.BELIEF, h.detach(), non_blocking=True)
+        td.set(keys.STATE, z.detach(), non_blocking=True)
+        return td
+
+    def _bpd(self, log_px: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
+        """The decoder term ``log p(y | h, z)`` in bits/dim (a diagnostic, not a likelihood)."""
+        num = self.world_model.preprocess.num_dims
+        return bits_per_dim(log_px.mean(), logdet.mean(), num)
+
+    def total(self, losses: TensorDictBase) -> torch.Tensor:
+        """The scalar to minimise: ``Σ_k scale_k · loss_k``."""
+        return sum(self.loss_scales[k] * losses[f"loss_{k}"] for k in self.loss_scales)

@@ -1,0 +1,112 @@
+"""The world model: pre-processing, observation model, RSSM, reward and continue heads.
+
+``obs_model="vae" | "aef" | "aef_partition"`` switches only the observation model; the RSSM,
+heads and trunk sizes are identical, so VAE-vs-AEF comparisons are architecturally fair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tensordict import TensorDictBase
+from torch import nn
+
+from aefrl import keys
+from aefrl.obs_models import make_obs_model
+from aefrl.preprocess import Preprocess
+from aefrl.world_model.heads import BernoulliHead, TwoHotHead
+from aefrl.world_model.rssm import RSSM, Observed, RSSMState
+
+
+@dataclass
+class Filtered:
+    """A ``[B, T]`` batch after pre-processing and filtering."""
+
+    y: torch.Tensor  # [B, T, *obs_shape], pre-processed observations
+    logdet: torch.Tensor  # [B, T], ℓ_P of the pre-processing
+    observed: Observed  # posterior / prior parameters and states
+
+
+class WorldModel(nn.Module):
+    """Composition of the world-model pieces (SPEC §1–4).
+
+    Args:
+        obs_shape: ``(C, H, W)`` of the pixels.
+        action_dim: A.
+        obs_model: ``"vae"``, ``"aef"`` or ``"aef_partition"``.
+        latent_dim: d, size of z.
+        deter: size of the GRU belief h.
+        hidden: width of every MLP.
+        layers: hidden layers of the reward / continue heads.
+        depth: conv trunk depth.
+        prior_std_min: lower bound of the prior std.
+        alpha, actnorm: pre-processing (see :class:`~aefrl.preprocess.Preprocess`).
+        obs_options: extra options for :func:`~aefrl.obs_models.make_obs_model`.
+    """
+
+    def __init__(
+        self,
+        obs_shape: tuple[int, int, int],
+        action_dim: int,
+        obs_model: str = "aef",
+        latent_dim: int = 32,
+        deter: int = 256,
+        hidden: int = 256,
+        layers: int = 2,
+        depth: int = 32,
+        prior_std_min: float = 0.1,
+        alpha: float = 0.05,
+        actnorm: bool = False,
+        reward_bins: int = 255,
+        obs_options: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.obs_shape = tuple(obs_shape)
+        self.action_dim = int(action_dim)
+        self.preprocess = Preprocess(self.obs_shape, alpha=alpha, actnorm=actnorm)
+        self.obs_model = make_obs_model(
+            obs_model, self.obs_shape, latent_dim, deter, depth=depth, hidden=hidden,
+            **(obs_options or {}),
+        )  # fmt: skip
+        self.rssm = RSSM(self.obs_model, action_dim, deter, hidden, prior_std_min)
+        feat = self.rssm.feat_dim
+        self.reward_head = TwoHotHead(feat, hidden, layers, reward_bins)
+        self.continue_head = BernoulliHead(feat, hidden, layers)
+
+    @property
+    def kind(self) -> str:
+        return self.obs_model.kind
+
+    @property
+    def feat_dim(self) -> int:
+        return self.rssm.feat_dim
+
+    def filter(
+        self,
+        batch: TensorDictBase,
+        state: RSSMState | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> Filtered:
+        """Pre-process and filter a ``[B, T]`` replay batch (keys: pixels uint8
+        ``[B, T, C, H, W]``, prev_action ``[B, T, A]``, is_first ``[B, T, 1]``)."""
+        pixels = batch[keys.PIXELS]
+        b, t = pixels.shape[:2]
+        y, logdet = self.preprocess.encode(pixels.flatten(0, 1))
+        embed, coords = self.obs_model.embed(y)
+        observed = self.rssm.observe(
+            embed.unflatten(0, (b, t)),
+            None if coords is None else coords.unflatten(0, (b, t)),
+            batch[keys.PREV_ACTION].to(embed.dtype),
+            batch[keys.IS_FIRST],
+            state,
+            noise,
+        )
+        return Filtered(y.unflatten(0, (b, t)), logdet.unflatten(0, (b, t)), observed)
+
+    def decode_pixels(self, state: RSSMState) -> torch.Tensor:
+        """Decoder mean of ``state [..., ·]`` mapped back to uint8 pixels ``[..., C, H, W]``."""
+        lead = state.h.shape[:-1]
+        flat = state.h.reshape(-1, state.h.shape[-1]), state.z.reshape(-1, state.z.shape[-1])
+        mu_x = self.obs_model.decode(flat[1], flat[0])
+        return self.preprocess.decode(mu_x).reshape(*lead, *self.obs_shape)

@@ -1,0 +1,186 @@
+"""Dreamer agent: RSSM world model (VAE or AEF observation model) + actor-critic in imagination.
+
+The training loop talks to it through five methods only (danijar/dreamerv3's narrow agent
+interface): :meth:`DreamerAgent.initial_carry`, :meth:`~DreamerAgent.act`,
+:meth:`~DreamerAgent.train_step`, :meth:`~DreamerAgent.report` and ``state_dict`` /
+``load_state_dict`` (models, optimisers, return scale).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torch import nn
+
+from aefrl import keys
+from aefrl.actor_critic import Actor, Critic, ReturnNormalizer, SlowCopy
+from aefrl.objectives import DreamerActorLoss, DreamerValueLoss, WorldModelLoss
+from aefrl.world_model import RSSMState, WorldModel
+from aefrl.world_model.evaluation import open_loop_prediction, sequence_bits_per_dim
+
+ACT_MODES = ("explore", "eval")
+
+
+@dataclass
+class Carry:
+    """What the policy carries between environment steps: the posterior state and a_{t-1}."""
+
+    state: RSSMState  # h [N, H], z [N, d]
+    prev_action: torch.Tensor  # [N, A]
+
+    def reset(self, done: torch.Tensor) -> Carry:
+        """Zero the rows whose episode ended (``done [N]`` bool); the RSSM also resets on
+        ``is_first``, this keeps a_{t-1} right."""
+        keep = (~done).to(self.prev_action.dtype).unsqueeze(-1)
+        return Carry(RSSMState(self.state.h * keep, self.state.z * keep), self.prev_action * keep)
+
+
+class DreamerAgent(nn.Module):
+    """World model + actor + critic (+ slow critic), their losses and optimisers.
+
+    Args:
+        obs_shape: ``(C, H, W)`` pixels.
+        action_dim: A (actions in ``[-1, 1]``).
+        world_model: kwargs of :class:`~aefrl.world_model.WorldModel`.
+        actor: kwargs of :class:`~aefrl.actor_critic.Actor` (besides dims).
+        critic: kwargs of :class:`~aefrl.actor_critic.Critic` (besides dims).
+        wm_loss: kwargs of :class:`~aefrl.objectives.WorldModelLoss`.
+        actor_loss: kwargs of :class:`~aefrl.objectives.DreamerActorLoss`.
+        value_loss: kwargs of :class:`~aefrl.objectives.DreamerValueLoss`.
+        slow_critic_tau: EMA rate of the slow critic.
+        lr: learning rates ``{"model", "actor", "critic"}``.
+        grad_clip: max grad norms ``{"model", "actor", "critic"}``.
+        adam_eps: Adam's epsilon.
+    """
+
+    def __init__(
+        self,
+        obs_shape,
+        action_dim: int,
+        *,
+        world_model: dict | None = None,
+        actor: dict | None = None,
+        critic: dict | None = None,
+        wm_loss: dict | None = None,
+        actor_loss: dict | None = None,
+        value_loss: dict | None = None,
+        slow_critic_tau: float = 0.02,
+        lr: dict | None = None,
+        grad_clip: dict | None = None,
+        adam_eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.world_model = WorldModel(tuple(obs_shape), action_dim, **(world_model or {}))
+        feat = self.world_model.feat_dim
+        self.actor = Actor(feat, action_dim, **(actor or {}))
+        self.critic = Critic(feat, **(critic or {}))
+        self.slow_critic = SlowCopy(self.critic, slow_critic_tau)
+        self.return_norm = ReturnNormalizer()
+        self.wm_loss = WorldModelLoss(self.world_model, **(wm_loss or {}))
+        self.actor_loss = DreamerActorLoss(
+            self.world_model, self.actor, self.slow_critic, self.return_norm, **(actor_loss or {})
+        )
+        self.value_loss = DreamerValueLoss(self.critic, **(value_loss or {}))
+        lr = {"model": 3e-4, "actor": 8e-5, "critic": 8e-5, **(lr or {})}
+        self.grad_clip = {"model": 1000.0, "actor": 100.0, "critic": 100.0, **(grad_clip or {})}
+        groups = {"model": self.world_model, "actor": self.actor, "critic": self.critic}
+        self.optimizers = {
+            name: torch.optim.Adam(module.parameters(), lr=lr[name], eps=adam_eps)
+            for name, module in groups.items()
+        }
+        self._groups = groups
+        self.action_dim = int(action_dim)
+
+    # --- acting ----------------------------------------------------------------------------------
+    def initial_carry(self, num_envs: int) -> Carry:
+        p = next(self.parameters())
+        return Carry(
+            self.world_model.rssm.initial(num_envs),
+            torch.zeros(num_envs, self.action_dim, device=p.device, dtype=p.dtype),
+        )
+
+    @torch.no_grad()
+    def act(
+        self, pixels: torch.Tensor, is_first: torch.Tensor, carry: Carry, mode: str = "explore"
+    ) -> tuple[torch.Tensor, Carry]:
+        """One policy step. ``pixels`` uint8 ``[N, C, H, W]`` (o_t), ``is_first`` ``[N, 1]``.
+
+        Filters o_t with the posterior (sampled in VAE mode, deterministic in AEF modes), then
+        samples ``a_t ~ π(feat_t)`` (``"explore"``) or takes its mode (``"eval"``).
+        Returns ``a_t [N, A]`` and the new carry.
+        """
+        if mode not in ACT_MODES:
+            raise ValueError(f"mode must be one of {ACT_MODES}, got {mode!r}")
+        wm = self.world_model
+        y, _ = wm.preprocess.encode(pixels)
+        embed, coords = wm.obs_model.embed(y)
+        state, _, _ = wm.rssm.obs_step(carry.state, carry.prev_action, embed, coords, is_first)
+        dist = self.actor(state.feat)
+        action = dist.sample() if mode == "explore" else dist.deterministic_sample
+        return action, Carry(state, action)
+
+    # --- training --------------------------------------------------------------------------------
+    def _step(self, name: str, loss: torch.Tensor) -> torch.Tensor:
+        opt = self.optimizers[name]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = nn.utils.clip_grad_norm_(self._groups[name].parameters(), self.grad_clip[name])
+        opt.step()
+        return norm
+
+    def train_step(self, batch: TensorDictBase) -> dict[str, torch.Tensor]:
+        """One update of world model, actor and critic on a ``[B, T]`` replay batch.
+
+        Returns detached scalar metrics (losses, diagnostics, grad norms).
+        """
+        wm_out = self.wm_loss(batch)
+        metrics = {"grad_norm_model": self._step("model", self.wm_loss.total(wm_out))}
+        start = TensorDict(
+            {
+                keys.BELIEF: wm_out[keys.BELIEF].flatten(0, 1),
+                keys.STATE: wm_out[keys.STATE].flatten(0, 1),
+                keys.TERMINATED: batch[keys.TERMINATED].flatten(0, 1),
+            },
+            batch_size=[],
+        )
+        actor_out = self.actor_loss(start)
+        metrics["grad_norm_actor"] = self._step("actor", actor_out["loss_actor"])
+        value_out = self.value_loss(actor_out)
+        metrics["grad_norm_critic"] = self._step("critic", value_out["loss_value"])
+        self.slow_critic.update()
+        for out in (wm_out, actor_out, value_out):
+            for key, value in out.items():
+                if isinstance(key, str) and value.dim() == 0:
+                    metrics[key] = value.detach()
+        return metrics
+
+    # --- reporting -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def report(self, batch: TensorDictBase, num_samples: int = 8) -> dict:
+        """World-model diagnostics on a ``[B, T]`` batch: open-loop prediction (video, MSE and
+        SSIM per horizon) and the sequence bits/dim with the model's estimator."""
+        pred = open_loop_prediction(self.world_model, batch, context=min(5, batch.shape[1] - 1))
+        bpd = sequence_bits_per_dim(self.world_model, batch, num_samples)
+        return {
+            "video_real": pred["real"],
+            "video_pred": pred["pred"],
+            "open_loop_mse": pred["mse"],
+            "open_loop_ssim": pred["ssim"],
+            "bits_per_dim": bpd.mean(),
+        }
+
+    # --- checkpoints -----------------------------------------------------------------------------
+    def state_dict(self, *args, **kwargs):
+        """Module parameters and buffers plus optimiser states (one dict for checkpoints)."""
+        return {
+            "modules": super().state_dict(*args, **kwargs),
+            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+        }
+
+    def load_state_dict(self, state, strict: bool = True):
+        result = super().load_state_dict(state["modules"], strict=strict)
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        return result
