@@ -1,0 +1,59 @@
+"""Atomic checkpoints: round trip, clear errors, no damage from an interrupted save."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from aefrl.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+
+
+def test_round_trip_with_numpy_and_rng_states(tmp_path):
+    payload = {
+        "format": 1,
+        "weights": {"w": torch.randn(3, 4)},
+        "env": {"qpos": np.arange(5.0), "step": np.int64(7), "nested": [np.ones(2, np.uint32)]},
+        "rng": rng_state(),
+    }
+    save_checkpoint(tmp_path / "ck.pt", payload)
+    back = load_checkpoint(tmp_path / "ck.pt")
+    assert torch.equal(back["weights"]["w"], payload["weights"]["w"])
+    assert np.array_equal(back["env"]["qpos"], np.arange(5.0)) and back["env"]["step"] == 7
+    assert back["env"]["nested"][0].dtype == np.uint32
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    set_rng_state(back["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+
+def test_missing_and_corrupt_checkpoints_raise_one_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "nope")
+    save_checkpoint(tmp_path / "checkpoint.pt", {"format": 1, "x": torch.zeros(1000)})
+    data = (tmp_path / "checkpoint.pt").read_bytes()
+    (tmp_path / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint(tmp_path)  # a run directory works too
+    torch.save({"x": 1}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not an aefrl checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"format": 1, "v": 1})
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt  # as if Ctrl-C arrived mid-write
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"format": 1, "v": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["v"] == 1
