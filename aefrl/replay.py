@@ -123,18 +123,18 @@ class SequenceReplay:
         return self._steps
 
     @property
-    def rows_per_stream(self) -> int:
+    def valid_rows_per_env(self) -> int:
         """Valid rows currently held by each stream."""
         return self._steps - self._oldest()
 
     def __len__(self) -> int:
         """Valid rows stored, across all streams."""
-        return self.rows_per_stream * self.num_envs
+        return self.valid_rows_per_env * self.num_envs
 
     @property
     def num_valid_windows(self) -> int:
         """Number of distinct (stream, start) windows that :meth:`sample` draws from."""
-        return self.num_envs * max(0, self.rows_per_stream - self.seq_len + 1)
+        return self.num_envs * max(0, self.valid_rows_per_env - self.seq_len + 1)
 
     @property
     def ready(self) -> bool:
@@ -161,13 +161,13 @@ class SequenceReplay:
                 f"extend expects one row per env stream, batch_size [{self.num_envs}]; "
                 f"got {list(rows.batch_size)}."
             )
-        self._check_schema(rows)
         fresh = not self._storage.initialized and self.path is not None
         if fresh and (self.path / "meta.json").exists():
             raise ValueError(
                 f"{self.path} already holds replay files; call load_state_dict to resume "
                 "from them, or give a fresh directory to start a new buffer."
             )
+        self._check_schema(rows)
         # A shallow copy, so the caller's TensorDict does not get the stamp key.
         data = rows.to("cpu").copy()
         data.set(STEP_STAMP, torch.full((self.num_envs,), self._steps, dtype=torch.int64))
@@ -210,20 +210,29 @@ class SequenceReplay:
         }
 
     # --- sampling -------------------------------------------------------------------------------
-    def sample(self) -> TensorDict:
+    def sample(self, out: TensorDictBase | None = None) -> TensorDictBase:
         """Draw ``batch_size`` windows uniformly over all valid (stream, start) pairs.
 
+        Args:
+            out: optional batch from an earlier call that the caller no longer needs; it is
+                overwritten in place instead of allocating a new one. On the CPU this avoids the
+                page faults of a fresh 12 MB allocation, which can cost more than the gather itself
+                (``docs/results/replay_cpu.md``).
+
         Returns:
-            TensorDict with batch ``[batch_size, seq_len]`` on ``device``; every stored key with
-            its stored dtype (pixels stay uint8), e.g. ``pixels`` ``[B, T, 3, 64, 64]``.
+            TensorDict with batch ``[batch_size, seq_len]`` on ``device`` (``out`` if given); every
+            stored key with its stored dtype (pixels stay uint8), e.g. ``pixels`` ``[B, T, 3, 64,
+            64]``.
         """
         if not self.ready:
             raise RuntimeError(
-                f"cannot sample yet: each env stream holds {self.rows_per_stream} rows but a "
+                f"cannot sample yet: each env stream holds {self.valid_rows_per_env} rows but a "
                 f"window needs seq_len={self.seq_len}; call extend "
-                f"{self.seq_len - self.rows_per_stream} more times (check `ready` first)."
+                f"{self.seq_len - self.valid_rows_per_env} more times (check `ready` first)."
             )
-        windows_per_env = self.rows_per_stream - self.seq_len + 1
+        if out is not None:
+            self._check_out(out)
+        windows_per_env = self.valid_rows_per_env - self.seq_len + 1
         pick = torch.randint(
             self.num_envs * windows_per_env, (self.batch_size,), generator=self._generator
         )
@@ -233,19 +242,43 @@ class SequenceReplay:
         flat_index = ((steps % self.rows_per_env) * self.num_envs + env[:, None]).view(-1)
 
         pin = self.device.type == "cuda"
-        out = TensorDict(batch_size=[self.batch_size, self.seq_len], device=self.device)
+        result = TensorDict(batch_size=[self.batch_size, self.seq_len], device=self.device)
         for key, source in self._flat.items():
             if key == STEP_STAMP:
                 continue
+            shape = (flat_index.numel(), *source.shape[1:])
+            if out is not None and not pin:
+                torch.index_select(source, 0, flat_index, out=out.get(key).view(shape))
+                continue
             # Gather straight into pinned memory on CUDA runs, so the host-to-device copy can
             # overlap; torch's pinned-memory cache does not reuse a block before its copy ends.
-            batch = torch.empty(
-                (flat_index.numel(), *source.shape[1:]), dtype=source.dtype, pin_memory=pin
-            )
+            batch = torch.empty(shape, dtype=source.dtype, pin_memory=pin)
             torch.index_select(source, 0, flat_index, out=batch)
             batch = batch.view(self.batch_size, self.seq_len, *source.shape[1:])
-            out.set(key, batch.to(self.device, non_blocking=pin))
-        return out
+            if out is not None:
+                out.get(key).copy_(batch, non_blocking=pin)
+            else:
+                result.set(key, batch.to(self.device, non_blocking=pin))
+        return result if out is None else out
+
+    def _check_out(self, out: TensorDictBase) -> None:
+        for key, source in self._flat.items():
+            if key == STEP_STAMP:
+                continue
+            want = (self.batch_size, self.seq_len, *source.shape[1:])
+            dest = out.get(key, None) if isinstance(out, TensorDictBase) else None
+            if (
+                dest is None
+                or tuple(dest.shape) != want
+                or dest.dtype != source.dtype
+                or dest.device != self.device
+                or not dest.is_contiguous()
+            ):
+                raise ValueError(
+                    f"out must be a batch returned by an earlier sample() of this replay; its "
+                    f"{key!r} entry should be a contiguous {source.dtype} tensor of shape "
+                    f"{list(want)} on {self.device}."
+                )
 
     # --- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -328,16 +361,17 @@ class SequenceReplay:
             # rows, which must not be sampled as if they were the checkpoint's data.
             newer = int((stamps >= self._steps).any(1).sum())
             floor = max(floor, self._steps + newer - self.rows_per_env)
-        steps = torch.arange(max(self._steps - self.rows_per_env, floor), self._steps)
+        oldest = max(self._steps - self.rows_per_env, floor)
+        steps = torch.arange(oldest, self._steps)
         if not bool((stamps[steps % self.rows_per_env] == steps[:, None]).all()):
             raise ValueError(
                 "the stored rows do not match this replay state (their step stamps differ); "
                 "the state dict or the files under path belong to another run."
             )
-        if floor > self._floor:
+        if oldest > self._oldest():
             warnings.warn(
                 f"{newer} rows under {self.path} were written after this checkpoint; "
-                f"the {floor - self._floor} oldest checkpointed rows they replaced are "
+                f"the {oldest - self._oldest()} oldest checkpointed rows they replaced are "
                 "excluded from sampling until overwritten.",
                 stacklevel=3,
             )

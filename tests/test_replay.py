@@ -1,0 +1,299 @@
+"""SequenceReplay: windows are contiguous rows of one stream, uniform, resumable (RAM and disk)."""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+from aefrl import keys
+from aefrl.replay import STEP_STAMP, SequenceReplay
+
+PIXEL_SHAPE = (3, 8, 8)
+
+
+def make_rows(num_envs: int, step: int) -> TensorDict:
+    """Arrival-layout rows whose data encode (stream, step): ``prev_action = [step, env]`` and
+    pixels ``[0, 0, 0] = env``, ``[1, 0, 0] = step % 256``."""
+    env = torch.arange(num_envs)
+    pixels = torch.zeros(num_envs, *PIXEL_SHAPE, dtype=torch.uint8)
+    pixels[:, 0, 0, 0] = env.to(torch.uint8)
+    pixels[:, 1, 0, 0] = step % 256
+    prev_action = torch.stack([torch.full((num_envs,), float(step)), env.float()], -1)
+    is_first = torch.full((num_envs, 1), step % 7 == 0)
+    return TensorDict(
+        {
+            keys.PIXELS: pixels,
+            keys.PREV_ACTION: prev_action,
+            keys.REWARD: torch.full((num_envs, 1), 0.5 * step),
+            keys.IS_FIRST: is_first,
+            keys.TERMINATED: torch.zeros(num_envs, 1, dtype=torch.bool),
+        },
+        batch_size=[num_envs],
+    )
+
+
+def fill(replay: SequenceReplay, steps: int, start: int = 0) -> None:
+    for step in range(start, start + steps):
+        replay.extend(make_rows(replay.num_envs, step))
+
+
+def window_ids(batch: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(step, env) of every row of a ``[B, T]`` batch, checked against the pixel encoding."""
+    step = batch[keys.PREV_ACTION][..., 0].long()
+    env = batch[keys.PREV_ACTION][..., 1].long()
+    assert torch.equal(batch[keys.PIXELS][..., 0, 0, 0].long(), env)
+    assert torch.equal(batch[keys.PIXELS][..., 1, 0, 0].long(), step % 256)
+    assert torch.equal(batch[keys.REWARD][..., 0], 0.5 * step.float())
+    return step, env
+
+
+def assert_valid_windows(batch: TensorDict, lowest: int, highest: int) -> None:
+    step, env = window_ids(batch)
+    assert (env == env[:, :1]).all(), "a window mixes two env streams"
+    assert (step.diff(dim=1) == 1).all(), "a window is not consecutive rows"
+    assert step.min() >= lowest and step.max() <= highest, "a window reaches stale rows"
+
+
+def assert_same(a: TensorDict, b: TensorDict) -> None:
+    assert set(a.keys()) == set(b.keys())
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), key
+
+
+def test_shapes_dtypes_and_keys():
+    replay = SequenceReplay(40, 2, seq_len=4, batch_size=5, seed=0)
+    fill(replay, 9)
+    batch = replay.sample()
+    assert batch.batch_size == torch.Size([5, 4])
+    assert batch[keys.PIXELS].shape == (5, 4, *PIXEL_SHAPE)
+    assert batch[keys.PIXELS].dtype == torch.uint8
+    assert batch[keys.PREV_ACTION].shape == (5, 4, 2)
+    assert batch[keys.PREV_ACTION].dtype == torch.float32
+    assert batch[keys.REWARD].shape == (5, 4, 1)
+    assert batch[keys.IS_FIRST].dtype == torch.bool
+    assert batch[keys.TERMINATED].shape == (5, 4, 1)
+    assert STEP_STAMP not in batch.keys(include_nested=True)
+    assert batch.device == torch.device("cpu")
+    assert len(replay) == 18 and replay.steps == 9
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batch_on_cuda():
+    replay = SequenceReplay(40, 2, seq_len=4, batch_size=5, device="cuda", seed=0)
+    fill(replay, 9)
+    batch = replay.sample()
+    assert batch[keys.PIXELS].device.type == "cuda"
+    assert batch[keys.PIXELS].dtype == torch.uint8
+    assert_valid_windows(batch.cpu(), 0, 8)
+    assert replay.sample(out=batch) is batch
+    assert_valid_windows(batch.cpu(), 0, 8)
+
+
+@pytest.mark.parametrize("storage", ["memory", "disk"])
+def test_windows_stay_in_one_stream_and_behind_the_cursor(storage, tmp_path):
+    # 10 rows per stream and 37 writes: the ring has wrapped three times.
+    path = tmp_path / "replay" if storage == "disk" else None
+    replay = SequenceReplay(30, 3, seq_len=4, batch_size=16, storage=storage, path=path, seed=1)
+    fill(replay, 37)
+    envs = set()
+    for _ in range(100):
+        batch = replay.sample()
+        assert_valid_windows(batch, lowest=27, highest=36)
+        envs.update(window_ids(batch)[1][:, 0].tolist())
+    assert envs == {0, 1, 2}
+
+
+def test_valid_range_before_the_ring_is_full():
+    replay = SequenceReplay(100, 2, seq_len=4, batch_size=64, seed=0)
+    fill(replay, 6)
+    assert len(replay) == 12 and replay.num_valid_windows == 2 * 3
+    starts = set()
+    for _ in range(20):
+        batch = replay.sample()
+        assert_valid_windows(batch, lowest=0, highest=5)
+        step, env = window_ids(batch)
+        starts.update(zip(env[:, 0].tolist(), step[:, 0].tolist()))
+    assert starts == {(e, s) for e in range(2) for s in range(3)}
+
+
+def test_uniform_over_all_valid_windows():
+    replay = SequenceReplay(20, 2, seq_len=4, batch_size=100, seed=3)
+    fill(replay, 23)  # steps 13..22 held, starts 13..19 in each of 2 streams
+    assert replay.num_valid_windows == 14
+    counts = Counter()
+    for _ in range(100):
+        step, env = window_ids(replay.sample())
+        counts.update(zip(env[:, 0].tolist(), step[:, 0].tolist()))
+    assert set(counts) == {(e, s) for e in range(2) for s in range(13, 20)}
+    expected = 100 * 100 / 14
+    assert all(abs(n - expected) < 0.2 * expected for n in counts.values()), counts
+
+
+def test_sampling_uses_its_own_generator():
+    a = SequenceReplay(40, 2, seq_len=4, batch_size=8, seed=7)
+    b = SequenceReplay(40, 2, seq_len=4, batch_size=8, seed=7)
+    fill(a, 15)
+    fill(b, 15)
+    torch.manual_seed(123)
+    first = a.sample()
+    global_state = torch.get_rng_state()
+    torch.manual_seed(999)
+    assert_same(first, b.sample())
+    torch.set_rng_state(global_state)
+    a.sample()
+    assert torch.equal(torch.get_rng_state(), global_state)
+
+
+def test_sample_into_a_previous_batch():
+    a = SequenceReplay(40, 2, seq_len=4, batch_size=8, seed=5)
+    b = SequenceReplay(40, 2, seq_len=4, batch_size=8, seed=5)
+    fill(a, 15)
+    fill(b, 15)
+    reused = a.sample()
+    pixels = reused[keys.PIXELS]
+    b.sample()
+    assert_same(a.sample(out=reused), b.sample())
+    assert reused[keys.PIXELS] is pixels  # written in place, nothing allocated
+    with pytest.raises(ValueError, match="out must be a batch returned by an earlier sample"):
+        a.sample(out=reused[:, :2])
+    with pytest.raises(ValueError, match="out must be a batch"):
+        a.sample(out=reused.exclude(keys.REWARD))
+
+
+def test_not_ready_raises_a_clear_error():
+    replay = SequenceReplay(40, 2, seq_len=5, batch_size=4, seed=0)
+    fill(replay, 4)
+    assert not replay.ready and replay.num_valid_windows == 0
+    with pytest.raises(RuntimeError, match=r"cannot sample yet.*1 more"):
+        replay.sample()
+    fill(replay, 1, start=4)
+    assert replay.ready
+    replay.sample()
+
+
+def test_memory_state_dict_round_trip():
+    replay = SequenceReplay(30, 3, seq_len=4, batch_size=6, seed=0)
+    fill(replay, 25)
+    replay.sample()
+    buffer = io.BytesIO()
+    torch.save(replay.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = SequenceReplay(30, 3, seq_len=4, batch_size=6, seed=99)
+    resumed.load_state_dict(torch.load(buffer))
+    assert len(resumed) == len(replay) and resumed.steps == replay.steps
+    for step in range(25, 40):  # training goes on identically in both
+        assert_same(replay.sample(), resumed.sample())
+        replay.extend(make_rows(3, step))
+        resumed.extend(make_rows(3, step))
+    assert_valid_windows(resumed.sample(), lowest=30, highest=39)
+
+
+def test_disk_reattaches_from_a_fresh_object(tmp_path):
+    path = tmp_path / "replay"
+    replay = SequenceReplay(30, 3, seq_len=4, batch_size=6, storage="disk", path=path, seed=0)
+    fill(replay, 25)
+    buffer = io.BytesIO()
+    torch.save(replay.state_dict(), buffer)
+    expected = [replay.sample() for _ in range(5)]
+    del replay
+
+    buffer.seek(0)
+    resumed = SequenceReplay(30, 3, seq_len=4, batch_size=6, storage="disk", path=path)
+    resumed.load_state_dict(torch.load(buffer))
+    assert len(resumed) == 30
+    for batch in expected:
+        assert_same(batch, resumed.sample())
+    fill(resumed, 12, start=25)
+    assert_valid_windows(resumed.sample(), lowest=27, highest=36)
+
+
+def test_disk_excludes_rows_written_after_the_checkpoint(tmp_path):
+    path = tmp_path / "replay"
+    replay = SequenceReplay(30, 3, seq_len=4, batch_size=32, storage="disk", path=path, seed=0)
+    fill(replay, 25)
+    state = replay.state_dict()
+    fill(replay, 3, start=25)  # the run goes on, then dies before its next checkpoint
+    resumed = SequenceReplay(30, 3, seq_len=4, batch_size=32, storage="disk", path=path)
+    with pytest.warns(UserWarning, match=r"3 rows .* written after this checkpoint"):
+        resumed.load_state_dict(state)
+    # Steps 15..17 were overwritten by the lost steps 25..27: 18..24 remain valid.
+    assert resumed.valid_rows_per_env == 7
+    for _ in range(20):
+        assert_valid_windows(resumed.sample(), lowest=18, highest=24)
+    fill(resumed, 3, start=25)
+    assert resumed.valid_rows_per_env == 10
+    assert_valid_windows(resumed.sample(), lowest=18, highest=27)
+
+
+def test_disk_refuses_files_of_another_run(tmp_path):
+    first = SequenceReplay(30, 3, 4, 6, storage="disk", path=tmp_path / "a", seed=0)
+    fill(first, 20)
+    state = first.state_dict()
+    with pytest.raises(ValueError, match="already holds replay files"):
+        fill(SequenceReplay(30, 3, 4, 6, storage="disk", path=tmp_path / "a"), 1)
+    other = SequenceReplay(30, 3, 4, 6, storage="disk", path=tmp_path / "b", seed=0)
+    fill(other, 5, start=100)
+    other.state_dict()
+    with pytest.raises(ValueError, match="do not match"):
+        SequenceReplay(30, 3, 4, 6, storage="disk", path=tmp_path / "b").load_state_dict(state)
+    with pytest.raises(ValueError, match="no replay files"):
+        SequenceReplay(30, 3, 4, 6, storage="disk", path=tmp_path / "c").load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"capacity": 0}, "capacity must be a positive int"),
+        ({"num_envs": 0}, "num_envs must be a positive int"),
+        ({"seq_len": 2.5}, "seq_len must be a positive int"),
+        ({"batch_size": -1}, "batch_size must be a positive int"),
+        ({"capacity": 10, "num_envs": 3}, "at least num_envs \\* seq_len = 12"),
+        ({"storage": "gpu"}, "storage must be 'memory' or 'disk'"),
+        ({"storage": "disk"}, "needs path="),
+        ({"path": "/tmp/x"}, "path is only used with storage='disk'"),
+        ({"seed": "zero"}, "seed must be an int"),
+        ({"device": "nonsense"}, "device must name a torch device"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    args = {"capacity": 40, "num_envs": 2, "seq_len": 4, "batch_size": 3} | kwargs
+    with pytest.raises(ValueError, match=message):
+        SequenceReplay(
+            args.pop("capacity"), args.pop("num_envs"), args.pop("seq_len"), args.pop("batch_size"),
+            **args,
+        )  # fmt: skip
+
+
+def test_capacity_rounds_down_to_whole_rows_per_stream():
+    replay = SequenceReplay(31, 3, seq_len=4, batch_size=2)
+    assert replay.capacity == 30 and replay.rows_per_env == 10
+
+
+def test_bad_rows_raise_clear_errors():
+    replay = SequenceReplay(40, 2, seq_len=4, batch_size=3)
+    with pytest.raises(ValueError, match="batch_size \\[2\\]"):
+        replay.extend(make_rows(3, 0))
+    with pytest.raises(ValueError, match="expects a TensorDict"):
+        replay.extend({"pixels": torch.zeros(2, 3, 8, 8)})
+    replay.extend(make_rows(2, 0))
+    with pytest.raises(ValueError, match="same keys"):
+        replay.extend(make_rows(2, 1).exclude(keys.REWARD))
+    rows = make_rows(2, 1)
+    rows[keys.PIXELS] = rows[keys.PIXELS].float()
+    with pytest.raises(ValueError, match=r"'pixels' arrived as torch\.float32"):
+        replay.extend(rows)
+
+
+def test_load_state_dict_rejects_other_settings():
+    replay = SequenceReplay(40, 2, seq_len=4, batch_size=3, seed=0)
+    fill(replay, 5)
+    state = replay.state_dict()
+    with pytest.raises(ValueError, match="capacity=40 but this replay has capacity=60"):
+        SequenceReplay(60, 2, seq_len=4, batch_size=3).load_state_dict(state)
+    with pytest.raises(ValueError, match="not a SequenceReplay state dict"):
+        SequenceReplay(40, 2, seq_len=4, batch_size=3).load_state_dict({"steps": 3})
