@@ -1,0 +1,321 @@
+"""DeepMind Control Suite pixel environments on torchrl, rendered once per agent step.
+
+:func:`make_dmc_env` is the entry point. Differences from torchrl's stock ``DMControlEnv`` with
+``from_pixels=True, frame_skip=k``, which renders (at 240x320, HWC) after *every* one of the k
+sub-steps and cannot be given a render size (its ``render_kwargs`` end up in the task's kwargs):
+
+* one ``image_size`` x ``image_size`` frame per agent step, channels first, after the last sub-step;
+* our own offscreen renderer (:class:`aefrl.envs.gl.OffscreenRenderer`), 2-4x faster than
+  ``physics.render`` with the same pixels (``render="faithful"``);
+* actions in [-1, 1] for every task (affinely mapped onto the task's bounds, as Dreamer does);
+* exact save / restore of the episode (:meth:`DMCPixelEnv.get_env_state`).
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+
+import numpy as np
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torchrl.data import Bounded, Categorical, Composite, Unbounded
+from torchrl.envs import EnvBase, ParallelEnv
+from torchrl.envs.libs.dm_control import DMControlWrapper
+
+from aefrl import keys
+from aefrl.envs.gl import OffscreenRenderer, select_gl_backend
+
+RENDER_MODES = ("faithful", "fast")
+# Short names used in the Dreamer papers' tables.
+TASK_ALIASES = {"cup-catch": "ball_in_cup-catch"}
+# Dreamer renders quadruped from its third camera; every other domain from camera 0.
+CAMERA_IDS = {"quadruped": 2}
+# Model fields that DMC tasks change when an episode starts (found by grepping dm_control/suite):
+# part of the episode's state, so saved with it.
+_TASK_MODEL_FIELDS = (
+    "geom_pos", "geom_size", "geom_rgba", "site_pos", "site_size", "site_rgba", "light_pos",
+    "dof_damping", "wrap_prm", "hfield_data",
+)  # fmt: skip
+
+
+def _suite():
+    """dm_control.suite, imported after MUJOCO_GL is chosen (dm_control reads it on import)."""
+    select_gl_backend(strict=False)
+    from dm_control import suite
+
+    return suite
+
+
+def available_tasks() -> list[str]:
+    """All DMC suite tasks as ``"domain-task"`` names, e.g. ``"walker-walk"``."""
+    suite = _suite()
+    return sorted(f"{domain}-{task}" for domain, task in suite.ALL_TASKS)
+
+
+def _parse_task(task: str) -> tuple[str, str]:
+    """Split ``"domain-task"`` (aliases allowed) into dm_control's domain and task names."""
+    name = TASK_ALIASES.get(task, task) if isinstance(task, str) else None
+    valid = available_tasks()
+    if name not in valid:
+        raise ValueError(
+            f"Unknown DMC task {task!r}; valid names are {', '.join(valid)} "
+            f"(aliases: {', '.join(TASK_ALIASES)})."
+        )
+    domain, task_name = name.split("-", 1)
+    return domain, task_name
+
+
+def _check_int(name: str, value, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low or (
+        high is not None and value > high
+    ):  # fmt: skip
+        accepted = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an integer {accepted}, got {value!r}.")
+
+
+def _check_args(image_size, action_repeat, seed, render, num_envs=1, time_limit=None) -> None:
+    """Raise a one-sentence ValueError for the first bad argument."""
+    _check_int("image_size", image_size, 8, 1024)
+    _check_int("action_repeat", action_repeat, 1)
+    _check_int("num_envs", num_envs, 1)
+    _check_int("seed", seed, 0, 2**32 - num_envs)  # RandomState takes < 2**32; workers get seed + i
+    if render not in RENDER_MODES:
+        raise ValueError(f"render must be one of {', '.join(RENDER_MODES)}, got {render!r}.")
+    if time_limit is not None and not (isinstance(time_limit, numbers.Real) and time_limit > 0):
+        raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit!r}.")
+
+
+class DMCPixelEnv(DMControlWrapper):
+    """One DMC task seen through a camera: uint8 pixels ``[3, H, W]``, actions ``[A]`` in [-1, 1].
+
+    Each agent step repeats the action ``action_repeat`` times (fewer if the episode ends on the
+    way), sums the rewards and renders one frame. Output of ``step`` under ``"next"``:
+    ``pixels`` uint8 ``[3, H, W]``, ``reward`` float32 ``[1]``, ``done`` / ``terminated`` /
+    ``truncated`` bool ``[1]``. DMC's time limit (1000 physics-control steps, i.e. 500 agent steps
+    at action repeat 2) ends episodes as *truncated*; a task's own termination as *terminated*.
+
+    Args:
+        task: ``"domain-task"``, see :func:`available_tasks`; ``"cup-catch"`` is an alias.
+        image_size: height = width of the frames.
+        action_repeat: physics-control steps per agent step (torchrl's ``frame_skip``).
+        seed: seeds the task's ``RandomState`` (initial states, targets).
+        render: ``"faithful"`` (dm_control's pixels) or ``"fast"`` (no shadows or multisampling).
+        time_limit: episode length in seconds; ``None`` keeps the task's (usually 1000 steps).
+        device: where the output tensors go.
+    """
+
+    def __init__(
+        self,
+        task: str,
+        *,
+        image_size: int = 64,
+        action_repeat: int = 2,
+        seed: int = 0,
+        render: str = "faithful",
+        time_limit: float | None = None,
+        device="cpu",
+    ) -> None:
+        _check_args(image_size, action_repeat, seed, render, time_limit=time_limit)
+        domain, task_name = _parse_task(task)
+        self.task_name = f"{domain}-{task_name}"
+        super().__init__(
+            domain=domain,
+            task_name=task_name,
+            image_size=image_size,
+            seed=seed,
+            render=render,
+            time_limit=time_limit,
+            frame_skip=action_repeat,
+            device=device,
+        )
+
+    @property
+    def action_repeat(self) -> int:
+        """Physics-control steps per agent step."""
+        return self.frame_skip
+
+    def _check_kwargs(self, kwargs: dict) -> None:
+        pass  # arguments were checked in __init__, with messages that name the accepted values
+
+    def _build_env(self, domain, task_name, image_size, seed, render, time_limit):
+        task_kwargs = {"random": seed}
+        if time_limit is not None:
+            task_kwargs["time_limit"] = time_limit
+        env = _suite().load(domain, task_name, task_kwargs=task_kwargs)
+        self.image_size = image_size
+        self.camera_id = CAMERA_IDS.get(domain, 0)
+        self.renderer = OffscreenRenderer(
+            env.physics.model.ptr, image_size, self.camera_id, fast=render == "fast"
+        )
+        spec = env.action_spec()
+        # Identity when the task's bounds already are [-1, 1]: keeps actions bit-exact.
+        self._action_low = spec.minimum.astype(np.float64)
+        self._action_half_range = (spec.maximum - spec.minimum).astype(np.float64) / 2.0
+        self._rescale_actions = not (np.all(spec.minimum == -1) and np.all(spec.maximum == 1))
+        return env
+
+    def _make_specs(self, env) -> None:
+        size, device = self.image_size, self.device
+        num_actions = env.action_spec().shape[0]
+        self.action_spec = Bounded(
+            -1.0, 1.0, shape=(num_actions,), dtype=torch.float32, device=device
+        )
+        self.observation_spec = Composite(
+            {keys.PIXELS: Bounded(0, 255, shape=(3, size, size), dtype=torch.uint8, device=device)},
+            device=device,
+        )
+        self.reward_spec = Unbounded(shape=(1,), dtype=torch.float32, device=device)
+        flag = Categorical(2, shape=(1,), dtype=torch.bool, device=device)
+        self.done_spec = Composite(
+            {keys.DONE: flag.clone(), keys.TERMINATED: flag.clone(), keys.TRUNCATED: flag.clone()},
+            device=device,
+        )
+
+    def _render(self) -> torch.Tensor:
+        """The current frame as uint8 ``[3, H, W]``."""
+        frame = self.renderer.render(self._env.physics.data.ptr)
+        return torch.from_numpy(np.ascontiguousarray(frame.transpose(2, 0, 1)))
+
+    def _flags(self, terminated: bool, truncated: bool) -> dict[str, torch.Tensor]:
+        return {
+            keys.DONE: torch.tensor([terminated or truncated]),
+            keys.TERMINATED: torch.tensor([terminated]),
+            keys.TRUNCATED: torch.tensor([truncated]),
+        }
+
+    def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
+        self._env.reset()
+        self.renderer.upload_hfields()  # quadruped-escape draws a new terrain every episode
+        # No reward at reset: torchrl's rollout refuses a root-level reward.
+        out = {keys.PIXELS: self._render(), **self._flags(False, False)}
+        return TensorDict(out, batch_size=self.batch_size, device=self.device)
+
+    def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
+        action = tensordict.get(keys.ACTION).detach().to("cpu", torch.float64).numpy()
+        if self._rescale_actions:
+            action = self._action_low + (action + 1.0) * self._action_half_range
+        reward = 0.0
+        for _ in range(self.frame_skip):
+            timestep = self._env.step(action)
+            if timestep.first():
+                raise RuntimeError("step() was called after the episode ended; call reset() first.")
+            reward += timestep.reward
+            if timestep.last():
+                break
+        # dm_control ends episodes at the time limit with discount 1 (bootstrap: truncation) and
+        # on task failure with discount 0 (termination).
+        truncated = bool(timestep.last() and timestep.discount == 1.0)
+        terminated = bool(timestep.last() and not truncated)
+        out = {
+            keys.PIXELS: self._render(),
+            keys.REWARD: torch.tensor([reward], dtype=torch.float32),
+            **self._flags(terminated, truncated),
+        }
+        return TensorDict(out, batch_size=self.batch_size, device=self.device)
+
+    def get_env_state(self) -> dict:
+        """Everything that determines the next steps' outputs; picklable (numpy / python scalars).
+
+        Physics (``mjSTATE_INTEGRATION``: time, positions, velocities, actuator activations, solver
+        warm start, controls, ...), the task's RandomState, the model fields tasks randomise per
+        episode, and dm_control's step counter. Restore with :meth:`set_env_state`.
+        """
+        import mujoco
+
+        physics = self._env.physics
+        model = physics.model.ptr
+        _, rng_keys, rng_pos, has_gauss, cached_gaussian = self._env.task.random.get_state()
+        return {
+            "task": self.task_name,
+            "physics": physics.get_state(sig=mujoco.mjtState.mjSTATE_INTEGRATION).copy(),
+            "model": {name: getattr(model, name).copy() for name in _TASK_MODEL_FIELDS},
+            "random": {
+                "keys": rng_keys.copy(),
+                "pos": int(rng_pos),
+                "has_gauss": int(has_gauss),
+                "cached_gaussian": float(cached_gaussian),
+            },
+            # dm_control.rl.control.Environment keeps its time limit in these private counters.
+            "step_count": int(self._env._step_count),
+            "reset_next_step": bool(self._env._reset_next_step),
+        }
+
+    def set_env_state(self, state: dict) -> None:
+        """Restore a state from :meth:`get_env_state` of an env of the same task."""
+        import mujoco
+
+        if state.get("task") != self.task_name:
+            raise ValueError(
+                f"This state is from task {state.get('task')!r}, not {self.task_name!r}."
+            )
+        physics = self._env.physics
+        model = physics.model.ptr
+        for name, value in state["model"].items():
+            np.copyto(getattr(model, name), value)
+        physics.set_state(state["physics"], sig=mujoco.mjtState.mjSTATE_INTEGRATION)
+        physics.forward()  # derived quantities (positions of bodies, sensors) used by rewards
+        rng = state["random"]
+        self._env.task.random.set_state(
+            ("MT19937", rng["keys"], rng["pos"], rng["has_gauss"], rng["cached_gaussian"])
+        )
+        self._env._step_count = state["step_count"]
+        self._env._reset_next_step = state["reset_next_step"]
+        self.renderer.upload_hfields()
+
+    def close(self, *, raise_if_closed: bool = True) -> None:
+        self.renderer.close()
+        super().close(raise_if_closed=raise_if_closed)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(task={self.task_name}, image_size={self.image_size}, "
+            f"action_repeat={self.action_repeat}, device={self.device})"
+        )
+
+
+def _make_worker_env(task: str, seed: int, **kwargs) -> DMCPixelEnv:
+    """Module-level (hence picklable) constructor for ParallelEnv workers."""
+    return DMCPixelEnv(task, seed=seed, **kwargs)
+
+
+def make_dmc_env(
+    task: str,
+    *,
+    image_size: int = 64,
+    action_repeat: int = 2,
+    seed: int = 0,
+    render: str = "faithful",
+    num_envs: int = 1,
+    time_limit: float | None = None,
+    device="cpu",
+    mp_start_method: str = "spawn",
+) -> EnvBase:
+    """A DMC pixel env (see :class:`DMCPixelEnv`); with ``num_envs > 1`` a torchrl ParallelEnv.
+
+    Shapes: pixels ``[3, H, W]`` (``[num_envs, 3, H, W]`` when parallel), actions ``[A]``
+    (``[num_envs, A]``). Worker ``i`` is seeded with ``seed + i`` and builds its env, and its GL
+    context, in its own process.
+
+    Args:
+        task, image_size, action_repeat, seed, render, time_limit, device: see DMCPixelEnv.
+        num_envs: number of environments; more than one runs each in a worker process.
+        mp_start_method: how workers start. ``"spawn"`` (default) is safe even when this process
+            already holds a GL context; ``"fork"`` starts faster but hangs in that case (Mesa EGL).
+    """
+    _check_args(image_size, action_repeat, seed, render, num_envs, time_limit)
+    _parse_task(task)  # fail here, not in a worker
+    kwargs = dict(
+        image_size=image_size,
+        action_repeat=action_repeat,
+        render=render,
+        time_limit=time_limit,
+        device=device,
+    )
+    if num_envs == 1:
+        return DMCPixelEnv(task, seed=seed, **kwargs)
+    select_gl_backend()  # probe once here (and fail here); workers inherit os.environ
+    makers = [
+        functools.partial(_make_worker_env, task, seed + i, **kwargs) for i in range(num_envs)
+    ]
+    return ParallelEnv(num_envs, makers, mp_start_method=mp_start_method, device=device)

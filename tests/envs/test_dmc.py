@@ -1,0 +1,227 @@
+"""DMC pixel env: specs, pixels, action repeat, rendering, seeding, exact resume, workers."""
+
+import os
+import pickle
+
+import mujoco
+import numpy as np
+import pytest
+import torch
+from tensordict import TensorDict
+from torchrl.envs import ParallelEnv
+from torchrl.envs.utils import check_env_specs
+
+from aefrl.envs import DMCPixelEnv, available_tasks, gl, make_dmc_env
+
+
+def _suite():
+    from dm_control import suite  # imported after aefrl.envs chose MUJOCO_GL
+
+    return suite
+
+
+def _step(env, action: torch.Tensor) -> TensorDict:
+    return env.step(TensorDict({"action": action}, batch_size=[]))["next"]
+
+
+def _actions(env, n: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(env.action_spec.shape, generator=g) * 2 - 1 for _ in range(n)]
+
+
+def test_specs_pass_check_env_specs():
+    env = make_dmc_env("walker-walk", render="fast")
+    check_env_specs(env)
+    assert env.action_spec.shape == (6,) and env.action_spec.dtype == torch.float32
+    assert (env.action_spec.space.low == -1).all() and (env.action_spec.space.high == 1).all()
+    assert set(env.observation_spec.keys()) == {"pixels"}  # pixels only, no proprio state
+
+
+@pytest.mark.parametrize("image_size", [64, 32])
+def test_pixels_are_uint8_channels_first(image_size):
+    env = make_dmc_env("cartpole-swingup", image_size=image_size, render="fast")
+    first = env.reset()
+    nxt = _step(env, _actions(env, 1)[0])
+    for pixels in (first["pixels"], nxt["pixels"]):
+        assert pixels.shape == (3, image_size, image_size) and pixels.dtype == torch.uint8
+        assert pixels.float().std() > 0  # an actual picture, not a blank buffer
+    assert nxt["reward"].shape == (1,) and nxt["reward"].dtype == torch.float32
+    for key in ("done", "terminated", "truncated"):
+        assert nxt[key].shape == (1,) and nxt[key].dtype == torch.bool
+
+
+def test_reward_is_the_sum_over_repeated_substeps():
+    env = make_dmc_env("walker-walk", action_repeat=3, seed=5, render="fast")
+    raw = _suite().load("walker", "walk", task_kwargs={"random": 5})
+    env.reset()
+    raw.reset()
+    for action in _actions(env, 15):
+        expected = sum(raw.step(action.double().numpy()).reward for _ in range(3))
+        assert _step(env, action)["reward"].item() == np.float32(expected)
+
+
+def test_renders_once_per_agent_step(monkeypatch):
+    calls = []
+    original = mujoco.mjr_render
+    monkeypatch.setattr(mujoco, "mjr_render", lambda *a: (calls.append(1), original(*a)))
+    env = make_dmc_env("cartpole-swingup", action_repeat=4, render="fast")
+    env.rollout(10)
+    assert len(calls) == 1 + 10  # the reset frame, then one frame per agent step
+
+
+def test_faithful_render_matches_dm_control():
+    """Same pixels as dm_control's physics.render(64, 64, camera_id=0), with the two interleaved."""
+    env = make_dmc_env("walker-walk", seed=2)  # render="faithful"
+    raw = _suite().load("walker", "walk", task_kwargs={"random": 2})
+    frames = [env.reset()["pixels"]]
+    raw.reset()
+    references = [raw.physics.render(64, 64, camera_id=0)]
+    for action in _actions(env, 2):
+        frames.append(_step(env, action)["pixels"])
+        for _ in range(2):
+            raw.step(action.double().numpy())
+        references.append(raw.physics.render(64, 64, camera_id=0))
+    ours = torch.stack(frames).permute(0, 2, 3, 1).numpy().astype(np.int16)
+    diff = np.abs(ours - np.stack(references).astype(np.int16))
+    assert diff.mean() < 0.2, diff.mean()  # measured: ~0.05 / 255 (shadow map 256 vs 2048)
+
+
+def test_unknown_task_lists_valid_names():
+    with pytest.raises(ValueError, match="Unknown DMC task 'walker-fly'") as info:
+        make_dmc_env("walker-fly")
+    assert "walker-walk" in str(info.value) and "ball_in_cup-catch" in str(info.value)
+    assert "walker-walk" in available_tasks()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"image_size": 0}, "image_size must be an integer between 8 and 1024"),
+        ({"image_size": 64.0}, "image_size must be an integer"),
+        ({"action_repeat": 0}, "action_repeat must be an integer >= 1"),
+        ({"render": "pretty"}, "render must be one of faithful, fast"),
+        ({"num_envs": 0}, "num_envs must be an integer >= 1"),
+        ({"seed": -1}, "seed must be an integer"),
+        ({"time_limit": -2.0}, "time_limit must be a positive number"),
+    ],
+)
+def test_bad_arguments_say_what_is_accepted(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_dmc_env("walker-walk", **kwargs)
+
+
+def test_cup_catch_alias():
+    env = make_dmc_env("cup-catch", render="fast")
+    assert env.task_name == "ball_in_cup-catch" and env.action_spec.shape == (2,)
+
+
+def test_quadruped_camera_and_action_bounds():
+    env = make_dmc_env("quadruped-walk", image_size=16, render="fast")
+    assert env.camera_id == 2  # as in Dreamer
+    low, high = env._env.action_spec().minimum, env._env.action_spec().maximum
+    assert not (low == -1).all()  # the one suite domain whose bounds are not [-1, 1]
+    env.reset()
+    env.reset()  # the second reset re-uploads the height field to the now open GL context
+    for action, expected in ((1.0, high), (-1.0, low)):
+        _step(env, torch.full((12,), action))
+        np.testing.assert_allclose(env._env.physics.data.ctrl, expected, atol=1e-12)
+
+
+def test_same_seed_same_episode():
+    outs = []
+    for seed in (3, 3, 4):
+        env = make_dmc_env("cartpole-swingup", seed=seed, render="fast")
+        frames = [env.reset()["pixels"]]
+        rewards = []
+        for action in _actions(env, 5):
+            out = _step(env, action)
+            frames.append(out["pixels"])
+            rewards.append(out["reward"])
+        outs.append((torch.stack(frames), torch.stack(rewards)))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert not torch.equal(outs[0][0], outs[2][0])
+
+
+@pytest.mark.parametrize("task", ["walker-walk", "reacher-easy"])  # reacher randomises its model
+def test_get_set_env_state_resumes_exactly(task):
+    # 0.5 s = 20 control steps = 10 agent steps: the resumed part also crosses the time limit.
+    a = make_dmc_env(task, seed=0, render="fast", time_limit=0.5 if task == "walker-walk" else None)
+    b = make_dmc_env(task, seed=1, render="fast", time_limit=0.5 if task == "walker-walk" else None)
+    a.reset()
+    b.reset()
+    actions = _actions(a, 10)
+    for action in actions[:6]:
+        _step(a, action)
+    state = pickle.loads(pickle.dumps(a.get_env_state()))
+    continued = [_step(a, action) for action in actions[6:]]
+    b.set_env_state(state)
+    resumed = [_step(b, action) for action in actions[6:]]
+    for x, y in zip(continued, resumed):
+        assert (x == y).all(), (x, y)
+    if task == "walker-walk":
+        assert resumed[-1]["truncated"].item() and not resumed[-2]["done"].item()
+    with pytest.raises(ValueError, match="not 'cartpole-swingup'"):
+        make_dmc_env("cartpole-swingup", render="fast").set_env_state(state)
+
+
+def test_time_limit_truncates_and_stops_the_repeat():
+    # 1 s at walker's 0.025 s control step = 40 control steps; at action repeat 3 the 14th agent
+    # step has only one sub-step left in the episode.
+    env = make_dmc_env("walker-walk", action_repeat=3, seed=1, render="fast", time_limit=1.0)
+    raw = _suite().load("walker", "walk", task_kwargs={"random": 1, "time_limit": 1.0})
+    env.reset()
+    raw.reset()
+    for t, action in enumerate(_actions(env, 14)):
+        out = _step(env, action)
+        substeps = [raw.step(action.double().numpy()) for _ in range(1 if t == 13 else 3)]
+        assert out["reward"].item() == np.float32(sum(s.reward for s in substeps))
+        assert out["done"].item() == (t == 13)
+    assert substeps[-1].last() and substeps[-1].discount == 1.0
+    assert out["truncated"].item() and not out["terminated"].item()
+    with pytest.raises(RuntimeError, match="call reset"):
+        _step(env, action)
+
+
+def test_default_episode_is_500_agent_steps():
+    env = DMCPixelEnv("cartpole-swingup", render="fast", image_size=8)
+    out = env.rollout(600)  # stops at the first done
+    assert out.shape == (500,)  # DMC's 1000 control steps at action repeat 2
+    assert out["next", "truncated"][-1].item() and not out["next", "terminated"].any()
+
+
+def test_parallel_env_two_workers():
+    env = make_dmc_env("cartpole-swingup", num_envs=2, seed=3, render="fast")
+    try:
+        assert isinstance(env, ParallelEnv)
+        first = env.reset()["pixels"]
+        assert first.shape == (2, 3, 64, 64)
+        # Worker i is seeded with seed + i.
+        single = make_dmc_env("cartpole-swingup", seed=4, render="fast").reset()["pixels"]
+        assert torch.equal(first[1], single) and not torch.equal(first[0], first[1])
+        check_env_specs(env)
+        out = env.rollout(3)
+        assert out["next", "pixels"].shape == (2, 3, 3, 64, 64)
+        assert out["next", "reward"].shape == (2, 3, 1)
+    finally:
+        env.close()
+
+
+def test_gl_backend_respects_user_choice(monkeypatch):
+    monkeypatch.setenv("MUJOCO_GL", "osmesa")
+    monkeypatch.setattr(gl, "_probe", lambda backend: pytest.fail("probed"))
+    assert gl.select_gl_backend() == "osmesa"
+
+
+def test_gl_backend_error_says_what_to_install(monkeypatch):
+    monkeypatch.setenv("MUJOCO_GL", "")  # empty counts as unset; monkeypatch restores it
+    monkeypatch.setattr(gl, "_probe", lambda backend: False)
+    assert gl.select_gl_backend(strict=False) is None
+    with pytest.raises(RuntimeError, match=r"install an EGL driver .* or OSMesa"):
+        gl.select_gl_backend()
+
+
+def test_gl_backend_probe_picks_first_that_works(monkeypatch):
+    monkeypatch.setenv("MUJOCO_GL", "")
+    monkeypatch.setattr(gl, "_probe", lambda backend: backend == "osmesa")
+    assert gl.select_gl_backend() == "osmesa"
+    assert os.environ["MUJOCO_GL"] == "osmesa"  # cached for worker processes
