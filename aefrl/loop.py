@@ -1,0 +1,338 @@
+"""The training loop: collect, replay, train at a fixed ratio, evaluate, report, checkpoint.
+
+It talks to the agent only through the narrow interface (``act``, ``train_step``, ``report``,
+``state_dict`` / ``load_state_dict``), so every agent in ``agents/`` shares it. Counters:
+*frames* are environment frames (agent steps × action repeat), the x-axis of every log.
+
+Interrupts: the first Ctrl-C (SIGINT) or SIGTERM finishes the current iteration, writes a
+checkpoint and returns; a second one aborts at once (the last checkpoint stays intact, as every
+checkpoint is written atomically). ``Trainer.load`` + ``run`` continue a run exactly: models,
+optimisers, replay, RNG states, counters, and the environment mid-episode (single env).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tensordict import TensorDict
+from tqdm import tqdm
+
+from aefrl import keys
+from aefrl.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint
+from aefrl.checkpoint import set_rng_state as restore_rng
+from aefrl.collect import Collector
+from aefrl.logging import RunLogger
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class LoopConfig:
+    """Schedule of a run; every ``*_every`` is in environment frames (0 disables)."""
+
+    total_frames: int = 1_000_000  # stop after this many environment frames
+    action_repeat: int = 2  # frames per agent step (to count frames)
+    prefill_steps: int = 2500  # agent steps of uniform random actions before training starts
+    train_ratio: float = 512.0  # replayed steps (batch x seq_len) per agent step
+    batch_size: int = 16  # B of a training batch (for the train ratio)
+    seq_len: int = 64  # T of a training batch (for the train ratio)
+    log_every: int = 2000  # training scalars
+    eval_every: int = 20000  # evaluation episodes with the deterministic policy
+    eval_episodes: int = 5
+    report_every: int = 20000  # video of real vs imagined frames, held-out bits/dim
+    report_samples: int = 8  # K of the importance-sampled bits/dim in reports
+    checkpoint_every: int = 50000
+    video_fps: float = 15.0
+
+    def __post_init__(self) -> None:
+        for name in ("total_frames", "action_repeat", "batch_size", "seq_len", "eval_episodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        periods = ("prefill_steps", "log_every", "eval_every", "report_every", "checkpoint_every")
+        for name in periods:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.train_ratio <= 0:
+            raise ValueError(f"train_ratio must be > 0, got {self.train_ratio}")
+
+
+class _Every:
+    """True once each time a counter passes a multiple of ``period`` (never when period is 0)."""
+
+    def __init__(self, period: int, last: int = 0) -> None:
+        self.period, self.last = period, last
+
+    def __call__(self, value: int) -> bool:
+        if self.period <= 0 or value // self.period <= self.last // self.period:
+            return False
+        self.last = value
+        return True
+
+
+class Trainer:
+    """Runs an agent on an environment with a sequence replay (see module docstring).
+
+    Args:
+        agent: the agent (``agents/``).
+        env: the training env (torchrl, single or batched).
+        replay: a :class:`~aefrl.replay.SequenceReplay` with ``num_envs`` streams.
+        logger: a :class:`~aefrl.logging.RunLogger`.
+        run_dir: where ``checkpoint.pt`` lives.
+        config: the schedule.
+        make_eval_env: ``seed -> env`` building a fresh single evaluation env; a new env per
+            evaluation (seeded by the evaluation's index) keeps resumed runs exact.
+        run_config: the resolved run configuration, stored in checkpoints and logged once.
+        device: where the agent lives.
+        seed: seeds the random prefill policy.
+    """
+
+    def __init__(
+        self,
+        agent,
+        env,
+        replay,
+        logger: RunLogger,
+        run_dir: str | Path,
+        config: LoopConfig,
+        *,
+        make_eval_env: Callable[[int], object] | None = None,
+        run_config: dict | None = None,
+        device="cpu",
+        seed: int = 0,
+        action_dim: int,
+    ) -> None:
+        self.agent, self.env, self.replay, self.logger = agent, env, replay, logger
+        self.run_dir = Path(run_dir)
+        self.config = config
+        self.make_eval_env = make_eval_env
+        self.run_config = run_config or {}
+        self.device = torch.device(device)
+        self.action_dim = action_dim
+        self.collector = Collector(
+            env, agent, action_dim, device, torch.Generator().manual_seed(seed)
+        )
+        names = ("frames", "agent_steps", "updates", "episodes", "evals", "iterations")
+        self.counters = dict.fromkeys(names, 0)
+        self.train_credit = 0.0
+        self.heldout: TensorDict | None = None  # rows of the latest evaluation episode
+        self.last_return = float("nan")
+        self._stop_requested = False
+        self._schedules()
+
+    def _schedules(self) -> None:
+        c, f = self.config, self.counters["frames"]
+        self._log = _Every(c.log_every, f)
+        self._eval = _Every(c.eval_every, f)
+        self._report = _Every(c.report_every, f)
+        self._ckpt = _Every(c.checkpoint_every, f)
+
+    # --- checkpoints -----------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / CHECKPOINT_NAME
+
+    def save(self) -> None:
+        save_checkpoint(
+            self.checkpoint_path,
+            {
+                "format": CHECKPOINT_FORMAT,
+                "run_config": self.run_config,
+                "loop_config": asdict(self.config),
+                "counters": dict(self.counters),
+                "train_credit": self.train_credit,
+                "agent": self.agent.state_dict(),
+                "replay": self.replay.state_dict(),
+                "collector": self.collector.state_dict(),
+                "heldout": None if self.heldout is None else self.heldout.to_dict(),
+                "rng": rng_state(),
+            },
+        )
+
+    def load(self, path: str | Path | None = None) -> None:
+        """Restore everything from a checkpoint (default: this run's)."""
+        state = load_checkpoint(path or self.checkpoint_path)
+        self.agent.load_state_dict(state["agent"])
+        self.replay.load_state_dict(state["replay"])
+        self.counters.update(state["counters"])
+        self.train_credit = state["train_credit"]
+        if state["heldout"] is not None:
+            held = state["heldout"]
+            self.heldout = TensorDict(held, batch_size=held[keys.PIXELS].shape[:2])
+        exact = self.collector.load_state_dict(state["collector"])
+        if not exact:
+            tqdm.write("resume: batched envs cannot restore their episodes; they restart now")
+        restore_rng(state["rng"])
+        self._schedules()
+
+    # --- interrupts ------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Finish the current iteration, checkpoint and return from :meth:`run`."""
+        self._stop_requested = True
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._stop_requested:
+            raise KeyboardInterrupt
+        tqdm.write("interrupt: finishing this step and saving a checkpoint (again to abort)")
+        self._stop_requested = True
+
+    # --- the loop --------------------------------------------------------------------------------
+    def run(self, progress: bool = True, on_iteration: Callable | None = None) -> dict:
+        """Train until ``total_frames``; returns the counters. ``on_iteration(trainer)`` is
+        called after every iteration (tests use it to interrupt at a chosen point)."""
+        c = self.config
+        handlers = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                handlers[sig] = signal.signal(sig, self._on_signal)
+        updates_per_step = c.train_ratio / (c.batch_size * c.seq_len)
+        metrics: dict[str, list] = defaultdict(list)
+        bar = tqdm(
+            total=c.total_frames,
+            initial=self.counters["frames"],
+            unit="frame",
+            disable=not progress,
+            dynamic_ncols=True,
+            smoothing=0.05,
+        )
+        t_start, f_start = time.time(), self.counters["frames"]
+        if self.counters["iterations"] == 0:
+            self.logger.log_config(self.run_config)
+        try:
+            while self.counters["frames"] < c.total_frames and not self._stop_requested:
+                self._iteration(updates_per_step, metrics)
+                frames = self.counters["frames"]
+                bar.update(frames - bar.n)
+                fps = (frames - f_start) / max(time.time() - t_start, 1e-9)
+                bar.set_postfix(
+                    fps=f"{fps:.0f}",
+                    ret=f"{self.last_return:.1f}",
+                    upd=self.counters["updates"],
+                    refresh=False,
+                )
+                if self._log(frames):
+                    self._write_metrics(metrics, fps)
+                if self._eval(frames) and self.make_eval_env is not None:
+                    self.evaluate()
+                if self._report(frames):
+                    self.report()
+                if self._ckpt(frames):
+                    self.save()
+                if on_iteration is not None:
+                    on_iteration(self)
+            self.save()
+        finally:
+            bar.close()
+            self.logger.flush()
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        return dict(self.counters)
+
+    def _iteration(self, updates_per_step: float, metrics: dict) -> None:
+        c = self.config
+        mode = "random" if self.counters["agent_steps"] < c.prefill_steps else "explore"
+        rows, stats, stepped = self.collector.step(mode)
+        self.replay.extend(rows.exclude(keys.DONE))
+        self.counters["iterations"] += 1
+        self.counters["agent_steps"] += stepped
+        self.counters["frames"] += stepped * c.action_repeat
+        for ret, length in zip(stats.returns, stats.lengths):
+            self.counters["episodes"] += 1
+            self.last_return = ret
+            self.logger.log_scalars(
+                {"episode_return": ret, "episode_length": length}, self.counters["frames"], "env"
+            )
+        if mode == "random" or not self.replay.ready:
+            return
+        self.train_credit += stepped * updates_per_step
+        while self.train_credit >= 1.0:
+            out = self.agent.train_step(self.replay.sample())
+            for key, value in out.items():
+                metrics[key].append(value)
+            self.counters["updates"] += 1
+            self.train_credit -= 1.0
+
+    def _write_metrics(self, metrics: dict, fps: float) -> None:
+        step = self.counters["frames"]
+        if metrics:
+            means = {k: torch.stack(vs).float().mean() for k, vs in metrics.items()}
+            self.logger.log_scalars(means, step, "train")
+            metrics.clear()
+        self.logger.log_scalars(
+            {
+                "fps": fps,
+                "agent_steps": self.counters["agent_steps"],
+                "updates": self.counters["updates"],
+                "replay_rows": len(self.replay),
+            },
+            step,
+            "perf",
+        )
+
+    # --- evaluation and reports ------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """``eval_episodes`` episodes with the deterministic policy on a fresh env; keeps the
+        first episode's rows as held-out data for :meth:`report`."""
+        index = self.counters["evals"]
+        env = self.make_eval_env(index)
+        collector = Collector(env, self.agent, self.action_dim, self.device)
+        returns, first_episode = [], []
+        rows, _, _ = collector.step("eval")
+        first_episode.append(rows)
+        while len(returns) < self.config.eval_episodes:
+            rows, stats, _ = collector.step("eval")
+            if not returns:
+                first_episode.append(rows)
+            returns.extend(stats.returns)
+        env.close()
+        episode = torch.cat(first_episode, 0).exclude(keys.DONE)
+        self.heldout = episode[: len(episode) - 1].unsqueeze(0)  # drop the next episode's start
+        self.counters["evals"] += 1
+        r = torch.tensor(returns[: self.config.eval_episodes], dtype=torch.float64)
+        std = r.std(correction=1 if len(r) > 1 else 0)
+        result = {"episode_return": float(r.mean()), "episode_return_std": float(std)}
+        self.logger.log_scalars(result, self.counters["frames"], "eval")
+        return result
+
+    @torch.no_grad()
+    def report(self) -> None:
+        """Open-loop video (real | imagined) and held-out bits/dim, if there is held-out data;
+        otherwise on a replay batch (tags say which)."""
+        if not hasattr(self.agent, "report"):
+            return
+        c, step = self.config, self.counters["frames"]
+        if self.heldout is not None:
+            source, episode = "heldout", self.heldout
+            steps = min(50, episode.shape[1])
+            chunks = episode.shape[1] // steps
+            batch = episode[:, : chunks * steps].reshape(chunks, steps)
+        elif self.replay.ready:
+            source, batch = "replay", self.replay.sample()
+        else:
+            return
+        out = self.agent.report(batch.to(self.device), num_samples=c.report_samples)
+        real, pred = out["video_real"][0].cpu(), out["video_pred"][0].cpu()
+        error = ((real.float() - pred.float()).abs()).clamp(0, 255).to(torch.uint8)
+        video = torch.cat([real, pred, error], -1)  # [T, C, H, 3W]: real | imagined | |error|
+        tag = f"{source}/open_loop_real_imagined_error"
+        self.logger.log_video(tag, video, step, fps=c.video_fps)
+        # Context frames: real (top) over their posterior reconstructions (bottom), side by side.
+        context = torch.cat([real[:5], pred[:5]], -2).permute(1, 2, 0, 3).flatten(2)
+        self.logger.log_image(f"{source}/reconstruction", context, step)
+        horizon = out["open_loop_mse"]
+        scalars = {
+            "bits_per_dim": out["bits_per_dim"],
+            "open_loop_mse_mean": horizon.mean(),
+            "open_loop_ssim_mean": out["open_loop_ssim"].mean(),
+        }
+        for h in (1, 10, 25, 45):
+            if h <= len(horizon):
+                scalars[f"open_loop_mse_h{h}"] = horizon[h - 1]
+        self.logger.log_scalars(scalars, step, source)

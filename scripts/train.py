@@ -1,0 +1,171 @@
+"""Train an agent on a DMC pixel task (the README's main job).
+
+    python scripts/train.py                                   # aef Dreamer on walker-walk
+    python scripts/train.py env.task=cartpole-swingup obs_model=vae seed=1
+    python scripts/train.py exp=smoke                          # the whole loop in < 1 minute
+    python scripts/train.py resume=runs/walker-walk/aef/s0-... # continue a run exactly
+
+Logs: ``tensorboard --logdir runs``. Configuration: ``configs/`` (every key documented).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see BENCHMARKS.md §2
+
+import random
+import sys
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from aefrl.checkpoint import CHECKPOINT_NAME, CheckpointError
+from aefrl.envs import make_dmc_env
+from aefrl.logging import RunLogger
+from aefrl.loop import LoopConfig, Trainer
+from aefrl.replay import SequenceReplay
+from agents.factory import build_agent
+
+RUN_CONFIG = "run_config.yaml"
+FRAME_BYTES = 3 * 64 * 64
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one sentence, exit code 2."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name} was asked for but CUDA is not available; use device=cpu")
+    return device
+
+
+def run_configuration(cfg: DictConfig) -> tuple[dict, Path, bool]:
+    """The configuration this run uses, its directory, and whether it resumes."""
+    if cfg.resume is None:
+        run_dir = Path(cfg.run_dir)
+        conf = OmegaConf.to_container(cfg, resolve=True)
+        conf["run_dir"] = str(run_dir)
+        return conf, run_dir, False
+    run_dir = Path(cfg.resume)
+    saved = run_dir / RUN_CONFIG
+    if not saved.exists() or not (run_dir / CHECKPOINT_NAME).exists():
+        raise UserError(
+            f"cannot resume from {run_dir}: it needs {RUN_CONFIG} and {CHECKPOINT_NAME} "
+            "(pass the directory of an earlier run)"
+        )
+    conf = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = HydraConfig.get().overrides.task
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if key == "loop.total_frames":
+            conf["loop"]["total_frames"] = int(cfg.loop.total_frames)
+        elif key != "resume":
+            print(f"resume: ignoring {item!r} (a resumed run keeps its configuration)")
+    return conf, run_dir, True
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_env(env: dict, seed: int, num_envs: int | None = None):
+    kwargs = {k: v for k, v in env.items() if k not in ("task", "num_envs")}
+    try:
+        return make_dmc_env(env["task"], seed=seed, num_envs=num_envs or env["num_envs"], **kwargs)
+    except RuntimeError as exc:  # rendering backend missing: a message, not a traceback
+        raise UserError(str(exc)) from None
+
+
+def train(cfg: DictConfig) -> dict:
+    conf, run_dir, resuming = run_configuration(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resuming:
+        tmp = run_dir / f".{RUN_CONFIG}.tmp"
+        tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(conf)))
+        tmp.replace(run_dir / RUN_CONFIG)
+    if conf["threads"]:
+        torch.set_num_threads(int(conf["threads"]))
+    seed = int(conf["seed"])
+    seed_everything(seed)
+    device = resolve_device(conf["device"])
+
+    env = build_env(conf["env"], seed)
+    action_dim = int(env.action_spec.shape[-1])
+    size = int(conf["env"]["image_size"])
+    agent = build_agent(conf["agent"], conf["obs_model"], (3, size, size), action_dim).to(device)
+
+    rep = conf["replay"]
+    storage = rep["storage"]
+    if storage == "auto":
+        storage = "disk" if rep["capacity"] * FRAME_BYTES > 2**31 else "memory"
+    replay = SequenceReplay(
+        int(rep["capacity"]),
+        int(conf["env"]["num_envs"]),
+        int(rep["seq_len"]),
+        int(rep["batch_size"]),
+        storage=storage,
+        path=run_dir / "replay" if storage == "disk" else None,
+        device=device,
+        seed=seed,
+    )
+    loop_conf = LoopConfig(
+        **conf["loop"],
+        action_repeat=int(conf["env"]["action_repeat"]),
+        batch_size=int(rep["batch_size"]),
+        seq_len=int(rep["seq_len"]),
+        log_every=int(conf["logger"]["log_every"]),
+        video_fps=float(conf["logger"]["video_fps"]),
+    )
+    logger = RunLogger("tb", log_dir=str(run_dir))
+    trainer = Trainer(
+        agent,
+        env,
+        replay,
+        logger,
+        run_dir,
+        loop_conf,
+        make_eval_env=lambda index: build_env(conf["env"], seed + 10_000 + index, num_envs=1),
+        run_config=conf,
+        device=device,
+        seed=seed,
+        action_dim=action_dim,
+    )
+    if resuming:
+        trainer.load()
+        print(f"resumed {run_dir} at {trainer.counters['frames']} frames")
+    print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir.parent})")
+    try:
+        counters = trainer.run()
+    finally:
+        logger.close()
+        env.close()
+    print(f"saved {run_dir / CHECKPOINT_NAME}: {counters}")
+    return counters
+
+
+@hydra.main(config_path="../configs", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        train(cfg)
+    except (UserError, ValueError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
