@@ -67,8 +67,10 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if path.is_dir():
         path = path / CHECKPOINT_NAME
     if not path.exists():
-        raise CheckpointError(f"no checkpoint at {path} (expected a run directory holding "
-                              f"{CHECKPOINT_NAME}, or the file itself)")  # fmt: skip
+        raise CheckpointError(
+            f"no checkpoint at {path} (expected a run directory holding {CHECKPOINT_NAME}, "
+            "or the file itself)"
+        )
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for truncated / foreign files

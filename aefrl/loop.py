@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -155,9 +156,11 @@ class Trainer:
             },
         )
 
-    def load(self, path: str | Path | None = None) -> None:
-        """Restore everything from a checkpoint (default: this run's)."""
-        state = load_checkpoint(path or self.checkpoint_path)
+    def load(self, path: str | Path | None = None, state: dict | None = None) -> None:
+        """Restore everything from a checkpoint (default: this run's), or from its already
+        loaded contents ``state``."""
+        if state is None:
+            state = load_checkpoint(path or self.checkpoint_path)
         self.agent.load_state_dict(state["agent"])
         self.replay.load_state_dict(state["replay"])
         self.counters.update(state["counters"])
@@ -167,7 +170,10 @@ class Trainer:
             self.heldout = TensorDict(held, batch_size=held[keys.PIXELS].shape[:2])
         exact = self.collector.load_state_dict(state["collector"])
         if not exact:
-            tqdm.write("resume: batched envs cannot restore their episodes; they restart now")
+            tqdm.write(
+                "resume: batched envs cannot restore their episodes; they restart now",
+                file=sys.stderr,
+            )
         restore_rng(state["rng"])
         self._schedules()
 
@@ -179,7 +185,10 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         if self._stop_requested:
             raise KeyboardInterrupt
-        tqdm.write("interrupt: finishing this step and saving a checkpoint (again to abort)")
+        tqdm.write(
+            "interrupt: finishing this step and saving a checkpoint (again to abort)",
+            file=sys.stderr,
+        )
         self._stop_requested = True
 
     # --- the loop --------------------------------------------------------------------------------

@@ -62,11 +62,16 @@ class Preprocess(nn.Module):
         return math.prod(self.obs_shape)
 
     # --- dequantisation --------------------------------------------------------------------------
-    def dequantize(self, obs: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """uint8 ``o`` -> ``x̃ = (o + v) / num_bins`` in [0, 1), with ``v ~ U[0,1)`` unless given."""
+    def dequantize(
+        self, obs: torch.Tensor, noise: torch.Tensor | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """uint8 ``o`` -> ``x̃ = (o + v) / num_bins`` in [0, 1), with ``v ~ U[0,1)`` unless given.
+
+        ``dtype`` defaults to the noise's, else torch's default floating type."""
         if obs.dtype != torch.uint8:
             raise TypeError(f"observations must be uint8, got {obs.dtype}")
-        dtype = noise.dtype if noise is not None else torch.get_default_dtype()
+        if dtype is None:
+            dtype = noise.dtype if noise is not None else torch.get_default_dtype()
         obs = obs.to(dtype)
         if noise is None:
             noise = torch.rand_like(obs)
@@ -115,9 +120,11 @@ class Preprocess(nn.Module):
             )
         return ((torch.sigmoid(y) - self.alpha) / (1 - 2 * self.alpha)).clamp(0.0, 1.0)
 
-    def encode(self, obs: torch.Tensor, noise: torch.Tensor | None = None):
+    def encode(
+        self, obs: torch.Tensor, noise: torch.Tensor | None = None, dtype: torch.dtype | None = None
+    ):
         """uint8 ``o`` -> ``(y, ℓ_P)``: dequantise then :meth:`forward`."""
-        return self(self.dequantize(obs, noise))
+        return self(self.dequantize(obs, noise, dtype))
 
     def decode(self, y: torch.Tensor) -> torch.Tensor:
         """``y`` -> uint8 image (or vector), the deterministic inverse used for display."""

@@ -114,7 +114,7 @@ class DreamerAgent(nn.Module):
         if mode not in ACT_MODES:
             raise ValueError(f"mode must be one of {ACT_MODES}, got {mode!r}")
         wm = self.world_model
-        y, _ = wm.preprocess.encode(pixels)
+        y, _ = wm.encode_pixels(pixels, dequantize="mid")
         embed, coords = wm.obs_model.embed(y)
         state, _, _ = wm.rssm.obs_step(carry.state, carry.prev_action, embed, coords, is_first)
         dist = self.actor(state.feat)

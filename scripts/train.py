@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from aefrl.checkpoint import CHECKPOINT_NAME, CheckpointError
+from aefrl.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from aefrl.envs import make_dmc_env
 from aefrl.logging import RunLogger
 from aefrl.loop import LoopConfig, Trainer
@@ -50,31 +50,34 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def run_configuration(cfg: DictConfig) -> tuple[dict, Path, bool]:
-    """The configuration this run uses, its directory, and whether it resumes."""
+def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
+    """The configuration this run uses, its directory, and the checkpoint it resumes (if any).
+
+    A resumed run takes its configuration from its checkpoint; only ``loop.total_frames`` may
+    be changed on the command line.
+    """
     if cfg.resume is None:
         run_dir = Path(cfg.run_dir)
         conf = OmegaConf.to_container(cfg, resolve=True)
         conf["run_dir"] = str(run_dir)
-        return conf, run_dir, False
+        return conf, run_dir, None
     run_dir = Path(cfg.resume)
-    saved = run_dir / RUN_CONFIG
-    if not saved.exists() or not (run_dir / CHECKPOINT_NAME).exists():
+    if not (run_dir / CHECKPOINT_NAME).exists():
         raise UserError(
-            f"cannot resume from {run_dir}: it needs {RUN_CONFIG} and {CHECKPOINT_NAME} "
+            f"cannot resume from {run_dir}: it holds no {CHECKPOINT_NAME} "
             "(pass the directory of an earlier run)"
         )
-    conf = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+    state = load_checkpoint(run_dir)
+    conf = state["run_config"]
     from hydra.core.hydra_config import HydraConfig
 
-    overrides = HydraConfig.get().overrides.task
-    for item in overrides:
+    for item in HydraConfig.get().overrides.task:
         key = item.split("=", 1)[0].lstrip("+~")
         if key == "loop.total_frames":
             conf["loop"]["total_frames"] = int(cfg.loop.total_frames)
         elif key != "resume":
             print(f"resume: ignoring {item!r} (a resumed run keeps its configuration)")
-    return conf, run_dir, True
+    return conf, run_dir, state
 
 
 def seed_everything(seed: int) -> None:
@@ -92,9 +95,9 @@ def build_env(env: dict, seed: int, num_envs: int | None = None):
 
 
 def train(cfg: DictConfig) -> dict:
-    conf, run_dir, resuming = run_configuration(cfg)
+    conf, run_dir, resume_state = run_configuration(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not resuming:
+    if resume_state is None:
         tmp = run_dir / f".{RUN_CONFIG}.tmp"
         tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(conf)))
         tmp.replace(run_dir / RUN_CONFIG)
@@ -145,8 +148,9 @@ def train(cfg: DictConfig) -> dict:
         seed=seed,
         action_dim=action_dim,
     )
-    if resuming:
-        trainer.load()
+    if resume_state is not None:
+        trainer.load(state=resume_state)
+        del resume_state
         print(f"resumed {run_dir} at {trainer.counters['frames']} frames")
     print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir.parent})")
     try:

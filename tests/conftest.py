@@ -12,3 +12,9 @@ import torch
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(params=["vae", "aef", "aef_partition"])
+def kind(request):
+    """Every observation model, for tests that must hold for all three."""
+    return request.param

@@ -42,7 +42,7 @@ def sequence_log_likelihood(
     om = wm.obs_model
     pixels = batch[keys.PIXELS]
     b, t = pixels.shape[:2]
-    y, logdet = wm.preprocess.encode(pixels.flatten(0, 1))
+    y, logdet = wm.encode_pixels(pixels.flatten(0, 1))
     embed, coords = om.embed(y)
     k = 1 if om.exact_likelihood else int(num_samples)
     if k < 1:

@@ -65,10 +65,8 @@ class WorldModel(nn.Module):
         self.obs_shape = tuple(obs_shape)
         self.action_dim = int(action_dim)
         self.preprocess = Preprocess(self.obs_shape, alpha=alpha, actnorm=actnorm)
-        self.obs_model = make_obs_model(
-            obs_model, self.obs_shape, latent_dim, deter, depth=depth, hidden=hidden,
-            **(obs_options or {}),
-        )  # fmt: skip
+        options = {"depth": depth, "hidden": hidden, **(obs_options or {})}
+        self.obs_model = make_obs_model(obs_model, self.obs_shape, latent_dim, deter, **options)
         self.rssm = RSSM(self.obs_model, action_dim, deter, hidden, prior_std_min)
         feat = self.rssm.feat_dim
         self.reward_head = TwoHotHead(feat, hidden, layers, reward_bins)
@@ -82,6 +80,25 @@ class WorldModel(nn.Module):
     def feat_dim(self) -> int:
         return self.rssm.feat_dim
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.rssm.gru.weight_hh.dtype
+
+    def encode_pixels(
+        self, pixels: torch.Tensor, dequantize: str = "random"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 pixels ``[N, C, H, W]`` -> ``(y, ℓ_P)`` in the model's dtype.
+
+        ``dequantize="random"`` draws ``v ~ U[0, 1)`` (training, likelihoods); ``"mid"`` uses the
+        bin centre ``v = 1/2``, so acting adds no noise and AEF filtering is deterministic.
+        """
+        if dequantize == "mid":
+            noise = torch.full(pixels.shape, 0.5, dtype=self.dtype, device=pixels.device)
+            return self.preprocess.encode(pixels, noise)
+        if dequantize != "random":
+            raise ValueError(f"dequantize must be 'random' or 'mid', got {dequantize!r}")
+        return self.preprocess.encode(pixels, dtype=self.dtype)
+
     def filter(
         self,
         batch: TensorDictBase,
@@ -92,7 +109,7 @@ class WorldModel(nn.Module):
         ``[B, T, C, H, W]``, prev_action ``[B, T, A]``, is_first ``[B, T, 1]``)."""
         pixels = batch[keys.PIXELS]
         b, t = pixels.shape[:2]
-        y, logdet = self.preprocess.encode(pixels.flatten(0, 1))
+        y, logdet = self.encode_pixels(pixels.flatten(0, 1))
         embed, coords = self.obs_model.embed(y)
         observed = self.rssm.observe(
             embed.unflatten(0, (b, t)),

@@ -1,0 +1,86 @@
+"""The Dreamer agent's narrow interface: act, train_step, report, state_dict."""
+
+import io
+
+import torch
+
+from agents.dreamer import DreamerAgent
+from tests.world_model.conftest import ACTIONS, OBS, random_batch
+
+TINY = dict(
+    world_model=dict(latent_dim=3, deter=8, hidden=16, layers=1, depth=4),
+    actor=dict(hidden=16, layers=1),
+    critic=dict(hidden=16, layers=1),
+    actor_loss=dict(horizon=4),
+)
+
+
+def tiny_agent(kind: str) -> DreamerAgent:
+    cfg = {k: dict(v) for k, v in TINY.items()}
+    cfg["world_model"]["obs_model"] = kind
+    return DreamerAgent(OBS, ACTIONS, **cfg)
+
+
+def test_act_shapes_and_determinism(kind):
+    torch.manual_seed(0)
+    agent = tiny_agent(kind)
+    pixels = torch.randint(0, 256, (3, *OBS), dtype=torch.uint8)
+    first = torch.ones(3, 1, dtype=torch.bool)
+    carry = agent.initial_carry(3)
+    a1, c1 = agent.act(pixels, first, carry, "eval")
+    assert a1.shape == (3, ACTIONS) and a1.abs().max() <= 1
+    assert torch.equal(c1.prev_action, a1)
+    torch.manual_seed(1)
+    _, c_a = agent.act(pixels, first, carry, "eval")
+    torch.manual_seed(2)
+    _, c_b = agent.act(pixels, first, carry, "eval")
+    # Filtering is deterministic for the AEF families, sampled for the VAE (SPEC §4).
+    assert torch.equal(c_a.state.z, c_b.state.z) == (kind != "vae")
+    e1, _ = agent.act(pixels, first, carry, "explore")
+    e2, _ = agent.act(pixels, first, carry, "explore")
+    assert not torch.equal(e1, e2)
+
+
+def test_train_step_updates_every_module_and_reports_finite_metrics(kind):
+    torch.manual_seed(0)
+    agent = tiny_agent(kind)
+    before = {k: v.clone() for k, v in agent.state_dict()["modules"].items()}
+    batch = random_batch(3, 8, first_at=(0, 5))
+    for _ in range(2):  # the second step also moves the zero-initialised output layers' inputs
+        metrics = agent.train_step(batch)
+    assert all(torch.isfinite(v) for v in metrics.values())
+    for key in ("loss_obs", "loss_latent", "loss_reward", "loss_continue", "loss_actor",
+                "loss_value", "grad_norm_model", "imag_return", "sigma_q_mean"):  # fmt: skip
+        assert key in metrics, key
+    after = agent.state_dict()["modules"]
+    for prefix in ("world_model.obs_model", "world_model.rssm", "world_model.reward_head",
+                   "actor.", "critic.", "slow_critic.copy"):  # fmt: skip
+        moved = [k for k in after if k.startswith(prefix) and not torch.equal(after[k], before[k])]
+        assert moved, prefix
+
+
+def test_state_dict_round_trip_includes_optimisers():
+    torch.manual_seed(0)
+    agent = tiny_agent("aef")
+    agent.train_step(random_batch(2, 6))
+    buf = io.BytesIO()
+    torch.save(agent.state_dict(), buf)
+    buf.seek(0)
+    torch.manual_seed(9)
+    other = tiny_agent("aef")
+    other.load_state_dict(torch.load(buf, weights_only=True))
+    batch = random_batch(2, 6)
+    torch.manual_seed(4)
+    m1 = agent.train_step(batch)
+    torch.manual_seed(4)
+    m2 = other.train_step(batch)
+    assert all(torch.equal(m1[k], m2[k]) for k in m1)
+
+
+def test_report_gives_video_and_bits_per_dim(kind):
+    torch.manual_seed(0)
+    agent = tiny_agent(kind)
+    out = agent.report(random_batch(2, 12), num_samples=2)
+    assert out["video_pred"].shape == (2, 12, *OBS) and out["video_pred"].dtype == torch.uint8
+    assert out["open_loop_mse"].shape == (7,)
+    assert 0 < float(out["bits_per_dim"]) < 16

@@ -1,0 +1,84 @@
+"""World-model loss against independent per-step computations."""
+
+import torch
+from torch import distributions as D
+
+from aefrl.objectives import WorldModelLoss
+from tests.world_model.conftest import random_batch, tiny_world_model
+
+
+def _per_step(wm, batch, noise):
+    torch.manual_seed(0)
+    return wm.filter(batch, noise=noise)
+
+
+def test_aef_loss_is_minus_the_expansion_log_density():
+    for kind in ("aef", "aef_partition"):
+        torch.manual_seed(1)
+        wm = tiny_world_model(kind, dtype=torch.float64)
+        batch = random_batch(2, 4, first_at=(0, 2), dtype=torch.float64)
+        loss = WorldModelLoss(wm)
+        torch.manual_seed(0)
+        out = loss(batch)
+        filt = _per_step(wm, batch, None)
+        obs = filt.observed
+        om = wm.obs_model
+        j = torch.stack([
+            om.objective(filt.y[:, t], obs.state.h[:, t], wm.rssm.prior(obs.state.h[:, t]))
+            for t in range(4)
+        ], 1)  # fmt: skip
+        assert torch.allclose(out["loss_obs"] + out["loss_latent"], -j.mean())
+        assert torch.allclose(out["J"], j.mean())
+
+
+def test_vae_loss_balances_kl_with_free_nats():
+    torch.manual_seed(2)
+    wm = tiny_world_model("vae", dtype=torch.float64)
+    batch = random_batch(2, 4, dtype=torch.float64)
+    filt = _per_step(wm, batch, None)  # seed 0: the same noise draws as the loss below
+    obs = filt.observed
+    kl = D.kl_divergence(
+        D.Independent(D.Normal(obs.mu_q, obs.sigma_q), 1),
+        D.Independent(D.Normal(obs.mu_p, obs.sigma_p), 1),
+    )
+    mu_x, sigma_x = wm.obs_model.decoder_params(
+        obs.state.z.flatten(0, 1), obs.state.h.flatten(0, 1)
+    )
+    log_px = wm.obs_model.log_px(filt.y.flatten(0, 1), mu_x, sigma_x)
+    for free in (0.0, 1e6):
+        loss = WorldModelLoss(wm, free_nats=free, kl_dyn_scale=0.5, kl_rep_scale=0.1)
+        torch.manual_seed(0)
+        out = loss(batch)
+        assert torch.allclose(out["loss_latent"], (0.6 * kl.clamp_min(free)).mean())
+        assert torch.allclose(out["kl"], kl.mean())
+        assert torch.allclose(out["loss_obs"], -log_px.mean())
+
+
+def test_reward_and_continue_terms_and_gradients(kind):
+    torch.manual_seed(3)
+    wm = tiny_world_model(kind)
+    # The reward head's output layer starts at zero (no gradient reaches its hidden layers on
+    # the very first step); give it the small weights it has after one update.
+    torch.nn.init.normal_(wm.reward_head.net[-1].weight, std=0.01)
+    batch = random_batch(2, 5)
+    batch["terminated"][:, -1] = True
+    loss = WorldModelLoss(wm, loss_scales={"reward": 2.0})
+    out = loss(batch)
+    feat = torch.cat([out["belief"], out["state"]], -1)
+    reward = wm.reward_head(feat)
+    assert torch.allclose(out["loss_reward"], -reward.log_prob(batch["reward"].squeeze(-1)).mean())
+    cont = wm.continue_head(feat).log_prob(1.0 - batch["terminated"].squeeze(-1).float())
+    assert torch.allclose(out["loss_continue"], -cont.mean())
+    total = loss.total(out)
+    manual = out["loss_obs"] + out["loss_latent"] + 2 * out["loss_reward"] + out["loss_continue"]
+    assert torch.allclose(total, manual)
+    total.backward()
+    for name, p in wm.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_unknown_loss_scale_is_a_clear_error():
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown loss scale"):
+        WorldModelLoss(tiny_world_model("aef"), loss_scales={"kl": 1.0})

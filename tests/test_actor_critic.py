@@ -1,0 +1,68 @@
+"""Actor, λ-returns, return normalisation, slow critic, frozen modules."""
+
+import torch
+
+from aefrl.actor_critic import Actor, ReturnNormalizer, SlowCopy, lambda_returns
+from aefrl.nn import MLP, frozen
+
+
+def test_lambda_returns_against_a_hand_computation():
+    # One trajectory, H = 3: R_2 = r2 + d2·v2; R_k = r_k + d_k((1−λ)v_k + λR_{k+1}).
+    r = torch.tensor([[1.0, 2.0, 3.0]])
+    v = torch.tensor([[10.0, 20.0, 30.0]])
+    d = torch.tensor([[0.9, 0.5, 0.8]])
+    lam = 0.7
+    r2 = 3.0 + 0.8 * 30.0
+    r1 = 2.0 + 0.5 * (0.3 * 20.0 + 0.7 * r2)
+    r0 = 1.0 + 0.9 * (0.3 * 10.0 + 0.7 * r1)
+    assert torch.allclose(lambda_returns(r, v, d, lam), torch.tensor([[r0, r1, r2]]))
+    # λ = 0: one-step TD targets; λ = 1: discounted Monte-Carlo sums bootstrapped at the end.
+    assert torch.allclose(lambda_returns(r, v, d, 0.0), r + d * v)
+    mc2 = 3.0 + 0.8 * 30.0
+    mc = torch.tensor([[1.0 + 0.9 * (2.0 + 0.5 * mc2), 2.0 + 0.5 * mc2, mc2]])
+    assert torch.allclose(lambda_returns(r, v, d, 1.0), mc)
+
+
+def test_return_normalizer_tracks_the_5_95_percentile_spread():
+    norm = ReturnNormalizer(decay=0.5)
+    x = torch.arange(101.0)  # P5 = 5, P95 = 95
+    assert torch.isclose(norm.update(x), torch.tensor(90.0))
+    assert torch.isclose(norm.update(x * 2), torch.tensor(0.5 * 90 + 0.5 * 180.0))
+    assert torch.allclose(norm(torch.tensor([135.0])), torch.tensor([1.0]))
+    small = ReturnNormalizer()
+    small.update(torch.linspace(0, 0.1, 50))
+    assert torch.allclose(small(torch.tensor([0.05])), torch.tensor([0.05]))  # never amplifies
+
+
+def test_slow_copy_is_an_ema_and_is_not_in_the_source_state():
+    fast = torch.nn.Linear(3, 2)
+    slow = SlowCopy(fast, tau=0.25)
+    before = slow.copy.weight.clone()
+    with torch.no_grad():
+        fast.weight.add_(1.0)
+    slow.update()
+    assert torch.allclose(slow.copy.weight, before + 0.25)
+    assert set(slow.state_dict()) == {"copy.weight", "copy.bias"}
+    assert not any(p.requires_grad for p in slow.parameters())
+
+
+def test_actor_actions_are_bounded_and_mode_is_deterministic():
+    actor = Actor(6, 3, hidden=16, layers=1)
+    feat = torch.randn(5, 6) * 100
+    dist = actor(feat)
+    a, log_p = dist.rsample_and_log_prob()
+    assert a.shape == (5, 3) and log_p.shape == (5,)
+    assert a.abs().max() <= 1.0 and torch.isfinite(log_p).all()
+    assert torch.equal(actor(feat).deterministic_sample, dist.deterministic_sample)
+    std = dist.base_dist.base_dist.scale
+    assert std.min() >= 0.1 - 1e-6 and std.max() <= 1.0 + 1e-6
+
+
+def test_frozen_passes_gradients_through_but_not_into_the_module():
+    model, head = MLP(3, 3, 8, 1), torch.nn.Linear(3, 1)
+    x = torch.randn(4, 3)
+    with frozen(model):
+        head(model(x)).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert head.weight.grad is not None
+    assert all(p.requires_grad for p in model.parameters())

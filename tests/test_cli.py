@@ -1,0 +1,93 @@
+"""End-to-end through the real CLI (scripts/train.py) on a real DMC task, exp=smoke."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from aefrl.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
+
+
+def train(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "scripts/train.py", *args],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("obs_model", ["vae", "aef"])
+def test_smoke_run_writes_events_and_checkpoint(tmp_path, obs_model):
+    run_dir = tmp_path / "run"
+    out = train("exp=smoke", f"obs_model={obs_model}", f"run_dir={run_dir}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    state = load_checkpoint(run_dir)
+    assert state["counters"]["frames"] >= 400 and state["counters"]["updates"] > 0
+    assert state["run_config"]["obs_model"]["kind"] == obs_model
+    assert (run_dir / "run_config.yaml").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "scripts/train.py", "exp=smoke", f"run_dir={run_dir}",
+         "loop.total_frames=100000", "loop.checkpoint_every=0", "loop.eval_every=0",
+         "loop.report_every=0"],
+        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    for line in proc.stdout:  # wait until the loop runs
+        if line.startswith("run directory"):
+            break
+    time.sleep(4)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "saving a checkpoint" in err
+    frames = load_checkpoint(run_dir)["counters"]["frames"]
+    assert 0 < frames < 100000
+
+    out = train(f"resume={run_dir}", f"loop.total_frames={frames + 100}", "seed=5")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ignoring 'seed=5'" in out.stdout
+    state = load_checkpoint(run_dir)
+    assert state["counters"]["frames"] >= frames + 100
+    assert state["run_config"]["loop"]["total_frames"] == frames + 100
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["env.task=walker-wlak"], "walker-walk"),  # the sentence lists the valid tasks
+        (["loop.train_ratio=-1"], "train_ratio must be > 0"),
+        (["resume=/nonexistent/run"], "cannot resume from /nonexistent/run"),
+        (["device=cuda:7"] if not os.path.exists("/dev/nvidia0") else ["device=tpu"], "device"),
+    ],
+)
+def test_bad_input_is_one_sentence_and_exit_code_2(args, message):
+    out = train("exp=smoke", *args, "run_dir=/tmp/aefrl-never-created")
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoint_and_unknown_obs_model_are_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    out = train(f"resume={run_dir}")
+    assert out.returncode == 2 and "unreadable" in out.stderr and "Traceback" not in out.stderr
+    out = train("obs_model=flow")
+    assert out.returncode != 0
+    assert "aef, aef_partition, vae" in out.stderr.replace("\n", " ") or "aef" in out.stderr

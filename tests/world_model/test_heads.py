@@ -1,0 +1,45 @@
+"""Symlog two-hot and Bernoulli heads."""
+
+import torch
+from torch import distributions as D
+
+from aefrl.world_model import BernoulliHead, TwoHot, TwoHotHead, symexp, symlog, two_hot
+
+
+def test_symlog_symexp_are_inverse():
+    x = torch.tensor([-1e4, -3.0, -0.1, 0.0, 0.5, 7.0, 2e3], dtype=torch.float64)
+    assert torch.allclose(symexp(symlog(x)), x)
+    assert torch.allclose(symlog(torch.tensor([0.0, 1.0])), torch.tensor([0.0, 0.6931472]))
+
+
+def test_two_hot_round_trip_and_clipping():
+    bins = torch.linspace(-20, 20, 255, dtype=torch.float64)
+    x = torch.tensor([-19.99, -3.3, 0.0, 0.01, 5.5, 19.7], dtype=torch.float64)
+    w = two_hot(x, bins)
+    assert torch.allclose(w.sum(-1), torch.ones(6, dtype=torch.float64))
+    assert torch.allclose((w * bins).sum(-1), x)
+    assert ((w > 0).sum(-1) <= 2).all()
+    assert torch.allclose((two_hot(torch.tensor([50.0, -50.0]).double(), bins) * bins).sum(-1),
+                          torch.tensor([20.0, -20.0]).double())  # fmt: skip
+
+
+def test_two_hot_distribution_mean_and_log_prob():
+    bins = torch.linspace(-20, 20, 255)
+    target = torch.tensor([3.0, -150.0])
+    logits = torch.log(two_hot(symlog(target), bins) + 1e-12)
+    dist = TwoHot(logits, bins)
+    assert torch.allclose(dist.mean, target, rtol=1e-4)
+    # The exact two-hot target is the log-likelihood maximiser among nearby distributions.
+    other = TwoHot(logits.roll(1, -1), bins)
+    assert torch.all(dist.log_prob(target) > other.log_prob(target))
+
+
+def test_heads_start_at_zero_and_score_like_torch():
+    head = TwoHotHead(5, hidden=8, layers=1)
+    assert torch.allclose(head(torch.randn(4, 5)).mean, torch.zeros(4), atol=1e-6)
+    bern = BernoulliHead(5, hidden=8, layers=1)
+    dist = bern(torch.randn(4, 5))
+    target = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    expect = D.Bernoulli(logits=dist.logits).log_prob(target)
+    assert torch.allclose(dist.log_prob(target), expect)
+    assert torch.allclose(dist.log_prob(target.bool()), expect)

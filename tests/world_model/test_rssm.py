@@ -1,0 +1,83 @@
+"""RSSM shapes and the time alignment drawn in aefrl/world_model/rssm.py."""
+
+import torch
+
+from aefrl.world_model import RSSMState
+from tests.world_model.conftest import random_batch, tiny_world_model
+
+
+def _filter(wm, batch, noise):
+    torch.manual_seed(0)  # same dequantisation noise every call
+    return wm.filter(batch, noise=noise).observed
+
+
+def test_shapes(kind):
+    wm = tiny_world_model(kind)
+    obs = wm.filter(random_batch(2, 5)).observed
+    assert obs.state.h.shape == (2, 5, 8) and obs.state.z.shape == (2, 5, 3)
+    for x in (obs.mu_q, obs.sigma_q, obs.mu_p, obs.sigma_p):
+        assert x.shape == (2, 5, 3)
+    assert obs.last.h.shape == (2, 8)
+    assert obs.state.feat.shape == (2, 5, 11) and wm.feat_dim == 11
+    imagined = wm.rssm.imagine(obs.last, torch.rand(2, 4, 2))
+    assert imagined.h.shape == (2, 4, 8) and imagined.z.shape == (2, 4, 3)
+
+
+def test_time_alignment(kind):
+    """h_t sees a_{t-1} (stored in row t) and o_{<t}; z_t sees o_t; is_first cuts the past."""
+    torch.manual_seed(1)
+    wm = tiny_world_model(kind, dtype=torch.float64)
+    batch = random_batch(2, 7, first_at=(0, 5), dtype=torch.float64)
+    noise = torch.randn(2, 7, 3, dtype=torch.float64)
+    base = _filter(wm, batch, noise)
+
+    def changed(obs, attr):
+        a, b = getattr(obs.state, attr), getattr(base.state, attr)
+        return [not torch.allclose(a[:, t], b[:, t]) for t in range(7)]
+
+    moved = batch.clone()
+    moved["prev_action"][:, 3] += 0.5  # a_2, stored in row 3
+    obs = _filter(wm, moved, noise)
+    assert changed(obs, "h") == [False, False, False, True, True, False, False]
+
+    moved = batch.clone()
+    moved["pixels"][:, 3] = 255 - moved["pixels"][:, 3]  # o_3
+    obs = _filter(wm, moved, noise)
+    assert changed(obs, "h") == [False, False, False, False, True, False, False]
+    assert changed(obs, "z") == [False, False, False, True, True, False, False]
+
+
+def test_observe_equals_step_by_step_filtering(kind):
+    wm = tiny_world_model(kind, dtype=torch.float64)
+    batch = random_batch(3, 4, first_at=(0, 2), dtype=torch.float64)
+    noise = torch.randn(3, 4, 3, dtype=torch.float64)
+    torch.manual_seed(0)
+    filt = wm.filter(batch, noise=noise)
+    embed, coords = wm.obs_model.embed(filt.y.flatten(0, 1))
+    embed = embed.unflatten(0, (3, 4))
+    coords = None if coords is None else coords.unflatten(0, (3, 4))
+    state = wm.rssm.initial(3, dtype=torch.float64)
+    for t in range(4):
+        state, mu_q, _ = wm.rssm.obs_step(
+            state, batch["prev_action"][:, t], embed[:, t],
+            None if coords is None else coords[:, t], batch["is_first"][:, t], noise[:, t],
+        )  # fmt: skip
+        assert torch.allclose(state.h, filt.observed.state.h[:, t])
+        assert torch.allclose(state.z, filt.observed.state.z[:, t])
+        assert torch.allclose(mu_q, filt.observed.mu_q[:, t])
+
+
+def test_prior_std_is_bounded_below():
+    wm = tiny_world_model("aef")
+    _, sigma = wm.rssm.prior_params(torch.randn(100, 8) * 1e3)
+    assert sigma.min() >= 0.1
+
+
+def test_img_step_samples_the_prior():
+    wm = tiny_world_model("vae", dtype=torch.float64)
+    prev = RSSMState(torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64))
+    a = torch.rand(4, 2, dtype=torch.float64)
+    noise = torch.randn(4, 3, dtype=torch.float64)
+    nxt = wm.rssm.img_step(prev, a, noise)
+    mu, sigma = wm.rssm.prior_params(wm.rssm.recurrent(prev, a))
+    assert torch.allclose(nxt.z, mu + sigma * noise)
