@@ -1,5 +1,6 @@
 """End-to-end through the real CLI (scripts/train.py) on a real DMC task, exp=smoke."""
 
+import json
 import os
 import signal
 import subprocess
@@ -33,6 +34,15 @@ def test_smoke_run_writes_events_and_checkpoint(tmp_path, obs_model):
     assert state["counters"]["frames"] >= 400 and state["counters"]["updates"] > 0
     assert state["run_config"]["obs_model"]["kind"] == obs_model
     assert (run_dir / "run_config.yaml").exists()
+    # Evaluation is separate from training: the checkpoint alone gives returns and a video.
+    out = subprocess.run(
+        [sys.executable, "scripts/eval.py", str(run_dir), "--episodes", "2", "--render", "fast"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert len(result["returns"]) == 2 and result["obs_model"] == obs_model
+    assert (run_dir / "eval.gif").stat().st_size > 0
 
 
 @pytest.mark.slow

@@ -1,0 +1,127 @@
+"""Evaluate a trained agent from its checkpoint: mean return over N episodes and a video.
+
+    python scripts/eval.py runs/cartpole-swingup/aef/s0-...            # 10 episodes
+    python scripts/eval.py RUN_DIR --episodes 5 --video eval.gif --seed 7
+
+Uses the run's saved configuration (task, image size, action repeat), the deterministic policy
+and the faithful renderer. Writes ``<run_dir>/eval.json`` (or ``--out``) and a GIF of the first
+episode: the agent's view next to the world model's reconstruction of it.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from aefrl.checkpoint import CheckpointError, load_checkpoint
+from aefrl.collect import Collector
+from aefrl.envs import make_dmc_env
+from aefrl.logging import encode_gif, to_hwc_uint8
+from aefrl.provenance import machine_info
+from agents.factory import build_agent
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("run_dir", help="a run directory (or a checkpoint file)")
+    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--seed", type=int, default=12345, help="seed of the evaluation episodes")
+    p.add_argument("--video", default=None, help="GIF path (default <run_dir>/eval.gif; '' off)")
+    p.add_argument("--out", default=None, help="JSON path (default <run_dir>/eval.json)")
+    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--render", default="faithful", choices=["faithful", "fast"], help="renderer to use"
+    )
+    args = p.parse_args(argv)
+    if args.episodes < 1:
+        p.error("--episodes must be >= 1")
+    return args
+
+
+@torch.no_grad()
+def evaluate(agent, env, episodes: int, action_dim: int, device, record: bool):
+    """Run ``episodes`` episodes with the deterministic policy; returns returns, lengths, frames
+    of the first episode (agent view | reconstruction) when ``record``."""
+    collector = Collector(env, agent, action_dim, device)
+    rows, _, _ = collector.step("eval")
+    returns, lengths, frames = [], [], []
+    bar = tqdm(total=episodes, unit="episode")
+    while len(returns) < episodes:
+        if record and not returns:
+            pixels = rows["pixels"][:1]
+            recon = agent.world_model.decode_pixels(collector.carry.state).cpu()[:1]
+            frames.append(torch.cat([pixels, recon], -1)[0])
+        rows, stats, _ = collector.step("eval")
+        returns.extend(stats.returns)
+        lengths.extend(stats.lengths)
+        bar.update(len(stats.returns))
+    bar.close()
+    return returns[:episodes], lengths[:episodes], frames
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        state = load_checkpoint(args.run_dir)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    conf = state["run_config"]
+    run_dir = Path(args.run_dir)
+    run_dir = run_dir if run_dir.is_dir() else run_dir.parent
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    env_conf = {k: v for k, v in conf["env"].items() if k not in ("task", "num_envs")}
+    env_conf["render"] = args.render
+    env = make_dmc_env(conf["env"]["task"], seed=args.seed, **env_conf)
+    action_dim = int(env.action_spec.shape[-1])
+    size = int(conf["env"]["image_size"])
+    agent = build_agent(conf["agent"], conf["obs_model"], (3, size, size), action_dim)
+    agent.load_state_dict(state["agent"])
+    agent.to(device).eval()
+    del state
+
+    record = args.video != ""
+    start = time.time()
+    returns, lengths, frames = evaluate(agent, env, args.episodes, action_dim, device, record)
+    env.close()
+    r = np.asarray(returns)
+    result = {
+        "run_dir": str(run_dir),
+        "task": conf["env"]["task"],
+        "obs_model": conf["obs_model"]["kind"],
+        "agent": conf["agent"]["name"],
+        "episodes": args.episodes,
+        "seed": args.seed,
+        "return_mean": float(r.mean()),
+        "return_std": float(r.std()),
+        "returns": [float(x) for x in r],
+        "lengths": lengths,
+        "seconds": time.time() - start,
+        "machine": machine_info(),
+    }
+    out = Path(args.out) if args.out else run_dir / "eval.json"
+    out.write_text(json.dumps(result, indent=2))
+    summary = f"return {r.mean():.1f} ± {r.std():.1f} over {args.episodes} episodes"
+    print(f"{result['task']} {result['obs_model']}: {summary}  ->  {out}")
+    if record:
+        video = Path(args.video) if args.video else run_dir / "eval.gif"
+        video.write_bytes(encode_gif([to_hwc_uint8(f) for f in frames], fps=15))
+        print(f"video (agent view | reconstruction): {video}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
