@@ -102,8 +102,9 @@ class Preprocess(nn.Module):
         self._check_shape(x_tilde)
         a = self.alpha
         s = a + (1 - 2 * a) * x_tilde
-        y = torch.log(s) - torch.log1p(-s)
-        logdet = self._event_sum(math.log(1 - 2 * a) - torch.log(s) - torch.log1p(-s))
+        log_s, log_1ms = torch.log(s), torch.log1p(-s)  # each transcendental pass once
+        y = log_s - log_1ms
+        logdet = self.num_dims * math.log(1 - 2 * a) - self._event_sum(log_s + log_1ms)
         if self.actnorm:
             if self.training and not bool(self.an_initialized):
                 self._init_actnorm(y)

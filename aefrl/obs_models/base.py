@@ -245,12 +245,21 @@ class ObservationModel(nn.Module):
 
         ``y``, ``mu_x``: ``[..., *obs_shape]`` -> ``[...]``.
         """
-        eps = (y - mu_x) / sigma_x
-        terms = std_normal_log_prob(eps) - torch.log(sigma_x).expand_as(eps)
+        event = len(self.obs_shape)
         mask = self.likelihood_mask()
+        sq = ((y - mu_x) / sigma_x).square()
+        log_sigma = torch.log(sigma_x)
+        count = self.num_dims
         if mask is not None:
-            terms = terms * mask
-        return terms.flatten(terms.dim() - len(self.obs_shape)).sum(-1)
+            sq, count = sq * mask, float(mask.sum())
+            log_sigma = log_sigma * mask
+        quad = sq.flatten(sq.dim() - event).sum(-1)
+        # σ_x shared by all samples ("learned", "fixed"): Σ log σ_x once, not once per sample.
+        if log_sigma.dim() <= event:
+            log_det = log_sigma.sum() if log_sigma.dim() else log_sigma * count
+        else:
+            log_det = log_sigma.flatten(log_sigma.dim() - event).sum(-1)
+        return -0.5 * quad - log_det - count * _HALF_LOG_2PI
 
     # --- public API ------------------------------------------------------------------------------
     def encode(
