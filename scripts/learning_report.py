@@ -1,0 +1,142 @@
+"""Learning curves from TensorBoard event files: a JSON, a markdown table and a PNG plot.
+
+    python scripts/learning_report.py runs/learning/cartpole-swingup --out docs/results/learning
+
+Reads ``eval/episode_return`` (deterministic policy, separate env) and, where present,
+``heldout/bits_per_dim`` of every run under the given folders (a run = a folder holding
+``tb/``), groups runs by their parent folder name (e.g. ``aef``, ``vae``) and reports the mean
+and spread over seeds at each evaluation point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+TAGS = (
+    "eval/episode_return",
+    "heldout/bits_per_dim",
+    "heldout/open_loop_mse_h45",
+    "env/episode_return",
+)
+
+
+def read_run(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    have = set(acc.Tags()["scalars"])
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in TAGS if tag in have}
+
+
+def collect(roots: list[Path]) -> dict[str, dict[str, dict]]:
+    """``{group: {run: {tag: [(frames, value)]}}}``."""
+    groups: dict[str, dict[str, dict]] = defaultdict(dict)
+    for root in roots:
+        for tb in sorted(root.glob("**/tb")):
+            run = tb.parent
+            groups[run.parent.name][str(run)] = read_run(tb)
+    return groups
+
+
+def summarise(runs: dict[str, dict], tag: str) -> list[dict]:
+    """Mean / min / max over runs at each step every run reached."""
+    series = [dict(r[tag]) for r in runs.values() if tag in r]
+    if not series:
+        return []
+    steps = sorted(set.intersection(*(set(s) for s in series)))
+    rows = []
+    for step in steps:
+        vals = np.array([s[step] for s in series])
+        rows.append(
+            {
+                "frames": int(step),
+                "mean": float(vals.mean()),
+                "min": float(vals.min()),
+                "max": float(vals.max()),
+                "seeds": len(vals),
+            }
+        )
+    return rows
+
+
+def plot(curves: dict[str, list[dict]], path: Path, title: str, ylabel: str) -> None:
+    """A plain line plot with a min-max band per group, drawn with Pillow."""
+    w, h, left, right, top, bottom = 720, 420, 70, 20, 40, 50
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    pts = [(r["frames"], v) for rows in curves.values() for r in rows for v in (r["min"], r["max"])]
+    if not pts:
+        return
+    x0, x1 = 0, max(p[0] for p in pts) or 1
+    y0, y1 = min(0.0, min(p[1] for p in pts)), max(p[1] for p in pts) or 1.0
+
+    def xy(x, y):
+        px = left + (x - x0) / (x1 - x0) * (w - left - right)
+        return px, h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom)
+
+    d.rectangle([left, top, w - right, h - bottom], outline="black")
+    for i in range(5):
+        yv = y0 + (y1 - y0) * i / 4
+        d.text((5, xy(0, yv)[1] - 6), f"{yv:.0f}", fill="black")
+        xv = x0 + (x1 - x0) * i / 4
+        d.text((xy(xv, y0)[0] - 15, h - bottom + 8), f"{xv / 1000:.0f}k", fill="black")
+    d.text((w // 2 - 60, h - 20), "environment frames", fill="black")
+    d.text((left, 10), f"{title} — {ylabel}", fill="black")
+    for i, (name, rows) in enumerate(sorted((k, v) for k, v in curves.items() if v)):
+        color = COLORS[i % len(COLORS)]
+        if len(rows) > 1:
+            band = [xy(r["frames"], r["max"]) for r in rows]
+            band += [xy(r["frames"], r["min"]) for r in reversed(rows)]
+            light = tuple(int(c + (255 - c) * 0.75) for c in color)
+            d.polygon(band, fill=light)
+            d.line([xy(r["frames"], r["mean"]) for r in rows], fill=color, width=3)
+        d.text((left + 10, top + 8 + 16 * i), f"{name} (n={rows[0]['seeds']})", fill=color)
+    img.save(path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("roots", nargs="+", type=Path, help="folders holding runs")
+    p.add_argument("--out", type=Path, default=Path("docs/results/learning"))
+    p.add_argument("--name", default=None, help="file stem (default: the first root's name)")
+    args = p.parse_args(argv)
+    groups = collect(args.roots)
+    if not groups:
+        roots = ", ".join(str(r) for r in args.roots)
+        print(f"error: no runs (folders with tb/) under {roots}", file=sys.stderr)
+        return 2
+    name = args.name or args.roots[0].name
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {g: {tag: summarise(runs, tag) for tag in TAGS} for g, runs in groups.items()}
+    result["_runs"] = {g: sorted(runs) for g, runs in groups.items()}
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    returns = {g: result[g]["eval/episode_return"] for g in groups}
+    plot(returns, args.out / f"{name}_return.png", name, "eval return (deterministic policy)")
+    lines = [f"| frames | {' | '.join(sorted(groups))} |", "|---:|" + "---:|" * len(groups)]
+    steps = sorted({r["frames"] for g in groups for r in result[g]["eval/episode_return"]})
+    for step in steps:
+        cells = []
+        for g in sorted(groups):
+            row = next((r for r in result[g]["eval/episode_return"] if r["frames"] == step), None)
+            if row is None:
+                cells.append("")
+            elif row["seeds"] > 1:
+                cells.append(f"{row['mean']:.0f} [{row['min']:.0f}, {row['max']:.0f}]")
+            else:
+                cells.append(f"{row['mean']:.0f}")
+        lines.append(f"| {step} | {' | '.join(cells)} |")
+    (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""World-model quality of a trained checkpoint on fresh held-out episodes (BENCHMARKS.md §3).
+
+    python scripts/world_model_report.py RUN_DIR [--episodes 2] [--num-samples 128]
+
+Collects episodes with the agent's deterministic policy on a new environment seed (never seen in
+training), cuts them into 50-step sequences and reports: held-out bits/dim of each sequence
+(exact for aef_partition, importance-sampled with K trajectories otherwise; SPEC §6), open-loop
+prediction error (5 context frames, 45 predicted: MSE and SSIM per horizon), and the sharpness
+of imagined frames relative to real ones. Writes ``<run_dir>/world_model_report.json``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from aefrl import keys
+from aefrl.checkpoint import CheckpointError, load_checkpoint
+from aefrl.collect import Collector
+from aefrl.envs import make_dmc_env
+from aefrl.metrics import sharpness_ratio
+from aefrl.provenance import machine_info
+from aefrl.world_model.evaluation import open_loop_prediction, sequence_bits_per_dim
+from agents.factory import build_agent
+
+SEQ, CONTEXT = 50, 5
+
+
+def collect_episodes(agent, env, episodes: int, action_dim: int):
+    """Rows ``[episodes, steps]`` of full episodes with the deterministic policy."""
+    collector = Collector(env, agent, action_dim)
+    rows, _, _ = collector.step("eval")
+    done, episode, out = 0, [rows], []
+    with tqdm(total=episodes, unit="episode") as bar:
+        while done < episodes:
+            rows, stats, _ = collector.step("eval")
+            if stats.returns:
+                episode.append(rows)
+                out.append(torch.cat(episode, 0).exclude(keys.DONE))
+                done += len(stats.returns)
+                bar.update(len(stats.returns))
+                rows, _, _ = collector.step("eval")  # the next episode's first row
+                episode = [rows]
+            else:
+                episode.append(rows)
+    return torch.stack(out[:episodes], 0)
+
+
+@torch.no_grad()
+def report(agent, episodes, num_samples: int) -> dict:
+    wm = agent.world_model
+    n, steps = episodes.shape
+    seq = min(SEQ, steps)  # short episodes (e.g. exp=smoke) make one sequence each
+    chunks = steps // seq
+    batch = episodes[:, : chunks * seq].reshape(n * chunks, seq)
+    pred = open_loop_prediction(wm, batch, context=CONTEXT)
+    bpd = torch.cat([sequence_bits_per_dim(wm, b, num_samples) for b in batch.split(2)])
+    real = pred["real"][:, CONTEXT:].flatten(0, 1).float() / 255
+    imagined = pred["pred"][:, CONTEXT:].flatten(0, 1).float() / 255
+    recon = pred["pred"][:, :CONTEXT].flatten(0, 1).float() / 255
+    real_context = pred["real"][:, :CONTEXT].flatten(0, 1).float() / 255
+    exact = wm.obs_model.exact_likelihood
+    return {
+        "sequences": int(n * chunks),
+        "bits_per_dim": float(bpd.mean()),
+        "bits_per_dim_sem": float(bpd.std() / len(bpd) ** 0.5),
+        "estimator": "exact" if exact else f"importance sampling, K={num_samples} trajectories",
+        "open_loop_mse": [float(x) for x in pred["mse"]],
+        "open_loop_ssim": [float(x) for x in pred["ssim"]],
+        "sharpness_imagined": sharpness_ratio(imagined, real),
+        "sharpness_reconstructed": sharpness_ratio(recon, real_context),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("run_dir")
+    p.add_argument("--episodes", type=int, default=2)
+    p.add_argument("--num-samples", type=int, default=128, help="K (SPEC §6: 128 for reports)")
+    p.add_argument("--seed", type=int, default=54321)
+    p.add_argument("--render", default="faithful", choices=["faithful", "fast"])
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    try:
+        state = load_checkpoint(args.run_dir)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    conf = state["run_config"]
+    env_conf = {k: v for k, v in conf["env"].items() if k not in ("task", "num_envs")}
+    env_conf["render"] = args.render
+    env = make_dmc_env(conf["env"]["task"], seed=args.seed, **env_conf)
+    action_dim = int(env.action_spec.shape[-1])
+    size = int(conf["env"]["image_size"])
+    agent = build_agent(conf["agent"], conf["obs_model"], (3, size, size), action_dim)
+    agent.load_state_dict(state["agent"])
+    agent.eval()
+    torch.manual_seed(args.seed)
+    episodes = collect_episodes(agent, env, args.episodes, action_dim)
+    env.close()
+    result = {
+        "run_dir": str(args.run_dir),
+        "frames": state["counters"]["frames"],
+        "task": conf["env"]["task"],
+        "obs_model": conf["obs_model"]["kind"],
+        **report(agent, episodes, args.num_samples),
+        "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+        "machine": machine_info(),
+    }
+    run_dir = Path(args.run_dir)
+    folder = run_dir if run_dir.is_dir() else run_dir.parent
+    out = Path(args.out) if args.out else folder / "world_model_report.json"
+    out.write_text(json.dumps(result, indent=2))
+    mse, r = result["open_loop_mse"], result
+    print(
+        f"{r['task']} {r['obs_model']} @ {r['frames']} frames: {r['bits_per_dim']:.3f} bits/dim "
+        f"({r['estimator']}), open-loop MSE h1 {mse[0]:.4f} h45 {mse[-1]:.4f}, "
+        f"sharpness {r['sharpness_imagined']:.2f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
