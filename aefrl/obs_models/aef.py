@@ -36,7 +36,30 @@ from aefrl.obs_models.base import ObservationModel, std_normal_log_prob
 PROJECTIONS = ("learned", "random")
 
 
-class AEFObservationModel(ObservationModel):
+class AffineFlowModel(ObservationModel):
+    """What both AEF families share: ``z = μ_q + σ_q ⊙ coords`` is the encoder affine layer of an
+    invertible map, and the density of the transformed point is
+    ``log p(z) + Σ_i [log N(ε_i) − log σ_x,i] + Σ_j log σ_q,j``."""
+
+    def latent(self, mu_q, sigma_q, coords, noise=None):
+        """``z = μ_q + σ_q ⊙ coords`` (deterministic; ``noise`` is ignored)."""
+        return mu_q + sigma_q * coords
+
+    def flow_log_density(self, y, coords, context=None, prior=None) -> torch.Tensor:
+        """Log-density of the point ``(y, coords)`` under the flow, ``[B]``."""
+        self._check_y(y)
+        prior = self._prior(prior, y)
+        mu_q, sigma_q = self.posterior(self.encoder(self.encoder_input(y)), context)
+        z = self.latent(mu_q, sigma_q, coords)
+        mu_x, sigma_x = self.decoder_params(z, context)
+        return prior.log_prob(z) + self.log_px(y, mu_x, sigma_x) + sigma_q.log().sum(-1)
+
+    def objective(self, y, context=None, prior=None):
+        self._check_y(y)
+        return self.flow_log_density(y, self.coords(y), context, prior)
+
+
+class AEFObservationModel(AffineFlowModel):
     """AEF, expansion family (the default observation model).
 
     Extra args:
@@ -79,24 +102,10 @@ class AEFObservationModel(ObservationModel):
             return self.projection(flat)
         return F.linear(flat, self.projection_weight, self.projection_bias)
 
-    def latent(self, mu_q, sigma_q, coords, noise=None):
-        """``z = μ_q + σ_q ⊙ u`` (deterministic; ``noise`` is ignored)."""
-        return mu_q + sigma_q * coords
-
     def joint_log_density(self, y, u, context=None, prior=None) -> torch.Tensor:
-        """``log p(y, u)`` of the expanded point at any ``u [B, d]`` (J when ``u = W·y + b``)."""
-        self._check_y(y)
-        prior = self._prior(prior, y)
-        e, _ = self.embed(y)
-        mu_q, sigma_q = self.posterior(e, context)
-        z = self.latent(mu_q, sigma_q, u)
-        mu_x, sigma_x = self.decoder_params(z, context)
-        return prior.log_prob(z) + self.log_px(y, mu_x, sigma_x) + sigma_q.log().sum(-1)
-
-    def objective(self, y, context=None, prior=None):
-        """J, the expansion-space log-density at ``u = W·y + b``, ``[B]``."""
-        self._check_y(y)
-        return self.joint_log_density(y, self.coords(y), context, prior)
+        """``log p(y, u)`` of the expanded point at any ``u [B, d]``; J at ``u = W·y + b``
+        (what :meth:`objective` returns)."""
+        return self.flow_log_density(y, u, context, prior)
 
     def _log_weights(self, y, mu_q, sigma_q, coords, context, prior, k):
         s = self.proposal_scale
@@ -159,7 +168,7 @@ def spiral_core_indices(obs_shape: tuple[int, ...], num: int) -> torch.Tensor:
     return torch.tensor(flat[:num], dtype=torch.long)
 
 
-class AEFPartitionObservationModel(ObservationModel):
+class AEFPartitionObservationModel(AffineFlowModel):
     """AEF, partition family: exact ``log p(y)``.
 
     Extra args:
@@ -208,22 +217,8 @@ class AEFPartitionObservationModel(ObservationModel):
     def likelihood_mask(self):
         return self.shell_mask
 
-    def latent(self, mu_q, sigma_q, coords, noise=None):
-        """``z = μ_q + σ_q ⊙ y_c`` (deterministic; ``noise`` is ignored)."""
-        return mu_q + sigma_q * coords
-
-    def objective(self, y, context=None, prior=None):
-        """Exact ``log p(y | context)``, ``[B]``."""
-        self._check_y(y)
-        prior = self._prior(prior, y)
-        e, y_core = self.embed(y)
-        mu_q, sigma_q = self.posterior(e, context)
-        z = self.latent(mu_q, sigma_q, y_core)
-        mu_x, sigma_x = self.decoder_params(z, context)
-        return prior.log_prob(z) + self.log_px(y, mu_x, sigma_x) + sigma_q.log().sum(-1)
-
     def log_likelihood(self, y, context=None, prior=None, num_samples=1, chunk_size=0):
-        """Exact ``log p(y | context)`` (``num_samples`` is accepted and ignored)."""
+        """Exact ``log p(y | context)``, the objective (``num_samples`` is ignored)."""
         return self.objective(y, context, prior)
 
     def sample(self, num_samples=None, context=None, prior=None, pixel_noise=True):
