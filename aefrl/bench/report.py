@@ -1,0 +1,279 @@
+"""Markdown tables for ``scripts/bench.py``'s JSON result, and the docs/benchmarks.md block."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _name(subject: str) -> str:
+    return subject if subject == "torchrl" else f"ours ({subject})"
+
+
+def _s(rec: dict | None) -> str:
+    return "–" if rec is None else f"{rec['median_s']:.3f}"
+
+
+def _mem(rec: dict | None) -> str:
+    return "–" if rec is None else f"{rec['peak_mib']:.0f} (+{rec['delta_mib']:.0f})"
+
+
+def _params(p: dict) -> str:
+    return " / ".join(f"{p[k] / 1e6:.2f}M" for k in ("world_model", "actor", "critic"))
+
+
+def _header(r: dict) -> list[str]:
+    m = r["machine"]
+    la = r["load_average"]
+    return [
+        f"Command: `{r['command']}` ({r['wall_s']:.0f} s in all, started {r['started']}).  ",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, "
+        f"GPU {m['gpu'] or 'none'}; torch {m['torch']}, torchrl {m['torchrl']}, tensordict "
+        f"{m['tensordict']}, python {m['python']}; git {m['git']}; OMP_WAIT_POLICY="
+        f"{m.get('OMP_WAIT_POLICY')}.  ",
+        f"Load average (1, 5, 15 min) {la['start']} at start, {la['end']} at end: the machine is "
+        "shared, so absolute times are inflated; compare within a run. "
+        f"Every time is the median of {r['reps']} timed calls after one warm-up, interleaved "
+        "round-robin across implementations; memory is the highest peak of those calls "
+        "(CPU: process RSS, in brackets the growth over the RSS before the call; GPU: max "
+        f"allocated). Device {r['device']}, options {r['options']}.",
+    ]
+
+
+def _headline(r: dict) -> list[str]:
+    ident = r["identical_sizes"]
+    s = ident["sizes"]
+    kinds = list(r["wm_update_speedup_vs_torchrl_by_model"])
+    cols = ["torchrl", *kinds]
+    wm, full, img, conv = (
+        ident[k] for k in ("wm_update", "full_update", "imagination", "conv_bound")
+    )
+
+    def row(label, cells):
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    def ac(k):
+        return f"{full[k]['median_s'] - wm[k]['median_s']:.3f}"
+
+    lines = [
+        f"Identical sizes: state {s['latent']}, RSSM {s['deter']}, hidden {s['hidden']}, conv "
+        f"depth {s['depth']}, batch {s['batch']} x {s['seq']} x 3 x {s['image']} x {s['image']} "
+        f"uint8, {s['action_dim']}-d actions, horizon {s['horizon']}.",
+        "",
+        row("seconds (median)", [_name(c) for c in cols]),
+        "|---|" + "---:|" * len(cols),
+        row("world-model update", [_s(wm[k]) for k in cols]),
+        row("full update (world model + actor + critic)", [_s(full[k]) for k in cols]),
+        row("  of which actor + critic (full - wm)", [ac(k) for k in cols]),
+        row(
+            f"imagination rollout ({ident['imagination_start_states']} starts x {s['horizon']})",
+            [_s(img[k]) for k in cols],
+        ),
+        row(
+            "conv bound: encoder + decoder trunks fwd + bwd alone",
+            [_s(conv["torchrl_trunks"])] + [_s(conv["ours_trunks"])] * len(kinds),
+        ),
+        row(
+            "conv bound: convolution layers alone (no norms, activations)",
+            ["–"] + [_s(conv["ours_conv_layers"])] * len(kinds),
+        ),
+        row("peak RSS MiB, world-model update", [_mem(wm[k]) for k in cols]),
+        row("peak RSS MiB, full update", [_mem(full[k]) for k in cols]),
+        row(
+            "parameters: world model / actor / critic",
+            [_params(ident["parameters"][k]) for k in cols],
+        ),
+        row(
+            "**world-model update speedup (torchrl / ours)**",
+            ["1"] + [f"**{r['wm_update_speedup_vs_torchrl_by_model'][k]}**" for k in kinds],
+        ),
+        row(
+            "**full update speedup (torchrl / ours)**",
+            ["1"] + [f"**{r['full_update_speedup_vs_torchrl_by_model'][k]}**" for k in kinds],
+        ),
+        row(
+            "**world-model update / conv bound (trunks)**",
+            [str(r["torchrl_wm_update_over_its_conv_bound"])]
+            + [f"**{r['wm_update_over_conv_bound_by_model'][k]}**" for k in kinds],
+        ),
+        row(
+            "world-model update / convolution layers alone",
+            ["–"] + [str(r["wm_update_over_conv_layers_bound_by_model"][k]) for k in kinds],
+        ),
+    ]
+    return lines
+
+
+def _flops(r: dict) -> list[str]:
+    ident = r["identical_sizes"]
+    f = ident["conv_flops_per_image"]
+    frames = ident["sizes"]["batch"] * ident["sizes"]["seq"]
+    conv = ident["conv_bound"]["ours_trunks"]["median_s"]
+    layers = ident["conv_bound"]["ours_conv_layers"]["median_s"]
+    theirs = ident["conv_bound"]["torchrl_trunks"]["median_s"]
+    theirs_gflop = f["torchrl"]["conv_gflop_forward_backward"]
+    ours = f["aef"]["conv_gflop_forward_backward"]
+    return [
+        "Convolution FLOPs of encoder + decoder per 64 x 64 image (torch.utils.flop_counter, "
+        "2 per multiply-add; backward = input and weight gradients, as in the update):",
+        "",
+        "| | ours | torchrl |",
+        "|---|---:|---:|",
+        f"| conv GFLOP, forward | {f['aef']['conv_gflop_forward']} | "
+        f"{f['torchrl']['conv_gflop_forward']} |",
+        f"| conv GFLOP, forward + backward | {ours} | "
+        f"{f['torchrl']['conv_gflop_forward_backward']} |",
+        f"| all GFLOP (conv + linear), forward + backward | "
+        f"{f['aef']['all_gflop_forward_backward']} | "
+        f"{f['torchrl']['all_gflop_forward_backward']} |",
+        "",
+        f"Convolution GFLOP/s achieved on the {frames} frames of the batch: ours "
+        f"{ours * frames / layers:.0f} (convolution layers alone, {layers:.2f} s), "
+        f"{ours * frames / conv:.0f} (whole trunks, {conv:.2f} s); torchrl "
+        f"{theirs_gflop * frames / theirs:.0f} (whole trunks, {theirs:.2f} s).",
+    ]
+
+
+def _profile(r: dict) -> list[str]:
+    prof = r["identical_sizes"]["profile"]
+    lines = [
+        "Self time per operator family (torch.profiler, one call each; the profiler adds "
+        "overhead, so shares matter, not totals):",
+        "",
+        "| family | ours aef: wm update | ours aef: full update | torchrl: wm update |",
+        "|---|---:|---:|---:|",
+    ]
+    names = ("wm_update_aef", "full_update_aef", "wm_update_torchrl")
+    groups = []
+    for n in names:
+        groups += [g for g in prof[n]["groups"] if g not in groups]
+    for g in groups:
+        cells = []
+        for n in names:
+            x = prof[n]["groups"].get(g)
+            cells.append("–" if x is None else f"{x['self_ms']:.0f} ms ({100 * x['share']:.0f}%)")
+        lines.append(f"| {g} | " + " | ".join(cells) + " |")
+    totals = " | ".join(f"{prof[n]['total_self_ms']:.0f} ms" for n in names)
+    lines += [f"| **total** | {totals} |"]
+    for phase in prof[names[0]]["phases"]:
+        cells = []
+        for n in names:
+            x = prof[n]["phases"][phase]
+            cells.append(f"{x['self_ms']:.0f} ms ({100 * x['share']:.0f}%)")
+        lines.append(f"| phase: {phase} | " + " | ".join(cells) + " |")
+    lines.append("")
+    p = prof["wm_update_aef"]
+    lines += [
+        "Top operators of our (aef) world-model update by self time:",
+        "",
+        "| operator | phase | family | self ms | share | calls |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for op in p["top_ops"]:
+        lines.append(
+            f"| `{op['op']}` | {op['phase']} | {op['group']} | {op['self_ms']:.0f} | "
+            f"{100 * op['share']:.1f}% | {op['calls']} |"
+        )
+    return lines
+
+
+def _scaling(r: dict) -> list[str]:
+    lines = [
+        "World-model update against batch size B and sequence length T:",
+        "",
+        "| implementation | B x T | frames | seconds (median) | ms per frame | peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in r["scaling"]:
+        frames = row["batch"] * row["seq"]
+        lines.append(
+            f"| {_name(row['subject'])} | {row['batch']} x {row['seq']} | {frames} | "
+            f"{row['median_s']:.3f} | {1000 * row['median_s'] / frames:.2f} | {_mem(row)} |"
+        )
+    return lines
+
+
+def _defaults(r: dict) -> list[str]:
+    d = r["default_sizes"]
+    s = d["sizes"]
+    return [
+        f"Our defaults (configs/agent/dreamer.yaml): state {s['latent']}, deter {s['deter']}, "
+        f"hidden {s['hidden']}, depth {s['depth']}, actor/critic {s['ac_layers']} x "
+        f"{s['hidden']}, batch {s['batch']} x {s['seq']}; torchrl's blocks mapped to the same "
+        "numbers (state_dim, rssm_hidden_dim, hidden_dim, channels, MLP depths).",
+        "",
+        "| seconds (median) | torchrl | ours aef | speedup |",
+        "|---|---:|---:|---:|",
+        f"| world-model update | {_s(d['wm_update']['torchrl'])} | {_s(d['wm_update']['aef'])} "
+        f"| {d['wm_update_speedup_vs_torchrl']} |",
+        f"| full update | {_s(d['full_update']['torchrl'])} | {_s(d['full_update']['aef'])} | "
+        f"{d['full_update_speedup_vs_torchrl']} |",
+        f"| peak RSS MiB, full update | {_mem(d['full_update']['torchrl'])} | "
+        f"{_mem(d['full_update']['aef'])} | |",
+        f"| parameters | {_params(d['parameters']['torchrl'])} | "
+        f"{_params(d['parameters']['aef'])} | |",
+    ]
+
+
+def _e2e(r: dict) -> list[str]:
+    e = r["end_to_end"]
+    if e is None:
+        return ["Not run (`--skip-e2e`)."]
+    return [
+        f"Ours (aef, identical sizes) in `aefrl.loop.Trainer` on {e['task']} (render "
+        f"{e['render']}), train ratio {e['train_ratio']:g} at batch {e['batch']}, after "
+        f"{e['prefill_steps']} prefill steps: **{e['agent_steps_per_s']} agent steps/s** "
+        f"({e['env_frames_per_s']} env frames/s; {e['timed_agent_steps']} agent steps with "
+        f"{e['updates_in_timed_steps']} full updates in {e['seconds']} s).",
+    ]
+
+
+def _collection(r: dict) -> list[str]:
+    c = r.get("collection")
+    if not c:
+        return ["No collection results (run scripts/bench_collect.py)."]
+    lines = [
+        f"From `{c['source']}` (`{c['command']}`; rerun with `--collect`):",
+        "",
+        "| env | task | render | envs | agent steps/s | frames/s |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for x in c["results"]:
+        lines.append(
+            f"| {x['impl']} | {x['task']} | {x['render']} | {x['num_envs']} | "
+            f"{x['agent_steps_per_s']} | {x['frames_per_s']} |"
+        )
+    return lines
+
+
+def markdown(r: dict) -> str:
+    """The whole result as markdown (header, then one section per measurement)."""
+    sections = [
+        ("Headline: identical sizes", _headline(r)),
+        ("Convolution FLOPs", _flops(r)),
+        ("Where the time goes", _profile(r)),
+        ("Scaling", _scaling(r)),
+        ("Our default sizes", _defaults(r)),
+        ("End to end", _e2e(r)),
+        ("Collection", _collection(r)),
+        (
+            "Architecture differences (why identical sizes are not identical networks)",
+            [f"* {n}" for n in r["architecture_notes"]],
+        ),
+    ]
+    lines = _header(r)
+    for title, body in sections:
+        lines += ["", f"### {title}", "", *body]
+    return "\n".join(lines) + "\n"
+
+
+def update_docs(path: Path, tag: str, md: str) -> bool:
+    """Replace the block between ``<!-- <tag>:begin -->`` and ``<!-- <tag>:end -->`` in
+    ``path`` with ``md``; False (and nothing written) when the markers are missing."""
+    begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
+    text = path.read_text() if path.exists() else ""
+    if begin not in text or end not in text:
+        return False
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    path.write_text(f"{head}{begin}\n{md}{end}{tail}")
+    return True

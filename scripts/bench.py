@@ -1,0 +1,449 @@
+"""Speed of our Dreamer update against torchrl's own Dreamer blocks, in one run (issue 5).
+
+Measured on ``--device`` (cpu | cuda), ours (aef, vae; ``--partition`` adds aef_partition) and
+torchrl's DreamerV1 (``aefrl/bench/torchrl_peer.py``) on the same uint8 batch:
+
+1. world-model update (forward + backward + clip + Adam step), and the speedup theirs / ours;
+2. full update (world model, then actor, then critic): ours ``DreamerAgent.train_step``;
+3. imagination rollout alone (horizon 15 from the B·T posterior states);
+4. the convolution bound: our encoder + decoder trunks forward + backward alone on the same B·T
+   frames, ``wm_update_over_conv_bound`` = our world-model update / that time (and over the
+   convolution layers alone, without the trunks' norms and activations; and torchrl's update
+   over its own trunks), a torch.profiler breakdown of our update (where the non-conv time
+   goes), and conv FLOPs per image of both architectures;
+5. peak memory of every timed call (CPU: process RSS sampled during the call; CUDA: max allocated);
+6. world-model update time against batch size and sequence length (ours aef and torchrl);
+7. end-to-end agent steps/s at train ratio 512: the real loop (``aefrl.loop.Trainer``) on a real
+   DMC task, rendered "faithful", after a short prefill;
+8. the same updates at our default sizes (configs/agent/dreamer.yaml, batch 16 x 64), torchrl's
+   blocks mapped to them.
+
+"Identical sizes" are torchrl's DreamerV1 defaults: state 30, RSSM 200, hidden 400, conv depth 32,
+batch 16 x 50. Timed calls run round-robin (ours, ours, torchrl, ours, ...) so load drifts on a
+shared machine hit all alike; medians are reported. Collection speed is the job of
+scripts/bench_collect.py: its latest results (docs/results/collect_cpu.json) are summarised here,
+``--collect`` reruns it.
+
+    OMP_WAIT_POLICY=PASSIVE python scripts/bench.py --quick            # < 5 min on 2 CPU cores
+    OMP_WAIT_POLICY=PASSIVE python scripts/bench.py                    # more reps and points
+    python scripts/bench.py --device cuda --compile --autocast bf16    # GPU (untested here)
+
+Writes ``docs/results/bench_<device>[_quick].json`` and ``.md`` (``--out`` to change), and with
+``--update-docs`` the table block of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spin-waits starve 2 cores
+
+import argparse
+import contextlib
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # agents/ when run from elsewhere
+
+from aefrl.bench.subjects import OursSubject, Sizes, ours_agent_kwargs, random_batch  # noqa: E402
+from aefrl.bench.timing import (  # noqa: E402
+    conv_flops_per_image,
+    load_average,
+    profile_summary,
+    time_interleaved,
+)
+from aefrl.bench.torchrl_peer import TorchrlDreamer  # noqa: E402
+from aefrl.provenance import machine_info  # noqa: E402
+from agents.factory import build_agent  # noqa: E402
+
+DOCS = ROOT / "docs" / "benchmarks.md"
+COLLECT_JSON = ROOT / "docs" / "results" / "collect_cpu.json"
+
+ARCHITECTURE_NOTES = [
+    "Encoders: torchrl's ObsEncoder is 4 valid-padding k4 s2 convs with ReLU "
+    "(64->31->14->6->2, 1024-d embedding); ours 4 same-padding k4 s2 convs with channel "
+    "LayerNorm + SiLU (64->32->16->8->4, 4096-d embedding). Same channels (32, 64, 128, 256).",
+    "Decoders: torchrl's ObsDecoder maps [z, h] to a 1024-d 1x1 map, then transposed convs "
+    "k5, k5, k6, k6 (1->5->13->30->64) with ReLU; ours a Linear to 256x4x4, then 4 transposed "
+    "k4 s2 convs with channel LayerNorm + SiLU (4->8->16->32->64). FLOPs per image in the table.",
+    "RSSM: both a GRUCell with a 200-d belief and a 30-d Gaussian state; torchrl's MLPs are ELU "
+    "and 200 wide (make_dreamer passes rssm_hidden_dim as their width), ours LayerNorm + SiLU and "
+    "400 wide (one width for every MLP). Our posterior is the observation model's encoder layer "
+    "(aef: z = mu + sigma * (W y + b), with a 12288 -> 30 projection W).",
+    "Heads: torchrl has an ELU reward MLP with a unit-variance Normal (MSE); ours a two-hot "
+    "(255 bins) reward head and a Bernoulli continue head (LayerNorm + SiLU, 2 hidden layers).",
+    "World-model loss: torchrl's DreamerModelLoss is KL (free nats 3) + summed MSE "
+    "reconstruction + MSE reward; ours is the decoder's Gaussian NLL of logit-space pixels with "
+    "a learned per-pixel sigma_x (after de-quantisation and logit), plus KL balancing (vae) or "
+    "the AEF density terms (aef), two-hot reward and Bernoulli continue NLLs.",
+    "Actor-critic: both backpropagate returns through the frozen world model (dynamics "
+    "backprop), horizon 15, TD(lambda) with lambda 0.95. torchrl: DreamerActor (ELU, 3x400, "
+    "TanhNormal), a Normal value MLP (ELU, 3x400) trained by MSE, gamma 0.99, no slow critic. "
+    "Ours: actor and two-hot critic (LayerNorm + SiLU, 3x400), a slow critic, continue-weighted "
+    "returns, return normalisation by percentiles and an entropy bonus.",
+    "Pixels: both updates take the same uint8 batch and convert it inside the timed region "
+    "(torchrl: float()/255 as its ToTensorImage; ours: de-quantisation + logit with its "
+    "log-determinant).",
+]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--quick", action="store_true", help="fewer reps and points (< 5 min on CPU)")
+    p.add_argument("--reps", type=int, help="timed repetitions per measurement (median)")
+    p.add_argument("--partition", action="store_true", help="also time ours with aef_partition")
+    p.add_argument("--compile", action="store_true", help="torch.compile every loss module")
+    p.add_argument("--cudagraphs", action="store_true", help="with --compile: reduce-overhead")
+    p.add_argument("--autocast", choices=["none", "bf16"], default="none")
+    p.add_argument("--task", default="walker-walk", help="DMC task of the end-to-end run")
+    p.add_argument("--skip-e2e", action="store_true", help="no end-to-end run (no GL needed)")
+    p.add_argument("--collect", action="store_true", help="rerun scripts/bench_collect.py")
+    p.add_argument("--out", type=Path, help="JSON path (the .md goes next to it)")
+    p.add_argument("--update-docs", action="store_true", help="rewrite docs/benchmarks.md tables")
+    p.add_argument("--toy", action="store_true", help="tiny networks and batches (the smoke test)")
+    args = p.parse_args(argv)
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda was asked for but CUDA is not available")
+    if args.cudagraphs and not args.compile:
+        p.error("--cudagraphs needs --compile")
+    tag = f"bench_{args.device.type}" + ("_quick" if args.quick else "")
+    args.tag = tag
+    args.out = args.out or ROOT / "docs" / "results" / f"{tag}.json"
+    args.reps = args.reps or (2 if args.quick else 5)
+    args.plan = toy_plan() if args.toy else plan(args.quick)
+    return args
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one run measures besides the headline: sizes, scaling points, loop length."""
+
+    identical: Sizes  # torchrl's DreamerV1 sizes
+    default: Sizes  # ours (configs/)
+    scaling: tuple[tuple[int, int], ...]  # (B, T) points besides identical.batch x .seq
+    scaling_reps: int
+    scaling_warmup: int
+    default_reps: int
+    e2e_steps: int
+
+
+def plan(quick: bool) -> Plan:
+    base = Sizes()
+    if quick:
+        points = ((8, base.seq), (base.batch, 25))
+        return Plan(base, default_sizes(), points, 1, 1, 1, 4)
+    points = ((8, base.seq), (32, base.seq), (base.batch, 25), (base.batch, 100))
+    return Plan(base, default_sizes(), points, 3, 1, 3, 16)
+
+
+def toy_plan() -> Plan:
+    toy = Sizes(latent=3, deter=8, hidden=16, depth=4, batch=2, seq=4, horizon=3)
+    return Plan(toy, toy.with_batch(2, 5), ((3, 4),), 1, 0, 1, 2)
+
+
+# --- building ------------------------------------------------------------------------------------
+def load_config(kind: str) -> tuple[dict, dict]:
+    """Our default ``agent`` and ``obs_model`` configuration dicts."""
+    agent = yaml.safe_load((ROOT / "configs/agent/dreamer.yaml").read_text())
+    obs = yaml.safe_load((ROOT / f"configs/obs_model/{kind}.yaml").read_text())
+    return agent, obs
+
+
+def default_sizes() -> Sizes:
+    """Sizes of configs/agent/dreamer.yaml, configs/obs_model/aef.yaml, configs/config.yaml."""
+    agent, obs = load_config("aef")
+    replay = yaml.safe_load((ROOT / "configs/config.yaml").read_text())["replay"]
+    wm = agent["world_model"]
+    return Sizes(
+        latent=obs["latent_dim"],
+        deter=wm["deter"],
+        hidden=wm["hidden"],
+        depth=wm["depth"],
+        reward_layers=wm["layers"],
+        ac_layers=agent["actor"]["layers"],
+        batch=replay["batch_size"],
+        seq=replay["seq_len"],
+        horizon=agent["actor_loss"]["horizon"],
+    )
+
+
+def build_ours(kind: str, sizes: Sizes, device: torch.device) -> OursSubject:
+    agent, obs = ours_agent_kwargs(sizes, kind, *load_config(kind))
+    model = build_agent(agent, obs, (3, sizes.image, sizes.image), sizes.action_dim)
+    return OursSubject(kind, model.to(device))
+
+
+def build_subjects(kinds, sizes: Sizes, args) -> dict:
+    torch.manual_seed(0)
+    subjects = {k: build_ours(k, sizes, args.device) for k in kinds}
+    subjects["torchrl"] = TorchrlDreamer(sizes, args.device)
+    if args.compile:
+        mode = "reduce-overhead" if args.cudagraphs else None
+        for s in subjects.values():
+            owner = s.agent if isinstance(s, OursSubject) else s
+            for loss in (owner.wm_loss, owner.actor_loss, owner.value_loss):
+                loss.compile(mode=mode)
+    return subjects
+
+
+def _autocast(args):
+    if args.autocast == "bf16":
+        return torch.autocast(args.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def calls(subjects: dict, method: str, inputs: dict, args) -> dict:
+    """``{name: () -> subject.method(inputs[name])}`` under the chosen autocast."""
+
+    def bind(subject, x):
+        fn = getattr(subject, method)
+
+        def call():
+            with _autocast(args):
+                fn(x)
+
+        return call
+
+    return {name: bind(s, inputs[name]) for name, s in subjects.items()}
+
+
+def ratio(theirs: float, ours: float) -> float:
+    return round(theirs / ours, 3)
+
+
+# --- the measurements ----------------------------------------------------------------------------
+def measure_identical(args, kinds) -> dict:
+    """Sections 1-5 at torchrl's sizes."""
+    sizes, dev = args.plan.identical, args.device
+    subjects = build_subjects(kinds, sizes, args)
+    batch = random_batch(sizes, seed=0, device=dev)
+    prepared = {name: s.prepare(batch) for name, s in subjects.items()}
+    out: dict = {"sizes": asdict(sizes), "parameters": {}}
+    for name, s in subjects.items():
+        out["parameters"][name] = s.parameter_count()
+
+    log("world-model update (+ conv bound), interleaved")
+    # Every observation model has the same trunks, so one bound serves all of ours.
+    ours, theirs = subjects["aef"], subjects["torchrl"]
+    conv = {
+        "ours_trunks": (ours, ours.conv_inputs(batch)),
+        "ours_conv_layers": (ours, ours.conv_inputs(batch, layers_only=True)),
+        "torchrl_trunks": (theirs, theirs.conv_inputs(batch)),
+    }
+    wm_calls = calls(subjects, "wm_update", prepared, args)
+    for name, (subject, inputs) in conv.items():
+        wm_calls[f"conv:{name}"] = calls({name: subject}, "conv_pass", {name: inputs}, args)[name]
+    wm = time_interleaved(wm_calls, dev, reps=args.reps, warmup=1)
+    out["wm_update"] = {k: v for k, v in wm.items() if not k.startswith("conv:")}
+    out["conv_bound"] = {k[5:]: v for k, v in wm.items() if k.startswith("conv:")}
+    del conv
+
+    log("full update, interleaved")
+    out["full_update"] = time_interleaved(
+        calls(subjects, "full_update", prepared, args), dev, reps=args.reps, warmup=1
+    )
+
+    log("imagination rollout, interleaved")
+    starts = {name: s.imagination_start(prepared[name]) for name, s in subjects.items()}
+    out["imagination"] = time_interleaved(
+        calls(subjects, "imagine", starts, args), dev, reps=max(args.reps, 3), warmup=1
+    )
+    out["imagination_start_states"] = sizes.batch * sizes.seq
+
+    log("profiles")
+    out["profile"] = {
+        "wm_update_aef": profile_summary(calls(subjects, "wm_update", prepared, args)["aef"], dev),
+        "full_update_aef": profile_summary(
+            calls(subjects, "full_update", prepared, args)["aef"], dev
+        ),
+        "wm_update_torchrl": profile_summary(
+            calls(subjects, "wm_update", prepared, args)["torchrl"], dev
+        ),
+    }
+
+    log("conv FLOPs per image")
+    out["conv_flops_per_image"] = {
+        name: conv_flops_per_image(
+            *subjects[name].conv_modules(), sizes.image, two_inputs=name == "torchrl"
+        )
+        for name in ("aef", "torchrl")
+    }
+    out["_subjects"] = subjects  # kept for the end-to-end run, dropped before writing
+    return out
+
+
+def measure_scaling(args, subjects: dict, headline: dict) -> list[dict]:
+    """World-model update time vs batch size and sequence length (ours aef and torchrl)."""
+    base = args.plan.identical
+    pair = {"aef": subjects["aef"], "torchrl": subjects["torchrl"]}
+    rows = [
+        {"subject": name, "batch": base.batch, "seq": base.seq, **headline[name]} for name in pair
+    ]
+    for b, t in args.plan.scaling:
+        log(f"scaling {b}x{t}")
+        batch = random_batch(base.with_batch(b, t), seed=1, device=args.device)
+        prepared = {name: s.prepare(batch) for name, s in pair.items()}
+        res = time_interleaved(
+            calls(pair, "wm_update", prepared, args),
+            args.device,
+            reps=args.plan.scaling_reps,
+            warmup=args.plan.scaling_warmup,
+        )
+        rows += [{"subject": name, "batch": b, "seq": t, **r} for name, r in res.items()]
+    rows.sort(key=lambda r: (r["subject"], r["batch"], r["seq"]))
+    return rows
+
+
+def measure_default_sizes(args) -> dict:
+    """Ours (aef) and torchrl's blocks mapped to our default sizes."""
+    sizes = args.plan.default
+    subjects = build_subjects(["aef"], sizes, args)
+    batch = random_batch(sizes, seed=2, device=args.device)
+    prepared = {name: s.prepare(batch) for name, s in subjects.items()}
+    reps = args.plan.default_reps
+    log("default sizes: world-model update")
+    wm = time_interleaved(calls(subjects, "wm_update", prepared, args), args.device, reps, 1)
+    log("default sizes: full update")
+    full = time_interleaved(
+        calls(subjects, "full_update", prepared, args), args.device, reps, int(reps > 1)
+    )
+    return {
+        "sizes": asdict(sizes),
+        "parameters": {name: s.parameter_count() for name, s in subjects.items()},
+        "wm_update": wm,
+        "full_update": full,
+        "wm_update_speedup_vs_torchrl": ratio(wm["torchrl"]["median_s"], wm["aef"]["median_s"]),
+        "full_update_speedup_vs_torchrl": ratio(
+            full["torchrl"]["median_s"], full["aef"]["median_s"]
+        ),
+    }
+
+
+def measure_end_to_end(args, subject: OursSubject) -> dict:
+    from aefrl.bench.end_to_end import agent_steps_per_second
+
+    s = args.plan.identical
+    return agent_steps_per_second(
+        subject.agent,
+        task=args.task,
+        batch=s.batch,
+        seq=s.seq,
+        prefill=s.seq + 4,
+        steps=args.plan.e2e_steps,
+        device=args.device,
+    )
+
+
+def collection_summary(args) -> dict | None:
+    """scripts/bench_collect.py's results (rerun with --collect), summarised."""
+    if args.collect:
+        log("collection benchmark (scripts/bench_collect.py)")
+        cmd = [sys.executable, str(ROOT / "scripts/bench_collect.py")] + (
+            ["--quick"] if args.quick else []
+        )
+        subprocess.run(cmd, check=True)
+    if not COLLECT_JSON.exists():
+        return None
+    data = json.loads(COLLECT_JSON.read_text())
+    keep = ("impl", "task", "render", "num_envs", "agent_steps_per_s", "frames_per_s")
+    return {
+        "source": str(COLLECT_JSON.relative_to(ROOT)),
+        "command": data.get("command"),
+        "results": [{k: r[k] for k in keep} for r in data["results"]],
+    }
+
+
+# --- output --------------------------------------------------------------------------------------
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')} load {load_average()[0]}] {msg}", flush=True)
+
+
+def headline(result: dict, kinds) -> None:
+    ident = result["identical_sizes"]
+    wm, full, conv = ident["wm_update"], ident["full_update"], ident["conv_bound"]
+    by_wm = {k: ratio(wm["torchrl"]["median_s"], wm[k]["median_s"]) for k in kinds}
+    by_full = {k: ratio(full["torchrl"]["median_s"], full[k]["median_s"]) for k in kinds}
+    trunks, layers = conv["ours_trunks"]["median_s"], conv["ours_conv_layers"]["median_s"]
+    by_conv = {k: round(wm[k]["median_s"] / trunks, 3) for k in kinds}
+    by_layers = {k: round(wm[k]["median_s"] / layers, 3) for k in kinds}
+    result["wm_update_speedup_vs_torchrl"] = by_wm["aef"]
+    result["full_update_speedup_vs_torchrl"] = by_full["aef"]
+    result["wm_update_over_conv_bound"] = by_conv["aef"]
+    result["wm_update_speedup_vs_torchrl_by_model"] = by_wm
+    result["full_update_speedup_vs_torchrl_by_model"] = by_full
+    result["wm_update_over_conv_bound_by_model"] = by_conv
+    result["wm_update_over_conv_layers_bound"] = by_layers["aef"]
+    result["wm_update_over_conv_layers_bound_by_model"] = by_layers
+    result["torchrl_wm_update_over_its_conv_bound"] = round(
+        wm["torchrl"]["median_s"] / conv["torchrl_trunks"]["median_s"], 3
+    )
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    t0 = time.time()
+    result: dict = {
+        "command": "OMP_WAIT_POLICY=PASSIVE python scripts/bench.py "
+        + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": str(args.device),
+        "quick": args.quick,
+        "reps": args.reps,
+        "options": {
+            "compile": args.compile,
+            "cudagraphs": args.cudagraphs,
+            "autocast": args.autocast,
+        },
+        "machine": {**machine_info(), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")},
+        "load_average": {"start": load_average()},
+    }
+    log(f"start: {result['command']}")
+    kinds = ["aef", "vae"] + (["aef_partition"] if args.partition else [])
+
+    ident = measure_identical(args, kinds)
+    subjects = ident.pop("_subjects")
+    result["identical_sizes"] = ident
+    headline(result, kinds)
+    result["scaling"] = measure_scaling(args, subjects, ident["wm_update"])
+    if args.skip_e2e:
+        result["end_to_end"] = None
+    else:
+        log("end-to-end loop")
+        result["end_to_end"] = measure_end_to_end(args, subjects["aef"])
+    del subjects
+    result["default_sizes"] = measure_default_sizes(args)
+    result["collection"] = collection_summary(args)
+    result["architecture_notes"] = ARCHITECTURE_NOTES
+    result["load_average"]["end"] = load_average()
+    result["wall_s"] = round(time.time() - t0, 1)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    from aefrl.bench.report import markdown, update_docs
+
+    md = markdown(result)
+    args.out.with_suffix(".md").write_text(md)
+    if args.update_docs:
+        update_docs(DOCS, args.tag, md)
+    log(
+        f"done in {result['wall_s']:.0f} s: wm speedup {result['wm_update_speedup_vs_torchrl']}, "
+        f"full speedup {result['full_update_speedup_vs_torchrl']}, "
+        f"wm / conv bound {result['wm_update_over_conv_bound']} -> {args.out}"
+    )
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Smoke test of scripts/bench.py at toy sizes: it runs and writes every JSON key (no timings
+are asserted; a timed test on a shared machine would only test the machine)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TOP_LEVEL = (
+    "wm_update_speedup_vs_torchrl",
+    "full_update_speedup_vs_torchrl",
+    "wm_update_over_conv_bound",
+    "wm_update_over_conv_layers_bound",
+    "wm_update_speedup_vs_torchrl_by_model",
+    "full_update_speedup_vs_torchrl_by_model",
+    "machine",
+    "load_average",
+    "command",
+    "identical_sizes",
+    "scaling",
+    "default_sizes",
+    "end_to_end",
+)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_script", ROOT / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_toy_run_writes_every_key(bench, tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main(["--toy", "--reps", "1", "--skip-e2e", "--out", str(out)])
+    result = json.loads(out.read_text())
+    for key in TOP_LEVEL:
+        assert key in result, key
+    ident = result["identical_sizes"]
+    for section in ("wm_update", "full_update", "imagination"):
+        assert set(ident[section]) == {"aef", "vae", "torchrl"}, section
+        assert all(r["median_s"] > 0 for r in ident[section].values())
+    assert set(ident["conv_bound"]) == {"ours_trunks", "ours_conv_layers", "torchrl_trunks"}
+    assert ident["profile"]["wm_update_aef"]["top_ops"]
+    assert ident["conv_flops_per_image"]["torchrl"]["conv_gflop_forward"] > 0
+    assert {r["subject"] for r in result["scaling"]} == {"aef", "torchrl"}
+    assert result["load_average"]["start"] and result["load_average"]["end"]
+    md = out.with_suffix(".md").read_text()
+    assert "world-model update speedup" in md and "| torchrl |" in md
