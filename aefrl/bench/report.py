@@ -32,8 +32,10 @@ def _header(r: dict) -> list[str]:
         f"{m.get('OMP_WAIT_POLICY')}.  ",
         f"Load average (1, 5, 15 min) {la['start']} at start, {la['end']} at end: the machine is "
         "shared, so absolute times are inflated; compare within a run. "
-        f"Every time is the median of {r['reps']} timed calls after one warm-up, interleaved "
-        "round-robin across implementations; memory is the highest peak of those calls "
+        f"Headline times are medians of {r['reps']} timed calls"
+        + (" after one warm-up round" if r.get("warmup", 1) else " (no warm-up round)")
+        + ", interleaved round-robin across implementations (every call is in the JSON); "
+        "memory is the highest peak of those calls "
         "(CPU: process RSS, in brackets the growth over the RSS before the call; GPU: max "
         f"allocated). Device {r['device']}, options {r['options']}.",
     ]
