@@ -13,6 +13,10 @@ def _s(rec: dict | None) -> str:
     return "–" if rec is None else f"{rec['median_s']:.3f}"
 
 
+def _x(value) -> str:
+    return "–" if value is None else str(value)
+
+
 def _mem(rec: dict | None) -> str:
     return "–" if rec is None else f"{rec['peak_mib']:.0f} (+{rec['delta_mib']:.0f})"
 
@@ -72,11 +76,11 @@ def _headline(r: dict) -> list[str]:
         ),
         row(
             "conv bound: encoder + decoder trunks fwd + bwd alone",
-            [_s(conv["torchrl_trunks"])] + [_s(conv["ours_trunks"])] * len(kinds),
+            [_s(conv.get("torchrl_trunks"))] + [_s(conv["ours_trunks"])] * len(kinds),
         ),
         row(
             "conv bound: convolution layers alone (no norms, activations)",
-            ["–"] + [_s(conv["ours_conv_layers"])] * len(kinds),
+            ["–"] + [_s(conv.get("ours_conv_layers"))] * len(kinds),
         ),
         row("peak RSS MiB, world-model update", [_mem(wm[k]) for k in cols]),
         row("peak RSS MiB, full update", [_mem(full[k]) for k in cols]),
@@ -94,12 +98,12 @@ def _headline(r: dict) -> list[str]:
         ),
         row(
             "**world-model update / conv bound (trunks)**",
-            [str(r["torchrl_wm_update_over_its_conv_bound"])]
+            [_x(r["torchrl_wm_update_over_its_conv_bound"])]
             + [f"**{r['wm_update_over_conv_bound_by_model'][k]}**" for k in kinds],
         ),
         row(
             "world-model update / convolution layers alone",
-            ["–"] + [str(r["wm_update_over_conv_layers_bound_by_model"][k]) for k in kinds],
+            ["–", _x(r["wm_update_over_conv_layers_bound"])] + ["–"] * (len(kinds) - 1),
         ),
     ]
     return lines
@@ -109,10 +113,15 @@ def _flops(r: dict) -> list[str]:
     ident = r["identical_sizes"]
     f = ident["conv_flops_per_image"]
     frames = ident["sizes"]["batch"] * ident["sizes"]["seq"]
-    conv = ident["conv_bound"]["ours_trunks"]["median_s"]
-    layers = ident["conv_bound"]["ours_conv_layers"]["median_s"]
-    theirs = ident["conv_bound"]["torchrl_trunks"]["median_s"]
+    bounds = ident["conv_bound"]
     theirs_gflop = f["torchrl"]["conv_gflop_forward_backward"]
+
+    def rate(name: str, gflop: float, what: str) -> str:
+        if name not in bounds:
+            return f"{what}: not measured (full runs only)"
+        t = bounds[name]["median_s"]
+        return f"{what} {gflop * frames / t:.0f} ({t:.2f} s)"
+
     ours = f["aef"]["conv_gflop_forward_backward"]
     return [
         "Convolution FLOPs of encoder + decoder per 64 x 64 image (torch.utils.flop_counter, "
@@ -128,23 +137,28 @@ def _flops(r: dict) -> list[str]:
         f"{f['aef']['all_gflop_forward_backward']} | "
         f"{f['torchrl']['all_gflop_forward_backward']} |",
         "",
-        f"Convolution GFLOP/s achieved on the {frames} frames of the batch: ours "
-        f"{ours * frames / layers:.0f} (convolution layers alone, {layers:.2f} s), "
-        f"{ours * frames / conv:.0f} (whole trunks, {conv:.2f} s); torchrl "
-        f"{theirs_gflop * frames / theirs:.0f} (whole trunks, {theirs:.2f} s).",
+        f"Convolution GFLOP/s on the {frames} frames of the batch: "
+        + "; ".join(
+            [
+                rate("ours_trunks", ours, "ours, whole trunks"),
+                rate("ours_conv_layers", ours, "ours, convolution layers alone"),
+                rate("torchrl_trunks", theirs_gflop, "torchrl, whole trunks"),
+            ]
+        )
+        + ".",
     ]
 
 
 def _profile(r: dict) -> list[str]:
     prof = r["identical_sizes"]["profile"]
+    names = [n for n in ("wm_update_aef", "full_update_aef", "wm_update_torchrl") if n in prof]
     lines = [
         "Self time per operator family (torch.profiler, one call each; the profiler adds "
         "overhead, so shares matter, not totals):",
         "",
-        "| family | ours aef: wm update | ours aef: full update | torchrl: wm update |",
-        "|---|---:|---:|---:|",
+        "| family | " + " | ".join(n.replace("_", " ") for n in names) + " |",
+        "|---|" + "---:|" * len(names),
     ]
-    names = ("wm_update_aef", "full_update_aef", "wm_update_torchrl")
     groups = []
     for n in names:
         groups += [g for g in prof[n]["groups"] if g not in groups]
