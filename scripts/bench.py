@@ -121,41 +121,54 @@ def parse_args(argv=None) -> argparse.Namespace:
     tag = f"bench_{args.device.type}" + ("_quick" if args.quick else "")
     args.tag = tag
     args.out = args.out or ROOT / "docs" / "results" / f"{tag}.json"
-    args.reps = args.reps or (3 if args.quick else 5)
-    # Quick runs skip the warm-up round of the headline updates: a cold first call is then one
-    # of three and the median drops it, which buys the third repetition for free.
-    args.warmup = 0 if args.quick else 1
     args.plan = toy_plan() if args.toy else plan(args.quick)
+    args.reps = args.reps or args.plan.reps
+    args.warmup = args.plan.warmup
     return args
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What one run measures besides the headline: sizes, scaling points, loop length."""
+    """How much one run measures: ``plan(quick)`` for real runs, ``toy_plan()`` for the test."""
 
-    identical: Sizes  # torchrl's DreamerV1 sizes
+    identical: Sizes  # torchrl's DreamerV1 sizes, the headline
     default: Sizes  # ours (configs/)
-    scaling: tuple[tuple[int, int], ...]  # (B, T) points besides identical.batch x .seq
+    reps: int  # timed calls per headline measurement (their median is reported)
+    warmup: int  # untimed rounds before them
+    vae_full_update: bool  # also time ours (vae) in the full-update group
+    conv_detail: bool  # also the conv layers alone, torchrl's conv bound, torchrl's profile
+    scaling: tuple[tuple[int, int], ...]  # (B, T) points besides the headline's
     scaling_reps: int
     scaling_warmup: int
     default_reps: int
-    e2e_steps: int
-    # Also the convolution layers alone, torchrl's own conv bound and a torchrl profile.
-    conv_detail: bool
+    default_warmup: int
+    e2e_steps: int  # timed agent steps of the end-to-end loop
 
 
 def plan(quick: bool) -> Plan:
     base = Sizes()
     if quick:
-        points = ((8, base.seq), (base.batch, 25))
-        return Plan(base, default_sizes(), points, 1, 1, 1, 4, conv_detail=False)
-    points = ((8, base.seq), (32, base.seq), (base.batch, 25), (base.batch, 100))
-    return Plan(base, default_sizes(), points, 3, 1, 3, 16, conv_detail=True)
+        # Under 5 minutes on 2 shared cores: 3 reps without a warm-up round (the median drops
+        # the cold first call), one point per scaling direction, single calls at our defaults.
+        return Plan(
+            base, default_sizes(), reps=3, warmup=0, vae_full_update=False, conv_detail=False,
+            scaling=((8, base.seq), (base.batch, 25)), scaling_reps=1, scaling_warmup=1,
+            default_reps=1, default_warmup=0, e2e_steps=4,
+        )  # fmt: skip
+    return Plan(
+        base, default_sizes(), reps=5, warmup=1, vae_full_update=True, conv_detail=True,
+        scaling=((8, base.seq), (32, base.seq), (base.batch, 25), (base.batch, 100)),
+        scaling_reps=3, scaling_warmup=1, default_reps=3, default_warmup=1, e2e_steps=16,
+    )  # fmt: skip
 
 
 def toy_plan() -> Plan:
     toy = Sizes(latent=3, deter=8, hidden=16, depth=4, batch=2, seq=4, horizon=3)
-    return Plan(toy, toy.with_batch(2, 5), ((3, 4),), 1, 0, 1, 2, conv_detail=True)
+    return Plan(
+        toy, toy.with_batch(2, 5), reps=1, warmup=0, vae_full_update=True, conv_detail=True,
+        scaling=((3, 4),), scaling_reps=1, scaling_warmup=0, default_reps=1, default_warmup=0,
+        e2e_steps=2,
+    )  # fmt: skip
 
 
 # --- building ------------------------------------------------------------------------------------
@@ -255,8 +268,9 @@ def measure_identical(args, kinds) -> dict:
     del conv
 
     log("full update, interleaved")
+    full_subjects = {n: s for n, s in subjects.items() if n != "vae" or args.plan.vae_full_update}
     out["full_update"] = time_interleaved(
-        calls(subjects, "full_update", prepared, args), dev, reps=args.reps, warmup=args.warmup
+        calls(full_subjects, "full_update", prepared, args), dev, args.reps, args.warmup
     )
 
     log("imagination rollout, interleaved")
@@ -314,12 +328,12 @@ def measure_default_sizes(args) -> dict:
     subjects = build_subjects(["aef"], sizes, args)
     batch = random_batch(sizes, seed=2, device=args.device)
     prepared = {name: s.prepare(batch) for name, s in subjects.items()}
-    reps = args.plan.default_reps
+    reps, warmup = args.plan.default_reps, args.plan.default_warmup
     log("default sizes: world-model update")
-    wm = time_interleaved(calls(subjects, "wm_update", prepared, args), args.device, reps, 1)
+    wm = time_interleaved(calls(subjects, "wm_update", prepared, args), args.device, reps, warmup)
     log("default sizes: full update")
     full = time_interleaved(
-        calls(subjects, "full_update", prepared, args), args.device, reps, int(reps > 1)
+        calls(subjects, "full_update", prepared, args), args.device, reps, warmup
     )
     return {
         "sizes": asdict(sizes),
@@ -376,7 +390,9 @@ def headline(result: dict, kinds) -> None:
     ident = result["identical_sizes"]
     wm, full, conv = ident["wm_update"], ident["full_update"], ident["conv_bound"]
     by_wm = {k: ratio(wm["torchrl"]["median_s"], wm[k]["median_s"]) for k in kinds}
-    by_full = {k: ratio(full["torchrl"]["median_s"], full[k]["median_s"]) for k in kinds}
+    by_full = {
+        k: ratio(full["torchrl"]["median_s"], full[k]["median_s"]) for k in kinds if k in full
+    }
     by_conv = {k: round(wm[k]["median_s"] / conv["ours_trunks"]["median_s"], 3) for k in kinds}
     result["wm_update_speedup_vs_torchrl"] = by_wm["aef"]
     result["full_update_speedup_vs_torchrl"] = by_full["aef"]
@@ -405,6 +421,7 @@ def main(argv=None) -> dict:
         "quick": args.quick,
         "reps": args.reps,
         "warmup": args.warmup,
+        "plan": asdict(args.plan),
         "options": {
             "compile": args.compile,
             "cudagraphs": args.cudagraphs,

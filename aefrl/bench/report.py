@@ -17,6 +17,10 @@ def _x(value) -> str:
     return "–" if value is None else str(value)
 
 
+def _bold(value) -> str:
+    return "–" if value is None else f"**{value}**"
+
+
 def _mem(rec: dict | None) -> str:
     return "–" if rec is None else f"{rec['peak_mib']:.0f} (+{rec['delta_mib']:.0f})"
 
@@ -58,7 +62,7 @@ def _headline(r: dict) -> list[str]:
         return f"| {label} | " + " | ".join(cells) + " |"
 
     def ac(k):
-        return f"{full[k]['median_s'] - wm[k]['median_s']:.3f}"
+        return f"{full[k]['median_s'] - wm[k]['median_s']:.3f}" if k in full else "–"
 
     lines = [
         f"Identical sizes: state {s['latent']}, RSSM {s['deter']}, hidden {s['hidden']}, conv "
@@ -68,7 +72,7 @@ def _headline(r: dict) -> list[str]:
         row("seconds (median)", [_name(c) for c in cols]),
         "|---|" + "---:|" * len(cols),
         row("world-model update", [_s(wm[k]) for k in cols]),
-        row("full update (world model + actor + critic)", [_s(full[k]) for k in cols]),
+        row("full update (world model + actor + critic)", [_s(full.get(k)) for k in cols]),
         row("  of which actor + critic (full - wm)", [ac(k) for k in cols]),
         row(
             f"imagination rollout ({ident['imagination_start_states']} starts x {s['horizon']})",
@@ -83,7 +87,7 @@ def _headline(r: dict) -> list[str]:
             ["–"] + [_s(conv.get("ours_conv_layers"))] * len(kinds),
         ),
         row("peak RSS MiB, world-model update", [_mem(wm[k]) for k in cols]),
-        row("peak RSS MiB, full update", [_mem(full[k]) for k in cols]),
+        row("peak RSS MiB, full update", [_mem(full.get(k)) for k in cols]),
         row(
             "parameters: world model / actor / critic",
             [_params(ident["parameters"][k]) for k in cols],
@@ -94,7 +98,7 @@ def _headline(r: dict) -> list[str]:
         ),
         row(
             "**full update speedup (torchrl / ours)**",
-            ["1"] + [f"**{r['full_update_speedup_vs_torchrl_by_model'][k]}**" for k in kinds],
+            ["1"] + [_bold(r["full_update_speedup_vs_torchrl_by_model"].get(k)) for k in kinds],
         ),
         row(
             "**world-model update / conv bound (trunks)**",
