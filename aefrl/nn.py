@@ -75,29 +75,46 @@ def conv_stages(height: int, width: int) -> int:
     return stages
 
 
-class ConvEncoder(nn.Module):
-    """Image ``[N, C, H, W] -> [N, E]`` with ``stages`` conv(k4, s2) + ChannelNorm + SiLU blocks.
+CONV_STYLES = ("v3", "v1")
 
-    Channels grow ``depth, 2*depth, 4*depth, ...``;
-    ``E = depth * 2**(stages-1) * (H*W) / 4**stages``.
+
+def _act_norm(channels: int, norm: bool) -> list[nn.Module]:
+    return [ChannelNorm(channels, eps=1e-3), nn.SiLU()] if norm else [nn.SiLU()]
+
+
+class ConvEncoder(nn.Module):
+    """Image ``[N, C, H, W] -> [N, E]``.
+
+    ``style="v3"`` (DreamerV3, the default): conv(k4, s2, padding 1) + ChannelNorm + SiLU blocks
+    halving the image until its shorter side is 4; channels ``depth, 2·depth, ...``.
+    ``style="v1"`` (DreamerV1 and torchrl's ``ObsEncoder``): four valid-padding conv(k4, s2)
+    blocks, 64 -> 31 -> 14 -> 6 -> 2, about 30% fewer convolution FLOPs at the same depth.
+    ``norm=False`` drops the ChannelNorms.
     """
 
-    def __init__(self, obs_shape: tuple[int, int, int], depth: int = 32) -> None:
+    def __init__(
+        self, obs_shape: tuple[int, int, int], depth: int = 32, style: str = "v3", norm: bool = True
+    ) -> None:
         super().__init__()
+        if style not in CONV_STYLES:
+            raise ValueError(f"conv style must be one of {CONV_STYLES}, got {style!r}")
         channels, height, width = obs_shape
-        stages = max(conv_stages(height, width), 1)
+        if style == "v3":
+            stages, padding = max(conv_stages(height, width), 1), 1
+        else:
+            stages, padding = 4, 0
+            if min(height, width) < 46:
+                size = f"{height}x{width}"
+                raise ValueError(f"conv style 'v1' needs images of at least 46x46, got {size}")
         mods: list[nn.Module] = []
-        c_in = channels
+        c_in, h, w = channels, height, width
         for i in range(stages):
             c_out = depth * 2**i
-            mods += [
-                nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False),
-                ChannelNorm(c_out, eps=1e-3),
-                nn.SiLU(),
-            ]
+            mods += [nn.Conv2d(c_in, c_out, 4, 2, padding, bias=not norm), *_act_norm(c_out, norm)]
             c_in = c_out
+            h, w = (h + 2 * padding - 4) // 2 + 1, (w + 2 * padding - 4) // 2 + 1
         self.net = nn.Sequential(*mods)
-        self.out_shape = (c_in, height // 2**stages, width // 2**stages)
+        self.out_shape = (c_in, h, w)
         self.out_dim = math.prod(self.out_shape)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
@@ -105,27 +122,49 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """Features ``[N, F] -> [N, out_channels, H, W]``: a Linear to the encoder's last feature map,
-    then transposed conv(k4, s2) blocks mirroring :class:`ConvEncoder`; the last block has no norm.
+    """Features ``[N, F] -> [N, out_channels, H, W]``.
+
+    ``style="v3"``: a Linear to the encoder's last feature map, then transposed conv(k4, s2,
+    padding 1) blocks mirroring :class:`ConvEncoder`; the last block has no norm.
+    ``style="v1"`` (DreamerV1 / torchrl's ``ObsDecoder``, 64x64 only): a Linear to a
+    ``32·depth x 1 x 1`` map, then transposed convs with kernels 5, 5, 6, 6 (1 -> 5 -> 13 -> 30
+    -> 64).
     """
 
     def __init__(
-        self, in_dim: int, obs_shape: tuple[int, int, int], out_channels: int, depth: int = 32
+        self,
+        in_dim: int,
+        obs_shape: tuple[int, int, int],
+        out_channels: int,
+        depth: int = 32,
+        style: str = "v3",
+        norm: bool = True,
     ) -> None:
         super().__init__()
+        if style not in CONV_STYLES:
+            raise ValueError(f"conv style must be one of {CONV_STYLES}, got {style!r}")
         _, height, width = obs_shape
-        stages = max(conv_stages(height, width), 1)
-        c0 = depth * 2 ** (stages - 1)
-        self.start_shape = (c0, height // 2**stages, width // 2**stages)
+        if style == "v3":
+            stages = max(conv_stages(height, width), 1)
+            c0 = depth * 2 ** (stages - 1)
+            self.start_shape = (c0, height // 2**stages, width // 2**stages)
+            kernels, padding = [4] * stages, 1
+            widths = [depth * 2 ** (i - 1) for i in reversed(range(1, stages))]
+        else:
+            if (height, width) != (64, 64):
+                raise ValueError(f"conv style 'v1' decodes 64x64 images only, got {height}x{width}")
+            self.start_shape = (32 * depth, 1, 1)
+            kernels, padding = [5, 5, 6, 6], 0
+            widths = [4 * depth, 2 * depth, depth]
         self.linear = nn.Linear(in_dim, math.prod(self.start_shape))
         mods: list[nn.Module] = []
-        c_in = c0
-        for i in reversed(range(stages)):
-            last = i == 0
-            c_out = out_channels if last else depth * 2 ** (i - 1)
-            mods.append(nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=last))
+        c_in = self.start_shape[0]
+        for i, k in enumerate(kernels):
+            last = i == len(kernels) - 1
+            c_out = out_channels if last else widths[i]
+            mods.append(nn.ConvTranspose2d(c_in, c_out, k, 2, padding, bias=last or not norm))
             if not last:
-                mods += [ChannelNorm(c_out, eps=1e-3), nn.SiLU()]
+                mods += _act_norm(c_out, norm)
             c_in = c_out
         self.net = nn.Sequential(*mods)
 

@@ -60,6 +60,9 @@ class ObservationModel(nn.Module):
         latent_dim: d, the size of z.
         context_dim: size of the context vector (the RSSM state h); 0 for none.
         depth: conv trunk width (channels of the first conv layer).
+        conv_style: ``"v3"`` (DreamerV3 trunks, default) or ``"v1"`` (DreamerV1 / torchrl
+            geometry); see :class:`~aefrl.nn.ConvEncoder`.
+        conv_norm: ChannelNorm in the conv trunks.
         hidden: width of MLP layers (posterior head, vector trunks).
         layers: hidden layers of the vector trunks (0 makes the vector decoder linear).
         sigma_q_min, sigma_q_max: hard bounds of σ_q, ``σ_q = min + (max − min)·sigmoid(s)``;
@@ -84,6 +87,8 @@ class ObservationModel(nn.Module):
         context_dim: int = 0,
         *,
         depth: int = 32,
+        conv_style: str = "v3",
+        conv_norm: bool = True,
         hidden: int = 256,
         layers: int = 2,
         sigma_q_min: float = 0.1,
@@ -117,13 +122,15 @@ class ObservationModel(nn.Module):
         out_mult = 2 if sigma_x == "head" else 1
 
         if is_image:
-            self.encoder = ConvEncoder(self.obs_shape, depth)
+            self.encoder = ConvEncoder(self.obs_shape, depth, conv_style, conv_norm)
             embed_dim = self.encoder.out_dim
             self.decoder = ConvDecoder(
                 self.context_dim + self.latent_dim,
                 self.obs_shape,
                 self.obs_shape[0] * out_mult,
                 depth,
+                conv_style,
+                conv_norm,
             )
         else:
             self.encoder = MLP(self.num_dims, None, hidden, layers) if layers else nn.Identity()

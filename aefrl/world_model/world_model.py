@@ -40,6 +40,7 @@ class WorldModel(nn.Module):
         hidden: width of every MLP.
         layers: hidden layers of the reward / continue heads.
         depth: conv trunk depth.
+        conv_style, conv_norm: conv trunk geometry (``"v3"`` / ``"v1"``) and norms.
         prior_std_min: lower bound of the prior std.
         alpha, actnorm: pre-processing (see :class:`~aefrl.preprocess.Preprocess`).
         obs_options: extra options for :func:`~aefrl.obs_models.make_obs_model`.
@@ -55,6 +56,8 @@ class WorldModel(nn.Module):
         hidden: int = 256,
         layers: int = 2,
         depth: int = 32,
+        conv_style: str = "v3",
+        conv_norm: bool = True,
         prior_std_min: float = 0.1,
         alpha: float = 0.05,
         actnorm: bool = False,
@@ -65,7 +68,13 @@ class WorldModel(nn.Module):
         self.obs_shape = tuple(obs_shape)
         self.action_dim = int(action_dim)
         self.preprocess = Preprocess(self.obs_shape, alpha=alpha, actnorm=actnorm)
-        options = {"depth": depth, "hidden": hidden, **(obs_options or {})}
+        options = {
+            "depth": depth,
+            "hidden": hidden,
+            "conv_style": conv_style,
+            "conv_norm": conv_norm,
+            **(obs_options or {}),
+        }
         self.obs_model = make_obs_model(obs_model, self.obs_shape, latent_dim, deter, **options)
         self.rssm = RSSM(self.obs_model, action_dim, deter, hidden, prior_std_min)
         feat = self.rssm.feat_dim

@@ -1,0 +1,26 @@
+"""Conv trunks: geometry of both styles, and the shapes they promise."""
+
+import pytest
+import torch
+
+from aefrl.nn import ConvDecoder, ConvEncoder
+
+
+@pytest.mark.parametrize(("style", "out_shape"), [("v3", (64, 4, 4)), ("v1", (64, 2, 2))])
+@pytest.mark.parametrize("norm", [True, False])
+def test_trunk_geometry(style, out_shape, norm):
+    enc = ConvEncoder((3, 64, 64), depth=8, style=style, norm=norm)
+    dec = ConvDecoder(10, (3, 64, 64), 6, depth=8, style=style, norm=norm)
+    assert enc.out_shape == out_shape and enc(torch.rand(2, 3, 64, 64)).shape == (2, enc.out_dim)
+    assert dec(torch.randn(2, 10)).shape == (2, 6, 64, 64)
+    has_norm = any(type(m).__name__ == "ChannelNorm" for m in enc.modules())
+    assert has_norm == norm
+
+
+def test_bad_trunk_arguments():
+    with pytest.raises(ValueError, match="conv style must be one of"):
+        ConvEncoder((3, 64, 64), style="v2")
+    with pytest.raises(ValueError, match="64x64 images only"):
+        ConvDecoder(4, (3, 32, 32), 3, style="v1")
+    with pytest.raises(ValueError, match="power of two"):
+        ConvEncoder((3, 48, 48))
