@@ -427,7 +427,14 @@ def main(argv=None) -> dict:
             "cudagraphs": args.cudagraphs,
             "autocast": args.autocast,
         },
-        "machine": {**machine_info(), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")},
+        "machine": {
+            **machine_info(),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+            # glibc malloc tunables change the page-fault cost of an update a lot on the CPU.
+            "allocator_env": {
+                k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"
+            },
+        },
         "load_average": {"start": load_average()},
     }
     log(f"start: {result['command']}")

@@ -21,6 +21,10 @@ def _bold(value) -> str:
     return "–" if value is None else f"**{value}**"
 
 
+def _sys(rec: dict | None) -> str:
+    return "–" if rec is None else f"{rec['sys_s']:.2f} / {rec['minor_faults'] / 1e3:.0f}k"
+
+
 def _mem(rec: dict | None) -> str:
     return "–" if rec is None else f"{rec['peak_mib']:.0f} (+{rec['delta_mib']:.0f})"
 
@@ -43,9 +47,10 @@ def _header(r: dict) -> list[str]:
         f"Headline times are medians of {r['reps']} timed calls"
         + (" after one warm-up round" if r.get("warmup", 1) else " (no warm-up round)")
         + ", interleaved round-robin across implementations (every call is in the JSON); "
-        "memory is the highest peak of those calls "
-        "(CPU: process RSS, in brackets the growth over the RSS before the call; GPU: max "
-        f"allocated). Device {r['device']}, options {r['options']}.",
+        "memory is measured on the first call of each (CPU: peak process RSS, in brackets its "
+        "growth over the RSS before the call; GPU: max allocated). "
+        f"Device {r['device']}, options {r['options']}; allocator settings "
+        f"{m.get('allocator_env') or 'glibc defaults'}.",
     ]
 
 
@@ -85,6 +90,10 @@ def _headline(r: dict) -> list[str]:
         row(
             "conv bound: convolution layers alone (no norms, activations)",
             ["–"] + [_s(conv.get("ours_conv_layers"))] * len(kinds),
+        ),
+        row(
+            "  kernel (sys) seconds / minor page faults per world-model update",
+            [_sys(wm[k]) for k in cols],
         ),
         row("peak RSS MiB, world-model update", [_mem(wm[k]) for k in cols]),
         row("peak RSS MiB, full update", [_mem(full.get(k)) for k in cols]),

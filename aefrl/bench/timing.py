@@ -1,11 +1,12 @@
 """Timers, peak memory and profile summaries for benchmarks on a shared, noisy machine.
 
 * :func:`time_interleaved` runs several callables round-robin (A B C A B C ...), so slow drifts
-  of the machine's load hit every one of them alike; it reports medians.
+  of the machine's load hit every one of them alike; it reports medians, and the kernel time and
+  page faults of the calls.
 * :class:`PeakMemory` measures one call's memory: on CUDA ``torch.cuda.max_memory_allocated``;
   on the CPU the process RSS, sampled every ``interval`` seconds by a thread, because the RSS
   high-water mark of ``getrusage`` only ever grows within a process and cannot tell two
-  configurations in one process apart. Before each call, freed heap pages go back to the OS
+  configurations in one process apart. Before the call, freed heap pages go back to the OS
   (glibc ``malloc_trim``), so a call cannot hide its working set in pages left by a previous one.
 * :func:`profile_summary` runs one call under ``torch.profiler`` and keeps the top operators by
   self time, plus the same time grouped into a few families (convolution, matmul, ...).
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import resource
 import statistics
 import threading
 import time
@@ -100,35 +102,46 @@ def time_interleaved(
 ) -> dict[str, dict]:
     """Time every callable ``reps`` times, round-robin, after ``warmup`` untimed rounds.
 
-    Returns ``{name: {"median_s", "min_s", "times_s", "peak_mib", "delta_mib"}}``; memory is
-    that of the timed call with the highest peak (the sampling thread runs during every timed
-    call; its cost is one read of /proc per 2 ms sleep, the same for every callable).
+    Memory is measured on the first call of each callable only (the warm-up call when there is
+    one, else the first timed call, usually the slowest and dropped by the median): its
+    ``malloc_trim`` and sampling thread would otherwise perturb the timed calls.
+
+    Returns ``{name: {"median_s", "min_s", "times_s", "sys_s", "minor_faults", "peak_mib",
+    "delta_mib"}}``: ``sys_s`` and ``minor_faults`` are medians over the timed calls of the
+    process's kernel time and minor page faults (``getrusage``; on the CPU, freeing and
+    re-faulting large tensors can cost a third of an update).
     """
-    for _ in range(warmup):
-        for fn in calls.values():
-            fn()
-            sync(device)
-    out = {name: {"times_s": [], "peak_mib": 0.0, "delta_mib": 0.0} for name in calls}
-    for _ in range(reps):
-        for name, fn in calls.items():
-            mem = PeakMemory(device) if memory else None
-            if mem is not None:
-                mem.__enter__()
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            seconds = time.perf_counter() - start
-            rec = out[name]
+    out = {name: {"times_s": [], "sys": [], "faults": []} for name in calls}
+
+    def run(name: str, fn, timed: bool, measure_memory: bool) -> None:
+        mem = PeakMemory(device) if measure_memory else None
+        if mem is not None:
+            mem.__enter__()
+        sync(device)
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        seconds = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        rec = out[name]
+        if mem is not None:
+            mem.__exit__(None, None, None)
+            rec["peak_mib"] = round(mem.peak / MIB, 1)
+            rec["delta_mib"] = round(mem.delta / MIB, 1)
+        if timed:
             rec["times_s"].append(round(seconds, 4))
-            if mem is not None:
-                mem.__exit__(None, None, None)
-                if mem.peak / MIB > rec["peak_mib"]:
-                    rec["peak_mib"] = round(mem.peak / MIB, 1)
-                    rec["delta_mib"] = round(mem.delta / MIB, 1)
+            rec["sys"].append(after.ru_stime - before.ru_stime)
+            rec["faults"].append(after.ru_minflt - before.ru_minflt)
+
+    for i in range(warmup + reps):
+        for name, fn in calls.items():
+            run(name, fn, timed=i >= warmup, measure_memory=memory and i == 0)
     for rec in out.values():
         rec["median_s"] = round(statistics.median(rec["times_s"]), 4)
         rec["min_s"] = min(rec["times_s"])
+        rec["sys_s"] = round(statistics.median(rec.pop("sys")), 3)
+        rec["minor_faults"] = int(statistics.median(rec.pop("faults")))
     return out
 
 
