@@ -19,8 +19,12 @@ ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
 def train(*args, timeout=300):
     return subprocess.run(
         [sys.executable, "scripts/train.py", *args],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.slow
@@ -37,8 +41,12 @@ def test_smoke_run_writes_events_and_checkpoint(tmp_path, obs_model):
     # Evaluation is separate from training: the checkpoint alone gives returns and a video.
     out = subprocess.run(
         [sys.executable, "scripts/eval.py", str(run_dir), "--episodes", "2", "--render", "fast"],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads((run_dir / "eval.json").read_text())
     assert len(result["returns"]) == 2 and result["obs_model"] == obs_model
@@ -49,11 +57,22 @@ def test_smoke_run_writes_events_and_checkpoint(tmp_path, obs_model):
 def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "scripts/train.py", "exp=smoke", f"run_dir={run_dir}",
-         "loop.total_frames=100000", "loop.checkpoint_every=0", "loop.eval_every=0",
-         "loop.report_every=0"],
-        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "scripts/train.py",
+            "exp=smoke",
+            f"run_dir={run_dir}",
+            "loop.total_frames=100000",
+            "loop.checkpoint_every=0",
+            "loop.eval_every=0",
+            "loop.report_every=0",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in proc.stdout:  # wait until the loop runs
         if line.startswith("run directory"):
             break

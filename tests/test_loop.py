@@ -15,10 +15,18 @@ from agents.dreamer import DreamerAgent  # isort: skip
 
 TASK = "cartpole-swingup"
 SCHEDULE = dict(
-    total_frames=240, prefill_steps=30, train_ratio=16, batch_size=3, seq_len=8,
-    log_every=40, eval_every=100, eval_episodes=1, report_every=100, report_samples=2,
+    total_frames=240,
+    prefill_steps=30,
+    train_ratio=16,
+    batch_size=3,
+    seq_len=8,
+    log_every=40,
+    eval_every=100,
+    eval_episodes=1,
+    report_every=100,
+    report_samples=2,
     checkpoint_every=0,
-)  # fmt: skip
+)
 
 
 def make_env(seed):
@@ -34,9 +42,16 @@ def build(run_dir, kind="aef", seed=0):
     replay = SequenceReplay(400, 1, 8, 3, seed=seed)
     logger = RunLogger("tb", log_dir=str(run_dir))
     trainer = Trainer(
-        agent, env, replay, logger, run_dir, LoopConfig(**SCHEDULE),
-        make_eval_env=lambda i: make_env(1000 + i), seed=seed, action_dim=1,
-    )  # fmt: skip
+        agent,
+        env,
+        replay,
+        logger,
+        run_dir,
+        LoopConfig(**SCHEDULE),
+        make_eval_env=lambda i: make_env(1000 + i),
+        seed=seed,
+        action_dim=1,
+    )
     return trainer
 
 
@@ -84,8 +99,15 @@ def test_loop_writes_evaluations_reports_and_a_final_checkpoint(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     tags = acc.Tags()
-    expected = {"eval/episode_return", "env/episode_return", "train/loss_obs", "train/kl",
-                "heldout/bits_per_dim", "heldout/open_loop_mse_h1", "perf/fps"}  # fmt: skip
+    expected = {
+        "eval/episode_return",
+        "env/episode_return",
+        "train/loss_obs",
+        "train/kl",
+        "heldout/bits_per_dim",
+        "heldout/open_loop_mse_h1",
+        "perf/fps",
+    }
     assert expected <= set(tags["scalars"])
     assert "heldout/open_loop_real_imagined_error" in tags["images"]
     # Frames are the x-axis: evaluations land at multiples of eval_every.

@@ -49,12 +49,27 @@ def test_train_step_updates_every_module_and_reports_finite_metrics(kind):
     for _ in range(2):  # the second step also moves the zero-initialised output layers' inputs
         metrics = agent.train_step(batch)
     assert all(torch.isfinite(v) for v in metrics.values())
-    for key in ("loss_obs", "loss_latent", "loss_reward", "loss_continue", "loss_actor",
-                "loss_value", "grad_norm_model", "imag_return", "sigma_q_mean"):  # fmt: skip
+    for key in (
+        "loss_obs",
+        "loss_latent",
+        "loss_reward",
+        "loss_continue",
+        "loss_actor",
+        "loss_value",
+        "grad_norm_model",
+        "imag_return",
+        "sigma_q_mean",
+    ):
         assert key in metrics, key
     after = agent.state_dict()["modules"]
-    for prefix in ("world_model.obs_model", "world_model.rssm", "world_model.reward_head",
-                   "actor.", "critic.", "slow_critic.copy"):  # fmt: skip
+    for prefix in (
+        "world_model.obs_model",
+        "world_model.rssm",
+        "world_model.reward_head",
+        "actor.",
+        "critic.",
+        "slow_critic.copy",
+    ):
         moved = [k for k in after if k.startswith(prefix) and not torch.equal(after[k], before[k])]
         assert moved, prefix
 

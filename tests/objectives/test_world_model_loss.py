@@ -23,10 +23,13 @@ def test_aef_loss_is_minus_the_expansion_log_density():
         filt = _per_step(wm, batch, None)
         obs = filt.observed
         om = wm.obs_model
-        j = torch.stack([
-            om.objective(filt.y[:, t], obs.state.h[:, t], wm.rssm.prior(obs.state.h[:, t]))
-            for t in range(4)
-        ], 1)  # fmt: skip
+        j = torch.stack(
+            [
+                om.objective(filt.y[:, t], obs.state.h[:, t], wm.rssm.prior(obs.state.h[:, t]))
+                for t in range(4)
+            ],
+            1,
+        )
         assert torch.allclose(out["loss_obs"] + out["loss_latent"], -j.mean())
         assert torch.allclose(out["J"], j.mean())
 

@@ -19,8 +19,10 @@ def test_two_hot_round_trip_and_clipping():
     assert torch.allclose(w.sum(-1), torch.ones(6, dtype=torch.float64))
     assert torch.allclose((w * bins).sum(-1), x)
     assert ((w > 0).sum(-1) <= 2).all()
-    assert torch.allclose((two_hot(torch.tensor([50.0, -50.0]).double(), bins) * bins).sum(-1),
-                          torch.tensor([20.0, -20.0]).double())  # fmt: skip
+    assert torch.allclose(
+        (two_hot(torch.tensor([50.0, -50.0]).double(), bins) * bins).sum(-1),
+        torch.tensor([20.0, -20.0]).double(),
+    )
 
 
 def test_two_hot_distribution_mean_and_log_prob():

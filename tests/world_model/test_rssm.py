@@ -59,9 +59,13 @@ def test_observe_equals_step_by_step_filtering(kind):
     state = wm.rssm.initial(3, dtype=torch.float64)
     for t in range(4):
         state, mu_q, _ = wm.rssm.obs_step(
-            state, batch["prev_action"][:, t], embed[:, t],
-            None if coords is None else coords[:, t], batch["is_first"][:, t], noise[:, t],
-        )  # fmt: skip
+            state,
+            batch["prev_action"][:, t],
+            embed[:, t],
+            None if coords is None else coords[:, t],
+            batch["is_first"][:, t],
+            noise[:, t],
+        )
         assert torch.allclose(state.h, filt.observed.state.h[:, t])
         assert torch.allclose(state.z, filt.observed.state.z[:, t])
         assert torch.allclose(mu_q, filt.observed.mu_q[:, t])
