@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from agents.dreamer import DreamerAgent
+from agents.planner import build_planner
 
 
 def build_dreamer(agent: dict, obs_model: dict, obs_shape, action_dim: int) -> DreamerAgent:
@@ -18,7 +19,7 @@ def build_dreamer(agent: dict, obs_model: dict, obs_shape, action_dim: int) -> D
     return DreamerAgent(obs_shape, action_dim, **kwargs)
 
 
-AGENTS = {"dreamer": build_dreamer}
+AGENTS = {"dreamer": build_dreamer, "planner": build_planner}
 
 
 def build_agent(agent: dict, obs_model: dict, obs_shape, action_dim: int):

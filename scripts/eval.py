@@ -2,10 +2,18 @@
 
     python scripts/eval.py runs/cartpole-swingup/aef/s0-...            # 10 episodes
     python scripts/eval.py RUN_DIR --episodes 5 --video eval.gif --seed 7
+    python scripts/eval.py RUN_DIR --agent planner --episodes 3     # plan with its world model
+    python scripts/eval.py RUN_DIR --agent planner --planner mppi --candidates 300 --iterations 5
 
 Uses the run's saved configuration (task, image size, action repeat), the deterministic policy
 and the faithful renderer. Writes ``<run_dir>/eval.json`` (or ``--out``) and a GIF of the first
 episode: the agent's view next to the world model's reconstruction of it.
+
+``--agent planner`` acts with the PlaNet-style planner (agents/planner.py) on the checkpoint's
+world model, whichever agent trained it: torchrl's CEMPlanner (or MPPIPlanner) over the
+imagination env, without exploration noise. Its planning settings are the run's (planner runs)
+or configs/agent/planner.yaml's defaults, overridden by the options below; it writes
+``eval_planner.json`` / ``eval_planner.gif`` so that the actor's results stay next to it.
 """
 
 from __future__ import annotations
@@ -29,7 +37,19 @@ from aefrl.collect import Collector
 from aefrl.envs import make_dmc_env
 from aefrl.logging import encode_gif, to_hwc_uint8
 from aefrl.provenance import machine_info
+from aefrl.world_model.modules import world_model_from_checkpoint
 from agents.factory import build_agent
+from agents.planner import PLANNERS, PlannerAgent
+
+# --planner-option name -> PlanningConfig field
+PLANNER_OPTIONS = {
+    "planner": "method",
+    "horizon": "horizon",
+    "candidates": "candidates",
+    "top_k": "top_k",
+    "iterations": "iterations",
+    "temperature": "temperature",
+}
 
 
 def parse_args(argv=None):
@@ -43,6 +63,22 @@ def parse_args(argv=None):
     p.add_argument(
         "--render", default="faithful", choices=["faithful", "fast"], help="renderer to use"
     )
+    p.add_argument(
+        "--agent",
+        default=None,
+        choices=["dreamer", "planner"],
+        help="act with this agent (default: the checkpoint's own); planner: plan with the "
+        "checkpoint's world model",
+    )
+    g = p.add_argument_group(
+        "planner options (with --agent planner; default: the run's or PlaNet's)"
+    )
+    g.add_argument("--planner", default=None, choices=PLANNERS, help="torchrl planner")
+    g.add_argument("--horizon", type=int, default=None, help="planning horizon (12)")
+    g.add_argument("--candidates", type=int, default=None, help="sequences per iteration (1000)")
+    g.add_argument("--top-k", type=int, default=None, help="elites per iteration (100)")
+    g.add_argument("--iterations", type=int, default=None, help="iterations per step (10)")
+    g.add_argument("--temperature", type=float, default=None, help="mppi inverse temperature (1)")
     args = p.parse_args(argv)
     if args.episodes < 1:
         p.error("--episodes must be >= 1")
@@ -70,6 +106,24 @@ def evaluate(agent, env, episodes: int, action_dim: int, device, record: bool):
     return returns[:episodes], lengths[:episodes], frames
 
 
+def build_planner_agent(state: dict, args, action_dim: int) -> PlannerAgent:
+    """A planner on the checkpoint's world model; its settings: the run's (if a planner run),
+    overridden by the command line."""
+    conf = state["run_config"]
+    world_model = world_model_from_checkpoint(state)
+    if world_model.action_dim != action_dim:
+        raise CheckpointError(
+            f"the checkpoint's world model takes {world_model.action_dim} action dims, the task "
+            f"{conf['env']['task']} has {action_dim}"
+        )
+    run_planner = conf["agent"].get("planner", {}) if conf["agent"]["name"] == "planner" else {}
+    options = dict(run_planner)
+    for option, field in PLANNER_OPTIONS.items():
+        if getattr(args, option) is not None:
+            options[field] = getattr(args, option)
+    return PlannerAgent(world_model.obs_shape, action_dim, world_model=world_model, planner=options)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -88,8 +142,25 @@ def main(argv=None) -> int:
     env = make_dmc_env(conf["env"]["task"], seed=args.seed, **env_conf)
     action_dim = int(env.action_spec.shape[-1])
     size = int(conf["env"]["image_size"])
-    agent = build_agent(conf["agent"], conf["obs_model"], (3, size, size), action_dim)
-    agent.load_state_dict(state["agent"])
+    trained_by = conf["agent"]["name"]
+    if args.agent == "planner":
+        try:
+            agent = build_planner_agent(state, args, action_dim)
+        except (CheckpointError, ValueError) as exc:
+            env.close()
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    elif args.agent not in (None, trained_by):
+        env.close()
+        print(
+            f"error: --agent {args.agent} needs a {args.agent} checkpoint, this one was trained "
+            f"by {trained_by} (--agent planner works with any checkpoint)",
+            file=sys.stderr,
+        )
+        return 2
+    else:
+        agent = build_agent(conf["agent"], conf["obs_model"], (3, size, size), action_dim)
+        agent.load_state_dict(state["agent"])
     agent.to(device).eval()
     del state
 
@@ -102,7 +173,7 @@ def main(argv=None) -> int:
         "run_dir": str(run_dir),
         "task": conf["env"]["task"],
         "obs_model": conf["obs_model"]["kind"],
-        "agent": conf["agent"]["name"],
+        "agent": args.agent or trained_by,
         "episodes": args.episodes,
         "seed": args.seed,
         "return_mean": float(r.mean()),
@@ -112,12 +183,17 @@ def main(argv=None) -> int:
         "seconds": time.time() - start,
         "machine": machine_info(),
     }
-    out = Path(args.out) if args.out else run_dir / "eval.json"
+    if isinstance(agent, PlannerAgent):
+        result["trained_by"] = trained_by
+        result["planner"] = agent.planning_options()
+        result["seconds_per_step"] = result["seconds"] / max(sum(lengths), 1)
+    suffix = "_planner" if args.agent == "planner" and trained_by != "planner" else ""
+    out = Path(args.out) if args.out else run_dir / f"eval{suffix}.json"
     out.write_text(json.dumps(result, indent=2))
     summary = f"return {r.mean():.1f} ± {r.std():.1f} over {args.episodes} episodes"
     print(f"{result['task']} {result['obs_model']}: {summary}  ->  {out}")
     if record:
-        video = Path(args.video) if args.video else run_dir / "eval.gif"
+        video = Path(args.video) if args.video else run_dir / f"eval{suffix}.gif"
         video.write_bytes(encode_gif([to_hwc_uint8(f) for f in frames], fps=15))
         print(f"video (agent view | reconstruction): {video}")
     return 0

@@ -1,0 +1,127 @@
+"""Imagination in a trained world model as a torchrl model-based environment (SPEC §4, §8).
+
+:class:`ImaginationEnv` is a :class:`~torchrl.envs.model_based.ModelBasedEnvBase`, so torchrl's
+planners (``CEMPlanner``, ``MPPIPlanner``), rollouts, value estimators and losses drive it
+unchanged::
+
+    env = ImaginationEnv(load_world_model(run_dir))
+    td = env.reset(TensorDict({"belief": h, "state": z}, [N]), set_state=True)  # filtered states
+    plan = CEMPlanner(env, planning_horizon=12, optim_steps=10, num_candidates=1000, top_k=100)
+    action = plan(td)["action"]  # [N, A]
+
+Keys (:mod:`aefrl.keys`, torchrl's names, as in its ``DreamerEnv``): observations and state
+``belief`` = h ``[*B, H]`` and ``state`` = z ``[*B, d]``; ``action`` ``[*B, A]`` in ``[-1, 1]``;
+``("next", "reward")`` ``[*B, 1]`` is the mean of the symlog two-hot reward head on the *next*
+state (the arrival layout: r_t is predicted from feat_t, after a_{t-1}). A step is
+:meth:`RSSM.img_step <aefrl.world_model.RSSM.img_step>`: ``h' = f(h, z, a)``, ``z' ~ p(z' | h')``.
+
+``done`` / ``terminated`` are always False: DMC tasks never terminate, imagination runs for a
+fixed horizon, and a thresholded continue head would only add noise to planners' returns. With
+``predict_continue=True`` the continue head's probability is an extra observation
+``pred_continue`` ``[*B, 1]``, for code that wants to discount by it.
+
+The env is not batch-locked (any batch shape, like every ``ModelBasedEnvBase``). ``reset``
+starts from the ``belief`` / ``state`` of the input tensordict with ``set_state=True`` (torchrl's
+protocol for stateless envs), otherwise from the RSSM's initial state (zeros).
+"""
+
+from __future__ import annotations
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from tensordict.nn import TensorDictSequential
+from torchrl.data import Bounded, Composite, Unbounded
+from torchrl.envs.model_based import ModelBasedEnvBase
+
+from aefrl import keys
+from aefrl.world_model.modules import continue_module, prior_module, reward_module
+from aefrl.world_model.world_model import WorldModel
+
+
+class ImaginationEnv(ModelBasedEnvBase):
+    """Prior rollouts of ``world_model`` as a torchrl env (see the module docstring).
+
+    Args:
+        world_model: a trained :class:`~aefrl.world_model.WorldModel` (shared, not copied).
+        predict_continue: also observe the continue probability under ``pred_continue``.
+        device: where the env's tensors live; default: the world model's device.
+    """
+
+    # reset(td, set_state=True) starts from the given belief / state (torchrl >= 0.14).
+    _supports_set_state = True
+
+    def __init__(
+        self, world_model: WorldModel, *, predict_continue: bool = False, device=None
+    ) -> None:
+        pieces = [prior_module(world_model), reward_module(world_model, out_key=keys.REWARD)]
+        self.predict_continue = bool(predict_continue)
+        if self.predict_continue:
+            pieces.append(continue_module(world_model, out_key=keys.PRED_CONTINUE))
+        if device is None:
+            device = world_model.rssm.gru.weight_hh.device
+        super().__init__(TensorDictSequential(*pieces), device=device)
+        dtype = world_model.dtype
+        rssm = world_model.rssm
+        latent = {
+            keys.BELIEF: Unbounded((rssm.deter,), device=self.device, dtype=dtype),
+            keys.STATE: Unbounded((rssm.latent_dim,), device=self.device, dtype=dtype),
+        }
+        observations = dict(latent)
+        if self.predict_continue:
+            observations[keys.PRED_CONTINUE] = Bounded(
+                0.0, 1.0, (1,), device=self.device, dtype=dtype
+            )
+        self.observation_spec = Composite(observations)
+        self.state_spec = Composite({k: v.clone() for k, v in latent.items()})
+        self.action_spec = Bounded(-1.0, 1.0, (rssm.action_dim,), device=self.device, dtype=dtype)
+        self.reward_spec = Unbounded((1,), device=self.device, dtype=dtype)
+        # The plain-tensor modules inside the TensorDictModules, for _step (see there).
+        self._prior, self._reward = pieces[0].module, pieces[1].module
+        self._continue = pieces[2].module if self.predict_continue else None
+        self._latent_sizes = {keys.BELIEF: rssm.deter, keys.STATE: rssm.latent_dim}
+        self._dtype = dtype
+
+    def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
+        shape = tensordict.batch_size if tensordict is not None else self.batch_size
+        if kwargs.get("set_state"):
+            missing = [k for k in self._latent_sizes if k not in tensordict]
+            if missing:
+                raise ValueError(
+                    f"reset(set_state=True) needs {missing} in the tensordict (the filtered "
+                    "belief h and state z to imagine from)"
+                )
+            out = tensordict.select(*self._latent_sizes)
+        else:
+            out = TensorDict(
+                {
+                    k: torch.zeros(*shape, n, device=self.device, dtype=self._dtype)
+                    for k, n in self._latent_sizes.items()
+                },
+                shape,
+                device=self.device,
+            )
+        if self._continue is not None:
+            out[keys.PRED_CONTINUE] = self._continue(out[keys.BELIEF], out[keys.STATE])
+        return out
+
+    def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
+        """What ``self.world_model`` (the TensorDictSequential) computes, calling its plain-tensor
+        modules directly: TensorDictModule's per-key bookkeeping (tensordict 0.14 even looks for
+        pandas on every key it writes) would add about a quarter to a small model's step, in every
+        planner rollout. ``done`` is filled in by torchrl (all False)."""
+        belief, state = self._prior(
+            tensordict.get(keys.BELIEF), tensordict.get(keys.STATE), tensordict.get(keys.ACTION)
+        )
+        out = {keys.BELIEF: belief, keys.STATE: state, keys.REWARD: self._reward(belief, state)}
+        if self._continue is not None:
+            out[keys.PRED_CONTINUE] = self._continue(belief, state)
+        return TensorDict(out, tensordict.batch_size, device=self.device)
+
+    # Imagination never terminates (done is always False), so torchrl's per-step done checks and
+    # partial resets are skipped, as in torchrl's own DreamerEnv: this saves a device sync and a
+    # few tensordict operations per step of every planner rollout.
+    def any_done(self, tensordict: TensorDictBase) -> bool:
+        return False
+
+    def maybe_reset(self, tensordict: TensorDictBase) -> TensorDictBase:
+        return tensordict

@@ -1,0 +1,241 @@
+"""A trained world model as tensordict modules with torchrl's keys; loading it from a checkpoint.
+
+    from aefrl.world_model.modules import load_world_model, world_model_modules
+
+    wm = load_world_model("runs/cartpole-swingup/aef/s0-...")  # a run directory or checkpoint.pt
+    m = world_model_modules(wm)  # name -> TensorDictModule
+    td = m["posterior"](td)      # filter one real frame: updates td["belief"], td["state"]
+    td = m["prior"](td)          # one imagined step under td["action"]
+
+Every module reads and writes the keys of :mod:`aefrl.keys` (torchrl's vocabulary: ``state`` = z,
+``belief`` = h); predictions get their own keys. Any batch shape ``[*B]`` works:
+
+=========  ========================================  ==========================================
+module     in_keys                                   out_keys
+=========  ========================================  ==========================================
+posterior  pixels uint8 [*B, C, H, W], prev_action   belief [*B, H], state [*B, d] (h_t, z_t),
+           [*B, A], is_first bool [*B, 1], belief,   posterior_mean, posterior_std [*B, d]
+           state (h_{t-1}, z_{t-1})
+prior      belief, state (h_t, z_t), action [*B, A]  belief, state (h_{t+1}, z_{t+1} ~ prior)
+reward     belief, state                             pred_reward [*B, 1] (two-hot mean)
+continue   belief, state                             pred_continue [*B, 1] (probability)
+decoder    belief, state                             reco_pixels uint8 [*B, C, H, W] (μ_x)
+=========  ========================================  ==========================================
+
+The posterior follows the replay's arrival layout (:mod:`aefrl.world_model.rssm`): o_t and a_{t-1}
+enter the same step, and ``is_first`` zeroes h, z and a_{t-1} first. The recurrent state is updated
+in place (the keys ``belief`` / ``state`` hold the latest state), so a loop carries it in one
+tensordict. Filtering dequantises at the bin centre, as acting does, so it is deterministic in the
+AEF modes and samples z in VAE mode (SPEC §4). The prior samples ``z ~ p(z | h)`` (SPEC §4).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from tensordict.nn import TensorDictModule
+from torch import nn
+
+from aefrl import keys
+from aefrl.checkpoint import CheckpointError, load_checkpoint
+from aefrl.world_model.rssm import RSSMState
+from aefrl.world_model.world_model import WorldModel
+
+WEIGHTS_PREFIX = "world_model."  # of the world model's entries in an agent's state_dict["modules"]
+
+
+def _flat(x: torch.Tensor, lead: torch.Size, event_dims: int) -> torch.Tensor:
+    """``[*lead, *event] -> [N, *event]``: the GRU cell and conv trunks take one batch axis."""
+    return x.reshape(lead.numel(), *x.shape[x.dim() - event_dims :])
+
+
+def filter_step(
+    world_model: WorldModel,
+    prev: RSSMState,
+    prev_action: torch.Tensor,
+    pixels: torch.Tensor,
+    is_first: torch.Tensor,
+    noise: torch.Tensor | None = None,
+) -> tuple[RSSMState, torch.Tensor, torch.Tensor]:
+    """Filter one real frame as an acting agent does: ``pixels`` uint8 ``[N, C, H, W]`` (o_t),
+    ``prev`` (h, z at t−1), ``prev_action`` ``[N, A]``, ``is_first`` ``[N, 1]``.
+
+    Dequantises at the bin centre, so the AEF modes are deterministic; ``noise`` ``[N, d]`` is
+    the VAE's standard-normal draw (sampled when omitted). Returns the posterior state and
+    ``(μ_q, σ_q)``, each ``[N, d]``.
+    """
+    y, _ = world_model.encode_pixels(pixels, dequantize="mid")
+    embed, coords = world_model.obs_model.embed(y)
+    return world_model.rssm.obs_step(prev, prev_action.to(y.dtype), embed, coords, is_first, noise)
+
+
+class PosteriorStep(nn.Module):
+    """:func:`filter_step` on any batch shape, on plain tensors (keys in the module docstring).
+
+    ``forward(pixels [*B, C, H, W] uint8, prev_action [*B, A], is_first [*B, 1], belief [*B, H],
+    state [*B, d], noise [*B, d] | None) -> (belief, state, μ_q, σ_q)``.
+    """
+
+    def __init__(self, world_model: WorldModel) -> None:
+        super().__init__()
+        self.world_model = world_model
+
+    def forward(self, pixels, prev_action, is_first, belief, state, noise=None):
+        lead = belief.shape[:-1]
+        post, mu_q, sigma_q = filter_step(
+            self.world_model,
+            RSSMState(_flat(belief, lead, 1), _flat(state, lead, 1)),
+            _flat(prev_action, lead, 1),
+            _flat(pixels, lead, 3),
+            _flat(is_first, lead, 1),
+            None if noise is None else _flat(noise, lead, 1),
+        )
+        return tuple(x.reshape(*lead, x.shape[-1]) for x in (post.h, post.z, mu_q, sigma_q))
+
+
+class PriorStep(nn.Module):
+    """One imagined step, :meth:`RSSM.img_step <aefrl.world_model.RSSM.img_step>` on any batch
+    shape: ``(belief [*B, H], state [*B, d], action [*B, A], noise [*B, d] | None) ->
+    (belief, state)`` with ``z ~ p(z | h)`` (``noise`` the standard-normal draw)."""
+
+    def __init__(self, world_model: WorldModel) -> None:
+        super().__init__()
+        self.rssm = world_model.rssm
+
+    def forward(self, belief, state, action, noise=None):
+        lead = belief.shape[:-1]
+        prev = RSSMState(_flat(belief, lead, 1), _flat(state, lead, 1))
+        noise = None if noise is None else _flat(noise, lead, 1)
+        nxt = self.rssm.img_step(prev, _flat(action, lead, 1).to(belief.dtype), noise)
+        return nxt.h.reshape(*lead, -1), nxt.z.reshape(*lead, -1)
+
+
+class RewardMean(nn.Module):
+    """``(belief [*B, H], state [*B, d]) -> [*B, 1]``: mean of the symlog two-hot reward head."""
+
+    def __init__(self, world_model: WorldModel) -> None:
+        super().__init__()
+        self.head = world_model.reward_head
+
+    def forward(self, belief, state):
+        return self.head(torch.cat([belief, state], -1)).mean.unsqueeze(-1)
+
+
+class ContinueProb(nn.Module):
+    """``(belief, state) -> [*B, 1]``: probability that the episode goes on (1 − terminated)."""
+
+    def __init__(self, world_model: WorldModel) -> None:
+        super().__init__()
+        self.head = world_model.continue_head
+
+    def forward(self, belief, state):
+        return self.head(torch.cat([belief, state], -1)).probs.unsqueeze(-1)
+
+
+class DecodePixels(nn.Module):
+    """``(belief, state) -> uint8 [*B, C, H, W]``: the decoder mean mapped back to pixels."""
+
+    def __init__(self, world_model: WorldModel) -> None:
+        super().__init__()
+        self.world_model = world_model
+
+    def forward(self, belief, state):
+        return self.world_model.decode_pixels(RSSMState(belief, state))
+
+
+_LATENT = [keys.BELIEF, keys.STATE]
+
+
+def posterior_module(world_model: WorldModel) -> TensorDictModule:
+    """Filtering step; keys in the module docstring."""
+    return TensorDictModule(
+        PosteriorStep(world_model),
+        in_keys=[keys.PIXELS, keys.PREV_ACTION, keys.IS_FIRST, *_LATENT],
+        out_keys=[*_LATENT, keys.POSTERIOR_MEAN, keys.POSTERIOR_STD],
+    )
+
+
+def prior_module(world_model: WorldModel) -> TensorDictModule:
+    """Imagined step ``(belief, state, action) -> (belief, state)``."""
+    return TensorDictModule(
+        PriorStep(world_model), in_keys=[*_LATENT, keys.ACTION], out_keys=_LATENT
+    )
+
+
+def reward_module(world_model: WorldModel, out_key=keys.PRED_REWARD) -> TensorDictModule:
+    """Reward head mean; the imagination env writes it under ``"reward"`` instead."""
+    return TensorDictModule(RewardMean(world_model), in_keys=_LATENT, out_keys=[out_key])
+
+
+def continue_module(world_model: WorldModel, out_key=keys.PRED_CONTINUE) -> TensorDictModule:
+    """Continue probability."""
+    return TensorDictModule(ContinueProb(world_model), in_keys=_LATENT, out_keys=[out_key])
+
+
+def decoder_module(world_model: WorldModel) -> TensorDictModule:
+    """Decoded frame of a latent state."""
+    return TensorDictModule(DecodePixels(world_model), in_keys=_LATENT, out_keys=[keys.RECO_PIXELS])
+
+
+def world_model_modules(world_model: WorldModel) -> dict[str, TensorDictModule]:
+    """The pieces of ``world_model`` as TensorDictModules: ``posterior``, ``prior``, ``reward``,
+    ``continue``, ``decoder`` (keys in the module docstring). They share its parameters."""
+    return {
+        "posterior": posterior_module(world_model),
+        "prior": prior_module(world_model),
+        "reward": reward_module(world_model),
+        "continue": continue_module(world_model),
+        "decoder": decoder_module(world_model),
+    }
+
+
+# --- loading --------------------------------------------------------------------------------
+def world_model_kwargs(agent: dict, obs_model: dict) -> dict:
+    """:class:`~aefrl.world_model.WorldModel` keyword arguments from a run configuration's
+    ``agent`` and ``obs_model`` sections (the one switch ``kind``, ``latent_dim``, options)."""
+    return {
+        **dict(agent.get("world_model") or {}),
+        "obs_model": obs_model["kind"],
+        "latent_dim": obs_model["latent_dim"],
+        "obs_options": dict(obs_model.get("options") or {}),
+    }
+
+
+def world_model_from_checkpoint(state: dict) -> WorldModel:
+    """The world model of a loaded checkpoint (``aefrl.checkpoint.load_checkpoint``) written by
+    ``scripts/train.py`` for any agent: its weights are the ``world_model.*`` entries of
+    ``state["agent"]["modules"]``, its sizes come from ``state["run_config"]``. In eval mode."""
+    try:
+        conf = state["run_config"]
+        modules = state["agent"]["modules"]
+        size = int(conf["env"]["image_size"])
+        kwargs = world_model_kwargs(conf["agent"], conf["obs_model"])
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"not an aefrl training checkpoint (missing {exc}); expected one written by "
+            "scripts/train.py"
+        ) from None
+    weights = {
+        k[len(WEIGHTS_PREFIX) :]: v for k, v in modules.items() if k.startswith(WEIGHTS_PREFIX)
+    }
+    if "rssm.img_in.0.weight" not in weights:
+        raise CheckpointError("the checkpoint's agent holds no world model (no world_model.*)")
+    # The action size is stored nowhere but in the weights: img_in reads [z_{t-1}, a_{t-1}].
+    action_dim = weights["rssm.img_in.0.weight"].shape[1] - int(kwargs["latent_dim"])
+    world_model = WorldModel((3, size, size), action_dim, **kwargs)
+    try:
+        world_model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"the checkpoint's world model does not match its configuration: {exc}"
+        ) from None
+    return world_model.eval()
+
+
+def load_world_model(path: str | os.PathLike, map_location="cpu") -> WorldModel:
+    """The world model of a run directory or ``checkpoint.pt`` written by ``scripts/train.py``
+    (Dreamer or planner runs, any observation model). Raises
+    :class:`~aefrl.checkpoint.CheckpointError` with one clear sentence when it can't."""
+    return world_model_from_checkpoint(load_checkpoint(Path(path), map_location=map_location))

@@ -1,0 +1,249 @@
+"""PlaNet-style planning agent: Dreamer's world model, no actor or critic, torchrl's planners.
+
+Hafner et al., "Learning Latent Dynamics for Planning from Pixels" (PlaNet), ICML 2019. At every
+environment step the agent filters the real frame with the world model's posterior (as Dreamer
+acts), then plans with torchrl's :class:`~torchrl.modules.CEMPlanner` (or
+:class:`~torchrl.modules.MPPIPlanner`) over :class:`~aefrl.envs.ImaginationEnv`, which scores
+candidate action sequences with the reward head's mean along prior rollouts (SPEC §4, §8). It
+executes the first action of the plan and replans at the next step (model-predictive control).
+Only the world model is trained, with Dreamer's :class:`~aefrl.objectives.WorldModelLoss`.
+
+The training loop sees the same narrow interface as :class:`~agents.dreamer.DreamerAgent`, and a
+Dreamer checkpoint's world model plans directly: ``scripts/eval.py RUN --agent planner``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from tensordict.nn import TensorDictModule
+from torch import nn
+from torchrl.modules import CEMPlanner, MPPIPlanner
+from torchrl.objectives.value import TDLambdaEstimator
+
+from aefrl import keys
+from aefrl.envs.imagination import ImaginationEnv
+from aefrl.objectives import WorldModelLoss
+from aefrl.world_model import WorldModel
+from aefrl.world_model.modules import WEIGHTS_PREFIX, filter_step, world_model_kwargs
+from agents.dreamer import ACT_MODES, Carry, DreamerAgent
+
+PLANNERS = ("cem", "mppi")
+# Sections of an agent configuration that only Dreamer reads: configs/agent/planner.yaml inherits
+# dreamer.yaml (one source of truth for the world model) and exp presets may set them.
+DREAMER_ONLY = ("actor", "critic", "actor_loss", "value_loss", "slow_critic_tau")
+
+
+@dataclass
+class PlanningConfig:
+    """What the planner searches (defaults: PlaNet's CEM).
+
+    ``temperature`` is MPPI's: torchrl weights elites by ``exp(temperature · return)``, an
+    *inverse* temperature.
+    """
+
+    method: str = "cem"  # cem | mppi
+    horizon: int = 12  # imagined steps per candidate action sequence
+    candidates: int = 1000  # action sequences sampled per iteration
+    top_k: int = 100  # elites that refit the action distribution
+    iterations: int = 10  # refits per environment step
+    temperature: float = 1.0  # mppi only
+
+    def __post_init__(self) -> None:
+        if self.method not in PLANNERS:
+            raise ValueError(f"planner method must be one of {PLANNERS}, got {self.method!r}")
+        for name in ("horizon", "candidates", "top_k", "iterations"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"planner {name} must be >= 1, got {getattr(self, name)}")
+        if self.top_k > self.candidates:
+            raise ValueError(
+                f"planner top_k ({self.top_k}) must not exceed candidates ({self.candidates})"
+            )
+
+
+class _ZeroValue(nn.Module):
+    """``V = 0``: with γ = λ = 1 the TD(λ) advantage MPPI ranks by is the return-to-go, the same
+    objective as CEM's (PlaNet has no critic)."""
+
+    def forward(self, belief: torch.Tensor) -> torch.Tensor:
+        return belief.new_zeros(*belief.shape[:-1], 1)
+
+
+class _ShiftedAdvantage(nn.Module):
+    """An advantage module minus its maximum over the candidates.
+
+    torchrl 0.14's MPPIPlanner weights the elites by ``exp(temperature · advantage)`` without
+    subtracting the maximum first, so once ``temperature · return`` exceeds ~88 (float32) the
+    weights overflow to inf and the planned action is NaN. A shift shared by all candidates leaves
+    MPPI's ranking and normalised weights unchanged, so this is the whole workaround.
+    """
+
+    def __init__(self, estimator: nn.Module) -> None:
+        super().__init__()
+        self.estimator = estimator
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        self.estimator(tensordict)
+        advantage = tensordict.get("advantage")  # [*B, K, T, 1]: candidates on dim -3
+        return tensordict.set("advantage", advantage - advantage.amax(-3, keepdim=True))
+
+
+def make_planner(env: ImaginationEnv, config: PlanningConfig):
+    """torchrl's CEMPlanner or MPPIPlanner over ``env``, unchanged (MPPI's advantage is shifted,
+    see :class:`_ShiftedAdvantage`)."""
+    c = config
+    if c.method == "cem":
+        return CEMPlanner(env, c.horizon, c.iterations, c.candidates, c.top_k)
+    value = TensorDictModule(_ZeroValue(), in_keys=[keys.BELIEF], out_keys=[keys.STATE_VALUE])
+    advantage = TDLambdaEstimator(gamma=1.0, lmbda=1.0, value_network=value)
+    return MPPIPlanner(
+        env,
+        _ShiftedAdvantage(advantage),
+        c.temperature,
+        c.horizon,
+        c.iterations,
+        c.candidates,
+        c.top_k,
+    )
+
+
+class PlannerAgent(nn.Module):
+    """World model + its loss and optimiser; actions from a torchrl planner.
+
+    Args:
+        obs_shape: ``(C, H, W)`` pixels.
+        action_dim: A (actions in ``[-1, 1]``).
+        world_model: kwargs of :class:`~aefrl.world_model.WorldModel`, or a built (e.g. loaded)
+            world model to plan with.
+        wm_loss: kwargs of :class:`~aefrl.objectives.WorldModelLoss`.
+        planner: fields of :class:`PlanningConfig`.
+        explore_noise: std of the Gaussian noise added to planned actions in ``"explore"`` mode
+            (PlaNet: 0.3), clipped back to ``[-1, 1]``.
+        lr, grad_clip: ``{"model": ...}`` (other entries, e.g. Dreamer's, are ignored).
+        adam_eps: Adam's epsilon.
+    """
+
+    def __init__(
+        self,
+        obs_shape,
+        action_dim: int,
+        *,
+        world_model: dict | WorldModel | None = None,
+        wm_loss: dict | None = None,
+        planner: dict | None = None,
+        explore_noise: float = 0.3,
+        lr: dict | None = None,
+        grad_clip: dict | None = None,
+        adam_eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        if isinstance(world_model, WorldModel):
+            self.world_model = world_model
+        else:
+            self.world_model = WorldModel(tuple(obs_shape), action_dim, **(world_model or {}))
+        self.wm_loss = WorldModelLoss(self.world_model, **(wm_loss or {}))
+        self.planning = PlanningConfig(**(planner or {}))
+        if explore_noise < 0:
+            raise ValueError(f"explore_noise must be >= 0, got {explore_noise}")
+        self.explore_noise = float(explore_noise)
+        lr = {"model": 3e-4, **(lr or {})}
+        self.grad_clip = {"model": 1000.0, **(grad_clip or {})}
+        self.optimizers = {
+            "model": torch.optim.Adam(self.world_model.parameters(), lr=lr["model"], eps=adam_eps)
+        }
+        self._groups = {"model": self.world_model}
+        self.action_dim = int(action_dim)
+        # The imagination env and planner share the world model's modules; kept in a plain dict
+        # so that they are not registered twice in state_dict, and rebuilt when the model moves.
+        self._planner_cache: dict = {}
+
+    # The same zero carry, optimiser step and world-model report as Dreamer's: these read only
+    # world_model, action_dim, optimizers, _groups and grad_clip, which this agent has too.
+    initial_carry = DreamerAgent.initial_carry
+    _step = DreamerAgent._step
+    report = DreamerAgent.report
+
+    # --- planning --------------------------------------------------------------------------------
+    @property
+    def planner(self):
+        """torchrl's planner over an :class:`~aefrl.envs.ImaginationEnv` of this world model."""
+        device = self.world_model.rssm.gru.weight_hh.device
+        if self._planner_cache.get("device") != device:
+            env = ImaginationEnv(self.world_model, device=device)
+            self._planner_cache = {"device": device, "planner": make_planner(env, self.planning)}
+        return self._planner_cache["planner"]
+
+    @torch.no_grad()
+    def plan(self, belief: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """The planner's first action ``[N, A]`` from filtered states h ``[N, H]``, z ``[N, d]``."""
+        td = TensorDict({keys.BELIEF: belief, keys.STATE: state}, belief.shape[:-1])
+        return self.planner(td)[keys.ACTION]
+
+    @torch.no_grad()
+    def act(
+        self, pixels: torch.Tensor, is_first: torch.Tensor, carry: Carry, mode: str = "explore"
+    ) -> tuple[torch.Tensor, Carry]:
+        """One policy step. ``pixels`` uint8 ``[N, C, H, W]`` (o_t), ``is_first`` ``[N, 1]``.
+
+        Filters o_t with the posterior, plans ``a_t`` from the filtered state, and in
+        ``"explore"`` mode adds ``N(0, explore_noise²)`` noise. Returns ``a_t [N, A]`` and the
+        new carry.
+        """
+        if mode not in ACT_MODES:
+            raise ValueError(f"mode must be one of {ACT_MODES}, got {mode!r}")
+        state, _, _ = filter_step(
+            self.world_model, carry.state, carry.prev_action, pixels, is_first
+        )
+        action = self.plan(state.h, state.z)
+        if mode == "explore" and self.explore_noise > 0:
+            action = (action + self.explore_noise * torch.randn_like(action)).clamp(-1.0, 1.0)
+        return action, Carry(state, action)
+
+    # --- training --------------------------------------------------------------------------------
+    def train_step(self, batch: TensorDictBase) -> dict[str, torch.Tensor]:
+        """One world-model update on a ``[B, T]`` replay batch (PlaNet trains nothing else).
+
+        Returns detached scalar metrics (losses, diagnostics, the gradient norm).
+        """
+        out = self.wm_loss(batch)
+        metrics = {"grad_norm_model": self._step("model", self.wm_loss.total(out))}
+        for key, value in out.items():
+            if isinstance(key, str) and value.dim() == 0:
+                metrics[key] = value.detach()
+        return metrics
+
+    # --- checkpoints -----------------------------------------------------------------------------
+    def state_dict(self, *args, **kwargs):
+        """Module parameters and buffers plus the optimiser state (Dreamer's layout)."""
+        return {
+            "modules": super().state_dict(*args, **kwargs),
+            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+        }
+
+    def load_state_dict(self, state, strict: bool = True):
+        result = super().load_state_dict(state["modules"], strict=strict)
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        return result
+
+    def load_world_model_state(self, modules: dict) -> None:
+        """Load the ``world_model.*`` weights of any agent's ``state_dict()["modules"]`` (e.g. a
+        Dreamer checkpoint's) and leave everything else as it is."""
+        n = len(WEIGHTS_PREFIX)
+        self.world_model.load_state_dict(
+            {k[n:]: v for k, v in modules.items() if k.startswith(WEIGHTS_PREFIX)}
+        )
+
+    def planning_options(self) -> dict:
+        """The planner's settings, for logs and result files."""
+        return {**asdict(self.planning), "explore_noise": self.explore_noise}
+
+
+def build_planner(agent: dict, obs_model: dict, obs_shape, action_dim: int) -> PlannerAgent:
+    """A :class:`PlannerAgent` from the ``agent`` (``configs/agent/planner.yaml``) and
+    ``obs_model`` groups; Dreamer-only sections (inherited, or set by exp presets) are ignored."""
+    kwargs = {k: v for k, v in agent.items() if k not in ("name", *DREAMER_ONLY)}
+    kwargs["world_model"] = world_model_kwargs(agent, obs_model)
+    return PlannerAgent(obs_shape, action_dim, **kwargs)

@@ -1,0 +1,212 @@
+"""The PlaNet-style planner agent: torchrl's planners over the imagination env, the agent
+interface, configuration, and planning with a Dreamer checkpoint's world model."""
+
+import importlib.util
+import io
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from torch import nn
+
+from aefrl.checkpoint import save_checkpoint
+from aefrl.envs import make_dmc_env
+from aefrl.world_model.modules import filter_step
+from agents.dreamer import DreamerAgent
+from agents.factory import build_agent
+from agents.planner import PlannerAgent
+from tests.world_model.conftest import ACTIONS, OBS, random_batch
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_WM = dict(latent_dim=3, deter=8, hidden=16, layers=1, depth=4)
+TINY_PLAN = dict(horizon=3, candidates=64, top_k=8, iterations=3)
+
+
+def tiny_planner(kind="aef", action_dim=ACTIONS, **planner) -> PlannerAgent:
+    return PlannerAgent(
+        OBS, action_dim, world_model=dict(TINY_WM, obs_model=kind), planner={**TINY_PLAN, **planner}
+    )
+
+
+@pytest.fixture(scope="module")
+def cartpole_frame():
+    """A real observation: cartpole-swingup's first frame at the tiny models' 16x16."""
+    env = make_dmc_env("cartpole-swingup", image_size=OBS[-1], render="fast", seed=0)
+    pixels = env.reset()["pixels"]
+    env.close()
+    return pixels.unsqueeze(0)  # [N=1, 3, 16, 16]
+
+
+class LinearReward(nn.Module):
+    """Stands in for the reward head: ``r = w·h`` on the belief part of feat."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("w", w)
+
+    def forward(self, feat):
+        return SimpleNamespace(mean=feat[..., : len(self.w)] @ self.w)
+
+
+class OffsetReward(nn.Module):
+    """Wraps a reward head and adds a constant to every predicted reward."""
+
+    def __init__(self, head: nn.Module, offset: float) -> None:
+        super().__init__()
+        self.head, self.offset = head, offset
+
+    def forward(self, feat):
+        return SimpleNamespace(mean=self.head(feat).mean + self.offset)
+
+
+@pytest.mark.parametrize("method", ["cem", "mppi"])
+def test_planned_action_from_a_real_frame_follows_the_reward_head(method, cartpole_frame):
+    """A reward head that pays for the belief a positive action leads to makes the planner
+    choose a positive action, and the mirrored head a negative one."""
+    first = torch.ones(1, 1, dtype=torch.bool)
+    actions = {}
+    for sign in (1.0, -1.0):
+        torch.manual_seed(0)
+        agent = tiny_planner(action_dim=1, method=method)
+        wm = agent.world_model
+        carry = agent.initial_carry(1)
+        state, _, _ = filter_step(wm, carry.state, carry.prev_action, cartpole_frame, first)
+        up = wm.rssm.recurrent(state, torch.ones(1, 1))
+        down = wm.rssm.recurrent(state, -torch.ones(1, 1))
+        wm.reward_head = LinearReward(sign * (up - down)[0])
+        action, new_carry = agent.act(cartpole_frame, first, carry, "eval")
+        assert action.shape == (1, 1) and action.abs().max() <= 1
+        torch.testing.assert_close(new_carry.state.h, state.h)  # filtered the same frame
+        assert torch.equal(new_carry.prev_action, action)
+        actions[sign] = float(action)
+    assert actions[1.0] > 0.3 and actions[-1.0] < -0.3, actions
+
+
+def test_mppi_is_unchanged_by_large_returns():
+    """torchrl's MPPI weights exp(temperature * advantage) overflow for large returns (NaN
+    actions); with the shifted advantage a constant reward offset changes nothing."""
+    agent = tiny_planner(method="mppi", horizon=12, temperature=5.0)
+    nn.init.normal_(agent.world_model.reward_head.net[-1].weight)
+    h, z = torch.randn(2, 8), torch.randn(2, 3)
+    torch.manual_seed(2)
+    small = agent.plan(h, z)
+    agent.world_model.reward_head = OffsetReward(agent.world_model.reward_head, 100.0)
+    agent._planner_cache.clear()  # rebuild the env on the new head
+    torch.manual_seed(2)
+    large = agent.plan(h, z)
+    assert torch.isfinite(large).all()
+    torch.testing.assert_close(large, small, atol=1e-4, rtol=0)
+
+
+def test_act_plans_for_every_env_and_explores_with_noise():
+    agent = tiny_planner("vae")
+    pixels = torch.randint(0, 256, (3, *OBS), dtype=torch.uint8)
+    first = torch.ones(3, 1, dtype=torch.bool)
+    carry = agent.initial_carry(3)
+    torch.manual_seed(1)
+    a_eval, _ = agent.act(pixels, first, carry, "eval")
+    torch.manual_seed(1)
+    a_explore, _ = agent.act(pixels, first, carry, "explore")
+    assert a_eval.shape == a_explore.shape == (3, ACTIONS)
+    assert a_explore.abs().max() <= 1 and not torch.equal(a_eval, a_explore)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        agent.act(pixels, first, carry, "greedy")
+
+
+def test_train_step_trains_only_the_world_model_and_round_trips():
+    torch.manual_seed(0)
+    agent = tiny_planner()
+    before = {k: v.clone() for k, v in agent.state_dict()["modules"].items()}
+    metrics = agent.train_step(random_batch(2, 6))
+    assert all(torch.isfinite(v) for v in metrics.values())
+    assert {"loss_obs", "loss_latent", "loss_reward", "grad_norm_model"} <= set(metrics)
+    after = agent.state_dict()["modules"]
+    assert all(k.startswith(("world_model.", "wm_loss.world_model.")) for k in after)
+    assert any(not torch.equal(after[k], before[k]) for k in after)
+    buf = io.BytesIO()
+    torch.save(agent.state_dict(), buf)
+    buf.seek(0)
+    other = tiny_planner()
+    other.load_state_dict(torch.load(buf, weights_only=True))
+    batch = random_batch(2, 6)
+    torch.manual_seed(4)
+    m1 = agent.train_step(batch)
+    torch.manual_seed(4)
+    m2 = other.train_step(batch)
+    assert all(torch.equal(m1[k], m2[k]) for k in m1)
+    assert agent.report(random_batch(1, 8), num_samples=2)["video_pred"].shape == (1, 8, *OBS)
+
+
+def test_plans_with_a_dreamer_agents_world_model():
+    torch.manual_seed(0)
+    dreamer = DreamerAgent(OBS, ACTIONS, world_model=dict(TINY_WM, obs_model="aef"))
+    nn.init.normal_(dreamer.world_model.reward_head.net[-1].weight)
+    planner = tiny_planner()
+    planner.load_world_model_state(dreamer.state_dict()["modules"])
+    h, z = torch.randn(2, 8), torch.randn(2, 3)
+    torch.manual_seed(5)
+    a1 = planner.plan(h, z)
+    torch.manual_seed(5)
+    a2 = PlannerAgent(OBS, ACTIONS, world_model=dreamer.world_model, planner=TINY_PLAN).plan(h, z)
+    assert torch.equal(a1, a2)
+
+
+def _compose(*overrides):
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_agent_planner_config_builds_with_every_exp_preset():
+    for overrides, expected in [
+        (["agent=planner"], dict(horizon=12, candidates=1000, top_k=100, iterations=10)),
+        (["agent=planner", "exp=smoke"], dict(horizon=4, candidates=32, top_k=4, iterations=2)),
+        (["agent=planner", "exp=cpu"], dict(horizon=12, candidates=1000)),
+    ]:
+        cfg = _compose(*overrides)
+        agent = build_agent(dict(cfg.agent), dict(cfg.obs_model), (3, 64, 64), 1)
+        assert isinstance(agent, PlannerAgent)
+        assert agent.world_model.rssm.deter == cfg.agent.world_model.deter
+        for key, value in expected.items():
+            assert getattr(agent.planning, key) == value, (overrides, key)
+    cfg = _compose("exp=smoke")  # Dreamer is untouched by the planner's presets
+    assert "planner" not in cfg.agent
+    assert isinstance(
+        build_agent(dict(cfg.agent), dict(cfg.obs_model), (3, 64, 64), 1), DreamerAgent
+    )
+    with pytest.raises(ValueError, match="top_k \\(50\\) must not exceed candidates \\(10\\)"):
+        build_agent({"name": "planner", "planner": {"candidates": 10, "top_k": 50}},
+                    {"kind": "aef", "latent_dim": 3}, OBS, 1)  # fmt: skip
+
+
+def test_eval_script_plans_with_a_dreamer_checkpoint(tmp_path):
+    """scripts/eval.py RUN --agent planner on a Dreamer run: the planner's own result files."""
+    torch.manual_seed(0)
+    wm = {"deter": 8, "hidden": 16, "layers": 1, "depth": 4}
+    conf = {
+        "env": {"task": "cartpole-swingup", "image_size": OBS[-1], "action_repeat": 2,
+                "render": "fast", "num_envs": 1, "time_limit": 0.1},
+        "agent": {"name": "dreamer", "world_model": wm, "actor": {"hidden": 16, "layers": 1},
+                  "critic": {"hidden": 16, "layers": 1}},
+        "obs_model": {"kind": "aef", "latent_dim": 3, "options": {}},
+    }  # fmt: skip
+    dreamer = build_agent(conf["agent"], conf["obs_model"], OBS, 1)
+    state = {"format": 1, "run_config": conf, "agent": dreamer.state_dict()}
+    save_checkpoint(tmp_path / "checkpoint.pt", state)
+    spec = importlib.util.spec_from_file_location("eval_script", ROOT / "scripts" / "eval.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    planning = ["--horizon", "2", "--candidates", "16", "--top-k", "4", "--iterations", "2"]
+    args = [str(tmp_path), "--agent", "planner", "--episodes", "1", "--render", "fast", *planning]
+    assert script.main(args) == 0
+    result = json.loads((tmp_path / "eval_planner.json").read_text())
+    assert result["agent"] == "planner" and result["trained_by"] == "dreamer"
+    assert result["planner"]["candidates"] == 16 and len(result["returns"]) == 1
+    assert (tmp_path / "eval_planner.gif").stat().st_size > 0
+    assert not (tmp_path / "eval.json").exists()  # the actor's results are not overwritten
+    assert (
+        script.main([str(tmp_path), "--agent", "planner", "--top-k", "99", "--candidates", "9"])
+        == 2
+    )

@@ -1,0 +1,173 @@
+"""The world model as tensordict modules, its loading, and the imagination env on torchrl."""
+
+import pytest
+import torch
+from tensordict import TensorDict
+from tensordict.nn import TensorDictModule
+from torch import nn
+from torchrl.envs.utils import check_env_specs
+from torchrl.objectives.value import TDLambdaEstimator
+
+from aefrl import keys
+from aefrl.checkpoint import CheckpointError, save_checkpoint
+from aefrl.envs import ImaginationEnv
+from aefrl.world_model import RSSMState
+from aefrl.world_model.modules import filter_step, load_world_model, world_model_modules
+from agents.dreamer import DreamerAgent
+from tests.world_model.conftest import ACTIONS, OBS, tiny_world_model
+
+H, D = 8, 3  # deter and latent_dim of the tiny world model
+
+
+def _trained_heads(wm):
+    """Random output layers: the zero-initialised heads would predict exactly 0 everywhere."""
+    torch.manual_seed(3)
+    for head in (wm.reward_head, wm.continue_head):
+        nn.init.normal_(head.net[-1].weight, std=0.5)
+    return wm
+
+
+def _latent(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h, z = torch.randn(*shape, H, generator=g), torch.randn(*shape, D, generator=g)
+    return TensorDict({keys.BELIEF: h, keys.STATE: z}, list(shape))
+
+
+@pytest.mark.parametrize("predict_continue", [False, True])
+def test_env_passes_check_env_specs_for_any_batch(kind, predict_continue):
+    env = ImaginationEnv(tiny_world_model(kind), predict_continue=predict_continue)
+    assert not env.batch_locked
+    check_env_specs(env)  # reset from the RSSM's initial state, batch []
+    for shape in ([5], [2, 3]):  # reset from given filtered states, any batch shape
+        check_env_specs(env, tensordict=env.reset(_latent(*shape), set_state=True))
+
+
+def test_step_is_the_prior_step_and_reward_the_reward_heads_mean(kind):
+    wm = _trained_heads(tiny_world_model(kind))
+    env = ImaginationEnv(wm, predict_continue=True)
+    start = _latent(4)
+    td = env.reset(start.clone(), set_state=True)
+    assert torch.equal(td[keys.BELIEF], start[keys.BELIEF])
+    assert torch.equal(td[keys.STATE], start[keys.STATE])
+    action = torch.rand(4, ACTIONS) * 2 - 1
+    torch.manual_seed(7)
+    out = env.step(td.set(keys.ACTION, action))["next"]
+    torch.manual_seed(7)  # the same prior noise
+    expected = wm.rssm.img_step(RSSMState(start[keys.BELIEF], start[keys.STATE]), action)
+    torch.testing.assert_close(out[keys.BELIEF], expected.h)
+    torch.testing.assert_close(out[keys.STATE], expected.z)
+    reward = wm.reward_head(expected.feat).mean.unsqueeze(-1)
+    assert reward.abs().min() > 0
+    torch.testing.assert_close(out[keys.REWARD], reward)
+    torch.testing.assert_close(
+        out[keys.PRED_CONTINUE], wm.continue_head(expected.feat).probs.unsqueeze(-1)
+    )
+    assert not out[keys.DONE].any() and not out[keys.TERMINATED].any()
+    # env.world_model, the TensorDictSequential torchrl code may call itself, agrees.
+    torch.manual_seed(7)
+    module_out = env.world_model(td.clone())
+    for key in (keys.BELIEF, keys.STATE, keys.REWARD, keys.PRED_CONTINUE):
+        torch.testing.assert_close(module_out[key], out[key])
+    # The transition samples the prior: another draw gives another z but the same h.
+    again = env.step(td.set(keys.ACTION, action))["next"]
+    assert torch.equal(again[keys.BELIEF], out[keys.BELIEF])
+    assert not torch.equal(again[keys.STATE], out[keys.STATE])
+
+
+def test_reset_without_state_starts_from_zeros_and_refuses_missing_state():
+    env = ImaginationEnv(tiny_world_model("aef"))
+    td = env.reset(TensorDict({}, [2, 3]))
+    assert td[keys.BELIEF].shape == (2, 3, H) and not td[keys.BELIEF].any()
+    assert not td[keys.STATE].any()
+    given = env.reset(_latent(2), set_state=False)  # the state is ignored unless asked for
+    assert not given[keys.BELIEF].any()
+    with pytest.raises(ValueError, match="needs \\['state'\\]"):
+        env.reset(TensorDict({keys.BELIEF: torch.zeros(2, H)}, [2]), set_state=True)
+
+
+def test_torchrl_td_lambda_runs_on_imagined_rollouts():
+    """γ = λ = 1 and V = 0 make TD(λ)'s advantage the reward-to-go: torchrl reads our rewards,
+    done flags and time axis as we mean them."""
+    env = ImaginationEnv(_trained_heads(tiny_world_model("aef")))
+    rollout = env.rollout(6, auto_reset=False, tensordict=env.reset(_latent(4), set_state=True))
+    assert rollout.shape == (4, 6)
+
+    class ZeroValue(nn.Module):
+        def forward(self, belief, state):
+            return belief.new_zeros(*belief.shape[:-1], 1)
+
+    value = TensorDictModule(ZeroValue(), [keys.BELIEF, keys.STATE], [keys.STATE_VALUE])
+    TDLambdaEstimator(gamma=1.0, lmbda=1.0, value_network=value)(rollout)
+    reward = rollout["next", keys.REWARD]
+    to_go = reward.flip(1).cumsum(1).flip(1)
+    torch.testing.assert_close(rollout["advantage"], to_go)
+
+
+def test_modules_match_the_world_model_on_any_batch_shape(kind):
+    wm = _trained_heads(tiny_world_model(kind))
+    m = world_model_modules(wm)
+    td = _latent(2, 3)
+    td[keys.PIXELS] = torch.randint(0, 256, (2, 3, *OBS), dtype=torch.uint8)
+    td[keys.PREV_ACTION] = torch.rand(2, 3, ACTIONS) * 2 - 1
+    td[keys.IS_FIRST] = torch.tensor([[True, False, False]] * 2).unsqueeze(-1)
+    flat = td.reshape(6)
+    torch.manual_seed(1)
+    out = m["posterior"](td.clone())
+    torch.manual_seed(1)
+    state, mu_q, _ = filter_step(
+        wm,
+        RSSMState(flat[keys.BELIEF], flat[keys.STATE]),
+        flat[keys.PREV_ACTION],
+        flat[keys.PIXELS],
+        flat[keys.IS_FIRST],
+    )
+    torch.testing.assert_close(out[keys.BELIEF].reshape(6, H), state.h)
+    torch.testing.assert_close(out[keys.STATE].reshape(6, D), state.z)
+    torch.testing.assert_close(out[keys.POSTERIOR_MEAN].reshape(6, D), mu_q)
+    # The prior module takes its noise as an argument, like RSSM.img_step.
+    noise = torch.randn(2, 3, D)
+    action = torch.rand(2, 3, ACTIONS)
+    h, z = m["prior"].module(out[keys.BELIEF], out[keys.STATE], action, noise)
+    expected = wm.rssm.img_step(state, action.reshape(6, ACTIONS), noise.reshape(6, D))
+    torch.testing.assert_close(h.reshape(6, H), expected.h)
+    torch.testing.assert_close(z.reshape(6, D), expected.z)
+    out = m["decoder"](m["continue"](m["reward"](out)))
+    assert out[keys.PRED_REWARD].shape == (2, 3, 1)
+    assert out[keys.PRED_CONTINUE].shape == (2, 3, 1)
+    assert out[keys.RECO_PIXELS].shape == (2, 3, *OBS)
+    assert out[keys.RECO_PIXELS].dtype == torch.uint8
+
+
+def _run_config(kind):
+    world_model = {"deter": H, "hidden": 16, "layers": 1, "depth": 4}
+    return {
+        "env": {"task": "cartpole-swingup", "image_size": OBS[-1]},
+        "agent": {"name": "dreamer", "world_model": world_model},
+        "obs_model": {"kind": kind, "latent_dim": D, "options": {}},
+    }
+
+
+def test_load_world_model_from_a_dreamer_checkpoint(tmp_path, kind):
+    conf = _run_config(kind)
+    wm_kwargs = dict(conf["agent"]["world_model"], obs_model=kind, latent_dim=D)
+    agent = DreamerAgent(OBS, ACTIONS, world_model=wm_kwargs, actor={"hidden": 16, "layers": 1})
+    _trained_heads(agent.world_model)
+    state = {"format": 1, "run_config": conf, "agent": agent.state_dict()}
+    save_checkpoint(tmp_path / "checkpoint.pt", state)
+    wm = load_world_model(tmp_path)
+    assert wm.kind == kind and wm.action_dim == ACTIONS and not wm.training
+    expected = agent.world_model.state_dict()
+    for name, value in wm.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+
+
+def test_load_world_model_says_what_is_wrong(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_world_model(tmp_path)
+    no_model = {"format": 1, "run_config": _run_config("aef"), "agent": {"modules": {}}}
+    save_checkpoint(tmp_path / "checkpoint.pt", no_model)
+    with pytest.raises(CheckpointError, match="holds no world model"):
+        load_world_model(tmp_path)
+    save_checkpoint(tmp_path / "checkpoint.pt", {"format": 1, "weights": {}})
+    with pytest.raises(CheckpointError, match="not an aefrl training checkpoint"):
+        load_world_model(tmp_path / "checkpoint.pt")
