@@ -60,6 +60,7 @@ from aefrl.bench.timing import (  # noqa: E402
     conv_flops_per_image,
     load_average,
     profile_summary,
+    settle_allocator,
     time_interleaved,
 )
 from aefrl.bench.torchrl_peer import TorchrlDreamer  # noqa: E402
@@ -412,6 +413,7 @@ def headline(result: dict, kinds) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    settle_allocator()  # first-call memory = warm-process memory (see its docstring)
     t0 = time.time()
     result: dict = {
         "command": "OMP_WAIT_POLICY=PASSIVE python scripts/bench.py "

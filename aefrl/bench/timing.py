@@ -7,7 +7,8 @@
   on the CPU the process RSS, sampled every ``interval`` seconds by a thread, because the RSS
   high-water mark of ``getrusage`` only ever grows within a process and cannot tell two
   configurations in one process apart. Before the call, freed heap pages go back to the OS
-  (glibc ``malloc_trim``), so a call cannot hide its working set in pages left by a previous one.
+  (glibc ``malloc_trim``), so a call cannot hide its working set in pages left by a previous one;
+  :func:`settle_allocator` at start makes a first call's memory that of a warm process.
 * :func:`profile_summary` runs one call under ``torch.profiler`` and keeps the top operators by
   self time, plus the same time grouped into a few families (convolution, matmul, ...).
 """
@@ -44,6 +45,22 @@ def current_rss() -> int:
     """Resident set size of this process in bytes (Linux ``/proc/self/statm``)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * _PAGE
+
+
+def settle_allocator() -> None:
+    """Put glibc malloc in the state a process reaches after its first large free.
+
+    glibc serves allocations above a *dynamic* threshold (128 KiB at start) with mmap, and raises
+    the threshold to the size of each mmapped block freed, up to 32 MiB. A fresh process therefore
+    maps and unmaps tensors that a warm one keeps in its heap, and the first update of a process
+    shows a lower peak RSS than every later one. Freeing one 32 MiB block at start settles the
+    threshold where training processes run, so first-call memory is warm-call memory.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc.restype = ctypes.c_void_p
+        libc.free.argtypes = [ctypes.c_void_p]
+        libc.free(libc.malloc(32 * MIB - 64 * 1024))
 
 
 def _malloc_trim() -> None:
@@ -104,7 +121,8 @@ def time_interleaved(
 
     Memory is measured on the first call of each callable only (the warm-up call when there is
     one, else the first timed call, usually the slowest and dropped by the median): its
-    ``malloc_trim`` and sampling thread would otherwise perturb the timed calls.
+    ``malloc_trim`` and sampling thread would otherwise perturb the timed calls. Call
+    :func:`settle_allocator` once at start so that first calls are measured in a warm heap.
 
     Returns ``{name: {"median_s", "min_s", "times_s", "sys_s", "minor_faults", "peak_mib",
     "delta_mib"}}``: ``sys_s`` and ``minor_faults`` are medians over the timed calls of the
