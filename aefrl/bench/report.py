@@ -119,6 +119,15 @@ def _headline(r: dict) -> list[str]:
             ["–", _x(r["wm_update_over_conv_layers_bound"])] + ["–"] * (len(kinds) - 1),
         ),
     ]
+    m = r.get("ratios_from_min")
+    if m:
+        lines += [
+            "",
+            "The same ratios from each implementation's fastest call (load only ever adds time): "
+            f"world-model update speedup {m['wm_update_speedup_vs_torchrl']}, full update "
+            f"speedup {m['full_update_speedup_vs_torchrl']}, world-model update / conv bound "
+            f"{m['wm_update_over_conv_bound']}.",
+        ]
     return lines
 
 
