@@ -7,10 +7,10 @@ torchrl's DreamerV1 (``aefrl/bench/torchrl_peer.py``) on the same uint8 batch:
 2. full update (world model, then actor, then critic): ours ``DreamerAgent.train_step``;
 3. imagination rollout alone (horizon 15 from the B·T posterior states);
 4. the convolution bound: our encoder + decoder trunks forward + backward alone on the same B·T
-   frames, ``wm_update_over_conv_bound`` = our world-model update / that time (and over the
-   convolution layers alone, without the trunks' norms and activations; and torchrl's update
-   over its own trunks), a torch.profiler breakdown of our update (where the non-conv time
-   goes), and conv FLOPs per image of both architectures;
+   frames, ``wm_update_over_conv_bound`` = our world-model update / that time (full runs add the
+   convolution layers alone, as the model lays them out and in channels-last, and torchrl's
+   update over its own trunks), a torch.profiler breakdown of our update (where the non-conv
+   time goes), and conv FLOPs per image of both architectures;
 5. peak memory of every timed call (CPU: process RSS sampled during the call; CUDA: max allocated);
 6. world-model update time against batch size and sequence length (ours aef and torchrl);
 7. end-to-end agent steps/s at train ratio 512: the real loop (``aefrl.loop.Trainer``) on a real
@@ -45,7 +45,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -112,6 +112,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--collect", action="store_true", help="rerun scripts/bench_collect.py")
     p.add_argument("--out", type=Path, help="JSON path (the .md goes next to it)")
     p.add_argument("--update-docs", action="store_true", help="rewrite docs/benchmarks.md tables")
+    p.add_argument(
+        "--conv-detail",
+        action="store_true",
+        help="quick runs too: conv layers alone (NCHW, channels-last), torchrl's conv bound",
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, all cores)")
     p.add_argument("--toy", action="store_true", help="tiny networks and batches (the smoke test)")
     args = p.parse_args(argv)
@@ -124,6 +129,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.tag = tag
     args.out = args.out or ROOT / "docs" / "results" / f"{tag}.json"
     args.plan = toy_plan() if args.toy else plan(args.quick)
+    if args.conv_detail:
+        args.plan = replace(args.plan, conv_detail=True)
     args.reps = args.reps or args.plan.reps
     args.warmup = args.plan.warmup
     return args
@@ -138,7 +145,7 @@ class Plan:
     reps: int  # timed calls per headline measurement (their median is reported)
     warmup: int  # untimed rounds before them
     vae_full_update: bool  # also time ours (vae) in the full-update group
-    conv_detail: bool  # also the conv layers alone, torchrl's conv bound, torchrl's profile
+    conv_detail: bool  # also conv layers alone (NCHW, channels-last), torchrl's bound and profile
     scaling: tuple[tuple[int, int], ...]  # (B, T) points besides the headline's
     scaling_reps: int
     scaling_warmup: int
@@ -260,6 +267,10 @@ def measure_identical(args, kinds) -> dict:
     conv = {"ours_trunks": (ours, ours.conv_inputs(batch))}
     if args.plan.conv_detail:
         conv["ours_conv_layers"] = (ours, ours.conv_inputs(batch, layers_only=True))
+        conv["ours_conv_layers_channels_last"] = (
+            ours,
+            ours.conv_inputs(batch, layers_only=True, channels_last=True),
+        )
         conv["torchrl_trunks"] = (theirs, theirs.conv_inputs(batch))
     wm_calls = calls(subjects, "wm_update", prepared, args)
     for name, (subject, inputs) in conv.items():

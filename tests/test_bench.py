@@ -46,7 +46,12 @@ def test_toy_run_writes_every_key(bench, tmp_path):
     for section in ("wm_update", "full_update", "imagination"):
         assert set(ident[section]) == {"aef", "vae", "torchrl"}, section
         assert all(r["median_s"] > 0 for r in ident[section].values())
-    assert set(ident["conv_bound"]) == {"ours_trunks", "ours_conv_layers", "torchrl_trunks"}
+    assert set(ident["conv_bound"]) == {
+        "ours_trunks",
+        "ours_conv_layers",
+        "ours_conv_layers_channels_last",
+        "torchrl_trunks",
+    }
     assert ident["profile"]["wm_update_aef"]["top_ops"]
     assert ident["conv_flops_per_image"]["torchrl"]["conv_gflop_forward"] > 0
     assert {r["subject"] for r in result["scaling"]} == {"aef", "torchrl"}

@@ -92,6 +92,10 @@ def _headline(r: dict) -> list[str]:
             ["–"] + [_s(conv.get("ours_conv_layers"))] * len(kinds),
         ),
         row(
+            "conv bound: convolution layers alone, channels-last",
+            ["–"] + [_s(conv.get("ours_conv_layers_channels_last"))] * len(kinds),
+        ),
+        row(
             "  kernel (sys) seconds / minor page faults per world-model update",
             [_sys(wm[k]) for k in cols],
         ),
@@ -164,6 +168,7 @@ def _flops(r: dict) -> list[str]:
             [
                 rate("ours_trunks", ours, "ours, whole trunks"),
                 rate("ours_conv_layers", ours, "ours, convolution layers alone"),
+                rate("ours_conv_layers_channels_last", ours, "the same in channels-last"),
                 rate("torchrl_trunks", theirs_gflop, "torchrl, whole trunks"),
             ]
         )

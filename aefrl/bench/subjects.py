@@ -19,6 +19,7 @@ depend on the pixels.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 
 import torch
@@ -147,11 +148,24 @@ class OursSubject:
 
     # --- the convolution bound ------------------------------------------------------------------
     @torch.no_grad()
-    def conv_inputs(self, batch: TensorDict, layers_only: bool = False, seed: int = 0) -> dict:
-        """What the conv trunks see in a world-model update on ``batch``: the B·T pre-processed
-        frames, decoder inputs ``[h, z]`` (requiring grad, as in the update) and random output
-        gradients. ``layers_only``: inputs for :meth:`conv_pass` over the convolution layers
-        alone (no channel norms, activations or decoder Linear)."""
+    def conv_inputs(
+        self,
+        batch: TensorDict,
+        layers_only: bool = False,
+        channels_last: bool = False,
+        seed: int = 0,
+    ) -> dict:
+        """What the conv trunks see in a world-model update on ``batch``, for :meth:`conv_pass`:
+        the B·T pre-processed frames, decoder inputs ``[h, z]`` (requiring grad, as in the update),
+        random output gradients, and the modules to run.
+
+        ``layers_only``: the convolution layers alone (no channel norms, activations or decoder
+        Linear). ``channels_last`` (with ``layers_only``): copies of those layers and tensors in
+        the channels-last memory format, which oneDNN convolutions prefer on CPUs; the agent's
+        own modules are left as they are.
+        """
+        if channels_last and not layers_only:
+            raise ValueError("channels_last is only measured with layers_only=True")
         wm = self.agent.world_model
         om = wm.obs_model
         g = torch.Generator(device=batch.device).manual_seed(seed)
@@ -163,36 +177,38 @@ class OursSubject:
             return torch.randn(n, *shape, generator=g, device=dev, dtype=dt)
 
         if layers_only:
-            enc, dec = self._conv_layers()
+            convs = (nn.Conv2d, nn.ConvTranspose2d)
+            enc = nn.Sequential(*[m for m in om.encoder.net if isinstance(m, convs)])
+            dec = nn.Sequential(*[m for m in om.decoder.net if isinstance(m, convs)])
             dec_in = randn(*om.decoder.start_shape)
         else:
             enc, dec = om.encoder, om.decoder
             dec_in = randn(wm.feat_dim)
         e, x = enc(y[:1]), dec(dec_in[:1])
+        grad_e, grad_x = randn(*e.shape[1:]), randn(*x.shape[1:])
+        if channels_last:
+            cl = torch.channels_last
+            enc, dec = (
+                copy.deepcopy(enc).to(memory_format=cl),
+                copy.deepcopy(dec).to(memory_format=cl),
+            )
+            y, dec_in, grad_e, grad_x = (
+                t.contiguous(memory_format=cl) for t in (y, dec_in, grad_e, grad_x)
+            )
         return {
-            "layers_only": layers_only,
+            "modules": (enc, dec),
             "enc_in": y,
             "dec_in": dec_in.requires_grad_(True),
-            "grad_e": randn(*e.shape[1:]),
-            "grad_x": randn(*x.shape[1:]),
+            "grad_e": grad_e,
+            "grad_x": grad_x,
         }
-
-    def _conv_layers(self) -> tuple[nn.Sequential, nn.Sequential]:
-        om = self.agent.world_model.obs_model
-        convs = (nn.Conv2d, nn.ConvTranspose2d)
-        return (
-            nn.Sequential(*[m for m in om.encoder.net if isinstance(m, convs)]),
-            nn.Sequential(*[m for m in om.decoder.net if isinstance(m, convs)]),
-        )
 
     def conv_pass(self, inputs: dict) -> None:
         """Encoder + decoder forward and backward (parameter gradients and the decoder input's
-        gradient, as in the update) on the B·T frames; no RSSM, heads, loss or optimiser.
-        Whole trunks, or only their convolution layers (``inputs["layers_only"]``)."""
-        om = self.agent.world_model.obs_model
-        om.encoder.zero_grad(set_to_none=True)
-        om.decoder.zero_grad(set_to_none=True)
-        enc, dec = self._conv_layers() if inputs["layers_only"] else (om.encoder, om.decoder)
+        gradient, as in the update) on the B·T frames; no RSSM, heads, loss or optimiser."""
+        enc, dec = inputs["modules"]
+        enc.zero_grad(set_to_none=True)
+        dec.zero_grad(set_to_none=True)
         e = enc(inputs["enc_in"])
         x = dec(inputs["dec_in"])
         torch.autograd.backward([e, x], [inputs["grad_e"], inputs["grad_x"]])
