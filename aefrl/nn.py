@@ -90,6 +90,10 @@ class ConvEncoder(nn.Module):
     ``style="v1"`` (DreamerV1 and torchrl's ``ObsEncoder``): four valid-padding conv(k4, s2)
     blocks, 64 -> 31 -> 14 -> 6 -> 2, about 30% fewer convolution FLOPs at the same depth.
     ``norm=False`` drops the ChannelNorms.
+
+    Activations and conv weights are kept channels-last (NHWC in memory, the logical shape stays
+    ``[N, C, H, W]``): oneDNN's convolutions are about 30% faster that way on the CPU, and the
+    ChannelNorm's permute to ``[N, H, W, C]`` becomes a view instead of a copy.
     """
 
     def __init__(
@@ -113,12 +117,12 @@ class ConvEncoder(nn.Module):
             mods += [nn.Conv2d(c_in, c_out, 4, 2, padding, bias=not norm), *_act_norm(c_out, norm)]
             c_in = c_out
             h, w = (h + 2 * padding - 4) // 2 + 1, (w + 2 * padding - 4) // 2 + 1
-        self.net = nn.Sequential(*mods)
+        self.net = nn.Sequential(*mods).to(memory_format=torch.channels_last)
         self.out_shape = (c_in, h, w)
         self.out_dim = math.prod(self.out_shape)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return self.net(y).flatten(1)
+        return self.net(y.contiguous(memory_format=torch.channels_last)).flatten(1)
 
 
 class ConvDecoder(nn.Module):
@@ -128,7 +132,8 @@ class ConvDecoder(nn.Module):
     padding 1) blocks mirroring :class:`ConvEncoder`; the last block has no norm.
     ``style="v1"`` (DreamerV1 / torchrl's ``ObsDecoder``, 64x64 only): a Linear to a
     ``32·depth x 1 x 1`` map, then transposed convs with kernels 5, 5, 6, 6 (1 -> 5 -> 13 -> 30
-    -> 64).
+    -> 64). Channels-last inside like :class:`ConvEncoder`; the output is a contiguous
+    (NCHW) tensor.
     """
 
     def __init__(
@@ -166,11 +171,11 @@ class ConvDecoder(nn.Module):
             if not last:
                 mods += _act_norm(c_out, norm)
             c_in = c_out
-        self.net = nn.Sequential(*mods)
+        self.net = nn.Sequential(*mods).to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.linear(x).unflatten(-1, self.start_shape)
-        return self.net(x)
+        return self.net(x.contiguous(memory_format=torch.channels_last)).contiguous()
 
 
 class frozen:  # noqa: N801 - used as a context manager, like torch.no_grad
