@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from aefrl.allocator import tune_malloc
 from aefrl.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from aefrl.envs import make_dmc_env
 from aefrl.logging import RunLogger
@@ -50,11 +51,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+# Keys a resumed run may change: neither touches the learning itself, so the resumed run still
+# follows the uninterrupted one exactly.
+RESUME_OVERRIDABLE = ("loop.total_frames", "loop.checkpoint_every")
+
+
 def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
     """The configuration this run uses, its directory, and the checkpoint it resumes (if any).
 
-    A resumed run takes its configuration from its checkpoint; only ``loop.total_frames`` may
-    be changed on the command line.
+    A resumed run takes its configuration from its checkpoint; only the keys of
+    ``RESUME_OVERRIDABLE`` (when to stop, how often to save) may be changed on the command line.
     """
     if cfg.resume is None:
         run_dir = Path(cfg.run_dir)
@@ -73,8 +79,8 @@ def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
 
     for item in HydraConfig.get().overrides.task:
         key = item.split("=", 1)[0].lstrip("+~")
-        if key == "loop.total_frames":
-            conf["loop"]["total_frames"] = int(cfg.loop.total_frames)
+        if key in RESUME_OVERRIDABLE:
+            conf["loop"][key.split(".")[1]] = int(OmegaConf.select(cfg, key))
         elif key != "resume":
             print(f"resume: ignoring {item!r} (a resumed run keeps its configuration)")
     return conf, run_dir, state
@@ -103,6 +109,7 @@ def train(cfg: DictConfig) -> dict:
         tmp.replace(run_dir / RUN_CONFIG)
     if conf["threads"]:
         torch.set_num_threads(int(conf["threads"]))
+    tune_malloc()  # CPU updates otherwise re-fault their working set every time (allocator.py)
     seed = int(conf["seed"])
     seed_everything(seed)
     device = resolve_device(conf["device"])

@@ -84,12 +84,19 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
     frames = load_checkpoint(run_dir)["counters"]["frames"]
     assert 0 < frames < 100000
 
-    out = train(f"resume={run_dir}", f"loop.total_frames={frames + 100}", "seed=5")
+    out = train(
+        f"resume={run_dir}",
+        f"loop.total_frames={frames + 100}",
+        "loop.checkpoint_every=7",
+        "seed=5",
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "ignoring 'seed=5'" in out.stdout
     state = load_checkpoint(run_dir)
     assert state["counters"]["frames"] >= frames + 100
     assert state["run_config"]["loop"]["total_frames"] == frames + 100
+    assert state["run_config"]["loop"]["checkpoint_every"] == 7
+    assert state["run_config"]["seed"] != 5
 
 
 @pytest.mark.slow
