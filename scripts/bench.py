@@ -55,7 +55,14 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # agents/ when run from elsewhere
 
-from aefrl.bench.subjects import OursSubject, Sizes, ours_agent_kwargs, random_batch  # noqa: E402
+from aefrl.allocator import malloc_tuned, tune_malloc  # noqa: E402
+from aefrl.bench.subjects import (  # noqa: E402
+    OursSubject,
+    Sizes,
+    base_kind,
+    ours_agent_kwargs,
+    random_batch,
+)
 from aefrl.bench.timing import (  # noqa: E402
     conv_flops_per_image,
     load_average,
@@ -118,6 +125,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="quick runs too: conv layers alone (NCHW, channels-last), torchrl's conv bound",
     )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, all cores)")
+    p.add_argument(
+        "--allocator",
+        choices=["tuned", "glibc"],
+        default="tuned",
+        help="tuned: aefrl.allocator.tune_malloc() as in training (both implementations share "
+        "the process); glibc: its defaults",
+    )
     p.add_argument("--toy", action="store_true", help="tiny networks and batches (the smoke test)")
     args = p.parse_args(argv)
     args.device = torch.device(args.device)
@@ -207,7 +221,7 @@ def default_sizes() -> Sizes:
 
 
 def build_ours(kind: str, sizes: Sizes, device: torch.device) -> OursSubject:
-    agent, obs = ours_agent_kwargs(sizes, kind, *load_config(kind))
+    agent, obs = ours_agent_kwargs(sizes, kind, *load_config(base_kind(kind)))
     model = build_agent(agent, obs, (3, sizes.image, sizes.image), sizes.action_dim)
     return OursSubject(kind, model.to(device))
 
@@ -265,6 +279,9 @@ def measure_identical(args, kinds) -> dict:
     # Every observation model has the same trunks, so one bound serves all of ours.
     ours, theirs = subjects["aef"], subjects["torchrl"]
     conv = {"ours_trunks": (ours, ours.conv_inputs(batch))}
+    if "aef_v1" in subjects:  # its trunks are torchrl's geometry: a bound of its own
+        v1 = subjects["aef_v1"]
+        conv["aef_v1_trunks"] = (v1, v1.conv_inputs(batch))
     if args.plan.conv_detail:
         conv["ours_conv_layers"] = (ours, ours.conv_inputs(batch, layers_only=True))
         conv["ours_conv_layers_channels_last"] = (
@@ -406,13 +423,20 @@ def headline(result: dict, kinds) -> None:
     by_full = {
         k: ratio(full["torchrl"]["median_s"], full[k]["median_s"]) for k in kinds if k in full
     }
-    by_conv = {k: round(wm[k]["median_s"] / conv["ours_trunks"]["median_s"], 3) for k in kinds}
+    by_conv = {
+        k: round(wm[k]["median_s"] / conv.get(f"{k}_trunks", conv["ours_trunks"])["median_s"], 3)
+        for k in kinds
+    }
     result["wm_update_speedup_vs_torchrl"] = by_wm["aef"]
     result["full_update_speedup_vs_torchrl"] = by_full["aef"]
     result["wm_update_over_conv_bound"] = by_conv["aef"]
     result["wm_update_speedup_vs_torchrl_by_model"] = by_wm
     result["full_update_speedup_vs_torchrl_by_model"] = by_full
     result["wm_update_over_conv_bound_by_model"] = by_conv
+    # Ours with torchrl's trunk geometry and no channel norms: the same convolutions on both
+    # sides, so these ratios measure everything around them (RSSM, heads, losses, actor-critic).
+    result["wm_update_speedup_vs_torchrl_same_trunks"] = by_wm.get("aef_v1")
+    result["full_update_speedup_vs_torchrl_same_trunks"] = by_full.get("aef_v1")
     # The same from each callable's fastest call: interference on a shared machine only ever
     # adds time, so on a busy machine these are the steadier (if optimistic) ratios.
     result["ratios_from_min"] = {
@@ -434,6 +458,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.allocator == "tuned":
+        tune_malloc()  # as scripts/train.py does, for both implementations (same process)
     settle_allocator()  # first-call memory = warm-process memory (see its docstring)
     t0 = time.time()
     result: dict = {
@@ -454,6 +480,7 @@ def main(argv=None) -> dict:
             **machine_info(),
             "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
             # glibc malloc tunables change the page-fault cost of an update a lot on the CPU.
+            "allocator": "tuned (aefrl.allocator.tune_malloc)" if malloc_tuned() else "glibc",
             "allocator_env": {
                 k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"
             },
@@ -461,7 +488,7 @@ def main(argv=None) -> dict:
         "load_average": {"start": load_average()},
     }
     log(f"start: {result['command']}")
-    kinds = ["aef", "vae"] + (["aef_partition"] if args.partition else [])
+    kinds = ["aef", "vae", "aef_v1"] + (["aef_partition"] if args.partition else [])
 
     ident = measure_identical(args, kinds)
     subjects = ident.pop("_subjects")

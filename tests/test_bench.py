@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,6 +18,8 @@ TOP_LEVEL = (
     "wm_update_over_conv_layers_bound",
     "wm_update_speedup_vs_torchrl_by_model",
     "full_update_speedup_vs_torchrl_by_model",
+    "wm_update_speedup_vs_torchrl_same_trunks",
+    "full_update_speedup_vs_torchrl_same_trunks",
     "machine",
     "load_average",
     "command",
@@ -44,10 +47,11 @@ def test_toy_run_writes_every_key(bench, tmp_path):
         assert key in result, key
     ident = result["identical_sizes"]
     for section in ("wm_update", "full_update", "imagination"):
-        assert set(ident[section]) == {"aef", "vae", "torchrl"}, section
+        assert set(ident[section]) == {"aef", "vae", "aef_v1", "torchrl"}, section
         assert all(r["median_s"] > 0 for r in ident[section].values())
     assert set(ident["conv_bound"]) == {
         "ours_trunks",
+        "aef_v1_trunks",
         "ours_conv_layers",
         "ours_conv_layers_channels_last",
         "torchrl_trunks",
@@ -58,3 +62,18 @@ def test_toy_run_writes_every_key(bench, tmp_path):
     assert result["load_average"]["start"] and result["load_average"]["end"]
     md = out.with_suffix(".md").read_text()
     assert "world-model update speedup" in md and "| torchrl |" in md
+
+
+def test_same_trunks_variant_builds_torchrl_geometry_without_norms(bench):
+    from aefrl.bench.subjects import Sizes
+
+    ours = bench.build_ours("aef_v1", Sizes(latent=3, deter=8, hidden=16, depth=4), "cpu")
+    wm = ours.agent.world_model
+    assert wm.obs_model.kind == "aef"
+    x = torch.zeros(1, 3, 64, 64)
+    # torchrl's ObsEncoder: valid padding, 64 -> 31 -> 14 -> 6 -> 2, so 8 * depth * 2 * 2 features
+    assert wm.obs_model.encoder(x).shape[-1] == 8 * 4 * 2 * 2
+    trunks = [*wm.obs_model.encoder.modules(), *wm.obs_model.decoder.modules()]
+    assert not [m for m in trunks if "Norm" in type(m).__name__]
+    default = bench.build_ours("aef", Sizes(latent=3, deter=8, hidden=16, depth=4), "cpu")
+    assert any("Norm" in type(m).__name__ for m in default.agent.world_model.obs_model.modules())

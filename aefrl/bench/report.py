@@ -6,6 +6,8 @@ from pathlib import Path
 
 
 def _name(subject: str) -> str:
+    if subject == "aef_v1":
+        return "ours (aef, torchrl's trunks)"
     return subject if subject == "torchrl" else f"ours ({subject})"
 
 
@@ -49,8 +51,10 @@ def _header(r: dict) -> list[str]:
         + ", interleaved round-robin across implementations (every call is in the JSON); "
         "memory is measured on the first call of each (CPU: peak process RSS, in brackets its "
         "growth over the RSS before the call; GPU: max allocated). "
-        f"Device {r['device']}, options {r['options']}; allocator settings "
-        f"{m.get('allocator_env') or 'glibc defaults'}.",
+        f"Device {r['device']}, options {r['options']}; allocator "
+        f"{m.get('allocator', 'glibc')}"
+        + (f", environment {m['allocator_env']}" if m.get("allocator_env") else "")
+        + ".",
     ]
 
 
@@ -85,15 +89,20 @@ def _headline(r: dict) -> list[str]:
         ),
         row(
             "conv bound: encoder + decoder trunks fwd + bwd alone",
-            [_s(conv.get("torchrl_trunks"))] + [_s(conv["ours_trunks"])] * len(kinds),
+            [_s(conv.get("torchrl_trunks"))]
+            + [_s(conv.get(f"{k}_trunks", conv["ours_trunks"])) for k in kinds],
         ),
         row(
             "conv bound: convolution layers alone (no norms, activations)",
-            ["–"] + [_s(conv.get("ours_conv_layers"))] * len(kinds),
+            ["–"] + [_s(conv.get("ours_conv_layers")) if k != "aef_v1" else "–" for k in kinds],
         ),
         row(
             "conv bound: convolution layers alone, channels-last",
-            ["–"] + [_s(conv.get("ours_conv_layers_channels_last"))] * len(kinds),
+            ["–"]
+            + [
+                _s(conv.get("ours_conv_layers_channels_last")) if k != "aef_v1" else "–"
+                for k in kinds
+            ],
         ),
         row(
             "  kernel (sys) seconds / minor page faults per world-model update",
@@ -123,6 +132,15 @@ def _headline(r: dict) -> list[str]:
             ["–", _x(r["wm_update_over_conv_layers_bound"])] + ["–"] * (len(kinds) - 1),
         ),
     ]
+    same = r.get("wm_update_speedup_vs_torchrl_same_trunks")
+    if same is not None:
+        lines += [
+            "",
+            "With torchrl's trunk geometry and no channel norms (`conv_style=v1 conv_norm=false`, "
+            "the same convolutions on both sides): world-model update speedup "
+            f"**{same}**, full update speedup "
+            f"**{_x(r.get('full_update_speedup_vs_torchrl_same_trunks'))}**.",
+        ]
     m = r.get("ratios_from_min")
     if m:
         lines += [

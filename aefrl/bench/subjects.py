@@ -83,13 +83,30 @@ def random_batch(sizes: Sizes, seed: int = 0, device="cpu") -> TensorDict:
     return batch.to(device)
 
 
+# Subjects that are our agent with other world-model options. ``aef_v1``: torchrl's conv trunk
+# geometry (valid-padding encoder, k5/k5/k6/k6 decoder) without our channel norms, so that the
+# comparison with torchrl runs the same convolutions and measures everything around them.
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "aef_v1": ("aef", {"conv_style": "v1", "conv_norm": False}),
+}
+
+
+def base_kind(subject: str) -> str:
+    """The observation model a subject uses (``aef_v1`` -> ``aef``)."""
+    return VARIANTS[subject][0] if subject in VARIANTS else subject
+
+
 def ours_agent_kwargs(sizes: Sizes, kind: str, agent: dict, obs_model: dict) -> tuple[dict, dict]:
     """Our ``agent`` / ``obs_model`` config dicts (configs/agent/dreamer.yaml,
-    configs/obs_model/<kind>.yaml) with the sizes of ``sizes`` written in."""
+    configs/obs_model/<kind>.yaml) with the sizes of ``sizes`` written in; ``kind`` may be a
+    :data:`VARIANTS` name."""
     agent = {k: (dict(v) if isinstance(v, dict) else v) for k, v in agent.items()}
     agent["world_model"].update(
         deter=sizes.deter, hidden=sizes.hidden, layers=sizes.reward_layers, depth=sizes.depth
     )
+    if kind in VARIANTS:
+        kind, options = VARIANTS[kind]
+        agent["world_model"].update(options)
     agent["actor"].update(hidden=sizes.hidden, layers=sizes.ac_layers)
     agent["critic"].update(hidden=sizes.hidden, layers=sizes.ac_layers)
     agent["actor_loss"] = {**agent.get("actor_loss", {}), "horizon": sizes.horizon}
