@@ -72,6 +72,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--logdir", default="runs/likelihood_study")
     p.add_argument("--data-dir", default="data")
     p.add_argument(
+        "--models",
+        nargs="+",
+        help="only these models of the grid (names like aef_d2); default: all",
+    )
+    p.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train the selected models again even when results.json has them",
+    )
+    p.add_argument(
         "--evaluate-only",
         action="store_true",
         help="re-evaluate the models saved by an earlier run (<logdir>/<model>/model.pt)",
@@ -145,7 +155,9 @@ def train(model, pre, train_frames, args, logger, name):
                 e, _ = model.embed(y)
                 _, sigma_q = model.posterior(e)
                 sigma_x = model.decoder_params(torch.zeros(1, model.latent_dim))[1]
-            obj_bpd = float(bits_per_dim(objective.mean() - logdet.mean(), logdet.mean(), dims))
+            obj_bpd = float(
+                bits_per_dim(objective.detach().mean() - logdet.mean(), logdet.mean(), dims)
+            )
             logger.log_scalars(
                 {
                     "objective_bpd": obj_bpd,
@@ -249,10 +261,17 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "evaluate_only")}
+    # What a model's numbers depend on; --models / --retrain / --evaluate-only only choose
+    # which models this invocation (re)computes.
+    per_run = ("out", "evaluate_only", "models", "retrain")
+    settings = {k: v for k, v in vars(args).items() if k not in per_run}
+    grid = [f"{kind}_d{d}" for d in args.latents for kind in args.kinds]
+    unknown = sorted(set(args.models or []) - set(grid))
+    if unknown:
+        raise SystemExit(f"unknown model names {unknown}; the grid has {grid}")
     if args.evaluate_only:
         results.setdefault("models", {})
-    elif {k: v for k, v in results.get("args", {}).items() if k != "evaluate_only"} != settings:
+    elif {k: v for k, v in results.get("args", {}).items() if k not in per_run} != settings:
         results = {"models": {}}  # different settings: start over
     results["args"] = settings
     results["command"] = command
@@ -270,8 +289,10 @@ def main(argv=None) -> int:
     for d in args.latents:
         for kind in args.kinds:
             name = f"{kind}_d{d}"
+            if args.models and name not in args.models:
+                continue
             done = results["models"].get(name)
-            if done is not None and not args.evaluate_only:
+            if done is not None and not (args.evaluate_only or args.retrain):
                 print(f"{name}: done already, skipping")
                 continue
             torch.manual_seed(args.seed)
