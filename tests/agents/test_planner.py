@@ -163,7 +163,7 @@ def test_agent_planner_config_builds_with_every_exp_preset():
     for overrides, expected in [
         (["agent=planner"], dict(horizon=12, candidates=1000, top_k=100, iterations=10)),
         (["agent=planner", "exp=smoke"], dict(horizon=4, candidates=32, top_k=4, iterations=2)),
-        (["agent=planner", "exp=cpu"], dict(horizon=12, candidates=1000)),
+        (["agent=planner", "exp=cpu"], dict(horizon=12, candidates=300, top_k=30, iterations=5)),
     ]:
         cfg = _compose(*overrides)
         agent = build_agent(dict(cfg.agent), dict(cfg.obs_model), (3, 64, 64), 1)
