@@ -174,13 +174,14 @@ class DreamerAgent(nn.Module):
     # --- checkpoints -----------------------------------------------------------------------------
     def state_dict(self, *args, **kwargs):
         """Module parameters and buffers plus optimiser states (one dict for checkpoints)."""
+        # nn.Module's methods named explicitly (not super()) so PlannerAgent can borrow these.
         return {
-            "modules": super().state_dict(*args, **kwargs),
+            "modules": nn.Module.state_dict(self, *args, **kwargs),
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
         }
 
     def load_state_dict(self, state, strict: bool = True):
-        result = super().load_state_dict(state["modules"], strict=strict)
+        result = nn.Module.load_state_dict(self, state["modules"], strict=strict)
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
         return result

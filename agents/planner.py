@@ -163,6 +163,10 @@ class PlannerAgent(nn.Module):
     # world_model, action_dim, optimizers, _groups and grad_clip, which this agent has too.
     initial_carry = DreamerAgent.initial_carry
     _step = DreamerAgent._step
+    # Checkpoints in Dreamer's layout ({"modules", "optimizers"}), so either agent's world model
+    # loads from the other's checkpoint.
+    state_dict = DreamerAgent.state_dict
+    load_state_dict = DreamerAgent.load_state_dict
     report = DreamerAgent.report
 
     # --- planning --------------------------------------------------------------------------------
@@ -215,19 +219,6 @@ class PlannerAgent(nn.Module):
         return metrics
 
     # --- checkpoints -----------------------------------------------------------------------------
-    def state_dict(self, *args, **kwargs):
-        """Module parameters and buffers plus the optimiser state (Dreamer's layout)."""
-        return {
-            "modules": super().state_dict(*args, **kwargs),
-            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
-        }
-
-    def load_state_dict(self, state, strict: bool = True):
-        result = super().load_state_dict(state["modules"], strict=strict)
-        for name, opt in self.optimizers.items():
-            opt.load_state_dict(state["optimizers"][name])
-        return result
-
     def load_world_model_state(self, modules: dict) -> None:
         """Load the ``world_model.*`` weights of any agent's ``state_dict()["modules"]`` (e.g. a
         Dreamer checkpoint's) and leave everything else as it is."""
