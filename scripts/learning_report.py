@@ -102,11 +102,47 @@ def plot(curves: dict[str, list[dict]], path: Path, title: str, ylabel: str) -> 
     img.save(path)
 
 
+def windowed(runs: dict[str, dict], window: int, tag: str = "env/episode_return") -> list[dict]:
+    """Per run, the mean of ``tag`` (one value per training episode) in ``window``-frame bins
+    labelled by the bin's end; then mean / min / max over the runs that have episodes in a bin."""
+    per_bin: dict[int, list[float]] = defaultdict(list)
+    for run in runs.values():
+        bins: dict[int, list[float]] = defaultdict(list)
+        for frames, value in run.get(tag, []):
+            bins[-(-frames // window) * window].append(value)
+        for end, values in bins.items():
+            per_bin[end].append(float(np.mean(values)))
+    return [
+        {"frames": f, "mean": float(np.mean(v)), "min": min(v), "max": max(v), "seeds": len(v)}
+        for f, v in sorted(per_bin.items())
+    ]
+
+
+def table(series: dict[str, list[dict]], fmt: str) -> list[str]:
+    """A markdown table, one row per frame count, one column per group (mean [min, max])."""
+    names = sorted(series)
+    lines = [f"| frames | {' | '.join(names)} |", "|---:|" + "---:|" * len(names)]
+    for step in sorted({r["frames"] for g in names for r in series[g]}):
+        cells = []
+        for g in names:
+            row = next((r for r in series[g] if r["frames"] == step), None)
+            if row is None:
+                cells.append("")
+            elif row["seeds"] > 1:
+                lo, hi = fmt.format(row["min"]), fmt.format(row["max"])
+                cells.append(f"{fmt.format(row['mean'])} [{lo}, {hi}]")
+            else:
+                cells.append(fmt.format(row["mean"]))
+        lines.append(f"| {step} | {' | '.join(cells)} |")
+    return lines
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("roots", nargs="+", type=Path, help="folders holding runs")
     p.add_argument("--out", type=Path, default=Path("docs/results/learning"))
     p.add_argument("--name", default=None, help="file stem (default: the first root's name)")
+    p.add_argument("--window", type=int, default=10000, help="frames per train-return bin")
     args = p.parse_args(argv)
     groups = collect(args.roots)
     if not groups:
@@ -120,19 +156,18 @@ def main(argv=None) -> int:
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=2))
     returns = {g: result[g]["eval/episode_return"] for g in groups}
     plot(returns, args.out / f"{name}_return.png", name, "eval return (deterministic policy)")
-    lines = [f"| frames | {' | '.join(sorted(groups))} |", "|---:|" + "---:|" * len(groups)]
-    steps = sorted({r["frames"] for g in groups for r in result[g]["eval/episode_return"]})
-    for step in steps:
-        cells = []
-        for g in sorted(groups):
-            row = next((r for r in result[g]["eval/episode_return"] if r["frames"] == step), None)
-            if row is None:
-                cells.append("")
-            elif row["seeds"] > 1:
-                cells.append(f"{row['mean']:.0f} [{row['min']:.0f}, {row['max']:.0f}]")
-            else:
-                cells.append(f"{row['mean']:.0f}")
-        lines.append(f"| {step} | {' | '.join(cells)} |")
+    train = {g: windowed(runs, args.window) for g, runs in groups.items()}
+    plot(train, args.out / f"{name}_train_return.png", name, "train return (window mean)")
+    sections = [
+        ("Eval return (deterministic policy, separate env)", "eval/episode_return", "{:.0f}"),
+        (f"Train return (mean of the episodes in each {args.window}-frame window)", None, "{:.0f}"),
+        ("Held-out bits/dim (latest evaluation episode)", "heldout/bits_per_dim", "{:.3f}"),
+        ("Open-loop prediction MSE at horizon 45", "heldout/open_loop_mse_h45", "{:.5f}"),
+    ]
+    lines: list[str] = []
+    for title, tag, fmt in sections:
+        series = train if tag is None else {g: result[g][tag] for g in groups}
+        lines += [f"### {title}", "", *table(series, fmt), ""]
     (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

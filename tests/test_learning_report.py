@@ -1,0 +1,50 @@
+"""scripts/learning_report.py on synthetic TensorBoard runs: tables, windows, plots."""
+
+import importlib.util
+from pathlib import Path
+
+from torch.utils.tensorboard import SummaryWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location(
+        "learning_report", ROOT / "scripts/learning_report.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(path: Path, evals: dict[int, float], train: dict[int, float]) -> None:
+    w = SummaryWriter(str(path / "tb"))
+    for step, value in evals.items():
+        w.add_scalar("eval/episode_return", value, step)
+    for step, value in train.items():
+        w.add_scalar("env/episode_return", value, step)
+    w.add_scalar("heldout/bits_per_dim", 6.5, 20000)
+    w.close()
+
+
+def test_report_tables_seeds_and_windows(tmp_path):
+    root = tmp_path / "task"
+    _run(root / "aef/s0", {10000: 100.0, 20000: 300.0}, {1000: 10.0, 9000: 30.0, 15000: 50.0})
+    _run(root / "aef/s1", {10000: 200.0, 20000: 500.0}, {5000: 20.0})
+    _run(root / "vae/s0", {10000: 50.0}, {12000: 7.0})
+    out = tmp_path / "out"
+    assert _load().main([str(root), "--out", str(out)]) == 0
+    md = (out / "task.md").read_text()
+    assert "| 10000 | 150 [100, 200] | 50 |" in md  # eval: mean [min, max] over seeds
+    assert "| 20000 | 400 [300, 500] |  |" in md
+    # train returns per 10k window: s0 has 1k and 9k (mean 20), s1 has 5k (20); then 15k / 12k
+    assert "| 10000 | 20 [20, 20] |  |" in md
+    assert "| 20000 | 50 | 7 |" in md
+    assert "| 20000 | 6.500 [6.500, 6.500] | 6.500 |" in md
+    for png in ("task_return.png", "task_train_return.png"):
+        assert (out / png).stat().st_size > 0
+
+
+def test_no_runs_is_an_error(tmp_path, capsys):
+    assert _load().main([str(tmp_path)]) == 2
+    assert "no runs" in capsys.readouterr().err
