@@ -54,7 +54,9 @@ class TwoHot:
 def two_hot(x: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     """Encode ``x [...]`` as weights ``[..., K]`` on the two nearest bins (clipped to the range),
     so that ``Σ_k w_k b_k = x`` inside the range."""
-    x = x.clamp(bins[0], bins[-1])
+    # float32 throughout: under bf16 autocast x may arrive in bf16, and two-hot targets (and the
+    # scatter into them) need the bins' precision anyway.
+    x = x.to(bins.dtype).clamp(bins[0], bins[-1])
     above = torch.searchsorted(bins, x.detach().contiguous(), right=True).clamp(1, len(bins) - 1)
     below = above - 1
     lo, hi = bins[below], bins[above]

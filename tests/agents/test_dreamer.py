@@ -99,3 +99,15 @@ def test_report_gives_video_and_bits_per_dim(kind):
     assert out["video_pred"].shape == (2, 12, *OBS) and out["video_pred"].dtype == torch.uint8
     assert out["open_loop_mse"].shape == (7,)
     assert 0 < float(out["bits_per_dim"]) < 16
+
+
+def test_train_step_runs_under_bf16_autocast(kind):
+    """The GPU path wraps updates in bf16 autocast (scripts/bench.py --autocast bf16); on the CPU
+    the same ops run, so a dtype mismatch (e.g. bf16 values scattered into float32 two-hot
+    targets) shows up here."""
+    torch.manual_seed(0)
+    agent = tiny_agent(kind)
+    batch = random_batch(3, 8, first_at=(0, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        metrics = agent.train_step(batch)
+    assert all(torch.isfinite(v) for v in metrics.values())
