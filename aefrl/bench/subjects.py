@@ -177,9 +177,8 @@ class OursSubject:
         random output gradients, and the modules to run.
 
         ``layers_only``: the convolution layers alone (no channel norms, activations or decoder
-        Linear). ``channels_last`` (with ``layers_only``): copies of those layers and tensors in
-        the channels-last memory format, which oneDNN convolutions prefer on CPUs; the agent's
-        own modules are left as they are.
+        Linear), as copies in NCHW or, with ``channels_last``, in the channels-last memory format
+        (what the agent's own trunks use); the agent's modules are left as they are.
         """
         if channels_last and not layers_only:
             raise ValueError("channels_last is only measured with layers_only=True")
@@ -203,8 +202,10 @@ class OursSubject:
             dec_in = randn(wm.feat_dim)
         e, x = enc(y[:1]), dec(dec_in[:1])
         grad_e, grad_x = randn(*e.shape[1:]), randn(*x.shape[1:])
-        if channels_last:
-            cl = torch.channels_last
+        if layers_only:
+            # The trunks keep their weights channels-last (aefrl/nn.py); copies in the format
+            # asked for, so "NCHW" and "channels-last" measure what they say.
+            cl = torch.channels_last if channels_last else torch.contiguous_format
             enc, dec = (
                 copy.deepcopy(enc).to(memory_format=cl),
                 copy.deepcopy(dec).to(memory_format=cl),
