@@ -254,6 +254,25 @@ def write_table(results: dict, args, command: str) -> None:
     (Path(args.out) / "table.md").write_text(header + "\n".join(lines) + "\n")
 
 
+def save_model_result(path: Path, results: dict, name: str, result: dict) -> dict:
+    """Write one model's result into ``path`` atomically and return the merged results.
+
+    Models finished meanwhile by another invocation with the same settings (e.g. ``--models
+    vae_d8`` and ``--models aef_d8`` run side by side) are kept: the file is re-read first.
+    """
+    merged = dict(results)
+    if path.exists():
+        on_disk = json.loads(path.read_text())
+        if on_disk.get("args") == results.get("args"):
+            # the file wins for every other model: this process wrote its own earlier ones there
+            merged["models"] = {**results["models"], **on_disk.get("models", {})}
+    merged["models"] = {**merged["models"], name: result}
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(merged, indent=2))
+    tmp.replace(path)
+    return merged
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
@@ -316,10 +335,7 @@ def main(argv=None) -> int:
             result = evaluate(model, pre, tune_frames, eval_frames, args, logger, name)
             result["train_seconds"] = seconds
             logger.close()
-            results["models"][name] = result
-            tmp = results_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(results, indent=2))
-            tmp.replace(results_path)
+            results = save_model_result(results_path, results, name, result)
             write_table(results, args, command)
             print(f"{name}: {result['bpd']:.3f} bits/dim ({result['estimator']})")
     print((out / "table.md").read_text())

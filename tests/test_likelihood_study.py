@@ -1,5 +1,6 @@
 """scripts/likelihood_study.py end to end on a tiny grid: files written, reruns skip or retrain."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -55,3 +56,23 @@ def test_study_writes_table_grids_models_and_reruns_selectively(tmp_path):
 
     bad = study(tmp_path, "--models", "flow_d2")
     assert bad.returncode != 0 and "unknown model names" in bad.stderr
+
+
+def test_results_of_side_by_side_invocations_are_merged(tmp_path):
+    spec = importlib.util.spec_from_file_location("study", ROOT / "scripts/likelihood_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path = tmp_path / "results.json"
+    args = {"steps": 3}
+    # two processes started from the same file, each holding a stale copy of the other's model
+    first = {"args": args, "models": {"vae_d8": {"bpd": 9.0}, "aef_d8": {"bpd": 9.0}}}
+    second = json.loads(json.dumps(first))
+    module.save_model_result(path, first, "vae_d8", {"bpd": 5.0})
+    merged = module.save_model_result(path, second, "aef_d8", {"bpd": 6.0})
+    assert merged["models"] == {"vae_d8": {"bpd": 5.0}, "aef_d8": {"bpd": 6.0}}
+    assert json.loads(path.read_text())["models"] == merged["models"]
+    # a file written with other settings is not merged in
+    other = {"args": {"steps": 4}, "models": {}}
+    assert module.save_model_result(path, other, "vae_d2", {"bpd": 7.0})["models"] == {
+        "vae_d2": {"bpd": 7.0}
+    }
