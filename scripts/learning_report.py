@@ -89,7 +89,7 @@ def plot(curves: dict[str, list[dict]], path: Path, title: str, ylabel: str) -> 
         xv = x0 + (x1 - x0) * i / 4
         d.text((xy(xv, y0)[0] - 15, h - bottom + 8), f"{xv / 1000:.0f}k", fill="black")
     d.text((w // 2 - 60, h - 20), "environment frames", fill="black")
-    d.text((left, 10), f"{title} — {ylabel}", fill="black")
+    d.text((left, 10), f"{title}: {ylabel}", fill="black")
     for i, (name, rows) in enumerate(sorted((k, v) for k, v in curves.items() if v)):
         color = COLORS[i % len(COLORS)]
         if len(rows) > 1:
