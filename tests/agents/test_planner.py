@@ -2,7 +2,6 @@
 interface, configuration, and planning with a Dreamer checkpoint's world model."""
 
 import importlib.util
-import io
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,6 +17,7 @@ from aefrl.world_model.modules import filter_step
 from agents.dreamer import DreamerAgent
 from agents.factory import build_agent
 from agents.planner import PlannerAgent
+from tests.agents.round_trip import assert_reloaded_agent_trains_identically
 from tests.world_model.conftest import ACTIONS, OBS, random_batch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -126,17 +126,7 @@ def test_train_step_trains_only_the_world_model_and_round_trips():
     after = agent.state_dict()["modules"]
     assert all(k.startswith(("world_model.", "wm_loss.world_model.")) for k in after)
     assert any(not torch.equal(after[k], before[k]) for k in after)
-    buf = io.BytesIO()
-    torch.save(agent.state_dict(), buf)
-    buf.seek(0)
-    other = tiny_planner()
-    other.load_state_dict(torch.load(buf, weights_only=True))
-    batch = random_batch(2, 6)
-    torch.manual_seed(4)
-    m1 = agent.train_step(batch)
-    torch.manual_seed(4)
-    m2 = other.train_step(batch)
-    assert all(torch.equal(m1[k], m2[k]) for k in m1)
+    assert_reloaded_agent_trains_identically(agent, tiny_planner())
     assert agent.report(random_batch(1, 8), num_samples=2)["video_pred"].shape == (1, 8, *OBS)
 
 
