@@ -98,17 +98,23 @@ class ReturnNormalizer(nn.Module):
         self.decay, self.low, self.high = float(decay), float(low), float(high)
         self.register_buffer("scale", torch.zeros(()))
         self.register_buffer("initialized", torch.tensor(False))
+        # The quantile levels live on the module's device: a tensor built per call would be a
+        # host-to-device copy, which a CUDA graph capture of the update refuses.
+        self.register_buffer("levels", torch.tensor([self.low, self.high]), persistent=False)
 
     @torch.no_grad()
     def update(self, returns: torch.Tensor) -> torch.Tensor:
+        """Fold the spread of ``returns`` (any shape) into the scale; returns ``scale`` ``[]``.
+
+        Branch-free (``torch.where`` on the ``initialized`` flag rather than ``if``), so the
+        update never synchronises with the host and can be captured in a CUDA graph.
+        """
         flat = returns.detach().flatten().float()
-        q = torch.quantile(flat, torch.tensor([self.low, self.high], device=flat.device))
-        spread = q[1] - q[0]
-        if bool(self.initialized):
-            self.scale.lerp_(spread.to(self.scale.dtype), 1 - self.decay)
-        else:
-            self.scale.copy_(spread)
-            self.initialized.fill_(True)
+        q = torch.quantile(flat, self.levels.to(flat.dtype))
+        spread = (q[1] - q[0]).to(self.scale.dtype)
+        ema = torch.lerp(self.scale, spread, 1 - self.decay)
+        self.scale.copy_(torch.where(self.initialized, ema, spread))
+        self.initialized.fill_(True)
         return self.scale
 
     def forward(self, returns: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from aefrl import keys
 from aefrl.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint
 from aefrl.checkpoint import set_rng_state as restore_rng
 from aefrl.collect import Collector
+from aefrl.cuda_graph import graph_train_step
 from aefrl.logging import RunLogger
 
 CHECKPOINT_FORMAT = 1
@@ -51,6 +52,8 @@ class LoopConfig:
     report_samples: int = 8  # K of the importance-sampled bits/dim in reports
     checkpoint_every: int = 50000
     video_fps: float = 15.0
+    cuda_graph: bool = False  # replay the whole update as one CUDA graph (aefrl/cuda_graph.py)
+    cuda_graph_fallback: bool = True  # if the capture fails: warn and run eagerly (else raise)
 
     def __post_init__(self) -> None:
         for name in ("total_frames", "action_repeat", "batch_size", "seq_len", "eval_episodes"):
@@ -125,6 +128,7 @@ class Trainer:
         self.heldout: TensorDict | None = None  # rows of the latest evaluation episode
         self.last_return = float("nan")
         self._stop_requested = False
+        self._update = None  # the agent's train_step, or its CUDA graph (built on first use)
         self._schedules()
 
     def _schedules(self) -> None:
@@ -261,11 +265,31 @@ class Trainer:
             return
         self.train_credit += stepped * updates_per_step
         while self.train_credit >= 1.0:
-            out = self.agent.train_step(self.replay.sample())
+            batch = self.replay.sample()
+            if self._update is None:
+                self._update = self._make_update(batch)
+            out = self._update(batch)
             for key, value in out.items():
                 metrics[key].append(value)
             self.counters["updates"] += 1
             self.train_credit -= 1.0
+
+    def _make_update(self, batch) -> Callable:
+        """The agent's ``train_step``, or (``cuda_graph``) its CUDA graph captured on ``batch``."""
+        c = self.config
+        if not c.cuda_graph:
+            return self.agent.train_step
+        try:
+            return graph_train_step(self.agent, batch)
+        except Exception as exc:
+            if not c.cuda_graph_fallback:
+                raise
+            tqdm.write(
+                f"cuda_graph: capturing the update failed ({type(exc).__name__}: {exc}); "
+                "updates run eagerly (set loop.cuda_graph=false to skip the attempt)",
+                file=sys.stderr,
+            )
+            return self.agent.train_step
 
     def _write_metrics(self, metrics: dict, fps: float) -> None:
         step = self.counters["frames"]

@@ -55,6 +55,7 @@ class Preprocess(nn.Module):
             self.an_log_scale = nn.Parameter(torch.zeros(channels))
             self.an_bias = nn.Parameter(torch.zeros(channels))
             self.register_buffer("an_initialized", torch.tensor(False))
+        self._an_ready = False  # an_initialized known to be True (set on the first call)
 
     @property
     def num_dims(self) -> int:
@@ -88,6 +89,10 @@ class Preprocess(nn.Module):
     def _event_sum(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(x.dim() - len(self.obs_shape)).sum(-1)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._an_ready = False  # the loaded an_initialized decides again on the next call
+        super()._load_from_state_dict(*args, **kwargs)
+
     @torch.no_grad()
     def _init_actnorm(self, y: torch.Tensor) -> None:
         # Data-dependent init: unit variance, zero mean per channel on the first training batch.
@@ -106,8 +111,12 @@ class Preprocess(nn.Module):
         y = log_s - log_1ms
         logdet = self.num_dims * math.log(1 - 2 * a) - self._event_sum(log_s + log_1ms)
         if self.actnorm:
-            if self.training and not bool(self.an_initialized):
-                self._init_actnorm(y)
+            # The Python flag spares a device read per call once initialised (a CUDA-graph
+            # capture refuses such reads; the warm-up before it initialises).
+            if self.training and not self._an_ready:
+                if not bool(self.an_initialized):
+                    self._init_actnorm(y)
+                self._an_ready = True
             y = y * self._channel_view(self.an_log_scale.exp()) + self._channel_view(self.an_bias)
             logdet = logdet + self._positions * self.an_log_scale.sum()
         return y, logdet

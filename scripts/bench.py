@@ -57,6 +57,7 @@ sys.path.insert(0, str(ROOT))  # agents/ when run from elsewhere
 
 from aefrl.allocator import malloc_tuned, tune_malloc  # noqa: E402
 from aefrl.bench.subjects import (  # noqa: E402
+    GRAPH,
     OursSubject,
     Sizes,
     base_kind,
@@ -114,6 +115,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile every loss module")
     p.add_argument("--cudagraphs", action="store_true", help="with --compile: reduce-overhead")
     p.add_argument("--autocast", choices=["none", "bf16"], default="none")
+    p.add_argument(
+        "--graph",
+        action="store_true",
+        help="CUDA only: also time ours with every update replayed as one captured CUDA graph "
+        "(subjects aef+graph, vae+graph; aefrl/cuda_graph.py), and use it end to end",
+    )
+    p.add_argument("--num-envs", type=int, default=1, help="environments of the end-to-end run")
+    p.add_argument("--e2e-steps", type=int, help="timed agent steps end to end (default: plan's)")
     p.add_argument("--task", default="walker-walk", help="DMC task of the end-to-end run")
     p.add_argument("--skip-e2e", action="store_true", help="no end-to-end run (no GL needed)")
     p.add_argument("--collect", action="store_true", help="rerun scripts/bench_collect.py")
@@ -139,6 +148,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--device cuda was asked for but CUDA is not available")
     if args.cudagraphs and not args.compile:
         p.error("--cudagraphs needs --compile")
+    if args.graph and args.device.type != "cuda":
+        p.error("--graph needs --device cuda (CUDA graphs)")
+    if args.num_envs < 1:
+        p.error(f"--num-envs must be >= 1, got {args.num_envs}")
     tag = f"bench_{args.device.type}" + ("_quick" if args.quick else "")
     args.tag = tag
     args.out = args.out or ROOT / "docs" / "results" / f"{tag}.json"
@@ -242,8 +255,17 @@ def build_subjects(kinds, sizes: Sizes, args) -> dict:
 
 def _autocast(args):
     if args.autocast == "bf16":
-        return torch.autocast(args.device.type, dtype=torch.bfloat16)
+        # No weight cache: a CUDA graph capture must not keep autocast's cached casts.
+        return torch.autocast(args.device.type, dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
+
+
+def capture_graphs(subjects: dict, prepared: dict, args) -> None:
+    """Capture the updates of the ``+graph`` subjects on their prepared batch."""
+    for name, s in subjects.items():
+        if getattr(s, "graphed", False):
+            log(f"capturing CUDA graphs: {name}")
+            s.capture(prepared[name], lambda: _autocast(args))
 
 
 def calls(subjects: dict, method: str, inputs: dict, args) -> dict:
@@ -272,6 +294,7 @@ def measure_identical(args, kinds) -> dict:
     subjects = build_subjects(kinds, sizes, args)
     batch = random_batch(sizes, seed=0, device=dev)
     prepared = {name: s.prepare(batch) for name, s in subjects.items()}
+    capture_graphs(subjects, prepared, args)
     out: dict = {"sizes": asdict(sizes), "parameters": {}}
     for name, s in subjects.items():
         out["parameters"][name] = s.parameter_count()
@@ -305,9 +328,10 @@ def measure_identical(args, kinds) -> dict:
     )
 
     log("imagination rollout, interleaved")
-    starts = {name: s.imagination_start(prepared[name]) for name, s in subjects.items()}
+    eager = {n: s for n, s in subjects.items() if not n.endswith(GRAPH)}  # same rollout
+    starts = {name: s.imagination_start(prepared[name]) for name, s in eager.items()}
     out["imagination"] = time_interleaved(
-        calls(subjects, "imagine", starts, args), dev, reps=max(args.reps, 3), warmup=1
+        calls(eager, "imagine", starts, args), dev, reps=max(args.reps, 3), warmup=1
     )
     out["imagination_start_states"] = sizes.batch * sizes.seq
 
@@ -356,9 +380,10 @@ def measure_scaling(args, subjects: dict, headline: dict) -> list[dict]:
 def measure_default_sizes(args) -> dict:
     """Ours (aef) and torchrl's blocks mapped to our default sizes."""
     sizes = args.plan.default
-    subjects = build_subjects(["aef"], sizes, args)
+    subjects = build_subjects(["aef"] + (["aef" + GRAPH] if args.graph else []), sizes, args)
     batch = random_batch(sizes, seed=2, device=args.device)
     prepared = {name: s.prepare(batch) for name, s in subjects.items()}
+    capture_graphs(subjects, prepared, args)
     reps, warmup = args.plan.default_reps, args.plan.default_warmup
     log("default sizes: world-model update")
     wm = time_interleaved(calls(subjects, "wm_update", prepared, args), args.device, reps, warmup)
@@ -366,16 +391,23 @@ def measure_default_sizes(args) -> dict:
     full = time_interleaved(
         calls(subjects, "full_update", prepared, args), args.device, reps, warmup
     )
-    return {
+    out = {
         "sizes": asdict(sizes),
         "parameters": {name: s.parameter_count() for name, s in subjects.items()},
         "wm_update": wm,
         "full_update": full,
-        "wm_update_speedup_vs_torchrl": ratio(wm["torchrl"]["median_s"], wm["aef"]["median_s"]),
-        "full_update_speedup_vs_torchrl": ratio(
-            full["torchrl"]["median_s"], full["aef"]["median_s"]
-        ),
     }
+    for name in subjects:
+        if name == "torchrl":
+            continue
+        suffix = "" if name == "aef" else "_graph"
+        out[f"wm_update_speedup_vs_torchrl{suffix}"] = ratio(
+            wm["torchrl"]["median_s"], wm[name]["median_s"]
+        )
+        out[f"full_update_speedup_vs_torchrl{suffix}"] = ratio(
+            full["torchrl"]["median_s"], full[name]["median_s"]
+        )
+    return out
 
 
 def measure_end_to_end(args, subject: OursSubject) -> dict:
@@ -387,9 +419,11 @@ def measure_end_to_end(args, subject: OursSubject) -> dict:
         task=args.task,
         batch=s.batch,
         seq=s.seq,
-        prefill=s.seq + 4,
-        steps=args.plan.e2e_steps,
+        prefill=(s.seq + 4) * args.num_envs,
+        steps=args.e2e_steps or args.plan.e2e_steps,
         device=args.device,
+        num_envs=args.num_envs,
+        cuda_graph=args.graph,
     )
 
 
@@ -436,6 +470,9 @@ def headline(result: dict, kinds) -> None:
     result["wm_update_over_conv_bound_by_model"] = by_conv
     # Ours with torchrl's trunk geometry and no channel norms: the same convolutions on both
     # sides, so these ratios measure everything around them (RSSM, heads, losses, actor-critic).
+    # Ours replayed as one CUDA graph per update (--graph, GPU only).
+    result["wm_update_speedup_vs_torchrl_graph"] = by_wm.get("aef" + GRAPH)
+    result["full_update_speedup_vs_torchrl_graph"] = by_full.get("aef" + GRAPH)
     result["wm_update_speedup_vs_torchrl_same_trunks"] = by_wm.get("aef_v1")
     result["full_update_speedup_vs_torchrl_same_trunks"] = by_full.get("aef_v1")
     # The same from each callable's fastest call: interference on a shared machine only ever
@@ -476,6 +513,8 @@ def main(argv=None) -> dict:
             "compile": args.compile,
             "cudagraphs": args.cudagraphs,
             "autocast": args.autocast,
+            "graph": args.graph,
+            "num_envs": args.num_envs,
         },
         "machine": {
             **machine_info(),
@@ -490,6 +529,8 @@ def main(argv=None) -> dict:
     }
     log(f"start: {result['command']}")
     kinds = ["aef", "vae", "aef_v1"] + (["aef_partition"] if args.partition else [])
+    if args.graph:
+        kinds += ["aef" + GRAPH, "vae" + GRAPH]
 
     ident = measure_identical(args, kinds)
     subjects = ident.pop("_subjects")

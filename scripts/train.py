@@ -53,6 +53,18 @@ def resolve_device(name: str) -> torch.device:
 
 # Keys a resumed run may change: neither touches the learning itself, so the resumed run still
 # follows the uninterrupted one exactly.
+def resolve_cuda_graph(value, device: torch.device) -> dict:
+    """``loop.cuda_graph`` as LoopConfig fields: ``auto`` tries on CUDA devices and falls back to
+    eager updates if the capture fails; ``true`` needs a CUDA device and a working capture."""
+    if value == "auto":
+        return {"cuda_graph": device.type == "cuda", "cuda_graph_fallback": True}
+    if not isinstance(value, bool):
+        raise UserError(f"loop.cuda_graph must be auto, true or false, got {value!r}")
+    if value and device.type != "cuda":
+        raise UserError(f"loop.cuda_graph=true needs a CUDA device, but device is {device}")
+    return {"cuda_graph": value, "cuda_graph_fallback": False}
+
+
 RESUME_OVERRIDABLE = ("loop.total_frames", "loop.checkpoint_every")
 
 
@@ -113,6 +125,8 @@ def train(cfg: DictConfig) -> dict:
     seed = int(conf["seed"])
     seed_everything(seed)
     device = resolve_device(conf["device"])
+    loop = dict(conf["loop"])  # runs from before loop.cuda_graph existed resume with "auto"
+    cuda_graph = resolve_cuda_graph(loop.pop("cuda_graph", "auto"), device)
 
     env = build_env(conf["env"], seed)
     action_dim = int(env.action_spec.shape[-1])
@@ -134,7 +148,8 @@ def train(cfg: DictConfig) -> dict:
         seed=seed,
     )
     loop_conf = LoopConfig(
-        **conf["loop"],
+        **loop,
+        **cuda_graph,
         action_repeat=int(conf["env"]["action_repeat"]),
         batch_size=int(rep["batch_size"]),
         seq_len=int(rep["seq_len"]),

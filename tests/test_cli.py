@@ -107,6 +107,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
         (["loop.train_ratio=-1"], "train_ratio must be > 0"),
         (["resume=/nonexistent/run"], "cannot resume from /nonexistent/run"),
         (["device=cuda:7"] if not os.path.exists("/dev/nvidia0") else ["device=tpu"], "device"),
+        (["device=cpu", "loop.cuda_graph=true"], "loop.cuda_graph=true needs a CUDA device"),
+        (["loop.cuda_graph=sometimes"], "loop.cuda_graph must be auto, true or false"),
     ],
 )
 def test_bad_input_is_one_sentence_and_exit_code_2(args, message):

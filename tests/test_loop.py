@@ -4,6 +4,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from aefrl.bench.subjects import Sizes, random_batch
 from aefrl.checkpoint import load_checkpoint
 from aefrl.envs import make_dmc_env
 from aefrl.logging import RunLogger
@@ -112,3 +113,17 @@ def test_loop_writes_evaluations_reports_and_a_final_checkpoint(tmp_path):
     assert "heldout/open_loop_real_imagined_error" in tags["images"]
     # Frames are the x-axis: evaluations land at multiples of eval_every.
     assert [e.step for e in acc.Scalars("eval/episode_return")] == [100, 200]
+
+
+def test_cuda_graph_updates_fall_back_to_eager_only_when_allowed(tmp_path, capsys):
+    """``loop.cuda_graph=auto`` falls back (one line on stderr) when the capture fails, here
+    because the batch is on the CPU; ``true`` (no fallback) raises instead."""
+    trainer = build(tmp_path)
+    example = random_batch(Sizes(batch=3, seq=8, action_dim=1))
+    trainer.config.cuda_graph = True
+    assert trainer._make_update(example) == trainer.agent.train_step
+    assert "cuda_graph: capturing the update failed" in capsys.readouterr().err
+    trainer.config.cuda_graph_fallback = False
+    with pytest.raises(ValueError, match="CUDA device"):
+        trainer._make_update(example)
+    trainer.env.close()

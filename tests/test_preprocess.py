@@ -47,6 +47,19 @@ def test_actnorm_initialises_to_unit_variance_per_channel():
     assert not torch.allclose(y2, y)
 
 
+def test_actnorm_initialises_once_and_again_after_loading_a_fresh_state():
+    torch.manual_seed(0)
+    pre = Preprocess((3, 4, 4), actnorm=True).double()
+    fresh = {k: v.clone() for k, v in pre.state_dict().items()}
+    pre(torch.rand(64, 3, 4, 4, dtype=torch.float64) * 0.5)
+    scale = pre.an_log_scale.detach().clone()
+    pre(torch.rand(64, 3, 4, 4, dtype=torch.float64))  # initialised: no second init
+    torch.testing.assert_close(pre.an_log_scale.detach(), scale)
+    pre.load_state_dict(fresh)  # an uninitialised state: the next batch initialises again
+    y, _ = pre(torch.rand(64, 3, 4, 4, dtype=torch.float64))
+    torch.testing.assert_close(y.std(dim=(0, 2, 3)), torch.ones(3, dtype=torch.float64))
+
+
 def test_dequantize_stays_in_bin_and_quantize_inverts():
     pre = Preprocess((3, 8, 8))
     o = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)

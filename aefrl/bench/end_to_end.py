@@ -2,9 +2,9 @@
 
 :class:`aefrl.loop.Trainer` runs as ``scripts/train.py`` runs it (collector, replay, train-ratio
 scheduling), with evaluation, reports, logging and periodic checkpoints switched off. The clock
-starts when the random prefill ends and stops ``steps`` agent steps later; steps/s = steps /
-seconds, so it covers acting, rendering, replay sampling and ``train_ratio / (B·T)`` updates per
-agent step.
+starts after the first iteration that trains (the random prefill and the one-off CUDA-graph
+capture stay out) and stops ``steps`` agent steps later; steps/s = steps / seconds, so it covers
+acting, rendering, replay sampling and ``train_ratio / (B·T)`` updates per agent step.
 """
 
 from __future__ import annotations
@@ -31,18 +31,27 @@ def agent_steps_per_second(
     action_repeat: int = 2,
     device="cpu",
     seed: int = 0,
+    num_envs: int = 1,
+    cuda_graph: bool = False,
 ) -> dict:
-    """Run the loop for ``prefill + steps`` agent steps; time the last ``steps``."""
+    """Run the loop for ``prefill + steps`` agent steps; time the last ``steps`` (agent steps
+    summed over ``num_envs`` parallel environments). ``cuda_graph``: updates replay one
+    captured CUDA graph (the default of ``scripts/train.py`` on CUDA)."""
     from aefrl.envs import make_dmc_env
     from aefrl.logging import RunLogger
 
-    if prefill < seq:
-        raise ValueError(f"prefill ({prefill}) must be at least seq ({seq}) to fill one window")
+    if prefill < seq * num_envs:
+        raise ValueError(
+            f"prefill ({prefill}) must be at least seq x num_envs ({seq * num_envs}) to fill one "
+            "window per environment"
+        )
     device = torch.device(device)
-    env = make_dmc_env(task, render=render, action_repeat=action_repeat, seed=seed)
+    env = make_dmc_env(
+        task, render=render, action_repeat=action_repeat, seed=seed, num_envs=num_envs
+    )
     action_dim = int(env.action_spec.shape[-1])
     replay = SequenceReplay(
-        max(4 * (prefill + steps), seq), 1, seq, batch, device=device, seed=seed
+        max(4 * (prefill + steps), seq * num_envs), num_envs, seq, batch, device=device, seed=seed
     )
     config = LoopConfig(
         total_frames=10**9,
@@ -55,17 +64,24 @@ def agent_steps_per_second(
         eval_every=0,
         report_every=0,
         checkpoint_every=0,
+        cuda_graph=cuda_graph,
     )
     marks: dict[str, float] = {}
-    updates_at_start = [0]
+    at_start = {"updates": 0, "steps": 0}
 
     def on_iteration(trainer: Trainer) -> None:
         done = trainer.counters["agent_steps"]
-        if done == prefill:
+        # The first iteration that trains (it builds the CUDA graph, if any) stays untimed.
+        if "start" not in marks and trainer.counters["updates"] > 0:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             marks["start"] = time.perf_counter()
-            updates_at_start[0] = trainer.counters["updates"]
-        elif done >= prefill + steps:
+            at_start.update(updates=trainer.counters["updates"], steps=done)
+        elif "start" in marks and done >= at_start["steps"] + steps:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             marks["end"] = time.perf_counter()
+            marks["steps"] = done - at_start["steps"]
             trainer.request_stop()
 
     with tempfile.TemporaryDirectory() as run_dir:
@@ -84,12 +100,15 @@ def agent_steps_per_second(
         t0 = time.perf_counter()
         trainer.run(progress=False, on_iteration=on_iteration)
         total = time.perf_counter() - t0
-        updates = trainer.counters["updates"] - updates_at_start[0]
+        updates = trainer.counters["updates"] - at_start["updates"]
     env.close()
     seconds = marks["end"] - marks["start"]
+    steps = marks["steps"]
     return {
         "task": task,
         "render": render,
+        "num_envs": num_envs,
+        "cuda_graph": cuda_graph,
         "train_ratio": train_ratio,
         "batch": f"{batch}x{seq}",
         "prefill_steps": prefill,

@@ -8,11 +8,18 @@ from pathlib import Path
 def _name(subject: str) -> str:
     if subject == "aef_v1":
         return "ours (aef, torchrl's trunks)"
+    if subject.endswith("+graph"):
+        return f"ours ({subject.removesuffix('+graph')}, CUDA graph)"
     return subject if subject == "torchrl" else f"ours ({subject})"
 
 
+def _seconds(t: float) -> str:
+    """Three decimals for CPU-scale times, four significant digits below 0.1 s (GPU)."""
+    return f"{t:.3f}" if t >= 0.1 else f"{t:.4g}"
+
+
 def _s(rec: dict | None) -> str:
-    return "–" if rec is None else f"{rec['median_s']:.3f}"
+    return "–" if rec is None else _seconds(rec["median_s"])
 
 
 def _x(value) -> str:
@@ -71,7 +78,7 @@ def _headline(r: dict) -> list[str]:
         return f"| {label} | " + " | ".join(cells) + " |"
 
     def ac(k):
-        return f"{full[k]['median_s'] - wm[k]['median_s']:.3f}" if k in full else "–"
+        return _seconds(full[k]["median_s"] - wm[k]["median_s"]) if k in full else "–"
 
     lines = [
         f"Identical sizes: state {s['latent']}, RSSM {s['deter']}, hidden {s['hidden']}, conv "
@@ -85,7 +92,7 @@ def _headline(r: dict) -> list[str]:
         row("  of which actor + critic (full - wm)", [ac(k) for k in cols]),
         row(
             f"imagination rollout ({ident['imagination_start_states']} starts x {s['horizon']})",
-            [_s(img[k]) for k in cols],
+            [_s(img.get(k)) for k in cols],
         ),
         row(
             "conv bound: encoder + decoder trunks fwd + bwd alone",
@@ -94,13 +101,14 @@ def _headline(r: dict) -> list[str]:
         ),
         row(
             "conv bound: convolution layers alone (no norms, activations)",
-            ["–"] + [_s(conv.get("ours_conv_layers")) if k != "aef_v1" else "–" for k in kinds],
+            ["–"]
+            + [_s(conv.get("ours_conv_layers")) if k in ("aef", "vae") else "–" for k in kinds],
         ),
         row(
             "conv bound: convolution layers alone, channels-last",
             ["–"]
             + [
-                _s(conv.get("ours_conv_layers_channels_last")) if k != "aef_v1" else "–"
+                _s(conv.get("ours_conv_layers_channels_last")) if k in ("aef", "vae") else "–"
                 for k in kinds
             ],
         ),
@@ -132,6 +140,15 @@ def _headline(r: dict) -> list[str]:
             ["–", _x(r["wm_update_over_conv_layers_bound"])] + ["–"] * (len(kinds) - 1),
         ),
     ]
+    graph = r.get("wm_update_speedup_vs_torchrl_graph")
+    if graph is not None:
+        lines += [
+            "",
+            "Ours with each update replayed as one captured CUDA graph (`--graph`): world-model "
+            f"update speedup **{graph}**, full update speedup "
+            f"**{_x(r.get('full_update_speedup_vs_torchrl_graph'))}** (torchrl eager, as it "
+            "ships).",
+        ]
     same = r.get("wm_update_speedup_vs_torchrl_same_trunks")
     if same is not None:
         lines += [
@@ -248,7 +265,7 @@ def _scaling(r: dict) -> list[str]:
         frames = row["batch"] * row["seq"]
         lines.append(
             f"| {_name(row['subject'])} | {row['batch']} x {row['seq']} | {frames} | "
-            f"{row['median_s']:.3f} | {1000 * row['median_s'] / frames:.2f} | {_mem(row)} |"
+            f"{_seconds(row['median_s'])} | {1000 * row['median_s'] / frames:.3g} | {_mem(row)} |"
         )
     return lines
 
@@ -256,7 +273,7 @@ def _scaling(r: dict) -> list[str]:
 def _defaults(r: dict) -> list[str]:
     d = r["default_sizes"]
     s = d["sizes"]
-    return [
+    lines = [
         f"Our defaults (configs/agent/dreamer.yaml): state {s['latent']}, deter {s['deter']}, "
         f"hidden {s['hidden']}, depth {s['depth']}, actor/critic {s['ac_layers']} x "
         f"{s['hidden']}, batch {s['batch']} x {s['seq']}; torchrl's blocks mapped to the same "
@@ -273,6 +290,14 @@ def _defaults(r: dict) -> list[str]:
         f"| parameters | {_params(d['parameters']['torchrl'])} | "
         f"{_params(d['parameters']['aef'])} | |",
     ]
+    if "aef+graph" in d["wm_update"]:
+        lines += [
+            f"| world-model update, ours as a CUDA graph | | {_s(d['wm_update']['aef+graph'])} "
+            f"| {d['wm_update_speedup_vs_torchrl_graph']} |",
+            f"| full update, ours as a CUDA graph | | {_s(d['full_update']['aef+graph'])} "
+            f"| {d['full_update_speedup_vs_torchrl_graph']} |",
+        ]
+    return lines
 
 
 def _e2e(r: dict) -> list[str]:
@@ -281,7 +306,9 @@ def _e2e(r: dict) -> list[str]:
         return ["Not run (`--skip-e2e`)."]
     return [
         f"Ours (aef, identical sizes) in `aefrl.loop.Trainer` on {e['task']} (render "
-        f"{e['render']}), train ratio {e['train_ratio']:g} at batch {e['batch']}, after "
+        f"{e['render']}, {e.get('num_envs', 1)} env(s)"
+        + (", updates as CUDA graphs" if e.get("cuda_graph") else "")
+        + f"), train ratio {e['train_ratio']:g} at batch {e['batch']}, after "
         f"{e['prefill_steps']} prefill steps: **{e['agent_steps_per_s']} agent steps/s** "
         f"({e['env_frames_per_s']} env frames/s; {e['timed_agent_steps']} agent steps with "
         f"{e['updates_in_timed_steps']} full updates in {e['seconds']} s).",

@@ -19,6 +19,7 @@ depend on the pixels.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import asdict, dataclass
 
@@ -28,6 +29,7 @@ from torch import nn
 
 from aefrl import keys
 from aefrl.actor_critic import imagine
+from aefrl.cuda_graph import CudaGraphed
 from aefrl.nn import frozen
 from aefrl.world_model import RSSMState
 
@@ -91,8 +93,13 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 }
 
 
+# Suffix of subjects whose updates replay a captured CUDA graph (aefrl/cuda_graph.py).
+GRAPH = "+graph"
+
+
 def base_kind(subject: str) -> str:
-    """The observation model a subject uses (``aef_v1`` -> ``aef``)."""
+    """The observation model a subject uses (``aef_v1`` -> ``aef``, ``vae+graph`` -> ``vae``)."""
+    subject = subject.removesuffix(GRAPH)
     return VARIANTS[subject][0] if subject in VARIANTS else subject
 
 
@@ -100,6 +107,7 @@ def ours_agent_kwargs(sizes: Sizes, kind: str, agent: dict, obs_model: dict) -> 
     """Our ``agent`` / ``obs_model`` config dicts (configs/agent/dreamer.yaml,
     configs/obs_model/<kind>.yaml) with the sizes of ``sizes`` written in; ``kind`` may be a
     :data:`VARIANTS` name."""
+    kind = kind.removesuffix(GRAPH)
     agent = {k: (dict(v) if isinstance(v, dict) else v) for k, v in agent.items()}
     agent["world_model"].update(
         deter=sizes.deter, hidden=sizes.hidden, layers=sizes.reward_layers, depth=sizes.depth
@@ -130,9 +138,24 @@ class OursSubject:
     def __init__(self, name: str, agent) -> None:
         self.name = name
         self.agent = agent
+        self.graphed = name.endswith(GRAPH)
 
     def prepare(self, batch: TensorDict) -> TensorDict:
         return batch
+
+    def capture(self, batch: TensorDict, context=contextlib.nullcontext) -> None:
+        """Replace ``wm_update`` and ``full_update`` by replays of CUDA graphs captured on
+        ``batch`` (inside ``context()``, e.g. an autocast); later batches need its shapes."""
+        agent = self.agent
+
+        def wm_update(b: TensorDict) -> dict:
+            OursSubject.wm_update(self, b)
+            return {}
+
+        with context():
+            wm = CudaGraphed(wm_update, batch, [agent], [agent.optimizers["model"]])
+            full = CudaGraphed(agent.train_step, batch, [agent], agent.optimizers.values())
+        self.wm_update, self.full_update = wm, full
 
     def wm_update(self, batch: TensorDict) -> None:
         agent = self.agent

@@ -148,7 +148,7 @@ def time_interleaved(
             rec["peak_mib"] = round(mem.peak / MIB, 1)
             rec["delta_mib"] = round(mem.delta / MIB, 1)
         if timed:
-            rec["times_s"].append(round(seconds, 4))
+            rec["times_s"].append(round(seconds, 6))
             rec["sys"].append(after.ru_stime - before.ru_stime)
             rec["faults"].append(after.ru_minflt - before.ru_minflt)
 
@@ -156,7 +156,7 @@ def time_interleaved(
         for name, fn in calls.items():
             run(name, fn, timed=i >= warmup, measure_memory=memory and i == 0)
     for rec in out.values():
-        rec["median_s"] = round(statistics.median(rec["times_s"]), 4)
+        rec["median_s"] = round(statistics.median(rec["times_s"]), 6)
         rec["min_s"] = min(rec["times_s"])
         rec["sys_s"] = round(statistics.median(rec.pop("sys")), 3)
         rec["minor_faults"] = int(statistics.median(rec.pop("faults")))

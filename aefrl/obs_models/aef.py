@@ -207,6 +207,7 @@ class AEFPartitionObservationModel(AffineFlowModel):
         shell = torch.ones(self.num_dims)
         shell[idx] = 0.0
         self.register_buffer("shell_mask", shell.view(self.obs_shape))
+        self.num_scored = self.num_dims - self.latent_dim  # the shell (idx are distinct)
 
     def encoder_input(self, y):
         """The shell only: core coordinates set to 0."""

@@ -118,6 +118,9 @@ class ObservationModel(nn.Module):
         self.sigma_q_min, self.sigma_q_max = float(sigma_q_min), float(sigma_q_max)
         self.sigma_x_mode, self.sigma_x_min = sigma_x, float(sigma_x_min)
         self.num_dims = math.prod(self.obs_shape)
+        # Coordinates the decoder scores (fewer where likelihood_mask hides some); a Python
+        # number, so log_px never reads the mask's sum back from the device.
+        self.num_scored = self.num_dims
         is_image = len(self.obs_shape) == 3
         out_mult = 2 if sigma_x == "head" else 1
 
@@ -258,7 +261,7 @@ class ObservationModel(nn.Module):
         log_sigma = torch.log(sigma_x)
         count = self.num_dims
         if mask is not None:
-            sq, count = sq * mask, float(mask.sum())
+            sq, count = sq * mask, self.num_scored
             log_sigma = log_sigma * mask
         quad = sq.flatten(sq.dim() - event).sum(-1)
         # σ_x shared by all samples ("learned", "fixed"): Σ log σ_x once, not once per sample.
