@@ -40,6 +40,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spin-waits 
 
 import argparse
 import contextlib
+import functools
 import json
 import shlex
 import subprocess
@@ -65,6 +66,7 @@ from aefrl.bench.subjects import (  # noqa: E402
     random_batch,
 )
 from aefrl.bench.timing import (  # noqa: E402
+    call_flops,
     conv_flops_per_image,
     load_average,
     profile_summary,
@@ -351,7 +353,30 @@ def measure_identical(args, kinds) -> dict:
         )
         for name in ("aef", "torchrl")
     }
+    log("FLOPs per update")
+    out["update_flops"] = update_flops(subjects, prepared, out, args)
     out["_subjects"] = subjects  # kept for the end-to-end run, dropped before writing
+    return out
+
+
+def update_flops(subjects: dict, prepared: dict, timed: dict, args) -> dict:
+    """Counted GFLOP of one world-model and one full update per eager subject, and the rate
+    that the median times above make of them (how close each runs to the machine's matmul and
+    convolution speed; graph subjects do the same arithmetic as their eager twins)."""
+    out = {}
+    for name, s in subjects.items():
+        if name.endswith(GRAPH):
+            continue
+        rec = {}
+        for method in ("wm_update", "full_update"):
+            if name not in timed[method]:
+                continue
+            fn, x = getattr(s, method), prepared[name]
+            with _autocast(args):
+                flops = call_flops(functools.partial(fn, x))
+            seconds = timed[method][name]["median_s"]
+            rec[method] = {**flops, "gflop_per_s": round(flops["gflop"] / seconds, 1)}
+        out[name] = rec
     return out
 
 

@@ -58,10 +58,25 @@ def test_toy_run_writes_every_key(bench, tmp_path):
     }
     assert ident["profile"]["wm_update_aef"]["top_ops"]
     assert ident["conv_flops_per_image"]["torchrl"]["conv_gflop_forward"] > 0
+    work = ident["update_flops"]
+    assert set(work) == {"aef", "vae", "aef_v1", "torchrl"}
+    for rec in work.values():  # the full update contains the world-model update
+        assert rec["full_update"]["flops"] > rec["wm_update"]["flops"] > 0
+        assert rec["wm_update"]["gflop_per_s"] > 0
     assert {r["subject"] for r in result["scaling"]} == {"aef", "torchrl"}
     assert result["load_average"]["start"] and result["load_average"]["end"]
     md = out.with_suffix(".md").read_text()
     assert "world-model update speedup" in md and "| torchrl |" in md
+    assert "### Work per update" in md and "GFLOP/s" in md
+
+
+def test_call_flops_counts_a_linear_layer_forward_and_backward():
+    from aefrl.bench.timing import call_flops
+
+    n, i, o = 4, 10, 20
+    layer, x = torch.nn.Linear(i, o), torch.randn(n, i, requires_grad=True)
+    # forward x W^T; backward: input grad and weight grad, each the same 2·n·i·o FLOPs.
+    assert call_flops(lambda: layer(x).sum().backward())["flops"] == 3 * 2 * n * i * o
 
 
 def test_same_trunks_variant_builds_torchrl_geometry_without_norms(bench):

@@ -211,6 +211,38 @@ def _flops(r: dict) -> list[str]:
     ]
 
 
+def _work(r: dict) -> list[str]:
+    w = r["identical_sizes"].get("update_flops")
+    if not w:
+        return ["Not measured in this run (older JSON)."]
+    names = list(w)
+
+    def cell(name, method, key):
+        x = w[name].get(method)
+        return "–" if x is None else str(x[key])
+
+    lines = [
+        "Matmul and convolution FLOPs of one update, counted by torch.utils.flop_counter "
+        "(pointwise work, norms and activations are not counted), and the rate the median "
+        "times above make of them:",
+        "",
+        "| | " + " | ".join(_name(n) for n in names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for method, label in (("wm_update", "world-model update"), ("full_update", "full update")):
+        lines += [
+            f"| {label}: GFLOP (of which conv) | "
+            + " | ".join(
+                f"{cell(n, method, 'gflop')} ({cell(n, method, 'conv_gflop')})" for n in names
+            )
+            + " |",
+            f"| {label}: GFLOP/s | "
+            + " | ".join(cell(n, method, "gflop_per_s") for n in names)
+            + " |",
+        ]
+    return lines
+
+
 def _profile(r: dict) -> list[str]:
     prof = r["identical_sizes"]["profile"]
     names = [n for n in ("wm_update_aef", "full_update_aef", "wm_update_torchrl") if n in prof]
@@ -337,6 +369,7 @@ def markdown(r: dict) -> str:
     """The whole result as markdown (header, then one section per measurement)."""
     sections = [
         ("Headline: identical sizes", _headline(r)),
+        ("Work per update", _work(r)),
         ("Convolution FLOPs", _flops(r)),
         ("Where the time goes", _profile(r)),
         ("Scaling", _scaling(r)),

@@ -279,3 +279,21 @@ def conv_flops_per_image(encoder, decoder, feat_dim: int, image: int, two_inputs
         "conv_gflop_forward_backward": round(both["conv"] / 1e9, 4),
         "all_gflop_forward_backward": round(both["all"] / 1e9, 4),
     }
+
+
+def call_flops(fn: Callable[[], object]) -> dict[str, float]:
+    """FLOPs of one call of ``fn`` (forward, backward and optimiser arithmetic that
+    ``torch.utils.flop_counter`` knows: matmuls and convolutions, 2 per multiply-add; pointwise
+    work is not counted), split into convolution and the rest, in GFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    counts = counter.get_flop_counts()["Global"]
+    conv = sum(v for k, v in counts.items() if "conv" in str(k))
+    total = sum(counts.values())
+    return {
+        "flops": int(total),
+        "gflop": round(total / 1e9, 3),
+        "conv_gflop": round(conv / 1e9, 3),
+    }
