@@ -526,7 +526,7 @@ def main(argv=None) -> dict:
     settle_allocator()  # first-call memory = warm-process memory (see its docstring)
     t0 = time.time()
     result: dict = {
-        "command": "OMP_WAIT_POLICY=PASSIVE python scripts/bench.py "
+        "command": f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} python scripts/bench.py "
         + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": str(args.device),

@@ -1,0 +1,192 @@
+"""What bf16 and torch.compile would buy a CPU update, measured on the update's own shapes.
+
+Three measurements, each eager float32 against the alternative in the same run:
+
+1. matmul throughput (GFLOP/s) in float32 and bfloat16 at the shapes of the actor-critic half
+   (800 imagination starts x 400) and of the heads over all imagined states (12800 x 400);
+2. ChannelNorm + SiLU forward + backward (the conv trunks' memory-bound part) at the encoder's
+   four feature-map sizes for a 16 x 50 batch, eager and ``torch.compile``-d;
+3. the RSSM filtering scan (``RSSM.observe``, 50 steps of batch 16) forward + backward at the
+   identical sizes of scripts/bench.py, eager and with ``obs_step`` ``torch.compile``-d.
+
+    OMP_WAIT_POLICY=PASSIVE python scripts/bench_cpu_options.py   # ~3 min on 2 cores
+
+Writes docs/results/cpu_options.json and .md (``--out`` to change).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spin-waits starve 2 cores
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from aefrl import keys  # noqa: E402
+from aefrl.allocator import tune_malloc  # noqa: E402
+from aefrl.bench.subjects import Sizes, random_batch  # noqa: E402
+from aefrl.nn import ChannelNorm  # noqa: E402
+from aefrl.provenance import machine_info  # noqa: E402
+
+
+def seconds_per_call(fn, reps: int, warmup: int = 2) -> float:
+    """Median wall time of ``fn()`` over ``reps`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+MATMULS = ((800, 400, 400), (12800, 400, 400), (800, 600, 1200))
+MAPS = ((32, 32), (64, 16), (128, 8), (256, 4))
+
+
+def matmuls(reps: int, shapes=MATMULS) -> list[dict]:
+    rows = []
+    for m, k, n in shapes:
+        row = {"shape": f"{m}x{k} @ {k}x{n}"}
+        for dtype in (torch.float32, torch.bfloat16):
+            a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+            t = seconds_per_call(lambda a=a, b=b: a @ b, reps * 10)
+            row[str(dtype).removeprefix("torch.")] = round(2 * m * k * n / t / 1e9, 1)
+        rows.append(row)
+    return rows
+
+
+class NormAct(torch.nn.Module):
+    """The trunks' ChannelNorm + SiLU pair (aefrl/nn.py)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = ChannelNorm(channels, eps=1e-3)
+
+    def forward(self, x):
+        return F.silu(self.norm(x))
+
+
+def fwd_bwd(module, x, grad):
+    def call():
+        module(x).backward(grad)
+
+    return call
+
+
+def norm_act(reps: int, frames: int, maps=MAPS) -> list[dict]:
+    rows = []
+    for channels, side in maps:
+        x = torch.randn(frames, channels, side, side).contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(True)
+        grad = torch.randn_like(x)
+        eager = NormAct(channels)
+        t_eager = seconds_per_call(fwd_bwd(eager, x, grad), reps)
+        compiled = torch.compile(NormAct(channels))
+        start = time.perf_counter()
+        fwd_bwd(compiled, x, grad)()
+        t_compile = time.perf_counter() - start
+        t_comp = seconds_per_call(fwd_bwd(compiled, x, grad), reps)
+        rows.append(
+            {
+                "map": f"{frames}x{channels}x{side}x{side}",
+                "eager_ms": round(1e3 * t_eager, 1),
+                "compiled_ms": round(1e3 * t_comp, 1),
+                "compile_s": round(t_compile, 1),
+            }
+        )
+    return rows
+
+
+def rssm_scan(reps: int, sizes: Sizes) -> dict:
+    import scripts.bench as bench
+
+    wm = bench.build_ours("aef", sizes, torch.device("cpu")).agent.world_model
+    batch = random_batch(sizes)
+    with torch.no_grad():
+        y, _ = wm.encode_pixels(batch[keys.PIXELS].flatten(0, 1))
+        embed, coords = wm.obs_model.embed(y)
+    lead = (sizes.batch, sizes.seq)
+    embed = embed.unflatten(0, lead).requires_grad_(True)
+    coords = None if coords is None else coords.unflatten(0, lead)
+
+    def scan():
+        obs = wm.rssm.observe(embed, coords, batch[keys.PREV_ACTION], batch[keys.IS_FIRST])
+        (obs.state.feat.sum() + obs.mu_p.sum()).backward()
+
+    out = {"steps": sizes.seq, "batch": sizes.batch, "eager_ms": 1e3 * seconds_per_call(scan, reps)}
+    wm.rssm.obs_step = torch.compile(wm.rssm.obs_step, dynamic=False)
+    start = time.perf_counter()
+    scan()
+    out["compile_s"] = time.perf_counter() - start
+    out["compiled_ms"] = 1e3 * seconds_per_call(scan, reps)
+    return {k: round(v, 1) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def markdown(r: dict) -> str:
+    m = r["machine"]
+    lines = [
+        f"Command: `{r['command']}`.  ",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads; torch "
+        f"{m['torch']}.",
+        "",
+        "| matmul | float32 GFLOP/s | bfloat16 GFLOP/s |",
+        "|---|---:|---:|",
+        *[f"| {x['shape']} | {x['float32']} | {x['bfloat16']} |" for x in r["matmul"]],
+        "",
+        "| ChannelNorm + SiLU fwd + bwd | eager ms | compiled ms | compile s |",
+        "|---|---:|---:|---:|",
+        *[
+            f"| {x['map']} | {x['eager_ms']} | {x['compiled_ms']} | {x['compile_s']} |"
+            for x in r["norm_act"]
+        ],
+        "",
+    ]
+    s = r["rssm_scan"]
+    lines += [
+        f"RSSM filtering scan ({s['steps']} steps x batch {s['batch']}, fwd + bwd): eager "
+        f"{s['eager_ms']} ms, obs_step compiled {s['compiled_ms']} ms "
+        f"(compile {s['compile_s']} s).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--frames", type=int, default=800, help="B x T frames of the trunk maps")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "cpu_options.json")
+    p.add_argument("--toy", action="store_true", help="tiny shapes, one of each (the test)")
+    args = p.parse_args(argv)
+    toy = Sizes(latent=3, deter=8, hidden=16, depth=4, batch=2, seq=4)
+    tune_malloc()
+    torch.manual_seed(0)
+    result = {
+        "command": f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} python "
+        + " ".join(["scripts/bench_cpu_options.py", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": machine_info(),
+        "matmul": matmuls(args.reps, ((8, 16, 16),) if args.toy else MATMULS),
+        "norm_act": norm_act(args.reps, args.frames, MAPS[-1:] if args.toy else MAPS),
+        "rssm_scan": rssm_scan(args.reps, toy if args.toy else Sizes()),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    md = markdown(result)
+    args.out.with_suffix(".md").write_text(md)
+    print(md)
+    return result
+
+
+if __name__ == "__main__":
+    main()
