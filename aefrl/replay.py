@@ -2,9 +2,11 @@
 
 Rows use the *arrival* layout (see :mod:`aefrl.keys`): one row per env stream per agent step, row t
 holding ``pixels`` o_t, ``prev_action`` a_{t-1}, ``reward`` r_t, ``is_first`` and ``terminated``.
-The data lives in a torchrl ``LazyTensorStorage`` (RAM) or ``LazyMemmapStorage`` (files under a
-directory) with ``ndim=2``, shape ``[rows_per_env, num_envs]``: dim 0 is a ring over time shared by
-all streams (they are written in lock-step), dim 1 is the stream.
+The data lives in a torchrl ``LazyTensorStorage`` (RAM, or the memory of ``device``: a GPU run
+then gathers its batches where it trains, with no host-to-device copy of pixels) or
+``LazyMemmapStorage`` (files under a directory) with ``ndim=2``, shape ``[rows_per_env,
+num_envs]``: dim 0 is a ring over time shared by all streams (they are written in lock-step), dim 1
+is the stream.
 
 A training window is ``seq_len`` consecutive rows of one stream. Windows may cross episode
 boundaries (the world model resets where ``is_first`` is set, as in DreamerV3, Hafner et al. 2023)
@@ -30,6 +32,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torchrl.data import LazyMemmapStorage, LazyTensorStorage
 
+STORAGES = ("memory", "device", "disk")
 # Step stamp written next to every row; internal to the replay, never returned by ``sample``.
 STEP_STAMP = "_replay_step"
 _STATE_VERSION = 1
@@ -43,10 +46,13 @@ class SequenceReplay:
         num_envs: number of env streams written together by :meth:`extend`.
         seq_len: window length T of a sample.
         batch_size: windows B per sample.
-        storage: ``"memory"`` (``LazyTensorStorage``) or ``"disk"`` (``LazyMemmapStorage`` under
-            ``path``; pixels at 1M steps are 12 GB, so large buffers belong on disk).
+        storage: ``"memory"`` (``LazyTensorStorage`` in host RAM), ``"device"`` (the same on
+            ``device``, e.g. GPU memory: batches are gathered there) or ``"disk"``
+            (``LazyMemmapStorage`` under ``path``; pixels at 1M steps are 12 GB, so large
+            buffers belong on disk or on a large GPU).
         path: directory of the memory-mapped files; required for ``"disk"`` only.
-        device: where sampled batches are returned; the storage itself stays on the CPU.
+        device: where sampled batches are returned; the storage stays in host RAM (or on disk)
+            unless ``storage="device"``.
         seed: seed of the replay's own ``torch.Generator`` (``None``: from the OS), so sampling
             neither uses nor disturbs the global RNG.
     """
@@ -77,12 +83,14 @@ class SequenceReplay:
                 f"{capacity // num_envs} rows, fewer than seq_len={seq_len}; "
                 f"capacity must be at least num_envs * seq_len = {num_envs * seq_len}."
             )
-        if storage not in ("memory", "disk"):
-            raise ValueError(f"storage must be 'memory' or 'disk', got {storage!r}.")
+        if storage not in STORAGES:
+            raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}.")
         if storage == "disk" and path is None:
             raise ValueError("storage='disk' needs path=<directory for the memory-mapped files>.")
-        if storage == "memory" and path is not None:
-            raise ValueError("path is only used with storage='disk'; leave it None for 'memory'.")
+        if storage != "disk" and path is not None:
+            raise ValueError(
+                f"path is only used with storage='disk'; leave it None for {storage!r}."
+            )
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed must be an int or None, got {seed!r}.")
         try:
@@ -101,8 +109,10 @@ class SequenceReplay:
         self.capacity = self.rows_per_env * num_envs  # rounded down to whole rows per stream
         self.storage_kind = storage
         self.path = None if path is None else Path(path).absolute()
+        # Where the rows live: ``device`` for the "device" storage, else host RAM / files.
+        self.storage_device = self.device if storage == "device" else torch.device("cpu")
         if self.path is None:
-            self._storage = LazyTensorStorage(self.capacity, ndim=2)
+            self._storage = LazyTensorStorage(self.capacity, ndim=2, device=self.storage_device)
         else:
             self.path.mkdir(parents=True, exist_ok=True)
             self._storage = LazyMemmapStorage(self.capacity, scratch_dir=self.path, ndim=2)
@@ -169,8 +179,9 @@ class SequenceReplay:
             )
         self._check_schema(rows)
         # A shallow copy, so the caller's TensorDict does not get the stamp key.
-        data = rows.to("cpu").copy()
-        data.set(STEP_STAMP, torch.full((self.num_envs,), self._steps, dtype=torch.int64))
+        data = rows.to(self.storage_device).copy()
+        stamp = torch.full((self.num_envs,), self._steps, dtype=torch.int64)
+        data.set(STEP_STAMP, stamp.to(self.storage_device))
         self._storage.set(self._steps % self.rows_per_env, data)
         if not self._flat:
             self._bind_views()
@@ -240,8 +251,14 @@ class SequenceReplay:
         start = self._oldest() + torch.div(pick, self.num_envs, rounding_mode="floor")
         steps = start[:, None] + torch.arange(self.seq_len)
         flat_index = ((steps % self.rows_per_env) * self.num_envs + env[:, None]).view(-1)
+        if self.storage_device != flat_index.device:
+            # Only the B·T indices cross to the device (8 KB), from pinned memory without
+            # blocking; the rows are gathered where they live.
+            pinned = self.storage_device.type == "cuda"
+            host = flat_index.pin_memory() if pinned else flat_index
+            flat_index = host.to(self.storage_device, non_blocking=pinned)
 
-        pin = self.device.type == "cuda"
+        pin = self.device.type == "cuda" and self.storage_device.type == "cpu"
         result = TensorDict(batch_size=[self.batch_size, self.seq_len], device=self.device)
         for key, source in self._flat.items():
             if key == STEP_STAMP:
@@ -249,6 +266,10 @@ class SequenceReplay:
             shape = (flat_index.numel(), *source.shape[1:])
             if out is not None and not pin:
                 torch.index_select(source, 0, flat_index, out=out.get(key).view(shape))
+                continue
+            if not pin:  # gathered on the returned device already
+                batch = torch.index_select(source, 0, flat_index)
+                result.set(key, batch.view(self.batch_size, self.seq_len, *source.shape[1:]))
                 continue
             # Gather straight into pinned memory on CUDA runs, so the host-to-device copy can
             # overlap; torch's pinned-memory cache does not reuse a block before its copy ends.
@@ -337,6 +358,9 @@ class SequenceReplay:
         steps = int(state["steps"])
         if steps > 0 and self.path is None:
             self._storage.load_state_dict(state["data"])
+            block = self._storage._storage
+            if block.device != self.storage_device:  # e.g. a checkpoint loaded to the CPU
+                self._storage._storage = block.to(self.storage_device)
         elif steps > 0:
             if not (self.path / "storage_metadata.json").exists():
                 raise ValueError(
@@ -362,7 +386,7 @@ class SequenceReplay:
             newer = int((stamps >= self._steps).any(1).sum())
             floor = max(floor, self._steps + newer - self.rows_per_env)
         oldest = max(self._steps - self.rows_per_env, floor)
-        steps = torch.arange(oldest, self._steps)
+        steps = torch.arange(oldest, self._steps, device=stamps.device)
         if not bool((stamps[steps % self.rows_per_env] == steps[:, None]).all()):
             raise ValueError(
                 "the stored rows do not match this replay state (their step stamps differ); "
@@ -378,7 +402,9 @@ class SequenceReplay:
             self._floor = floor
 
     def __repr__(self) -> str:
-        where = "memory" if self.path is None else f"disk:{self.path}"
+        where = self.storage_kind if self.path is None else f"disk:{self.path}"
+        if self.storage_kind == "device":
+            where = f"device:{self.storage_device}"
         return (
             f"{type(self).__name__}(capacity={self.capacity}, num_envs={self.num_envs}, "
             f"seq_len={self.seq_len}, batch_size={self.batch_size}, storage={where}, "

@@ -125,6 +125,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--num-envs", type=int, default=1, help="environments of the end-to-end run")
     p.add_argument("--e2e-steps", type=int, help="timed agent steps end to end (default: plan's)")
+    p.add_argument(
+        "--replay-storage",
+        choices=["memory", "device"],
+        default="memory",
+        help="end to end: replay rows in host RAM, or on --device (batches gathered there)",
+    )
     p.add_argument("--task", default="walker-walk", help="DMC task of the end-to-end run")
     p.add_argument("--skip-e2e", action="store_true", help="no end-to-end run (no GL needed)")
     p.add_argument("--collect", action="store_true", help="rerun scripts/bench_collect.py")
@@ -449,6 +455,7 @@ def measure_end_to_end(args, subject: OursSubject) -> dict:
         device=args.device,
         num_envs=args.num_envs,
         cuda_graph=args.graph,
+        replay_storage=args.replay_storage,
     )
 
 
@@ -540,6 +547,7 @@ def main(argv=None) -> dict:
             "autocast": args.autocast,
             "graph": args.graph,
             "num_envs": args.num_envs,
+            "replay_storage": args.replay_storage,
         },
         "machine": {
             **machine_info(),

@@ -94,7 +94,7 @@ def test_batch_on_cuda():
     assert_valid_windows(batch.cpu(), 0, 8)
 
 
-@pytest.mark.parametrize("storage", ["memory", "disk"])
+@pytest.mark.parametrize("storage", ["memory", "device", "disk"])
 def test_windows_stay_in_one_stream_and_behind_the_cursor(storage, tmp_path):
     # 10 rows per stream and 37 writes: the ring has wrapped three times.
     path = tmp_path / "replay" if storage == "disk" else None
@@ -106,6 +106,41 @@ def test_windows_stay_in_one_stream_and_behind_the_cursor(storage, tmp_path):
         assert_valid_windows(batch, lowest=27, highest=36)
         envs.update(window_ids(batch)[1][:, 0].tolist())
     assert envs == {0, 1, 2}
+
+
+def _device_storage_matches_memory_storage(device: str) -> None:
+    mem = SequenceReplay(30, 3, seq_len=4, batch_size=6, seed=2)
+    dev = SequenceReplay(30, 3, seq_len=4, batch_size=6, storage="device", device=device, seed=2)
+    fill(mem, 25)
+    fill(dev, 25)
+    assert dev._flat[keys.PIXELS].device.type == torch.device(device).type  # rows live there
+    assert f"storage=device:{device}" in repr(dev)
+    for _ in range(5):  # same generator, same windows, gathered where the rows live
+        batch = dev.sample()
+        assert batch[keys.PIXELS].device.type == torch.device(device).type
+        assert_same(mem.sample(), batch.cpu())
+    buffer = io.BytesIO()
+    torch.save(dev.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = SequenceReplay(
+        30, 3, seq_len=4, batch_size=6, storage="device", device=device, seed=9
+    )
+    resumed.load_state_dict(torch.load(buffer, map_location="cpu"))  # a CPU-side checkpoint
+    assert resumed._flat[keys.PIXELS].device.type == torch.device(device).type
+    for step in range(25, 35):
+        assert_same(mem.sample(), resumed.sample().cpu())
+        mem.extend(make_rows(3, step))
+        resumed.extend(make_rows(3, step))
+
+
+def test_device_storage_samples_like_memory_storage_and_resumes():
+    _device_storage_matches_memory_storage("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_storage_on_cuda():
+    _device_storage_matches_memory_storage("cuda")
 
 
 def test_valid_range_before_the_ring_is_full():
@@ -253,7 +288,7 @@ def test_disk_refuses_files_of_another_run(tmp_path):
         ({"seq_len": 2.5}, "seq_len must be a positive int"),
         ({"batch_size": -1}, "batch_size must be a positive int"),
         ({"capacity": 10, "num_envs": 3}, "at least num_envs \\* seq_len = 12"),
-        ({"storage": "gpu"}, "storage must be 'memory' or 'disk'"),
+        ({"storage": "gpu"}, "storage must be one of"),
         ({"storage": "disk"}, "needs path="),
         ({"path": "/tmp/x"}, "path is only used with storage='disk'"),
         ({"seed": "zero"}, "seed must be an int"),

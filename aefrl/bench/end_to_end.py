@@ -33,10 +33,12 @@ def agent_steps_per_second(
     seed: int = 0,
     num_envs: int = 1,
     cuda_graph: bool = False,
+    replay_storage: str = "memory",
 ) -> dict:
     """Run the loop for ``prefill + steps`` agent steps; time the last ``steps`` (agent steps
     summed over ``num_envs`` parallel environments). ``cuda_graph``: updates replay one
-    captured CUDA graph (the default of ``scripts/train.py`` on CUDA)."""
+    captured CUDA graph (the default of ``scripts/train.py`` on CUDA). ``replay_storage``:
+    ``"memory"`` (host RAM) or ``"device"`` (rows kept and batches gathered on ``device``)."""
     from aefrl.envs import make_dmc_env
     from aefrl.logging import RunLogger
 
@@ -51,7 +53,13 @@ def agent_steps_per_second(
     )
     action_dim = int(env.action_spec.shape[-1])
     replay = SequenceReplay(
-        max(4 * (prefill + steps), seq * num_envs), num_envs, seq, batch, device=device, seed=seed
+        max(4 * (prefill + steps), seq * num_envs),
+        num_envs,
+        seq,
+        batch,
+        storage=replay_storage,
+        device=device,
+        seed=seed,
     )
     config = LoopConfig(
         total_frames=10**9,
@@ -109,6 +117,7 @@ def agent_steps_per_second(
         "render": render,
         "num_envs": num_envs,
         "cuda_graph": cuda_graph,
+        "replay_storage": replay_storage,
         "train_ratio": train_ratio,
         "batch": f"{batch}x{seq}",
         "prefill_steps": prefill,

@@ -340,6 +340,7 @@ def _e2e(r: dict) -> list[str]:
         f"Ours (aef, identical sizes) in `aefrl.loop.Trainer` on {e['task']} (render "
         f"{e['render']}, {e.get('num_envs', 1)} env(s)"
         + (", updates as CUDA graphs" if e.get("cuda_graph") else "")
+        + (", replay on the device" if e.get("replay_storage") == "device" else "")
         + f"), train ratio {e['train_ratio']:g} at batch {e['batch']}, after "
         f"{e['prefill_steps']} prefill steps: **{e['agent_steps_per_s']} agent steps/s** "
         f"({e['env_frames_per_s']} env frames/s; {e['timed_agent_steps']} agent steps with "
