@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -87,6 +88,21 @@ def lambda_returns(
     ).squeeze(-1)
 
 
+def quantiles(x: torch.Tensor, levels: tuple[float, ...]) -> list[torch.Tensor]:
+    """``torch.quantile(x, q)`` (linear interpolation) of a 1-d tensor for each level ``q``, from
+    one sort, with the positions computed on the host from the static length: no value is read
+    back from the device (ATen's quantile may validate ``q`` there, which a CUDA-graph capture
+    refuses). Returns 0-d tensors."""
+    x = torch.sort(x).values
+    out = []
+    for q in levels:
+        pos = q * (x.numel() - 1)
+        lo = math.floor(pos)
+        hi = min(lo + 1, x.numel() - 1)
+        out.append(torch.lerp(x[lo], x[hi], pos - lo))
+    return out
+
+
 class ReturnNormalizer(nn.Module):
     """Scale ``S = EMA(P95(R) − P5(R))`` of λ-returns (DreamerV3); divide by ``max(1, S)``.
 
@@ -98,9 +114,6 @@ class ReturnNormalizer(nn.Module):
         self.decay, self.low, self.high = float(decay), float(low), float(high)
         self.register_buffer("scale", torch.zeros(()))
         self.register_buffer("initialized", torch.tensor(False))
-        # The quantile levels live on the module's device: a tensor built per call would be a
-        # host-to-device copy, which a CUDA graph capture of the update refuses.
-        self.register_buffer("levels", torch.tensor([self.low, self.high]), persistent=False)
 
     @torch.no_grad()
     def update(self, returns: torch.Tensor) -> torch.Tensor:
@@ -110,8 +123,8 @@ class ReturnNormalizer(nn.Module):
         update never synchronises with the host and can be captured in a CUDA graph.
         """
         flat = returns.detach().flatten().float()
-        q = torch.quantile(flat, self.levels.to(flat.dtype))
-        spread = (q[1] - q[0]).to(self.scale.dtype)
+        low, high = quantiles(flat, (self.low, self.high))
+        spread = (high - low).to(self.scale.dtype)
         ema = torch.lerp(self.scale, spread, 1 - self.decay)
         self.scale.copy_(torch.where(self.initialized, ema, spread))
         self.initialized.fill_(True)

@@ -2,7 +2,7 @@
 
 import torch
 
-from aefrl.actor_critic import Actor, ReturnNormalizer, SlowCopy, lambda_returns
+from aefrl.actor_critic import Actor, ReturnNormalizer, SlowCopy, lambda_returns, quantiles
 from aefrl.nn import MLP, frozen
 
 
@@ -32,6 +32,15 @@ def test_return_normalizer_tracks_the_5_95_percentile_spread():
     small = ReturnNormalizer()
     small.update(torch.linspace(0, 0.1, 50))
     assert torch.allclose(small(torch.tensor([0.05])), torch.tensor([0.05]))  # never amplifies
+
+
+def test_quantiles_match_torch_quantile():
+    torch.manual_seed(0)
+    for n in (1, 2, 7, 1000):
+        x = torch.randn(n, dtype=torch.float64)
+        levels = (0.0, 0.05, 0.5, 0.95, 1.0)
+        ours = torch.stack(quantiles(x, levels))
+        torch.testing.assert_close(ours, torch.quantile(x, torch.tensor(levels, dtype=x.dtype)))
 
 
 def test_slow_copy_is_an_ema_and_is_not_in_the_source_state():
