@@ -133,6 +133,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--task", default="walker-walk", help="DMC task of the end-to-end run")
     p.add_argument("--skip-e2e", action="store_true", help="no end-to-end run (no GL needed)")
+    p.add_argument(
+        "--only-e2e",
+        action="store_true",
+        help="only the end-to-end run (ours, aef, identical sizes); JSON only, default --out "
+        "docs/results/e2e_<device>.json",
+    )
     p.add_argument("--collect", action="store_true", help="rerun scripts/bench_collect.py")
     p.add_argument("--out", type=Path, help="JSON path (the .md goes next to it)")
     p.add_argument("--update-docs", action="store_true", help="rewrite docs/benchmarks.md tables")
@@ -160,7 +166,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--graph needs --device cuda (CUDA graphs)")
     if args.num_envs < 1:
         p.error(f"--num-envs must be >= 1, got {args.num_envs}")
-    tag = f"bench_{args.device.type}" + ("_quick" if args.quick else "")
+    if args.only_e2e and args.skip_e2e:
+        p.error("--only-e2e and --skip-e2e exclude each other")
+    kind = "e2e_" if args.only_e2e else "bench_"
+    tag = kind + args.device.type + ("_quick" if args.quick else "")
     args.tag = tag
     args.out = args.out or ROOT / "docs" / "results" / f"{tag}.json"
     args.plan = toy_plan() if args.toy else plan(args.quick)
@@ -441,12 +450,16 @@ def measure_default_sizes(args) -> dict:
     return out
 
 
-def measure_end_to_end(args, subject: OursSubject) -> dict:
+def measure_end_to_end(args) -> dict:
+    """Ours (aef) at identical sizes, a fresh agent with the task's action size, in the loop."""
     from aefrl.bench.end_to_end import agent_steps_per_second
+    from aefrl.envs import task_action_dim
 
     s = args.plan.identical
+    torch.manual_seed(0)
+    ours = build_ours("aef", replace(s, action_dim=task_action_dim(args.task)), args.device)
     return agent_steps_per_second(
-        subject.agent,
+        ours.agent,
         task=args.task,
         batch=s.batch,
         seq=s.seq,
@@ -561,6 +574,18 @@ def main(argv=None) -> dict:
         "load_average": {"start": load_average()},
     }
     log(f"start: {result['command']}")
+    if args.only_e2e:
+        result["end_to_end"] = measure_end_to_end(args)
+        result["load_average"]["end"] = load_average()
+        result["wall_s"] = round(time.time() - t0, 1)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        e = result["end_to_end"]
+        log(
+            f"done: {e['agent_steps_per_s']} agent steps/s ({e['timed_agent_steps']} steps, "
+            f"{e['updates_in_timed_steps']} updates, {e['seconds']} s) -> {args.out}"
+        )
+        return result
     kinds = ["aef", "vae", "aef_v1"] + (["aef_partition"] if args.partition else [])
     if args.graph:
         kinds += ["aef" + GRAPH, "vae" + GRAPH]
@@ -574,7 +599,7 @@ def main(argv=None) -> dict:
         result["end_to_end"] = None
     else:
         log("end-to-end loop")
-        result["end_to_end"] = measure_end_to_end(args, subjects["aef"])
+        result["end_to_end"] = measure_end_to_end(args)
     del subjects
     result["default_sizes"] = measure_default_sizes(args)
     result["collection"] = collection_summary(args)

@@ -70,6 +70,22 @@ def test_toy_run_writes_every_key(bench, tmp_path):
     assert "### Work per update" in md and "GFLOP/s" in md
 
 
+def test_only_e2e_writes_the_end_to_end_run_alone(bench, tmp_path):
+    out = tmp_path / "e2e.json"
+    bench.main(["--toy", "--only-e2e", "--task", "cartpole-swingup", "--out", str(out)])
+    result = json.loads(out.read_text())
+    e = result["end_to_end"]
+    assert e["task"] == "cartpole-swingup" and e["agent_steps_per_s"] > 0
+    assert e["timed_agent_steps"] >= 2 and e["updates_in_timed_steps"] >= 1
+    assert "identical_sizes" not in result and result["machine"]["OMP_WAIT_POLICY"]
+
+
+def test_only_e2e_is_refused_with_skip_e2e(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--toy", "--only-e2e", "--skip-e2e"])
+    assert "exclude each other" in capsys.readouterr().err
+
+
 def test_call_flops_counts_a_linear_layer_forward_and_backward():
     from aefrl.bench.timing import call_flops
 

@@ -53,6 +53,12 @@ def available_tasks() -> list[str]:
     return sorted(f"{domain}-{task}" for domain, task in suite.ALL_TASKS)
 
 
+def task_action_dim(task: str) -> int:
+    """Size of a DMC task's action vector (loads its physics; renders nothing)."""
+    domain, name = _parse_task(task)
+    return int(_suite().load(domain, name).action_spec().shape[0])
+
+
 def _parse_task(task: str) -> tuple[str, str]:
     """Split ``"domain-task"`` (aliases allowed) into dm_control's domain and task names."""
     name = TASK_ALIASES.get(task, task) if isinstance(task, str) else None
