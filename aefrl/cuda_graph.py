@@ -20,6 +20,7 @@ by running its update on the meta device, where any such call raises.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 
 import torch
@@ -140,7 +141,11 @@ class CudaGraphed:
             with torch.cuda.graph(self.graph):
                 self.out = fn(self.static)
         except BaseException:
-            snapshot.restore()  # a failed capture leaves the weights as they were
+            # A failed warm-up or capture leaves the weights as they were: wait for whatever
+            # the side stream still runs (if the device still answers), then restore.
+            with contextlib.suppress(Exception):
+                torch.cuda.synchronize(example.device)
+            snapshot.restore()
             raise
 
     def __call__(self, batch: TensorDictBase) -> dict[str, torch.Tensor]:

@@ -55,7 +55,6 @@ class Preprocess(nn.Module):
             self.an_log_scale = nn.Parameter(torch.zeros(channels))
             self.an_bias = nn.Parameter(torch.zeros(channels))
             self.register_buffer("an_initialized", torch.tensor(False))
-        self._an_ready = False  # an_initialized known to be True (set on the first call)
 
     @property
     def num_dims(self) -> int:
@@ -89,17 +88,20 @@ class Preprocess(nn.Module):
     def _event_sum(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(x.dim() - len(self.obs_shape)).sum(-1)
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._an_ready = False  # the loaded an_initialized decides again on the next call
-        super()._load_from_state_dict(*args, **kwargs)
-
     @torch.no_grad()
     def _init_actnorm(self, y: torch.Tensor) -> None:
-        # Data-dependent init: unit variance, zero mean per channel on the first training batch.
+        """Data-dependent init (unit variance, zero mean per channel) on the first training
+        batch, branch-free: later batches select the current values with ``torch.where``, so
+        no call reads the flag back to the host (a CUDA-graph capture refuses that, and a
+        captured update re-runs this line on every replay)."""
         dims = [i for i in range(y.dim()) if i != y.dim() - len(self.obs_shape)]
-        mean, std = y.mean(dims), y.std(dims).clamp_min(1e-6)
-        self.an_log_scale.copy_(-std.log())
-        self.an_bias.copy_(-mean / std)
+        count = y.numel() // y.shape[y.dim() - len(self.obs_shape)]
+        # Unbiased, except for a single value per channel (later batches of one sample).
+        std = y.std(dims, correction=1 if count > 1 else 0).clamp_min(1e-6)
+        mean = y.mean(dims)
+        done = self.an_initialized
+        self.an_log_scale.copy_(torch.where(done, self.an_log_scale, -std.log()))
+        self.an_bias.copy_(torch.where(done, self.an_bias, -mean / std))
         self.an_initialized.fill_(True)
 
     def forward(self, x_tilde: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,12 +113,8 @@ class Preprocess(nn.Module):
         y = log_s - log_1ms
         logdet = self.num_dims * math.log(1 - 2 * a) - self._event_sum(log_s + log_1ms)
         if self.actnorm:
-            # The Python flag spares a device read per call once initialised (a CUDA-graph
-            # capture refuses such reads; the warm-up before it initialises).
-            if self.training and not self._an_ready:
-                if not bool(self.an_initialized):
-                    self._init_actnorm(y)
-                self._an_ready = True
+            if self.training:
+                self._init_actnorm(y)
             y = y * self._channel_view(self.an_log_scale.exp()) + self._channel_view(self.an_bias)
             logdet = logdet + self._positions * self.an_log_scale.sum()
         return y, logdet

@@ -20,8 +20,9 @@ from scripts.bench import load_config
 SIZES = Sizes(latent=3, deter=8, hidden=16, depth=4, batch=2, seq=4, horizon=3)
 
 
-def small_agent(kind: str, device="cpu"):
+def small_agent(kind: str, device="cpu", actnorm: bool = False):
     agent, obs = ours_agent_kwargs(SIZES, kind, *load_config(kind))
+    agent["world_model"]["actnorm"] = actnorm
     # Built on the CPU, then moved (the optimisers keep the same Parameter objects).
     return build_agent(agent, obs, (3, 64, 64), SIZES.action_dim).to(device)
 
@@ -35,13 +36,15 @@ def test_the_meta_device_catches_host_synchronisation():
         x.sum().item()
 
 
-@pytest.mark.parametrize("kind", ["aef", "vae", "aef_partition"])
-def test_train_step_never_synchronises_with_the_host(kind, monkeypatch):
+@pytest.mark.parametrize(
+    ("kind", "actnorm"), [("aef", False), ("vae", False), ("aef_partition", False), ("aef", True)]
+)
+def test_train_step_never_synchronises_with_the_host(kind, actnorm, monkeypatch):
     # torchrl's TanhNormal skips its argument checks (which read values) while a stream is
     # capturing; tell it so, as a real capture would.
     monkeypatch.setattr(tanh_normal_module, "safe_is_current_stream_capturing", lambda: True)
     torch.manual_seed(0)
-    agent = small_agent(kind, device="meta")
+    agent = small_agent(kind, device="meta", actnorm=actnorm)
     batch = random_batch(SIZES).to("meta")
     for _ in range(2):  # the second call takes the initialised branches (return scale, Adam)
         metrics = agent.train_step(batch)
