@@ -86,6 +86,21 @@ def test_only_e2e_is_refused_with_skip_e2e(bench, capsys):
     assert "exclude each other" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_gpu_matrix_refuses_to_run_without_cuda(tmp_path):
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        ["bash", str(root / "scripts/bench_gpu.sh"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "no CUDA device" in out.stderr
+    assert not list(tmp_path.glob("*.json"))
+
+
 def test_call_flops_counts_a_linear_layer_forward_and_backward():
     from aefrl.bench.timing import call_flops
 
