@@ -16,6 +16,7 @@ from torch import nn
 
 from aefrl import keys
 from aefrl.actor_critic import Actor, Critic, ReturnNormalizer, SlowCopy
+from aefrl.compiled import compile_steps
 from aefrl.objectives import DreamerActorLoss, DreamerValueLoss, WorldModelLoss
 from aefrl.world_model import RSSMState, WorldModel
 from aefrl.world_model.evaluation import open_loop_prediction, sequence_bits_per_dim
@@ -53,6 +54,7 @@ class DreamerAgent(nn.Module):
         lr: learning rates ``{"model", "actor", "critic"}``.
         grad_clip: max grad norms ``{"model", "actor", "critic"}``.
         adam_eps: Adam's epsilon.
+        compile: ``torch.compile`` the RSSM steps and MLP heads (:mod:`aefrl.compiled`).
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class DreamerAgent(nn.Module):
         lr: dict | None = None,
         grad_clip: dict | None = None,
         adam_eps: float = 1e-6,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.world_model = WorldModel(tuple(obs_shape), action_dim, **(world_model or {}))
@@ -92,6 +95,8 @@ class DreamerAgent(nn.Module):
         }
         self._groups = groups
         self.action_dim = int(action_dim)
+        if compile:
+            compile_steps(self.world_model, self.actor, self.critic, self.slow_critic.copy)
 
     # --- acting ----------------------------------------------------------------------------------
     def initial_carry(self, num_envs: int) -> Carry:

@@ -135,10 +135,10 @@ def test_graphed_update_matches_the_eager_update(kind):
         step(random_batch(Sizes(**{**SIZES.__dict__, "batch": 3}), device="cuda"))
     losses = {"eager": [], "graph": []}
     for batch in batches:
-        losses["eager"].append(eager.train_step(batch)["loss_model"])
+        losses["eager"].append(eager.train_step(batch)["loss_obs"])
         out = step(batch)
         assert all(torch.isfinite(v).all() for v in out.values())
-        losses["graph"].append(out["loss_model"])
+        losses["graph"].append(out["loss_obs"])
     e, g = torch.stack(losses["eager"]), torch.stack(losses["graph"])
     torch.testing.assert_close(g, e, rtol=0.05, atol=0.05)
     # The graph's parameters moved from the start, as far as the eager ones did.

@@ -1,0 +1,31 @@
+"""``torch.compile`` where it can pay: the per-step functions of the sequential loops and the
+MLP heads, not the loops themselves.
+
+A whole loss module compiles to a graph unrolled over T = 64 filtering steps and H = 15
+imagination steps (minutes of compilation, recompiled for every new T); compiling one RSSM step
+and the heads instead fuses what runs inside them (LayerNorm + SiLU, the GRU gates, the
+reparameterised sample) once, and the loops call the fused code. On a GPU this cuts the kernels
+per update that a CUDA graph (``aefrl/cuda_graph.py``) replays; on this project's CPU it does not
+pay (docs/benchmarks.md, finding 9), so it is off by default (``agent.compile``).
+
+Parameter names are unchanged (methods are replaced on the instances, MLPs compiled in place with
+``nn.Module.compile``), so checkpoints of compiled and eager agents are interchangeable.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def compile_steps(world_model: nn.Module, *mlp_owners: nn.Module, **options) -> None:
+    """Compile ``world_model.rssm``'s ``obs_step`` and ``img_step`` and the ``net`` MLP of the
+    world model's reward and continue heads and of every module in ``mlp_owners`` (actor,
+    critic, slow critic copy), in place. ``options`` go to ``torch.compile`` (default:
+    ``dynamic=False``: the loops call each with one fixed shape)."""
+    options = {"dynamic": False, **options}
+    rssm = world_model.rssm
+    rssm.obs_step = torch.compile(rssm.obs_step, **options)
+    rssm.img_step = torch.compile(rssm.img_step, **options)
+    for owner in (world_model.reward_head, world_model.continue_head, *mlp_owners):
+        owner.net.compile(**options)
