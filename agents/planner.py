@@ -24,6 +24,7 @@ from torchrl.modules import CEMPlanner, MPPIPlanner
 from torchrl.objectives.value import TDLambdaEstimator
 
 from aefrl import keys
+from aefrl.compiled import compile_steps
 from aefrl.envs.imagination import ImaginationEnv
 from aefrl.objectives import WorldModelLoss
 from aefrl.world_model import WorldModel
@@ -123,6 +124,8 @@ class PlannerAgent(nn.Module):
             (PlaNet: 0.3), clipped back to ``[-1, 1]``.
         lr, grad_clip: ``{"model": ...}`` (other entries, e.g. Dreamer's, are ignored).
         adam_eps: Adam's epsilon.
+        compile: ``torch.compile`` the world model's RSSM steps and heads
+            (:func:`aefrl.compiled.compile_steps`).
     """
 
     def __init__(
@@ -137,6 +140,7 @@ class PlannerAgent(nn.Module):
         lr: dict | None = None,
         grad_clip: dict | None = None,
         adam_eps: float = 1e-6,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(world_model, WorldModel):
@@ -155,6 +159,8 @@ class PlannerAgent(nn.Module):
         }
         self._groups = {"model": self.world_model}
         self.action_dim = int(action_dim)
+        if compile:
+            compile_steps(self.world_model)
         # The imagination env and planner share the world model's modules; kept in a plain dict
         # so that they are not registered twice in state_dict, and rebuilt when the model moves.
         self._planner_cache: dict = {}

@@ -35,3 +35,15 @@ def test_compiled_update_matches_eager_and_keeps_parameter_names(monkeypatch):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 3
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_planner_compiles_its_world_model_steps():
+    from agents.planner import PlannerAgent
+
+    cfg = {k: dict(v) for k, v in TINY.items() if k == "world_model"}
+    agent = PlannerAgent((3, 64, 64), 2, compile=True, **cfg)
+    rssm = agent.world_model.rssm
+    assert hasattr(rssm.img_step, "_torchdynamo_orig_callable")  # compiled lazily, on first call
+    assert agent.world_model.reward_head.net._compiled_call_impl is not None
+    eager = PlannerAgent((3, 64, 64), 2, **cfg)
+    assert list(agent.state_dict()["modules"]) == list(eager.state_dict()["modules"])
