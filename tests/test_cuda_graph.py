@@ -8,6 +8,8 @@ switch. The GPU test compares the graphed update with the eager one.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torchrl.modules.distributions.continuous as tanh_normal_module
@@ -132,7 +134,7 @@ def test_graphed_update_matches_the_eager_update(kind):
     for a, b in zip(before, _agent_tensors(graphed)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(ValueError, match="fixed shapes"):
-        step(random_batch(Sizes(**{**SIZES.__dict__, "batch": 3}), device="cuda"))
+        step(random_batch(dataclasses.replace(SIZES, batch=3), device="cuda"))
     losses = {"eager": [], "graph": []}
     for batch in batches:
         losses["eager"].append(eager.train_step(batch)["loss_obs"])
