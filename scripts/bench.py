@@ -619,8 +619,8 @@ def main(argv=None) -> dict:
 
     md = markdown(result)
     args.out.with_suffix(".md").write_text(md)
-    if args.update_docs:
-        update_docs(DOCS, args.tag, md)
+    if args.update_docs and not update_docs(DOCS, args.tag, md):
+        log(f"no <!-- {args.tag}:begin/end --> block in {DOCS}: docs left as they were")
     log(
         f"done in {result['wall_s']:.0f} s: wm speedup {result['wm_update_speedup_vs_torchrl']}, "
         f"full speedup {result['full_update_speedup_vs_torchrl']}, "
