@@ -86,7 +86,7 @@ class _Snapshot:
                         # Created by the warm-up: zeros are Adam's fresh state (step 0, m = v = 0).
                         v.zero_()
                     else:
-                        v.copy_(saved[k].to(v.device, v.dtype))
+                        v.copy_(saved[k])
 
 
 class CudaGraphed:
@@ -125,7 +125,6 @@ class CudaGraphed:
         modules, optimizers = list(modules), list(optimizers)
         for opt in optimizers:
             make_capturable(opt, fused=fused)
-        self.fn = fn
         self.static = example.clone()
         self._signature = _signature(self.static)
         snapshot = _Snapshot(modules, optimizers)

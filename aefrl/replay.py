@@ -267,13 +267,10 @@ class SequenceReplay:
             if out is not None and not pin:
                 torch.index_select(source, 0, flat_index, out=out.get(key).view(shape))
                 continue
-            if not pin:  # gathered on the returned device already
-                batch = torch.index_select(source, 0, flat_index)
-                result.set(key, batch.view(self.batch_size, self.seq_len, *source.shape[1:]))
-                continue
-            # Gather straight into pinned memory on CUDA runs, so the host-to-device copy can
-            # overlap; torch's pinned-memory cache does not reuse a block before its copy ends.
-            batch = torch.empty(shape, dtype=source.dtype, pin_memory=pin)
+            # Gather where the rows live; from host RAM on CUDA runs, straight into pinned memory,
+            # so the host-to-device copy can overlap (torch's pinned-memory cache does not reuse
+            # a block before its copy ends).
+            batch = torch.empty(shape, dtype=source.dtype, device=source.device, pin_memory=pin)
             torch.index_select(source, 0, flat_index, out=batch)
             batch = batch.view(self.batch_size, self.seq_len, *source.shape[1:])
             if out is not None:
@@ -402,9 +399,9 @@ class SequenceReplay:
             self._floor = floor
 
     def __repr__(self) -> str:
-        where = self.storage_kind if self.path is None else f"disk:{self.path}"
-        if self.storage_kind == "device":
-            where = f"device:{self.storage_device}"
+        where = {"disk": f"disk:{self.path}", "device": f"device:{self.storage_device}"}.get(
+            self.storage_kind, self.storage_kind
+        )
         return (
             f"{type(self).__name__}(capacity={self.capacity}, num_envs={self.num_envs}, "
             f"seq_len={self.seq_len}, batch_size={self.batch_size}, storage={where}, "

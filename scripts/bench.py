@@ -376,7 +376,7 @@ def measure_identical(args, kinds) -> dict:
     }
     log("FLOPs per update")
     out["update_flops"] = update_flops(subjects, prepared, out, args)
-    out["_subjects"] = subjects  # kept for the end-to-end run, dropped before writing
+    out["_subjects"] = subjects  # kept for the scaling runs, dropped before writing
     return out
 
 
@@ -519,11 +519,11 @@ def headline(result: dict, kinds) -> None:
     result["wm_update_speedup_vs_torchrl_by_model"] = by_wm
     result["full_update_speedup_vs_torchrl_by_model"] = by_full
     result["wm_update_over_conv_bound_by_model"] = by_conv
-    # Ours with torchrl's trunk geometry and no channel norms: the same convolutions on both
-    # sides, so these ratios measure everything around them (RSSM, heads, losses, actor-critic).
     # Ours replayed as one CUDA graph per update (--graph, GPU only).
     result["wm_update_speedup_vs_torchrl_graph"] = by_wm.get("aef" + GRAPH)
     result["full_update_speedup_vs_torchrl_graph"] = by_full.get("aef" + GRAPH)
+    # Ours with torchrl's trunk geometry and no channel norms: the same convolutions on both
+    # sides, so these ratios measure everything around them (RSSM, heads, losses, actor-critic).
     result["wm_update_speedup_vs_torchrl_same_trunks"] = by_wm.get("aef_v1")
     result["full_update_speedup_vs_torchrl_same_trunks"] = by_full.get("aef_v1")
     # The same from each callable's fastest call: interference on a shared machine only ever
@@ -601,12 +601,12 @@ def main(argv=None) -> dict:
     result["identical_sizes"] = ident
     headline(result, kinds)
     result["scaling"] = measure_scaling(args, subjects, ident["wm_update"])
+    del subjects  # the end-to-end run builds its own agent
     if args.skip_e2e:
         result["end_to_end"] = None
     else:
         log("end-to-end loop")
         result["end_to_end"] = measure_end_to_end(args)
-    del subjects
     result["default_sizes"] = measure_default_sizes(args)
     result["collection"] = collection_summary(args)
     result["architecture_notes"] = ARCHITECTURE_NOTES

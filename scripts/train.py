@@ -51,8 +51,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-# Keys a resumed run may change: neither touches the learning itself, so the resumed run still
-# follows the uninterrupted one exactly.
 def resolve_cuda_graph(value, device: torch.device) -> dict:
     """``loop.cuda_graph`` as LoopConfig fields: ``auto`` tries on CUDA devices and falls back to
     eager updates if the capture fails; ``true`` needs a CUDA device and a working capture."""
@@ -65,6 +63,8 @@ def resolve_cuda_graph(value, device: torch.device) -> dict:
     return {"cuda_graph": value, "cuda_graph_fallback": False}
 
 
+# Keys a resumed run may change: neither touches the learning itself, so the resumed run still
+# follows the uninterrupted one exactly.
 RESUME_OVERRIDABLE = ("loop.total_frames", "loop.checkpoint_every")
 
 

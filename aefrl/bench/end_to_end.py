@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from aefrl.bench.timing import sync
 from aefrl.loop import LoopConfig, Trainer
 from aefrl.replay import SequenceReplay
 
@@ -81,13 +82,11 @@ def agent_steps_per_second(
         done = trainer.counters["agent_steps"]
         # The first iteration that trains (it builds the CUDA graph, if any) stays untimed.
         if "start" not in marks and trainer.counters["updates"] > 0:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            sync(device)
             marks["start"] = time.perf_counter()
             at_start.update(updates=trainer.counters["updates"], steps=done)
         elif "start" in marks and done >= at_start["steps"] + steps:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            sync(device)
             marks["end"] = time.perf_counter()
             marks["steps"] = done - at_start["steps"]
             trainer.request_stop()
