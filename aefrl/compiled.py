@@ -19,13 +19,13 @@ from torch import nn
 
 
 def compile_steps(world_model: nn.Module, *mlp_owners: nn.Module, **options) -> None:
-    """Compile ``world_model.rssm``'s ``obs_step`` and ``img_step`` and the ``net`` MLP of the
+    """Compile ``world_model.rssm``'s ``filter_step`` and ``img_step`` and the ``net`` MLP of the
     world model's reward and continue heads and of every module in ``mlp_owners`` (actor,
     critic, slow critic copy), in place. ``options`` go to ``torch.compile`` (default:
     ``dynamic=False``: the loops call each with one fixed shape)."""
     options = {"dynamic": False, **options}
     rssm = world_model.rssm
-    rssm.obs_step = torch.compile(rssm.obs_step, **options)
+    rssm.filter_step = torch.compile(rssm.filter_step, **options)
     rssm.img_step = torch.compile(rssm.img_step, **options)
     for owner in (world_model.reward_head, world_model.continue_head, *mlp_owners):
         owner.net.compile(**options)

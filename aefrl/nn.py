@@ -132,8 +132,9 @@ class ConvDecoder(nn.Module):
     padding 1) blocks mirroring :class:`ConvEncoder`; the last block has no norm.
     ``style="v1"`` (DreamerV1 / torchrl's ``ObsDecoder``, 64x64 only): a Linear to a
     ``32·depth x 1 x 1`` map, then transposed convs with kernels 5, 5, 6, 6 (1 -> 5 -> 13 -> 30
-    -> 64). Channels-last inside like :class:`ConvEncoder`; the output is a contiguous
-    (NCHW) tensor.
+    -> 64). Channels-last like :class:`ConvEncoder`, the output included (a channels-last
+    ``[N, C, H, W]`` tensor: the pre-processed pixels it is scored against are channels-last
+    too, so converting it would cost a copy forward and another backward).
     """
 
     def __init__(
@@ -175,7 +176,7 @@ class ConvDecoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.linear(x).unflatten(-1, self.start_shape)
-        return self.net(x.contiguous(memory_format=torch.channels_last)).contiguous()
+        return self.net(x.contiguous(memory_format=torch.channels_last))
 
 
 class frozen:  # noqa: N801 - used as a context manager, like torch.no_grad

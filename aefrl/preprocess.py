@@ -72,7 +72,11 @@ class Preprocess(nn.Module):
             raise TypeError(f"observations must be uint8, got {obs.dtype}")
         if dtype is None:
             dtype = noise.dtype if noise is not None else torch.get_default_dtype()
-        obs = obs.to(dtype)
+        # Image batches [N, C, H, W] become channels-last, the conv trunks' layout: this cast
+        # writes it in the same pass, and every later pass over the pixels (logit, decoder
+        # likelihood) keeps it, so neither trunk has to copy its input or output.
+        layout = torch.channels_last if obs.dim() == 4 else torch.preserve_format
+        obs = obs.to(dtype, memory_format=layout)
         if noise is None:
             noise = torch.rand_like(obs)
         return (obs + noise) / self.num_bins
@@ -86,7 +90,8 @@ class Preprocess(nn.Module):
         return param.view(-1, 1, 1) if len(self.obs_shape) == 3 else param
 
     def _event_sum(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(x.dim() - len(self.obs_shape)).sum(-1)
+        # A sum over the event axes, not a flatten: that would copy a channels-last batch.
+        return x.sum(tuple(range(-len(self.obs_shape), 0)))
 
     @torch.no_grad()
     def _init_actnorm(self, y: torch.Tensor) -> None:

@@ -7,7 +7,7 @@ Three measurements, each eager float32 against the alternative in the same run:
 2. ChannelNorm + SiLU forward + backward (the conv trunks' memory-bound part) at the encoder's
    four feature-map sizes for a 16 x 50 batch, eager and ``torch.compile``-d;
 3. the RSSM filtering scan (``RSSM.observe``, 50 steps of batch 16) forward + backward at the
-   identical sizes of scripts/bench.py, eager and with ``obs_step`` ``torch.compile``-d.
+   identical sizes of scripts/bench.py, eager and with its step (``filter_step``) compiled.
 
     OMP_WAIT_POLICY=PASSIVE python scripts/bench_cpu_options.py   # ~3 min on 2 cores
 
@@ -126,7 +126,7 @@ def rssm_scan(reps: int, sizes: Sizes) -> dict:
         (obs.state.feat.sum() + obs.mu_p.sum()).backward()
 
     out = {"steps": sizes.seq, "batch": sizes.batch, "eager_ms": 1e3 * seconds_per_call(scan, reps)}
-    wm.rssm.obs_step = torch.compile(wm.rssm.obs_step, dynamic=False)
+    wm.rssm.filter_step = torch.compile(wm.rssm.filter_step, dynamic=False)
     start = time.perf_counter()
     scan()
     out["compile_s"] = time.perf_counter() - start
@@ -156,7 +156,7 @@ def markdown(r: dict) -> str:
     s = r["rssm_scan"]
     lines += [
         f"RSSM filtering scan ({s['steps']} steps x batch {s['batch']}, fwd + bwd): eager "
-        f"{s['eager_ms']} ms, obs_step compiled {s['compiled_ms']} ms "
+        f"{s['eager_ms']} ms, filter_step compiled {s['compiled_ms']} ms "
         f"(compile {s['compile_s']} s).",
     ]
     return "\n".join(lines) + "\n"

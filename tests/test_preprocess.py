@@ -70,6 +70,26 @@ def test_dequantize_stays_in_bin_and_quantize_inverts():
     assert torch.equal(pre.decode(y), o)
 
 
+def test_image_batches_stay_channels_last_through_encode_and_the_decoder():
+    """The conv trunks run channels-last; pre-processed batches and decoder means are kept in
+    that layout (no copy on either side), with the values of the plain NCHW computation."""
+    from aefrl.obs_models import make_obs_model
+
+    pre = Preprocess((3, 8, 8)).double()
+    o = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    noise = torch.rand(4, 3, 8, 8, dtype=torch.float64)
+    y, logdet = pre.encode(o, noise)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    s = 0.05 + 0.9 * (o.double() + noise) / 256
+    torch.testing.assert_close(y, torch.log(s / (1 - s)))
+    torch.testing.assert_close(
+        logdet, (64 * 3 * math.log(0.9) - torch.log(s * (1 - s)).flatten(1).sum(1))
+    )
+    model = make_obs_model("aef", (3, 8, 8), 4, 5, depth=4)
+    mu_x, _ = model.decoder_params(torch.randn(4, 4), torch.randn(4, 5))
+    assert mu_x.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_bits_per_dim_of_uniform_density_is_eight():
     # The uniform density on [0,1)^D has log p(x̃) = 0, i.e. log p(y) = −ℓ_P: exactly 8 bits/dim.
     pre = Preprocess((3, 4, 4)).double()

@@ -169,11 +169,11 @@ class ObservationModel(nn.Module):
     def _shape_str(self) -> str:
         return ", ".join(map(str, self.obs_shape))
 
-    def _with_context(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    def _check_context(self, x: torch.Tensor, context: torch.Tensor | None) -> None:
         if self.context_dim == 0:
             if context is not None and context.shape[-1] != 0:
                 raise ValueError("this model was built with context_dim=0 but got a context")
-            return x
+            return
         if context is None or context.shape[-1] != self.context_dim:
             got = None if context is None else tuple(context.shape)
             raise ValueError(
@@ -184,7 +184,10 @@ class ObservationModel(nn.Module):
                 f"context batch shape {tuple(context.shape[:-1])} does not match "
                 f"{tuple(x.shape[:-1])}"
             )
-        return torch.cat([context, x], -1)
+
+    def _with_context(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        self._check_context(x, context)
+        return x if self.context_dim == 0 else torch.cat([context, x], -1)
 
     def _prior(self, prior: D.Distribution | None, like: torch.Tensor) -> D.Distribution:
         """The given prior, or ``Independent(Normal(0, 1), 1)`` with batch shape ``[B]``."""
@@ -218,8 +221,37 @@ class ObservationModel(nn.Module):
         self, e: torch.Tensor, context: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder affine layer parameters ``(μ_q, σ_q)``, each ``[..., d]``, σ_q hard-bounded."""
-        out = self.posterior_head(self._with_context(e, context))
-        mu, raw = out.chunk(2, -1)
+        weights = self.posterior_weights()
+        return self.posterior_projected(self.project_embed(e, weights), context, weights)
+
+    def posterior_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior head's first-layer weight split by input: ``(W_c [hidden, context_dim],
+        W_e [hidden, E])`` (the head reads ``[context, e]``).
+
+        A filtering loop splits once per sequence and passes the pair to every step: slicing the
+        weight inside each step would make autograd zero-fill a full-size gradient per slice.
+        """
+        return self.posterior_head[0].weight.split([self.context_dim, self.embed_dim], 1)
+
+    def project_embed(self, e: torch.Tensor, weights=None) -> torch.Tensor:
+        """The embedding's share of the posterior head's first layer, ``W_e e + b``:
+        ``[..., E] -> [..., hidden]``. It does not depend on the context, so a sequence model
+        projects all B·T embeddings in one matmul before its recurrent loop."""
+        w_e = (weights or self.posterior_weights())[1]
+        return F.linear(e, w_e, self.posterior_head[0].bias)
+
+    def posterior_projected(
+        self, projected: torch.Tensor, context: torch.Tensor | None = None, weights=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`posterior` of an embedding already passed through :meth:`project_embed`
+        (``projected [..., hidden]``), with ``weights`` from :meth:`posterior_weights`."""
+        self._check_context(projected, context)
+        x = projected
+        if self.context_dim:
+            x = x + F.linear(context, (weights or self.posterior_weights())[0])
+        for layer in list(self.posterior_head)[1:]:
+            x = layer(x)
+        mu, raw = x.chunk(2, -1)
         sigma = self.sigma_q_min + (self.sigma_q_max - self.sigma_q_min) * torch.sigmoid(raw)
         return mu, sigma
 
@@ -263,12 +295,14 @@ class ObservationModel(nn.Module):
         if mask is not None:
             sq, count = sq * mask, self.num_scored
             log_sigma = log_sigma * mask
-        quad = sq.flatten(sq.dim() - event).sum(-1)
+        # Sums over the event axes rather than flattens, which would copy channels-last images.
+        axes = tuple(range(-event, 0))
+        quad = sq.sum(axes)
         # σ_x shared by all samples ("learned", "fixed"): Σ log σ_x once, not once per sample.
         if log_sigma.dim() <= event:
             log_det = log_sigma.sum() if log_sigma.dim() else log_sigma * count
         else:
-            log_det = log_sigma.flatten(log_sigma.dim() - event).sum(-1)
+            log_det = log_sigma.sum(axes)
         return -0.5 * quad - log_det - count * _HALF_LOG_2PI
 
     # --- public API ------------------------------------------------------------------------------

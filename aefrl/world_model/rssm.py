@@ -153,10 +153,26 @@ class RSSM(nn.Module):
         """One filtering step on a real observation (``embed``, ``coords`` from
         ``obs_model.embed``). ``is_first [N, 1]`` resets h, z and a_{t-1} to zero first.
         Returns the posterior state and ``(μ_q, σ_q)``."""
+        weights = self.obs_model.posterior_weights()
+        projected = self.obs_model.project_embed(embed, weights)
+        return self.filter_step(prev, prev_action, projected, coords, is_first, noise, weights)
+
+    def filter_step(
+        self,
+        prev: RSSMState,
+        prev_action: torch.Tensor,
+        projected: torch.Tensor,
+        coords: torch.Tensor | None,
+        is_first: torch.Tensor,
+        noise: torch.Tensor | None,
+        weights: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[RSSMState, torch.Tensor, torch.Tensor]:
+        """:meth:`obs_step` on an embedding already projected by ``obs_model.project_embed``
+        (``projected [N, hidden]``), with ``weights`` from ``obs_model.posterior_weights()``."""
         keep = 1.0 - is_first.to(prev.h.dtype)
         prev = RSSMState(prev.h * keep, prev.z * keep)
         h = self.recurrent(prev, prev_action * keep)
-        mu_q, sigma_q = self.obs_model.posterior(embed, h)
+        mu_q, sigma_q = self.obs_model.posterior_projected(projected, h, weights)
         z = self.obs_model.latent(mu_q, sigma_q, coords, noise)
         return RSSMState(h, z), mu_q, sigma_q
 
@@ -173,21 +189,27 @@ class RSSM(nn.Module):
         """Filter a ``[B, T]`` sequence: embed ``[B, T, E]``, coords ``[B, T, d]`` or None,
         prev_action ``[B, T, A]``, is_first ``[B, T, 1]``, noise ``[B, T, d]`` (VAE) or None.
 
-        The encoder ran on all B·T frames before this call; only the recurrence is sequential,
-        and the prior head runs once on all h afterwards.
+        The encoder ran on all B·T frames before this call, and the embedding's share of the
+        posterior head runs here on all of them at once; only the recurrence is sequential, and
+        the prior head runs once on all h afterwards. Inputs are split by ``unbind``, whose
+        backward stacks the T step gradients once (indexing ``x[:, t]`` would zero-fill a
+        ``[B, T, ...]`` gradient per step).
         """
         batch, steps = embed.shape[:2]
         if state is None:
             state = self.initial(batch, embed.device, embed.dtype)
+        weights = self.obs_model.posterior_weights()
+        per_step = [
+            self.obs_model.project_embed(embed, weights).unbind(1),
+            [None] * steps if coords is None else coords.unbind(1),
+            prev_action.unbind(1),
+            is_first.unbind(1),
+            [None] * steps if noise is None else noise.unbind(1),
+        ]
         hs, zs, mus, sigmas = [], [], [], []
-        for t in range(steps):
-            state, mu_q, sigma_q = self.obs_step(
-                state,
-                prev_action[:, t],
-                embed[:, t],
-                None if coords is None else coords[:, t],
-                is_first[:, t],
-                None if noise is None else noise[:, t],
+        for projected, coord, action, first, eps in zip(*per_step):
+            state, mu_q, sigma_q = self.filter_step(
+                state, action, projected, coord, first, eps, weights
             )
             hs.append(state.h)
             zs.append(state.z)

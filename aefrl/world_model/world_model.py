@@ -135,4 +135,6 @@ class WorldModel(nn.Module):
         lead = state.h.shape[:-1]
         flat = state.h.reshape(-1, state.h.shape[-1]), state.z.reshape(-1, state.z.shape[-1])
         mu_x = self.obs_model.decode(flat[1], flat[0])
-        return self.preprocess.decode(mu_x).reshape(*lead, *self.obs_shape)
+        # Contiguous NCHW for consumers (videos, metrics); the decoder's own output is
+        # channels-last.
+        return self.preprocess.decode(mu_x).reshape(*lead, *self.obs_shape).contiguous()

@@ -46,6 +46,35 @@ def test_gradients_reach_every_parameter(kind, sigma_x):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("context_dim", [5, 0])
+def test_posterior_by_split_weights_is_the_head_on_the_concatenation(kind, context_dim):
+    """``posterior`` multiplies the context and the embedding by the two column blocks of the
+    head's first weight (so a sequence's embeddings are projected once); it must equal the head
+    run as a plain ``nn.Sequential`` on ``[context, e]``, in value and in gradient."""
+    torch.manual_seed(0)
+    model = make_obs_model(kind, (7,), 4, context_dim, hidden=16).double()
+    e = torch.randn(6, model.embed_dim, dtype=torch.float64)
+    ctx = torch.randn(6, context_dim, dtype=torch.float64) if context_dim else None
+    first = model.posterior_head[0].weight
+
+    mu, sigma = model.posterior(e, ctx)
+    (mu.square().sum() + sigma.sum()).backward()
+    grad = first.grad.clone()
+    first.grad = None
+
+    out = model.posterior_head(e if ctx is None else torch.cat([ctx, e], -1))
+    ref_mu, raw = out.chunk(2, -1)
+    ref_sigma = model.sigma_q_min + (model.sigma_q_max - model.sigma_q_min) * raw.sigmoid()
+    (ref_mu.square().sum() + ref_sigma.sum()).backward()
+    torch.testing.assert_close(mu, ref_mu)
+    torch.testing.assert_close(sigma, ref_sigma)
+    torch.testing.assert_close(grad, first.grad)
+    weights = model.posterior_weights()
+    projected = model.project_embed(e, weights)
+    torch.testing.assert_close(model.posterior_projected(projected, ctx, weights)[0], ref_mu)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_partition_sample_inverts_the_encoder_layer(kind):
     model = _build(kind, (7,)).double()
     y = model.sample(context=torch.randn(5, 5, dtype=torch.float64))

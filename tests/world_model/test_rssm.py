@@ -71,6 +71,46 @@ def test_observe_equals_step_by_step_filtering(kind):
         assert torch.allclose(mu_q, filt.observed.mu_q[:, t])
 
 
+def test_observe_gradients_equal_step_by_step_gradients(kind):
+    """observe() projects all embeddings at once and splits its inputs with unbind; the
+    gradients (parameters, embeddings, coords) must be those of the plain per-step loop."""
+    torch.manual_seed(3)
+    wm = tiny_world_model(kind, dtype=torch.float64)
+    rssm = wm.rssm
+    b, t, d = 3, 5, 3
+    embed = torch.randn(b, t, wm.obs_model.embed_dim, dtype=torch.float64, requires_grad=True)
+    coords = torch.randn(b, t, d, dtype=torch.float64, requires_grad=True)
+    noise = torch.randn(b, t, d, dtype=torch.float64)
+    batch = random_batch(b, t, first_at=(0, 3), dtype=torch.float64)
+    act, first = batch["prev_action"], batch["is_first"]
+    params = [p for p in wm.parameters() if p.requires_grad]
+
+    def loss(h, z, mu_q):
+        return (
+            (h * torch.linspace(-1, 1, h.shape[-1], dtype=h.dtype)).sum()
+            + z.square().sum()
+            + mu_q.sin().sum()
+        )
+
+    obs = rssm.observe(embed, coords, act, first, noise=noise)
+    got = torch.autograd.grad(
+        loss(obs.state.h, obs.state.z, obs.mu_q), [embed, coords, *params], allow_unused=True
+    )
+    state, hs, zs, mus = rssm.initial(b, dtype=torch.float64), [], [], []
+    for i in range(t):
+        state, mu_q, _ = rssm.obs_step(
+            state, act[:, i], embed[:, i], coords[:, i], first[:, i], noise[:, i]
+        )
+        hs.append(state.h), zs.append(state.z), mus.append(mu_q)
+    ref = loss(torch.stack(hs, 1), torch.stack(zs, 1), torch.stack(mus, 1))
+    want = torch.autograd.grad(ref, [embed, coords, *params], allow_unused=True)
+    assert got[0].abs().sum() > 0
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        if g is not None:
+            torch.testing.assert_close(g, w)
+
+
 def test_prior_std_is_bounded_below():
     wm = tiny_world_model("aef")
     _, sigma = wm.rssm.prior_params(torch.randn(100, 8) * 1e3)
