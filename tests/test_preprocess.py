@@ -85,6 +85,11 @@ def test_image_batches_stay_channels_last_through_encode_and_the_decoder():
     torch.testing.assert_close(
         logdet, (64 * 3 * math.log(0.9) - torch.log(s * (1 - s)).flatten(1).sum(1))
     )
+    for actnorm in (False, True):  # the fused encode is forward(dequantize(o)), ActNorm too
+        pre = Preprocess((3, 8, 8), actnorm=actnorm).double().eval()
+        want = pre(pre.dequantize(o, noise))
+        for got, ref in zip(pre.encode(o, noise), want):
+            torch.testing.assert_close(got, ref)
     model = make_obs_model("aef", (3, 8, 8), 4, 5, depth=4)
     mu_x, _ = model.decoder_params(torch.randn(4, 4), torch.randn(4, 5))
     assert mu_x.is_contiguous(memory_format=torch.channels_last)

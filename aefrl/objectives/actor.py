@@ -74,8 +74,11 @@ class DreamerActorLoss(LossModule):
         with frozen(wm, self.slow_critic):
             states, _, log_probs = imagine(wm.rssm, self.actor, s0, self.horizon)
             feat = states.feat  # [N, H+1, F]
-            reward = wm.reward_head(feat[:, 1:]).mean
-            cont = wm.continue_head(feat[:, 1:]).mean
+            # One contiguous copy: a strided [N, H, F] slice turns each head's first Linear
+            # into a batched matmul over N (slower than one matmul over N*H rows, both ways).
+            after = feat[:, 1:].contiguous()
+            reward = wm.reward_head(after).mean
+            cont = wm.continue_head(after).mean
             value = self.slow_critic(feat).mean  # [N, H+1]
         discount = self.gamma * cont
         returns = lambda_returns(reward, value[:, 1:], discount, self.lmbda)  # [N, H]

@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from aefrl.nn import MLP, ConvDecoder, ConvEncoder, conv_stages
+from aefrl.obs_models.gaussian_quad import gaussian_quad
 
 SIGMA_X_MODES = ("learned", "head", "fixed")
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -289,15 +290,14 @@ class ObservationModel(nn.Module):
         """
         event = len(self.obs_shape)
         mask = self.likelihood_mask()
-        sq = ((y - mu_x) / sigma_x).square()
+        quad = gaussian_quad(y, mu_x, sigma_x, event, mask)  # Σ ε² with a lean backward
         log_sigma = torch.log(sigma_x)
         count = self.num_dims
         if mask is not None:
-            sq, count = sq * mask, self.num_scored
+            count = self.num_scored
             log_sigma = log_sigma * mask
         # Sums over the event axes rather than flattens, which would copy channels-last images.
         axes = tuple(range(-event, 0))
-        quad = sq.sum(axes)
         # σ_x shared by all samples ("learned", "fixed"): Σ log σ_x once, not once per sample.
         if log_sigma.dim() <= event:
             log_det = log_sigma.sum() if log_sigma.dim() else log_sigma * count
