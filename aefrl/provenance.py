@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 
 def cpu_model() -> str:
@@ -50,3 +53,18 @@ def machine_info() -> dict:
         except ImportError:
             info[name] = None
     return info
+
+
+def command_line(script: str, argv: list[str] | None = None) -> str:
+    """How a result was produced: ``OMP_WAIT_POLICY=... python <script> <args>`` (the wait
+    policy changes CPU timings, so it is part of the command); ``argv`` defaults to sys.argv's."""
+    args = sys.argv[1:] if argv is None else argv
+    policy = os.environ.get("OMP_WAIT_POLICY")
+    return " ".join([f"OMP_WAIT_POLICY={policy} python {script}", *map(shlex.quote, args)])
+
+
+def write_result(out: Path, result: dict, markdown: str) -> None:
+    """A benchmark's JSON at ``out`` and its markdown next to it (``.md``)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown)

@@ -42,7 +42,6 @@ import argparse
 import contextlib
 import functools
 import json
-import shlex
 import subprocess
 import sys
 import time
@@ -74,7 +73,7 @@ from aefrl.bench.timing import (  # noqa: E402
     time_interleaved,
 )
 from aefrl.bench.torchrl_peer import TorchrlDreamer  # noqa: E402
-from aefrl.provenance import machine_info  # noqa: E402
+from aefrl.provenance import command_line, machine_info, write_result  # noqa: E402
 from agents.factory import build_agent  # noqa: E402
 
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -552,8 +551,7 @@ def main(argv=None) -> dict:
     settle_allocator()  # first-call memory = warm-process memory (see its docstring)
     t0 = time.time()
     result: dict = {
-        "command": f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} python scripts/bench.py "
-        + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "command": command_line("scripts/bench.py", argv),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": str(args.device),
         "quick": args.quick,
@@ -613,12 +611,10 @@ def main(argv=None) -> dict:
     result["load_average"]["end"] = load_average()
     result["wall_s"] = round(time.time() - t0, 1)
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
     from aefrl.bench.report import markdown, update_docs
 
     md = markdown(result)
-    args.out.with_suffix(".md").write_text(md)
+    write_result(args.out, result, md)
     if args.update_docs and not update_docs(DOCS, args.tag, md):
         log(f"no <!-- {args.tag}:begin/end --> block in {DOCS}: docs left as they were")
     log(

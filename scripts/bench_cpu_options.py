@@ -21,7 +21,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spin-waits starve 2 cores
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from aefrl import keys  # noqa: E402
 from aefrl.allocator import tune_malloc  # noqa: E402
 from aefrl.bench.subjects import Sizes, random_batch  # noqa: E402
 from aefrl.nn import ChannelNorm  # noqa: E402
-from aefrl.provenance import machine_info  # noqa: E402
+from aefrl.provenance import command_line, machine_info, write_result  # noqa: E402
 
 
 def seconds_per_call(fn, reps: int, warmup: int = 2) -> float:
@@ -173,17 +172,14 @@ def main(argv=None) -> dict:
     tune_malloc()
     torch.manual_seed(0)
     result = {
-        "command": f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} python "
-        + " ".join(["scripts/bench_cpu_options.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line("scripts/bench_cpu_options.py", argv),
         "machine": machine_info(),
         "matmul": matmuls(args.reps, ((8, 16, 16),) if args.toy else MATMULS),
         "norm_act": norm_act(args.reps, args.frames, MAPS[-1:] if args.toy else MAPS),
         "rssm_scan": rssm_scan(args.reps, toy if args.toy else Sizes()),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(result)
-    args.out.with_suffix(".md").write_text(md)
+    write_result(args.out, result, md)
     print(md)
     return result
 

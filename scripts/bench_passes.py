@@ -26,11 +26,8 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spin-waits starve 2 cores
 
 import argparse
-import json
 import math
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -41,24 +38,21 @@ sys.path.insert(0, str(ROOT))
 from aefrl import keys  # noqa: E402
 from aefrl.allocator import tune_malloc  # noqa: E402
 from aefrl.bench.subjects import Sizes, random_batch  # noqa: E402
+from aefrl.bench.timing import time_interleaved  # noqa: E402
 from aefrl.obs_models.gaussian_quad import gaussian_quad  # noqa: E402
-from aefrl.provenance import machine_info  # noqa: E402
+from aefrl.provenance import command_line, machine_info, write_result  # noqa: E402
 
 
-def alternate(plain, ours, reps: int, warmup: int = 2) -> dict:
-    """Time ``plain()`` and ``ours()`` call by call in turn; median and min in ms."""
-    for _ in range(warmup):
-        plain(), ours()
-    times = {"plain": [], "ours": []}
-    for _ in range(reps):
-        for name, fn in (("plain", plain), ("ours", ours)):
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+def alternate(plain, ours, reps: int) -> dict:
+    """``plain()`` and ``ours()`` timed call by call in turn (``time_interleaved``); median and
+    min in ms."""
+    timed = time_interleaved(
+        {"plain": plain, "ours": ours}, torch.device("cpu"), reps, warmup=2, memory=False
+    )
     out = {}
-    for name, ts in times.items():
-        out[f"{name}_ms"] = round(1e3 * statistics.median(ts), 1)
-        out[f"{name}_min_ms"] = round(1e3 * min(ts), 1)
+    for name, rec in timed.items():
+        out[f"{name}_ms"] = round(1e3 * rec["median_s"], 1)
+        out[f"{name}_min_ms"] = round(1e3 * rec["min_s"], 1)
     out["speedup"] = round(out["plain_ms"] / out["ours_ms"], 2)
     return out
 
@@ -202,8 +196,7 @@ def main(argv=None) -> dict:
     tune_malloc()
     wm = _build(sizes)
     result = {
-        "command": f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} python "
-        + " ".join(["scripts/bench_passes.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line("scripts/bench_passes.py", argv),
         "machine": machine_info(),
         "reps": args.reps,
         "sizes": {"batch": sizes.batch, "seq": sizes.seq, "image": sizes.image},
@@ -213,10 +206,8 @@ def main(argv=None) -> dict:
             filtering_scan(args.reps, sizes, wm),
         ],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(result)
-    args.out.with_suffix(".md").write_text(md)
+    write_result(args.out, result, md)
     print(md)
     return result
 
