@@ -13,6 +13,14 @@ import torch
 from torch import nn
 
 
+def check_size(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int, or ValueError naming ``name`` when it is not an integer >= ``minimum``
+    (configuration values reach the networks from the command line)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
 class MLP(nn.Sequential):
     """``Linear -> LayerNorm -> SiLU`` repeated ``layers`` times, then an output ``Linear``.
 
@@ -34,6 +42,9 @@ class MLP(nn.Sequential):
         layers: int = 2,
         norm: bool = True,
     ) -> None:
+        layers = check_size("MLP layers", layers, 0)
+        if layers:
+            hidden = check_size("MLP hidden width", hidden)
         if out_dim is None and layers == 0:
             raise ValueError("an MLP needs an output layer or at least one hidden layer")
         mods: list[nn.Module] = []
@@ -102,6 +113,7 @@ class ConvEncoder(nn.Module):
         super().__init__()
         if style not in CONV_STYLES:
             raise ValueError(f"conv style must be one of {CONV_STYLES}, got {style!r}")
+        depth = check_size("conv depth", depth)
         channels, height, width = obs_shape
         if style == "v3":
             stages, padding = max(conv_stages(height, width), 1), 1
@@ -149,6 +161,7 @@ class ConvDecoder(nn.Module):
         super().__init__()
         if style not in CONV_STYLES:
             raise ValueError(f"conv style must be one of {CONV_STYLES}, got {style!r}")
+        depth = check_size("conv depth", depth)
         _, height, width = obs_shape
         if style == "v3":
             stages = max(conv_stages(height, width), 1)

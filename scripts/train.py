@@ -28,9 +28,11 @@ from aefrl.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from aefrl.envs import make_dmc_env
 from aefrl.logging import RunLogger
 from aefrl.loop import LoopConfig, Trainer
+from aefrl.overrides import OverrideError, check_overrides
 from aefrl.replay import SequenceReplay
 from agents.factory import build_agent
 
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 RUN_CONFIG = "run_config.yaml"
 FRAME_BYTES = 3 * 64 * 64
 
@@ -194,4 +196,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    try:  # Hydra's own reports of a bad override are multi-line; ours are one sentence
+        check_overrides(CONFIG_DIR, "config", sys.argv[1:])
+    except OverrideError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -109,6 +109,10 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
         (["device=cuda:7"] if not os.path.exists("/dev/nvidia0") else ["device=tpu"], "device"),
         (["device=cpu", "loop.cuda_graph=true"], "loop.cuda_graph=true needs a CUDA device"),
         (["loop.cuda_graph=sometimes"], "loop.cuda_graph must be auto, true or false"),
+        # checked before Hydra composes (aefrl/overrides.py); Hydra's own reports are multi-line
+        (["obs_model=flow"], "obs_model is one of aef, aef_partition, vae"),
+        (["loop.total_frames=abc"], "loop.total_frames takes a number"),
+        (["loop.total_frame=100"], "did you mean loop.total_frames?"),
     ],
 )
 def test_bad_input_is_one_sentence_and_exit_code_2(args, message):
@@ -120,12 +124,9 @@ def test_bad_input_is_one_sentence_and_exit_code_2(args, message):
 
 
 @pytest.mark.slow
-def test_corrupt_checkpoint_and_unknown_obs_model_are_refused(tmp_path):
+def test_corrupt_checkpoint_is_refused(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "checkpoint.pt").write_bytes(b"not a checkpoint")
     out = train(f"resume={run_dir}")
     assert out.returncode == 2 and "unreadable" in out.stderr and "Traceback" not in out.stderr
-    out = train("obs_model=flow")
-    assert out.returncode != 0
-    assert "aef, aef_partition, vae" in out.stderr.replace("\n", " ") or "aef" in out.stderr

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from aefrl.nn import ConvDecoder, ConvEncoder
+from aefrl.nn import MLP, ConvDecoder, ConvEncoder
 
 
 @pytest.mark.parametrize(("style", "out_shape"), [("v3", (64, 4, 4)), ("v1", (64, 2, 2))])
@@ -24,3 +24,23 @@ def test_bad_trunk_arguments():
         ConvDecoder(4, (3, 32, 32), 3, style="v1")
     with pytest.raises(ValueError, match="power of two"):
         ConvEncoder((3, 48, 48))
+    with pytest.raises(ValueError, match="conv depth must be an integer >= 1, got 0"):
+        ConvDecoder(4, (3, 64, 64), 3, depth=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"hidden": 0}, "MLP hidden width must be an integer >= 1, got 0"),
+        ({"hidden": 2.5}, "MLP hidden width must be an integer >= 1, got 2.5"),
+        ({"layers": -1}, "MLP layers must be an integer >= 0, got -1"),
+        ({"layers": True}, "MLP layers must be an integer >= 0, got True"),
+    ],
+)
+def test_bad_mlp_sizes(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MLP(4, 2, **kwargs)
+
+
+def test_mlp_without_hidden_layers_ignores_the_width():
+    assert isinstance(MLP(4, 2, hidden=0, layers=0)[0], torch.nn.Linear)

@@ -1,0 +1,113 @@
+"""Command-line overrides checked against ``configs/`` before Hydra runs the job.
+
+Hydra answers a mistyped group choice (``obs_model=flow``) or key (``loop.total_frame=1``) with a
+multi-line report and exit code 1, and takes a value of the wrong kind (``loop.total_frames=abc``)
+without complaint, so that it fails deep inside the run as a ``TypeError``. :func:`check_overrides`
+turns each of these into one sentence that says what was wrong and what is accepted; the scripts
+print it and exit with code 2, like every other bad input.
+
+Kinds follow the defaults: a key whose default is a number takes a number (int or float: ranges
+and integrality are checked by the component that uses it, e.g. ``LoopConfig``), a boolean key
+takes ``true`` / ``false``; string keys and keys without a default (``null``) take anything,
+since their components validate them (``device``, ``loop.cuda_graph``, ``env.task``).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, OverrideParseException
+from omegaconf import OmegaConf
+
+_ABSENT = object()
+
+
+class OverrideError(ValueError):
+    """A command-line override that does not fit ``configs/``; the message is one sentence."""
+
+
+def config_groups(config_dir: Path) -> dict[str, list[str]]:
+    """Top-level config groups and their choices: ``{"obs_model": ["aef", ...], ...}``."""
+    return {
+        d.name: sorted(f.stem for f in d.glob("*.yaml"))
+        for d in sorted(Path(config_dir).iterdir())
+        if d.is_dir()
+    }
+
+
+def _kind(value) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "number"
+    return "other"
+
+
+def _leaf_keys(node, prefix: str = "") -> list[str]:
+    """Dotted keys of every leaf of a composed config (interpolations left unresolved)."""
+    keys = []
+    for name in node:
+        child = node._get_node(name)
+        path = f"{prefix}{name}"
+        if OmegaConf.is_dict(child):
+            keys += _leaf_keys(child, f"{path}.")
+        else:
+            keys.append(path)
+    return keys
+
+
+_KIND_WORDS = {"bool": "true or false", "number": "a number"}
+
+
+def check_overrides(config_dir: Path, config_name: str, args: list[str]) -> None:
+    """Raise :class:`OverrideError` if an override in ``args`` (``key=value`` items) names an
+    unknown group choice or key, or gives a boolean or numeric key a value of another kind.
+
+    Command lines with Hydra flags (``--cfg job``, ``-m``, ...) and ``hydra.*`` keys are left to
+    Hydra, and so are sweeps.
+    """
+    config_dir = Path(config_dir).resolve()
+    if any(a.startswith("-") for a in args):
+        return
+    lines = list(args)
+    try:
+        parsed = OverridesParser.create().parse_overrides(lines)
+    except OverrideParseException as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise OverrideError(f"cannot parse the command line {' '.join(lines)!r}: {first}") from None
+    parsed = [
+        o for o in parsed if not o.key_or_group.startswith("hydra") and not o.is_sweep_override()
+    ]
+    groups = config_groups(config_dir)
+    for o in parsed:
+        if o.key_or_group in groups and not o.is_delete() and o.package is None:
+            choice, choices = o.value(), groups[o.key_or_group]
+            if isinstance(choice, str) and choice not in choices:
+                raise OverrideError(
+                    f"{o.input_line} is not a choice: {o.key_or_group} is one of "
+                    f"{', '.join(choices)} (configs/{o.key_or_group}/)"
+                )
+    group_lines = [o.input_line for o in parsed if o.key_or_group in groups]
+    try:
+        with initialize_config_dir(str(config_dir), version_base="1.3"):
+            defaults = compose(config_name, overrides=group_lines)
+    except HydraException as exc:
+        raise OverrideError(" ".join(str(exc).split())) from None
+    for o in parsed:
+        if o.key_or_group in groups or o.is_add() or o.is_delete() or o.is_force_add():
+            continue
+        key, value = o.key_or_group, o.value()
+        default = OmegaConf.select(
+            defaults, key, default=_ABSENT, throw_on_resolution_failure=False
+        )
+        if default is _ABSENT:
+            close = difflib.get_close_matches(key, _leaf_keys(defaults), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise OverrideError(f"{key} is not a setting: no such key in configs/{hint}")
+        want = _kind(default)
+        if want in _KIND_WORDS and _kind(value) != want:
+            words = _KIND_WORDS[want]
+            raise OverrideError(f"{key} takes {words} (default {default}), got {value!r}")
