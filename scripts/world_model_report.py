@@ -90,6 +90,9 @@ def main(argv=None) -> int:
     p.add_argument("--render", default="faithful", choices=["faithful", "fast"])
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    for name in ("episodes", "num_samples"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     try:
         state = load_checkpoint(args.run_dir)
     except CheckpointError as exc:

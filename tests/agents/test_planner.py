@@ -1,7 +1,6 @@
 """The PlaNet-style planner agent: torchrl's planners over the imagination env, the agent
 interface, configuration, and planning with a Dreamer checkpoint's world model."""
 
-import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,13 +10,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from aefrl.checkpoint import save_checkpoint
 from aefrl.envs import make_dmc_env
 from aefrl.world_model.modules import filter_step
 from agents.dreamer import DreamerAgent
 from agents.factory import build_agent
 from agents.planner import PlannerAgent
 from tests.agents.round_trip import assert_reloaded_agent_trains_identically
+from tests.tiny_run import load_script, write_tiny_dreamer_run
 from tests.world_model.conftest import ACTIONS, OBS, random_batch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -173,21 +172,8 @@ def test_agent_planner_config_builds_with_every_exp_preset():
 
 def test_eval_script_plans_with_a_dreamer_checkpoint(tmp_path):
     """scripts/eval.py RUN --agent planner on a Dreamer run: the planner's own result files."""
-    torch.manual_seed(0)
-    wm = {"deter": 8, "hidden": 16, "layers": 1, "depth": 4}
-    conf = {
-        "env": {"task": "cartpole-swingup", "image_size": OBS[-1], "action_repeat": 2,
-                "render": "fast", "num_envs": 1, "time_limit": 0.1},
-        "agent": {"name": "dreamer", "world_model": wm, "actor": {"hidden": 16, "layers": 1},
-                  "critic": {"hidden": 16, "layers": 1}},
-        "obs_model": {"kind": "aef", "latent_dim": 3, "options": {}},
-    }  # fmt: skip
-    dreamer = build_agent(conf["agent"], conf["obs_model"], OBS, 1)
-    state = {"format": 1, "run_config": conf, "agent": dreamer.state_dict()}
-    save_checkpoint(tmp_path / "checkpoint.pt", state)
-    spec = importlib.util.spec_from_file_location("eval_script", ROOT / "scripts" / "eval.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    write_tiny_dreamer_run(tmp_path)
+    script = load_script("eval")
     planning = ["--horizon", "2", "--candidates", "16", "--top-k", "4", "--iterations", "2"]
     args = [str(tmp_path), "--agent", "planner", "--episodes", "1", "--render", "fast", *planning]
     assert script.main(args) == 0

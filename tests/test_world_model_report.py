@@ -1,0 +1,32 @@
+"""scripts/world_model_report.py on a tiny checkpoint: fresh episodes, cut, scored, written."""
+
+import json
+import math
+
+import pytest
+
+from tests.tiny_run import load_script, write_tiny_dreamer_run
+
+
+def test_report_on_fresh_episodes(tmp_path):
+    write_tiny_dreamer_run(tmp_path, time_limit=0.4, frames=1234)  # 20-step episodes
+    script = load_script("world_model_report")
+    args = [str(tmp_path), "--episodes", "2", "--num-samples", "3", "--render", "fast"]
+    assert script.main(args) == 0
+    result = json.loads((tmp_path / "world_model_report.json").read_text())
+    assert result["frames"] == 1234 and result["obs_model"] == "aef"
+    assert result["sequences"] == 2  # episodes shorter than 50 steps make one sequence each
+    assert result["estimator"] == "importance sampling, K=3 trajectories"
+    # an untrained model: near the 8 bits of a uniform model of the uint8 values
+    assert math.isfinite(result["bits_per_dim"]) and 4 < result["bits_per_dim"] < 16
+    steps = len(result["open_loop_mse"]) + script.CONTEXT
+    assert 20 <= steps <= 21 and len(result["open_loop_ssim"]) == len(result["open_loop_mse"])
+    assert all(m > 0 for m in result["open_loop_mse"])
+
+
+@pytest.mark.parametrize("flag", ["--episodes", "--num-samples"])
+def test_counts_below_one_are_refused(tmp_path, flag, capsys):
+    script = load_script("world_model_report")
+    with pytest.raises(SystemExit) as info:
+        script.main([str(tmp_path), flag, "0"])
+    assert info.value.code == 2 and f"{flag} must be >= 1, got 0" in capsys.readouterr().err
