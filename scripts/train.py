@@ -78,6 +78,11 @@ def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
     """
     if cfg.resume is None:
         run_dir = Path(cfg.run_dir)
+        if (run_dir / CHECKPOINT_NAME).exists():  # a new run would overwrite it
+            raise UserError(
+                f"run_dir {run_dir} already holds a run ({CHECKPOINT_NAME}); continue it with "
+                f"resume={run_dir}, or choose another run_dir"
+            )
         conf = OmegaConf.to_container(cfg, resolve=True)
         conf["run_dir"] = str(run_dir)
         return conf, run_dir, None

@@ -124,9 +124,12 @@ def test_bad_input_is_one_sentence_and_exit_code_2(args, message):
 
 
 @pytest.mark.slow
-def test_corrupt_checkpoint_is_refused(tmp_path):
+def test_corrupt_checkpoint_and_occupied_run_dir_are_refused(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "checkpoint.pt").write_bytes(b"not a checkpoint")
     out = train(f"resume={run_dir}")
     assert out.returncode == 2 and "unreadable" in out.stderr and "Traceback" not in out.stderr
+    out = train("exp=smoke", f"run_dir={run_dir}")  # a new run there would overwrite it
+    assert out.returncode == 2 and f"run_dir {run_dir} already holds a run" in out.stderr
+    assert (run_dir / "checkpoint.pt").read_bytes() == b"not a checkpoint"
