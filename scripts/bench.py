@@ -400,24 +400,38 @@ def update_flops(subjects: dict, prepared: dict, timed: dict, args) -> dict:
     return out
 
 
-def measure_scaling(args, subjects: dict, headline: dict) -> list[dict]:
-    """World-model update time vs batch size and sequence length (ours aef and torchrl)."""
+SCALED = ("wm_update", "full_update", "imagination")
+
+
+def measure_scaling(args, subjects: dict, ident: dict) -> list[dict]:
+    """World-model update, full update and imagination (from every posterior state of the batch)
+    against batch size and sequence length, ours (aef) and torchrl, each interleaved per point.
+    One row per subject and point: ``{subject, batch, seq, wm_update, full_update, imagination}``
+    with the timing records of :func:`time_interleaved`."""
     base = args.plan.identical
     pair = {"aef": subjects["aef"], "torchrl": subjects["torchrl"]}
     rows = [
-        {"subject": name, "batch": base.batch, "seq": base.seq, **headline[name]} for name in pair
+        {"subject": n, "batch": base.batch, "seq": base.seq, **{m: ident[m][n] for m in SCALED}}
+        for n in pair
     ]
     for b, t in args.plan.scaling:
         log(f"scaling {b}x{t}")
         batch = random_batch(base.with_batch(b, t), seed=1, device=args.device)
         prepared = {name: s.prepare(batch) for name, s in pair.items()}
-        res = time_interleaved(
-            calls(pair, "wm_update", prepared, args),
-            args.device,
-            reps=args.plan.scaling_reps,
-            warmup=args.plan.scaling_warmup,
-        )
-        rows += [{"subject": name, "batch": b, "seq": t, **r} for name, r in res.items()]
+        starts = {name: s.imagination_start(prepared[name]) for name, s in pair.items()}
+        inputs = {"wm_update": prepared, "full_update": prepared, "imagination": starts}
+        timed = {
+            method: time_interleaved(
+                calls(pair, "imagine" if method == "imagination" else method, inputs[method], args),
+                args.device,
+                reps=args.plan.scaling_reps,
+                warmup=args.plan.scaling_warmup,
+            )
+            for method in SCALED
+        }
+        rows += [
+            {"subject": n, "batch": b, "seq": t, **{m: timed[m][n] for m in SCALED}} for n in pair
+        ]
     rows.sort(key=lambda r: (r["subject"], r["batch"], r["seq"]))
     return rows
 
@@ -598,7 +612,7 @@ def main(argv=None) -> dict:
     subjects = ident.pop("_subjects")
     result["identical_sizes"] = ident
     headline(result, kinds)
-    result["scaling"] = measure_scaling(args, subjects, ident["wm_update"])
+    result["scaling"] = measure_scaling(args, subjects, ident)
     del subjects  # the end-to-end run builds its own agent
     if args.skip_e2e:
         result["end_to_end"] = None

@@ -63,7 +63,13 @@ def test_toy_run_writes_every_key(bench, tmp_path):
     for rec in work.values():  # the full update contains the world-model update
         assert rec["full_update"]["flops"] > rec["wm_update"]["flops"] > 0
         assert rec["wm_update"]["gflop_per_s"] > 0
-    assert {r["subject"] for r in result["scaling"]} == {"aef", "torchrl"}
+    scaling = result["scaling"]
+    assert {r["subject"] for r in scaling} == {"aef", "torchrl"}
+    assert {(r["batch"], r["seq"]) for r in scaling} == {(3, 4), (2, 4)}  # toy point, headline
+    for r in scaling:  # every point times all three, and the headline rows are the headline's
+        assert all(r[m]["median_s"] > 0 for m in ("wm_update", "full_update", "imagination"))
+    head = next(r for r in scaling if r["subject"] == "aef" and (r["batch"], r["seq"]) == (2, 4))
+    assert head["full_update"] == ident["full_update"]["aef"]
     assert result["load_average"]["start"] and result["load_average"]["end"]
     md = out.with_suffix(".md").read_text()
     assert "world-model update speedup" in md and "| torchrl |" in md

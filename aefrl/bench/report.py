@@ -287,17 +287,23 @@ def _profile(r: dict) -> list[str]:
 
 
 def _scaling(r: dict) -> list[str]:
+    horizon = r["identical_sizes"]["sizes"]["horizon"]
     lines = [
-        "World-model update against batch size B and sequence length T:",
+        f"Each update and the imagination ({horizon} steps from every one of the B·T posterior "
+        "states) against batch size B and sequence length T, interleaved per point; ms per frame of the "
+        "full update; peak RSS of the process during each update (growth in brackets):",
         "",
-        "| implementation | B x T | frames | seconds (median) | ms per frame | peak RSS MiB |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| implementation | B x T | frames | world-model update s | full update s | "
+        "imagination s | ms per frame (full) | peak RSS MiB, wm / full |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in r["scaling"]:
         frames = row["batch"] * row["seq"]
+        wm, full, imag = row["wm_update"], row["full_update"], row["imagination"]
         lines.append(
             f"| {_name(row['subject'])} | {row['batch']} x {row['seq']} | {frames} | "
-            f"{_seconds(row['median_s'])} | {1000 * row['median_s'] / frames:.3g} | {_mem(row)} |"
+            f"{_s(wm)} | {_s(full)} | {_s(imag)} | {1000 * full['median_s'] / frames:.3g} | "
+            f"{_mem(wm)} / {_mem(full)} |"
         )
     return lines
 
