@@ -67,6 +67,22 @@ def test_actor_actions_are_bounded_and_mode_is_deterministic():
     assert std.min() >= 0.1 - 1e-6 and std.max() <= 1.0 + 1e-6
 
 
+def test_actor_distribution_written_from_its_definition():
+    """a = tanh(x), x ~ N(5·tanh(μ/5), σ), σ = 0.1 + 0.9·sigmoid(s + 2) from the net's (μ, s):
+    the log-density by the change of variables, log N(x) − log(1 − a²), in float64."""
+    actor = Actor(6, 3, hidden=16, layers=1).double()
+    feat = torch.randn(5, 6, dtype=torch.float64)
+    dist = actor(feat)
+    a, log_p = dist.rsample_and_log_prob()
+    loc, raw = actor.net(feat).chunk(2, -1)
+    mean = 5 * torch.tanh(loc / 5)
+    base = torch.distributions.Normal(mean, 0.1 + 0.9 * torch.sigmoid(raw + 2))
+    want = (base.log_prob(torch.atanh(a)) - torch.log1p(-a.square())).sum(-1)
+    torch.testing.assert_close(log_p, want)
+    torch.testing.assert_close(dist.log_prob(a), want)
+    torch.testing.assert_close(dist.deterministic_sample, torch.tanh(mean))
+
+
 def test_frozen_passes_gradients_through_but_not_into_the_module():
     model, head = MLP(3, 3, 8, 1), torch.nn.Linear(3, 1)
     x = torch.randn(4, 3)

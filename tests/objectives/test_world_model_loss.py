@@ -32,6 +32,16 @@ def test_aef_loss_is_minus_the_expansion_log_density():
         )
         assert torch.allclose(out["loss_obs"] + out["loss_latent"], -j.mean())
         assert torch.allclose(out["J"], j.mean())
+        # The split (loss scales act on each part): the decoder term on the scored
+        # coordinates, and the cross-entropy to the prior plus the encoder layer's volume.
+        h, z = obs.state.h.flatten(0, 1), obs.state.z.flatten(0, 1)
+        mu_x, sigma_x = om.decoder_params(z, h)
+        scored = D.Normal(mu_x, sigma_x).log_prob(filt.y.flatten(0, 1))
+        if kind == "aef_partition":
+            scored = scored * om.shell_mask
+        torch.testing.assert_close(out["loss_obs"], -scored.flatten(1).sum(-1).mean())
+        latent = wm.rssm.prior(h).log_prob(z) + obs.sigma_q.flatten(0, 1).log().sum(-1)
+        torch.testing.assert_close(out["loss_latent"], -latent.mean())
 
 
 def test_vae_loss_balances_kl_with_free_nats():
@@ -40,21 +50,37 @@ def test_vae_loss_balances_kl_with_free_nats():
     batch = random_batch(2, 4, dtype=torch.float64)
     filt = _per_step(wm, batch, None)  # seed 0: the same noise draws as the loss below
     obs = filt.observed
-    kl = D.kl_divergence(
-        D.Independent(D.Normal(obs.mu_q, obs.sigma_q), 1),
-        D.Independent(D.Normal(obs.mu_p, obs.sigma_p), 1),
-    )
+    q, p = (obs.mu_q, obs.sigma_q), (obs.mu_p, obs.sigma_p)
+
+    def kl(a, b):
+        return D.kl_divergence(D.Independent(D.Normal(*a), 1), D.Independent(D.Normal(*b), 1))
+
+    # DreamerV3 balancing: the dynamics term trains the prior only, the representation term
+    # the posterior only; free nats clip each term per step.
+    kl_dyn = kl([x.detach() for x in q], p)
+    kl_rep = kl(q, [x.detach() for x in p])
     mu_x, sigma_x = wm.obs_model.decoder_params(
         obs.state.z.flatten(0, 1), obs.state.h.flatten(0, 1)
     )
-    log_px = wm.obs_model.log_px(filt.y.flatten(0, 1), mu_x, sigma_x)
-    for free in (0.0, 1e6):
+    y = filt.y.flatten(0, 1)
+    log_px = D.Normal(mu_x, sigma_x).log_prob(y).flatten(1).sum(-1)  # independent of log_px
+    params = [x for x in wm.parameters() if x.requires_grad]
+    median = kl_dyn.detach().median().item()  # some steps below the floor, some above
+    for free in (0.0, median, 1e6):
         loss = WorldModelLoss(wm, free_nats=free, kl_dyn_scale=0.5, kl_rep_scale=0.1)
         torch.manual_seed(0)
         out = loss(batch)
-        assert torch.allclose(out["loss_latent"], (0.6 * kl.clamp_min(free)).mean())
-        assert torch.allclose(out["kl"], kl.mean())
-        assert torch.allclose(out["loss_obs"], -log_px.mean())
+        want = (0.5 * kl_dyn.clamp_min(free) + 0.1 * kl_rep.clamp_min(free)).mean()
+        torch.testing.assert_close(out["loss_latent"], want)
+        torch.testing.assert_close(out["kl"], kl_dyn.detach().mean())
+        torch.testing.assert_close(out["loss_obs"], -log_px.mean())
+        got = torch.autograd.grad(out["loss_latent"], params, allow_unused=True)
+        ref = torch.autograd.grad(want, params, allow_unused=True, retain_graph=True)
+        for x, g, r in zip(params, got, ref):  # None: not reached, a zero gradient
+            zero = torch.zeros_like(x)
+            torch.testing.assert_close(zero if g is None else g, zero if r is None else r)
+        if free == median:
+            assert any(g is not None and g.abs().sum() > 0 for g in got)
 
 
 def test_reward_and_continue_terms_and_gradients(kind):

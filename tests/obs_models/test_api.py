@@ -75,20 +75,31 @@ def test_posterior_by_split_weights_is_the_head_on_the_concatenation(kind, conte
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_partition_sample_inverts_the_encoder_layer(kind):
-    model = _build(kind, (7,)).double()
-    y = model.sample(context=torch.randn(5, 5, dtype=torch.float64))
+@pytest.mark.parametrize("pixel_noise", [False, True])
+def test_sample_decodes_a_prior_draw_and_partition_inverts_the_encoder_layer(kind, pixel_noise):
+    """``y = μ_x(z) + σ_x(z)·ε`` (ε = 0 without pixel noise) for ``z`` from the given prior; the
+    partition family decodes only the shell and solves the core so that encoding gives back z."""
+    model = _build(kind, (7,), sigma_x="head").double()
+    ctx = torch.randn(5, 5, dtype=torch.float64)
+    prior = D.Independent(
+        D.Normal(torch.randn(5, 4, dtype=torch.float64), torch.rand(5, 4).double() + 0.5), 1
+    )
+    torch.manual_seed(2)
+    y = model.sample(context=ctx, prior=prior, pixel_noise=pixel_noise)
+    torch.manual_seed(2)  # the same draws, made here
+    z = prior.sample()
+    eps = torch.randn(5, 7, dtype=torch.float64) if pixel_noise else torch.zeros(5, 7)
+    mu_x, sigma_x = model.decoder_params(z, ctx)
+    assert sigma_x.std() > 0  # a per-sample, per-coordinate σ_x: its use is visible
+    expect = mu_x + sigma_x * eps
     if kind == "aef_partition":
+        shell = model.shell_mask.bool()
+        torch.testing.assert_close(y[:, shell], expect[:, shell])
         # Re-encoding a sample gives back the z it was decoded from: the core was solved for it.
-        torch.manual_seed(1)
-        ctx = torch.randn(5, 5, dtype=torch.float64)
-        prior = D.Independent(D.Normal(torch.zeros(5, 4).double(), torch.ones(5, 4).double()), 1)
-        torch.manual_seed(2)
-        z = prior.sample()
-        torch.manual_seed(2)
-        y = model.sample(context=ctx, prior=prior)
-        assert torch.allclose(model.encode(y, ctx), z, atol=1e-10)
-    assert torch.isfinite(y).all()
+        torch.testing.assert_close(model.encode(y, ctx), z, atol=1e-10, rtol=0)
+        assert not torch.allclose(y[:, ~shell], expect[:, ~shell])
+    else:
+        torch.testing.assert_close(y, expect)
 
 
 @pytest.mark.parametrize("kind", KINDS)

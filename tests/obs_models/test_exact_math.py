@@ -34,11 +34,14 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("sigma_x", ["learned", "head"])
+@pytest.mark.parametrize("sigma_x", ["learned", "head", "fixed"])
 def test_partition_log_likelihood_equals_change_of_variables(case, sigma_x):
     case = dict(case)
     shape, d, c = case.pop("obs_shape"), case.pop("latent_dim"), case.pop("context_dim")
-    model = make_obs_model("aef_partition", shape, d, c, sigma_x=sigma_x, **case).double()
+    # σ_x ≠ 1 so that a fixed σ_x contributes to the log-determinant.
+    model = make_obs_model(
+        "aef_partition", shape, d, c, sigma_x=sigma_x, sigma_x_init=0.7, **case
+    ).double()
     _perturb(model)
     batch = 3
     y = torch.randn(batch, *shape, dtype=torch.float64)
@@ -77,12 +80,15 @@ def test_partition_log_likelihood_equals_change_of_variables(case, sigma_x):
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("projection", ["learned", "random"])
-def test_aef_objective_is_joint_density_of_expanded_map(case, projection):
+@pytest.mark.parametrize(
+    ("projection", "sigma_x"), [("learned", "head"), ("random", "head"), ("learned", "learned"),
+                                ("random", "fixed")]
+)  # fmt: skip
+def test_aef_objective_is_joint_density_of_expanded_map(case, projection, sigma_x):
     case = dict(case)
     shape, d, c = case.pop("obs_shape"), case.pop("latent_dim"), case.pop("context_dim")
     model = make_obs_model(
-        "aef", shape, d, c, sigma_x="head", projection=projection, **case
+        "aef", shape, d, c, sigma_x=sigma_x, sigma_x_init=0.7, projection=projection, **case
     ).double()
     _perturb(model)
     batch = 3
@@ -163,3 +169,39 @@ def test_sigma_q_is_hard_bounded():
     e = torch.randn(100, model.embed_dim, dtype=torch.float64) * 1e4  # saturating inputs
     _, sigma_q = model.posterior(e)
     assert sigma_q.min() >= 0.2 and sigma_q.max() <= 0.7
+
+
+@pytest.mark.parametrize("sigma_x", ["learned", "head"])
+def test_vae_objective_and_importance_weight_written_from_the_spec(sigma_x):
+    """ELBO = log N(y; μ_x(z), σ_x²) − KL(N(μ_q, σ_q²) ‖ prior) at z = μ_q + σ_q ξ, the KL in
+    closed form; one importance weight is log p(y | z) + log p(z) − log q(z | y)."""
+    shape, d, c = (5,), 2, 3
+    model = make_obs_model("vae", shape, d, c, sigma_x=sigma_x, hidden=8).double()
+    _perturb(model)
+    y = torch.randn(4, *shape, dtype=torch.float64)
+    ctx = torch.randn(4, c, dtype=torch.float64)
+    prior = _random_prior(4, d)
+    mu_p, sigma_p = prior.base_dist.loc, prior.base_dist.scale
+    mu_q, sigma_q = model.posterior(model.encoder(y), ctx)
+
+    def log_lik(z):
+        mu_x, s_x = model.decoder_params(z, ctx)
+        return D.Normal(mu_x, s_x).log_prob(y).sum(-1)
+
+    torch.manual_seed(5)
+    got = model.objective(y, ctx, prior)
+    torch.manual_seed(5)  # the same ξ
+    z = mu_q + sigma_q * torch.randn(4, d, dtype=torch.float64)
+    kl = (
+        torch.log(sigma_p / sigma_q) + (sigma_q**2 + (mu_q - mu_p) ** 2) / (2 * sigma_p**2) - 0.5
+    ).sum(-1)
+    assert kl.min() > 0.1
+    torch.testing.assert_close(got, log_lik(z) - kl)
+
+    torch.manual_seed(6)
+    got = model.log_likelihood(y, ctx, prior, num_samples=1)
+    torch.manual_seed(6)
+    z = mu_q + sigma_q * torch.randn(1, 4, d, dtype=torch.float64)[0]
+    log_q = D.Normal(mu_q, sigma_q).log_prob(z).sum(-1)
+    log_p = D.Normal(mu_p, sigma_p).log_prob(z).sum(-1)
+    torch.testing.assert_close(got, log_lik(z) + log_p - log_q)
