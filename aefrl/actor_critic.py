@@ -36,11 +36,18 @@ class Actor(nn.Module):
             raise ValueError(f"need 0 < min_std < max_std, got {min_std} and {max_std}")
         self.net = MLP(feat_dim, 2 * action_dim, hidden, layers)
         self.min_std, self.max_std = float(min_std), float(max_std)
+        # The action bounds as tensors that move with the module: given Python floats,
+        # TanhNormal builds device tensors from them on every call, a blocking host-to-device
+        # copy that a CUDA-graph capture refuses. Non-persistent: checkpoints stay as they were.
+        self.register_buffer("action_low", torch.tensor(-1.0), persistent=False)
+        self.register_buffer("action_high", torch.tensor(1.0), persistent=False)
 
     def forward(self, feat: torch.Tensor) -> TanhNormal:
         loc, raw = self.net(feat).chunk(2, -1)
         std = self.min_std + (self.max_std - self.min_std) * torch.sigmoid(raw + 2.0)
-        return TanhNormal(loc, std, upscale=5.0, tanh_loc=True, low=-1.0, high=1.0)
+        return TanhNormal(
+            loc, std, upscale=5.0, tanh_loc=True, low=self.action_low, high=self.action_high
+        )
 
 
 class Critic(TwoHotHead):

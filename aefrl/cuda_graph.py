@@ -125,25 +125,31 @@ class CudaGraphed:
         modules, optimizers = list(modules), list(optimizers)
         for opt in optimizers:
             make_capturable(opt, fused=fused)
+        device = example.device
         self.static = example.clone()
         self._signature = _signature(self.static)
         snapshot = _Snapshot(modules, optimizers)
         try:
-            side = torch.cuda.Stream(device=example.device)
-            side.wait_stream(torch.cuda.current_stream(example.device))
-            with torch.cuda.stream(side):
-                for _ in range(max(int(warmup), 1)):
-                    fn(self.static)
-            torch.cuda.current_stream(example.device).wait_stream(side)
-            snapshot.restore()
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.out = fn(self.static)
+            # Everything on the batch's device, the capture stream included: torch.cuda.graph's
+            # default capture stream is made once, on whichever device is current then, and the
+            # kernels of a cuda:1 update would not land in a capture on a cuda:0 stream (the
+            # graph would replay nothing).
+            with torch.cuda.device(device):
+                side = torch.cuda.Stream(device=device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    for _ in range(max(int(warmup), 1)):
+                        fn(self.static)
+                torch.cuda.current_stream(device).wait_stream(side)
+                snapshot.restore()
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph, stream=side):
+                    self.out = fn(self.static)
         except BaseException:
             # A failed warm-up or capture leaves the weights as they were: wait for whatever
             # the side stream still runs (if the device still answers), then restore.
             with contextlib.suppress(Exception):
-                torch.cuda.synchronize(example.device)
+                torch.cuda.synchronize(device)
             snapshot.restore()
             raise
 

@@ -166,6 +166,9 @@ class Trainer:
         if state is None:
             state = load_checkpoint(path or self.checkpoint_path)
         self.agent.load_state_dict(state["agent"])
+        # A captured CUDA-graph update keeps writing the optimiser state tensors it was captured
+        # with, and load_state_dict replaces them: capture again on the next update.
+        self._update = None
         self.replay.load_state_dict(state["replay"])
         self.counters.update(state["counters"])
         self.train_credit = state["train_credit"]

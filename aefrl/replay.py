@@ -101,6 +101,12 @@ class SequenceReplay:
             ) from err
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={device!r} was requested but CUDA is not available.")
+        # The device as tensors on it report theirs ("cuda" -> "cuda:N", "cpu:0" -> "cpu"):
+        # sample(out=...) compares the two, and torch.device("cuda") != torch.device("cuda:0").
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        elif self.device.type == "cpu":
+            self.device = torch.device("cpu")
 
         self.num_envs = num_envs
         self.seq_len = seq_len

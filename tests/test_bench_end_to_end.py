@@ -30,3 +30,5 @@ def test_two_envs_device_replay_and_graph_fallback_run_the_loop(capsys):
     assert out["timed_agent_steps"] >= 4 and out["updates_in_timed_steps"] >= 8
     assert out["agent_steps_per_s"] > 0
     assert "cuda_graph: capturing the update failed" in capsys.readouterr().err
+    # The result says what ran (the report must not claim graphed updates after a fallback).
+    assert out["cuda_graph_requested"] and not out["cuda_graph"]

@@ -2,17 +2,23 @@
 
 Capture itself needs a GPU; on the CPU we check what makes it valid: the update never
 synchronises with the host (run on the meta device, where every ``.item()`` / ``bool(tensor)``
-raises), the warm-up snapshot restores modules and optimisers in place, and the optimiser
-switch. The GPU test compares the graphed update with the eager one.
+raises) and never builds a device tensor from host data (``torch.tensor(1.0, device=...)`` is a
+blocking host-to-device copy on a GPU, but takes a shortcut on the meta device, so the test
+refuses it itself), the warm-up snapshot restores modules and optimisers in place, the
+optimiser switch, and (with a stand-in for ``torch.cuda``) that warm-up and capture run on the
+batch's device. The GPU test compares the graphed update with the eager one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 
 import pytest
 import torch
 import torchrl.modules.distributions.continuous as tanh_normal_module
+from tensordict import TensorDict
 
 from aefrl.bench.subjects import Sizes, ours_agent_kwargs, random_batch
 from aefrl.cuda_graph import CudaGraphed, _Snapshot, graph_train_step, make_capturable
@@ -38,6 +44,39 @@ def test_the_meta_device_catches_host_synchronisation():
         x.sum().item()
 
 
+def _refuse_host_data(monkeypatch) -> None:
+    """Make ``torch.tensor`` / ``torch.as_tensor`` raise when they would copy host data (a
+    number, a list, a CPU tensor) to the meta device, as the same call on a GPU would copy it
+    with a stream synchronisation that breaks a capture."""
+
+    def refusing(name, factory):
+        @functools.wraps(factory)
+        def create(data, *args, **kwargs):
+            positional = args[1] if name == "as_tensor" and len(args) > 1 else None
+            device = kwargs.get("device", positional)
+            on_host = not torch.is_tensor(data) or data.device.type == "cpu"
+            if device is not None and torch.device(device).type == "meta" and on_host:
+                raise RuntimeError(f"torch.{name} copies host data to the device: {data!r}")
+            return factory(data, *args, **kwargs)
+
+        return create
+
+    for name in ("tensor", "as_tensor"):
+        monkeypatch.setattr(torch, name, refusing(name, getattr(torch, name)))
+
+
+def test_the_host_data_check_catches_copies_to_the_device(monkeypatch):
+    """The premise of the next test's second check."""
+    _refuse_host_data(monkeypatch)
+    with pytest.raises(RuntimeError, match="host data"):
+        torch.as_tensor(1.0, device="meta")
+    with pytest.raises(RuntimeError, match="host data"):
+        torch.tensor([1, 2], device=torch.device("meta"))
+    meta = torch.ones(2, device="meta")
+    assert torch.as_tensor(meta, device="meta") is meta  # already there: no copy
+    assert torch.tensor(1.0).device.type == "cpu"  # host tensors stay allowed
+
+
 @pytest.mark.parametrize(
     ("kind", "actnorm"), [("aef", False), ("vae", False), ("aef_partition", False), ("aef", True)]
 )
@@ -45,6 +84,7 @@ def test_train_step_never_synchronises_with_the_host(kind, actnorm, monkeypatch)
     # torchrl's TanhNormal skips its argument checks (which read values) while a stream is
     # capturing; tell it so, as a real capture would.
     monkeypatch.setattr(tanh_normal_module, "safe_is_current_stream_capturing", lambda: True)
+    _refuse_host_data(monkeypatch)
     torch.manual_seed(0)
     agent = small_agent(kind, device="meta", actnorm=actnorm)
     batch = random_batch(SIZES).to("meta")
@@ -117,6 +157,97 @@ def test_graphs_need_a_cuda_batch():
         graph_train_step(agent, random_batch(SIZES))
 
 
+class _FakeCuda:
+    """Just enough of ``torch.cuda`` to run :class:`CudaGraphed` on the CPU: tracks the current
+    device and stream as torch does (entering a stream's context also makes its device current;
+    ``torch.cuda.graph`` without ``stream`` captures on a stream of the current device) and
+    counts replays."""
+
+    def __init__(self, monkeypatch, current: int) -> None:
+        self.current, self.stream, self.capturing, self.replays = current, None, False, 0
+        fake = self
+
+        class Stream:
+            def __init__(self, device=None, priority=0):
+                index = fake.current if device is None else torch.device(device).index
+                self.device = torch.device("cuda", index)
+
+            def wait_stream(self, other) -> None:
+                pass
+
+        @contextlib.contextmanager
+        def device(dev):
+            before, fake.current = fake.current, torch.device(dev).index
+            try:
+                yield
+            finally:
+                fake.current = before
+
+        @contextlib.contextmanager
+        def stream(s):
+            before = fake.current, fake.stream
+            fake.current, fake.stream = s.device.index, s
+            try:
+                yield
+            finally:
+                fake.current, fake.stream = before
+
+        class CUDAGraph:
+            def replay(self) -> None:
+                fake.replays += 1
+
+        @contextlib.contextmanager
+        def graph(cuda_graph, pool=None, stream=None, **kwargs):
+            with fake_stream(stream or Stream()):
+                fake.capturing = True
+                try:
+                    yield
+                finally:
+                    fake.capturing = False
+
+        fake_stream = stream
+        fakes = {
+            "Stream": Stream,
+            "device": device,
+            "stream": stream,
+            "current_stream": lambda device=None: Stream(device),
+            "synchronize": lambda device=None: None,
+            "CUDAGraph": CUDAGraph,
+            "graph": graph,
+        }
+        for name, value in fakes.items():
+            monkeypatch.setattr(torch.cuda, name, value)
+
+    def where(self) -> tuple:
+        """(current device, device of the current stream, capturing?)"""
+        return self.current, self.stream and self.stream.device.index, self.capturing
+
+
+def test_warm_up_and_capture_run_on_the_batch_device(monkeypatch):
+    """A batch on cuda:1 while cuda:0 is current: warm-up and capture both run on a stream of
+    cuda:1 (a capture on a cuda:0 stream would record none of the update's kernels), the
+    capture starts from the restored weights, and calls replay and return copies."""
+    fake = _FakeCuda(monkeypatch, current=0)
+    module = torch.nn.Linear(1, 1)
+    seen = []
+
+    def update(batch):
+        seen.append((fake.where(), module.bias.item()))
+        with torch.no_grad():
+            module.bias.add_(1.0)
+        return {"bias": module.bias.detach()}
+
+    start = module.bias.item()
+    example = TensorDict({}, batch_size=[2], device="cuda:1")
+    step = CudaGraphed(update, example, [module], [], warmup=2)
+    assert [w for w, _ in seen] == [(1, 1, False)] * 2 + [(1, 1, True)]
+    assert [b for _, b in seen] == [start, start + 1, start]  # the capture starts restored
+    assert fake.where() == (0, None, False)  # the caller's device is current again
+    out = step(example)
+    assert fake.replays == 1 and out["bias"] is not step.out["bias"]
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("kind", ["aef", "vae"])
 def test_graphed_update_matches_the_eager_update(kind):

@@ -73,6 +73,9 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
 
     part.run(progress=False, on_iteration=stop_midway)
     assert part.counters["frames"] < SCHEDULE["total_frames"]
+    assert part._update is not None
+    part.load()  # a loaded checkpoint drops the update built on the old optimiser state
+    assert part._update is None
     part.env.close()
     resumed = build(tmp_path / "part", seed=123)  # different init and RNG: all must be restored
     resumed.load()

@@ -200,6 +200,21 @@ def test_sample_into_a_previous_batch():
         a.sample(out=reused.exclude(keys.REWARD))
 
 
+def test_device_is_kept_as_its_tensors_report_it(monkeypatch):
+    """``sample(out=...)`` checks the batch's device against the replay's, and tensors report
+    ``cuda:0`` (not ``cuda``) and ``cpu`` (not ``cpu:0``): a replay built with an unindexed
+    CUDA device, as scripts/train.py builds it, must accept its own batches back."""
+    replay = SequenceReplay(40, 2, seq_len=4, batch_size=3, device="cpu:0", seed=0)
+    fill(replay, 9)
+    batch = replay.sample()
+    assert replay.sample(out=batch) is batch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    for storage in ("memory", "device"):  # nothing touches the device before the first extend
+        cuda = SequenceReplay(40, 2, seq_len=4, batch_size=3, storage=storage, device="cuda")
+        assert cuda.device == torch.device("cuda", 1)
+
+
 def test_not_ready_raises_a_clear_error():
     replay = SequenceReplay(40, 2, seq_len=5, batch_size=4, seed=0)
     fill(replay, 4)

@@ -15,6 +15,7 @@ import time
 import torch
 
 from aefrl.bench.timing import sync
+from aefrl.cuda_graph import CudaGraphed
 from aefrl.loop import LoopConfig, Trainer
 from aefrl.replay import SequenceReplay
 
@@ -38,7 +39,9 @@ def agent_steps_per_second(
 ) -> dict:
     """Run the loop for ``prefill + steps`` agent steps; time the last ``steps`` (agent steps
     summed over ``num_envs`` parallel environments). ``cuda_graph``: updates replay one
-    captured CUDA graph (the default of ``scripts/train.py`` on CUDA). ``replay_storage``:
+    captured CUDA graph (the default of ``scripts/train.py`` on CUDA); the result's
+    ``cuda_graph`` says whether they did (the loop falls back to eager updates if the capture
+    fails), ``cuda_graph_requested`` what was asked. ``replay_storage``:
     ``"memory"`` (host RAM) or ``"device"`` (rows kept and batches gathered on ``device``)."""
     from aefrl.envs import make_dmc_env
     from aefrl.logging import RunLogger
@@ -108,6 +111,8 @@ def agent_steps_per_second(
         trainer.run(progress=False, on_iteration=on_iteration)
         total = time.perf_counter() - t0
         updates = trainer.counters["updates"] - at_start["updates"]
+        # What ran, not what was asked for: a failed capture falls back to eager updates.
+        graphed = isinstance(trainer._update, CudaGraphed)
     env.close()
     seconds = marks["end"] - marks["start"]
     steps = marks["steps"]
@@ -115,7 +120,8 @@ def agent_steps_per_second(
         "task": task,
         "render": render,
         "num_envs": num_envs,
-        "cuda_graph": cuda_graph,
+        "cuda_graph": graphed,
+        "cuda_graph_requested": cuda_graph,
         "replay_storage": replay_storage,
         "train_ratio": train_ratio,
         "batch": f"{batch}x{seq}",

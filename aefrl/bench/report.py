@@ -290,8 +290,8 @@ def _scaling(r: dict) -> list[str]:
     horizon = r["identical_sizes"]["sizes"]["horizon"]
     lines = [
         f"Each update and the imagination ({horizon} steps from every one of the B·T posterior "
-        "states) against batch size B and sequence length T, interleaved per point; ms per frame of the "
-        "full update; peak RSS of the process during each update (growth in brackets):",
+        "states) against batch size B and sequence length T, interleaved per point; ms per frame "
+        "of the full update; peak RSS of the process during each update (growth in brackets):",
         "",
         "| implementation | B x T | frames | world-model update s | full update s | "
         "imagination s | ms per frame (full) | peak RSS MiB, wm / full |",
@@ -346,6 +346,11 @@ def _e2e(r: dict) -> list[str]:
         f"Ours (aef, identical sizes) in `aefrl.loop.Trainer` on {e['task']} (render "
         f"{e['render']}, {e.get('num_envs', 1)} env(s)"
         + (", updates as CUDA graphs" if e.get("cuda_graph") else "")
+        + (
+            ", CUDA graphs asked for but the capture failed: eager updates"
+            if e.get("cuda_graph_requested") and not e.get("cuda_graph")
+            else ""
+        )
         + (", replay on the device" if e.get("replay_storage") == "device" else "")
         + f"), train ratio {e['train_ratio']:g} at batch {e['batch']}, after "
         f"{e['prefill_steps']} prefill steps: **{e['agent_steps_per_s']} agent steps/s** "
