@@ -328,8 +328,9 @@ class Trainer:
                 first_episode.append(rows)
             returns.extend(stats.returns)
         env.close()
-        episode = torch.cat(first_episode, 0).exclude(keys.DONE)
-        self.heldout = episode[: len(episode) - 1].unsqueeze(0)  # drop the next episode's start
+        # Rows stop being kept at the call that finished the first episode, so the last kept row
+        # is its terminal row (no next episode's start follows it): keep them all.
+        self.heldout = torch.cat(first_episode, 0).exclude(keys.DONE).unsqueeze(0)
         self.counters["evals"] += 1
         r = torch.tensor(returns[: self.config.eval_episodes], dtype=torch.float64)
         std = r.std(correction=1 if len(r) > 1 else 0)

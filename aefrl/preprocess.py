@@ -26,7 +26,8 @@ class Preprocess(nn.Module):
         obs_shape: event shape of one observation, ``(C, H, W)`` for images or ``(D,)``.
         alpha: logit squeeze α in ``(0, 0.5)``; 0.05 as in the AEF paper for natural images.
         actnorm: follow the logit with a per-channel affine map (data-initialised on the first
-            training batch, then learned through the objective ``log p(y) + ℓ_P``).
+            training batch, i.e. the first pass in training mode with gradients enabled, then
+            learned through the objective ``log p(y) + ℓ_P``).
         num_bins: quantisation levels of the raw data (256 for uint8).
 
     Shapes: ``x̃, y: [..., *obs_shape]``; log-determinants ``[...]``.
@@ -129,7 +130,9 @@ class Preprocess(nn.Module):
         )
         y = log_s.sub_(log_1ms) if inplace else log_s - log_1ms
         if self.actnorm:
-            if self.training:
+            # Agents act and report in training mode, under no_grad: only a pass with gradients
+            # is a training batch (otherwise the first acted frame would set the init).
+            if self.training and torch.is_grad_enabled():
                 self._init_actnorm(y)
             y = y * self._channel_view(self.an_log_scale.exp()) + self._channel_view(self.an_bias)
             logdet = logdet + self._positions * self.an_log_scale.sum()

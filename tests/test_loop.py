@@ -130,3 +130,17 @@ def test_cuda_graph_updates_fall_back_to_eager_only_when_allowed(tmp_path, capsy
     with pytest.raises(ValueError, match="CUDA device"):
         trainer._make_update(example)
     trainer.env.close()
+
+
+def test_held_out_episode_runs_from_its_first_row_to_its_terminal_row(tmp_path):
+    """The held-out data of reports is the first evaluation episode, whole: its reset row and
+    every stepped row through the terminal one (the loop stops collecting at that row, so
+    there is no next episode's start to drop)."""
+    trainer = build(tmp_path)
+    trainer.evaluate()
+    trainer.env.close()
+    trainer.logger.close()
+    held = trainer.heldout
+    assert held.shape == (1, 21)  # make_env: 20 agent steps per episode, plus the reset row
+    assert held["is_first"][0, :, 0].nonzero().flatten().tolist() == [0]
+    assert held["reward"][0, -1].abs().sum() > 0  # the terminal row keeps its reward

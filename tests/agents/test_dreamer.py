@@ -40,6 +40,23 @@ def test_act_shapes_and_determinism(kind):
     assert not torch.equal(e1, e2)
 
 
+def test_acting_leaves_actnorm_to_the_first_training_batch():
+    """ActNorm's data-dependent init belongs to the first training batch, not to the first
+    frame the agent acts on (one frame, dequantised at the bin centre); the agent stays in
+    training mode while it acts, so the gradient-free acting pass must not trigger it."""
+    torch.manual_seed(0)
+    cfg = {k: dict(v) for k, v in TINY.items()}
+    cfg["world_model"]["actnorm"] = True
+    agent = DreamerAgent(OBS, ACTIONS, **cfg)
+    pre = agent.world_model.preprocess
+    pixels = torch.randint(0, 256, (1, *OBS), dtype=torch.uint8)
+    agent.act(pixels, torch.ones(1, 1, dtype=torch.bool), agent.initial_carry(1))
+    assert not pre.an_initialized
+    assert torch.equal(pre.an_log_scale.detach(), torch.zeros(3))
+    agent.train_step(random_batch(3, 8))
+    assert pre.an_initialized
+
+
 def test_train_step_updates_every_module_and_reports_finite_metrics(kind):
     torch.manual_seed(0)
     agent = tiny_agent(kind)
