@@ -47,14 +47,15 @@ def collect(roots: list[Path]) -> dict[str, dict[str, dict]]:
 
 
 def summarise(runs: dict[str, dict], tag: str) -> list[dict]:
-    """Mean / min / max over runs at each step every run reached."""
+    """Mean / min / max over the runs that reached each step (``seeds`` says how many: seeds
+    run for different lengths, and a longer one's late points are kept)."""
     series = [dict(r[tag]) for r in runs.values() if tag in r]
     if not series:
         return []
-    steps = sorted(set.intersection(*(set(s) for s in series)))
+    steps = sorted(set.union(*(set(s) for s in series)))
     rows = []
     for step in steps:
-        vals = np.array([s[step] for s in series])
+        vals = np.array([s[step] for s in series if step in s])
         rows.append(
             {
                 "frames": int(step),
@@ -98,7 +99,8 @@ def plot(curves: dict[str, list[dict]], path: Path, title: str, ylabel: str) -> 
             light = tuple(int(c + (255 - c) * 0.75) for c in color)
             d.polygon(band, fill=light)
             d.line([xy(r["frames"], r["mean"]) for r in rows], fill=color, width=3)
-        d.text((left + 10, top + 8 + 16 * i), f"{name} (n={rows[0]['seeds']})", fill=color)
+        seeds = max(r["seeds"] for r in rows)
+        d.text((left + 10, top + 8 + 16 * i), f"{name} (n={seeds})", fill=color)
     img.save(path)
 
 
@@ -118,8 +120,9 @@ def windowed(runs: dict[str, dict], window: int, tag: str = "env/episode_return"
     ]
 
 
-def table(series: dict[str, list[dict]], fmt: str) -> list[str]:
-    """A markdown table, one row per frame count, one column per group (mean [min, max])."""
+def table(series: dict[str, list[dict]], fmt: str, runs: dict[str, int]) -> list[str]:
+    """A markdown table, one row per frame count, one column per group: mean [min, max] over
+    seeds, and "(k of n)" where only k of the group's n runs reached that point."""
     names = sorted(series)
     lines = [f"| frames | {' | '.join(names)} |", "|---:|" + "---:|" * len(names)]
     for step in sorted({r["frames"] for g in names for r in series[g]}):
@@ -128,11 +131,13 @@ def table(series: dict[str, list[dict]], fmt: str) -> list[str]:
             row = next((r for r in series[g] if r["frames"] == step), None)
             if row is None:
                 cells.append("")
-            elif row["seeds"] > 1:
-                lo, hi = fmt.format(row["min"]), fmt.format(row["max"])
-                cells.append(f"{fmt.format(row['mean'])} [{lo}, {hi}]")
-            else:
-                cells.append(fmt.format(row["mean"]))
+                continue
+            cell = fmt.format(row["mean"])
+            if row["seeds"] > 1:
+                cell += f" [{fmt.format(row['min'])}, {fmt.format(row['max'])}]"
+            if row["seeds"] < runs[g]:
+                cell += f" ({row['seeds']} of {runs[g]})"
+            cells.append(cell)
         lines.append(f"| {step} | {' | '.join(cells)} |")
     return lines
 
@@ -167,7 +172,8 @@ def main(argv=None) -> int:
     lines: list[str] = []
     for title, tag, fmt in sections:
         series = train if tag is None else {g: result[g][tag] for g in groups}
-        lines += [f"### {title}", "", *table(series, fmt), ""]
+        counts = {g: len(groups[g]) for g in groups}
+        lines += [f"### {title}", "", *table(series, fmt, counts), ""]
     (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

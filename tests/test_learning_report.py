@@ -29,7 +29,8 @@ def _run(path: Path, evals: dict[int, float], train: dict[int, float]) -> None:
 
 def test_report_tables_seeds_and_windows(tmp_path):
     root = tmp_path / "task"
-    _run(root / "aef/s0", {10000: 100.0, 20000: 300.0}, {1000: 10.0, 9000: 30.0, 15000: 50.0})
+    evals = {10000: 100.0, 20000: 300.0, 30000: 350.0}  # s0 ran longer than s1
+    _run(root / "aef/s0", evals, {1000: 10.0, 9000: 30.0, 15000: 50.0})
     _run(root / "aef/s1", {10000: 200.0, 20000: 500.0}, {5000: 20.0})
     _run(root / "vae/s0", {10000: 50.0}, {12000: 7.0})
     out = tmp_path / "out"
@@ -37,9 +38,10 @@ def test_report_tables_seeds_and_windows(tmp_path):
     md = (out / "task.md").read_text()
     assert "| 10000 | 150 [100, 200] | 50 |" in md  # eval: mean [min, max] over seeds
     assert "| 20000 | 400 [300, 500] |  |" in md
+    assert "| 30000 | 350 (1 of 2) |  |" in md  # a longer seed's late points are kept, marked
     # train returns per 10k window: s0 has 1k and 9k (mean 20), s1 has 5k (20); then 15k / 12k
     assert "| 10000 | 20 [20, 20] |  |" in md
-    assert "| 20000 | 50 | 7 |" in md
+    assert "| 20000 | 50 (1 of 2) | 7 |" in md
     assert "| 20000 | 6.500 [6.500, 6.500] | 6.500 |" in md
     for png in ("task_return.png", "task_train_return.png"):
         assert (out / png).stat().st_size > 0
