@@ -8,7 +8,8 @@ steps), with three things those notes leave to the user:
 
 * warm-up iterations (needed so that lazy state such as Adam's moments exists before capture)
   would change the weights; :class:`CudaGraphed` snapshots modules and optimisers first and
-  restores them in place afterwards, so the first replay is the first real update;
+  restores them in place afterwards, so the first replay is the first real update (and it puts
+  the CUDA generator back where it was, so the first replay draws the same random numbers);
 * optimisers are switched to ``capturable`` (their step counters move to the GPU) and, for
   Adam, to the fused kernel;
 * the outputs of a replay are overwritten by the next one, so ``__call__`` returns clones.
@@ -129,6 +130,7 @@ class CudaGraphed:
         self.static = example.clone()
         self._signature = _signature(self.static)
         snapshot = _Snapshot(modules, optimizers)
+        rng = torch.cuda.get_rng_state(device)
         try:
             # Everything on the batch's device, the capture stream included: torch.cuda.graph's
             # default capture stream is made once, on whichever device is current then, and the
@@ -145,11 +147,17 @@ class CudaGraphed:
                 self.graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(self.graph, stream=side):
                     self.out = fn(self.static)
+                # Warm-up and capture drew from the CUDA generator; put it back, so the first
+                # replay draws what an eager update at this point would (each replay reads the
+                # generator's state and advances it by the graph's total draw), and a resumed
+                # run, which captures again, draws the same numbers as the uninterrupted one.
+                torch.cuda.set_rng_state(rng, device)
         except BaseException:
             # A failed warm-up or capture leaves the weights as they were: wait for whatever
             # the side stream still runs (if the device still answers), then restore.
             with contextlib.suppress(Exception):
                 torch.cuda.synchronize(device)
+                torch.cuda.set_rng_state(rng, device)
             snapshot.restore()
             raise
 

@@ -157,6 +157,10 @@ def test_graphs_need_a_cuda_batch():
         graph_train_step(agent, random_batch(SIZES))
 
 
+def _index(device) -> int:
+    return torch.device(device).index
+
+
 class _FakeCuda:
     """Just enough of ``torch.cuda`` to run :class:`CudaGraphed` on the CPU: tracks the current
     device and stream as torch does (entering a stream's context also makes its device current;
@@ -165,6 +169,7 @@ class _FakeCuda:
 
     def __init__(self, monkeypatch, current: int) -> None:
         self.current, self.stream, self.capturing, self.replays = current, None, False, 0
+        self.rng = {}  # device index -> draws so far (the generator's offset)
         fake = self
 
         class Stream:
@@ -214,9 +219,15 @@ class _FakeCuda:
             "synchronize": lambda device=None: None,
             "CUDAGraph": CUDAGraph,
             "graph": graph,
+            "get_rng_state": lambda device: torch.tensor([fake.rng.get(_index(device), 0)]),
+            "set_rng_state": lambda state, device: fake.rng.__setitem__(_index(device), int(state)),
         }
         for name, value in fakes.items():
             monkeypatch.setattr(torch.cuda, name, value)
+
+    def draw(self) -> None:
+        """One random draw on the current device."""
+        self.rng[self.current] = self.rng.get(self.current, 0) + 1
 
     def where(self) -> tuple:
         """(current device, device of the current stream, capturing?)"""
@@ -232,6 +243,7 @@ def test_warm_up_and_capture_run_on_the_batch_device(monkeypatch):
     seen = []
 
     def update(batch):
+        fake.draw()
         seen.append((fake.where(), module.bias.item()))
         with torch.no_grad():
             module.bias.add_(1.0)
@@ -243,6 +255,7 @@ def test_warm_up_and_capture_run_on_the_batch_device(monkeypatch):
     assert [w for w, _ in seen] == [(1, 1, False)] * 2 + [(1, 1, True)]
     assert [b for _, b in seen] == [start, start + 1, start]  # the capture starts restored
     assert fake.where() == (0, None, False)  # the caller's device is current again
+    assert fake.rng[1] == 0  # the draws of warm-up and capture are given back to the generator
     out = step(example)
     assert fake.replays == 1 and out["bias"] is not step.out["bias"]
 
