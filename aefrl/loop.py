@@ -18,7 +18,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -56,6 +56,12 @@ class LoopConfig:
     cuda_graph_fallback: bool = True  # if the capture fails: warn and run eagerly (else raise)
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # counts given as 1e6 on the command line arrive as floats
+            value = getattr(self, f.name)
+            if f.type == "int" and isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError(f"{f.name} must be a whole number, got {value}")
+                setattr(self, f.name, int(value))
         for name in ("total_frames", "action_repeat", "batch_size", "seq_len", "eval_episodes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

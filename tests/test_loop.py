@@ -144,3 +144,15 @@ def test_held_out_episode_runs_from_its_first_row_to_its_terminal_row(tmp_path):
     assert held.shape == (1, 21)  # make_env: 20 agent steps per episode, plus the reset row
     assert held["is_first"][0, :, 0].nonzero().flatten().tolist() == [0]
     assert held["reward"][0, -1].abs().sum() > 0  # the terminal row keeps its reward
+
+
+def test_loop_config_takes_whole_floats_as_counts_and_refuses_fractions():
+    """``loop.total_frames=1e6`` on the command line arrives as a float."""
+    config = LoopConfig(total_frames=1e6, checkpoint_every=5e3, train_ratio=64)
+    assert config.total_frames == 1_000_000 and isinstance(config.total_frames, int)
+    assert config.checkpoint_every == 5000 and isinstance(config.checkpoint_every, int)
+    assert LoopConfig(train_ratio=0.5).train_ratio == 0.5  # a float field keeps its fraction
+    with pytest.raises(ValueError, match=r"total_frames must be a whole number, got 1000\.5"):
+        LoopConfig(total_frames=1000.5)
+    with pytest.raises(ValueError, match="total_frames must be >= 1, got 0"):
+        LoopConfig(total_frames=0.0)
