@@ -29,7 +29,7 @@ from aefrl import keys
 from aefrl.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint
 from aefrl.checkpoint import set_rng_state as restore_rng
 from aefrl.collect import Collector
-from aefrl.cuda_graph import graph_train_step
+from aefrl.cuda_graph import CudaGraphed, graph_train_step
 from aefrl.logging import RunLogger
 
 CHECKPOINT_FORMAT = 1
@@ -282,6 +282,12 @@ class Trainer:
                 metrics[key].append(value)
             self.counters["updates"] += 1
             self.train_credit -= 1.0
+
+    @property
+    def graphed(self) -> bool:
+        """Whether updates replay a captured CUDA graph (False before the first update, and
+        after a failed capture fell back to eager updates)."""
+        return isinstance(self._update, CudaGraphed)
 
     def _make_update(self, batch) -> Callable:
         """The agent's ``train_step``, or (``cuda_graph``) its CUDA graph captured on ``batch``."""

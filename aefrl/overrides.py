@@ -72,12 +72,11 @@ def check_overrides(config_dir: Path, config_name: str, args: list[str]) -> None
     config_dir = Path(config_dir).resolve()
     if any(a.startswith("-") for a in args):
         return
-    lines = list(args)
     try:
-        parsed = OverridesParser.create().parse_overrides(lines)
+        parsed = OverridesParser.create().parse_overrides(list(args))
     except OverrideParseException as exc:
         first = str(exc).strip().splitlines()[0]
-        raise OverrideError(f"cannot parse the command line {' '.join(lines)!r}: {first}") from None
+        raise OverrideError(f"cannot parse the command line {' '.join(args)!r}: {first}") from None
     parsed = [
         o for o in parsed if not o.key_or_group.startswith("hydra") and not o.is_sweep_override()
     ]

@@ -400,7 +400,8 @@ def update_flops(subjects: dict, prepared: dict, timed: dict, args) -> dict:
     return out
 
 
-SCALED = ("wm_update", "full_update", "imagination")
+# result key -> the subject method it times
+SCALED = {"wm_update": "wm_update", "full_update": "full_update", "imagination": "imagine"}
 
 
 def measure_scaling(args, subjects: dict, ident: dict) -> list[dict]:
@@ -421,13 +422,13 @@ def measure_scaling(args, subjects: dict, ident: dict) -> list[dict]:
         starts = {name: s.imagination_start(prepared[name]) for name, s in pair.items()}
         inputs = {"wm_update": prepared, "full_update": prepared, "imagination": starts}
         timed = {
-            method: time_interleaved(
-                calls(pair, "imagine" if method == "imagination" else method, inputs[method], args),
+            key: time_interleaved(
+                calls(pair, method, inputs[key], args),
                 args.device,
                 reps=args.plan.scaling_reps,
                 warmup=args.plan.scaling_warmup,
             )
-            for method in SCALED
+            for key, method in SCALED.items()
         }
         rows += [
             {"subject": n, "batch": b, "seq": t, **{m: timed[m][n] for m in SCALED}} for n in pair

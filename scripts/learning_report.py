@@ -169,10 +169,10 @@ def main(argv=None) -> int:
         ("Held-out bits/dim (latest evaluation episode)", "heldout/bits_per_dim", "{:.3f}"),
         ("Open-loop prediction MSE at horizon 45", "heldout/open_loop_mse_h45", "{:.5f}"),
     ]
+    counts = {g: len(runs) for g, runs in groups.items()}
     lines: list[str] = []
     for title, tag, fmt in sections:
         series = train if tag is None else {g: result[g][tag] for g in groups}
-        counts = {g: len(groups[g]) for g in groups}
         lines += [f"### {title}", "", *table(series, fmt, counts), ""]
     (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

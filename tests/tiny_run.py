@@ -8,9 +8,9 @@ import torch
 
 from aefrl.checkpoint import save_checkpoint
 from agents.factory import build_agent
+from tests.world_model.conftest import OBS
 
 ROOT = Path(__file__).resolve().parents[1]
-OBS = (3, 16, 16)
 
 
 def write_tiny_dreamer_run(run_dir: Path, time_limit: float = 0.1, frames: int = 0) -> dict:

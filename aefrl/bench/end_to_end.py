@@ -15,7 +15,6 @@ import time
 import torch
 
 from aefrl.bench.timing import sync
-from aefrl.cuda_graph import CudaGraphed
 from aefrl.loop import LoopConfig, Trainer
 from aefrl.replay import SequenceReplay
 
@@ -112,7 +111,7 @@ def agent_steps_per_second(
         total = time.perf_counter() - t0
         updates = trainer.counters["updates"] - at_start["updates"]
         # What ran, not what was asked for: a failed capture falls back to eager updates.
-        graphed = isinstance(trainer._update, CudaGraphed)
+        graphed = trainer.graphed
     env.close()
     seconds = marks["end"] - marks["start"]
     steps = marks["steps"]
