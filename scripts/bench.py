@@ -197,6 +197,7 @@ class Plan:
     vae_full_update: bool  # also time ours (vae) in the full-update group
     conv_detail: bool  # also conv layers alone (NCHW, channels-last), torchrl's bound and profile
     scaling: tuple[tuple[int, int], ...]  # (B, T) points besides the headline's
+    image_sizes: tuple[int, ...]  # image sides besides the headline's 64 (ours only)
     scaling_reps: int
     scaling_warmup: int
     default_reps: int
@@ -212,13 +213,14 @@ def plan(quick: bool) -> Plan:
         # one point per scaling direction, single calls at our defaults.
         return Plan(
             base, default_sizes(), reps=3, warmup=1, vae_full_update=False, conv_detail=False,
-            scaling=((8, base.seq), (base.batch, 25)), scaling_reps=1, scaling_warmup=1,
-            default_reps=1, default_warmup=0, e2e_steps=4,
+            scaling=((8, base.seq), (base.batch, 25)), image_sizes=(32,), scaling_reps=1,
+            scaling_warmup=1, default_reps=1, default_warmup=0, e2e_steps=4,
         )  # fmt: skip
     return Plan(
         base, default_sizes(), reps=5, warmup=1, vae_full_update=True, conv_detail=True,
         scaling=((8, base.seq), (32, base.seq), (base.batch, 25), (base.batch, 100)),
-        scaling_reps=3, scaling_warmup=1, default_reps=3, default_warmup=1, e2e_steps=16,
+        image_sizes=(32, 128), scaling_reps=3, scaling_warmup=1, default_reps=3, default_warmup=1,
+        e2e_steps=16,
     )  # fmt: skip
 
 
@@ -226,8 +228,8 @@ def toy_plan() -> Plan:
     toy = Sizes(latent=3, deter=8, hidden=16, depth=4, batch=2, seq=4, horizon=3)
     return Plan(
         toy, toy.with_batch(2, 5), reps=1, warmup=0, vae_full_update=True, conv_detail=True,
-        scaling=((3, 4),), scaling_reps=1, scaling_warmup=0, default_reps=1, default_warmup=0,
-        e2e_steps=2,
+        scaling=((3, 4),), image_sizes=(32,), scaling_reps=1, scaling_warmup=0, default_reps=1,
+        default_warmup=0, e2e_steps=2,
     )  # fmt: skip
 
 
@@ -437,6 +439,48 @@ def measure_scaling(args, subjects: dict, ident: dict) -> list[dict]:
     return rows
 
 
+def measure_image_scaling(args, ident: dict) -> list[dict]:
+    """Ours (aef) against the image side at the headline's sizes: world-model update, full
+    update, imagination and the conv bound (encoder + decoder trunks alone), interleaved per
+    side, on a model built for that side (the trunks gain or lose a stride-2 stage per doubling).
+    torchrl's ``ObsDecoder`` only decodes 64 x 64, so it has the headline's row alone. One row
+    per subject and side: ``{subject, image, wm_update, full_update, imagination, conv_bound}``
+    (``conv_bound`` None for torchrl, whose bound is timed only with the conv detail)."""
+    base = args.plan.identical
+    conv = ident["conv_bound"]
+    rows = [
+        {"subject": "aef", "image": base.image, **{m: ident[m]["aef"] for m in SCALED}}
+        | {"conv_bound": conv["ours_trunks"]},
+        {"subject": "torchrl", "image": base.image, **{m: ident[m]["torchrl"] for m in SCALED}}
+        | {"conv_bound": conv.get("torchrl_trunks")},
+    ]
+    for side in args.plan.image_sizes:
+        log(f"image scaling {side}x{side}")
+        sizes = replace(base, image=side)
+        torch.manual_seed(0)
+        ours = build_ours("aef", sizes, args.device, args.compile)
+        batch = random_batch(sizes, seed=1, device=args.device)
+        prepared = ours.prepare(batch)
+        inputs = {
+            "wm_update": prepared,
+            "full_update": prepared,
+            "imagination": ours.imagination_start(prepared),
+        }
+        todo = {
+            key: calls({"aef": ours}, method, {"aef": inputs[key]}, args)["aef"]
+            for key, method in SCALED.items()
+        }
+        conv_inputs = {"aef": ours.conv_inputs(batch)}
+        todo["conv_bound"] = calls({"aef": ours}, "conv_pass", conv_inputs, args)["aef"]
+        timed = time_interleaved(
+            todo, args.device, reps=args.plan.scaling_reps, warmup=args.plan.scaling_warmup
+        )
+        rows.append({"subject": "aef", "image": side, **timed})
+        del ours, prepared, inputs, todo, conv_inputs  # before the next side's model
+    rows.sort(key=lambda r: (r["subject"], r["image"]))
+    return rows
+
+
 def measure_default_sizes(args) -> dict:
     """Ours (aef) and torchrl's blocks mapped to our default sizes."""
     sizes = args.plan.default
@@ -614,7 +658,8 @@ def main(argv=None) -> dict:
     result["identical_sizes"] = ident
     headline(result, kinds)
     result["scaling"] = measure_scaling(args, subjects, ident)
-    del subjects  # the end-to-end run builds its own agent
+    del subjects  # the end-to-end run and the image sides build their own
+    result["image_scaling"] = measure_image_scaling(args, ident)
     if args.skip_e2e:
         result["end_to_end"] = None
     else:

@@ -25,6 +25,7 @@ TOP_LEVEL = (
     "command",
     "identical_sizes",
     "scaling",
+    "image_scaling",
     "default_sizes",
     "end_to_end",
 )
@@ -70,8 +71,16 @@ def test_toy_run_writes_every_key(bench, tmp_path):
         assert all(r[m]["median_s"] > 0 for m in ("wm_update", "full_update", "imagination"))
     head = next(r for r in scaling if r["subject"] == "aef" and (r["batch"], r["seq"]) == (2, 4))
     assert head["full_update"] == ident["full_update"]["aef"]
+    images = {(r["subject"], r["image"]): r for r in result["image_scaling"]}
+    assert set(images) == {("aef", 32), ("aef", 64), ("torchrl", 64)}  # toy side, headline
+    small = images[("aef", 32)]
+    for m in ("wm_update", "full_update", "imagination", "conv_bound"):
+        assert small[m]["median_s"] > 0, m
+    assert images[("aef", 64)]["conv_bound"] == ident["conv_bound"]["ours_trunks"]
+    assert images[("torchrl", 64)]["wm_update"] == ident["wm_update"]["torchrl"]
     assert result["load_average"]["start"] and result["load_average"]["end"]
     md = out.with_suffix(".md").read_text()
+    assert "### Image size" in md and "| ours (aef) | 32 x 32 |" in md
     assert "world-model update speedup" in md and "| torchrl |" in md
     assert "### Work per update" in md and "GFLOP/s" in md
 

@@ -308,6 +308,35 @@ def _scaling(r: dict) -> list[str]:
     return lines
 
 
+def _image_scaling(r: dict) -> list[str]:
+    rows = r.get("image_scaling")
+    if not rows:  # results written before the image sides were measured
+        return ["Not measured in this run."]
+    s = r["identical_sizes"]["sizes"]
+    lines = [
+        f"Ours (aef) at the headline's sizes (batch {s['batch']} x {s['seq']}) on images of each "
+        "side, a model built per side (one stride-2 conv stage more per doubling); the conv bound "
+        "is its encoder + decoder trunks alone, timed in the same interleaved rounds. torchrl's "
+        "`ObsDecoder` decodes 64 x 64 only, so it has the headline's row alone. Peak RSS as "
+        "above (growth in brackets):",
+        "",
+        "| implementation | image | world-model update s | full update s | imagination s | "
+        "conv bound s | wm / conv bound | µs per pixel (full) | peak RSS MiB, wm / full |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        side, wm, bound = row["image"], row["wm_update"], row["conv_bound"]
+        pixels = s["batch"] * s["seq"] * side * side
+        over = "–" if bound is None else f"{wm['median_s'] / bound['median_s']:.3f}"
+        lines.append(
+            f"| {_name(row['subject'])} | {side} x {side} | {_s(wm)} | {_s(row['full_update'])} | "
+            f"{_s(row['imagination'])} | {_s(bound)} | {over} | "
+            f"{1e6 * row['full_update']['median_s'] / pixels:.3g} | "
+            f"{_mem(wm)} / {_mem(row['full_update'])} |"
+        )
+    return lines
+
+
 def _defaults(r: dict) -> list[str]:
     d = r["default_sizes"]
     s = d["sizes"]
@@ -385,6 +414,7 @@ def markdown(r: dict) -> str:
         ("Convolution FLOPs", _flops(r)),
         ("Where the time goes", _profile(r)),
         ("Scaling", _scaling(r)),
+        ("Image size", _image_scaling(r)),
         ("Our default sizes", _defaults(r)),
         ("End to end", _e2e(r)),
         ("Collection", _collection(r)),
