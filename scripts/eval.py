@@ -56,7 +56,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("run_dir", help="a run directory (or a checkpoint file)")
     p.add_argument("--episodes", type=int, default=10)
-    p.add_argument("--seed", type=int, default=12345, help="seed of the evaluation episodes")
+    p.add_argument(
+        "--seed", type=int, default=12345, help="seed of the evaluation episodes and of torch"
+    )
     p.add_argument("--video", default=None, help="GIF path (default <run_dir>/eval.gif; '' off)")
     p.add_argument("--out", default=None, help="JSON path (default <run_dir>/eval.json)")
     p.add_argument("--device", default="auto")
@@ -94,11 +96,11 @@ def evaluate(agent, env, episodes: int, action_dim: int, device, record: bool):
     returns, lengths, frames = [], [], []
     bar = tqdm(total=episodes, unit="episode")
     while len(returns) < episodes:
-        if record and not returns:
-            pixels = rows["pixels"][:1]
+        view = rows["pixels"][:1] if record and not returns else None  # o_t, not yet filtered
+        rows, stats, _ = collector.step("eval")  # filters o_t, acts, and receives o_{t+1}
+        if view is not None:  # o_t next to the decoded posterior of o_t
             recon = agent.world_model.decode_pixels(collector.carry.state).cpu()[:1]
-            frames.append(torch.cat([pixels, recon], -1)[0])
-        rows, stats, _ = collector.step("eval")
+            frames.append(torch.cat([view, recon], -1)[0])
         returns.extend(stats.returns)
         lengths.extend(stats.lengths)
         bar.update(len(stats.returns))
@@ -126,6 +128,9 @@ def build_planner_agent(state: dict, args, action_dim: int) -> PlannerAgent:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # The env's seed fixes the episodes; torch's fixes the rest (the planner's candidates, prior
+    # samples, the VAE posterior), so the same --seed gives the same returns.
+    torch.manual_seed(args.seed)
     try:
         state = load_checkpoint(args.run_dir)
     except CheckpointError as exc:
