@@ -34,7 +34,9 @@ class Collector:
     Args:
         env: torchrl env whose observation key is ``"pixels"`` (uint8 ``[C, H, W]``) and whose
             actions lie in ``[-1, 1]``.
-        agent: object with ``initial_carry(n)`` and ``act(pixels, is_first, carry, mode)``.
+        agent: object with ``initial_carry(n)`` and ``act(pixels, is_first, carry, mode)``,
+            ``mode`` one of ``"random"`` (filter only: the collector draws the action),
+            ``"explore"``, ``"eval"``.
         action_dim: A.
         device: where the agent runs; rows are returned on the CPU.
         generator: RNG for random actions (the prefill policy), so it doesn't touch global RNGs.
@@ -99,9 +101,10 @@ class Collector:
 
         obs = self.obs
         pixels = obs[keys.PIXELS].to(self.device)
-        policy_mode = "eval" if mode == "eval" else "explore"
         is_first = obs[keys.IS_FIRST].to(self.device)
-        action, self.carry = self.agent.act(pixels, is_first, self.carry, policy_mode)
+        # In "random" mode the agent only filters o_t (its carry stays current for the switch
+        # to its policy) and the action is drawn here.
+        action, self.carry = self.agent.act(pixels, is_first, self.carry, mode)
         if mode == "random":
             action = torch.rand(action.shape, generator=self.generator) * 2 - 1
             self.carry.prev_action = action.to(self.carry.prev_action)

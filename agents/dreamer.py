@@ -21,7 +21,14 @@ from aefrl.objectives import DreamerActorLoss, DreamerValueLoss, WorldModelLoss
 from aefrl.world_model import RSSMState, WorldModel
 from aefrl.world_model.evaluation import open_loop_prediction, sequence_bits_per_dim
 
-ACT_MODES = ("explore", "eval")
+# "random": filter o_t only and return a placeholder zero action; the caller (the collector's
+# prefill) draws the action and writes it into the carry, so no policy runs for nothing.
+ACT_MODES = ("explore", "eval", "random")
+
+
+def placeholder_action(carry: Carry) -> torch.Tensor:
+    """The zero action ``[N, A]`` of ``act(..., mode="random")``."""
+    return torch.zeros_like(carry.prev_action)
 
 
 @dataclass
@@ -113,7 +120,8 @@ class DreamerAgent(nn.Module):
         """One policy step. ``pixels`` uint8 ``[N, C, H, W]`` (o_t), ``is_first`` ``[N, 1]``.
 
         Filters o_t with the posterior (sampled in VAE mode, deterministic in AEF modes), then
-        samples ``a_t ~ π(feat_t)`` (``"explore"``) or takes its mode (``"eval"``).
+        samples ``a_t ~ π(feat_t)`` (``"explore"``) or takes its mode (``"eval"``); ``"random"``
+        skips the actor and returns zeros for the caller to replace (see :data:`ACT_MODES`).
         Returns ``a_t [N, A]`` and the new carry.
         """
         if mode not in ACT_MODES:
@@ -122,6 +130,8 @@ class DreamerAgent(nn.Module):
         y, _ = wm.encode_pixels(pixels, dequantize="mid")
         embed, coords = wm.obs_model.embed(y)
         state, _, _ = wm.rssm.obs_step(carry.state, carry.prev_action, embed, coords, is_first)
+        if mode == "random":
+            return placeholder_action(carry), Carry(state, placeholder_action(carry))
         dist = self.actor(state.feat)
         action = dist.sample() if mode == "explore" else dist.deterministic_sample
         return action, Carry(state, action)

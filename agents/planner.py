@@ -29,7 +29,7 @@ from aefrl.envs.imagination import ImaginationEnv
 from aefrl.objectives import WorldModelLoss
 from aefrl.world_model import WorldModel
 from aefrl.world_model.modules import WEIGHTS_PREFIX, filter_step, world_model_kwargs
-from agents.dreamer import ACT_MODES, Carry, DreamerAgent
+from agents.dreamer import ACT_MODES, Carry, DreamerAgent, placeholder_action
 
 PLANNERS = ("cem", "mppi")
 # Sections of an agent configuration that only Dreamer reads: configs/agent/planner.yaml inherits
@@ -61,6 +61,13 @@ class PlanningConfig:
         if self.top_k > self.candidates:
             raise ValueError(
                 f"planner top_k ({self.top_k}) must not exceed candidates ({self.candidates})"
+            )
+        if self.method == "cem" and self.top_k < 2 and self.iterations > 1:
+            # torchrl refits the std of the elites (unbiased): NaN from a single elite, and the
+            # next iteration would sample NaN actions.
+            raise ValueError(
+                f"cem needs top_k >= 2 to refit its action distribution over {self.iterations} "
+                "iterations, got top_k 1 (use top_k >= 2 or iterations 1)"
             )
 
 
@@ -198,14 +205,17 @@ class PlannerAgent(nn.Module):
         """One policy step. ``pixels`` uint8 ``[N, C, H, W]`` (o_t), ``is_first`` ``[N, 1]``.
 
         Filters o_t with the posterior, plans ``a_t`` from the filtered state, and in
-        ``"explore"`` mode adds ``N(0, explore_noise²)`` noise. Returns ``a_t [N, A]`` and the
-        new carry.
+        ``"explore"`` mode adds ``N(0, explore_noise²)`` noise; ``"random"`` (the prefill) only
+        filters and returns zeros for the caller to replace, so no plan is made and thrown away.
+        Returns ``a_t [N, A]`` and the new carry.
         """
         if mode not in ACT_MODES:
             raise ValueError(f"mode must be one of {ACT_MODES}, got {mode!r}")
         state, _, _ = filter_step(
             self.world_model, carry.state, carry.prev_action, pixels, is_first
         )
+        if mode == "random":
+            return placeholder_action(carry), Carry(state, placeholder_action(carry))
         action = self.plan(state.h, state.z)
         if mode == "explore" and self.explore_noise > 0:
             action = (action + self.explore_noise * torch.randn_like(action)).clamp(-1.0, 1.0)

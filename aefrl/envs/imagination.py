@@ -22,7 +22,9 @@ fixed horizon, and a thresholded continue head would only add noise to planners'
 
 The env is not batch-locked (any batch shape, like every ``ModelBasedEnvBase``). ``reset``
 starts from the ``belief`` / ``state`` of the input tensordict with ``set_state=True`` (torchrl's
-protocol for stateless envs), otherwise from the RSSM's initial state (zeros).
+protocol for stateless envs; torchrl 0.14 honours a given state without it too, with a
+FutureWarning that this changes in 0.15), and from the RSSM's initial state (zeros) when the
+tensordict holds none.
 """
 
 from __future__ import annotations

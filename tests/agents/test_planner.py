@@ -84,6 +84,70 @@ def test_planned_action_from_a_real_frame_follows_the_reward_head(method, cartpo
     assert actions[1.0] > 0.3 and actions[-1.0] < -0.3, actions
 
 
+def test_act_filters_with_the_carry_and_plans_from_the_new_state(cartpole_frame):
+    """A step inside an episode: o_t is filtered from the carried (h, z) and a_{t-1} (not from
+    zeros, not as an episode start), and the plan starts from that filtered state, not the
+    carried one."""
+    torch.manual_seed(0)
+    agent = tiny_planner(action_dim=1)
+    wm = agent.world_model
+    carry = agent.initial_carry(1)
+    carry.state = type(carry.state)(torch.randn(1, 8), torch.randn(1, 3))
+    carry.prev_action = torch.full((1, 1), 0.7)
+    not_first = torch.zeros(1, 1, dtype=torch.bool)
+    planned_from = []
+    agent.plan = lambda h, z: planned_from.append((h, z)) or torch.zeros(1, 1)
+    _, new_carry = agent.act(cartpole_frame, not_first, carry, "eval")
+    expected, _, _ = filter_step(wm, carry.state, carry.prev_action, cartpole_frame, not_first)
+    torch.testing.assert_close(new_carry.state.h, expected.h)
+    torch.testing.assert_close(new_carry.state.z, expected.z)
+    ((h, z),) = planned_from
+    assert torch.equal(h, new_carry.state.h) and torch.equal(z, new_carry.state.z)
+    # Each input matters: these are what a zeroed a_{t-1} or an episode start would give.
+    zero_action, _, _ = filter_step(wm, carry.state, torch.zeros(1, 1), cartpole_frame, not_first)
+    start, _, _ = filter_step(
+        wm, carry.state, carry.prev_action, cartpole_frame, torch.ones(1, 1, dtype=torch.bool)
+    )
+    assert not torch.allclose(expected.h, zero_action.h)
+    assert not torch.allclose(expected.h, start.h)
+
+
+@pytest.mark.parametrize("agent_kind", ["planner", "dreamer"])
+def test_random_mode_filters_without_running_the_policy(agent_kind, cartpole_frame):
+    """The prefill ("random" mode) keeps the carry filtered but makes no plan (it would be
+    thrown away: ~1 s per step at PlaNet's settings) and runs no actor."""
+    torch.manual_seed(0)
+    if agent_kind == "planner":
+        agent = tiny_planner(action_dim=1)
+        agent.plan = lambda h, z: pytest.fail("planned in random mode")
+    else:
+        cfg = {"world_model": dict(TINY_WM), "actor": {"hidden": 16, "layers": 1},
+               "critic": {"hidden": 16, "layers": 1}}  # fmt: skip
+        cfg["world_model"].pop("latent_dim")
+        agent = DreamerAgent(OBS, 1, **cfg)
+        agent.actor.forward = lambda feat: pytest.fail("ran the actor in random mode")
+    carry = agent.initial_carry(1)
+    first = torch.ones(1, 1, dtype=torch.bool)
+    action, new_carry = agent.act(cartpole_frame, first, carry, "random")
+    assert torch.equal(action, torch.zeros(1, 1))
+    expected, _, _ = filter_step(agent.world_model, carry.state, carry.prev_action,
+                                 cartpole_frame, first)  # fmt: skip
+    torch.testing.assert_close(new_carry.state.h, expected.h)
+    torch.testing.assert_close(new_carry.state.z, expected.z)
+
+
+# One CEM iteration returns the best candidate; torchrl still computes the unused NaN std.
+@pytest.mark.filterwarnings("ignore:std\\(\\). degrees of freedom:UserWarning")
+def test_cem_refuses_a_single_elite_over_several_iterations():
+    """torchrl's CEM refits the elites' (unbiased) std: NaN from one elite, NaN actions next."""
+    with pytest.raises(ValueError, match="cem needs top_k >= 2"):
+        tiny_planner(method="cem", top_k=1, iterations=2)
+    h, z = torch.randn(2, 8), torch.randn(2, 3)
+    for options in (dict(method="cem", top_k=1, iterations=1),
+                    dict(method="mppi", top_k=1, iterations=2)):  # fmt: skip
+        assert torch.isfinite(tiny_planner(**options).plan(h, z)).all(), options
+
+
 def test_mppi_is_unchanged_by_large_returns():
     """torchrl's MPPI weights exp(temperature * advantage) overflow for large returns (NaN
     actions); with the shifted advantage a constant reward offset changes nothing."""
@@ -186,3 +250,43 @@ def test_eval_script_plans_with_a_dreamer_checkpoint(tmp_path):
         script.main([str(tmp_path), "--agent", "planner", "--top-k", "99", "--candidates", "9"])
         == 2
     )
+
+
+def test_eval_video_pairs_each_frame_with_its_own_reconstruction(tmp_path):
+    """Every GIF frame is o_t next to the decoded posterior of o_t (filtered from the episode's
+    earlier frames and actions), recomputed here step by step with the agent's own act."""
+    write_tiny_dreamer_run(tmp_path)
+    script = load_script("eval")
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    conf = state["run_config"]
+    agent = build_agent(conf["agent"], conf["obs_model"], OBS, 1)
+    agent.load_state_dict(state["agent"])
+    agent.eval()
+    env_conf = {k: v for k, v in conf["env"].items() if k not in ("task", "num_envs")}
+    env = make_dmc_env("cartpole-swingup", seed=3, **env_conf)
+    _, _, frames = script.evaluate(agent, env, 1, 1, "cpu", record=True)
+    env.close()
+    assert len(frames) >= 3
+    width = OBS[-1]
+    carry = agent.initial_carry(1)
+    with torch.no_grad():
+        for t, frame in enumerate(frames):
+            view, recon = frame[..., :width], frame[..., width:]
+            first = torch.full((1, 1), t == 0)
+            _, carry = agent.act(view.unsqueeze(0), first, carry, "eval")
+            assert torch.equal(recon, agent.world_model.decode_pixels(carry.state)[0]), t
+
+
+def test_eval_same_seed_gives_the_same_planner_returns(tmp_path):
+    """--seed fixes torch's draws too (the planner's candidates), not only the env's episodes."""
+    write_tiny_dreamer_run(tmp_path, time_limit=0.2)
+    script = load_script("eval")
+    planning = ["--horizon", "2", "--candidates", "16", "--top-k", "4", "--iterations", "2"]
+    returns = []
+    for _ in range(2):
+        out = tmp_path / f"eval_{len(returns)}.json"
+        args = [str(tmp_path), "--agent", "planner", "--episodes", "1", "--seed", "5",
+                "--video", "", "--out", str(out), *planning]  # fmt: skip
+        assert script.main(args) == 0
+        returns.append(json.loads(out.read_text())["returns"])
+    assert returns[0] == returns[1]
