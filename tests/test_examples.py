@@ -24,3 +24,35 @@ def test_torchrl_reuse_example_plans_an_episode_without_a_checkpoint():
     match = re.search(r"^return (-?\d+\.\d+)$", out.stdout, re.MULTILINE)
     assert match, out.stdout
     assert 0.0 <= float(match.group(1)) <= 50.0  # at most 1 per physics step: 100 of them
+
+
+def test_plan_cost_writes_its_tables(tmp_path, monkeypatch):
+    """docs/examples/plan_cost.py at toy budgets: the JSON and markdown docs/reuse.md cites."""
+    import functools
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("plan_cost", ROOT / "docs/examples/plan_cost.py")
+    plan_cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plan_cost)
+    monkeypatch.setattr(plan_cost, "SIZES", {"smoke": plan_cost.SIZES["smoke"]})
+    tiny = dict(horizon=2, candidates=8, top_k=2, iterations=2)
+    monkeypatch.setattr(plan_cost, "PLANS", {"CEM tiny": dict(method="cem", **tiny)})
+    monkeypatch.setattr(
+        plan_cost,
+        "rollout_overhead",
+        functools.partial(plan_cost.rollout_overhead, candidates=8, horizon=2, reps=2),
+    )
+    out = tmp_path / "plan_cost.json"
+    plan_cost.main(out)
+    result = json.loads(out.read_text())
+    (row,) = result["plan_seconds"]
+    assert row["world_model"] == "smoke" and len(row["times_s"]) == 5
+    assert 0 < row["min_s"] <= row["median_s"]
+    assert set(result["rollout_ms_per_step"]) == {
+        "networks only",
+        "env.rollout",
+        "env.rollout, TensorDictModules in the step",
+    }
+    assert result["machine"]["cores"] >= 1 and result["load_average"]["end"]
+    assert "| smoke | CEM tiny |" in out.with_suffix(".md").read_text()

@@ -2,6 +2,9 @@
 
     OMP_WAIT_POLICY=PASSIVE python docs/examples/plan_cost.py            # ~5 min on 2 CPU cores
 
+Prints both tables and writes them, with the machine and load, to
+``docs/results/reuse/plan_cost.{json,md}`` (another path as the first argument).
+
 1. Seconds per plan (one environment step of the planner agent) for the world-model sizes of
    exp=smoke, exp=cpu and the default configuration, with PlaNet's CEM budget (horizon 12,
    1000 candidates, top 100, 10 iterations), the same budget with MPPI, and a cheaper CEM.
@@ -12,15 +15,19 @@
    ``ModelBasedEnvBase._step`` would do); best of 40, interleaved.
 """
 
-import os
 import statistics
+import sys
 import time
+from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 from tensordict import TensorDict
 from torchrl.envs.model_based import ModelBasedEnvBase
 
+from aefrl.bench.timing import load_average
 from aefrl.envs import ImaginationEnv
+from aefrl.provenance import command_line, machine_info, write_result
 from aefrl.world_model import RSSMState, WorldModel
 from agents.planner import PlannerAgent
 
@@ -36,8 +43,13 @@ PLANS = {
 }
 
 
-def plan_seconds() -> None:
-    print("| world model | planner | median | min |\n|---|---|---|---|")
+OUT = Path(__file__).resolve().parents[1] / "results" / "reuse" / "plan_cost.json"
+
+
+def plan_seconds() -> list[dict]:
+    """One row per world-model size and planner: ``{world_model, planner, times_s, median_s,
+    min_s}``."""
+    rows = []
     for size, wm in SIZES.items():
         for name, plan in PLANS.items():
             torch.manual_seed(0)
@@ -49,7 +61,17 @@ def plan_seconds() -> None:
                 start = time.perf_counter()
                 agent.plan(h, z)
                 times.append(time.perf_counter() - start)
-            print(f"| {size} | {name} | {statistics.median(times):.2f} s | {min(times):.2f} s |")
+            rows.append(
+                {
+                    "world_model": size,
+                    "planner": name,
+                    "times_s": [round(t, 4) for t in times],
+                    "median_s": round(statistics.median(times), 4),
+                    "min_s": round(min(times), 4),
+                }
+            )
+            print(rows[-1])
+    return rows
 
 
 class _Actions:
@@ -65,7 +87,8 @@ class _Actions:
 
 
 @torch.no_grad()
-def rollout_overhead(candidates: int = 1000, horizon: int = 12) -> None:
+def rollout_overhead(candidates: int = 1000, horizon: int = 12, reps: int = 40) -> dict[str, float]:
+    """Best milliseconds per rollout step of each way of stepping the imagination."""
     torch.manual_seed(0)
     wm = WorldModel((3, 64, 64), 1, **SIZES["smoke"])
     actions = torch.rand(candidates, horizon, 1) * 2 - 1
@@ -91,17 +114,52 @@ def rollout_overhead(candidates: int = 1000, horizon: int = 12) -> None:
         "env.rollout, TensorDictModules in the step": rollout(with_modules),
     }
     best = dict.fromkeys(runs, float("inf"))
-    for _ in range(40):
+    for _ in range(reps):
         for name, run in runs.items():
             t = time.perf_counter()
             run()
             best[name] = min(best[name], time.perf_counter() - t)
-    print("\n| exp=smoke sizes, 1000 candidates | ms per step |\n|---|---|")
-    for name, seconds in best.items():
-        print(f"| {name} | {seconds / horizon * 1e3:.2f} |")
+    return {name: round(seconds / horizon * 1e3, 3) for name, seconds in best.items()}
+
+
+def markdown(result: dict) -> str:
+    m, la = result["machine"], result["load_average"]
+    lines = [
+        f"Command: `{result['command']}` (started {result['started']}).  ",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, GPU "
+        f"{m['gpu'] or 'none'}; torch {m['torch']}, torchrl {m['torchrl']}; git {m['git']}. "
+        f"Load average {la['start']} at start, {la['end']} at end.",
+        "",
+        "Seconds per plan (median and minimum of 5 after a warm-up), horizon x candidates x "
+        "iterations:",
+        "",
+        "| world model | planner | median | min |",
+        "|---|---|---|---|",
+    ]
+    for r in result["plan_seconds"]:
+        lines.append(
+            f"| {r['world_model']} | {r['planner']} | {r['median_s']:.2f} s | {r['min_s']:.2f} s |"
+        )
+    lines += ["", "| exp=smoke sizes, 1000 candidates | ms per step |", "|---|---|"]
+    lines += [f"| {name} | {ms:.2f} |" for name, ms in result["rollout_ms_per_step"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(out: Path = OUT) -> dict:
+    result = {
+        "command": command_line("docs/examples/plan_cost.py"),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "load_average": {"start": load_average()},
+    }
+    result["plan_seconds"] = plan_seconds()
+    result["rollout_ms_per_step"] = rollout_overhead()
+    result["load_average"]["end"] = load_average()
+    md = markdown(result)
+    write_result(out, result, md)
+    print(md)
+    return result
 
 
 if __name__ == "__main__":
-    print(f"load average {os.getloadavg()}, torch threads {torch.get_num_threads()}\n")
-    plan_seconds()
-    rollout_overhead()
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else OUT)
