@@ -290,3 +290,27 @@ def test_eval_same_seed_gives_the_same_planner_returns(tmp_path):
         assert script.main(args) == 0
         returns.append(json.loads(out.read_text())["returns"])
     assert returns[0] == returns[1]
+
+
+def test_eval_planner_takes_the_checkpoints_weights_and_the_runs_settings(tmp_path):
+    """build_planner_agent plans with the checkpoint's world-model weights, a planner run's own
+    settings, and the command line's overrides on top."""
+    write_tiny_dreamer_run(tmp_path)
+    script = load_script("eval")
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    modules = state["agent"]["modules"]
+    for key, value in modules.items():  # weights no fresh model could have
+        if key.startswith("world_model.") and value.is_floating_point():
+            modules[key] = value + 0.5
+    saved = {k.removeprefix("world_model."): v for k, v in modules.items()
+             if k.startswith("world_model.")}  # fmt: skip
+    state["run_config"]["agent"] = dict(
+        state["run_config"]["agent"], name="planner", planner=dict(horizon=5, candidates=40)
+    )
+    args = script.parse_args([str(tmp_path), "--agent", "planner", "--top-k", "6"])
+    agent = script.build_planner_agent(state, args, 1)
+    for name, value in agent.world_model.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+    options = agent.planning_options()
+    assert (options["horizon"], options["candidates"], options["top_k"]) == (5, 40, 6)
+    assert options["iterations"] == 10  # untouched by run and command line: PlaNet's default
