@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from collections.abc import Mapping
 
 import numpy as np
@@ -64,7 +65,21 @@ class RunLogger(TensorboardLogger):
     """One run's TensorBoard writer: ``<log_dir>/<exp_name>/events.*``.
 
     Adds dict-of-scalars logging, images, GIF videos and the resolved config as text.
+
+    ``purge_step`` (a resumed run: its checkpoint's frames + 1) tells TensorBoard to drop the
+    events this directory already holds at that step and later: those of a run killed after its
+    last checkpoint, which the resumed run logs again.
     """
+
+    def __init__(self, exp_name: str, log_dir: str = "tb_logs", purge_step: int | None = None):
+        self.purge_step = purge_step  # read by _create_experiment, which super().__init__ calls
+        super().__init__(exp_name, log_dir=log_dir)
+
+    def _create_experiment(self):
+        from torch.utils.tensorboard import SummaryWriter
+
+        log_dir = os.path.join(self.log_dir, self.exp_name)
+        return SummaryWriter(log_dir=log_dir, purge_step=self.purge_step)
 
     def log_scalars(self, values: Mapping[str, float], step: int, prefix: str = "") -> None:
         """Log ``{name: value}`` as ``prefix/name``; tensors are converted with ``float()``."""

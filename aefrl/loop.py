@@ -26,13 +26,20 @@ from tensordict import TensorDict
 from tqdm import tqdm
 
 from aefrl import keys
-from aefrl.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint
+from aefrl.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_NAME,
+    check_contents,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+)
 from aefrl.checkpoint import set_rng_state as restore_rng
 from aefrl.collect import Collector
 from aefrl.cuda_graph import CudaGraphed, graph_train_step
 from aefrl.logging import RunLogger
 
-CHECKPOINT_FORMAT = 1
+__all__ = ["CHECKPOINT_FORMAT", "LoopConfig", "Trainer"]
 
 
 @dataclass
@@ -134,6 +141,9 @@ class Trainer:
         self.heldout: TensorDict | None = None  # rows of the latest evaluation episode
         self.last_return = float("nan")
         self._stop_requested = False
+        # Update metrics waiting for the next train/* log; checkpointed, so that the first point
+        # after a resume averages the same updates as an uninterrupted run's.
+        self._pending: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._update = None  # the agent's train_step, or its CUDA graph (built on first use)
         self._schedules()
 
@@ -163,6 +173,9 @@ class Trainer:
                 "collector": self.collector.state_dict(),
                 "heldout": None if self.heldout is None else self.heldout.to_dict(),
                 "rng": rng_state(),
+                "pending_metrics": {
+                    k: torch.stack(vs).detach().cpu() for k, vs in self._pending.items()
+                },
             },
         )
 
@@ -170,7 +183,9 @@ class Trainer:
         """Restore everything from a checkpoint (default: this run's), or from its already
         loaded contents ``state``."""
         if state is None:
-            state = load_checkpoint(path or self.checkpoint_path)
+            path = path or self.checkpoint_path
+            state = load_checkpoint(path)
+        check_contents(state, path or "(given state)")
         self.agent.load_state_dict(state["agent"])
         # A captured CUDA-graph update keeps writing the optimiser state tensors it was captured
         # with, and load_state_dict replaces them: capture again on the next update.
@@ -188,6 +203,10 @@ class Trainer:
                 file=sys.stderr,
             )
         restore_rng(state["rng"])
+        pending = state.get("pending_metrics") or {}  # absent from checkpoints before it existed
+        self._pending = defaultdict(
+            list, {k: list(v.to(self.device).unbind(0)) for k, v in pending.items()}
+        )
         self._schedules()
 
     # --- interrupts ------------------------------------------------------------------------------
@@ -214,7 +233,6 @@ class Trainer:
             with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
                 handlers[sig] = signal.signal(sig, self._on_signal)
         updates_per_step = c.train_ratio / (c.batch_size * c.seq_len)
-        metrics: dict[str, list] = defaultdict(list)
         bar = tqdm(
             total=c.total_frames,
             initial=self.counters["frames"],
@@ -228,7 +246,7 @@ class Trainer:
             self.logger.log_config(self.run_config)
         try:
             while self.counters["frames"] < c.total_frames and not self._stop_requested:
-                self._iteration(updates_per_step, metrics)
+                self._iteration(updates_per_step)
                 frames = self.counters["frames"]
                 bar.update(frames - bar.n)
                 fps = (frames - f_start) / max(time.time() - t_start, 1e-9)
@@ -239,7 +257,7 @@ class Trainer:
                     refresh=False,
                 )
                 if self._log(frames):
-                    self._write_metrics(metrics, fps)
+                    self._write_metrics(fps)
                 if self._eval(frames) and self.make_eval_env is not None:
                     self.evaluate()
                 if self._report(frames):
@@ -256,7 +274,7 @@ class Trainer:
                 signal.signal(sig, handler)
         return dict(self.counters)
 
-    def _iteration(self, updates_per_step: float, metrics: dict) -> None:
+    def _iteration(self, updates_per_step: float) -> None:
         c = self.config
         mode = "random" if self.counters["agent_steps"] < c.prefill_steps else "explore"
         rows, stats, stepped = self.collector.step(mode)
@@ -279,7 +297,7 @@ class Trainer:
                 self._update = self._make_update(batch)
             out = self._update(batch)
             for key, value in out.items():
-                metrics[key].append(value)
+                self._pending[key].append(value)
             self.counters["updates"] += 1
             self.train_credit -= 1.0
 
@@ -306,12 +324,12 @@ class Trainer:
             )
             return self.agent.train_step
 
-    def _write_metrics(self, metrics: dict, fps: float) -> None:
+    def _write_metrics(self, fps: float) -> None:
         step = self.counters["frames"]
-        if metrics:
-            means = {k: torch.stack(vs).float().mean() for k, vs in metrics.items()}
+        if self._pending:
+            means = {k: torch.stack(vs).float().mean() for k, vs in self._pending.items()}
             self.logger.log_scalars(means, step, "train")
-            metrics.clear()
+            self._pending.clear()
         self.logger.log_scalars(
             {
                 "fps": fps,

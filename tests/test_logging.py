@@ -36,6 +36,21 @@ def test_everything_logged_is_read_back(tmp_path):
     assert "walker-walk" in str(acc.Tensors("config/text_summary")[0])
 
 
+def test_purge_step_drops_what_a_killed_run_logged_after_its_checkpoint(tmp_path):
+    """A run logs steps 0-9 and dies; resumed from a checkpoint at step 5 (purge_step 6), it logs
+    6-9 again: each step is read back once, with the resumed run's value."""
+    first = RunLogger("run", log_dir=str(tmp_path))
+    for step in range(10):
+        first.log_scalars({"x": step}, step=step)
+    first.close()
+    resumed = RunLogger("run", log_dir=str(tmp_path), purge_step=6)
+    for step in range(6, 10):
+        resumed.log_scalars({"x": 100 + step}, step=step)
+    resumed.close()
+    points = [(e.step, e.value) for e in _events(tmp_path / "run").Scalars("x")]
+    assert points == [(s, s) for s in range(6)] + [(s, 100 + s) for s in range(6, 10)]
+
+
 def test_grid_layout_and_gif_frames():
     rows = [torch.zeros(3, 3, 4, 4, dtype=torch.uint8), torch.ones(2, 3, 4, 4)]
     grid = image_grid(rows, pad=1)

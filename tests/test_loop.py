@@ -73,6 +73,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
 
     part.run(progress=False, on_iteration=stop_midway)
     assert part.counters["frames"] < SCHEDULE["total_frames"]
+    assert part._pending  # stopped between two train/* logs: updates wait in the checkpoint
     assert part._update is not None
     part.load()  # a loaded checkpoint drops the update built on the old optimiser state
     assert part._update is None
@@ -89,6 +90,24 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
         sa, sb = a["optimizers"][name]["state"], b["optimizers"][name]["state"]
         assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
     assert torch.equal(full.replay.sample()["pixels"], resumed.replay.sample()["pixels"])
+    # The logs continue exactly too (all but the wall-clock fps): both halves of the resumed
+    # run's event files against the uninterrupted run's.
+    for trainer in (full, part, resumed):
+        trainer.logger.close()
+    logged_full, logged_resumed = _scalars(tmp_path / "full"), _scalars(tmp_path / "part")
+    assert any(tag.startswith("train/") for tag in logged_full)
+    assert logged_resumed == logged_full
+
+
+def _scalars(run_dir) -> dict:
+    """``{tag: [(step, value), ...]}`` of every scalar in a run's event files, but perf/fps."""
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {
+        tag: [(e.step, e.value) for e in acc.Scalars(tag)]
+        for tag in acc.Tags()["scalars"]
+        if tag != "perf/fps"
+    }
 
 
 @pytest.mark.slow
