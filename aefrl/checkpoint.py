@@ -16,6 +16,12 @@ import numpy as np
 import torch
 
 CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1  # the layout aefrl.loop.Trainer.save writes; bump when it changes
+# What a training checkpoint must hold to resume (Trainer.save); readers of the model alone
+# (evaluation, reports) need only the first two.
+MODEL_KEYS = ("run_config", "agent")
+TRAINING_KEYS = (*MODEL_KEYS, "loop_config", "counters", "train_credit", "replay", "collector",
+                 "heldout", "rng")  # fmt: skip
 
 
 class CheckpointError(RuntimeError):
@@ -81,6 +87,21 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if not isinstance(payload, dict) or "format" not in payload:
         raise CheckpointError(f"checkpoint {path} is not an aefrl checkpoint")
     return _decode(payload)
+
+
+def check_contents(state: dict, path, required: tuple[str, ...] = TRAINING_KEYS) -> None:
+    """Raise :class:`CheckpointError` (one sentence) unless ``state`` has this version's format
+    and every ``required`` entry."""
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"checkpoint {path} has format {state.get('format')!r}; this aefrl reads format "
+            f"{CHECKPOINT_FORMAT}"
+        )
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} lacks {', '.join(missing)}: not one written by scripts/train.py"
+        )
 
 
 def rng_state() -> dict:

@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from aefrl.allocator import tune_malloc
-from aefrl.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
+from aefrl.checkpoint import CHECKPOINT_NAME, CheckpointError, check_contents, load_checkpoint
 from aefrl.envs import make_dmc_env
 from aefrl.logging import RunLogger
 from aefrl.loop import LoopConfig, Trainer
@@ -83,6 +83,12 @@ def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
                 f"run_dir {run_dir} already holds a run ({CHECKPOINT_NAME}); continue it with "
                 f"resume={run_dir}, or choose another run_dir"
             )
+        leftovers = [name for name in (RUN_CONFIG, "tb") if (run_dir / name).exists()]
+        if leftovers:  # a run that stopped before its first checkpoint: its logs would mix in
+            raise UserError(
+                f"run_dir {run_dir} holds an earlier run's {' and '.join(leftovers)} but no "
+                f"{CHECKPOINT_NAME} to resume; delete them or choose another run_dir"
+            )
         conf = OmegaConf.to_container(cfg, resolve=True)
         conf["run_dir"] = str(run_dir)
         return conf, run_dir, None
@@ -93,6 +99,7 @@ def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
             "(pass the directory of an earlier run)"
         )
     state = load_checkpoint(run_dir)
+    check_contents(state, run_dir / CHECKPOINT_NAME)
     conf = state["run_config"]
     from hydra.core.hydra_config import HydraConfig
 
@@ -120,12 +127,25 @@ def build_env(env: dict, seed: int, num_envs: int | None = None):
 
 
 def train(cfg: DictConfig) -> dict:
+    try:  # every ValueError of the setup is a bad configuration; one in training is a bug
+        trainer, env, run_dir, resumed = build_run(cfg)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if resumed:
+        print(f"resumed {run_dir} at {trainer.counters['frames']} frames")
+    print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir.parent})")
+    try:
+        counters = trainer.run()
+    finally:
+        trainer.logger.close()
+        env.close()
+    print(f"saved {run_dir / CHECKPOINT_NAME}: {counters}")
+    return counters
+
+
+def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
+    """The trainer (restored when resuming), its env, run directory and whether it resumed."""
     conf, run_dir, resume_state = run_configuration(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if resume_state is None:
-        tmp = run_dir / f".{RUN_CONFIG}.tmp"
-        tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(conf)))
-        tmp.replace(run_dir / RUN_CONFIG)
     if conf["threads"]:
         torch.set_num_threads(int(conf["threads"]))
     tune_malloc()  # CPU updates otherwise re-fault their working set every time (allocator.py)
@@ -163,7 +183,16 @@ def train(cfg: DictConfig) -> dict:
         log_every=int(conf["logger"]["log_every"]),
         video_fps=float(conf["logger"]["video_fps"]),
     )
-    logger = RunLogger("tb", log_dir=str(run_dir))
+    # Everything above validates the configuration; only now does the run leave files (a bad
+    # input must not leave a run_config.yaml that makes the corrected command refuse the dir).
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume_state is None:
+        tmp = run_dir / f".{RUN_CONFIG}.tmp"
+        tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(conf)))
+        tmp.replace(run_dir / RUN_CONFIG)
+    # A resumed run drops what a killed run logged after its checkpoint (it logs it again).
+    purge = None if resume_state is None else int(resume_state["counters"]["frames"]) + 1
+    logger = RunLogger("tb", log_dir=str(run_dir), purge_step=purge)
     trainer = Trainer(
         agent,
         env,
@@ -179,23 +208,14 @@ def train(cfg: DictConfig) -> dict:
     )
     if resume_state is not None:
         trainer.load(state=resume_state)
-        del resume_state
-        print(f"resumed {run_dir} at {trainer.counters['frames']} frames")
-    print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir.parent})")
-    try:
-        counters = trainer.run()
-    finally:
-        logger.close()
-        env.close()
-    print(f"saved {run_dir / CHECKPOINT_NAME}: {counters}")
-    return counters
+    return trainer, env, run_dir, resume_state is not None
 
 
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
-    except (UserError, ValueError, CheckpointError) as exc:
+    except (UserError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
 

@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from aefrl.checkpoint import (
+    CHECKPOINT_FORMAT,
+    TRAINING_KEYS,
     CheckpointError,
+    check_contents,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -57,3 +60,14 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         save_checkpoint(path, {"format": 1, "v": 2})
     monkeypatch.undo()
     assert load_checkpoint(path)["v"] == 1
+
+
+def test_contents_are_checked_against_this_versions_format_and_keys():
+    full = {key: {} for key in TRAINING_KEYS} | {"format": CHECKPOINT_FORMAT}
+    check_contents(full, "ck.pt")
+    with pytest.raises(CheckpointError, match=r"ck\.pt lacks run_config, agent, loop_config"):
+        check_contents({"format": CHECKPOINT_FORMAT}, "ck.pt")
+    with pytest.raises(CheckpointError, match="has format 99; this aefrl reads format 1"):
+        check_contents(full | {"format": 99}, "ck.pt")
+    check_contents({"format": CHECKPOINT_FORMAT, "run_config": {}, "agent": {}}, "ck.pt",
+                   required=("run_config", "agent"))  # fmt: skip

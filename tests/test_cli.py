@@ -115,12 +115,14 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
         (["loop.total_frame=100"], "did you mean loop.total_frames?"),
     ],
 )
-def test_bad_input_is_one_sentence_and_exit_code_2(args, message):
-    out = train("exp=smoke", *args, "run_dir=/tmp/aefrl-never-created")
+def test_bad_input_is_one_sentence_and_exit_code_2(args, message, tmp_path):
+    run_dir = tmp_path / "never-created"
+    out = train("exp=smoke", *args, f"run_dir={run_dir}")
     assert out.returncode == 2
     assert message in out.stderr
     assert "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+    assert not run_dir.exists()  # else the corrected command would find a run's leftovers
 
 
 @pytest.mark.slow
@@ -133,3 +135,64 @@ def test_corrupt_checkpoint_and_occupied_run_dir_are_refused(tmp_path):
     out = train("exp=smoke", f"run_dir={run_dir}")  # a new run there would overwrite it
     assert out.returncode == 2 and f"run_dir {run_dir} already holds a run" in out.stderr
     assert (run_dir / "checkpoint.pt").read_bytes() == b"not a checkpoint"
+
+
+# --- scripts/train.py's setup, without a run --------------------------------------------------
+def _train_script():
+    from tests.tiny_run import load_script
+
+    return load_script("train")
+
+
+def test_a_run_dir_with_an_earlier_runs_logs_but_no_checkpoint_is_refused(tmp_path):
+    """A run killed before its first checkpoint leaves run_config.yaml and tb/: a new run there
+    would interleave its logs with the old ones."""
+    from omegaconf import OmegaConf
+
+    script = _train_script()
+    cfg = OmegaConf.create({"resume": None, "run_dir": str(tmp_path)})
+    assert script.run_configuration(cfg)[1] == tmp_path  # an empty directory is fine
+    (tmp_path / "tb").mkdir()
+    with pytest.raises(script.UserError, match="holds an earlier run's tb but no checkpoint"):
+        script.run_configuration(cfg)
+
+
+def test_resuming_a_checkpoint_of_another_format_or_without_its_parts_is_refused(tmp_path):
+    from omegaconf import OmegaConf
+
+    from aefrl.checkpoint import CheckpointError, save_checkpoint
+
+    script = _train_script()
+    cfg = OmegaConf.create({"resume": str(tmp_path), "run_dir": None})
+    save_checkpoint(tmp_path / "checkpoint.pt", {"format": 1})
+    with pytest.raises(CheckpointError, match="lacks run_config"):
+        script.run_configuration(cfg)
+    save_checkpoint(tmp_path / "checkpoint.pt", {"format": 99, "run_config": {}})
+    with pytest.raises(CheckpointError, match="has format 99"):
+        script.run_configuration(cfg)
+
+
+def test_value_errors_are_user_errors_in_setup_only(monkeypatch):
+    """A ValueError while building the run is bad configuration (one sentence, exit 2); one
+    raised by training itself is a bug and keeps its traceback."""
+    script = _train_script()
+
+    def bad_setup(cfg):
+        raise ValueError("conv depth must be an integer >= 1, got 0")
+
+    monkeypatch.setattr(script, "build_run", bad_setup)
+    with pytest.raises(script.UserError, match="conv depth"):
+        script.train(None)
+
+    class Failing:
+        def __init__(self):
+            self.counters = {"frames": 0}
+            self.logger = type("L", (), {"close": lambda self: None})()
+
+        def run(self):
+            raise ValueError("Expected parameter loc to satisfy the constraint Real()")
+
+    env = type("E", (), {"close": lambda self: None})()
+    monkeypatch.setattr(script, "build_run", lambda cfg: (Failing(), env, Path("r"), False))
+    with pytest.raises(ValueError, match="constraint Real"):
+        script.train(None)
