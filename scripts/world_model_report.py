@@ -72,7 +72,8 @@ def report(agent, episodes, num_samples: int) -> dict:
     return {
         "sequences": int(n * chunks),
         "bits_per_dim": float(bpd.mean()),
-        "bits_per_dim_sem": float(bpd.std() / len(bpd) ** 0.5),
+        # None (JSON null) for one sequence: a standard error needs two (NaN is not JSON).
+        "bits_per_dim_sem": float(bpd.std() / len(bpd) ** 0.5) if len(bpd) > 1 else None,
         "estimator": "exact" if exact else f"importance sampling, K={num_samples} trajectories",
         "open_loop_mse": [float(x) for x in pred["mse"]],
         "open_loop_ssim": [float(x) for x in pred["ssim"]],

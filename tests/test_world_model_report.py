@@ -22,6 +22,11 @@ def test_report_on_fresh_episodes(tmp_path):
     steps = len(result["open_loop_mse"]) + script.CONTEXT
     assert 20 <= steps <= 21 and len(result["open_loop_ssim"]) == len(result["open_loop_mse"])
     assert all(m > 0 for m in result["open_loop_mse"])
+    assert result["bits_per_dim_sem"] > 0
+    # One sequence has no standard error: null, not NaN (which no JSON parser accepts).
+    assert script.main([*args[:2], "1", *args[3:]]) == 0
+    text = (tmp_path / "world_model_report.json").read_text()
+    assert "NaN" not in text and json.loads(text)["bits_per_dim_sem"] is None
 
 
 @pytest.mark.parametrize("flag", ["--episodes", "--num-samples"])

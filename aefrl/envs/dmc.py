@@ -14,7 +14,9 @@ sub-steps and cannot be given a render size (its ``render_kwargs`` end up in the
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import numbers
+import signal
 
 import numpy as np
 import torch
@@ -281,7 +283,13 @@ class DMCPixelEnv(DMControlWrapper):
 
 
 def _make_worker_env(task: str, seed: int, **kwargs) -> DMCPixelEnv:
-    """Module-level (hence picklable) constructor for ParallelEnv workers."""
+    """Module-level (hence picklable) constructor for ParallelEnv workers.
+
+    A worker ignores SIGINT: Ctrl-C in a terminal signals the whole process group, and the
+    training process (which stops cleanly, saves, then closes the workers) must outlive it; a
+    worker that died of it printed a traceback per env."""
+    if multiprocessing.current_process().name != "MainProcess":  # not torchrl's metadata probe
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     return DMCPixelEnv(task, seed=seed, **kwargs)
 
 

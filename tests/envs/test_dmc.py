@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import signal
 
 import mujoco
 import numpy as np
@@ -225,3 +226,30 @@ def test_gl_backend_probe_picks_first_that_works(monkeypatch):
     monkeypatch.setattr(gl, "_probe", lambda backend: backend == "osmesa")
     assert gl.select_gl_backend() == "osmesa"
     assert os.environ["MUJOCO_GL"] == "osmesa"  # cached for worker processes
+
+
+def _worker_sigint(queue):
+    from aefrl.envs.dmc import _make_worker_env
+
+    env = _make_worker_env("cartpole-swingup", 0, image_size=16, render="fast")
+    queue.put(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
+    env.close()
+
+
+def test_parallel_env_workers_ignore_ctrl_c_and_the_main_process_does_not():
+    """Ctrl-C in a terminal signals the process group: workers must outlive it so that the
+    training process can stop cleanly; building an env in the main process changes nothing."""
+    import multiprocessing
+
+    from aefrl.envs.dmc import _make_worker_env
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_worker_sigint, args=(queue,))
+    proc.start()
+    ignored = queue.get(timeout=120)
+    proc.join(timeout=60)
+    assert ignored
+    before = signal.getsignal(signal.SIGINT)
+    _make_worker_env("cartpole-swingup", 0, image_size=16, render="fast").close()
+    assert signal.getsignal(signal.SIGINT) is before
