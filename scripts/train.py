@@ -211,13 +211,29 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
     return trainer, env, run_dir, resume_state is not None
 
 
-@hydra.main(config_path="../configs", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def run_cli(cfg: DictConfig) -> int:
+    """:func:`train` with the command line's exit codes: 0, 2 for bad input (one sentence), 130
+    for a Ctrl-C outside the loop's own handling (during setup, or a second one that aborts)."""
     try:
         train(cfg)
     except (UserError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "interrupted: stopped without a final checkpoint; any checkpoint already written is "
+            "intact (resume=<run_dir> continues from it)",
+            file=sys.stderr,
+        )
+        return 130
+    return 0
+
+
+@hydra.main(config_path="../configs", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    code = run_cli(cfg)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -196,3 +196,19 @@ def test_value_errors_are_user_errors_in_setup_only(monkeypatch):
     monkeypatch.setattr(script, "build_run", lambda cfg: (Failing(), env, Path("r"), False))
     with pytest.raises(ValueError, match="constraint Real"):
         script.train(None)
+
+
+def test_ctrl_c_outside_the_loop_is_one_sentence_and_exit_130(monkeypatch, capsys):
+    """During setup (or a second Ctrl-C, which aborts) there is no traceback, only what the
+    user can do."""
+    script = _train_script()
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(script, "build_run", interrupted)
+    assert script.run_cli(None) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted:") and len(err.strip().splitlines()) == 1
+    monkeypatch.setattr(script, "build_run", lambda cfg: (_ for _ in ()).throw(ValueError("x")))
+    assert script.run_cli(None) == 2
