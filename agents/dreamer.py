@@ -131,7 +131,8 @@ class DreamerAgent(nn.Module):
         embed, coords = wm.obs_model.embed(y)
         state, _, _ = wm.rssm.obs_step(carry.state, carry.prev_action, embed, coords, is_first)
         if mode == "random":
-            return placeholder_action(carry), Carry(state, placeholder_action(carry))
+            action = placeholder_action(carry)
+            return action, Carry(state, action)
         dist = self.actor(state.feat)
         action = dist.sample() if mode == "explore" else dist.deterministic_sample
         return action, Carry(state, action)

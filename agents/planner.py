@@ -215,7 +215,8 @@ class PlannerAgent(nn.Module):
             self.world_model, carry.state, carry.prev_action, pixels, is_first
         )
         if mode == "random":
-            return placeholder_action(carry), Carry(state, placeholder_action(carry))
+            action = placeholder_action(carry)
+            return action, Carry(state, action)
         action = self.plan(state.h, state.z)
         if mode == "explore" and self.explore_noise > 0:
             action = (action + self.explore_noise * torch.randn_like(action)).clamp(-1.0, 1.0)

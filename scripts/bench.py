@@ -448,11 +448,10 @@ def measure_image_scaling(args, ident: dict) -> list[dict]:
     (``conv_bound`` None for torchrl, whose bound is timed only with the conv detail)."""
     base = args.plan.identical
     conv = ident["conv_bound"]
+    bounds = {"aef": conv["ours_trunks"], "torchrl": conv.get("torchrl_trunks")}
     rows = [
-        {"subject": "aef", "image": base.image, **{m: ident[m]["aef"] for m in SCALED}}
-        | {"conv_bound": conv["ours_trunks"]},
-        {"subject": "torchrl", "image": base.image, **{m: ident[m]["torchrl"] for m in SCALED}}
-        | {"conv_bound": conv.get("torchrl_trunks")},
+        {"subject": n, "image": base.image, **{m: ident[m][n] for m in SCALED}, "conv_bound": b}
+        for n, b in bounds.items()
     ]
     for side in args.plan.image_sizes:
         log(f"image scaling {side}x{side}")

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from aefrl.checkpoint import CheckpointError, load_checkpoint
+from aefrl.checkpoint import MODEL_KEYS, CheckpointError, check_contents, load_checkpoint
 from aefrl.collect import Collector
 from aefrl.envs import make_dmc_env
 from aefrl.logging import encode_gif, to_hwc_uint8
@@ -133,6 +133,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     try:
         state = load_checkpoint(args.run_dir)
+        check_contents(state, args.run_dir, MODEL_KEYS)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from aefrl import keys
-from aefrl.checkpoint import CheckpointError, load_checkpoint
+from aefrl.checkpoint import MODEL_KEYS, CheckpointError, check_contents, load_checkpoint
 from aefrl.collect import Collector
 from aefrl.envs import make_dmc_env
 from aefrl.metrics import sharpness_ratio
@@ -96,6 +96,7 @@ def main(argv=None) -> int:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     try:
         state = load_checkpoint(args.run_dir)
+        check_contents(state, args.run_dir, MODEL_KEYS)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

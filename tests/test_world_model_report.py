@@ -35,3 +35,14 @@ def test_counts_below_one_are_refused(tmp_path, flag, capsys):
     with pytest.raises(SystemExit) as info:
         script.main([str(tmp_path), flag, "0"])
     assert info.value.code == 2 and f"{flag} must be >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["world_model_report", "eval"])
+def test_a_checkpoint_without_a_model_is_one_sentence(tmp_path, name, capsys):
+    """A checkpoint file of another kind (format only) used to crash with KeyError."""
+    from aefrl.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "checkpoint.pt", {"format": 1})
+    assert load_script(name).main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "lacks run_config, agent" in err and len(err.strip().splitlines()) == 1
