@@ -138,6 +138,14 @@ class Preprocess(nn.Module):
             logdet = logdet + self._positions * self.an_log_scale.sum()
         return y, logdet
 
+    def learned_logdet(self) -> torch.Tensor:
+        """The part of ``ℓ_P`` that has parameters: ActNorm's ``n·Σ_c log|a_c|`` (a scalar, the
+        same for every sample). The rest of ``ℓ_P`` depends on the data and the noise only, so a
+        loss needs this part alone to train ``log p(y) + ℓ_P``. Only with ActNorm."""
+        if not self.actnorm:
+            raise RuntimeError("learned_logdet: this Preprocess has no ActNorm (no parameters)")
+        return self._positions * self.an_log_scale.sum()
+
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         """``y -> x̃`` (clamped to [0, 1] so decoded means that leave the data range stay images)."""
         self._check_shape(y)

@@ -2,10 +2,14 @@
 
 Both modes return the same four terms, so loss scales are configured the same way:
 
-* ``loss_obs``: ``−Σ_i [log N(ε_i) − log σ_x,i]``, the decoder's negative log-likelihood of y_t.
+* ``loss_obs``: ``−Σ_i [log N(ε_i) − log σ_x,i]``, the decoder's negative log-likelihood of y_t,
+  minus ActNorm's log-determinant ``n·Σ_c log a_c`` when the pre-processing has ActNorm (the
+  part of ℓ_P with parameters: trained on ``log p(y)`` alone, the ActNorm scale would shrink y, a
+  change of units that raises ``log p(y)`` without modelling x̃ any better).
 * ``loss_latent``: VAE — ``β_dyn·max(free, KL(sg q ‖ p)) + β_rep·max(free, KL(q ‖ sg p))``;
   AEF — ``−log p(z_t | h_t) − Σ_j log σ_q,j`` (cross-entropy to the prior plus the encoder
-  layer's volume term; no KL, no free nats). In AEF mode ``loss_obs + loss_latent = −J_t``.
+  layer's volume term; no KL, no free nats). In AEF mode ``loss_obs + loss_latent = −J_t``
+  (``−J_t − n·Σ_c log a_c`` with ActNorm).
 * ``loss_reward``: two-hot NLL of r_t; ``loss_continue``: Bernoulli NLL of 1 − terminated_t.
 
 Each is a mean over the ``[B, T]`` batch of per-step sums. Diagnostics (not differentiated) are
@@ -105,12 +109,15 @@ class WorldModelLoss(LossModule):
             out["log_det_q"] = log_det_q.detach().mean()
             out["J"] = (log_px + log_prior + log_det_q).detach().mean()
 
+        nll_obs = -log_px.mean()
+        if wm.preprocess.actnorm:  # ℓ_P's learned part; the rest has no parameters
+            nll_obs = nll_obs - wm.preprocess.learned_logdet()
         feat = obs.state.feat
         reward = batch[self.tensor_keys.reward].squeeze(-1).to(feat.dtype)
         cont = 1.0 - batch[self.tensor_keys.terminated].squeeze(-1).to(feat.dtype)
         reward_dist = wm.reward_head(feat)
         out.update(
-            loss_obs=-log_px.mean(),
+            loss_obs=nll_obs,
             loss_latent=latent.mean(),
             loss_reward=-reward_dist.log_prob(reward).mean(),
             loss_continue=-wm.continue_head(feat).log_prob(cont).mean(),
