@@ -7,6 +7,10 @@ training), cuts them into 50-step sequences and reports: held-out bits/dim of ea
 (exact for aef_partition, importance-sampled with K trajectories otherwise; SPEC §6), open-loop
 prediction error (5 context frames, 45 predicted: MSE and SSIM per horizon), and the sharpness
 of imagined frames relative to real ones. Writes ``<run_dir>/world_model_report.json``.
+
+For the expansion AEF, the importance proposal's scale s is first tuned (SPEC §6) on one more
+held-out episode, collected before the reported ones and not reported (``--proposal-scale S``
+fixes it instead).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -29,7 +34,11 @@ from aefrl.collect import Collector
 from aefrl.envs import make_dmc_env
 from aefrl.metrics import sharpness_ratio
 from aefrl.provenance import machine_info
-from aefrl.world_model.evaluation import open_loop_prediction, sequence_bits_per_dim
+from aefrl.world_model.evaluation import (
+    open_loop_prediction,
+    sequence_bits_per_dim,
+    tune_sequence_proposal_scale,
+)
 from agents.factory import build_agent
 
 SEQ, CONTEXT = 50, 5
@@ -55,26 +64,53 @@ def collect_episodes(agent, env, episodes: int, action_dim: int):
     return torch.stack(out[:episodes], 0)
 
 
-@torch.no_grad()
-def report(agent, episodes, num_samples: int) -> dict:
-    wm = agent.world_model
+def cut(episodes):
+    """``[n, steps]`` episodes -> ``[n * chunks, SEQ]`` sequences (the remainder dropped)."""
     n, steps = episodes.shape
     seq = min(SEQ, steps)  # short episodes (e.g. exp=smoke) make one sequence each
     chunks = steps // seq
-    batch = episodes[:, : chunks * seq].reshape(n * chunks, seq)
+    return episodes[:, : chunks * seq].reshape(n * chunks, seq)
+
+
+def parse_proposal_scale(text: str) -> str | float:
+    """``"tune"`` or a positive float (argparse turns a ValueError into one error line)."""
+    if text == "tune":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected 'tune' or a positive number, got {text!r}")
+    return value
+
+
+@torch.no_grad()
+def report(agent, episodes, num_samples: int) -> dict:
+    wm = agent.world_model
+    batch = cut(episodes)
     pred = open_loop_prediction(wm, batch, context=CONTEXT)
     bpd = torch.cat([sequence_bits_per_dim(wm, b, num_samples) for b in batch.split(2)])
     real = pred["real"][:, CONTEXT:].flatten(0, 1).float() / 255
     imagined = pred["pred"][:, CONTEXT:].flatten(0, 1).float() / 255
     recon = pred["pred"][:, :CONTEXT].flatten(0, 1).float() / 255
     real_context = pred["real"][:, :CONTEXT].flatten(0, 1).float() / 255
-    exact = wm.obs_model.exact_likelihood
+    om = wm.obs_model
+    if om.exact_likelihood:
+        estimator = "exact"
+    elif om.kind == "aef":
+        estimator = (
+            f"importance sampling over u, N(Wy+b, s²I) proposal with s={om.proposal_scale:g}, "
+            f"K={num_samples} trajectories"
+        )
+    else:
+        estimator = f"importance sampling, posterior proposal, K={num_samples} trajectories"
     return {
-        "sequences": int(n * chunks),
+        "sequences": len(batch),
         "bits_per_dim": float(bpd.mean()),
         # None (JSON null) for one sequence: a standard error needs two (NaN is not JSON).
         "bits_per_dim_sem": float(bpd.std() / len(bpd) ** 0.5) if len(bpd) > 1 else None,
-        "estimator": "exact" if exact else f"importance sampling, K={num_samples} trajectories",
+        "estimator": estimator,
         "open_loop_mse": [float(x) for x in pred["mse"]],
         "open_loop_ssim": [float(x) for x in pred["ssim"]],
         "sharpness_imagined": sharpness_ratio(imagined, real),
@@ -90,8 +126,16 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=54321)
     p.add_argument("--render", default="faithful", choices=["faithful", "fast"])
     p.add_argument("--out", default=None)
+    p.add_argument(
+        "--proposal-scale",
+        type=parse_proposal_scale,
+        default="tune",
+        help="aef only: s of the proposal N(Wy+b, s²I); 'tune' (default) picks it on one more "
+        "held-out episode, not reported",
+    )
+    p.add_argument("--tune-samples", type=int, default=32, help="K while tuning s")
     args = p.parse_args(argv)
-    for name in ("episodes", "num_samples"):
+    for name in ("episodes", "num_samples", "tune_samples"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     try:
@@ -110,14 +154,27 @@ def main(argv=None) -> int:
     agent.load_state_dict(state["agent"])
     agent.eval()
     torch.manual_seed(args.seed)
-    episodes = collect_episodes(agent, env, args.episodes, action_dim)
+    tune = agent.world_model.obs_model.kind == "aef" and args.proposal_scale == "tune"
+    episodes = collect_episodes(agent, env, args.episodes + int(tune), action_dim)
     env.close()
+    proposal = {}
+    if agent.world_model.obs_model.kind == "aef":
+        if tune:
+            held_out, episodes = episodes[:1], episodes[1:]
+            batches = list(cut(held_out).split(2))
+            search = tune_sequence_proposal_scale(agent.world_model, batches, args.tune_samples)
+            proposal["proposal_scale_search"] = {f"{s:g}": v for s, v in search.items()}
+        else:
+            agent.world_model.obs_model.proposal_scale = args.proposal_scale
+        proposal["proposal_scale"] = agent.world_model.obs_model.proposal_scale
+        proposal["proposal_scale_tuned_on"] = "1 held-out episode, not reported" if tune else None
     result = {
         "run_dir": str(args.run_dir),
         "frames": state["counters"]["frames"],
         "task": conf["env"]["task"],
         "obs_model": conf["obs_model"]["kind"],
         **report(agent, episodes, args.num_samples),
+        **proposal,
         "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
         "machine": machine_info(),
     }

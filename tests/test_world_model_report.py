@@ -16,7 +16,14 @@ def test_report_on_fresh_episodes(tmp_path):
     result = json.loads((tmp_path / "world_model_report.json").read_text())
     assert result["frames"] == 1234 and result["obs_model"] == "aef"
     assert result["sequences"] == 2  # episodes shorter than 50 steps make one sequence each
-    assert result["estimator"] == "importance sampling, K=3 trajectories"
+    # s tuned on one more episode, collected first and not among the two reported
+    s = result["proposal_scale"]
+    assert len(result["proposal_scale_search"]) == 9 and result["proposal_scale_tuned_on"]
+    search = {float(k): v for k, v in result["proposal_scale_search"].items()}
+    assert s == max(search, key=search.get)
+    assert result["estimator"] == (
+        f"importance sampling over u, N(Wy+b, s²I) proposal with s={s:g}, K=3 trajectories"
+    )
     # an untrained model: near the 8 bits of a uniform model of the uint8 values
     assert math.isfinite(result["bits_per_dim"]) and 4 < result["bits_per_dim"] < 16
     steps = len(result["open_loop_mse"]) + script.CONTEXT
@@ -27,9 +34,23 @@ def test_report_on_fresh_episodes(tmp_path):
     assert script.main([*args[:2], "1", *args[3:]]) == 0
     text = (tmp_path / "world_model_report.json").read_text()
     assert "NaN" not in text and json.loads(text)["bits_per_dim_sem"] is None
+    # A fixed s: no tuning episode, no search.
+    assert script.main([*args, "--proposal-scale", "0.5"]) == 0
+    fixed = json.loads((tmp_path / "world_model_report.json").read_text())
+    assert fixed["proposal_scale"] == 0.5 and "proposal_scale_search" not in fixed
+    assert fixed["proposal_scale_tuned_on"] is None and fixed["sequences"] == 2
 
 
-@pytest.mark.parametrize("flag", ["--episodes", "--num-samples"])
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "wide"])
+def test_a_bad_proposal_scale_is_one_sentence(tmp_path, value, capsys):
+    script = load_script("world_model_report")
+    with pytest.raises(SystemExit) as info:
+        script.main([str(tmp_path), "--proposal-scale", value])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"expected 'tune' or a positive number, got '{value}'" in err
+
+
+@pytest.mark.parametrize("flag", ["--episodes", "--num-samples", "--tune-samples"])
 def test_counts_below_one_are_refused(tmp_path, flag, capsys):
     script = load_script("world_model_report")
     with pytest.raises(SystemExit) as info:

@@ -25,7 +25,9 @@ is scored on the shell, which makes ``log p(y)`` exact:
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -34,6 +36,14 @@ from torch.nn import functional as F
 from aefrl.obs_models.base import ObservationModel, std_normal_log_prob
 
 PROJECTIONS = ("learned", "random")
+# Grid of the importance proposal's scale s (SPEC §6: tuned on held-out data).
+PROPOSAL_SCALES = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 2.0, 4.0, 8.0)
+
+
+def _cuda_devices(module: nn.Module) -> list[int]:
+    """CUDA devices holding the module's tensors: those whose generators a tuning run forks."""
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    return sorted({t.device.index for t in tensors if t.is_cuda})
 
 
 class AffineFlowModel(ObservationModel):
@@ -123,22 +133,40 @@ class AEFObservationModel(AffineFlowModel):
         y: torch.Tensor,
         context: torch.Tensor | None = None,
         prior=None,
-        scales=(0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 2.0, 4.0, 8.0),
+        scales=PROPOSAL_SCALES,
         num_samples: int = 32,
     ) -> dict[float, float]:
         """Pick s maximising the mean importance-sampled ``log p(y)`` on ``y`` (held-out data).
+
+        Sets ``proposal_scale`` and returns ``{s: mean log p(y)}``; see
+        :meth:`search_proposal_scale`.
+        """
+        return self.search_proposal_scale(
+            lambda: float(self.log_likelihood(y, context, prior, num_samples).mean()), scales
+        )
+
+    @torch.no_grad()
+    def search_proposal_scale(
+        self, mean_log_likelihood: Callable[[], float], scales=PROPOSAL_SCALES
+    ) -> dict[float, float]:
+        """Set ``proposal_scale`` to the s of ``scales`` whose ``mean_log_likelihood()`` (an
+        importance-sampled estimate computed with the current ``proposal_scale``) is largest.
 
         Every s gives an unbiased estimate of p(y); the log of the estimate is biased low by an
         amount that shrinks as the proposal improves, so the largest mean is the best proposal.
         The default grid reaches past the prior's scale (s = 1 with σ_q = 1) because trained
         models on DMC frames were seen to prefer the widest s of a grid that stopped at 1.
-        Sets ``proposal_scale`` and returns ``{s: mean log p(y)}``.
+        Each s is scored with the same random draws (common random numbers), so the comparison
+        is not decided by the draws. Returns ``{s: mean log-likelihood}``.
         """
         results = {}
         old = self.proposal_scale
+        seed = int(torch.randint(2**62, ()))
         for s in scales:
             self.proposal_scale = float(s)
-            results[float(s)] = float(self.log_likelihood(y, context, prior, num_samples).mean())
+            with torch.random.fork_rng(devices=_cuda_devices(self)):
+                torch.manual_seed(seed)
+                results[float(s)] = float(mean_log_likelihood())
         finite = {s: v for s, v in results.items() if math.isfinite(v)}
         self.proposal_scale = max(finite, key=finite.get) if finite else old
         return results

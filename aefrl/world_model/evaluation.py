@@ -15,12 +15,14 @@ proposal of z_t depends on the sampled past through h_t, which the weights accou
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from tensordict import TensorDictBase
 
 from aefrl import keys
 from aefrl.metrics import mse, ssim
+from aefrl.obs_models.aef import PROPOSAL_SCALES
 from aefrl.obs_models.base import std_normal_log_prob
 from aefrl.preprocess import bits_per_dim
 from aefrl.world_model.world_model import WorldModel
@@ -87,6 +89,33 @@ def sequence_bits_per_dim(
 
 
 @torch.no_grad()
+def tune_sequence_proposal_scale(
+    world_model: WorldModel,
+    batches: Sequence[TensorDictBase],
+    num_samples: int = 32,
+    scales: Sequence[float] = PROPOSAL_SCALES,
+) -> dict[float, float]:
+    """Expansion AEF: set the proposal scale s (SPEC §6: "s tuned on held-out data") to the
+    grid value whose mean sequence ``log p(y_{1:T} | a)`` over ``batches`` is largest.
+
+    ``batches`` must be held out from the sequences reported afterwards (taking the best of
+    several noisy estimates on the reported data would flatter it). Returns ``{s: mean log p}``
+    (nats per sequence); every s sees the same random draws.
+    """
+    om = world_model.obs_model
+    if om.kind != "aef":
+        raise ValueError(f"only the expansion AEF ('aef') has a proposal scale, not {om.kind!r}")
+    if not batches:
+        raise ValueError("tune_sequence_proposal_scale needs at least one batch of sequences")
+
+    def mean_log_likelihood() -> float:
+        log_p = [sequence_log_likelihood(world_model, b, num_samples)[0] for b in batches]
+        return float(torch.cat(log_p).mean())
+
+    return om.search_proposal_scale(mean_log_likelihood, scales)
+
+
+@torch.no_grad()
 def open_loop_prediction(
     world_model: WorldModel, batch: TensorDictBase, context: int = 5
 ) -> dict[str, torch.Tensor]:
@@ -116,4 +145,9 @@ def open_loop_prediction(
     }
 
 
-__all__ = ["open_loop_prediction", "sequence_bits_per_dim", "sequence_log_likelihood"]
+__all__ = [
+    "open_loop_prediction",
+    "sequence_bits_per_dim",
+    "sequence_log_likelihood",
+    "tune_sequence_proposal_scale",
+]
