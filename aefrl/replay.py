@@ -38,6 +38,13 @@ STEP_STAMP = "_replay_step"
 _STATE_VERSION = 1
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    """``path.write_text(text)`` that a crash cannot leave half-written (temp file, rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 class SequenceReplay:
     """Ring-buffer replay of ``num_envs`` parallel streams that samples ``[B, T]`` windows.
 
@@ -334,6 +341,12 @@ class SequenceReplay:
                     self._storage.dumps(self.path)
                 # dumps re-maps the files; re-derive the views from the fresh mapping.
                 self._bind_views()
+                # dumps rewrites its JSON metadata in place (truncate, then write): a kill in
+                # that window would leave the run unresumable. The checkpoint, written
+                # atomically, keeps a copy that load_state_dict puts back.
+                state["disk_metadata"] = {
+                    f.name: f.read_text() for f in sorted(self.path.glob("*.json"))
+                }
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -365,11 +378,13 @@ class SequenceReplay:
             if block.device != self.storage_device:  # e.g. a checkpoint loaded to the CPU
                 self._storage._storage = block.to(self.storage_device)
         elif steps > 0:
-            if not (self.path / "storage_metadata.json").exists():
+            if not any(self.path.glob("*.memmap")):
                 raise ValueError(
                     f"no replay files under {self.path}: a disk replay resumes from the files "
                     "its state_dict was taken next to; pass that directory as path."
                 )
+            for name, text in (state.get("disk_metadata") or {}).items():
+                _write_atomically(self.path / name, text)
             self._storage.loads(self.path)
         self._steps = steps
         self._floor = int(state.get("floor", 0))

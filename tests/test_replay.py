@@ -262,6 +262,26 @@ def test_disk_reattaches_from_a_fresh_object(tmp_path):
     assert_valid_windows(resumed.sample(), lowest=27, highest=36)
 
 
+def test_disk_metadata_cut_short_by_a_kill_is_restored_from_the_checkpoint(tmp_path):
+    """torchrl's dumps rewrites its JSON metadata in place at every checkpoint; a kill in that
+    window leaves empty files, which the checkpoint's own copy replaces on resume."""
+    path = tmp_path / "replay"
+    replay = SequenceReplay(30, 3, seq_len=4, batch_size=6, storage="disk", path=path, seed=0)
+    fill(replay, 25)
+    state = replay.state_dict()
+    expected = [replay.sample() for _ in range(3)]
+    del replay
+    names = sorted(f.name for f in path.glob("*.json"))
+    assert names == ["meta.json", "storage_metadata.json"]
+    for name in names:
+        (path / name).write_text("")  # truncated, as a kill between truncate and write leaves it
+    resumed = SequenceReplay(30, 3, seq_len=4, batch_size=6, storage="disk", path=path)
+    resumed.load_state_dict(state)
+    for batch in expected:
+        assert_same(batch, resumed.sample())
+    assert not list(path.glob("*.tmp"))
+
+
 def test_disk_excludes_rows_written_after_the_checkpoint(tmp_path):
     path = tmp_path / "replay"
     replay = SequenceReplay(30, 3, seq_len=4, batch_size=32, storage="disk", path=path, seed=0)
