@@ -285,11 +285,13 @@ class DMCPixelEnv(DMControlWrapper):
 def _make_worker_env(task: str, seed: int, **kwargs) -> DMCPixelEnv:
     """Module-level (hence picklable) constructor for ParallelEnv workers.
 
-    A worker ignores SIGINT: Ctrl-C in a terminal signals the whole process group, and the
-    training process (which stops cleanly, saves, then closes the workers) must outlive it; a
-    worker that died of it printed a traceback per env."""
+    A worker ignores SIGINT and SIGTERM: Ctrl-C in a terminal signals the whole process group,
+    and so do schedulers (Slurm's scancel and time limit, systemd) with SIGTERM; the training
+    process, which stops cleanly on either, saves, then closes the workers, needs them alive
+    until then (a worker killed by the signal made the next step fail before the checkpoint)."""
     if multiprocessing.current_process().name != "MainProcess":  # not torchrl's metadata probe
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
     return DMCPixelEnv(task, seed=seed, **kwargs)
 
 

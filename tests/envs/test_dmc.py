@@ -232,13 +232,14 @@ def _worker_sigint(queue):
     from aefrl.envs.dmc import _make_worker_env
 
     env = _make_worker_env("cartpole-swingup", 0, image_size=16, render="fast")
-    queue.put(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
+    queue.put([signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGINT, signal.SIGTERM)])
     env.close()
 
 
 def test_parallel_env_workers_ignore_ctrl_c_and_the_main_process_does_not():
-    """Ctrl-C in a terminal signals the process group: workers must outlive it so that the
-    training process can stop cleanly; building an env in the main process changes nothing."""
+    """Ctrl-C in a terminal (SIGINT) and schedulers (SIGTERM) signal the process group: workers
+    must outlive it so that the training process can stop cleanly and save; building an env in
+    the main process changes nothing."""
     import multiprocessing
 
     from aefrl.envs.dmc import _make_worker_env
@@ -249,7 +250,7 @@ def test_parallel_env_workers_ignore_ctrl_c_and_the_main_process_does_not():
     proc.start()
     ignored = queue.get(timeout=120)
     proc.join(timeout=60)
-    assert ignored
-    before = signal.getsignal(signal.SIGINT)
+    assert ignored == [True, True]
+    before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
     _make_worker_env("cartpole-swingup", 0, image_size=16, render="fast").close()
-    assert signal.getsignal(signal.SIGINT) is before
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == before
