@@ -161,11 +161,16 @@ class Collector:
 
     def load_state_dict(self, state: dict) -> bool:
         """Restore; returns False when the env state could not be restored (batched envs): then
-        every env is reset on the next call and its episode restarts."""
+        every env is reseeded and reset on the next call, and its episode restarts."""
         from aefrl.world_model import RSSMState
 
         self.generator.set_state(state["generator"])
         if state["env"] is None or state["obs"] is None or not hasattr(self.env, "set_env_state"):
+            if state["obs"] is not None:
+                # The envs were rebuilt from the run's seeds: without a new seed every resume
+                # would replay the run's first episodes' initial states. Drawn from the
+                # restored generator, so the same checkpoint resumes the same way.
+                self.env.set_seed(int(torch.randint(2**31, (), generator=self.generator)))
             self.obs = None
             return False
         self.env.set_env_state(state["env"])

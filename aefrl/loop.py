@@ -199,7 +199,7 @@ class Trainer:
         exact = self.collector.load_state_dict(state["collector"])
         if not exact:
             tqdm.write(
-                "resume: batched envs cannot restore their episodes; they restart now",
+                "resume: batched envs cannot restore their episodes; they restart now, reseeded",
                 file=sys.stderr,
             )
         restore_rng(state["rng"])

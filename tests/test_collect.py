@@ -37,3 +37,35 @@ def test_partial_resets_keep_one_row_per_env_and_every_terminal_row():
     assert torch.all(reward[done] != 0)
     # Each env's frames are its own: distinct pixels where only one env was reset.
     assert not torch.equal(rows[11]["pixels"][0], rows[11]["pixels"][1])
+
+
+def _two_reachers():
+    # reacher draws its target anywhere in the arena: initial states differ visibly.
+    makers = [functools.partial(DMCPixelEnv, "reacher-easy", seed=i, render="fast",
+                                image_size=16) for i in range(2)]  # fmt: skip
+    return SerialEnv(2, makers)
+
+
+def test_a_batched_resume_reseeds_its_envs():
+    """Batched envs cannot restore their episodes, and are rebuilt from the run's seeds on
+    resume: without a new seed, each resume replayed the run's first initial states."""
+    agent = DreamerAgent((3, 16, 16), 2, **{k: dict(v) for k, v in TINY.items()})
+    env = _two_reachers()
+    collector = Collector(env, agent, 2)
+    first = collector.step("random")[0]["pixels"]  # the run's first episodes
+    for _ in range(5):
+        collector.step("random")
+    state = collector.state_dict()
+    env.close()
+    starts = []
+    for _ in range(2):
+        env = _two_reachers()
+        resumed = Collector(env, agent, 2)
+        assert resumed.load_state_dict(state) is False
+        rows = resumed.step("random")[0]
+        env.close()
+        assert rows["is_first"].all()
+        starts.append(rows["pixels"])
+    for i in range(2):
+        assert not torch.equal(starts[0][i], first[i])  # new initial states ...
+    assert torch.equal(starts[0], starts[1])  # ... the same for the same checkpoint
