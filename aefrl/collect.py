@@ -22,10 +22,12 @@ COLLECT_MODES = ("random", "explore", "eval")
 
 @dataclass
 class EpisodeStats:
-    """Episodes finished during one :meth:`Collector.step` call."""
+    """Episodes finished during one :meth:`Collector.step` call, and the frames it simulated
+    (the envs' ``frames`` entries summed; ``None`` for an env without that key)."""
 
     returns: list[float] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
+    frames: int | None = 0
 
 
 class Collector:
@@ -115,6 +117,8 @@ class Collector:
         rows = torch.zeros_like(obs)
         if bool(stepped.any()):
             nxt = self._step(action, stepped)
+            frames = nxt.get(keys.FRAMES, None)
+            stats.frames = None if frames is None else int(frames[stepped].sum())
             rows[stepped] = TensorDict(
                 {
                     keys.PIXELS: nxt[keys.PIXELS][stepped],

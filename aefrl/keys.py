@@ -21,6 +21,9 @@ IS_FIRST = "is_first"  # bool [..., 1]; first row of an episode (the RSSM resets
 TERMINATED = "terminated"  # bool [..., 1]; true terminal (no bootstrap)
 TRUNCATED = "truncated"  # bool [..., 1]; time limit (bootstrap)
 DONE = "done"  # bool [..., 1]; terminated or truncated
+# int64 [..., 1]; physics-control steps this agent step simulated: the action repeat, fewer when
+# the episode ended on the way, 0 at a reset (the env's frame counter; not stored in replay)
+FRAMES = "frames"
 TRAJ_ID = "traj_id"  # int64 [...]; episode id, used by the replay's slice sampler
 NEXT = "next"
 

@@ -281,7 +281,9 @@ class Trainer:
         self.replay.extend(rows.exclude(keys.DONE))
         self.counters["iterations"] += 1
         self.counters["agent_steps"] += stepped
-        self.counters["frames"] += stepped * c.action_repeat
+        # The env's count: an action repeat cut short by an episode's end simulates fewer.
+        frames = stats.frames if stats.frames is not None else stepped * c.action_repeat
+        self.counters["frames"] += frames
         for ret, length in zip(stats.returns, stats.lengths):
             self.counters["episodes"] += 1
             self.last_return = ret

@@ -175,3 +175,24 @@ def test_loop_config_takes_whole_floats_as_counts_and_refuses_fractions():
         LoopConfig(total_frames=1000.5)
     with pytest.raises(ValueError, match="total_frames must be >= 1, got 0"):
         LoopConfig(total_frames=0.0)
+
+
+def test_frames_count_what_the_env_simulated(tmp_path):
+    """0.25 s of cartpole is 25 control steps: at action repeat 2 an episode is 12 full agent
+    steps and one cut short, 25 frames, not 13 x 2 = 26."""
+    agent = DreamerAgent((3, 64, 64), 1, **{k: dict(v) for k, v in TINY.items()})
+    env = make_dmc_env(TASK, render="fast", time_limit=0.25)
+    schedule = dict(SCHEDULE, total_frames=50, prefill_steps=1000, eval_every=0, report_every=0)
+    trainer = Trainer(
+        agent,
+        env,
+        SequenceReplay(400, 1, 8, 3, seed=0),
+        RunLogger("tb", log_dir=str(tmp_path)),
+        tmp_path,
+        LoopConfig(**schedule),
+        action_dim=1,
+    )
+    counters = trainer.run(progress=False)
+    env.close()
+    assert counters["frames"] == 50 and counters["episodes"] == 2
+    assert counters["agent_steps"] == 26

@@ -100,8 +100,10 @@ class DMCPixelEnv(DMControlWrapper):
     Each agent step repeats the action ``action_repeat`` times (fewer if the episode ends on the
     way), sums the rewards and renders one frame. Output of ``step`` under ``"next"``:
     ``pixels`` uint8 ``[3, H, W]``, ``reward`` float32 ``[1]``, ``done`` / ``terminated`` /
-    ``truncated`` bool ``[1]``. DMC's time limit (1000 physics-control steps, i.e. 500 agent steps
-    at action repeat 2) ends episodes as *truncated*; a task's own termination as *terminated*.
+    ``truncated`` bool ``[1]``, ``frames`` int64 ``[1]`` (control steps simulated: the repeat,
+    or fewer at an episode's end; 0 after a reset). DMC's time limit (1000 physics-control
+    steps, i.e. 500 agent steps at action repeat 2) ends episodes as *truncated*; a task's own
+    termination as *terminated*.
 
     Args:
         task: ``"domain-task"``, see :func:`available_tasks`; ``"cup-catch"`` is an alias.
@@ -169,8 +171,10 @@ class DMCPixelEnv(DMControlWrapper):
         self.action_spec = Bounded(
             -1.0, 1.0, shape=(num_actions,), dtype=torch.float32, device=device
         )
+        pixels = Bounded(0, 255, shape=(3, size, size), dtype=torch.uint8, device=device)
+        frames = Unbounded(shape=(1,), dtype=torch.int64, device=device)
         self.observation_spec = Composite(
-            {keys.PIXELS: Bounded(0, 255, shape=(3, size, size), dtype=torch.uint8, device=device)},
+            {keys.PIXELS: pixels, keys.FRAMES: frames},
             device=device,
         )
         self.reward_spec = Unbounded(shape=(1,), dtype=torch.float32, device=device)
@@ -196,16 +200,21 @@ class DMCPixelEnv(DMControlWrapper):
         self._env.reset()
         self.renderer.upload_hfields()  # quadruped-escape draws a new terrain every episode
         # No reward at reset: torchrl's rollout refuses a root-level reward.
-        out = {keys.PIXELS: self._render(), **self._flags(False, False)}
+        out = {
+            keys.PIXELS: self._render(),
+            keys.FRAMES: torch.zeros(1, dtype=torch.int64),
+            **self._flags(False, False),
+        }
         return TensorDict(out, batch_size=self.batch_size, device=self.device)
 
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
         action = tensordict.get(keys.ACTION).detach().to("cpu", torch.float64).numpy()
         if self._rescale_actions:
             action = self._action_low + (action + 1.0) * self._action_half_range
-        reward = 0.0
+        reward, frames = 0.0, 0
         for _ in range(self.frame_skip):
             timestep = self._env.step(action)
+            frames += 1
             if timestep.first():
                 raise RuntimeError("step() was called after the episode ended; call reset() first.")
             reward += timestep.reward
@@ -218,6 +227,7 @@ class DMCPixelEnv(DMControlWrapper):
         out = {
             keys.PIXELS: self._render(),
             keys.REWARD: torch.tensor([reward], dtype=torch.float32),
+            keys.FRAMES: torch.tensor([frames]),
             **self._flags(terminated, truncated),
         }
         return TensorDict(out, batch_size=self.batch_size, device=self.device)

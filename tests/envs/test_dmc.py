@@ -35,7 +35,8 @@ def test_specs_pass_check_env_specs():
     check_env_specs(env)
     assert env.action_spec.shape == (6,) and env.action_spec.dtype == torch.float32
     assert (env.action_spec.space.low == -1).all() and (env.action_spec.space.high == 1).all()
-    assert set(env.observation_spec.keys()) == {"pixels"}  # pixels only, no proprio state
+    # pixels only, no proprio state; and the env's frame counter
+    assert set(env.observation_spec.keys()) == {"pixels", "frames"}
 
 
 @pytest.mark.parametrize("image_size", [64, 32])
@@ -49,6 +50,18 @@ def test_pixels_are_uint8_channels_first(image_size):
     assert nxt["reward"].shape == (1,) and nxt["reward"].dtype == torch.float32
     for key in ("done", "terminated", "truncated"):
         assert nxt[key].shape == (1,) and nxt[key].dtype == torch.bool
+
+
+def test_frames_count_the_substeps_an_episode_end_cuts_short():
+    """cartpole's 0.01 s control step: a 0.25 s limit is 25 steps, so at repeat 2 the 13th
+    agent step simulates one; the loop's frame counter adds these, not steps x repeat."""
+    env = make_dmc_env("cartpole-swingup", action_repeat=2, time_limit=0.25, render="fast")
+    assert env.reset()["frames"].item() == 0
+    frames = []
+    for action in _actions(env, 13):
+        nxt = _step(env, action)
+        frames.append(nxt["frames"].item())
+    assert frames == [2] * 12 + [1] and nxt["truncated"].item()
 
 
 def test_reward_is_the_sum_over_repeated_substeps():
