@@ -135,7 +135,8 @@ class WorldModelLoss(LossModule):
         return td
 
     def _bpd(self, log_px: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
-        """The decoder term ``log p(y | h, z)`` in bits/dim (a diagnostic, not a likelihood)."""
+        """The decoder term ``log p(y | h, z)`` in bits/dim (a diagnostic, not a likelihood: for
+        ``aef_partition`` it scores the D − d shell coordinates but is spread over all D)."""
         num = self.world_model.preprocess.num_dims
         return bits_per_dim(log_px.mean(), logdet.mean(), num)
 
