@@ -45,9 +45,13 @@ def _gaussian_window(size: int, sigma: float, channels: int, like: torch.Tensor)
 def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
     """Structural similarity (Wang et al. 2004; Gaussian window 11, σ 1.5, peak 1), ``[N]``.
 
-    Computed on the valid region (no padding), averaged over channels and positions.
+    Computed on the valid region (no padding), averaged over channels and positions. Images
+    smaller than the window (env.image_size=8) use the largest odd window that fits.
     """
     channels = a.shape[1]
+    side = min(a.shape[-2:])
+    if window > side:
+        window = side if side % 2 else side - 1
     w = _gaussian_window(window, sigma, channels, a)
     c1, c2 = 0.01**2, 0.03**2
 

@@ -63,3 +63,13 @@ def test_gradient_magnitude_of_a_two_way_ramp():
 def test_psnr_of_known_error():
     a = torch.zeros(1, 1, 4, 4)
     assert torch.allclose(psnr(a, a + 0.1), torch.tensor([20.0]), atol=1e-4)
+
+
+def test_ssim_on_images_smaller_than_its_window():
+    """env.image_size=8 is accepted: SSIM there uses a 7 x 7 window (it raised at 11 x 11)."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    noisy = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
+    assert torch.allclose(ssim(x, x), torch.ones(2, dtype=torch.float64))
+    torch.testing.assert_close(ssim(x, noisy), ssim(x, noisy, window=7))
+    assert torch.all(ssim(x, noisy) < 0.99)
