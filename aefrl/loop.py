@@ -69,15 +69,17 @@ class LoopConfig:
                 if not value.is_integer():
                     raise ValueError(f"{f.name} must be a whole number, got {value}")
                 setattr(self, f.name, int(value))
-        for name in ("total_frames", "action_repeat", "batch_size", "seq_len", "eval_episodes"):
+        counts = ("total_frames", "action_repeat", "batch_size", "seq_len", "eval_episodes")
+        for name in (*counts, "report_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         periods = ("prefill_steps", "log_every", "eval_every", "report_every", "checkpoint_every")
         for name in periods:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.train_ratio <= 0:
-            raise ValueError(f"train_ratio must be > 0, got {self.train_ratio}")
+        for name in ("train_ratio", "video_fps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
 class _Every:
@@ -298,8 +300,9 @@ class Trainer:
             if self._update is None:
                 self._update = self._make_update(batch)
             out = self._update(batch)
-            for key, value in out.items():
-                self._pending[key].append(value)
+            if c.log_every:  # with logging off they would pile up, in memory and checkpoints
+                for key, value in out.items():
+                    self._pending[key].append(value)
             self.counters["updates"] += 1
             self.train_credit -= 1.0
 

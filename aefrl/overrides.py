@@ -96,7 +96,7 @@ def check_overrides(config_dir: Path, config_name: str, args: list[str]) -> None
     except HydraException as exc:
         raise OverrideError(" ".join(str(exc).split())) from None
     for o in parsed:
-        if o.key_or_group in groups or o.is_add() or o.is_delete() or o.is_force_add():
+        if o.key_or_group in groups or o.is_delete():
             continue
         key, value = o.key_or_group, o.value()
         default = OmegaConf.select(
@@ -105,7 +105,10 @@ def check_overrides(config_dir: Path, config_name: str, args: list[str]) -> None
         if default is _ABSENT:
             close = difflib.get_close_matches(key, _leaf_keys(defaults), n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
+            # "+key" adds a key; no component reads a key that configs/ lacks
             raise OverrideError(f"{key} is not a setting: no such key in configs/{hint}")
+        if o.is_add():
+            raise OverrideError(f"{key} is already a setting: write {key}=..., without the +")
         want = _kind(default)
         if want in _KIND_WORDS and _kind(value) != want:
             words = _KIND_WORDS[want]

@@ -26,6 +26,16 @@ from aefrl.world_model.evaluation import open_loop_prediction, sequence_bits_per
 ACT_MODES = ("explore", "eval", "random")
 
 
+def check_optimizer_settings(lr: dict, grad_clip: dict, adam_eps: float) -> None:
+    """Refuse settings that silently stop learning: a clip norm of 0 zeroes every update."""
+    for group, values in (("lr", lr), ("grad_clip", grad_clip)):
+        for name, value in values.items():
+            if not value > 0:
+                raise ValueError(f"{group}.{name} must be > 0, got {value}")
+    if not adam_eps > 0:  # eps = 0 divides by zero where a gradient is zero
+        raise ValueError(f"adam_eps must be > 0, got {adam_eps}")
+
+
 def placeholder_action(carry: Carry) -> torch.Tensor:
     """The zero action ``[N, A]`` of ``act(..., mode="random")``."""
     return torch.zeros_like(carry.prev_action)
@@ -95,6 +105,7 @@ class DreamerAgent(nn.Module):
         self.value_loss = DreamerValueLoss(self.critic, **(value_loss or {}))
         lr = {"model": 3e-4, "actor": 8e-5, "critic": 8e-5, **(lr or {})}
         self.grad_clip = {"model": 1000.0, "actor": 100.0, "critic": 100.0, **(grad_clip or {})}
+        check_optimizer_settings(lr, self.grad_clip, adam_eps)
         groups = {"model": self.world_model, "actor": self.actor, "critic": self.critic}
         self.optimizers = {
             name: torch.optim.Adam(module.parameters(), lr=lr[name], eps=adam_eps)

@@ -29,7 +29,13 @@ from aefrl.envs.imagination import ImaginationEnv
 from aefrl.objectives import WorldModelLoss
 from aefrl.world_model import WorldModel
 from aefrl.world_model.modules import WEIGHTS_PREFIX, filter_step, world_model_kwargs
-from agents.dreamer import ACT_MODES, Carry, DreamerAgent, placeholder_action
+from agents.dreamer import (
+    ACT_MODES,
+    Carry,
+    DreamerAgent,
+    check_optimizer_settings,
+    placeholder_action,
+)
 
 PLANNERS = ("cem", "mppi")
 # Sections of an agent configuration that only Dreamer reads: configs/agent/planner.yaml inherits
@@ -161,6 +167,7 @@ class PlannerAgent(nn.Module):
         self.explore_noise = float(explore_noise)
         lr = {"model": 3e-4, **(lr or {})}
         self.grad_clip = {"model": 1000.0, **(grad_clip or {})}
+        check_optimizer_settings(lr, self.grad_clip, adam_eps)
         self.optimizers = {
             "model": torch.optim.Adam(self.world_model.parameters(), lr=lr["model"], eps=adam_eps)
         }

@@ -196,3 +196,10 @@ def test_frames_count_what_the_env_simulated(tmp_path):
     env.close()
     assert counters["frames"] == 50 and counters["episodes"] == 2
     assert counters["agent_steps"] == 26
+
+
+def test_loop_config_refuses_what_would_crash_at_the_first_report():
+    with pytest.raises(ValueError, match="report_samples must be >= 1, got 0"):
+        LoopConfig(report_samples=0)
+    with pytest.raises(ValueError, match="video_fps must be > 0, got 0"):
+        LoopConfig(video_fps=0)

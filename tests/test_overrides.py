@@ -28,7 +28,7 @@ def test_groups_are_the_config_directories():
         ("loop.total_frames=1e6", "agent.lr.model=3e-4", "loop.train_ratio=0.5"),
         ("agent=planner", "agent.planner.candidates=300"),  # a key only that group choice has
         ("env.time_limit=5", "resume=runs/x", "device=cuda:1", "loop.cuda_graph=false"),
-        ("+extra=1", "~seed", "hydra.run.dir=elsewhere"),  # additions, deletions: Hydra's
+        ("~seed", "hydra.run.dir=elsewhere", "++seed=3"),  # deletions, Hydra's keys, force-set
         ("--cfg", "job", "whatever=1"),  # Hydra flags: the whole line is Hydra's
     ],
 )
@@ -52,6 +52,10 @@ def test_valid_overrides_pass(args):
         (("agent.planner.candidates=300",), "agent.planner.candidates is not a setting"),
         (("agent=planner", "agent.planner.candidates=many"), "takes a number"),
         (("x=[1",), "cannot parse the command line"),
+        # "+" adds a key: none that configs/ lacks is read by anything
+        (("+loop.total_frame=100",), "did you mean loop.total_frames?"),
+        (("+extra=1",), "extra is not a setting"),
+        (("+seed=3",), "seed is already a setting: write seed=..., without the +"),
     ],
 )
 def test_bad_overrides_are_one_sentence(args, message):

@@ -56,6 +56,12 @@ class DreamerActorLoss(LossModule):
         super().__init__()
         if horizon < 1:
             raise ValueError(f"horizon must be >= 1, got {horizon}")
+        if not 0 < gamma <= 1:
+            raise ValueError(f"gamma must lie in (0, 1], got {gamma}")
+        if not 0 <= lmbda <= 1:
+            raise ValueError(f"lmbda must lie in [0, 1], got {lmbda}")
+        if not entropy_coef >= 0:
+            raise ValueError(f"entropy_coef must be >= 0, got {entropy_coef}")
         self.world_model = world_model
         self.actor = actor
         self.slow_critic = slow_critic

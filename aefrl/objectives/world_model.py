@@ -77,6 +77,13 @@ class WorldModelLoss(LossModule):
         if unknown:
             raise ValueError(f"unknown loss scale(s) {sorted(unknown)}; accepted: {sorted(scales)}")
         scales.update(loss_scales or {})
+        for name, value in {"free_nats": free_nats, "kl_dyn_scale": kl_dyn_scale,
+                            "kl_rep_scale": kl_rep_scale}.items():  # fmt: skip
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        for name, value in scales.items():
+            if not value >= 0:
+                raise ValueError(f"loss_scales.{name} must be >= 0, got {value}")
         self.loss_scales = scales
 
     def _forward_value_estimator_keys(self, **kwargs) -> None:

@@ -117,3 +117,31 @@ def test_train_step_runs_under_bf16_autocast(kind):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         metrics = agent.train_step(batch)
     assert all(torch.isfinite(v) for v in metrics.values())
+
+
+def test_settings_that_would_silently_stop_learning_are_refused():
+    """Each of these was accepted and either froze a module (a clip norm of 0 zeroes every
+    update), made NaNs (Adam's eps 0) or changed the objective's meaning; now one sentence."""
+    import pytest
+
+    from agents.planner import PlannerAgent
+
+    bad = [
+        ({"grad_clip": {"model": 0}}, r"grad_clip\.model must be > 0, got 0"),
+        ({"grad_clip": {"actor": -1}}, r"grad_clip\.actor must be > 0"),
+        ({"lr": {"critic": 0}}, r"lr\.critic must be > 0"),
+        ({"adam_eps": 0}, "adam_eps must be > 0"),
+        ({"actor_loss": {"gamma": 1.5}}, r"gamma must lie in \(0, 1\], got 1.5"),
+        ({"actor_loss": {"lmbda": 2}}, r"lmbda must lie in \[0, 1\]"),
+        ({"actor_loss": {"entropy_coef": -1}}, "entropy_coef must be >= 0"),
+        ({"wm_loss": {"free_nats": -1}}, "free_nats must be >= 0"),
+        ({"wm_loss": {"loss_scales": {"obs": -1}}}, r"loss_scales\.obs must be >= 0"),
+    ]
+    for setting, message in bad:
+        cfg = {k: dict(v) for k, v in TINY.items()}
+        for group, values in setting.items():
+            cfg[group] = {**cfg.get(group, {}), **values} if isinstance(values, dict) else values
+        with pytest.raises(ValueError, match=message):
+            DreamerAgent(OBS, ACTIONS, **cfg)
+    with pytest.raises(ValueError, match=r"grad_clip\.model must be > 0"):
+        PlannerAgent(OBS, ACTIONS, world_model=TINY["world_model"], grad_clip={"model": 0})
