@@ -15,6 +15,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see BENCHMARKS.md §2
 
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -29,12 +30,19 @@ from aefrl.envs import make_dmc_env
 from aefrl.logging import RunLogger
 from aefrl.loop import LoopConfig, Trainer
 from aefrl.overrides import OverrideError, check_overrides
-from aefrl.replay import SequenceReplay
+from aefrl.replay import STORAGES, SequenceReplay
 from agents.factory import build_agent
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 RUN_CONFIG = "run_config.yaml"
-FRAME_BYTES = 3 * 64 * 64
+# LoopConfig fields that come from other config groups than loop (for error messages).
+LOOP_FIELD_KEYS = {
+    "action_repeat": "env.action_repeat",
+    "batch_size": "replay.batch_size",
+    "seq_len": "replay.seq_len",
+    "log_every": "logger.log_every",
+    "video_fps": "logger.video_fps",
+}
 
 
 class UserError(Exception):
@@ -126,13 +134,43 @@ def build_env(env: dict, seed: int, num_envs: int | None = None):
         raise UserError(str(exc)) from None
 
 
+def discard_unstarted_run(run_dir: Path) -> None:
+    """Remove what a new run left in ``run_dir`` if it stopped before its first checkpoint:
+    nothing there can be resumed, and the leftovers would make the same command refuse the
+    directory."""
+    if (run_dir / CHECKPOINT_NAME).exists():
+        return
+    removed = [name for name in (RUN_CONFIG, "tb", "replay") if (run_dir / name).exists()]
+    for name in removed:
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if removed:
+        print(
+            f"removed {', '.join(removed)} from {run_dir}: the run stopped before its first "
+            "checkpoint, so the same command starts it again",
+            file=sys.stderr,
+        )
+
+
 def train(cfg: DictConfig) -> dict:
     try:  # every ValueError of the setup is a bad configuration; one in training is a bug
         trainer, env, run_dir, resumed = build_run(cfg)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    try:
+        return run_trainer(trainer, env, run_dir, resumed)
+    except KeyboardInterrupt:  # a second Ctrl-C aborts the loop without its final checkpoint
+        if not resumed:
+            discard_unstarted_run(run_dir)
+        raise
+
+
+def run_trainer(trainer: Trainer, env, run_dir: Path, resumed: bool) -> dict:
     if resumed:
-        print(f"resumed {run_dir} at {trainer.counters['frames']} frames")
+        frames, total = trainer.counters["frames"], trainer.config.total_frames
+        print(f"resumed {run_dir} at {frames} frames")
+        if frames >= total:
+            print(f"nothing to train: {frames} frames >= loop.total_frames={total}; raise it")
     print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir.parent})")
     try:
         counters = trainer.run()
@@ -146,8 +184,11 @@ def train(cfg: DictConfig) -> dict:
 def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
     """The trainer (restored when resuming), its env, run directory and whether it resumed."""
     conf, run_dir, resume_state = run_configuration(cfg)
-    if conf["threads"]:
-        torch.set_num_threads(int(conf["threads"]))
+    threads = conf["threads"] or 0
+    if isinstance(threads, bool) or threads != int(threads) or threads < 0:
+        raise UserError(f"threads must be a whole number >= 0 (0: torch's default), got {threads}")
+    if threads:
+        torch.set_num_threads(int(threads))
     tune_malloc()  # CPU updates otherwise re-fault their working set every time (allocator.py)
     seed = int(conf["seed"])
     seed_everything(seed)
@@ -161,9 +202,25 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
     agent = build_agent(conf["agent"], conf["obs_model"], (3, size, size), action_dim).to(device)
 
     rep = conf["replay"]
+    try:
+        loop_conf = LoopConfig(
+            **loop,
+            **cuda_graph,
+            action_repeat=int(conf["env"]["action_repeat"]),
+            batch_size=int(rep["batch_size"]),
+            seq_len=int(rep["seq_len"]),
+            log_every=int(conf["logger"]["log_every"]),
+            video_fps=float(conf["logger"]["video_fps"]),
+        )
+    except ValueError as exc:  # "name must ...": name the configuration key instead
+        name, _, rest = str(exc).partition(" ")
+        raise UserError(f"{LOOP_FIELD_KEYS.get(name, f'loop.{name}')} {rest}") from None
     storage = rep["storage"]
-    if storage == "auto":
-        storage = "disk" if rep["capacity"] * FRAME_BYTES > 2**31 else "memory"
+    if storage not in ("auto", *STORAGES):
+        accepted = ", ".join(("auto", *STORAGES))
+        raise UserError(f"replay.storage must be one of {accepted}, got {storage!r}")
+    if storage == "auto":  # the pixels dominate a row
+        storage = "disk" if rep["capacity"] * 3 * size * size > 2**31 else "memory"
     replay = SequenceReplay(
         int(rep["capacity"]),
         int(conf["env"]["num_envs"]),
@@ -174,17 +231,20 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
         device=device,
         seed=seed,
     )
-    loop_conf = LoopConfig(
-        **loop,
-        **cuda_graph,
-        action_repeat=int(conf["env"]["action_repeat"]),
-        batch_size=int(rep["batch_size"]),
-        seq_len=int(rep["seq_len"]),
-        log_every=int(conf["logger"]["log_every"]),
-        video_fps=float(conf["logger"]["video_fps"]),
-    )
     # Everything above validates the configuration; only now does the run leave files (a bad
     # input must not leave a run_config.yaml that makes the corrected command refuse the dir).
+    try:
+        trainer = start_run(conf, run_dir, resume_state, env, agent, replay, loop_conf, device)
+    except KeyboardInterrupt:
+        if resume_state is None:
+            discard_unstarted_run(run_dir)
+        raise
+    return trainer, env, run_dir, resume_state is not None
+
+
+def start_run(conf, run_dir, resume_state, env, agent, replay, loop_conf, device) -> Trainer:
+    """Write the run's files and build its trainer (restored from ``resume_state``)."""
+    seed = int(conf["seed"])
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume_state is None:
         tmp = run_dir / f".{RUN_CONFIG}.tmp"
@@ -204,11 +264,11 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
         run_config=conf,
         device=device,
         seed=seed,
-        action_dim=action_dim,
+        action_dim=int(env.action_spec.shape[-1]),
     )
     if resume_state is not None:
         trainer.load(state=resume_state)
-    return trainer, env, run_dir, resume_state is not None
+    return trainer
 
 
 def run_cli(cfg: DictConfig) -> int:
