@@ -33,8 +33,8 @@ import torch
 from tqdm import tqdm
 
 from aefrl.checkpoint import MODEL_KEYS, CheckpointError, check_contents, load_checkpoint
+from aefrl.cli import UserError, make_env, output_path, resolve_device, seed_arg
 from aefrl.collect import Collector
-from aefrl.envs import make_dmc_env
 from aefrl.logging import encode_gif, to_hwc_uint8
 from aefrl.provenance import machine_info
 from aefrl.world_model.modules import world_model_from_checkpoint
@@ -57,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("run_dir", help="a run directory (or a checkpoint file)")
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument(
-        "--seed", type=int, default=12345, help="seed of the evaluation episodes and of torch"
+        "--seed", type=seed_arg, default=12345, help="seed of the evaluation episodes and of torch"
     )
     p.add_argument("--video", default=None, help="GIF path (default <run_dir>/eval.gif; '' off)")
     p.add_argument("--out", default=None, help="JSON path (default <run_dir>/eval.json)")
@@ -128,27 +128,33 @@ def build_planner_agent(state: dict, args, action_dim: int) -> PlannerAgent:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        return evaluate_checkpoint(args)
+    except (UserError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def evaluate_checkpoint(args) -> int:
     # The env's seed fixes the episodes; torch's fixes the rest (the planner's candidates, prior
     # samples, the VAE posterior), so the same --seed gives the same returns.
     torch.manual_seed(args.seed)
-    try:
-        state = load_checkpoint(args.run_dir)
-        check_contents(state, args.run_dir, MODEL_KEYS)
-    except CheckpointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    device = resolve_device(args.device, "--device ")
+    state = load_checkpoint(args.run_dir)
+    check_contents(state, args.run_dir, MODEL_KEYS)
     conf = state["run_config"]
     run_dir = Path(args.run_dir)
     run_dir = run_dir if run_dir.is_dir() else run_dir.parent
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
+    trained_by = conf["agent"]["name"]
+    suffix = "_planner" if args.agent == "planner" and trained_by != "planner" else ""
+    out = output_path(args.out, run_dir / f"eval{suffix}.json")
+    record = args.video != ""
+    video = output_path(args.video, run_dir / f"eval{suffix}.gif") if record else None
     env_conf = {k: v for k, v in conf["env"].items() if k not in ("task", "num_envs")}
     env_conf["render"] = args.render
-    env = make_dmc_env(conf["env"]["task"], seed=args.seed, **env_conf)
+    env = make_env(conf["env"]["task"], seed=args.seed, **env_conf)
     action_dim = int(env.action_spec.shape[-1])
     size = int(conf["env"]["image_size"])
-    trained_by = conf["agent"]["name"]
     if args.agent == "planner":
         try:
             agent = build_planner_agent(state, args, action_dim)
@@ -170,7 +176,6 @@ def main(argv=None) -> int:
     agent.to(device).eval()
     del state
 
-    record = args.video != ""
     start = time.time()
     returns, lengths, frames = evaluate(agent, env, args.episodes, action_dim, device, record)
     env.close()
@@ -193,13 +198,10 @@ def main(argv=None) -> int:
         result["trained_by"] = trained_by
         result["planner"] = agent.planning_options()
         result["seconds_per_step"] = result["seconds"] / max(sum(lengths), 1)
-    suffix = "_planner" if args.agent == "planner" and trained_by != "planner" else ""
-    out = Path(args.out) if args.out else run_dir / f"eval{suffix}.json"
     out.write_text(json.dumps(result, indent=2))
     summary = f"return {r.mean():.1f} ± {r.std():.1f} over {args.episodes} episodes"
     print(f"{result['task']} {result['obs_model']}: {summary}  ->  {out}")
     if record:
-        video = Path(args.video) if args.video else run_dir / f"eval{suffix}.gif"
         video.write_bytes(encode_gif([to_hwc_uint8(f) for f in frames], fps=15))
         print(f"video (agent view | reconstruction): {video}")
     return 0

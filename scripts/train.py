@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from aefrl.allocator import tune_malloc
 from aefrl.checkpoint import CHECKPOINT_NAME, CheckpointError, check_contents, load_checkpoint
-from aefrl.envs import make_dmc_env
+from aefrl.cli import UserError, make_env, resolve_device
 from aefrl.logging import RunLogger
 from aefrl.loop import LoopConfig, Trainer
 from aefrl.overrides import OverrideError, check_overrides
@@ -43,22 +43,6 @@ LOOP_FIELD_KEYS = {
     "log_every": "logger.log_every",
     "video_fps": "logger.video_fps",
 }
-
-
-class UserError(Exception):
-    """A problem the user can fix; printed as one sentence, exit code 2."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device={name} was asked for but CUDA is not available; use device=cpu")
-    return device
 
 
 def resolve_cuda_graph(value, device: torch.device) -> dict:
@@ -128,10 +112,7 @@ def seed_everything(seed: int) -> None:
 
 def build_env(env: dict, seed: int, num_envs: int | None = None):
     kwargs = {k: v for k, v in env.items() if k not in ("task", "num_envs")}
-    try:
-        return make_dmc_env(env["task"], seed=seed, num_envs=num_envs or env["num_envs"], **kwargs)
-    except RuntimeError as exc:  # rendering backend missing: a message, not a traceback
-        raise UserError(str(exc)) from None
+    return make_env(env["task"], seed=seed, num_envs=num_envs or env["num_envs"], **kwargs)
 
 
 def discard_unstarted_run(run_dir: Path) -> None:

@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from aefrl import keys
 from aefrl.checkpoint import MODEL_KEYS, CheckpointError, check_contents, load_checkpoint
+from aefrl.cli import UserError, make_env, output_path, seed_arg
 from aefrl.collect import Collector
-from aefrl.envs import make_dmc_env
 from aefrl.metrics import sharpness_ratio
 from aefrl.provenance import machine_info
 from aefrl.world_model.evaluation import (
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("run_dir")
     p.add_argument("--episodes", type=int, default=2)
     p.add_argument("--num-samples", type=int, default=128, help="K (SPEC §6: 128 for reports)")
-    p.add_argument("--seed", type=int, default=54321)
+    p.add_argument("--seed", type=seed_arg, default=54321)
     p.add_argument("--render", default="faithful", choices=["faithful", "fast"])
     p.add_argument("--out", default=None)
     p.add_argument(
@@ -139,15 +139,22 @@ def main(argv=None) -> int:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     try:
-        state = load_checkpoint(args.run_dir)
-        check_contents(state, args.run_dir, MODEL_KEYS)
-    except CheckpointError as exc:
+        return write_report(args, argv)
+    except (UserError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def write_report(args, argv) -> int:
+    state = load_checkpoint(args.run_dir)
+    check_contents(state, args.run_dir, MODEL_KEYS)
+    run_dir = Path(args.run_dir)
+    folder = run_dir if run_dir.is_dir() else run_dir.parent
+    out = output_path(args.out, folder / "world_model_report.json")
     conf = state["run_config"]
     env_conf = {k: v for k, v in conf["env"].items() if k not in ("task", "num_envs")}
     env_conf["render"] = args.render
-    env = make_dmc_env(conf["env"]["task"], seed=args.seed, **env_conf)
+    env = make_env(conf["env"]["task"], seed=args.seed, **env_conf)
     action_dim = int(env.action_spec.shape[-1])
     size = int(conf["env"]["image_size"])
     agent = build_agent(conf["agent"], conf["obs_model"], (3, size, size), action_dim)
@@ -178,14 +185,11 @@ def main(argv=None) -> int:
         "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
         "machine": machine_info(),
     }
-    run_dir = Path(args.run_dir)
-    folder = run_dir if run_dir.is_dir() else run_dir.parent
-    out = Path(args.out) if args.out else folder / "world_model_report.json"
     out.write_text(json.dumps(result, indent=2))
     mse, r = result["open_loop_mse"], result
     print(
         f"{r['task']} {r['obs_model']} @ {r['frames']} frames: {r['bits_per_dim']:.3f} bits/dim "
-        f"({r['estimator']}), open-loop MSE h1 {mse[0]:.4f} h45 {mse[-1]:.4f}, "
+        f"({r['estimator']}), open-loop MSE h1 {mse[0]:.4f} h{len(mse)} {mse[-1]:.4f}, "
         f"sharpness {r['sharpness_imagined']:.2f}"
     )
     return 0

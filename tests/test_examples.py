@@ -26,6 +26,23 @@ def test_torchrl_reuse_example_plans_an_episode_without_a_checkpoint():
     assert 0.0 <= float(match.group(1)) <= 50.0  # at most 1 per physics step: 100 of them
 
 
+@pytest.mark.slow
+def test_torchrl_reuse_example_plans_with_a_checkpoint_in_the_runs_episodes(tmp_path):
+    """With a checkpoint it plays the run's task with the run's episode length and rendering
+    (it used the task's 1000 control steps whatever the run had trained on)."""
+    from tests.tiny_run import write_tiny_dreamer_run
+
+    write_tiny_dreamer_run(tmp_path, time_limit=0.1)  # cartpole: 10 control steps, 5 plans
+    out = subprocess.run(
+        [sys.executable, "docs/examples/torchrl_reuse.py", str(tmp_path)],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    match = re.search(r"^return (-?\d+\.\d+)$", out.stdout, re.MULTILINE)
+    assert match, out.stdout
+    assert 0.0 <= float(match.group(1)) <= 10.0  # at most 1 per control step: 10 of them
+
+
 def test_plan_cost_writes_its_tables(tmp_path, monkeypatch):
     """docs/examples/plan_cost.py at toy budgets: the JSON and markdown docs/reuse.md cites."""
     import functools

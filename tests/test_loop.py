@@ -203,3 +203,18 @@ def test_loop_config_refuses_what_would_crash_at_the_first_report():
         LoopConfig(report_samples=0)
     with pytest.raises(ValueError, match="video_fps must be > 0, got 0"):
         LoopConfig(video_fps=0)
+
+
+def test_with_logging_off_update_metrics_are_not_kept(tmp_path):
+    """logger.log_every=0: nothing writes the per-update metrics, so none may pile up (in
+    memory, and in every checkpoint)."""
+    trainer = build(tmp_path)
+    trainer.config.log_every = 0
+
+    def stop_after_updates(t):
+        if t.counters["updates"] >= 3:
+            t.request_stop()
+
+    trainer.run(progress=False, on_iteration=stop_after_updates)
+    trainer.env.close()
+    assert trainer.counters["updates"] >= 3 and not trainer._pending

@@ -51,10 +51,9 @@ def main(checkpoint: str | None = None) -> float:
     torch.manual_seed(0)
     if checkpoint:  # a run directory or checkpoint.pt written by scripts/train.py
         state = load_checkpoint(checkpoint)
-        conf = state["run_config"]["env"]
-        env = make_dmc_env(
-            conf["task"], image_size=conf["image_size"], action_repeat=conf["action_repeat"]
-        )
+        conf = state["run_config"]["env"]  # the run's task, frames and episode length
+        settings = ("image_size", "action_repeat", "render", "time_limit")
+        env = make_dmc_env(conf["task"], **{k: conf[k] for k in settings if k in conf})
         wm = world_model_from_checkpoint(state)
     else:
         env = make_dmc_env("cartpole-swingup", render="fast", time_limit=1.0)

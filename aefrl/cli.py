@@ -1,0 +1,65 @@
+"""What the command-line scripts share: bad input as one sentence (exit code 2), not a traceback.
+
+``scripts/train.py``, ``scripts/eval.py`` and ``scripts/world_model_report.py`` raise
+:class:`UserError` for a problem the user can fix and print it as ``error: <sentence>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from aefrl.envs import make_dmc_env
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one sentence, exit code 2."""
+
+
+def resolve_device(name: str, option: str = "device=") -> torch.device:
+    """``auto`` (CUDA if available), ``cpu``, ``cuda`` or ``cuda:N``; ``option`` names the
+    setting in the message (``device=`` for Hydra, ``--device `` for argparse)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"{option}{name} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"{option}{name} is not supported: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{option}{name} was asked for but CUDA is not available; use cpu")
+    return device
+
+
+def make_env(task: str, **kwargs):
+    """:func:`~aefrl.envs.make_dmc_env`, with a missing rendering backend as a :class:`UserError`
+    (the env's argument errors are ``ValueError``s with one-sentence messages already)."""
+    try:
+        return make_dmc_env(task, **kwargs)
+    except (RuntimeError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+
+
+def seed_arg(text: str) -> int:
+    """argparse type of a seed: an integer in [0, 2**32 - 1] (numpy's and dm_control's range)."""
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if not 0 <= seed < 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32 - 1], got {text!r}")
+    return seed
+
+
+def output_path(path: str | Path | None, default: Path) -> Path:
+    """Where a script writes its result: ``path`` or ``default``, its folder created now, before
+    the work (a missing folder used to fail only after all episodes had run)."""
+    out = Path(path) if path else Path(default)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot write {out}: {exc.strerror}") from None
+    return out

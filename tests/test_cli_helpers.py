@@ -1,0 +1,49 @@
+"""aefrl/cli.py: what the scripts share for one-sentence errors, and the scripts using it."""
+
+import argparse
+
+import pytest
+import torch
+
+from aefrl.cli import UserError, output_path, resolve_device, seed_arg
+from tests.tiny_run import load_script
+
+
+def test_devices():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(UserError, match="--device meta is not supported"):
+        resolve_device("meta", "--device ")
+    with pytest.raises(UserError, match="device=gpu0 is not a device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="CUDA is not available"):
+            resolve_device("cuda:1")
+
+
+def test_seeds():
+    assert seed_arg("0") == 0 and seed_arg(str(2**32 - 1)) == 2**32 - 1
+    for bad in ("-1", str(2**32), "1.5", "x"):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"in \[0, 2\*\*32 - 1\]"):
+            seed_arg(bad)
+
+
+def test_output_folders_are_made_before_the_work(tmp_path):
+    out = output_path(str(tmp_path / "a" / "b" / "r.json"), tmp_path / "default.json")
+    assert out.parent.is_dir() and not out.exists()
+    assert output_path(None, tmp_path / "d.json") == tmp_path / "d.json"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="cannot write"):
+        output_path(str(tmp_path / "file" / "r.json"), tmp_path)
+
+
+@pytest.mark.parametrize("name", ["eval", "world_model_report"])
+def test_scripts_refuse_bad_seeds_and_devices_in_one_sentence(name, tmp_path, capsys):
+    script = load_script(name)
+    with pytest.raises(SystemExit) as info:
+        script.main([str(tmp_path), "--seed", "-1"])
+    assert info.value.code == 2 and "expected an integer" in capsys.readouterr().err
+    if name == "eval":
+        assert script.main([str(tmp_path), "--device", "tpu"]) == 2
+        err = capsys.readouterr().err
+        assert err == "error: --device tpu is not a device: use auto, cpu, cuda or cuda:N\n"
