@@ -96,6 +96,8 @@ class DreamerAgent(nn.Module):
         feat = self.world_model.feat_dim
         self.actor = Actor(feat, action_dim, **(actor or {}))
         self.critic = Critic(feat, **(critic or {}))
+        if not 0 < slow_critic_tau <= 1:  # SlowCopy's own message would say only "tau"
+            raise ValueError(f"slow_critic_tau must lie in (0, 1], got {slow_critic_tau}")
         self.slow_critic = SlowCopy(self.critic, slow_critic_tau)
         self.return_norm = ReturnNormalizer()
         self.wm_loss = WorldModelLoss(self.world_model, **(wm_loss or {}))

@@ -171,7 +171,10 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
     if threads:
         torch.set_num_threads(int(threads))
     tune_malloc()  # CPU updates otherwise re-fault their working set every time (allocator.py)
-    seed = int(conf["seed"])
+    seed = conf["seed"]
+    if isinstance(seed, bool) or seed != int(seed) or not 0 <= seed < 2**32:
+        raise UserError(f"seed must be a whole number in [0, 2**32 - 1], got {seed}")
+    seed = int(seed)
     seed_everything(seed)
     device = resolve_device(conf["device"])
     loop = dict(conf["loop"])  # runs from before loop.cuda_graph existed resume with "auto"

@@ -113,6 +113,11 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
         (["obs_model=flow"], "obs_model is one of aef, aef_partition, vae"),
         (["loop.total_frames=abc"], "loop.total_frames takes a number"),
         (["loop.total_frame=100"], "did you mean loop.total_frames?"),
+        # checked in setup, before they crashed the first report or silently went wrong
+        (["logger.video_fps=0"], "logger.video_fps must be > 0, got 0"),
+        (["threads=1.5"], "threads must be a whole number >= 0"),
+        (["seed=-1"], "seed must be a whole number in [0, 2**32 - 1], got -1"),
+        (["replay.storage=ram"], "replay.storage must be one of auto, memory, device, disk"),
     ],
 )
 def test_bad_input_is_one_sentence_and_exit_code_2(args, message, tmp_path):
@@ -212,3 +217,40 @@ def test_ctrl_c_outside_the_loop_is_one_sentence_and_exit_130(monkeypatch, capsy
     assert err.startswith("interrupted:") and len(err.strip().splitlines()) == 1
     monkeypatch.setattr(script, "build_run", lambda cfg: (_ for _ in ()).throw(ValueError("x")))
     assert script.run_cli(None) == 2
+
+
+def test_a_run_stopped_before_its_first_checkpoint_leaves_nothing_behind(
+    tmp_path, capsys, monkeypatch
+):
+    """A Ctrl-C that aborts a new run before its first checkpoint removed nothing, so the same
+    command then refused the directory for its run_config.yaml; a run with a checkpoint keeps
+    everything."""
+    script = _train_script()
+
+    class Interrupted:
+        def __init__(self):
+            self.counters = {"frames": 0}
+            self.logger = type("L", (), {"close": lambda self: None})()
+
+        def run(self):
+            raise KeyboardInterrupt
+
+    env = type("E", (), {"close": lambda self: None})()
+    for checkpointed in (False, True):
+        run_dir = tmp_path / str(checkpointed)
+        (run_dir / "tb").mkdir(parents=True)
+        (run_dir / "replay").mkdir()
+        (run_dir / "run_config.yaml").write_text("seed: 0\n")
+        if checkpointed:
+            (run_dir / "checkpoint.pt").write_bytes(b"")
+        monkeypatch.setattr(
+            script, "build_run", lambda cfg, d=run_dir: (Interrupted(), env, d, False)
+        )
+        with pytest.raises(KeyboardInterrupt):
+            script.train(None)
+        left = sorted(p.name for p in run_dir.iterdir())
+        if checkpointed:
+            assert left == ["checkpoint.pt", "replay", "run_config.yaml", "tb"]
+        else:
+            assert left == []
+            assert "removed run_config.yaml, tb, replay" in capsys.readouterr().err

@@ -136,6 +136,7 @@ def test_settings_that_would_silently_stop_learning_are_refused():
         ({"actor_loss": {"entropy_coef": -1}}, "entropy_coef must be >= 0"),
         ({"wm_loss": {"free_nats": -1}}, "free_nats must be >= 0"),
         ({"wm_loss": {"loss_scales": {"obs": -1}}}, r"loss_scales\.obs must be >= 0"),
+        ({"slow_critic_tau": 0}, r"slow_critic_tau must lie in \(0, 1\]"),
     ]
     for setting, message in bad:
         cfg = {k: dict(v) for k, v in TINY.items()}
