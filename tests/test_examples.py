@@ -12,18 +12,23 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.mark.slow
-def test_torchrl_reuse_example_plans_an_episode_without_a_checkpoint():
-    """No checkpoint: it fits a tiny world model, plans one (short) cartpole episode with
-    torchrl's CEMPlanner, exits 0 and prints the return."""
+def _reuse_example_return(*args: str) -> float:
+    """Run docs/examples/torchrl_reuse.py; it must exit 0 and print the episode's return."""
     out = subprocess.run(
-        [sys.executable, "docs/examples/torchrl_reuse.py"],
+        [sys.executable, "docs/examples/torchrl_reuse.py", *args],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     match = re.search(r"^return (-?\d+\.\d+)$", out.stdout, re.MULTILINE)
     assert match, out.stdout
-    assert 0.0 <= float(match.group(1)) <= 50.0  # at most 1 per physics step: 100 of them
+    return float(match.group(1))
+
+
+@pytest.mark.slow
+def test_torchrl_reuse_example_plans_an_episode_without_a_checkpoint():
+    """No checkpoint: it fits a tiny world model and plans one (short) cartpole episode with
+    torchrl's CEMPlanner."""
+    assert 0.0 <= _reuse_example_return() <= 50.0  # at most 1 per physics step: 100 of them
 
 
 @pytest.mark.slow
@@ -33,14 +38,7 @@ def test_torchrl_reuse_example_plans_with_a_checkpoint_in_the_runs_episodes(tmp_
     from tests.tiny_run import write_tiny_dreamer_run
 
     write_tiny_dreamer_run(tmp_path, time_limit=0.1)  # cartpole: 10 control steps, 5 plans
-    out = subprocess.run(
-        [sys.executable, "docs/examples/torchrl_reuse.py", str(tmp_path)],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    match = re.search(r"^return (-?\d+\.\d+)$", out.stdout, re.MULTILINE)
-    assert match, out.stdout
-    assert 0.0 <= float(match.group(1)) <= 10.0  # at most 1 per control step: 10 of them
+    assert 0.0 <= _reuse_example_return(str(tmp_path)) <= 10.0  # at most 1 per control step
 
 
 def test_plan_cost_writes_its_tables(tmp_path, monkeypatch):
