@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import os
 
+from aefrl.gl_backend import exit_if_user_backend_broken
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+exit_if_user_backend_broken()  # before torchrl imports mujoco, which reads MUJOCO_GL
 
 import argparse
 import json

@@ -19,30 +19,13 @@ import atexit
 import contextlib
 import importlib
 import os
-import subprocess
-import sys
 import weakref
 
 import numpy as np
 
-# Backends tried, in order, when the user has not set MUJOCO_GL.
-_CANDIDATES = ("egl", "osmesa")
-# MUJOCO_GL values mujoco accepts on Linux that mean "use GLFW".
-_GLFW_NAMES = ("glfw", "glx", "enable", "enabled", "on", "true", "1")
-_PROBE = "import mujoco.{0} as b; c = b.GLContext(16, 16); c.make_current(); c.free()"
-
-
-def _probe(backend: str) -> bool:
-    """Whether a fresh python process can create and bind a ``backend`` GL context."""
-    env = dict(os.environ, MUJOCO_GL=backend)
-    env.pop("PYOPENGL_PLATFORM", None)  # mujoco.<backend> sets the matching PyOpenGL platform
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", _PROBE.format(backend)], env=env, capture_output=True, timeout=60
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0
+from aefrl.gl_backend import CANDIDATES as _CANDIDATES
+from aefrl.gl_backend import GLFW_NAMES as _GLFW_NAMES
+from aefrl.gl_backend import probe as _probe
 
 
 def select_gl_backend(*, strict: bool = True) -> str | None:
