@@ -163,16 +163,13 @@ def evaluate_checkpoint(args) -> int:
             agent = build_planner_agent(state, args, action_dim)
         except (CheckpointError, ValueError) as exc:
             env.close()
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+            raise UserError(str(exc)) from None
     elif args.agent not in (None, trained_by):
         env.close()
-        print(
-            f"error: --agent {args.agent} needs a {args.agent} checkpoint, this one was trained "
-            f"by {trained_by} (--agent planner works with any checkpoint)",
-            file=sys.stderr,
+        raise UserError(
+            f"--agent {args.agent} needs a {args.agent} checkpoint, this one was trained "
+            f"by {trained_by} (--agent planner works with any checkpoint)"
         )
-        return 2
     else:
         agent = build_agent(conf["agent"], conf["obs_model"], (3, size, size), action_dim)
         agent.load_state_dict(state["agent"])

@@ -137,19 +137,19 @@ def discard_unstarted_run(run_dir: Path) -> None:
 
 
 def train(cfg: DictConfig) -> dict:
+    try:
+        return setup_and_run(cfg)
+    except KeyboardInterrupt:  # in setup, or a second Ctrl-C that aborts the loop
+        if cfg.resume is None:
+            discard_unstarted_run(Path(cfg.run_dir))
+        raise
+
+
+def setup_and_run(cfg: DictConfig) -> dict:
     try:  # every ValueError of the setup is a bad configuration; one in training is a bug
         trainer, env, run_dir, resumed = build_run(cfg)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    try:
-        return run_trainer(trainer, env, run_dir, resumed)
-    except KeyboardInterrupt:  # a second Ctrl-C aborts the loop without its final checkpoint
-        if not resumed:
-            discard_unstarted_run(run_dir)
-        raise
-
-
-def run_trainer(trainer: Trainer, env, run_dir: Path, resumed: bool) -> dict:
     if resumed:
         frames, total = trainer.counters["frames"], trainer.config.total_frames
         print(f"resumed {run_dir} at {frames} frames")
@@ -220,18 +220,6 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
     )
     # Everything above validates the configuration; only now does the run leave files (a bad
     # input must not leave a run_config.yaml that makes the corrected command refuse the dir).
-    try:
-        trainer = start_run(conf, run_dir, resume_state, env, agent, replay, loop_conf, device)
-    except KeyboardInterrupt:
-        if resume_state is None:
-            discard_unstarted_run(run_dir)
-        raise
-    return trainer, env, run_dir, resume_state is not None
-
-
-def start_run(conf, run_dir, resume_state, env, agent, replay, loop_conf, device) -> Trainer:
-    """Write the run's files and build its trainer (restored from ``resume_state``)."""
-    seed = int(conf["seed"])
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume_state is None:
         tmp = run_dir / f".{RUN_CONFIG}.tmp"
@@ -251,11 +239,11 @@ def start_run(conf, run_dir, resume_state, env, agent, replay, loop_conf, device
         run_config=conf,
         device=device,
         seed=seed,
-        action_dim=int(env.action_spec.shape[-1]),
+        action_dim=action_dim,
     )
     if resume_state is not None:
         trainer.load(state=resume_state)
-    return trainer
+    return trainer, env, run_dir, resume_state is not None
 
 
 def run_cli(cfg: DictConfig) -> int:

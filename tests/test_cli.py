@@ -203,28 +203,33 @@ def test_value_errors_are_user_errors_in_setup_only(monkeypatch):
         script.train(None)
 
 
-def test_ctrl_c_outside_the_loop_is_one_sentence_and_exit_130(monkeypatch, capsys):
+def test_ctrl_c_outside_the_loop_is_one_sentence_and_exit_130(monkeypatch, capsys, tmp_path):
     """During setup (or a second Ctrl-C, which aborts) there is no traceback, only what the
     user can do."""
+    from omegaconf import OmegaConf
+
     script = _train_script()
+    cfg = OmegaConf.create({"resume": None, "run_dir": str(tmp_path / "run")})
 
     def interrupted(cfg):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(script, "build_run", interrupted)
-    assert script.run_cli(None) == 130
+    assert script.run_cli(cfg) == 130
     err = capsys.readouterr().err
     assert err.startswith("interrupted:") and len(err.strip().splitlines()) == 1
     monkeypatch.setattr(script, "build_run", lambda cfg: (_ for _ in ()).throw(ValueError("x")))
-    assert script.run_cli(None) == 2
+    assert script.run_cli(cfg) == 2
 
 
 def test_a_run_stopped_before_its_first_checkpoint_leaves_nothing_behind(
     tmp_path, capsys, monkeypatch
 ):
-    """A Ctrl-C that aborts a new run before its first checkpoint removed nothing, so the same
-    command then refused the directory for its run_config.yaml; a run with a checkpoint keeps
-    everything."""
+    """A Ctrl-C that aborts a new run before its first checkpoint (in the loop, or in setup
+    after its files were written) removed nothing, so the same command then refused the
+    directory for its run_config.yaml; a run with a checkpoint keeps everything."""
+    from omegaconf import OmegaConf
+
     script = _train_script()
 
     class Interrupted:
@@ -246,11 +251,23 @@ def test_a_run_stopped_before_its_first_checkpoint_leaves_nothing_behind(
         monkeypatch.setattr(
             script, "build_run", lambda cfg, d=run_dir: (Interrupted(), env, d, False)
         )
+        cfg = OmegaConf.create({"resume": None, "run_dir": str(run_dir)})
         with pytest.raises(KeyboardInterrupt):
-            script.train(None)
+            script.train(cfg)
         left = sorted(p.name for p in run_dir.iterdir())
         if checkpointed:
             assert left == ["checkpoint.pt", "replay", "run_config.yaml", "tb"]
         else:
             assert left == []
             assert "removed run_config.yaml, tb, replay" in capsys.readouterr().err
+
+    def interrupted_setup(cfg):  # after the run's files, before the loop
+        (Path(cfg.run_dir) / "tb").mkdir(parents=True)
+        (Path(cfg.run_dir) / "run_config.yaml").write_text("seed: 0\n")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(script, "build_run", interrupted_setup)
+    cfg = OmegaConf.create({"resume": None, "run_dir": str(tmp_path / "setup")})
+    with pytest.raises(KeyboardInterrupt):
+        script.train(cfg)
+    assert not list((tmp_path / "setup").iterdir())
