@@ -14,7 +14,7 @@ import os
 
 from aefrl.gl_backend import exit_if_user_backend_broken
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see BENCHMARKS.md §2
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: docs/benchmarks.md, finding 8
 exit_if_user_backend_broken()  # before torchrl imports mujoco, which reads MUJOCO_GL
 
 import random

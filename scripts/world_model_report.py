@@ -1,4 +1,4 @@
-"""World-model quality of a trained checkpoint on fresh held-out episodes (BENCHMARKS.md §3).
+"""World-model quality of a trained checkpoint on fresh held-out episodes (docs/learning.md).
 
     python scripts/world_model_report.py RUN_DIR [--episodes 2] [--num-samples 128]
 
