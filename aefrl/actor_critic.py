@@ -7,19 +7,44 @@ import math
 
 import torch
 from torch import nn
-from torchrl.modules import TanhNormal
+from torchrl.modules import IndependentNormal, TanhNormal
 from torchrl.objectives.value.functional import td_lambda_return_estimate
 
 from aefrl.nn import MLP
 from aefrl.world_model.heads import TwoHotHead
 
+#: Action distributions of :class:`Actor`.
+ACTOR_DISTS = ("tanh_normal", "bounded_normal")
+
+
+class BoundedNormal(IndependentNormal):
+    """DreamerV3's continuous policy: ``N(tanh(μ), σ²)`` per action dimension, its samples
+    clipped to ``[-1, 1]`` only when acted on (:meth:`Actor.act`).
+
+    Unlike a tanh-squashed Gaussian, its spread in action space is σ wherever the mean is, so
+    exploration cannot vanish by pushing the pre-squash mean into tanh's flat tails, and the
+    entropy bonus acts on σ alone. torchrl's ``IndependentNormal`` does not apply its
+    ``tanh_loc`` in ``__init__`` (only in ``update``), so the mean is squashed by the caller.
+    """
+
+    def rsample_and_log_prob(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A reparameterised sample ``[..., A]`` (not clipped) and its log-density ``[...]``;
+        the interface of torchrl's ``TanhNormal``."""
+        action = self.rsample()
+        return action, self.log_prob(action)
+
 
 class Actor(nn.Module):
-    """``feat [..., F] -> TanhNormal`` over actions in ``[-1, 1]^A``.
+    """``feat [..., F] ->`` a distribution over actions in ``[-1, 1]^A``.
 
-    The pre-tanh mean is soft-clipped to ``[-5, 5]`` (``5·tanh(μ/5)``, DreamerV1) and the std
-    kept in ``[min_std, max_std]`` through a shifted sigmoid (DreamerV3), so exploration noise
-    neither vanishes nor explodes.
+    The std is kept in ``[min_std, max_std]`` through a shifted sigmoid (DreamerV3):
+    ``σ = min + (max − min)·sigmoid(s + 2)``. ``dist`` picks the distribution:
+
+    * ``"tanh_normal"`` (default; DreamerV1, SPEC §7): ``a = tanh(x)``, ``x ~ N(5·tanh(μ/5), σ²)``
+      (the pre-tanh mean soft-clipped to ``[-5, 5]``). σ bounds the noise before the tanh only:
+      a mean in tanh's tails makes the action-space spread ``tanh'(mean)·σ`` arbitrarily small.
+    * ``"bounded_normal"`` (DreamerV3): ``a ~ N(tanh(μ), σ²)`` (:class:`BoundedNormal`), whose
+      action-space spread is σ; samples outside ``[-1, 1]`` are clipped when acting.
     """
 
     def __init__(
@@ -30,24 +55,42 @@ class Actor(nn.Module):
         layers: int = 2,
         min_std: float = 0.1,
         max_std: float = 1.0,
+        dist: str = "tanh_normal",
     ) -> None:
         super().__init__()
         if not 0 < min_std < max_std:
             raise ValueError(f"need 0 < min_std < max_std, got {min_std} and {max_std}")
+        if dist not in ACTOR_DISTS:
+            raise ValueError(f"dist must be one of {ACTOR_DISTS}, got {dist!r}")
         self.net = MLP(feat_dim, 2 * action_dim, hidden, layers)
         self.min_std, self.max_std = float(min_std), float(max_std)
+        self.dist = dist
         # The action bounds as tensors that move with the module: given Python floats,
         # TanhNormal builds device tensors from them on every call, a blocking host-to-device
         # copy that a CUDA-graph capture refuses. Non-persistent: checkpoints stay as they were.
         self.register_buffer("action_low", torch.tensor(-1.0), persistent=False)
         self.register_buffer("action_high", torch.tensor(1.0), persistent=False)
 
-    def forward(self, feat: torch.Tensor) -> TanhNormal:
+    def forward(self, feat: torch.Tensor) -> TanhNormal | BoundedNormal:
         loc, raw = self.net(feat).chunk(2, -1)
         std = self.min_std + (self.max_std - self.min_std) * torch.sigmoid(raw + 2.0)
+        if self.dist == "bounded_normal":
+            # Checking loc and scale reads them back to the host (a sync a CUDA graph refuses);
+            # torchrl's import turns the check off globally, this keeps it off without it.
+            return BoundedNormal(torch.tanh(loc), std, validate_args=False)
         return TanhNormal(
             loc, std, upscale=5.0, tanh_loc=True, low=self.action_low, high=self.action_high
         )
+
+    def act(self, feat: torch.Tensor, explore: bool) -> torch.Tensor:
+        """The action to execute, ``[..., A]`` in ``[-1, 1]``: a sample (``explore``) or the
+        distribution's mode. Clipping changes nothing for ``tanh_normal``."""
+        dist = self(feat)
+        action = dist.sample() if explore else dist.deterministic_sample
+        return action.clamp(self.action_low, self.action_high)
+
+    def extra_repr(self) -> str:
+        return f"dist={self.dist!r}, min_std={self.min_std}, max_std={self.max_std}"
 
 
 class Critic(TwoHotHead):

@@ -146,8 +146,7 @@ class DreamerAgent(nn.Module):
         if mode == "random":
             action = placeholder_action(carry)
             return action, Carry(state, action)
-        dist = self.actor(state.feat)
-        action = dist.sample() if mode == "explore" else dist.deterministic_sample
+        action = self.actor.act(state.feat, explore=mode == "explore")
         return action, Carry(state, action)
 
     # --- training --------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Actor, λ-returns, return normalisation, slow critic, frozen modules."""
 
+import pytest
 import torch
 
 from aefrl.actor_critic import Actor, ReturnNormalizer, SlowCopy, lambda_returns, quantiles
@@ -81,6 +82,50 @@ def test_actor_distribution_written_from_its_definition():
     torch.testing.assert_close(log_p, want)
     torch.testing.assert_close(dist.log_prob(a), want)
     torch.testing.assert_close(dist.deterministic_sample, torch.tanh(mean))
+
+
+def test_bounded_normal_written_from_its_definition():
+    """a ~ N(tanh(μ), σ), σ = 0.1 + 0.9·sigmoid(s + 2) from the net's (μ, s), in float64;
+    acting clips a sample to [-1, 1] and the eval action is tanh(μ)."""
+    actor = Actor(6, 3, hidden=16, layers=1, dist="bounded_normal").double()
+    feat = torch.randn(5, 6, dtype=torch.float64)
+    dist = actor(feat)
+    a, log_p = dist.rsample_and_log_prob()
+    loc, raw = actor.net(feat).chunk(2, -1)
+    want_dist = torch.distributions.Normal(torch.tanh(loc), 0.1 + 0.9 * torch.sigmoid(raw + 2))
+    torch.testing.assert_close(log_p, want_dist.log_prob(a).sum(-1))
+    torch.testing.assert_close(dist.deterministic_sample, torch.tanh(loc))
+    torch.testing.assert_close(actor.act(feat, explore=False), torch.tanh(loc))
+    torch.manual_seed(4)
+    acted = actor.act(feat, explore=True)
+    torch.manual_seed(4)
+    torch.testing.assert_close(acted, actor(feat).sample().clamp(-1, 1))
+    # The reparameterised gradient flows to μ and σ through the sample.
+    grads = torch.autograd.grad(a.sum(), actor.net.parameters(), allow_unused=True)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_bounded_normal_keeps_exploring_where_tanh_normal_saturates():
+    """With the net's mean far in tanh's tail (the pre-squash mean soft-clipped to ~5), the
+    tanh-Gaussian's actions pile up at the bound (spread ~2e-3 at σ ≈ 0.89) while the bounded
+    normal's spread stays σ."""
+    torch.manual_seed(0)
+    spreads = {}
+    for dist in ("tanh_normal", "bounded_normal"):
+        actor = Actor(6, 1, hidden=16, layers=1, dist=dist).double()
+        with torch.no_grad():  # mean output +30 (pre-squash), std output 0 (σ ≈ 0.89)
+            actor.net[-1].weight.zero_()
+            actor.net[-1].bias.copy_(torch.tensor([30.0, 0.0]))
+        samples = actor(torch.zeros(20000, 6, dtype=torch.float64)).sample()
+        spreads[dist] = float(samples.std())
+    sigma = 0.1 + 0.9 * torch.sigmoid(torch.tensor(2.0)).item()
+    assert spreads["tanh_normal"] < 0.01 * sigma
+    assert abs(spreads["bounded_normal"] - sigma) < 0.02
+
+
+def test_actor_refuses_an_unknown_distribution():
+    with pytest.raises(ValueError, match="dist must be one of"):
+        Actor(6, 3, dist="beta")
 
 
 def test_frozen_passes_gradients_through_but_not_into_the_module():

@@ -28,9 +28,10 @@ from scripts.bench import load_config
 SIZES = Sizes(latent=3, deter=8, hidden=16, depth=4, batch=2, seq=4, horizon=3)
 
 
-def small_agent(kind: str, device="cpu", actnorm: bool = False):
+def small_agent(kind: str, device="cpu", actnorm: bool = False, actor_dist="tanh_normal"):
     agent, obs = ours_agent_kwargs(SIZES, kind, *load_config(kind))
     agent["world_model"]["actnorm"] = actnorm
+    agent["actor"]["dist"] = actor_dist
     # Built on the CPU, then moved (the optimisers keep the same Parameter objects).
     return build_agent(agent, obs, (3, 64, 64), SIZES.action_dim).to(device)
 
@@ -78,15 +79,22 @@ def test_the_host_data_check_catches_copies_to_the_device(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("kind", "actnorm"), [("aef", False), ("vae", False), ("aef_partition", False), ("aef", True)]
+    ("kind", "actnorm", "actor_dist"),
+    [
+        ("aef", False, "tanh_normal"),
+        ("vae", False, "tanh_normal"),
+        ("aef_partition", False, "tanh_normal"),
+        ("aef", True, "tanh_normal"),
+        ("aef", False, "bounded_normal"),
+    ],
 )
-def test_train_step_never_synchronises_with_the_host(kind, actnorm, monkeypatch):
+def test_train_step_never_synchronises_with_the_host(kind, actnorm, actor_dist, monkeypatch):
     # torchrl's TanhNormal skips its argument checks (which read values) while a stream is
     # capturing; tell it so, as a real capture would.
     monkeypatch.setattr(tanh_normal_module, "safe_is_current_stream_capturing", lambda: True)
     _refuse_host_data(monkeypatch)
     torch.manual_seed(0)
-    agent = small_agent(kind, device="meta", actnorm=actnorm)
+    agent = small_agent(kind, device="meta", actnorm=actnorm, actor_dist=actor_dist)
     batch = random_batch(SIZES).to("meta")
     for _ in range(2):  # the second call takes the initialised branches (return scale, Adam)
         metrics = agent.train_step(batch)

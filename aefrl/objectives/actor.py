@@ -26,7 +26,7 @@ class DreamerActorLoss(LossModule):
 
     ``w_k = Π_{j<k} γ·c_j`` discounts steps that imagination believes come after an episode
     end; ``H_k = −log π(a_k | s_k)`` is a one-sample entropy estimate (the tanh-Gaussian has
-    no closed form).
+    no closed form; for the bounded normal its reparameterised gradient is the closed form's).
 
     The returned TensorDict also carries the imagined trajectory (``belief``, ``state``
     ``[N, H+1, ·]``, detached) with ``lambda_return``, ``slow_value`` and ``weight`` ``[N, H]``
@@ -78,7 +78,7 @@ class DreamerActorLoss(LossModule):
         wm = self.world_model
         s0 = RSSMState(start[self.tensor_keys.belief], start[self.tensor_keys.state])
         with frozen(wm, self.slow_critic):
-            states, _, log_probs = imagine(wm.rssm, self.actor, s0, self.horizon)
+            states, actions, log_probs = imagine(wm.rssm, self.actor, s0, self.horizon)
             feat = states.feat  # [N, H+1, F]
             # One contiguous copy: a strided [N, H, F] slice turns each head's first Linear
             # into a batched matmul over N (slower than one matmul over N*H rows, both ways).
@@ -97,6 +97,10 @@ class DreamerActorLoss(LossModule):
             {
                 "loss_actor": -(weight * objective).mean(),
                 "actor_entropy": entropy.detach().mean(),
+                # Share of imagined actions at the bounds: near 1, exploration has collapsed
+                # (a tanh_normal in tanh's tails) and the actor's gradients through the
+                # action vanish.
+                "action_saturation": (actions.detach().abs() > 0.99).float().mean(),
                 "imag_return": returns.detach().mean(),
                 "imag_reward": reward.detach().mean(),
                 "imag_value": value[:, :-1].detach().mean(),

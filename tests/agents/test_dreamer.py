@@ -14,9 +14,10 @@ TINY = dict(
 )
 
 
-def tiny_agent(kind: str) -> DreamerAgent:
+def tiny_agent(kind: str, actor_dist: str = "tanh_normal") -> DreamerAgent:
     cfg = {k: dict(v) for k, v in TINY.items()}
     cfg["world_model"]["obs_model"] = kind
+    cfg["actor"]["dist"] = actor_dist
     return DreamerAgent(OBS, ACTIONS, **cfg)
 
 
@@ -38,6 +39,25 @@ def test_act_shapes_and_determinism(kind):
     e1, _ = agent.act(pixels, first, carry, "explore")
     e2, _ = agent.act(pixels, first, carry, "explore")
     assert not torch.equal(e1, e2)
+
+
+def test_bounded_normal_acts_in_bounds_and_feeds_the_executed_action_back():
+    """Its samples can leave [-1, 1]; the agent clips them, and the clipped action is the one
+    the next filtering step sees (the one the environment executes)."""
+    torch.manual_seed(0)
+    agent = tiny_agent("aef", actor_dist="bounded_normal")
+    with torch.no_grad():  # a mean at the bound: about half of the samples fall outside
+        agent.actor.net[-1].weight.zero_()
+        agent.actor.net[-1].bias[:ACTIONS] = 30.0
+    pixels = torch.randint(0, 256, (64, *OBS), dtype=torch.uint8)
+    first = torch.ones(64, 1, dtype=torch.bool)
+    action, carry = agent.act(pixels, first, agent.initial_carry(64), "explore")
+    assert action.abs().max() <= 1 and (action == 1).float().mean() > 0.3
+    assert (action < 1).any() and torch.equal(carry.prev_action, action)
+    eval_action, _ = agent.act(pixels, first, agent.initial_carry(64), "eval")
+    torch.testing.assert_close(
+        eval_action, torch.full_like(eval_action, torch.tanh(torch.tensor(30.0)).item())
+    )
 
 
 def test_acting_leaves_actnorm_to_the_first_training_batch():

@@ -1,5 +1,6 @@
 """Actor and critic losses in imagination against an independent re-computation (SPEC §7)."""
 
+import pytest
 import torch
 from tensordict import TensorDict
 from torch import nn
@@ -13,14 +14,15 @@ from tests.world_model.conftest import ACTIONS, tiny_world_model
 N, HORIZON, GAMMA, LMBDA, ETA = 5, 4, 0.9, 0.7, 0.05
 
 
-def _setup():
+def _setup(actor_dist="tanh_normal"):
     torch.manual_seed(0)
     wm = tiny_world_model("aef", dtype=torch.float64)
     # Non-zero heads: rewards of a few units (a return spread > 1, so normalisation acts) and
     # continue probabilities away from 0 and 1 (so the weights and discounts matter).
     nn.init.normal_(wm.reward_head.net[-1].weight, std=1.0)
     nn.init.normal_(wm.continue_head.net[-1].weight, std=1.0)
-    actor = Actor(wm.feat_dim, ACTIONS, hidden=16, layers=1).double()
+    actor = Actor(wm.feat_dim, ACTIONS, hidden=16, layers=1, dist=actor_dist).double()
+    nn.init.normal_(actor.net[-1].weight, std=1.0)  # some actions at the bounds
     critic = Critic(wm.feat_dim, hidden=16, layers=1).double()
     nn.init.normal_(critic.net[-1].weight, std=1.0)
     slow = SlowCopy(critic)
@@ -42,12 +44,13 @@ def _setup():
 def _reference(wm, actor, slow, start):
     """The actor objective written from the spec, step by step, without the library helpers."""
     state = RSSMState(start[keys.BELIEF], start[keys.STATE])
-    feats, log_probs = [state.feat], []
+    feats, log_probs, actions = [state.feat], [], []
     for _ in range(HORIZON):
         action, log_prob = actor(state.feat).rsample_and_log_prob()
         state = wm.rssm.img_step(state, action)
         feats.append(state.feat)
         log_probs.append(log_prob)
+        actions.append(action)
     feat = torch.stack(feats, 1)  # s_0 .. s_H
     reward = wm.reward_head(feat[:, 1:]).mean  # r(s_{k+1})
     cont = wm.continue_head(feat[:, 1:]).mean
@@ -72,11 +75,13 @@ def _reference(wm, actor, slow, start):
     spread = torch.quantile(flat, 0.95) - torch.quantile(flat, 0.05)
     entropy = -torch.stack(log_probs, 1)
     objective = returns / spread.clamp_min(1.0) + ETA * entropy
-    return -(weight * objective).mean(), returns, weight, value, spread, feat
+    saturation = (torch.stack(actions, 1).abs() > 0.99).double().mean()
+    return -(weight * objective).mean(), returns, weight, value, spread, feat, saturation
 
 
-def test_actor_loss_matches_the_spec_in_value_and_gradient():
-    wm, actor, _, slow, start = _setup()
+@pytest.mark.parametrize("actor_dist", ["tanh_normal", "bounded_normal"])
+def test_actor_loss_matches_the_spec_in_value_and_gradient(actor_dist):
+    wm, actor, _, slow, start = _setup(actor_dist)
     loss = DreamerActorLoss(
         wm, actor, slow, ReturnNormalizer(), horizon=HORIZON, gamma=GAMMA, lmbda=LMBDA,
         entropy_coef=ETA,
@@ -90,7 +95,7 @@ def test_actor_loss_matches_the_spec_in_value_and_gradient():
     assert all(p.grad is None for p in [*wm.parameters(), *slow.parameters()])
 
     torch.manual_seed(3)  # the same action and prior noise
-    want_loss, returns, weight, value, spread, feat = _reference(wm, actor, slow, start)
+    want_loss, returns, weight, value, spread, feat, saturation = _reference(wm, actor, slow, start)
     assert spread > 1.5  # the normalisation divides by the spread here, not by 1
     assert weight[1].abs().sum() == 0 and weight[0, -1] < weight[0, 0]
     torch.testing.assert_close(out["loss_actor"], want_loss)
@@ -100,6 +105,8 @@ def test_actor_loss_matches_the_spec_in_value_and_gradient():
     torch.testing.assert_close(out["return_scale"], spread.to(out["return_scale"].dtype))
     torch.testing.assert_close(out[keys.BELIEF], feat[..., :8].detach())
     torch.testing.assert_close(out[keys.STATE], feat[..., 8:].detach())
+    assert 0 < saturation < 1  # some actions at the bounds, not all
+    torch.testing.assert_close(out["action_saturation"], saturation.float())
     want = torch.autograd.grad(want_loss, actor_params)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
