@@ -25,11 +25,11 @@ def test_lambda_returns_against_a_hand_computation():
 
 
 def test_return_normalizer_tracks_the_5_95_percentile_spread():
-    norm = ReturnNormalizer(decay=0.5)
+    norm = ReturnNormalizer(decay=0.9)
     x = torch.arange(101.0)  # P5 = 5, P95 = 95
-    assert torch.isclose(norm.update(x), torch.tensor(90.0))
-    assert torch.isclose(norm.update(x * 2), torch.tensor(0.5 * 90 + 0.5 * 180.0))
-    assert torch.allclose(norm(torch.tensor([135.0])), torch.tensor([1.0]))
+    assert torch.isclose(norm.update(x), torch.tensor(90.0))  # the first spread as it is
+    assert torch.isclose(norm.update(x * 2), torch.tensor(0.9 * 90 + 0.1 * 180.0))
+    assert torch.allclose(norm(torch.tensor([99.0])), torch.tensor([1.0]))
     small = ReturnNormalizer()
     small.update(torch.linspace(0, 0.1, 50))
     assert torch.allclose(small(torch.tensor([0.05])), torch.tensor([0.05]))  # never amplifies

@@ -3,7 +3,9 @@
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torchrl.envs import ExcludeTransform, TransformedEnv
 
+from aefrl import keys
 from aefrl.bench.subjects import Sizes, random_batch
 from aefrl.checkpoint import load_checkpoint
 from aefrl.envs import make_dmc_env
@@ -196,6 +198,29 @@ def test_frames_count_what_the_env_simulated(tmp_path):
     env.close()
     assert counters["frames"] == 50 and counters["episodes"] == 2
     assert counters["agent_steps"] == 26
+
+
+def test_frames_of_an_env_without_a_frame_count_are_steps_times_the_repeat(tmp_path):
+    """An env that does not report ``frames`` (any torchrl env but ours) is counted at
+    loop.action_repeat frames per agent step."""
+    agent = DreamerAgent((3, 64, 64), 1, **{k: dict(v) for k, v in TINY.items()})
+    base = make_dmc_env(TASK, render="fast")
+    assert keys.FRAMES in base.rand_step(base.reset())["next"].keys(True)
+    env = TransformedEnv(base, ExcludeTransform(keys.FRAMES))
+    assert keys.FRAMES not in env.rand_step(env.reset())["next"].keys(True)
+    schedule = dict(SCHEDULE, total_frames=30, prefill_steps=1000, eval_every=0, report_every=0)
+    trainer = Trainer(
+        agent,
+        env,
+        SequenceReplay(400, 1, 8, 3, seed=0),
+        RunLogger("tb", log_dir=str(tmp_path)),
+        tmp_path,
+        LoopConfig(**schedule, action_repeat=3),
+        action_dim=1,
+    )
+    counters = trainer.run(progress=False)
+    env.close()
+    assert counters["agent_steps"] == 10 and counters["frames"] == 30
 
 
 def test_loop_config_refuses_what_would_crash_at_the_first_report():

@@ -110,6 +110,43 @@ def test_train_step_updates_every_module_and_reports_finite_metrics(kind):
         assert moved, prefix
 
 
+def test_each_optimiser_clips_its_own_group_at_its_own_norm(monkeypatch):
+    """model / actor / critic gradients are clipped at grad_clip's own entry, each over its
+    module's parameters only."""
+    torch.manual_seed(0)
+    cfg = {k: dict(v) for k, v in TINY.items()}
+    cfg["world_model"]["obs_model"] = "aef"
+    agent = DreamerAgent(OBS, ACTIONS, **cfg, grad_clip={"model": 7.0, "actor": 3.0, "critic": 5.0})
+    calls = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def recording(params, max_norm, *args, **kwargs):
+        params = list(params)
+        calls.append((max_norm, {id(p) for p in params}))
+        return real(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
+    agent.train_step(random_batch(3, 8))
+    want = [(7.0, agent.world_model), (3.0, agent.actor), (5.0, agent.critic)]
+    assert [c[0] for c in calls] == [w[0] for w in want]
+    for (_, ids), (_, module) in zip(calls, want):
+        assert ids == {id(p) for p in module.parameters()}
+
+
+def test_imagination_from_terminal_rows_carries_no_actor_loss():
+    """train_step hands the batch's terminated flags to the actor loss: imagination that starts
+    from a terminal state has weight 0, so a batch of terminal rows gives a zero actor loss
+    and leaves the actor as it was."""
+    torch.manual_seed(0)
+    agent = tiny_agent("aef")
+    batch = random_batch(3, 8)
+    batch["terminated"] = torch.ones_like(batch["terminated"])
+    actor_before = [p.clone() for p in agent.actor.parameters()]
+    metrics = agent.train_step(batch)
+    assert float(metrics["loss_actor"]) == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(actor_before, agent.actor.parameters()))
+
+
 def test_state_dict_round_trip_includes_optimisers():
     torch.manual_seed(0)
     agent = tiny_agent("aef")

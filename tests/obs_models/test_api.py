@@ -124,6 +124,45 @@ def test_state_dict_round_trip(kind):
     assert torch.equal(a, b)
 
 
+def _last_layer(module: torch.nn.Module) -> torch.nn.Module:
+    return [
+        m for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.ConvTranspose2d))
+    ][-1]
+
+
+@pytest.mark.parametrize("sigma_x", ["learned", "head"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_sigma_x_starts_at_its_init_and_never_drops_below_its_floor(sigma_x, shape):
+    """σ_x = sigma_x_min + softplus(raw), with raw offset so that a zero raw output gives
+    sigma_x_init; a raw value driven far negative leaves σ_x on the floor, not at 0."""
+    model = _build("aef", shape, sigma_x=sigma_x, sigma_x_min=0.05, sigma_x_init=0.7)
+    z, ctx = torch.randn(6, 4), torch.randn(6, 5)
+    last = _last_layer(model.decoder)
+    with torch.no_grad():  # a zero raw output of the head
+        last.weight.zero_()
+        last.bias.zero_()
+    _, sigma = model.decoder_params(z, ctx)
+    torch.testing.assert_close(sigma, torch.full_like(sigma, 0.7))
+    with torch.no_grad():
+        if sigma_x == "head":
+            last.bias.fill_(-60.0)
+        else:
+            model.sigma_x_raw.fill_(-60.0)
+    _, sigma = model.decoder_params(z, ctx)
+    torch.testing.assert_close(sigma, torch.full_like(sigma, 0.05))
+
+
+def test_random_projection_is_frozen_with_variance_one_over_d():
+    """``projection="random"``: W ~ N(0, 1/D), b = 0, not trained, so u = W·y keeps y's scale."""
+    model = _build("aef", (3, 16, 16), projection="random")
+    w = model.projection_weight
+    num = 3 * 16 * 16
+    assert w.shape == (4, num) and not w.requires_grad
+    assert abs(float(w.var()) * num - 1.0) < 0.1  # 3072 draws: the std of the ratio is ~0.03
+    assert float(model.projection_bias.abs().max()) == 0.0
+    assert all(p.data_ptr() != w.data_ptr() for p in model.parameters())
+
+
 def test_vae_encoder_is_stochastic_unless_noise_is_given():
     model = _build("vae", (7,))
     y, ctx = torch.randn(3, 7), torch.randn(3, 5)

@@ -112,9 +112,21 @@ def test_observe_gradients_equal_step_by_step_gradients(kind):
 
 
 def test_prior_std_is_bounded_below():
+    """σ_p = prior_std_min + softplus(raw): with the head's raw scale driven far negative the
+    std sits on the floor, not below it (nor at 0, which a missing floor would give)."""
     wm = tiny_world_model("aef")
-    _, sigma = wm.rssm.prior_params(torch.randn(100, 8) * 1e3)
-    assert sigma.min() >= 0.1
+    head = wm.rssm.prior_head[-1]
+    d = wm.rssm.latent_dim
+    with torch.no_grad():
+        head.weight[d:].zero_()
+        head.bias[d:] = -50.0
+    _, sigma = wm.rssm.prior_params(torch.randn(100, 8))
+    torch.testing.assert_close(sigma, torch.full_like(sigma, 0.1))
+    with torch.no_grad():
+        head.bias[d:] = 2.0
+    _, sigma = wm.rssm.prior_params(torch.randn(100, 8))
+    want = 0.1 + torch.nn.functional.softplus(torch.tensor(2.0))
+    torch.testing.assert_close(sigma, torch.full_like(sigma, want.item()))
 
 
 def test_img_step_samples_the_prior():
