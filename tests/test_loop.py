@@ -179,23 +179,29 @@ def test_loop_config_takes_whole_floats_as_counts_and_refuses_fractions():
         LoopConfig(total_frames=0.0)
 
 
-def test_frames_count_what_the_env_simulated(tmp_path):
-    """0.25 s of cartpole is 25 control steps: at action repeat 2 an episode is 12 full agent
-    steps and one cut short, 25 frames, not 13 x 2 = 26."""
+def _prefill_only_counters(env, tmp_path, total_frames: int, **config) -> dict:
+    """Counters of a run that only collects (random prefill) until ``total_frames``."""
     agent = DreamerAgent((3, 64, 64), 1, **{k: dict(v) for k, v in TINY.items()})
-    env = make_dmc_env(TASK, render="fast", time_limit=0.25)
-    schedule = dict(SCHEDULE, total_frames=50, prefill_steps=1000, eval_every=0, report_every=0)
+    schedule = dict(SCHEDULE, total_frames=total_frames, prefill_steps=1000, **config)
     trainer = Trainer(
         agent,
         env,
         SequenceReplay(400, 1, 8, 3, seed=0),
         RunLogger("tb", log_dir=str(tmp_path)),
         tmp_path,
-        LoopConfig(**schedule),
+        LoopConfig(**{**schedule, "eval_every": 0, "report_every": 0}),
         action_dim=1,
     )
     counters = trainer.run(progress=False)
     env.close()
+    return counters
+
+
+def test_frames_count_what_the_env_simulated(tmp_path):
+    """0.25 s of cartpole is 25 control steps: at action repeat 2 an episode is 12 full agent
+    steps and one cut short, 25 frames, not 13 x 2 = 26."""
+    env = make_dmc_env(TASK, render="fast", time_limit=0.25)
+    counters = _prefill_only_counters(env, tmp_path, 50)
     assert counters["frames"] == 50 and counters["episodes"] == 2
     assert counters["agent_steps"] == 26
 
@@ -203,23 +209,11 @@ def test_frames_count_what_the_env_simulated(tmp_path):
 def test_frames_of_an_env_without_a_frame_count_are_steps_times_the_repeat(tmp_path):
     """An env that does not report ``frames`` (any torchrl env but ours) is counted at
     loop.action_repeat frames per agent step."""
-    agent = DreamerAgent((3, 64, 64), 1, **{k: dict(v) for k, v in TINY.items()})
     base = make_dmc_env(TASK, render="fast")
     assert keys.FRAMES in base.rand_step(base.reset())["next"].keys(True)
     env = TransformedEnv(base, ExcludeTransform(keys.FRAMES))
     assert keys.FRAMES not in env.rand_step(env.reset())["next"].keys(True)
-    schedule = dict(SCHEDULE, total_frames=30, prefill_steps=1000, eval_every=0, report_every=0)
-    trainer = Trainer(
-        agent,
-        env,
-        SequenceReplay(400, 1, 8, 3, seed=0),
-        RunLogger("tb", log_dir=str(tmp_path)),
-        tmp_path,
-        LoopConfig(**schedule, action_repeat=3),
-        action_dim=1,
-    )
-    counters = trainer.run(progress=False)
-    env.close()
+    counters = _prefill_only_counters(env, tmp_path, 30, action_repeat=3)
     assert counters["agent_steps"] == 10 and counters["frames"] == 30
 
 
