@@ -8,6 +8,9 @@
 Uses the run's saved configuration (task, image size, action repeat), the deterministic policy
 and the faithful renderer. Writes ``<run_dir>/eval.json`` (or ``--out``) and a GIF of the first
 episode: the agent's view next to the world model's reconstruction of it.
+For a Dreamer agent the JSON's ``critic`` entry compares the critic's value of the visited
+states with the discounted return the policy then collected (first quarter of each episode):
+a critic far below it is behind the policy.
 
 ``--agent planner`` acts with the PlaNet-style planner (agents/planner.py) on the checkpoint's
 world model, whichever agent trained it: torchrl's CEMPlanner (or MPPIPlanner) over the
@@ -35,6 +38,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from aefrl.actor_critic import returns_to_go
 from aefrl.checkpoint import MODEL_KEYS, CheckpointError, check_contents, load_checkpoint
 from aefrl.cli import UserError, make_env, output_path, resolve_device, seed_arg
 from aefrl.collect import Collector
@@ -93,22 +97,59 @@ def parse_args(argv=None):
 @torch.no_grad()
 def evaluate(agent, env, episodes: int, action_dim: int, device, record: bool):
     """Run ``episodes`` episodes with the deterministic policy; returns returns, lengths, frames
-    of the first episode (agent view | reconstruction) when ``record``."""
+    of the first episode (agent view | reconstruction) when ``record``, and, for an agent with
+    a critic, each episode's critic values ``v(s_t)`` and rewards ``r_{t+1}`` ``[L]``."""
     collector = Collector(env, agent, action_dim, device)
     rows, _, _ = collector.step("eval")
-    returns, lengths, frames = [], [], []
+    returns, lengths, frames, values, rewards = [], [], [], [], []
+    episode_values, episode_rewards = [], []
+    critic = getattr(agent, "critic", None)
     bar = tqdm(total=episodes, unit="episode")
     while len(returns) < episodes:
         view = rows["pixels"][:1] if record and not returns else None  # o_t, not yet filtered
-        rows, stats, _ = collector.step("eval")  # filters o_t, acts, and receives o_{t+1}
+        rows, stats, stepped = collector.step("eval")  # filters o_t, acts, and receives o_{t+1}
         if view is not None:  # o_t next to the decoded posterior of o_t
             recon = agent.world_model.decode_pixels(collector.carry.state).cpu()[:1]
             frames.append(torch.cat([view, recon], -1)[0])
+        if critic is not None and stepped:  # the carry holds s_t, the rows r_{t+1}
+            episode_values.append(float(critic(collector.carry.state.feat).mean[0]))
+            episode_rewards.append(float(rows["reward"][0]))
+        if stats.returns:
+            values.append(torch.tensor(episode_values, dtype=torch.float64))
+            rewards.append(torch.tensor(episode_rewards, dtype=torch.float64))
+            episode_values, episode_rewards = [], []
         returns.extend(stats.returns)
         lengths.extend(stats.lengths)
         bar.update(len(stats.returns))
     bar.close()
-    return returns[:episodes], lengths[:episodes], frames
+    return returns[:episodes], lengths[:episodes], frames, values[:episodes], rewards[:episodes]
+
+
+def critic_calibration(values, rewards, gamma: float, fraction: float = 0.25) -> dict:
+    """The critic's value of the states an evaluation visited against the discounted return the
+    policy then collected (:func:`~aefrl.actor_critic.returns_to_go`), averaged over the first
+    ``fraction`` of each episode, where the time limit cuts the least off the return. Well
+    below the return-to-go, the critic is behind the policy (it must foresee rewards it has
+    not yet learned to predict); the return-to-go is a lower bound, so a ratio near 1 or above
+    is no evidence of overestimation."""
+    firsts_v, firsts_g, v_all, g_all = [], [], [], []
+    for v, r in zip(values, rewards):
+        g = returns_to_go(r, gamma)
+        n = max(1, int(len(v) * fraction))
+        firsts_v.append(float(v[0]))
+        firsts_g.append(float(g[0]))
+        v_all.append(v[:n])
+        g_all.append(g[:n])
+    v_mean, g_mean = float(torch.cat(v_all).mean()), float(torch.cat(g_all).mean())
+    return {
+        "gamma": gamma,
+        "fraction": fraction,
+        "value_mean": v_mean,
+        "return_to_go_mean": g_mean,
+        "value_over_return_to_go": v_mean / g_mean if g_mean else None,
+        "value_first": firsts_v,
+        "return_to_go_first": firsts_g,
+    }
 
 
 def build_planner_agent(state: dict, args, action_dim: int) -> PlannerAgent:
@@ -177,7 +218,9 @@ def evaluate_checkpoint(args) -> int:
     del state
 
     start = time.time()
-    returns, lengths, frames = evaluate(agent, env, args.episodes, action_dim, device, record)
+    returns, lengths, frames, values, rewards = evaluate(
+        agent, env, args.episodes, action_dim, device, record
+    )
     env.close()
     r = np.asarray(returns)
     result = {
@@ -194,6 +237,8 @@ def evaluate_checkpoint(args) -> int:
         "seconds": time.time() - start,
         "machine": machine_info(),
     }
+    if values:
+        result["critic"] = critic_calibration(values, rewards, agent.actor_loss.gamma)
     if isinstance(agent, PlannerAgent):
         result["trained_by"] = trained_by
         result["planner"] = agent.planning_options()
@@ -201,6 +246,12 @@ def evaluate_checkpoint(args) -> int:
     out.write_text(json.dumps(result, indent=2))
     summary = f"return {r.mean():.1f} ± {r.std():.1f} over {args.episodes} episodes"
     print(f"{result['task']} {result['obs_model']}: {summary}  ->  {out}")
+    if "critic" in result:
+        c = result["critic"]
+        print(
+            f"critic over the first quarter of each episode: value {c['value_mean']:.1f}, "
+            f"discounted return collected {c['return_to_go_mean']:.1f} (gamma {c['gamma']})"
+        )
     if record:
         video.write_bytes(encode_gif([to_hwc_uint8(f) for f in frames], fps=15))
         print(f"video (agent view | reconstruction): {video}")

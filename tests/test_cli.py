@@ -1,6 +1,7 @@
 """End-to-end through the real CLI (scripts/train.py) on a real DMC task, exp=smoke."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -50,6 +51,11 @@ def test_smoke_run_writes_events_and_checkpoint(tmp_path, obs_model):
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads((run_dir / "eval.json").read_text())
     assert len(result["returns"]) == 2 and result["obs_model"] == obs_model
+    # The critic's calibration: G_0 is each episode's return discounted by the agent's γ.
+    critic, gamma = result["critic"], 0.997
+    assert critic["gamma"] == gamma and all(map(math.isfinite, critic["value_first"]))
+    for g0, ret, length in zip(critic["return_to_go_first"], result["returns"], result["lengths"]):
+        assert gamma ** (length - 1) * ret - 1e-6 <= g0 <= ret + 1e-6  # DMC rewards are >= 0
     assert (run_dir / "eval.gif").stat().st_size > 0
 
 
