@@ -37,6 +37,7 @@ from aefrl.checkpoint import (
 from aefrl.checkpoint import set_rng_state as restore_rng
 from aefrl.collect import Collector
 from aefrl.cuda_graph import CudaGraphed, graph_train_step
+from aefrl.evaluation import critic_calibration, run_episodes
 from aefrl.logging import RunLogger
 
 __all__ = ["CHECKPOINT_FORMAT", "LoopConfig", "Trainer"]
@@ -353,23 +354,20 @@ class Trainer:
         first episode's rows as held-out data for :meth:`report`."""
         index = self.counters["evals"]
         env = self.make_eval_env(index)
-        collector = Collector(env, self.agent, self.action_dim, self.device)
-        returns, first_episode = [], []
-        rows, _, _ = collector.step("eval")
-        first_episode.append(rows)
-        while len(returns) < self.config.eval_episodes:
-            rows, stats, _ = collector.step("eval")
-            if not returns:
-                first_episode.append(rows)
-            returns.extend(stats.returns)
+        episodes = run_episodes(
+            env, self.agent, self.action_dim, self.device, self.config.eval_episodes, True
+        )
         env.close()
-        # Rows stop being kept at the call that finished the first episode, so the last kept row
-        # is its terminal row (no next episode's start follows it): keep them all.
-        self.heldout = torch.cat(first_episode, 0).exclude(keys.DONE).unsqueeze(0)
+        self.heldout = episodes.first_episode.exclude(keys.DONE).unsqueeze(0)
         self.counters["evals"] += 1
-        r = torch.tensor(returns[: self.config.eval_episodes], dtype=torch.float64)
+        r = torch.tensor(episodes.returns, dtype=torch.float64)
         std = r.std(correction=1 if len(r) > 1 else 0)
         result = {"episode_return": float(r.mean()), "episode_return_std": float(std)}
+        if episodes.values:  # the critic against what the policy collected (aefrl.evaluation)
+            gamma = self.agent.actor_loss.gamma
+            cal = critic_calibration(episodes.values, episodes.rewards, gamma)
+            result["critic_value"] = cal["value_mean"]
+            result["critic_return_to_go"] = cal["return_to_go_mean"]
         self.logger.log_scalars(result, self.counters["frames"], "eval")
         return result
 

@@ -38,10 +38,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from aefrl.actor_critic import returns_to_go
 from aefrl.checkpoint import MODEL_KEYS, CheckpointError, check_contents, load_checkpoint
 from aefrl.cli import UserError, make_env, output_path, resolve_device, seed_arg
-from aefrl.collect import Collector
+from aefrl.evaluation import critic_calibration, run_episodes
 from aefrl.logging import encode_gif, to_hwc_uint8
 from aefrl.provenance import machine_info
 from aefrl.world_model.modules import world_model_from_checkpoint
@@ -94,62 +93,22 @@ def parse_args(argv=None):
     return args
 
 
-@torch.no_grad()
 def evaluate(agent, env, episodes: int, action_dim: int, device, record: bool):
-    """Run ``episodes`` episodes with the deterministic policy; returns returns, lengths, frames
-    of the first episode (agent view | reconstruction) when ``record``, and, for an agent with
-    a critic, each episode's critic values ``v(s_t)`` and rewards ``r_{t+1}`` ``[L]``."""
-    collector = Collector(env, agent, action_dim, device)
-    rows, _, _ = collector.step("eval")
-    returns, lengths, frames, values, rewards = [], [], [], [], []
-    episode_values, episode_rewards = [], []
-    critic = getattr(agent, "critic", None)
+    """:func:`aefrl.evaluation.run_episodes` with a progress bar and, when ``record``, the first
+    episode's frames: the agent's view of o_t next to the decoded posterior of o_t."""
+    frames = []
     bar = tqdm(total=episodes, unit="episode")
-    while len(returns) < episodes:
-        view = rows["pixels"][:1] if record and not returns else None  # o_t, not yet filtered
-        rows, stats, stepped = collector.step("eval")  # filters o_t, acts, and receives o_{t+1}
-        if view is not None:  # o_t next to the decoded posterior of o_t
+
+    def on_step(observed, collector, episode):
+        if record and episode == 0:
             recon = agent.world_model.decode_pixels(collector.carry.state).cpu()[:1]
-            frames.append(torch.cat([view, recon], -1)[0])
-        if critic is not None and stepped:  # the carry holds s_t, the rows r_{t+1}
-            episode_values.append(float(critic(collector.carry.state.feat).mean[0]))
-            episode_rewards.append(float(rows["reward"][0]))
-        if stats.returns:
-            values.append(torch.tensor(episode_values, dtype=torch.float64))
-            rewards.append(torch.tensor(episode_rewards, dtype=torch.float64))
-            episode_values, episode_rewards = [], []
-        returns.extend(stats.returns)
-        lengths.extend(stats.lengths)
-        bar.update(len(stats.returns))
+            frames.append(torch.cat([observed["pixels"][:1], recon], -1)[0])
+        bar.update(episode - bar.n)
+
+    result = run_episodes(env, agent, action_dim, device, episodes, on_step=on_step)
+    bar.update(episodes - bar.n)
     bar.close()
-    return returns[:episodes], lengths[:episodes], frames, values[:episodes], rewards[:episodes]
-
-
-def critic_calibration(values, rewards, gamma: float, fraction: float = 0.25) -> dict:
-    """The critic's value of the states an evaluation visited against the discounted return the
-    policy then collected (:func:`~aefrl.actor_critic.returns_to_go`), averaged over the first
-    ``fraction`` of each episode, where the time limit cuts the least off the return. Well
-    below the return-to-go, the critic is behind the policy (it must foresee rewards it has
-    not yet learned to predict); the return-to-go is a lower bound, so a ratio near 1 or above
-    is no evidence of overestimation."""
-    firsts_v, firsts_g, v_all, g_all = [], [], [], []
-    for v, r in zip(values, rewards):
-        g = returns_to_go(r, gamma)
-        n = max(1, int(len(v) * fraction))
-        firsts_v.append(float(v[0]))
-        firsts_g.append(float(g[0]))
-        v_all.append(v[:n])
-        g_all.append(g[:n])
-    v_mean, g_mean = float(torch.cat(v_all).mean()), float(torch.cat(g_all).mean())
-    return {
-        "gamma": gamma,
-        "fraction": fraction,
-        "value_mean": v_mean,
-        "return_to_go_mean": g_mean,
-        "value_over_return_to_go": v_mean / g_mean if g_mean else None,
-        "value_first": firsts_v,
-        "return_to_go_first": firsts_g,
-    }
+    return result, frames
 
 
 def build_planner_agent(state: dict, args, action_dim: int) -> PlannerAgent:
@@ -218,9 +177,8 @@ def evaluate_checkpoint(args) -> int:
     del state
 
     start = time.time()
-    returns, lengths, frames, values, rewards = evaluate(
-        agent, env, args.episodes, action_dim, device, record
-    )
+    episodes, frames = evaluate(agent, env, args.episodes, action_dim, device, record)
+    returns, lengths = episodes.returns, episodes.lengths
     env.close()
     r = np.asarray(returns)
     result = {
@@ -237,8 +195,9 @@ def evaluate_checkpoint(args) -> int:
         "seconds": time.time() - start,
         "machine": machine_info(),
     }
-    if values:
-        result["critic"] = critic_calibration(values, rewards, agent.actor_loss.gamma)
+    if episodes.values:
+        gamma = agent.actor_loss.gamma
+        result["critic"] = critic_calibration(episodes.values, episodes.rewards, gamma)
     if isinstance(agent, PlannerAgent):
         result["trained_by"] = trained_by
         result["planner"] = agent.planning_options()

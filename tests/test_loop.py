@@ -126,9 +126,12 @@ def test_loop_writes_evaluations_reports_and_a_final_checkpoint(tmp_path):
     tags = acc.Tags()
     expected = {
         "eval/episode_return",
+        "eval/critic_value",
+        "eval/critic_return_to_go",
         "env/episode_return",
         "train/loss_obs",
         "train/kl",
+        "train/action_saturation",
         "heldout/bits_per_dim",
         "heldout/open_loop_mse_h1",
         "perf/fps",

@@ -1,0 +1,50 @@
+"""Evaluation episodes (aefrl.evaluation): what they record and the critic's calibration."""
+
+import math
+
+import torch
+
+from aefrl import keys
+from aefrl.envs import make_dmc_env
+from aefrl.evaluation import critic_calibration, run_episodes
+from agents.dreamer import DreamerAgent
+from tests.agents.test_dreamer import TINY
+
+
+def test_episodes_record_the_value_of_each_state_acted_in_and_the_reward_after_it():
+    torch.manual_seed(0)
+    agent = DreamerAgent((3, 64, 64), 1, **{k: dict(v) for k, v in TINY.items()})
+    torch.nn.init.normal_(agent.critic.net[-1].weight)  # a critic that is not zero everywhere
+    env = make_dmc_env("cartpole-swingup", render="fast", time_limit=0.25, seed=3)
+    seen = []
+    out = run_episodes(
+        env, agent, 1, "cpu", 2, keep_first=True, on_step=lambda o, c, e: seen.append(e)
+    )
+    env.close()
+    assert len(out.returns) == 2 and out.lengths == [13, 13]
+    assert seen[0] == 0 and seen[-1] == 1 and sorted(seen) == seen
+    for v, r, ret, n in zip(out.values, out.rewards, out.returns, out.lengths):
+        assert v.shape == r.shape == (n,)
+        assert math.isclose(float(r.sum()), ret, rel_tol=1e-6)  # r_{t+1} of every step, no other
+    first = out.first_episode
+    assert first.shape == (14,) and bool(first[keys.IS_FIRST][0]) and bool(first[keys.DONE][-1])
+    # values[0][0] is v(s_0), the state filtered from the first observation alone.
+    pixels, is_first = first[keys.PIXELS][:1], first[keys.IS_FIRST][:1]
+    with torch.no_grad():
+        _, carry = agent.act(pixels, is_first, agent.initial_carry(1), "eval")
+        want = float(agent.critic(carry.state.feat).mean[0])
+    assert math.isclose(float(out.values[0][0]), want, rel_tol=1e-6)
+
+
+def test_critic_calibration_averages_the_first_fraction_of_each_episode():
+    values = [torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64), torch.tensor([5.0, 6.0])]
+    rewards = [torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64), torch.tensor([2.0, 2.0])]
+    cal = critic_calibration(values, rewards, gamma=0.5, fraction=0.5)
+    # returns-to-go: episode 0 [1 + 0 + 0.25 + 0.125, 0 + 0.5 + 0.25, ...], episode 1 [3, 2]
+    g00, g01, g10 = 1.375, 0.75, 3.0
+    assert math.isclose(cal["value_mean"], (1 + 2 + 5) / 3)
+    assert math.isclose(cal["return_to_go_mean"], (g00 + g01 + g10) / 3)
+    assert cal["value_first"] == [1.0, 5.0] and cal["return_to_go_first"] == [g00, g10]
+    assert math.isclose(
+        cal["value_over_return_to_go"], cal["value_mean"] / cal["return_to_go_mean"]
+    )
