@@ -264,7 +264,7 @@ def test_eval_video_pairs_each_frame_with_its_own_reconstruction(tmp_path):
     agent.eval()
     env_conf = {k: v for k, v in conf["env"].items() if k not in ("task", "num_envs")}
     env = make_dmc_env("cartpole-swingup", seed=3, **env_conf)
-    _, _, frames = script.evaluate(agent, env, 1, 1, "cpu", record=True)
+    _, frames = script.evaluate(agent, env, 1, 1, "cpu", record=True)
     env.close()
     assert len(frames) >= 3
     width = OBS[-1]
