@@ -120,20 +120,6 @@ class SlowCopy(nn.Module):
         return self.copy(*args, **kwargs)
 
 
-def returns_to_go(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Discounted return collected from each step to the end of an episode, ``[L]``:
-    ``G_t = Σ_{k ≥ 0} γ^k·rewards[t + k]``, where ``rewards[t]`` is the reward received after
-    acting in state t. For a time-limited episode it is a lower bound of the value a critic
-    estimates (the steps past the limit are missing, γ^(L−t) of the weight).
-    """
-    out = torch.empty_like(rewards)
-    acc = rewards.new_zeros(())
-    for t in range(len(rewards) - 1, -1, -1):
-        acc = rewards[t] + gamma * acc
-        out[t] = acc
-    return out
-
-
 def lambda_returns(
     reward: torch.Tensor, value: torch.Tensor, discount: torch.Tensor, lmbda: float
 ) -> torch.Tensor:

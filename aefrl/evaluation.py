@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 from tensordict import TensorDict
+from torchrl.objectives.value.functional import reward2go
 
-from aefrl.actor_critic import returns_to_go
 from aefrl.collect import Collector
 
 
@@ -80,8 +80,9 @@ def run_episodes(
 
 def critic_calibration(values, rewards, gamma: float, fraction: float = 0.25) -> dict:
     """The critic's value of the states an evaluation visited against the discounted return the
-    policy then collected (:func:`~aefrl.actor_critic.returns_to_go`), averaged over the first
-    ``fraction`` of each episode, where the time limit cuts the least off the return.
+    policy then collected, ``G_t = Σ_k γ^k·r_{t+1+k}`` to the episode's end (torchrl's
+    ``reward2go``), averaged over the first ``fraction`` of each episode, where the time limit
+    cuts the least off the return (the steps past it are missing, γ^(L−t) of the weight).
 
     A critic well below the return-to-go is behind the policy (it does not yet foresee rewards
     the policy collects). The return-to-go is a lower bound for a time-limited episode, so a
@@ -90,7 +91,9 @@ def critic_calibration(values, rewards, gamma: float, fraction: float = 0.25) ->
     """
     v_all, g_all, v_first, g_first = [], [], [], []
     for v, r in zip(values, rewards):
-        g = returns_to_go(r, gamma)
+        end = torch.zeros(len(r), 1, dtype=torch.bool)
+        end[-1] = True
+        g = reward2go(r.unsqueeze(-1), end, gamma).squeeze(-1)
         n = max(1, int(len(v) * fraction))
         v_all.append(v[:n])
         g_all.append(g[:n])

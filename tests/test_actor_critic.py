@@ -3,14 +3,7 @@
 import pytest
 import torch
 
-from aefrl.actor_critic import (
-    Actor,
-    ReturnNormalizer,
-    SlowCopy,
-    lambda_returns,
-    quantiles,
-    returns_to_go,
-)
+from aefrl.actor_critic import Actor, ReturnNormalizer, SlowCopy, lambda_returns, quantiles
 from aefrl.nn import MLP, frozen
 
 
@@ -29,14 +22,6 @@ def test_lambda_returns_against_a_hand_computation():
     mc2 = 3.0 + 0.8 * 30.0
     mc = torch.tensor([[1.0 + 0.9 * (2.0 + 0.5 * mc2), 2.0 + 0.5 * mc2, mc2]])
     assert torch.allclose(lambda_returns(r, v, d, 1.0), mc)
-
-
-def test_returns_to_go_are_the_discounted_sums_of_the_rewards_that_follow():
-    torch.manual_seed(0)
-    r = torch.rand(7, dtype=torch.float64)
-    want = torch.stack([sum(0.9**k * r[t + k] for k in range(7 - t)) for t in range(7)])
-    torch.testing.assert_close(returns_to_go(r, 0.9), want)
-    torch.testing.assert_close(returns_to_go(r, 1.0)[0], r.sum())
 
 
 def test_return_normalizer_tracks_the_5_95_percentile_spread():
