@@ -8,7 +8,12 @@ import platform
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+# One JSON line per start of a training run (new or resumed) in its run directory, so a
+# learning curve can name the machine and command of every stretch it was trained in.
+RUN_RECORDS = "provenance.jsonl"
 
 
 def cpu_model() -> str:
@@ -68,3 +73,32 @@ def write_result(out: Path, result: dict, markdown: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown)
+
+
+def append_run_record(run_dir: Path, frames: int, command: str) -> dict:
+    """Append this process's start to ``run_dir/provenance.jsonl``: UTC time, the frame count it
+    starts from (0 for a new run), the command line and :func:`machine_info`."""
+    record = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "frames": int(frames),
+        "command": command,
+        **machine_info(),
+    }
+    with open(Path(run_dir) / RUN_RECORDS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    return record
+
+
+def read_run_records(run_dir: Path) -> list[dict]:
+    """The records :func:`append_run_record` left in ``run_dir`` (none for runs from before it
+    existed); a line cut short by a kill mid-write is skipped."""
+    path = Path(run_dir) / RUN_RECORDS
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records

@@ -5,7 +5,9 @@
 Reads ``eval/episode_return`` (deterministic policy, separate env) and, where present,
 ``heldout/bits_per_dim`` of every run under the given folders (a run = a folder holding
 ``tb/``), groups runs by their parent folder name (e.g. ``aef``, ``vae``) and reports the mean
-and spread over seeds at each evaluation point.
+and spread over seeds at each evaluation point. A table of the runs gives each one's frames, its
+training speed and the machines and commands its ``provenance.jsonl`` records (written by
+``scripts/train.py`` at every start; runs from before it have none).
 """
 
 from __future__ import annotations
@@ -20,13 +22,19 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from aefrl.provenance import command_line, read_run_records  # noqa: E402
+
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
 TAGS = (
     "eval/episode_return",
     "heldout/bits_per_dim",
     "heldout/open_loop_mse_h45",
     "env/episode_return",
+    "perf/fps",
 )
+FPS_FROM = 10000  # perf/fps averages since the process started: skip the fast random prefill
 
 
 def read_run(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -44,6 +52,32 @@ def collect(roots: list[Path]) -> dict[str, dict[str, dict]]:
             run = tb.parent
             groups[run.parent.name][str(run)] = read_run(tb)
     return groups
+
+
+def run_info(run: Path, scalars: dict[str, list[tuple[int, float]]]) -> dict:
+    """Frames reached, median ``perf/fps`` from ``FPS_FROM`` frames on, and what the run's
+    ``provenance.jsonl`` says: the CPUs (and GPUs) it ran on and the command of every start."""
+    records = read_run_records(run)
+    fps = [v for f, v in scalars.get("perf/fps", []) if f >= FPS_FROM]
+    machines = sorted({r["cpu"] + (f" + {r['gpu']}" if r.get("gpu") else "") for r in records})
+    return {
+        "frames": max((f for series in scalars.values() for f, _ in series), default=0),
+        "fps_median": round(float(np.median(fps)), 1) if fps else None,
+        "machines": machines,
+        "commands": [r["command"] for r in records],
+    }
+
+
+def runs_table(info: dict[str, dict]) -> list[str]:
+    lines = [
+        f"| run | last logged frame | median frames/s (from {FPS_FROM}) | machine | starts |",
+        "|---|---:|---:|---|---:|",
+    ]
+    for run, i in info.items():
+        machine = ", ".join(i["machines"]) or "not recorded"
+        fps = "" if i["fps_median"] is None else f"{i['fps_median']:.1f}"
+        lines.append(f"| {run} | {i['frames']} | {fps} | {machine} | {len(i['commands'])} |")
+    return lines
 
 
 def summarise(runs: dict[str, dict], tag: str) -> list[dict]:
@@ -156,8 +190,17 @@ def main(argv=None) -> int:
         return 2
     name = args.name or args.roots[0].name
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {g: {tag: summarise(runs, tag) for tag in TAGS} for g, runs in groups.items()}
+    curves = [tag for tag in TAGS if tag != "perf/fps"]  # speed goes to the runs table
+    result = {g: {tag: summarise(runs, tag) for tag in curves} for g, runs in groups.items()}
     result["_runs"] = {g: sorted(runs) for g, runs in groups.items()}
+    info = {
+        r: run_info(Path(r), runs[r])
+        for g in sorted(groups)
+        for runs in [groups[g]]
+        for r in sorted(runs)
+    }
+    result["_run_info"] = info
+    result["_command"] = command_line("scripts/learning_report.py", argv)
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=2))
     returns = {g: result[g]["eval/episode_return"] for g in groups}
     plot(returns, args.out / f"{name}_return.png", name, "eval return (deterministic policy)")
@@ -174,6 +217,7 @@ def main(argv=None) -> int:
     for title, tag, fmt in sections:
         series = train if tag is None else {g: result[g][tag] for g in groups}
         lines += [f"### {title}", "", *table(series, fmt, counts), ""]
+    lines += ["### Runs", "", *runs_table(info), ""]
     (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

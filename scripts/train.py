@@ -33,6 +33,7 @@ from aefrl.cli import UserError, make_env, resolve_device
 from aefrl.logging import RunLogger
 from aefrl.loop import LoopConfig, Trainer
 from aefrl.overrides import OverrideError, check_overrides
+from aefrl.provenance import RUN_RECORDS, append_run_record, command_line
 from aefrl.replay import STORAGES, SequenceReplay
 from agents.factory import build_agent
 
@@ -78,7 +79,7 @@ def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
                 f"run_dir {run_dir} already holds a run ({CHECKPOINT_NAME}); continue it with "
                 f"resume={run_dir}, or choose another run_dir"
             )
-        leftovers = [name for name in (RUN_CONFIG, "tb") if (run_dir / name).exists()]
+        leftovers = [name for name in (RUN_CONFIG, "tb", RUN_RECORDS) if (run_dir / name).exists()]
         if leftovers:  # a run that stopped before its first checkpoint: its logs would mix in
             raise UserError(
                 f"run_dir {run_dir} holds an earlier run's {' and '.join(leftovers)} but no "
@@ -124,7 +125,7 @@ def discard_unstarted_run(run_dir: Path) -> None:
     directory."""
     if (run_dir / CHECKPOINT_NAME).exists():
         return
-    removed = [name for name in (RUN_CONFIG, "tb", "replay") if (run_dir / name).exists()]
+    removed = [n for n in (RUN_CONFIG, "tb", "replay", RUN_RECORDS) if (run_dir / n).exists()]
     for name in removed:
         path = run_dir / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -225,8 +226,10 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
         tmp = run_dir / f".{RUN_CONFIG}.tmp"
         tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(conf)))
         tmp.replace(run_dir / RUN_CONFIG)
+    start = 0 if resume_state is None else int(resume_state["counters"]["frames"])
+    append_run_record(run_dir, start, command_line("scripts/train.py"))
     # A resumed run drops what a killed run logged after its checkpoint (it logs it again).
-    purge = None if resume_state is None else int(resume_state["counters"]["frames"]) + 1
+    purge = None if resume_state is None else start + 1
     logger = RunLogger("tb", log_dir=str(run_dir), purge_step=purge)
     trainer = Trainer(
         agent,

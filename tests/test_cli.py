@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from aefrl.checkpoint import load_checkpoint
+from aefrl.provenance import cpu_model, read_run_records
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
@@ -39,6 +40,11 @@ def test_smoke_run_writes_events_and_checkpoint(tmp_path, obs_model):
     assert state["counters"]["frames"] >= 400 and state["counters"]["updates"] > 0
     assert state["run_config"]["obs_model"]["kind"] == obs_model
     assert (run_dir / "run_config.yaml").exists()
+    (record,) = read_run_records(run_dir)  # where and how the run was trained
+    assert record["frames"] == 0 and record["cpu"] == cpu_model()
+    assert record["command"].endswith(
+        f"scripts/train.py exp=smoke obs_model={obs_model} run_dir={run_dir}"
+    )
     # Evaluation is separate from training: the checkpoint alone gives returns and a video.
     out = subprocess.run(
         [sys.executable, "scripts/eval.py", str(run_dir), "--episodes", "2", "--render", "fast"],
@@ -103,6 +109,9 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
     assert state["run_config"]["loop"]["total_frames"] == frames + 100
     assert state["run_config"]["loop"]["checkpoint_every"] == 7
     assert state["run_config"]["seed"] != 5
+    first, resumed = read_run_records(run_dir)  # one record per start, resumes included
+    assert first["frames"] == 0 and resumed["frames"] == frames
+    assert f"resume={run_dir}" in resumed["command"]
 
 
 @pytest.mark.slow
@@ -252,6 +261,7 @@ def test_a_run_stopped_before_its_first_checkpoint_leaves_nothing_behind(
         (run_dir / "tb").mkdir(parents=True)
         (run_dir / "replay").mkdir()
         (run_dir / "run_config.yaml").write_text("seed: 0\n")
+        (run_dir / "provenance.jsonl").write_text("{}\n")
         if checkpointed:
             (run_dir / "checkpoint.pt").write_bytes(b"")
         monkeypatch.setattr(
@@ -262,10 +272,12 @@ def test_a_run_stopped_before_its_first_checkpoint_leaves_nothing_behind(
             script.train(cfg)
         left = sorted(p.name for p in run_dir.iterdir())
         if checkpointed:
-            assert left == ["checkpoint.pt", "replay", "run_config.yaml", "tb"]
+            assert left == ["checkpoint.pt", "provenance.jsonl", "replay", "run_config.yaml", "tb"]
         else:
             assert left == []
-            assert "removed run_config.yaml, tb, replay" in capsys.readouterr().err
+            assert (
+                "removed run_config.yaml, tb, replay, provenance.jsonl" in capsys.readouterr().err
+            )
 
     def interrupted_setup(cfg):  # after the run's files, before the loop
         (Path(cfg.run_dir) / "tb").mkdir(parents=True)

@@ -1,6 +1,7 @@
 """scripts/learning_report.py on synthetic TensorBoard runs: tables, windows, plots."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
@@ -24,6 +25,8 @@ def _run(path: Path, evals: dict[int, float], train: dict[int, float]) -> None:
     for step, value in train.items():
         w.add_scalar("env/episode_return", value, step)
     w.add_scalar("heldout/bits_per_dim", 6.5, 20000)
+    for step, fps in ((5000, 90.0), (10000, 12.0), (20000, 10.0), (30000, 11.0)):
+        w.add_scalar("perf/fps", fps, step)  # the prefill's 90 is left out of the median
     w.close()
 
 
@@ -33,6 +36,10 @@ def test_report_tables_seeds_and_windows(tmp_path):
     _run(root / "aef/s0", evals, {1000: 10.0, 9000: 30.0, 15000: 50.0})
     _run(root / "aef/s1", {10000: 200.0, 20000: 500.0}, {5000: 20.0})
     _run(root / "vae/s0", {10000: 50.0}, {12000: 7.0})
+    from aefrl.provenance import append_run_record, cpu_model
+
+    append_run_record(root / "aef/s0", 0, "python scripts/train.py seed=0")
+    append_run_record(root / "aef/s0", 20000, "python scripts/train.py resume=aef/s0")
     out = tmp_path / "out"
     assert _load().main([str(root), "--out", str(out)]) == 0
     md = (out / "task.md").read_text()
@@ -43,6 +50,12 @@ def test_report_tables_seeds_and_windows(tmp_path):
     assert "| 10000 | 20 [20, 20] |  |" in md
     assert "| 20000 | 50 (1 of 2) | 7 |" in md
     assert "| 20000 | 6.500 [6.500, 6.500] | 6.500 |" in md
+    # the runs: frames reached, median frames/s after the prefill, machine and starts recorded
+    assert f"| {root / 'aef/s0'} | 30000 | 11.0 | {cpu_model()} | 2 |" in md
+    assert f"| {root / 'vae/s0'} | 30000 | 11.0 | not recorded | 0 |" in md
+    result = json.loads((out / "task.json").read_text())
+    assert result["_run_info"][str(root / "aef/s0")]["commands"][1].endswith("resume=aef/s0")
+    assert "scripts/learning_report.py" in result["_command"]
     for png in ("task_return.png", "task_train_return.png"):
         assert (out / png).stat().st_size > 0
 
