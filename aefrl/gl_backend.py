@@ -2,8 +2,9 @@
 
 ``mujoco`` reads ``MUJOCO_GL`` when it is imported, and importing almost any torchrl sub-package
 imports it: a user-set value naming a backend that is unknown or not installed (``osmesa``
-without libOSMesa) crashes that import with a traceback, before any of our code runs. The
-scripts call :func:`user_backend_problem` first, so that this is one sentence and exit code 2.
+without libOSMesa) crashes that import with a traceback, before any of our code runs, and one
+that imports but cannot render (``glfw`` without a display) fails at the first frame. The scripts
+call :func:`user_backend_problem` first, so that either is one sentence and exit code 2.
 """
 
 from __future__ import annotations
@@ -16,13 +17,31 @@ import sys
 CANDIDATES = ("egl", "osmesa")
 # MUJOCO_GL values mujoco accepts on Linux that mean "use GLFW".
 GLFW_NAMES = ("glfw", "glx", "enable", "enabled", "on", "true", "1")
-_PROBE = "import mujoco.{0} as b; c = b.GLContext(16, 16); c.make_current(); c.free()"
+# Creating and binding a context is not enough: GLFW without a display "creates" one (a null window,
+# only warnings) and mujoco then dies at its first GL call. So the probe also makes the same
+# MjrContext as a renderer (framebuffers, textures) and reads a pixel back; about as fast as
+# importing mujoco.
+_PROBE = """\
+import mujoco, mujoco.{0} as b, numpy as np
+c = b.GLContext(16, 16)
+c.make_current()
+m = mujoco.MjModel.from_xml_string(
+    "<mujoco><visual><global offwidth='16' offheight='16'/><quality shadowsize='0'/></visual>"
+    "</mujoco>"
+)
+r = mujoco.MjrContext(m, mujoco.mjtFontScale.mjFONTSCALE_50)
+mujoco.mjr_setBuffer(mujoco.mjtFramebuffer.mjFB_OFFSCREEN, r)
+mujoco.mjr_readPixels(np.zeros((1, 1, 3), np.uint8), None, mujoco.MjrRect(0, 0, 1, 1), r)
+r.free()
+c.free()
+"""
 # Set to a backend once it was probed and works; inherited, so child processes skip the probe.
 WORKS = "AEFRL_MUJOCO_GL_WORKS"
 
 
 def probe(backend: str) -> bool:
-    """Whether a fresh python process can create and bind a ``backend`` GL context."""
+    """Whether a fresh python process can render with ``backend``: create and bind a GL context,
+    make mujoco's rendering context in it and read a pixel back."""
     module = "glfw" if backend in GLFW_NAMES else backend
     env = dict(os.environ, MUJOCO_GL=backend)
     env.pop("PYOPENGL_PLATFORM", None)  # mujoco.<backend> sets the matching PyOpenGL platform
@@ -48,12 +67,19 @@ def user_backend_problem() -> str | None:
             f"MUJOCO_GL={chosen} is not a MuJoCo rendering backend: use egl or osmesa, or unset "
             "it and aefrl picks one that works"
         )
-    if not probe(chosen):
+    if probe(chosen):
+        return None
+    display = os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    if chosen in GLFW_NAMES and not display:
         return (
-            f"MUJOCO_GL={chosen} cannot create an OpenGL context on this machine: install it, or "
-            "unset MUJOCO_GL and aefrl picks one that works (egl, then osmesa)"
+            f"MUJOCO_GL={chosen} cannot render here: GLFW needs a display and neither DISPLAY nor "
+            "WAYLAND_DISPLAY is set; unset MUJOCO_GL and aefrl picks a headless backend that "
+            "works (egl, then osmesa), or run with a display"
         )
-    return None
+    return (
+        f"MUJOCO_GL={chosen} cannot create an OpenGL context that renders on this machine: "
+        "install it, or unset MUJOCO_GL and aefrl picks one that works (egl, then osmesa)"
+    )
 
 
 def exit_if_user_backend_broken() -> None:

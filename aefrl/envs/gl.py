@@ -155,15 +155,25 @@ class OffscreenRenderer:
                 self._gl.make_current()
                 self._egl_context = _current_egl_context() if self._egl else None
             except (ImportError, RuntimeError, OSError) as error:
+                self._gl = self._egl_context = None  # not usable: the next render() tries again
                 raise RuntimeError(
                     f"Could not create a MuJoCo GL context with MUJOCO_GL={backend} ({error}); "
                     "set MUJOCO_GL to a backend that works here (egl or osmesa)."
                 ) from error
-            self._scene = mujoco.MjvScene(self._model, maxgeom=10000)
-            if self._fast:
-                self._scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = False
-            self._context = mujoco.MjrContext(self._model, mujoco.mjtFontScale.mjFONTSCALE_150)
-            mujoco.mjr_setBuffer(mujoco.mjtFramebuffer.mjFB_OFFSCREEN, self._context)
+            try:
+                self._scene = mujoco.MjvScene(self._model, maxgeom=10000)
+                if self._fast:
+                    self._scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = False
+                self._context = mujoco.MjrContext(self._model, mujoco.mjtFontScale.mjFONTSCALE_150)
+                mujoco.mjr_setBuffer(mujoco.mjtFramebuffer.mjFB_OFFSCREEN, self._context)
+            except BaseException:
+                # e.g. mujoco.FatalError "an OpenGL platform library has not been loaded": GLFW
+                # without a display returns a context that cannot render. Free what was made, so
+                # that the next render() opens afresh and close() has nothing left to do; a
+                # failure to free must not hide this error.
+                with contextlib.suppress(Exception):
+                    self.close()  # which forgets the context even if freeing it fails
+                raise
         _LIVE.add(self)
         if not _atexit_registered:
             atexit.register(_close_live_renderers)
@@ -203,12 +213,19 @@ class OffscreenRenderer:
                 mujoco.mjr_uploadHField(self._model, self._context, hfield_id)
 
     def close(self) -> None:
-        """Free the GL resources; a later :meth:`render` opens a new context."""
-        if self._gl is None:
-            return
-        with _keep_current_egl_context(self._egl, dying=self._egl_context):
-            self._gl.make_current()
-            self._context.free()
-            self._gl.free()
-        self._gl = self._scene = self._context = self._egl_context = None
-        _LIVE.discard(self)
+        """Free the GL resources; a later :meth:`render` opens a new context.
+
+        Safe to call repeatedly, before any render, and after :meth:`_open` failed half-way (GL
+        context made, mujoco's rendering context not): it frees what exists, and nothing else.
+        """
+        gl, context = getattr(self, "_gl", None), getattr(self, "_context", None)
+        try:
+            if gl is not None:
+                with _keep_current_egl_context(self._egl, dying=self._egl_context):
+                    gl.make_current()
+                    if context is not None:
+                        context.free()
+                    gl.free()
+        finally:
+            self._gl = self._scene = self._context = self._egl_context = None
+            _LIVE.discard(self)
