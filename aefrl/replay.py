@@ -35,7 +35,10 @@ from torchrl.data import LazyMemmapStorage, LazyTensorStorage
 STORAGES = ("memory", "device", "disk")
 # Step stamp written next to every row; internal to the replay, never returned by ``sample``.
 STEP_STAMP = "_replay_step"
-_STATE_VERSION = 1
+# 2: the memory and device storages save only the rows written so far (1: the whole preallocated
+# block, every row of the capacity; still loaded).
+_STATE_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -84,6 +87,12 @@ class SequenceReplay:
         ]:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        if seq_len < 2:
+            # A one-step window holds no transition: the recurrent weights get no gradient.
+            raise ValueError(
+                f"seq_len must be at least 2 (a window of one step has no transition for the "
+                f"recurrent world model to learn from), got {seq_len}."
+            )
         if capacity // num_envs < seq_len:
             raise ValueError(
                 f"capacity={capacity} gives each of the {num_envs} env streams "
@@ -314,7 +323,8 @@ class SequenceReplay:
     # --- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly: step counter, generator state and, for the
-        memory storage, the stored rows (tensors by reference, as in ``nn.Module.state_dict``).
+        memory and device storages, the rows written so far (see :meth:`_written_rows`), not the
+        whole preallocated capacity.
 
         For the disk storage the rows stay in the files under ``path``; this call writes torchrl's
         small ``storage_metadata.json`` there so a fresh replay on the same ``path`` can reattach.
@@ -332,7 +342,7 @@ class SequenceReplay:
         }
         if self._storage.initialized:
             if self.path is None:
-                state["data"] = self._storage.state_dict()
+                state["data"] = {"rows": self._written_rows()}
             else:
                 with warnings.catch_warnings():
                     # torchrl warns when a reattached storage has no write cursor; that cursor
@@ -349,8 +359,53 @@ class SequenceReplay:
                 }
         return state
 
+    def _written_rows(self) -> dict[Any, torch.Tensor]:
+        """The rows written so far, ``[rows, num_envs, ...]`` per key (the step stamps included).
+
+        Step ``s`` lives at ring position ``s % rows_per_env``, so the written rows are always the
+        first ``min(steps, rows_per_env)`` positions: a prefix before the ring wraps, all of it
+        after. That is every row that can still be sampled (``[oldest, steps)``, ``_floor``
+        included); rows past the prefix were never written. A full ring is returned by reference
+        (as in ``nn.Module.state_dict``); a partial one is copied out to host RAM, because
+        ``torch.save`` of a view writes the whole storage under it.
+        """
+        written = min(self._steps, self.rows_per_env)
+        rows = {}
+        for key, flat in self._flat.items():
+            part = flat[: written * self.num_envs]
+            if written < self.rows_per_env:
+                part = part.to("cpu", copy=True)
+            rows[key] = part.view(written, self.num_envs, *flat.shape[1:])
+        return rows
+
+    def _restore_rows(self, rows: dict[Any, torch.Tensor], steps: int, schema: dict | None) -> None:
+        """Rebuild the full-capacity storage from the :meth:`_written_rows` of a state taken
+        after ``steps`` extend calls of rows with ``schema``."""
+        written = min(steps, self.rows_per_env)
+        want = {*(schema or {}), STEP_STAMP}
+        shapes = {key: tuple(value.shape[:2]) for key, value in rows.items()}
+        if set(rows) != want or set(shapes.values()) != {(written, self.num_envs)}:
+            got = {str(key): list(shape) for key, shape in shapes.items()}
+            raise ValueError(
+                f"the stored rows do not match this replay state: expected {written} rows of "
+                f"{self.num_envs} streams with keys {sorted(map(str, want))}, got {got}."
+            )
+        # Writing one row allocates the whole [rows_per_env, num_envs] block where the rows live
+        # (empty, as a fresh replay's); then each key is copied into it without a staging copy.
+        first = TensorDict(batch_size=[self.num_envs])
+        for key, value in rows.items():
+            first.set(key, value[0])
+        self._storage.set(0, first.to(self.storage_device))
+        self._bind_views()
+        for key, value in rows.items():
+            self._flat[key][: written * self.num_envs].copy_(value.flatten(0, 1))
+        # torchrl's count of stored elements, as the extend calls that wrote the rows left it.
+        self._storage._len = written * self.num_envs
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; a disk replay reattaches to the files under its ``path``.
+
+        Also reads states of version 1, whose memory and device storages hold the whole block.
 
         Rows that an interrupted run wrote to the disk files after the state was taken hold
         steps the checkpoint never saw; they are detected by their step stamps and excluded (with a
@@ -359,10 +414,10 @@ class SequenceReplay:
         missing = {"version", "storage", "capacity", "num_envs", "steps", "generator"} - set(state)
         if missing:
             raise ValueError(f"not a SequenceReplay state dict: missing {sorted(missing)}.")
-        if state["version"] != _STATE_VERSION:
+        if state["version"] not in _READABLE_VERSIONS:
             raise ValueError(
-                f"replay state version {state['version']} is not supported (expected "
-                f"{_STATE_VERSION})."
+                f"replay state version {state['version']} is not supported (expected one of "
+                f"{_READABLE_VERSIONS})."
             )
         for name in ("storage", "capacity", "num_envs"):
             mine = self.storage_kind if name == "storage" else getattr(self, name)
@@ -372,11 +427,14 @@ class SequenceReplay:
                     f"{name}={mine!r}; build the replay with the checkpoint's settings."
                 )
         steps = int(state["steps"])
-        if steps > 0 and self.path is None:
-            self._storage.load_state_dict(state["data"])
+        schema = None if state.get("schema") is None else dict(state["schema"])
+        if steps > 0 and self.path is None and state["version"] == 1:
+            self._storage.load_state_dict(state["data"])  # the whole block
             block = self._storage._storage
             if block.device != self.storage_device:  # e.g. a checkpoint loaded to the CPU
                 self._storage._storage = block.to(self.storage_device)
+        elif steps > 0 and self.path is None:
+            self._restore_rows(state["data"]["rows"], steps, schema)
         elif steps > 0:
             if not any(self.path.glob("*.memmap")):
                 raise ValueError(
@@ -387,8 +445,8 @@ class SequenceReplay:
                 _write_atomically(self.path / name, text)
             self._storage.loads(self.path)
         self._steps = steps
+        self._schema = schema
         self._floor = int(state.get("floor", 0))
-        self._schema = None if state.get("schema") is None else dict(state["schema"])
         self._generator.set_state(state["generator"])
         self._flat = {}
         if self._storage.initialized:

@@ -10,6 +10,7 @@ import torch
 from tensordict import TensorDict
 
 from aefrl import keys
+from aefrl.checkpoint import load_checkpoint, save_checkpoint
 from aefrl.replay import STEP_STAMP, SequenceReplay
 
 PIXEL_SHAPE = (3, 8, 8)
@@ -243,6 +244,122 @@ def test_memory_state_dict_round_trip():
     assert_valid_windows(resumed.sample(), lowest=30, highest=39)
 
 
+def _through_a_checkpoint(state: dict, tmp_path) -> dict:
+    """``state`` saved and read back as scripts/train.py does (atomic file, weights_only load)."""
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"format": 1, "replay": state})
+    return load_checkpoint(path)["replay"]
+
+
+def _row_bytes(replay: SequenceReplay) -> int:
+    """Bytes of one stored row of one stream, the step stamp included."""
+    return sum(v[0].numel() * v.element_size() for v in replay._flat.values())
+
+
+def _saved_bytes(state) -> int:
+    """Bytes that torch.save writes for the tensors in ``state``: each tensor's whole storage
+    (a view of a larger block writes all of the block), each storage once."""
+    storages = {}
+
+    def visit(obj):
+        if isinstance(obj, torch.Tensor):
+            storages[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+        elif isinstance(obj, dict):
+            for value in obj.values():
+                visit(value)
+        elif isinstance(obj, (list, tuple)):
+            for value in obj:
+                visit(value)
+
+    visit(state)
+    return sum(storages.values())
+
+
+def test_memory_state_dict_holds_only_the_written_rows(tmp_path):
+    replay = SequenceReplay(20_000, 2, seq_len=4, batch_size=3, seed=0)
+    fill(replay, 50)
+    written = 50 * 2 * _row_bytes(replay)  # 21 KB; the whole block is 4.3 MB
+    state = replay.state_dict()
+    assert written <= _saved_bytes(state) - _saved_bytes(state["generator"]) < 2 * written
+    _through_a_checkpoint(state, tmp_path)
+    assert (tmp_path / "checkpoint.pt").stat().st_size < written + 64_000
+    assert state["version"] == 2 and len(state["data"]["rows"][STEP_STAMP]) == 50
+    # Once the ring is full (here wrapped), every row is saved, none twice.
+    full = SequenceReplay(20, 2, seq_len=4, batch_size=3, seed=0)
+    fill(full, 27)
+    state = full.state_dict()
+    assert _saved_bytes(state) - _saved_bytes(state["generator"]) == 20 * _row_bytes(full)
+
+
+def _assert_continues_alike(replay: SequenceReplay, resumed: SequenceReplay, steps: int) -> None:
+    """Both replays go on with the same extends and give the same samples, through a wrap."""
+    assert (len(resumed), resumed.steps) == (len(replay), replay.steps)
+    assert resumed._flat[keys.PIXELS].shape[0] == resumed.capacity  # a full-size block again
+    for step in range(steps, steps + 2 * replay.rows_per_env + 3):
+        assert_same(replay.sample(), resumed.sample())
+        replay.extend(make_rows(replay.num_envs, step))
+        resumed.extend(make_rows(replay.num_envs, step))
+    assert_same(replay.sample(), resumed.sample())
+
+
+@pytest.mark.parametrize("storage", ["memory", "device"])
+@pytest.mark.parametrize("num_envs", [1, 2])
+@pytest.mark.parametrize("steps", [6, 10, 27])  # part of the ring, all of it, wrapped around
+def test_checkpoint_round_trip_continues_exactly(storage, num_envs, steps, tmp_path):
+    settings = {"storage": storage, "device": "cpu"}
+    replay = SequenceReplay(10 * num_envs, num_envs, seq_len=4, batch_size=8, seed=0, **settings)
+    fill(replay, steps)
+    replay.sample()
+    state = _through_a_checkpoint(replay.state_dict(), tmp_path)
+    assert len(state["data"]["rows"][keys.PIXELS]) == min(steps, 10)
+    resumed = SequenceReplay(10 * num_envs, num_envs, seq_len=4, batch_size=8, seed=5, **settings)
+    resumed.load_state_dict(state)
+    _assert_continues_alike(replay, resumed, steps)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("steps", [6, 27])
+def test_checkpoint_round_trip_of_a_cuda_device_storage(steps, tmp_path):
+    replay = SequenceReplay(20, 2, seq_len=4, batch_size=8, storage="device", device="cuda", seed=0)
+    fill(replay, steps)
+    state = replay.state_dict()
+    if steps < 10:  # copied out of the GPU, not kept on it
+        assert state["data"]["rows"][keys.PIXELS].device.type == "cpu"
+    state = _through_a_checkpoint(state, tmp_path)
+    resumed = SequenceReplay(20, 2, seq_len=4, batch_size=8, storage="device", device="cuda")
+    resumed.load_state_dict(state)
+    assert resumed._flat[keys.PIXELS].device.type == "cuda"
+    _assert_continues_alike(replay, resumed, steps)
+
+
+@pytest.mark.parametrize("storage", ["memory", "device"])
+@pytest.mark.parametrize("steps", [6, 27])
+def test_version_1_state_with_the_whole_block_still_loads(storage, steps, tmp_path):
+    settings = {"storage": storage, "device": "cpu"}
+    replay = SequenceReplay(20, 2, seq_len=4, batch_size=8, seed=0, **settings)
+    fill(replay, steps)
+    # What state_dict wrote before version 2: torchrl's state of the whole storage.
+    old = replay.state_dict() | {"version": 1, "data": replay._storage.state_dict()}
+    assert old["data"]["_storage"][keys.PIXELS].shape[:2] == (10, 2)
+    resumed = SequenceReplay(20, 2, seq_len=4, batch_size=8, seed=5, **settings)
+    resumed.load_state_dict(_through_a_checkpoint(old, tmp_path))
+    _assert_continues_alike(replay, resumed, steps)
+
+
+def test_load_state_dict_refuses_unknown_versions_and_mismatched_rows():
+    replay = SequenceReplay(20, 2, seq_len=4, batch_size=3, seed=0)
+    fill(replay, 6)
+    state = replay.state_dict()
+    with pytest.raises(ValueError, match=r"version 3 is not supported \(expected one of \(1, 2\)"):
+        SequenceReplay(20, 2, seq_len=4, batch_size=3).load_state_dict(state | {"version": 3})
+    rows = {key: value[:5] for key, value in state["data"]["rows"].items()}
+    with pytest.raises(ValueError, match="stored rows do not match this replay state"):
+        SequenceReplay(20, 2, seq_len=4, batch_size=3).load_state_dict(
+            state | {"data": {"rows": rows}}
+        )
+
+
 def test_disk_reattaches_from_a_fresh_object(tmp_path):
     path = tmp_path / "replay"
     replay = SequenceReplay(30, 3, seq_len=4, batch_size=6, storage="disk", path=path, seed=0)
@@ -321,6 +438,7 @@ def test_disk_refuses_files_of_another_run(tmp_path):
         ({"capacity": 0}, "capacity must be a positive int"),
         ({"num_envs": 0}, "num_envs must be a positive int"),
         ({"seq_len": 2.5}, "seq_len must be a positive int"),
+        ({"seq_len": 1}, r"seq_len must be at least 2 \(a window of one step has no transition"),
         ({"batch_size": -1}, "batch_size must be a positive int"),
         ({"capacity": 10, "num_envs": 3}, "at least num_envs \\* seq_len = 12"),
         ({"storage": "gpu"}, "storage must be one of"),
@@ -337,6 +455,12 @@ def test_bad_arguments(kwargs, message):
             args.pop("capacity"), args.pop("num_envs"), args.pop("seq_len"), args.pop("batch_size"),
             **args,
         )  # fmt: skip
+
+
+def test_the_shortest_window_is_two_steps():
+    replay = SequenceReplay(40, 2, seq_len=2, batch_size=3, seed=0)
+    fill(replay, 2)
+    assert_valid_windows(replay.sample(), lowest=0, highest=1)
 
 
 def test_capacity_rounds_down_to_whole_rows_per_stream():
