@@ -61,7 +61,7 @@ class Actor(nn.Module):
         if not 0 < min_std < max_std:
             raise ValueError(f"need 0 < min_std < max_std, got {min_std} and {max_std}")
         if dist not in ACTOR_DISTS:
-            raise ValueError(f"dist must be one of {ACTOR_DISTS}, got {dist!r}")
+            raise ValueError(f"dist must be one of {', '.join(ACTOR_DISTS)}, got {dist!r}")
         self.net = MLP(feat_dim, 2 * action_dim, hidden, layers)
         self.min_std, self.max_std = float(min_std), float(max_std)
         self.dist = dist

@@ -34,13 +34,24 @@ def resolve_device(name: str, option: str = "device=") -> torch.device:
     return device
 
 
+# make_dmc_env's arguments that come from the configuration's env section (seed is the run's
+# own key; the scripts' --seed and --render are checked by argparse).
+ENV_KEYS = ("task", "image_size", "action_repeat", "render", "num_envs", "time_limit")
+
+
 def make_env(task: str, **kwargs):
     """:func:`~aefrl.envs.make_dmc_env`, with a missing rendering backend as a :class:`UserError`
-    (the env's argument errors are ``ValueError``s with one-sentence messages already)."""
+    (the env's argument errors are ``ValueError``s with one-sentence messages already; one that
+    names an argument names its configuration key here: ``env.render must be one of ...``)."""
     try:
         return make_dmc_env(task, **kwargs)
-    except (RuntimeError, ValueError) as exc:
+    except RuntimeError as exc:
         raise UserError(str(exc)) from None
+    except ValueError as exc:
+        message = str(exc)
+        if message.split(" ", 1)[0] in ENV_KEYS:
+            message = f"env.{message}"
+        raise UserError(message) from None
 
 
 def seed_arg(text: str) -> int:

@@ -8,6 +8,7 @@ are attached where modules are composed.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -15,10 +16,12 @@ from torch import nn
 
 def check_size(name: str, value, minimum: int = 1) -> int:
     """``value`` as an int, or ValueError naming ``name`` when it is not an integer >= ``minimum``
-    (configuration values reach the networks from the command line)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    (configuration values reach the networks from the command line). Floats (``4.5``, also
+    ``4.0``) and bools are refused rather than truncated: the model would not be the one the
+    run's configuration records."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+    return int(value)
 
 
 class MLP(nn.Sequential):
@@ -112,7 +115,7 @@ class ConvEncoder(nn.Module):
     ) -> None:
         super().__init__()
         if style not in CONV_STYLES:
-            raise ValueError(f"conv style must be one of {CONV_STYLES}, got {style!r}")
+            raise ValueError(f"conv_style must be one of {', '.join(CONV_STYLES)}, got {style!r}")
         depth = check_size("conv depth", depth)
         channels, height, width = obs_shape
         if style == "v3":
@@ -121,7 +124,7 @@ class ConvEncoder(nn.Module):
             stages, padding = 4, 0
             if min(height, width) < 46:
                 size = f"{height}x{width}"
-                raise ValueError(f"conv style 'v1' needs images of at least 46x46, got {size}")
+                raise ValueError(f"conv_style 'v1' needs images of at least 46x46, got {size}")
         mods: list[nn.Module] = []
         c_in, h, w = channels, height, width
         for i in range(stages):
@@ -160,7 +163,7 @@ class ConvDecoder(nn.Module):
     ) -> None:
         super().__init__()
         if style not in CONV_STYLES:
-            raise ValueError(f"conv style must be one of {CONV_STYLES}, got {style!r}")
+            raise ValueError(f"conv_style must be one of {', '.join(CONV_STYLES)}, got {style!r}")
         depth = check_size("conv depth", depth)
         _, height, width = obs_shape
         if style == "v3":
@@ -171,7 +174,7 @@ class ConvDecoder(nn.Module):
             widths = [depth * 2 ** (i - 1) for i in reversed(range(1, stages))]
         else:
             if (height, width) != (64, 64):
-                raise ValueError(f"conv style 'v1' decodes 64x64 images only, got {height}x{width}")
+                raise ValueError(f"conv_style 'v1' decodes 64x64 images only, got {height}x{width}")
             self.start_shape = (32 * depth, 1, 1)
             kernels, padding = [5, 5, 6, 6], 0
             widths = [4 * depth, 2 * depth, depth]

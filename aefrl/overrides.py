@@ -62,6 +62,26 @@ def _leaf_keys(node, prefix: str = "") -> list[str]:
 _KIND_WORDS = {"bool": "true or false", "number": "a number"}
 
 
+def _choices_with_key(config_dir, config_name, parsed, groups, key) -> list[str]:
+    """The choices of the group that ``key`` starts with (``obs_model``) whose composed
+    configuration has ``key``: ``obs_model.options.proposal_scale`` is aef's only."""
+    group = key.split(".", 1)[0]
+    if group not in groups:
+        return []
+    others = [o.input_line for o in parsed if o.key_or_group in groups and o.key_or_group != group]
+    owners = []
+    with initialize_config_dir(str(config_dir), version_base="1.3"):
+        for choice in groups[group]:
+            try:
+                cfg = compose(config_name, overrides=[*others, f"{group}={choice}"])
+            except HydraException:
+                continue
+            found = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_resolution_failure=False)
+            if found is not _ABSENT:
+                owners.append(choice)
+    return owners
+
+
 def check_overrides(config_dir: Path, config_name: str, args: list[str]) -> None:
     """Raise :class:`OverrideError` if an override in ``args`` (``key=value`` items) names an
     unknown group choice or key, or gives a boolean or numeric key a value of another kind.
@@ -92,7 +112,7 @@ def check_overrides(config_dir: Path, config_name: str, args: list[str]) -> None
     group_lines = [o.input_line for o in parsed if o.key_or_group in groups]
     try:
         with initialize_config_dir(str(config_dir), version_base="1.3"):
-            defaults = compose(config_name, overrides=group_lines)
+            defaults = compose(config_name, overrides=group_lines, return_hydra_config=True)
     except HydraException as exc:
         raise OverrideError(" ".join(str(exc).split())) from None
     for o in parsed:
@@ -103,7 +123,17 @@ def check_overrides(config_dir: Path, config_name: str, args: list[str]) -> None
             defaults, key, default=_ABSENT, throw_on_resolution_failure=False
         )
         if default is _ABSENT:
-            close = difflib.get_close_matches(key, _leaf_keys(defaults), n=1)
+            owners = _choices_with_key(config_dir, config_name, parsed, groups, key)
+            if owners:
+                group = key.split(".", 1)[0]
+                chosen = OmegaConf.select(defaults, f"hydra.runtime.choices.{group}")
+                takes = "takes" if len(owners) == 1 else "take"
+                raise OverrideError(
+                    f"{key} is not a setting of {group}={chosen}: only "
+                    f"{' and '.join(f'{group}={o}' for o in owners)} {takes} it"
+                )
+            settings = [k for k in _leaf_keys(defaults) if not k.startswith("hydra.")]
+            close = difflib.get_close_matches(key, settings, n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             # "+key" adds a key; no component reads a key that configs/ lacks
             raise OverrideError(f"{key} is not a setting: no such key in configs/{hint}")

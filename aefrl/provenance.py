@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -47,17 +49,31 @@ def machine_info() -> dict:
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": sys.version.split()[0],
-        "torch": torch.__version__,
+        "torch": package_version("torch"),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "git": git_commit(),
     }
     for name in ("torchrl", "tensordict", "mujoco", "dm_control"):
-        try:
-            module = __import__(name)
-            info[name] = getattr(module, "__version__", "unknown")
-        except ImportError:
-            info[name] = None
+        info[name] = package_version(name)
     return info
+
+
+# Result keys (module names) whose installed distribution is named differently.
+DISTRIBUTIONS = {"dm_control": "dm-control"}
+
+
+def package_version(module: str) -> str | None:
+    """The installed version of ``module``'s distribution (``dm_control`` -> ``dm-control``,
+    which has no ``__version__``), else the module's ``__version__``, else ``"unknown"``;
+    ``None`` when it is not installed."""
+    try:
+        return importlib.metadata.version(DISTRIBUTIONS.get(module, module))
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        return getattr(importlib.import_module(module), "__version__", "unknown")
+    except ImportError:
+        return None
 
 
 def command_line(script: str, argv: list[str] | None = None) -> str:

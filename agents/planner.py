@@ -26,6 +26,7 @@ from torchrl.objectives.value import TDLambdaEstimator
 from aefrl import keys
 from aefrl.compiled import compile_steps
 from aefrl.envs.imagination import ImaginationEnv
+from aefrl.nn import check_size
 from aefrl.objectives import WorldModelLoss
 from aefrl.world_model import WorldModel
 from aefrl.world_model.modules import WEIGHTS_PREFIX, filter_step, world_model_kwargs
@@ -59,21 +60,20 @@ class PlanningConfig:
     temperature: float = 1.0  # mppi only
 
     def __post_init__(self) -> None:
+        # Messages name the fields: agents.factory turns them into configuration keys
+        # (agent.planner.top_k), scripts/eval.py into its options (--top-k).
         if self.method not in PLANNERS:
-            raise ValueError(f"planner method must be one of {PLANNERS}, got {self.method!r}")
-        for name in ("horizon", "candidates", "top_k", "iterations"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"planner {name} must be >= 1, got {getattr(self, name)}")
+            raise ValueError(f"method must be one of {', '.join(PLANNERS)}, got {self.method!r}")
+        for name in ("horizon", "candidates", "top_k", "iterations"):  # 2.5 used to plan with 2
+            setattr(self, name, check_size(name, getattr(self, name)))
         if self.top_k > self.candidates:
-            raise ValueError(
-                f"planner top_k ({self.top_k}) must not exceed candidates ({self.candidates})"
-            )
+            raise ValueError(f"top_k ({self.top_k}) must not exceed candidates ({self.candidates})")
         if self.method == "cem" and self.top_k < 2 and self.iterations > 1:
             # torchrl refits the std of the elites (unbiased): NaN from a single elite, and the
             # next iteration would sample NaN actions.
             raise ValueError(
-                f"cem needs top_k >= 2 to refit its action distribution over {self.iterations} "
-                "iterations, got top_k 1 (use top_k >= 2 or iterations 1)"
+                "cem needs top_k >= 2 when iterations > 1 (it refits the std of its elites), "
+                f"got top_k 1 and iterations {self.iterations}"
             )
 
 

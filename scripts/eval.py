@@ -1,6 +1,6 @@
 """Evaluate a trained agent from its checkpoint: mean return over N episodes and a video.
 
-    python scripts/eval.py runs/cartpole-swingup/aef/s0-...            # 10 episodes
+    python scripts/eval.py runs/cartpole-swingup/dreamer-aef/s0-...            # 10 episodes
     python scripts/eval.py RUN_DIR --episodes 5 --video eval.gif --seed 7
     python scripts/eval.py RUN_DIR --agent planner --episodes 3     # plan with its world model
     python scripts/eval.py RUN_DIR --agent planner --planner mppi --candidates 300 --iterations 5
@@ -30,6 +30,7 @@ exit_if_user_backend_broken()  # before torchrl imports mujoco, which reads MUJO
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -126,7 +127,29 @@ def build_planner_agent(state: dict, args, action_dim: int) -> PlannerAgent:
     for option, field in PLANNER_OPTIONS.items():
         if getattr(args, option) is not None:
             options[field] = getattr(args, option)
-    return PlannerAgent(world_model.obs_shape, action_dim, world_model=world_model, planner=options)
+    try:
+        return PlannerAgent(
+            world_model.obs_shape, action_dim, world_model=world_model, planner=options
+        )
+    except ValueError as exc:  # "top_k (99) must not exceed ...": name the options instead
+        raise UserError(planner_flags(str(exc))) from None
+
+
+def option_flag(option: str) -> str:
+    return f"--{option.replace('_', '-')}"
+
+
+def planner_flags(message: str) -> str:
+    """A PlanningConfig message with its field names as this script's options (``top_k`` ->
+    ``--top-k``), each once."""
+    for option, field in PLANNER_OPTIONS.items():
+        message = re.sub(rf"(?<![\w-]){field}\b", option_flag(option), message, count=1)
+    return message
+
+
+def given_planner_options(args) -> list[str]:
+    """The planner options on the command line, as typed (``--candidates``)."""
+    return [option_flag(o) for o in PLANNER_OPTIONS if getattr(args, o) is not None]
 
 
 def main(argv=None) -> int:
@@ -149,6 +172,20 @@ def evaluate_checkpoint(args) -> int:
     run_dir = Path(args.run_dir)
     run_dir = run_dir if run_dir.is_dir() else run_dir.parent
     trained_by = conf["agent"]["name"]
+    acting = args.agent or trained_by
+    if acting != trained_by and acting != "planner":
+        raise UserError(
+            f"--agent {args.agent} needs a {args.agent} checkpoint, this one was trained "
+            f"by {trained_by} (--agent planner works with any checkpoint)"
+        )
+    planner_options = given_planner_options(args)
+    if planner_options and acting != "planner":  # they used to be ignored without a word
+        one = len(planner_options) == 1
+        what, them = ("is a planner option", "it") if one else ("are planner options", "them")
+        raise UserError(
+            f"{', '.join(planner_options)} {what}, but the checkpoint's {acting} agent acts "
+            f"here: add --agent planner to plan with its world model, or leave {them} out"
+        )
     suffix = "_planner" if args.agent == "planner" and trained_by != "planner" else ""
     out = output_path(args.out, run_dir / f"eval{suffix}.json")
     record = args.video != ""
@@ -158,18 +195,12 @@ def evaluate_checkpoint(args) -> int:
     env = make_env(conf["env"]["task"], seed=args.seed, **env_conf)
     action_dim = int(env.action_spec.shape[-1])
     size = int(conf["env"]["image_size"])
-    if args.agent == "planner":
+    if args.agent == "planner" or planner_options:  # a planner run's own agent takes them too
         try:
             agent = build_planner_agent(state, args, action_dim)
-        except (CheckpointError, ValueError) as exc:
+        except (CheckpointError, UserError, ValueError) as exc:
             env.close()
             raise UserError(str(exc)) from None
-    elif args.agent not in (None, trained_by):
-        env.close()
-        raise UserError(
-            f"--agent {args.agent} needs a {args.agent} checkpoint, this one was trained "
-            f"by {trained_by} (--agent planner works with any checkpoint)"
-        )
     else:
         agent = build_agent(conf["agent"], conf["obs_model"], (3, size, size), action_dim)
         agent.load_state_dict(state["agent"])

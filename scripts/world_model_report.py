@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--proposal-scale",
         type=parse_proposal_scale,
-        default="tune",
+        default=None,
         help="aef only: s of the proposal N(Wy+b, s²I); 'tune' (default) picks it on one more "
         "held-out episode, not reported",
     )
@@ -153,8 +153,14 @@ def write_report(args, argv) -> int:
     check_contents(state, args.run_dir, MODEL_KEYS)
     run_dir = Path(args.run_dir)
     folder = run_dir if run_dir.is_dir() else run_dir.parent
-    out = output_path(args.out, folder / "world_model_report.json")
     conf = state["run_config"]
+    kind = conf["obs_model"]["kind"]
+    if args.proposal_scale is not None and kind != "aef":  # it used to be ignored without a word
+        raise UserError(
+            f"--proposal-scale applies to aef models only (their importance proposal), but this "
+            f"run's obs_model is {kind}: leave it out"
+        )
+    out = output_path(args.out, folder / "world_model_report.json")
     env_conf = {k: v for k, v in conf["env"].items() if k not in ("task", "num_envs")}
     env_conf["render"] = args.render
     env = make_env(conf["env"]["task"], seed=args.seed, **env_conf)
@@ -164,7 +170,7 @@ def write_report(args, argv) -> int:
     agent.load_state_dict(state["agent"])
     agent.eval()
     torch.manual_seed(args.seed)
-    tune = agent.world_model.obs_model.kind == "aef" and args.proposal_scale == "tune"
+    tune = agent.world_model.obs_model.kind == "aef" and args.proposal_scale in (None, "tune")
     episodes = collect_episodes(agent, env, args.episodes + int(tune), action_dim)
     env.close()
     proposal = {}

@@ -5,7 +5,7 @@ import argparse
 import pytest
 import torch
 
-from aefrl.cli import UserError, output_path, resolve_device, seed_arg
+from aefrl.cli import UserError, make_env, output_path, resolve_device, seed_arg
 from tests.tiny_run import load_script
 
 
@@ -26,6 +26,25 @@ def test_seeds():
     for bad in ("-1", str(2**32), "1.5", "x"):
         with pytest.raises(argparse.ArgumentTypeError, match=r"in \[0, 2\*\*32 - 1\]"):
             seed_arg(bad)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        # the env's arguments are the env section's keys: name them as the user types them
+        ({"render": "pretty"}, "env.render must be one of faithful, fast, got 'pretty'"),
+        ({"image_size": 4}, "env.image_size must be an integer between 8 and 1024, got 4"),
+        ({"action_repeat": 1.5}, "env.action_repeat must be an integer >= 1, got 1.5"),
+        ({"time_limit": -1}, "env.time_limit must be a positive number of seconds"),
+        ({"task": "walker-fly"}, "env.task 'walker-fly' is not a DMC task (walker tasks:"),
+        ({"seed": -1}, "seed must be an integer"),  # the run's own key, not env.seed
+    ],
+)
+def test_env_errors_name_the_env_key(kwargs, message):
+    kwargs = {"task": "walker-walk", **kwargs}
+    with pytest.raises(UserError) as info:
+        make_env(**kwargs)
+    assert str(info.value).startswith(message)
 
 
 def test_output_folders_are_made_before_the_work(tmp_path):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from aefrl.nn import MLP, ConvDecoder, ConvEncoder
+from aefrl.nn import MLP, ConvDecoder, ConvEncoder, check_size
 
 
 @pytest.mark.parametrize(("style", "out_shape"), [("v3", (64, 4, 4)), ("v1", (64, 2, 2))])
@@ -18,7 +18,7 @@ def test_trunk_geometry(style, out_shape, norm):
 
 
 def test_bad_trunk_arguments():
-    with pytest.raises(ValueError, match="conv style must be one of"):
+    with pytest.raises(ValueError, match="conv_style must be one of v3, v1, got 'v2'"):
         ConvEncoder((3, 64, 64), style="v2")
     with pytest.raises(ValueError, match="64x64 images only"):
         ConvDecoder(4, (3, 32, 32), 3, style="v1")
@@ -40,6 +40,22 @@ def test_bad_trunk_arguments():
 def test_bad_mlp_sizes(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MLP(4, 2, **kwargs)
+
+
+@pytest.mark.parametrize("value", [4.5, 4.0, True, "4", None])
+def test_sizes_are_whole_numbers_not_truncated(value):
+    """A size of 4.5 used to reach int() somewhere and build 4 units while the run's
+    configuration recorded 4.5: floats and bools are refused, naming the setting."""
+    with pytest.raises(ValueError, match=f"latent_dim must be an integer >= 1, got {value!r}"):
+        check_size("latent_dim", value)
+
+
+def test_sizes_accept_integers_of_any_kind():
+    import numpy as np
+
+    assert check_size("x", 3) == 3 and check_size("x", 0, 0) == 0
+    size = check_size("x", np.int64(5))
+    assert size == 5 and type(size) is int
 
 
 def test_mlp_without_hidden_layers_ignores_the_width():

@@ -49,7 +49,13 @@ def test_valid_overrides_pass(args):
         (("seed=null",), "seed takes a number"),
         (("logger.log_every=true",), "logger.log_every takes a number"),
         # planner keys exist only under agent=planner: a Dreamer run refuses them
-        (("agent.planner.candidates=300",), "agent.planner.candidates is not a setting"),
+        (("agent.planner.candidates=300",), "only agent=planner takes it"),
+        # an option of one observation model, set for another: say whose it is
+        (
+            ("obs_model=vae", "obs_model.options.proposal_scale=0.5"),
+            "obs_model.options.proposal_scale is not a setting of obs_model=vae: only "
+            "obs_model=aef takes it",
+        ),
         (("agent=planner", "agent.planner.candidates=many"), "takes a number"),
         (("x=[1",), "cannot parse the command line"),
         # "+" adds a key: none that configs/ lacks is read by anything

@@ -1,6 +1,14 @@
 """Run records: one JSON line per start of a training run."""
 
-from aefrl.provenance import append_run_record, cpu_model, read_run_records
+import importlib.metadata
+
+from aefrl.provenance import (
+    append_run_record,
+    cpu_model,
+    machine_info,
+    package_version,
+    read_run_records,
+)
 
 
 def test_run_records_append_per_start_and_skip_a_line_cut_by_a_kill(tmp_path):
@@ -13,3 +21,13 @@ def test_run_records_append_per_start_and_skip_a_line_cut_by_a_kill(tmp_path):
     assert (first["frames"], resumed["frames"]) == (0, 5000)
     assert resumed["command"] == "python scripts/train.py resume=x"
     assert first["cpu"] == cpu_model() and "torch" in first and "git" in first
+
+
+def test_versions_come_from_the_installed_distributions():
+    """dm_control has no __version__: records and result JSONs said "unknown"."""
+    info = machine_info()
+    for key, dist in [("dm_control", "dm-control"), ("mujoco", "mujoco"), ("torch", "torch"),
+                      ("torchrl", "torchrl"), ("tensordict", "tensordict")]:  # fmt: skip
+        assert info[key] == importlib.metadata.version(dist) != "unknown", key
+    assert package_version("colorsys") == "unknown"  # importable, no distribution, no __version__
+    assert package_version("no_such_module_here") is None

@@ -67,3 +67,18 @@ def test_a_checkpoint_without_a_model_is_one_sentence(tmp_path, name, capsys):
     assert load_script(name).main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "lacks run_config, agent" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("kind", ["vae", "aef_partition"])
+@pytest.mark.parametrize("value", ["0.5", "tune"])
+def test_a_proposal_scale_for_a_model_without_one_is_refused(tmp_path, kind, value, capsys):
+    """--proposal-scale is the expansion AEF's; other models used to ignore it without a word."""
+    write_tiny_dreamer_run(tmp_path, obs_model=kind)
+    script = load_script("world_model_report")
+    assert script.main([str(tmp_path), "--proposal-scale", value]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "error: --proposal-scale applies to aef models only (their importance proposal), but "
+        f"this run's obs_model is {kind}: leave it out\n"
+    )
+    assert not (tmp_path / "world_model_report.json").exists()

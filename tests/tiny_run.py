@@ -13,9 +13,12 @@ from tests.world_model.conftest import OBS
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_tiny_dreamer_run(run_dir: Path, time_limit: float = 0.1, frames: int = 0) -> dict:
-    """Save a tiny aef Dreamer on cartpole-swingup (16x16, fast rendering, episodes of
-    ``time_limit`` simulated seconds) as ``run_dir/checkpoint.pt``; returns its run config."""
+def write_tiny_dreamer_run(
+    run_dir: Path, time_limit: float = 0.1, frames: int = 0, obs_model: str = "aef"
+) -> dict:
+    """Save a tiny Dreamer (``obs_model`` kind, aef by default) on cartpole-swingup (16x16, fast
+    rendering, episodes of ``time_limit`` simulated seconds) as ``run_dir/checkpoint.pt``;
+    returns its run config."""
     torch.manual_seed(0)
     wm = {"deter": 8, "hidden": 16, "layers": 1, "depth": 4}
     conf = {
@@ -23,7 +26,7 @@ def write_tiny_dreamer_run(run_dir: Path, time_limit: float = 0.1, frames: int =
                 "render": "fast", "num_envs": 1, "time_limit": time_limit},
         "agent": {"name": "dreamer", "world_model": wm, "actor": {"hidden": 16, "layers": 1},
                   "critic": {"hidden": 16, "layers": 1}},
-        "obs_model": {"kind": "aef", "latent_dim": 3, "options": {}},
+        "obs_model": {"kind": obs_model, "latent_dim": 3, "options": {}},
     }  # fmt: skip
     dreamer = build_agent(conf["agent"], conf["obs_model"], OBS, 1)
     state = {

@@ -13,6 +13,7 @@ sub-steps and cannot be given a render size (its ``render_kwargs`` end up in the
 
 from __future__ import annotations
 
+import difflib
 import functools
 import multiprocessing
 import numbers
@@ -66,12 +67,30 @@ def _parse_task(task: str) -> tuple[str, str]:
     name = TASK_ALIASES.get(task, task) if isinstance(task, str) else None
     valid = available_tasks()
     if name not in valid:
-        raise ValueError(
-            f"Unknown DMC task {task!r}; valid names are {', '.join(valid)} "
-            f"(aliases: {', '.join(TASK_ALIASES)})."
-        )
+        raise ValueError(_unknown_task_message(task, valid))
     domain, task_name = name.split("-", 1)
     return domain, task_name
+
+
+def _unknown_task_message(task, valid: list[str]) -> str:
+    """One sentence for a task that is not in ``valid`` (the whole list is some 900 characters):
+    the tasks of its domain when the domain exists, else the closest names, else the domains."""
+    text = str(task)
+    domain = text.split("-", 1)[0]
+    domains = sorted({name.split("-", 1)[0] for name in valid})
+    close = difflib.get_close_matches(text, [*valid, *TASK_ALIASES], n=3, cutoff=0.6)
+    head = f"task {task!r} is not a DMC task"
+    if domain in domains:
+        listed = ", ".join(n for n in valid if n.startswith(f"{domain}-"))
+        hint = f"; did you mean {close[0]}?" if close else ""
+        return f"{head} ({domain} tasks: {listed}){hint}"
+    if close:
+        names = " or ".join([", ".join(close[:-1]), close[-1]] if len(close) > 1 else close)
+        return f"{head}; did you mean {names}?"
+    return (
+        f"{head}: names are domain-task with domain one of {', '.join(domains)} "
+        f"(aliases: {', '.join(TASK_ALIASES)})"
+    )
 
 
 def _check_int(name: str, value, low: int, high: int | None = None) -> None:

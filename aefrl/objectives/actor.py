@@ -17,7 +17,7 @@ from torchrl.objectives import LossModule
 
 from aefrl import keys
 from aefrl.actor_critic import Actor, ReturnNormalizer, SlowCopy, imagine, lambda_returns
-from aefrl.nn import frozen
+from aefrl.nn import check_size, frozen
 from aefrl.world_model import RSSMState, WorldModel
 
 
@@ -54,8 +54,7 @@ class DreamerActorLoss(LossModule):
         entropy_coef: float = 3e-4,
     ) -> None:
         super().__init__()
-        if horizon < 1:
-            raise ValueError(f"horizon must be >= 1, got {horizon}")
+        horizon = check_size("horizon", horizon)
         if not 0 < gamma <= 1:
             raise ValueError(f"gamma must lie in (0, 1], got {gamma}")
         if not 0 <= lmbda <= 1:

@@ -93,7 +93,9 @@ class AEFObservationModel(AffineFlowModel):
     ) -> None:
         super().__init__(obs_shape, latent_dim, context_dim, **options)
         if projection not in PROJECTIONS:
-            raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+            raise ValueError(
+                f"projection must be one of {', '.join(PROJECTIONS)}, got {projection!r}"
+            )
         if proposal_scale <= 0:
             raise ValueError(f"proposal_scale must be > 0, got {proposal_scale}")
         self.projection_mode = projection

@@ -26,7 +26,7 @@ from torch import distributions as D
 from torch import nn
 from torch.nn import functional as F
 
-from aefrl.nn import MLP, ConvDecoder, ConvEncoder, conv_stages
+from aefrl.nn import MLP, ConvDecoder, ConvEncoder, check_size, conv_stages
 from aefrl.obs_models.gaussian_quad import gaussian_quad
 
 SIGMA_X_MODES = ("learned", "head", "fixed")
@@ -100,16 +100,14 @@ class ObservationModel(nn.Module):
     ) -> None:
         super().__init__()
         self.obs_shape = check_obs_shape(obs_shape)
-        if int(latent_dim) <= 0:
-            raise ValueError(f"latent_dim must be a positive integer, got {latent_dim}")
-        if int(context_dim) < 0:
-            raise ValueError(f"context_dim must be >= 0, got {context_dim}")
+        latent_dim = check_size("latent_dim", latent_dim)  # 4.5 was truncated to 4 latents
+        context_dim = check_size("context_dim", context_dim, 0)
         if not 0.0 < sigma_q_min < sigma_q_max:
             raise ValueError(
                 f"need 0 < sigma_q_min < sigma_q_max, got {sigma_q_min} and {sigma_q_max}"
             )
         if sigma_x not in SIGMA_X_MODES:
-            raise ValueError(f"sigma_x must be one of {SIGMA_X_MODES}, got {sigma_x!r}")
+            raise ValueError(f"sigma_x must be one of {', '.join(SIGMA_X_MODES)}, got {sigma_x!r}")
         if sigma_x_min < 0 or sigma_x_init <= sigma_x_min:
             raise ValueError(
                 f"need 0 <= sigma_x_min < sigma_x_init, got {sigma_x_min} and {sigma_x_init}"

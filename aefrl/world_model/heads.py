@@ -11,7 +11,7 @@ from torch import distributions as D
 from torch import nn
 from torch.nn import functional as F
 
-from aefrl.nn import MLP
+from aefrl.nn import MLP, check_size
 
 
 def symlog(x: torch.Tensor) -> torch.Tensor:
@@ -77,6 +77,7 @@ class TwoHotHead(nn.Module):
         self, in_dim: int, hidden: int = 256, layers: int = 2, bins: int = 255, limit: float = 20.0
     ) -> None:
         super().__init__()
+        bins = check_size("bins", bins, 2)
         self.net = MLP(in_dim, bins, hidden, layers)
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)

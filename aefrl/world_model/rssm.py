@@ -27,7 +27,7 @@ from torch import distributions as D
 from torch import nn
 from torch.nn import functional as F
 
-from aefrl.nn import MLP
+from aefrl.nn import MLP, check_size
 from aefrl.obs_models import ObservationModel
 
 
@@ -87,6 +87,7 @@ class RSSM(nn.Module):
         prior_std_min: float = 0.1,
     ) -> None:
         super().__init__()
+        deter = check_size("deter", deter)
         if obs_model.context_dim != deter:
             raise ValueError(
                 f"the observation model's context_dim ({obs_model.context_dim}) must equal "
@@ -97,7 +98,7 @@ class RSSM(nn.Module):
         self.obs_model = obs_model
         self.latent_dim = obs_model.latent_dim
         self.action_dim = int(action_dim)
-        self.deter = int(deter)
+        self.deter = deter
         self.prior_std_min = float(prior_std_min)
         self.img_in = MLP(self.latent_dim + self.action_dim, None, hidden, 1)
         self.gru = nn.GRUCell(hidden, self.deter)

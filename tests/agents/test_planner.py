@@ -229,7 +229,10 @@ def test_agent_planner_config_builds_with_every_exp_preset():
     assert isinstance(
         build_agent(dict(cfg.agent), dict(cfg.obs_model), (3, 64, 64), 1), DreamerAgent
     )
-    with pytest.raises(ValueError, match="top_k \\(50\\) must not exceed candidates \\(10\\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"agent\.planner\.top_k \(50\) must not exceed agent\.planner\.candidates \(10\)",
+    ):
         build_agent({"name": "planner", "planner": {"candidates": 10, "top_k": 50}},
                     {"kind": "aef", "latent_dim": 3}, OBS, 1)  # fmt: skip
 
@@ -314,3 +317,51 @@ def test_eval_planner_takes_the_checkpoints_weights_and_the_runs_settings(tmp_pa
     options = agent.planning_options()
     assert (options["horizon"], options["candidates"], options["top_k"]) == (5, 40, 6)
     assert options["iterations"] == 10  # untouched by run and command line: PlaNet's default
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--candidates", "10"],
+            "--candidates is a planner option, but the checkpoint's dreamer agent acts here: "
+            "add --agent planner to plan with its world model, or leave it out",
+        ),
+        (
+            ["--agent", "dreamer", "--planner", "mppi", "--top-k", "3"],
+            "--planner, --top-k are planner options, but the checkpoint's dreamer agent acts "
+            "here: add --agent planner to plan with its world model, or leave them out",
+        ),
+    ],
+)
+def test_eval_refuses_planner_options_when_the_planner_does_not_act(
+    tmp_path, args, message, capsys
+):
+    """They used to be ignored without a word: the actor was evaluated instead."""
+    write_tiny_dreamer_run(tmp_path)
+    assert load_script("eval").main([str(tmp_path), *args]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not (tmp_path / "eval.json").exists()
+
+
+def test_eval_names_bad_planner_settings_by_their_options(tmp_path, capsys):
+    write_tiny_dreamer_run(tmp_path)
+    args = [str(tmp_path), "--agent", "planner", "--top-k", "99", "--candidates", "9"]
+    assert load_script("eval").main(args) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --top-k (99) must not exceed --candidates (9)\n"
+
+
+def test_eval_planner_options_apply_to_a_planner_runs_own_agent(tmp_path):
+    """A planner run evaluated without --agent: its agent plans, with the options given."""
+    from aefrl.checkpoint import load_checkpoint, save_checkpoint
+
+    write_tiny_dreamer_run(tmp_path)
+    state = load_checkpoint(tmp_path)
+    state["run_config"]["agent"] = dict(state["run_config"]["agent"], name="planner")
+    save_checkpoint(tmp_path / "checkpoint.pt", state)
+    planning = ["--horizon", "2", "--candidates", "16", "--top-k", "4", "--iterations", "2"]
+    args = [str(tmp_path), "--episodes", "1", "--render", "fast", "--video", "", *planning]
+    assert load_script("eval").main(args) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["agent"] == "planner" and result["planner"]["candidates"] == 16

@@ -100,10 +100,29 @@ def test_faithful_render_matches_dm_control():
     assert diff.mean() < 0.2, diff.mean()  # measured: ~0.05 / 255 (shadow map 256 vs 2048)
 
 
-def test_unknown_task_lists_valid_names():
-    with pytest.raises(ValueError, match="Unknown DMC task 'walker-fly'") as info:
-        make_dmc_env("walker-fly")
-    assert "walker-walk" in str(info.value) and "ball_in_cup-catch" in str(info.value)
+@pytest.mark.parametrize(
+    ("task", "message"),
+    [
+        # a known domain: its tasks, and the closest (the whole list was ~930 characters)
+        (
+            "walker-fly",
+            "task 'walker-fly' is not a DMC task (walker tasks: walker-run, walker-stand, "
+            "walker-walk); did you mean walker-walk?",
+        ),
+        ("cheetah-walk", "(cheetah tasks: cheetah-run); did you mean cheetah-run?"),
+        # an unknown domain: the closest names
+        ("walkr-walk", "did you mean walker-walk, walker-stand or walker-run?"),
+        ("cup-catc", "did you mean cup-catch or ball_in_cup-catch?"),
+        # nothing close: the domains
+        ("foo", "names are domain-task with domain one of acrobot, ball_in_cup, cartpole,"),
+    ],
+)
+def test_unknown_task_suggests_the_closest_names(task, message):
+    with pytest.raises(ValueError) as info:
+        make_dmc_env(task)
+    text = str(info.value)
+    assert message in text and text.startswith(f"task {task!r} is not a DMC task")
+    assert len(text) < 300 and "\n" not in text
     assert "walker-walk" in available_tasks()
 
 

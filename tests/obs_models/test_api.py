@@ -186,8 +186,10 @@ def test_bad_inputs_raise_clear_errors():
         make_obs_model("aef", (7,), 2, sigma_x="adaptive")
     with pytest.raises(ValueError, match="latent_dim < the observation size"):
         make_obs_model("aef_partition", (4,), 4)
-    with pytest.raises(ValueError, match="latent_dim must be a positive"):
+    with pytest.raises(ValueError, match="latent_dim must be an integer >= 1, got 0"):
         make_obs_model("aef", (7,), 0)
+    with pytest.raises(ValueError, match=r"latent_dim must be an integer >= 1, got 4\.5"):
+        make_obs_model("aef", (7,), 4.5)  # was built with int(4.5) = 4 latents
     model = make_obs_model("aef", (3, 16, 16), 4, 5, depth=4)
     with pytest.raises(ValueError, match=r"y must have shape \[B, 3, 16, 16\]"):
         model.objective(torch.randn(2, 3, 8, 8), torch.randn(2, 5))
