@@ -122,10 +122,11 @@ class RunLogger(TensorboardLogger):
     def log_text(self, name: str, text: str, step: int = 0) -> None:
         self.experiment.add_text(name, text, global_step=step)
 
-    def log_config(self, config: Mapping) -> None:
-        """The resolved config, once, as pretty-printed JSON text (``config``)."""
+    def log_config(self, config: Mapping, step: int = 0) -> None:
+        """The resolved config as pretty-printed JSON text (``config``): at the start, and again
+        at ``step`` when a resume changes a key."""
         text = json.dumps(config, indent=2, sort_keys=True, default=str)
-        self.log_text("config", "```\n" + text + "\n```")
+        self.log_text("config", "```\n" + text + "\n```", step)
 
     def flush(self) -> None:
         self.experiment.flush()

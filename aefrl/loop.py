@@ -74,6 +74,8 @@ class LoopConfig:
         for name in (*counts, "report_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.seq_len < 2:  # a one-step window holds no transition: the recurrence cannot learn
+            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
         periods = ("prefill_steps", "log_every", "eval_every", "report_every", "checkpoint_every")
         for name in periods:
             if getattr(self, name) < 0:
@@ -144,6 +146,9 @@ class Trainer:
         self.heldout: TensorDict | None = None  # rows of the latest evaluation episode
         self.last_return = float("nan")
         self._stop_requested = False
+        self.stop_signal: int | None = None  # the signal that stopped run() early, if any
+        self._saving = False
+        self._abort_after_save = False
         # Update metrics waiting for the next train/* log; checkpointed, so that the first point
         # after a resume averages the same updates as an uninterrupted run's.
         self._pending: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -163,6 +168,16 @@ class Trainer:
         return self.run_dir / CHECKPOINT_NAME
 
     def save(self) -> None:
+        """Write the checkpoint; a second Ctrl-C during the write aborts once it is complete."""
+        self._saving = True
+        try:
+            self._write_checkpoint()
+        finally:
+            self._saving = False
+        if self._abort_after_save:
+            raise KeyboardInterrupt
+
+    def _write_checkpoint(self) -> None:
         save_checkpoint(
             self.checkpoint_path,
             {
@@ -219,12 +234,19 @@ class Trainer:
 
     def _on_signal(self, signum, frame) -> None:
         if self._stop_requested:
-            raise KeyboardInterrupt
+            if not self._saving:
+                raise KeyboardInterrupt
+            # An exception raised inside torch.save leaves a half-written temp file (and turns
+            # into a RuntimeError there): let the write finish, then abort (save() raises).
+            tqdm.write("interrupt: aborting once the checkpoint is written", file=sys.stderr)
+            self._abort_after_save = True
+            return
         tqdm.write(
             "interrupt: finishing this step and saving a checkpoint (again to abort)",
             file=sys.stderr,
         )
         self._stop_requested = True
+        self.stop_signal = signum
 
     # --- the loop --------------------------------------------------------------------------------
     def run(self, progress: bool = True, on_iteration: Callable | None = None) -> dict:

@@ -3,7 +3,7 @@
     python scripts/train.py                                   # aef Dreamer on walker-walk
     python scripts/train.py env.task=cartpole-swingup obs_model=vae seed=1
     python scripts/train.py exp=smoke                          # the whole loop in < 1 minute
-    python scripts/train.py resume=runs/walker-walk/aef/s0-... # continue a run exactly
+    python scripts/train.py resume=runs/walker-walk/dreamer-aef/s0-... # continue a run exactly
 
 Logs: ``tensorboard --logdir runs``. Configuration: ``configs/`` (every key documented).
 """
@@ -17,8 +17,10 @@ from aefrl.gl_backend import exit_if_user_backend_broken
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: docs/benchmarks.md, finding 8
 exit_if_user_backend_broken()  # before torchrl imports mujoco, which reads MUJOCO_GL
 
+import copy
 import random
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -61,9 +63,10 @@ def resolve_cuda_graph(value, device: torch.device) -> dict:
     return {"cuda_graph": value, "cuda_graph_fallback": False}
 
 
-# Keys a resumed run may change: neither touches the learning itself, so the resumed run still
-# follows the uninterrupted one exactly.
-RESUME_OVERRIDABLE = ("loop.total_frames", "loop.checkpoint_every")
+# Keys a resumed run may change: none touches the learning itself, so the resumed run still
+# follows the uninterrupted one (threads exactly up to float rounding: reductions may split
+# differently).
+RESUME_OVERRIDABLE = ("loop.total_frames", "loop.checkpoint_every", "threads")
 
 
 def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
@@ -74,6 +77,8 @@ def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
     """
     if cfg.resume is None:
         run_dir = Path(cfg.run_dir)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UserError(f"run_dir {run_dir} is a file; run_dir takes a directory")
         if (run_dir / CHECKPOINT_NAME).exists():  # a new run would overwrite it
             raise UserError(
                 f"run_dir {run_dir} already holds a run ({CHECKPOINT_NAME}); continue it with "
@@ -89,20 +94,26 @@ def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
         conf["run_dir"] = str(run_dir)
         return conf, run_dir, None
     run_dir = Path(cfg.resume)
+    if run_dir.is_file() and run_dir.name == CHECKPOINT_NAME:  # the run's checkpoint itself
+        run_dir = run_dir.parent
     if not (run_dir / CHECKPOINT_NAME).exists():
         raise UserError(
             f"cannot resume from {run_dir}: it holds no {CHECKPOINT_NAME} "
-            "(pass the directory of an earlier run)"
+            f"(pass the directory of an earlier run, or its {CHECKPOINT_NAME})"
         )
     state = load_checkpoint(run_dir)
     check_contents(state, run_dir / CHECKPOINT_NAME)
-    conf = state["run_config"]
+    conf = copy.deepcopy(state["run_config"])  # overrides below must not touch the checkpoint's
     from hydra.core.hydra_config import HydraConfig
 
     for item in HydraConfig.get().overrides.task:
         key = item.split("=", 1)[0].lstrip("+~")
         if key in RESUME_OVERRIDABLE:
-            conf["loop"][key.split(".")[1]] = int(OmegaConf.select(cfg, key))
+            *parents, name = key.split(".")
+            section = conf
+            for parent in parents:
+                section = section[parent]
+            section[name] = OmegaConf.select(cfg, key)  # checked where a new run's would be
         elif key != "resume":
             print(f"resume: ignoring {item!r} (a resumed run keeps its configuration)")
     return conf, run_dir, state
@@ -137,16 +148,18 @@ def discard_unstarted_run(run_dir: Path) -> None:
         )
 
 
-def train(cfg: DictConfig) -> dict:
+def train(cfg: DictConfig) -> tuple[dict, int | None]:
+    """Train; returns the final counters and the signal that stopped the run early (None when it
+    reached ``loop.total_frames``)."""
     try:
         return setup_and_run(cfg)
-    except KeyboardInterrupt:  # in setup, or a second Ctrl-C that aborts the loop
-        if cfg.resume is None:
+    except BaseException:  # a crash or Ctrl-C in setup, or a second Ctrl-C that aborts the loop
+        if cfg.resume is None and Path(cfg.run_dir).is_dir():
             discard_unstarted_run(Path(cfg.run_dir))
         raise
 
 
-def setup_and_run(cfg: DictConfig) -> dict:
+def setup_and_run(cfg: DictConfig) -> tuple[dict, int | None]:
     try:  # every ValueError of the setup is a bad configuration; one in training is a bug
         trainer, env, run_dir, resumed = build_run(cfg)
     except ValueError as exc:
@@ -163,7 +176,27 @@ def setup_and_run(cfg: DictConfig) -> dict:
         trainer.logger.close()
         env.close()
     print(f"saved {run_dir / CHECKPOINT_NAME}: {counters}")
-    return counters
+    if trainer.stop_signal is not None:
+        name = signal.Signals(trainer.stop_signal).name
+        print(f"stopped by {name} before loop.total_frames; resume={run_dir} continues the run")
+    return counters, trainer.stop_signal
+
+
+def check_replay_fits(storage: str, pixel_bytes: int, capacity: int, device) -> None:
+    """Refuse an in-memory replay larger than the memory that would hold it (the allocation
+    would fail at the first row, after the run's files were written); disk files are sparse."""
+    if storage == "memory" or (storage == "device" and device.type == "cpu"):
+        where, total = "RAM", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    elif storage == "device":
+        where, total = f"{device} memory", torch.cuda.get_device_properties(device).total_memory
+    else:
+        return
+    if pixel_bytes > total:
+        raise UserError(
+            f"replay.capacity={capacity} needs {pixel_bytes / 2**30:.0f} GiB of {where} for its "
+            f"pixels, more than the {total / 2**30:.0f} GiB there; lower replay.capacity or use "
+            "replay.storage=disk"
+        )
 
 
 def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
@@ -207,8 +240,10 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
     if storage not in ("auto", *STORAGES):
         accepted = ", ".join(("auto", *STORAGES))
         raise UserError(f"replay.storage must be one of {accepted}, got {storage!r}")
-    if storage == "auto":  # the pixels dominate a row
-        storage = "disk" if rep["capacity"] * 3 * size * size > 2**31 else "memory"
+    pixel_bytes = int(rep["capacity"]) * 3 * size * size  # the pixels dominate a row
+    if storage == "auto":
+        storage = "disk" if pixel_bytes > 2**31 else "memory"
+    check_replay_fits(storage, pixel_bytes, int(rep["capacity"]), device)
     replay = SequenceReplay(
         int(rep["capacity"]),
         int(conf["env"]["num_envs"]),
@@ -221,8 +256,12 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
     )
     # Everything above validates the configuration; only now does the run leave files (a bad
     # input must not leave a run_config.yaml that makes the corrected command refuse the dir).
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if resume_state is None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create run_dir {run_dir}: {exc.strerror}") from None
+    resumed_changed = resume_state is not None and conf != resume_state["run_config"]
+    if resume_state is None or resumed_changed:  # the file says what the run now runs with
         tmp = run_dir / f".{RUN_CONFIG}.tmp"
         tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(conf)))
         tmp.replace(run_dir / RUN_CONFIG)
@@ -246,6 +285,8 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
     )
     if resume_state is not None:
         trainer.load(state=resume_state)
+        if resumed_changed:
+            logger.log_config(conf, step=start)
     return trainer, env, run_dir, resume_state is not None
 
 
@@ -253,7 +294,7 @@ def run_cli(cfg: DictConfig) -> int:
     """:func:`train` with the command line's exit codes: 0, 2 for bad input (one sentence), 130
     for a Ctrl-C outside the loop's own handling (during setup, or a second one that aborts)."""
     try:
-        train(cfg)
+        _, stop_signal = train(cfg)
     except (UserError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -264,7 +305,7 @@ def run_cli(cfg: DictConfig) -> int:
             file=sys.stderr,
         )
         return 130
-    return 0
+    return 0 if stop_signal is None else 128 + stop_signal  # the shell's code for that signal
 
 
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")

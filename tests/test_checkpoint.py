@@ -60,6 +60,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         save_checkpoint(path, {"format": 1, "v": 2})
     monkeypatch.undo()
     assert load_checkpoint(path)["v"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no temp file left
 
 
 def test_contents_are_checked_against_this_versions_format_and_keys():

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from aefrl.checkpoint import load_checkpoint
 from aefrl.provenance import cpu_model, read_run_records
@@ -90,25 +91,28 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
             break
     time.sleep(4)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-2000:]
-    assert "saving a checkpoint" in err
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]  # saved, but not finished: the shell's SIGINT code
+    assert "saving a checkpoint" in err and "stopped by SIGINT" in out
     frames = load_checkpoint(run_dir)["counters"]["frames"]
     assert 0 < frames < 100000
 
     out = train(
-        f"resume={run_dir}",
+        f"resume={run_dir / 'checkpoint.pt'}",  # the run's checkpoint stands for its directory
         f"loop.total_frames={frames + 100}",
         "loop.checkpoint_every=7",
+        "threads=1",
         "seed=5",
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "ignoring 'seed=5'" in out.stdout
+    assert "ignoring 'seed=5'" in out.stdout and "ignoring 'threads" not in out.stdout
     state = load_checkpoint(run_dir)
     assert state["counters"]["frames"] >= frames + 100
     assert state["run_config"]["loop"]["total_frames"] == frames + 100
     assert state["run_config"]["loop"]["checkpoint_every"] == 7
-    assert state["run_config"]["seed"] != 5
+    assert state["run_config"]["seed"] != 5 and state["run_config"]["threads"] == 1
+    saved = OmegaConf.load(run_dir / "run_config.yaml")  # rewritten with the changed keys
+    assert saved.loop.total_frames == frames + 100 and saved.threads == 1
     first, resumed = read_run_records(run_dir)  # one record per start, resumes included
     assert first["frames"] == 0 and resumed["frames"] == frames
     assert f"resume={run_dir}" in resumed["command"]
@@ -118,7 +122,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["env.task=walker-wlak"], "walker-walk"),  # the sentence lists the valid tasks
+        (["env.task=walker-wlak"], "did you mean walker-walk?"),  # the closest tasks
         (["loop.train_ratio=-1"], "train_ratio must be > 0"),
         (["resume=/nonexistent/run"], "cannot resume from /nonexistent/run"),
         (["device=cuda:7"] if not os.path.exists("/dev/nvidia0") else ["device=tpu"], "device"),
@@ -133,6 +137,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
         (["threads=1.5"], "threads must be a whole number >= 0"),
         (["seed=-1"], "seed must be a whole number in [0, 2**32 - 1], got -1"),
         (["replay.storage=ram"], "replay.storage must be one of auto, memory, device, disk"),
+        (["replay.seq_len=1"], "replay.seq_len must be >= 2, got 1"),
+        (["replay.capacity=1e9"], "replay.capacity=1000000000 needs 11444 GiB of RAM"),
     ],
 )
 def test_bad_input_is_one_sentence_and_exit_code_2(args, message, tmp_path):
@@ -155,6 +161,12 @@ def test_corrupt_checkpoint_and_occupied_run_dir_are_refused(tmp_path):
     out = train("exp=smoke", f"run_dir={run_dir}")  # a new run there would overwrite it
     assert out.returncode == 2 and f"run_dir {run_dir} already holds a run" in out.stderr
     assert (run_dir / "checkpoint.pt").read_bytes() == b"not a checkpoint"
+    for bad, message in [
+        (run_dir / "checkpoint.pt", "is a file; run_dir takes a directory"),
+        (run_dir / "checkpoint.pt" / "sub", "cannot create run_dir"),
+    ]:
+        out = train("exp=smoke", f"run_dir={bad}")
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
 
 
 # --- scripts/train.py's setup, without a run --------------------------------------------------
@@ -192,17 +204,20 @@ def test_resuming_a_checkpoint_of_another_format_or_without_its_parts_is_refused
         script.run_configuration(cfg)
 
 
-def test_value_errors_are_user_errors_in_setup_only(monkeypatch):
+def test_value_errors_are_user_errors_in_setup_only(monkeypatch, tmp_path):
     """A ValueError while building the run is bad configuration (one sentence, exit 2); one
     raised by training itself is a bug and keeps its traceback."""
+    from omegaconf import OmegaConf
+
     script = _train_script()
+    cfg = OmegaConf.create({"resume": None, "run_dir": str(tmp_path / "run")})
 
     def bad_setup(cfg):
         raise ValueError("conv depth must be an integer >= 1, got 0")
 
     monkeypatch.setattr(script, "build_run", bad_setup)
     with pytest.raises(script.UserError, match="conv depth"):
-        script.train(None)
+        script.train(cfg)
 
     class Failing:
         def __init__(self):
@@ -215,7 +230,7 @@ def test_value_errors_are_user_errors_in_setup_only(monkeypatch):
     env = type("E", (), {"close": lambda self: None})()
     monkeypatch.setattr(script, "build_run", lambda cfg: (Failing(), env, Path("r"), False))
     with pytest.raises(ValueError, match="constraint Real"):
-        script.train(None)
+        script.train(cfg)
 
 
 def test_ctrl_c_outside_the_loop_is_one_sentence_and_exit_130(monkeypatch, capsys, tmp_path):
@@ -289,3 +304,13 @@ def test_a_run_stopped_before_its_first_checkpoint_leaves_nothing_behind(
     with pytest.raises(KeyboardInterrupt):
         script.train(cfg)
     assert not list((tmp_path / "setup").iterdir())
+
+    def crashed_setup(cfg):  # a crash, not an interrupt: the corrected command must run too
+        (Path(cfg.run_dir) / "tb").mkdir(parents=True)
+        raise RuntimeError("can't allocate memory")
+
+    monkeypatch.setattr(script, "build_run", crashed_setup)
+    cfg = OmegaConf.create({"resume": None, "run_dir": str(tmp_path / "crash")})
+    with pytest.raises(RuntimeError):
+        script.train(cfg)
+    assert not list((tmp_path / "crash").iterdir())

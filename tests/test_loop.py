@@ -1,5 +1,7 @@
 """The training loop on a real DMC task: exact resume, evaluation, reports, checkpoints."""
 
+import signal
+
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -240,3 +242,28 @@ def test_with_logging_off_update_metrics_are_not_kept(tmp_path):
     trainer.run(progress=False, on_iteration=stop_after_updates)
     trainer.env.close()
     assert trainer.counters["updates"] >= 3 and not trainer._pending
+
+
+def test_a_second_ctrl_c_during_the_checkpoint_write_aborts_after_it(tmp_path):
+    """An exception inside torch.save leaves a half-written temp file (and arrives as a
+    RuntimeError): the second Ctrl-C of a stop waits for the write, then aborts."""
+    trainer = build(tmp_path)
+    write = trainer._write_checkpoint
+
+    def first_ctrl_c(t):
+        if t.counters["iterations"] == 40:
+            t._on_signal(signal.SIGINT, None)
+
+    def write_with_second_ctrl_c():
+        trainer._on_signal(signal.SIGINT, None)  # arrives while the checkpoint is written
+        write()
+
+    trainer._write_checkpoint = write_with_second_ctrl_c
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(progress=False, on_iteration=first_ctrl_c)
+    assert trainer.stop_signal == signal.SIGINT
+    assert load_checkpoint(tmp_path)["counters"]["iterations"] == 40  # written in full
+    assert not list(tmp_path.glob(".checkpoint.pt.tmp"))
+    trainer._stop_requested = True  # outside a write, a second Ctrl-C aborts at once
+    with pytest.raises(KeyboardInterrupt):
+        trainer._on_signal(signal.SIGINT, None)

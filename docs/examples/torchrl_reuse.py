@@ -1,6 +1,6 @@
 """Drive an aefrl world model from plain torchrl code: plan one DMC episode with CEMPlanner.
 
-    python docs/examples/torchrl_reuse.py runs/cartpole-swingup/aef/s0-...  # a trained run
+    python docs/examples/torchrl_reuse.py runs/cartpole-swingup/dreamer-aef/s0-...  # a trained run
     python docs/examples/torchrl_reuse.py  # no checkpoint: fits a tiny world model first (CI)
 
 The world model filters each real frame with its posterior (a TensorDictModule on the keys
