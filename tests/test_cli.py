@@ -139,6 +139,32 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
         (["replay.storage=ram"], "replay.storage must be one of auto, memory, device, disk"),
         (["replay.seq_len=1"], "replay.seq_len must be >= 2, got 1"),
         (["replay.capacity=1e9"], "replay.capacity=1000000000 needs 11444 GiB of RAM"),
+        # was accepted: the model had 4 latents, run_config.yaml recorded 4.5
+        (["obs_model.latent_dim=4.5"], "obs_model.latent_dim must be an integer >= 1, got 4.5"),
+        # these named a partial key (lr.model, gamma, render, ...) or none
+        (["agent.lr.model=-1"], "agent.lr.model must be > 0, got -1"),
+        (["agent.actor_loss.gamma=2"], "agent.actor_loss.gamma must lie in (0, 1], got 2"),
+        (["agent.wm_loss.free_nats=-1"], "agent.wm_loss.free_nats must be >= 0, got -1"),
+        (["env.render=pretty"], "env.render must be one of faithful, fast, got 'pretty'."),
+        (
+            ["obs_model.options.sigma_x=foo"],
+            "obs_model.options.sigma_x must be one of learned, head, fixed, got 'foo'",
+        ),
+        (
+            ["agent.world_model.conv_style=v2"],
+            "agent.world_model.conv_style must be one of v3, v1, got 'v2'",
+        ),
+        (
+            ["agent.world_model=5"],
+            "agent.world_model is a group of settings, not a value: set its keys "
+            "(agent.world_model.<key>=<value>), got 5",
+        ),
+        # was a ~930-character list of every task
+        (
+            ["env.task=walker-fly"],
+            "env.task 'walker-fly' is not a DMC task (walker tasks: walker-run, walker-stand, "
+            "walker-walk); did you mean walker-walk?",
+        ),
     ],
 )
 def test_bad_input_is_one_sentence_and_exit_code_2(args, message, tmp_path):

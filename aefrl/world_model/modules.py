@@ -2,7 +2,7 @@
 
     from aefrl.world_model.modules import load_world_model, world_model_modules
 
-    wm = load_world_model("runs/cartpole-swingup/dreamer-aef/s0-...")  # a run directory or checkpoint.pt
+    wm = load_world_model("runs/cartpole-swingup/dreamer-aef/s0-...")  # run dir or checkpoint.pt
     m = world_model_modules(wm)  # name -> TensorDictModule
     td = m["posterior"](td)      # filter one real frame: updates td["belief"], td["state"]
     td = m["prior"](td)          # one imagined step under td["action"]
