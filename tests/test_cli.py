@@ -113,6 +113,13 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
     assert state["run_config"]["seed"] != 5 and state["run_config"]["threads"] == 1
     saved = OmegaConf.load(run_dir / "run_config.yaml")  # rewritten with the changed keys
     assert saved.loop.total_frames == frames + 100 and saved.threads == 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"tensors": 0})
+    events.Reload()
+    texts = events.Tensors("config/text_summary")  # at the start, and where the keys changed
+    assert [t.step for t in texts] == [0, frames]
+    assert f'"total_frames": {frames + 100}' in texts[1].tensor_proto.string_val[0].decode()
     first, resumed = read_run_records(run_dir)  # one record per start, resumes included
     assert first["frames"] == 0 and resumed["frames"] == frames
     assert f"resume={run_dir}" in resumed["command"]
