@@ -32,8 +32,12 @@ TAGS = (
     "heldout/bits_per_dim",
     "heldout/open_loop_mse_h45",
     "env/episode_return",
+    "eval/critic_value",
+    "eval/critic_return_to_go",
     "perf/fps",
 )
+# value / return-to-go per evaluation, derived per run: how far the critic is behind the policy
+CRITIC_RATIO = "eval/critic_value_over_return"
 FPS_FROM = 10000  # perf/fps averages since the process started: skip the fast random prefill
 
 
@@ -41,7 +45,12 @@ def read_run(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
     acc.Reload()
     have = set(acc.Tags()["scalars"])
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in TAGS if tag in have}
+    run = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in TAGS if tag in have}
+    togo = dict(run.get("eval/critic_return_to_go", []))
+    ratio = [(f, v / togo[f]) for f, v in run.get("eval/critic_value", []) if togo.get(f)]
+    if ratio:
+        run[CRITIC_RATIO] = ratio
+    return run
 
 
 def collect(roots: list[Path]) -> dict[str, dict[str, dict]]:
@@ -190,7 +199,7 @@ def main(argv=None) -> int:
         return 2
     name = args.name or args.roots[0].name
     args.out.mkdir(parents=True, exist_ok=True)
-    curves = [tag for tag in TAGS if tag != "perf/fps"]  # speed goes to the runs table
+    curves = [tag for tag in (*TAGS, CRITIC_RATIO) if tag != "perf/fps"]  # speed: runs table
     result = {g: {tag: summarise(runs, tag) for tag in curves} for g, runs in groups.items()}
     result["_runs"] = {g: sorted(runs) for g, runs in groups.items()}
     info = {
@@ -211,12 +220,16 @@ def main(argv=None) -> int:
         (f"Train return (mean of the episodes in each {args.window}-frame window)", None, "{:.0f}"),
         ("Held-out bits/dim (latest evaluation episode)", "heldout/bits_per_dim", "{:.3f}"),
         ("Open-loop prediction MSE at horizon 45", "heldout/open_loop_mse_h45", "{:.5f}"),
+        ("Critic's value of the visited states (eval episodes)", "eval/critic_value", "{:.1f}"),
+        ("Discounted return the policy then collected", "eval/critic_return_to_go", "{:.1f}"),
+        ("Critic value / discounted return (per run, then over seeds)", CRITIC_RATIO, "{:.2f}"),
     ]
     counts = {g: len(runs) for g, runs in groups.items()}
     lines: list[str] = []
     for title, tag, fmt in sections:
         series = train if tag is None else {g: result[g][tag] for g in groups}
-        lines += [f"### {title}", "", *table(series, fmt, counts), ""]
+        if any(series.values()):  # runs from before a tag existed have no table for it
+            lines += [f"### {title}", "", *table(series, fmt, counts), ""]
     lines += ["### Runs", "", *runs_table(info), ""]
     (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -18,7 +18,7 @@ def _load():
     return module
 
 
-def _run(path: Path, evals: dict[int, float], train: dict[int, float]) -> None:
+def _run(path: Path, evals: dict[int, float], train: dict[int, float], critic=None) -> None:
     w = SummaryWriter(str(path / "tb"))
     for step, value in evals.items():
         w.add_scalar("eval/episode_return", value, step)
@@ -27,14 +27,17 @@ def _run(path: Path, evals: dict[int, float], train: dict[int, float]) -> None:
     w.add_scalar("heldout/bits_per_dim", 6.5, 20000)
     for step, fps in ((5000, 90.0), (10000, 12.0), (20000, 10.0), (30000, 11.0)):
         w.add_scalar("perf/fps", fps, step)  # the prefill's 90 is left out of the median
+    for step, (value, togo) in (critic or {}).items():
+        w.add_scalar("eval/critic_value", value, step)
+        w.add_scalar("eval/critic_return_to_go", togo, step)
     w.close()
 
 
 def test_report_tables_seeds_and_windows(tmp_path):
     root = tmp_path / "task"
     evals = {10000: 100.0, 20000: 300.0, 30000: 350.0}  # s0 ran longer than s1
-    _run(root / "aef/s0", evals, {1000: 10.0, 9000: 30.0, 15000: 50.0})
-    _run(root / "aef/s1", {10000: 200.0, 20000: 500.0}, {5000: 20.0})
+    _run(root / "aef/s0", evals, {1000: 10.0, 9000: 30.0, 15000: 50.0}, {10000: (1.0, 10.0)})
+    _run(root / "aef/s1", {10000: 200.0, 20000: 500.0}, {5000: 20.0}, {10000: (9.0, 30.0)})
     _run(root / "vae/s0", {10000: 50.0}, {12000: 7.0})
     from aefrl.provenance import append_run_record, cpu_model
 
@@ -50,6 +53,9 @@ def test_report_tables_seeds_and_windows(tmp_path):
     assert "| 10000 | 20 [20, 20] |  |" in md
     assert "| 20000 | 50 (1 of 2) | 7 |" in md
     assert "| 20000 | 6.500 [6.500, 6.500] | 6.500 |" in md
+    # the critic's calibration as a ratio per run (0.1 and 0.3), then over the seeds: a ratio of
+    # the means (10 / 40) would read 0.25
+    assert "| 10000 | 0.20 [0.10, 0.30] |  |" in md
     # the runs: frames reached, median frames/s after the prefill, machine and starts recorded
     assert f"| {root / 'aef/s0'} | 30000 | 11.0 | {cpu_model()} | 2 |" in md
     assert f"| {root / 'vae/s0'} | 30000 | 11.0 | not recorded | 0 |" in md
