@@ -34,6 +34,7 @@ from aefrl.checkpoint import CHECKPOINT_NAME, CheckpointError, check_contents, l
 from aefrl.cli import UserError, make_env, resolve_device
 from aefrl.logging import RunLogger
 from aefrl.loop import LoopConfig, Trainer
+from aefrl.nn import conv_stages
 from aefrl.overrides import OverrideError, check_overrides
 from aefrl.provenance import RUN_RECORDS, append_run_record, command_line
 from aefrl.replay import STORAGES, SequenceReplay
@@ -217,6 +218,13 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
     loop = dict(conf["loop"])  # runs from before loop.cuda_graph existed resume with "auto"
     cuda_graph = resolve_cuda_graph(loop.pop("cuda_graph", "auto"), device)
 
+    try:  # the conv trunks halve the image down to 4 pixels: refuse other sides before the env
+        conv_stages(conf["env"]["image_size"], conf["env"]["image_size"])
+    except (TypeError, ValueError):
+        raise UserError(
+            "env.image_size must be 4 times a power of two (8, 16, 32, 64, 128, ...), got "
+            f"{conf['env']['image_size']}"
+        ) from None
     env = build_env(conf["env"], seed)
     action_dim = int(env.action_spec.shape[-1])
     size = int(conf["env"]["image_size"])

@@ -145,6 +145,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
         (["seed=-1"], "seed must be a whole number in [0, 2**32 - 1], got -1"),
         (["replay.storage=ram"], "replay.storage must be one of auto, memory, device, disk"),
         (["replay.seq_len=1"], "replay.seq_len must be >= 2, got 1"),
+        (["env.image_size=63"], "env.image_size must be 4 times a power of two"),
+        (["agent.value_loss.slow_reg=-1"], "agent.value_loss.slow_reg must be >= 0, got -1"),
         (["replay.capacity=1e9"], "replay.capacity=1000000000 needs 11444 GiB of RAM"),
         # was accepted: the model had 4 latents, run_config.yaml recorded 4.5
         (["obs_model.latent_dim=4.5"], "obs_model.latent_dim must be an integer >= 1, got 4.5"),

@@ -33,6 +33,8 @@ class DreamerValueLoss(LossModule):
     def __init__(self, critic: Critic, *, slow_reg: float = 1.0) -> None:
         super().__init__()
         self.critic = critic
+        if not slow_reg >= 0:  # a negative pull pushes the critic away from its own average
+            raise ValueError(f"slow_reg must be >= 0, got {slow_reg}")
         self.slow_reg = float(slow_reg)
 
     def _forward_value_estimator_keys(self, **kwargs) -> None:
