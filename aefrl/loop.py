@@ -292,12 +292,26 @@ class Trainer:
                 if on_iteration is not None:
                     on_iteration(self)
             self.save()
+            if not self._stop_requested:
+                self._final_evaluation()
         finally:
             bar.close()
             self.logger.flush()
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
         return dict(self.counters)
+
+    def _final_evaluation(self) -> None:
+        """A run that reached ``total_frames`` between two evaluations (or reports) evaluates
+        (and reports) once more at its last frame, so its curves end where training did. After
+        the final checkpoint: a resume that raises ``total_frames`` continues from the state the
+        periodic schedule left, as the uninterrupted run would."""
+        frames = self.counters["frames"]
+        if self.config.eval_every and self._eval.last != frames and self.make_eval_env:
+            self.evaluate()
+        if self.config.report_every and self._report.last != frames:
+            self.report()
+        self.logger.flush()
 
     def _iteration(self, updates_per_step: float) -> None:
         c = self.config
