@@ -305,7 +305,8 @@ class Trainer:
         """A run that reached ``total_frames`` between two evaluations (or reports) evaluates
         (and reports) once more at its last frame, so its curves end where training did. After
         the final checkpoint: a resume that raises ``total_frames`` continues from the state the
-        periodic schedule left, as the uninterrupted run would."""
+        periodic schedule left, as the uninterrupted run would (only this extra point in the
+        logs tells them apart). A run stopped by a signal skips it."""
         frames = self.counters["frames"]
         if self.config.eval_every and self._eval.last != frames and self.make_eval_env:
             self.evaluate()
