@@ -34,6 +34,7 @@ TAGS = (
     "env/episode_return",
     "eval/critic_value",
     "eval/critic_return_to_go",
+    "train/imag_value",
     "perf/fps",
 )
 # value / return-to-go per evaluation, derived per run: how far the critic is behind the policy
@@ -201,6 +202,9 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     curves = [tag for tag in (*TAGS, CRITIC_RATIO) if tag != "perf/fps"]  # speed: runs table
     result = {g: {tag: summarise(runs, tag) for tag in curves} for g, runs in groups.items()}
+    for g in groups:  # a train/* point every log_every frames: keep the window's multiples
+        rows = result[g]["train/imag_value"]
+        result[g]["train/imag_value"] = [r for r in rows if r["frames"] % args.window == 0]
     result["_runs"] = {g: sorted(runs) for g, runs in groups.items()}
     info = {
         r: run_info(Path(r), runs[r])
@@ -223,6 +227,7 @@ def main(argv=None) -> int:
         ("Critic's value of the visited states (eval episodes)", "eval/critic_value", "{:.1f}"),
         ("Discounted return the policy then collected", "eval/critic_return_to_go", "{:.1f}"),
         ("Critic value / discounted return (per run, then over seeds)", CRITIC_RATIO, "{:.2f}"),
+        ("Critic's mean value of imagined states (train/imag_value)", "train/imag_value", "{:.1f}"),
     ]
     counts = {g: len(runs) for g, runs in groups.items()}
     lines: list[str] = []

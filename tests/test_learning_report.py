@@ -27,6 +27,8 @@ def _run(path: Path, evals: dict[int, float], train: dict[int, float], critic=No
     w.add_scalar("heldout/bits_per_dim", 6.5, 20000)
     for step, fps in ((5000, 90.0), (10000, 12.0), (20000, 10.0), (30000, 11.0)):
         w.add_scalar("perf/fps", fps, step)  # the prefill's 90 is left out of the median
+    for step in (2000, 10000, 12000, 20000):  # logged every 2000 frames; reported per window
+        w.add_scalar("train/imag_value", step / 1000, step)
     for step, (value, togo) in (critic or {}).items():
         w.add_scalar("eval/critic_value", value, step)
         w.add_scalar("eval/critic_return_to_go", togo, step)
@@ -56,6 +58,7 @@ def test_report_tables_seeds_and_windows(tmp_path):
     # the critic's calibration as a ratio per run (0.1 and 0.3), then over the seeds: a ratio of
     # the means (10 / 40) would read 0.25
     assert "| 10000 | 0.20 [0.10, 0.30] |  |" in md
+    assert "| 10000 | 10.0 [10.0, 10.0] | 10.0 |" in md and "| 12000 | 12.0" not in md
     # the runs: frames reached, median frames/s after the prefill, machine and starts recorded
     assert f"| {root / 'aef/s0'} | 30000 | 11.0 | {cpu_model()} | 2 |" in md
     assert f"| {root / 'vae/s0'} | 30000 | 11.0 | not recorded | 0 |" in md
