@@ -206,12 +206,7 @@ def main(argv=None) -> int:
         rows = result[g]["train/imag_value"]
         result[g]["train/imag_value"] = [r for r in rows if r["frames"] % args.window == 0]
     result["_runs"] = {g: sorted(runs) for g, runs in groups.items()}
-    info = {
-        r: run_info(Path(r), runs[r])
-        for g in sorted(groups)
-        for runs in [groups[g]]
-        for r in sorted(runs)
-    }
+    info = {r: run_info(Path(r), groups[g][r]) for g in sorted(groups) for r in sorted(groups[g])}
     result["_run_info"] = info
     result["_command"] = command_line("scripts/learning_report.py", argv)
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=2))
