@@ -102,7 +102,12 @@ class DreamerAgent(nn.Module):
         self.return_norm = ReturnNormalizer()
         self.wm_loss = WorldModelLoss(self.world_model, **(wm_loss or {}))
         self.actor_loss = DreamerActorLoss(
-            self.world_model, self.actor, self.slow_critic, self.return_norm, **(actor_loss or {})
+            self.world_model,
+            self.actor,
+            self.slow_critic,
+            self.return_norm,
+            critic=self.critic,
+            **(actor_loss or {}),
         )
         self.value_loss = DreamerValueLoss(self.critic, **(value_loss or {}))
         lr = {"model": 3e-4, "actor": 8e-5, "critic": 8e-5, **(lr or {})}

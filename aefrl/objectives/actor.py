@@ -1,10 +1,11 @@
 """Actor loss in imagination (SPEC §7) as a torchrl ``LossModule``.
 
 From every posterior state of a replay batch, imagine ``horizon`` steps with the actor, score
-them with the reward and continue heads and the slow critic, form λ-returns, normalise them by
-the return scale ``max(1, S)``, and maximise them by backpropagating through the (frozen) world
-model — "dynamics backprop", the choice of DreamerV1/V2 for continuous actions — plus an
-entropy bonus.
+them with the reward and continue heads and a critic (the slow one by default, DreamerV2's
+target network; the trained one with ``bootstrap="fast"``, as DreamerV3 does), form λ-returns,
+normalise them by the return scale ``max(1, S)``, and maximise them by backpropagating through
+the (frozen) world model — "dynamics backprop", the choice of DreamerV1/V2 for continuous
+actions — plus an entropy bonus.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.objectives import LossModule
 
 from aefrl import keys
-from aefrl.actor_critic import Actor, ReturnNormalizer, SlowCopy, imagine, lambda_returns
+from aefrl.actor_critic import Actor, Critic, ReturnNormalizer, SlowCopy, imagine, lambda_returns
 from aefrl.nn import check_size, frozen
 from aefrl.world_model import RSSMState, WorldModel
+
+#: Which critic's values the λ-returns bootstrap from (:class:`DreamerActorLoss`).
+BOOTSTRAPS = ("slow", "fast")
 
 
 class DreamerActorLoss(LossModule):
@@ -28,9 +32,16 @@ class DreamerActorLoss(LossModule):
     end; ``H_k = −log π(a_k | s_k)`` is a one-sample entropy estimate (the tanh-Gaussian has
     no closed form; for the bounded normal its reparameterised gradient is the closed form's).
 
+    ``R^λ_k`` bootstraps from ``v(s_{k+1})`` of the slow critic (``bootstrap="slow"``, the
+    default: DreamerV2's target network, ~1/τ updates behind) or of the trained ``critic``
+    (``"fast"``: DreamerV3, whose slow critic only regularises the critic). A bootstrap that
+    lags the critic adds its lag to every round of value propagation; with the critic's pull
+    towards the slow copy (``slow_reg``) on top, values grow slowly when few updates are made.
+
     The returned TensorDict also carries the imagined trajectory (``belief``, ``state``
-    ``[N, H+1, ·]``, detached) with ``lambda_return``, ``slow_value`` and ``weight`` ``[N, H]``
-    for :class:`~aefrl.objectives.value.DreamerValueLoss`.
+    ``[N, H+1, ·]``, detached) with ``lambda_return``, ``slow_value`` (the slow critic's
+    values of ``s_0..s_{H-1}``, the regulariser's target) and ``weight`` ``[N, H]`` for
+    :class:`~aefrl.objectives.value.DreamerValueLoss`.
     """
 
     @dataclass
@@ -52,6 +63,8 @@ class DreamerActorLoss(LossModule):
         gamma: float = 0.997,
         lmbda: float = 0.95,
         entropy_coef: float = 3e-4,
+        bootstrap: str = "slow",
+        critic: Critic | None = None,
     ) -> None:
         super().__init__()
         horizon = check_size("horizon", horizon)
@@ -61,12 +74,20 @@ class DreamerActorLoss(LossModule):
             raise ValueError(f"lmbda must lie in [0, 1], got {lmbda}")
         if not entropy_coef >= 0:
             raise ValueError(f"entropy_coef must be >= 0, got {entropy_coef}")
+        if bootstrap not in BOOTSTRAPS:
+            raise ValueError(f"bootstrap must be one of {', '.join(BOOTSTRAPS)}, got {bootstrap!r}")
+        if bootstrap == "fast" and critic is None:
+            raise ValueError('bootstrap="fast" needs the critic (critic=...)')
         self.world_model = world_model
         self.actor = actor
         self.slow_critic = slow_critic
         self.return_norm = return_norm
         self.horizon, self.gamma, self.lmbda = int(horizon), float(gamma), float(lmbda)
         self.entropy_coef = float(entropy_coef)
+        self.bootstrap = bootstrap
+        # A list keeps the critic out of this loss's state_dict (like SlowCopy.source): the
+        # agent owns and saves it, and checkpoints do not depend on the bootstrap choice.
+        self.critic_ref = [critic] if bootstrap == "fast" else []
 
     def _forward_value_estimator_keys(self, **kwargs) -> None:
         pass
@@ -76,7 +97,7 @@ class DreamerActorLoss(LossModule):
         [N, 1]`` of the rows they came from (imagination from a terminal state counts zero)."""
         wm = self.world_model
         s0 = RSSMState(start[self.tensor_keys.belief], start[self.tensor_keys.state])
-        with frozen(wm, self.slow_critic):
+        with frozen(wm, self.slow_critic, *self.critic_ref):
             states, actions, log_probs = imagine(wm.rssm, self.actor, s0, self.horizon)
             feat = states.feat  # [N, H+1, F]
             # One contiguous copy: a strided [N, H, F] slice turns each head's first Linear
@@ -84,9 +105,14 @@ class DreamerActorLoss(LossModule):
             after = feat[:, 1:].contiguous()
             reward = wm.reward_head(after).mean
             cont = wm.continue_head(after).mean
-            value = self.slow_critic(feat).mean  # [N, H+1]
+            if self.critic_ref:  # fast: bootstrap from the critic, regularise towards the slow one
+                value = self.critic_ref[0](after).mean  # v(s_1..s_H) [N, H]
+                slow_value = self.slow_critic(feat[:, :-1].contiguous()).mean.detach()
+            else:
+                slow = self.slow_critic(feat).mean  # [N, H+1]
+                value, slow_value = slow[:, 1:], slow[:, :-1].detach()
         discount = self.gamma * cont
-        returns = lambda_returns(reward, value[:, 1:], discount, self.lmbda)  # [N, H]
+        returns = lambda_returns(reward, value, discount, self.lmbda)  # [N, H]
         alive = 1.0 - start[self.tensor_keys.terminated].to(feat.dtype)  # [N, 1]
         weight = torch.cumprod(torch.cat([alive, discount[:, :-1]], 1), 1).detach()
         scale = self.return_norm.update(returns)
@@ -102,12 +128,12 @@ class DreamerActorLoss(LossModule):
                 "action_saturation": (actions.detach().abs() > 0.99).float().mean(),
                 "imag_return": returns.detach().mean(),
                 "imag_reward": reward.detach().mean(),
-                "imag_value": value[:, :-1].detach().mean(),
+                "imag_value": slow_value.mean(),
                 "return_scale": scale.detach().clone(),
                 keys.BELIEF: states.h.detach(),
                 keys.STATE: states.z.detach(),
                 "lambda_return": returns.detach(),
-                "slow_value": value[:, :-1].detach(),
+                "slow_value": slow_value,
                 "weight": weight,
             },
             batch_size=[],

@@ -41,8 +41,9 @@ def _setup(actor_dist="tanh_normal"):
     return wm, actor, critic, slow, start
 
 
-def _reference(wm, actor, slow, start):
-    """The actor objective written from the spec, step by step, without the library helpers."""
+def _reference(wm, actor, slow, start, bootstrap_net=None):
+    """The actor objective written from the spec, step by step, without the library helpers;
+    the λ-returns bootstrap from ``bootstrap_net`` (default: the slow critic)."""
     state = RSSMState(start[keys.BELIEF], start[keys.STATE])
     feats, log_probs, actions = [state.feat], [], []
     for _ in range(HORIZON):
@@ -54,7 +55,7 @@ def _reference(wm, actor, slow, start):
     feat = torch.stack(feats, 1)  # s_0 .. s_H
     reward = wm.reward_head(feat[:, 1:]).mean  # r(s_{k+1})
     cont = wm.continue_head(feat[:, 1:]).mean
-    value = slow(feat).mean  # v(s_0) .. v(s_H)
+    value = (bootstrap_net or slow)(feat).mean  # v(s_0) .. v(s_H)
     # R_k = r_k + γ c_k ((1 − λ) v(s_{k+1}) + λ R_{k+1}),  R_{H-1} = r + γ c v(s_H)
     returns = [None] * HORIZON
     nxt = value[:, HORIZON]
@@ -76,32 +77,40 @@ def _reference(wm, actor, slow, start):
     entropy = -torch.stack(log_probs, 1)
     objective = returns / spread.clamp_min(1.0) + ETA * entropy
     saturation = (torch.stack(actions, 1).abs() > 0.99).double().mean()
-    return -(weight * objective).mean(), returns, weight, value, spread, feat, saturation
+    slow_value = slow(feat).mean[:, :-1]
+    return -(weight * objective).mean(), returns, weight, slow_value, spread, feat, saturation
 
 
-@pytest.mark.parametrize("actor_dist", ["tanh_normal", "bounded_normal"])
-def test_actor_loss_matches_the_spec_in_value_and_gradient(actor_dist):
-    wm, actor, _, slow, start = _setup(actor_dist)
+@pytest.mark.parametrize(
+    ("actor_dist", "bootstrap"),
+    [("tanh_normal", "slow"), ("bounded_normal", "slow"), ("tanh_normal", "fast")],
+)
+def test_actor_loss_matches_the_spec_in_value_and_gradient(actor_dist, bootstrap):
+    wm, actor, critic, slow, start = _setup(actor_dist)
     loss = DreamerActorLoss(
         wm, actor, slow, ReturnNormalizer(), horizon=HORIZON, gamma=GAMMA, lmbda=LMBDA,
-        entropy_coef=ETA,
+        entropy_coef=ETA, bootstrap=bootstrap, critic=critic,
     )  # fmt: skip
     torch.manual_seed(3)
     out = loss(start)
     actor_params = list(actor.parameters())
     out["loss_actor"].backward()
     got = [p.grad for p in actor_params]
-    # Dynamics backprop through a frozen world model and slow critic: they get no gradient.
-    assert all(p.grad is None for p in [*wm.parameters(), *slow.parameters()])
+    # Dynamics backprop through a frozen world model and critics: they get no gradient.
+    frozen = [*wm.parameters(), *slow.parameters(), *critic.parameters()]
+    assert all(p.grad is None for p in frozen)
 
     torch.manual_seed(3)  # the same action and prior noise
-    want_loss, returns, weight, value, spread, feat, saturation = _reference(wm, actor, slow, start)
+    net = critic if bootstrap == "fast" else slow
+    want_loss, returns, weight, value, spread, feat, saturation = _reference(
+        wm, actor, slow, start, net
+    )
     assert spread > 1.5  # the normalisation divides by the spread here, not by 1
     assert weight[1].abs().sum() == 0 and weight[0, -1] < weight[0, 0]
     torch.testing.assert_close(out["loss_actor"], want_loss)
     torch.testing.assert_close(out["lambda_return"], returns.detach())
     torch.testing.assert_close(out["weight"], weight)
-    torch.testing.assert_close(out["slow_value"], value[:, :-1].detach())
+    torch.testing.assert_close(out["slow_value"], value.detach())
     torch.testing.assert_close(out["return_scale"], spread.to(out["return_scale"].dtype))
     torch.testing.assert_close(out[keys.BELIEF], feat[..., :8].detach())
     torch.testing.assert_close(out[keys.STATE], feat[..., 8:].detach())
@@ -110,6 +119,37 @@ def test_actor_loss_matches_the_spec_in_value_and_gradient(actor_dist):
     want = torch.autograd.grad(want_loss, actor_params)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+def test_fast_and_slow_bootstraps_differ_and_checkpoints_do_not():
+    """The two bootstraps give different returns here (the critics differ), and the loss's
+    state_dict is the same either way (the agent saves the critic, not the loss)."""
+    wm, actor, critic, slow, start = _setup()
+    outs, states = [], []
+    for bootstrap in ("slow", "fast"):
+        loss = DreamerActorLoss(
+            wm, actor, slow, ReturnNormalizer(), horizon=HORIZON, bootstrap=bootstrap,
+            critic=critic,
+        )  # fmt: skip
+        torch.manual_seed(3)
+        outs.append(loss(start))
+        states.append(set(loss.state_dict()))
+    assert (outs[0]["lambda_return"] - outs[1]["lambda_return"]).abs().max() > 0.1
+    torch.testing.assert_close(outs[0]["slow_value"], outs[1]["slow_value"])
+    assert states[0] == states[1]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"bootstrap": "target"}, "bootstrap must be one of slow, fast, got 'target'"),
+        ({"bootstrap": "fast"}, 'bootstrap="fast" needs the critic'),
+    ],
+)
+def test_actor_loss_refuses_a_bad_bootstrap(kwargs, message):
+    wm, actor, _, slow, _ = _setup()
+    with pytest.raises(ValueError, match=message):
+        DreamerActorLoss(wm, actor, slow, ReturnNormalizer(), **kwargs)
 
 
 def test_value_loss_matches_the_spec_in_value_and_gradient():
