@@ -1,13 +1,17 @@
 """Learning curves from TensorBoard event files: a JSON, a markdown table and a PNG plot.
 
     python scripts/learning_report.py runs/learning/cartpole-swingup --out docs/results/learning
+    python scripts/learning_report.py "γ 0.99=runs/gamma/cartpole-swingup" \
+        "fast bootstrap=runs/bootstrap/cartpole-swingup" --name cartpole-swingup_critic
 
 Reads ``eval/episode_return`` (deterministic policy, separate env) and, where present,
 ``heldout/bits_per_dim`` of every run under the given folders (a run = a folder holding
 ``tb/``), groups runs by their parent folder name (e.g. ``aef``, ``vae``) and reports the mean
-and spread over seeds at each evaluation point. A table of the runs gives each one's frames, its
-training speed and the machines and commands its ``provenance.jsonl`` records (written by
-``scripts/train.py`` at every start; runs from before it have none).
+and spread over seeds at each evaluation point. A folder given as ``LABEL=FOLDER`` prefixes its
+groups with the label (``γ 0.99 aef``), so that variants of one agent stay apart. A table of
+the runs gives each one's frames, its training speed and the machines and commands its
+``provenance.jsonl`` records (written by ``scripts/train.py`` at every start; runs from before
+it have none).
 """
 
 from __future__ import annotations
@@ -54,13 +58,24 @@ def read_run(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return run
 
 
-def collect(roots: list[Path]) -> dict[str, dict[str, dict]]:
-    """``{group: {run: {tag: [(frames, value)]}}}``."""
+def parse_root(text: str) -> tuple[str, Path]:
+    """``"LABEL=FOLDER"`` -> ``(LABEL, FOLDER)``; a plain folder (or one whose name holds
+    ``=``) -> ``("", folder)``."""
+    label, sep, folder = text.partition("=")
+    if sep and label and folder and not Path(text).exists():
+        return label, Path(folder)
+    return "", Path(text)
+
+
+def collect(roots: list[tuple[str, Path]]) -> dict[str, dict[str, dict]]:
+    """``{group: {run: {tag: [(frames, value)]}}}`` from ``(label, folder)`` pairs; a run's
+    group is its parent folder's name, after the label if there is one."""
     groups: dict[str, dict[str, dict]] = defaultdict(dict)
-    for root in roots:
+    for label, root in roots:
         for tb in sorted(root.glob("**/tb")):
             run = tb.parent
-            groups[run.parent.name][str(run)] = read_run(tb)
+            group = f"{label} {run.parent.name}" if label else run.parent.name
+            groups[group][str(run)] = read_run(tb)
     return groups
 
 
@@ -188,17 +203,18 @@ def table(series: dict[str, list[dict]], fmt: str, runs: dict[str, int]) -> list
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("roots", nargs="+", type=Path, help="folders holding runs")
+    p.add_argument("roots", nargs="+", help="folders holding runs, each FOLDER or LABEL=FOLDER")
     p.add_argument("--out", type=Path, default=Path("docs/results/learning"))
-    p.add_argument("--name", default=None, help="file stem (default: the first root's name)")
+    p.add_argument("--name", default=None, help="file stem (default: the first folder's name)")
     p.add_argument("--window", type=int, default=10000, help="frames per train-return bin")
     args = p.parse_args(argv)
-    groups = collect(args.roots)
+    roots = [parse_root(r) for r in args.roots]
+    groups = collect(roots)
     if not groups:
-        roots = ", ".join(str(r) for r in args.roots)
-        print(f"error: no runs (folders with tb/) under {roots}", file=sys.stderr)
+        folders = ", ".join(str(folder) for _, folder in roots)
+        print(f"error: no runs (folders with tb/) under {folders}", file=sys.stderr)
         return 2
-    name = args.name or args.roots[0].name
+    name = args.name or roots[0][1].name
     args.out.mkdir(parents=True, exist_ok=True)
     curves = [tag for tag in (*TAGS, CRITIC_RATIO) if tag != "perf/fps"]  # speed: runs table
     result = {g: {tag: summarise(runs, tag) for tag in curves} for g, runs in groups.items()}

@@ -69,6 +69,19 @@ def test_report_tables_seeds_and_windows(tmp_path):
         assert (out / png).stat().st_size > 0
 
 
+def test_labelled_folders_keep_variants_of_one_agent_apart(tmp_path):
+    _run(tmp_path / "default/task/aef/s0", {10000: 100.0}, {})
+    _run(tmp_path / "variant/task/aef/s0", {10000: 300.0}, {})
+    _run(tmp_path / "a=b/task/aef/s0", {10000: 700.0}, {})  # a folder whose name holds "="
+    out = tmp_path / "out"
+    argv = [str(tmp_path / "default/task"), f"γ 0.99={tmp_path / 'variant/task'}"]
+    assert _load().main([*argv, str(tmp_path / "a=b"), "--out", str(out)]) == 0
+    result = json.loads((out / "task.json").read_text())  # named after the first folder
+    assert sorted(result["_runs"]) == ["aef", "γ 0.99 aef"]
+    assert result["aef"]["eval/episode_return"][0]["mean"] == 400.0  # default and a=b
+    assert result["γ 0.99 aef"]["eval/episode_return"][0]["mean"] == 300.0
+
+
 def test_no_runs_is_an_error(tmp_path, capsys):
     assert _load().main([str(tmp_path)]) == 2
     assert "no runs" in capsys.readouterr().err
