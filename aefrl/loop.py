@@ -267,6 +267,7 @@ class Trainer:
             smoothing=0.05,
         )
         t_start, f_start = time.time(), self.counters["frames"]
+        since_log = (t_start, f_start)  # perf/fps_interval: frames/s since the last log
         if self.counters["iterations"] == 0:
             self.logger.log_config(self.run_config)
         try:
@@ -274,7 +275,8 @@ class Trainer:
                 self._iteration(updates_per_step)
                 frames = self.counters["frames"]
                 bar.update(frames - bar.n)
-                fps = (frames - f_start) / max(time.time() - t_start, 1e-9)
+                now = time.time()
+                fps = (frames - f_start) / max(now - t_start, 1e-9)
                 bar.set_postfix(
                     fps=f"{fps:.0f}",
                     ret=f"{self.last_return:.1f}",
@@ -282,7 +284,9 @@ class Trainer:
                     refresh=False,
                 )
                 if self._log(frames):
-                    self._write_metrics(fps)
+                    interval = (frames - since_log[1]) / max(now - since_log[0], 1e-9)
+                    self._write_metrics(fps, interval)
+                    since_log = (now, frames)
                 if self._eval(frames) and self.make_eval_env is not None:
                     self.evaluate()
                 if self._report(frames):
@@ -367,7 +371,10 @@ class Trainer:
             )
             return self.agent.train_step
 
-    def _write_metrics(self, fps: float) -> None:
+    def _write_metrics(self, fps: float, fps_interval: float) -> None:
+        """Logs the update metrics gathered since the last call (their means) and ``perf/*``:
+        ``fps``, frames/s since the process started (prefill, evaluations and pauses included),
+        and ``fps_interval``, frames/s since the last log (the current speed)."""
         step = self.counters["frames"]
         if self._pending:
             means = {k: torch.stack(vs).float().mean() for k, vs in self._pending.items()}
@@ -376,6 +383,7 @@ class Trainer:
         self.logger.log_scalars(
             {
                 "fps": fps,
+                "fps_interval": fps_interval,
                 "agent_steps": self.counters["agent_steps"],
                 "updates": self.counters["updates"],
                 "replay_rows": len(self.replay),

@@ -1,6 +1,7 @@
 """The training loop on a real DMC task: exact resume, evaluation, reports, checkpoints."""
 
 import signal
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -104,13 +105,14 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
 
 
 def _scalars(run_dir) -> dict:
-    """``{tag: [(step, value), ...]}`` of every scalar in a run's event files, but perf/fps."""
+    """``{tag: [(step, value), ...]}`` of every scalar in a run's event files, but the
+    wall-clock rates perf/fps and perf/fps_interval."""
     acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
     return {
         tag: [(e.step, e.value) for e in acc.Scalars(tag)]
         for tag in acc.Tags()["scalars"]
-        if tag != "perf/fps"
+        if tag not in ("perf/fps", "perf/fps_interval")
     }
 
 
@@ -138,6 +140,7 @@ def test_loop_writes_evaluations_reports_and_a_final_checkpoint(tmp_path):
         "heldout/bits_per_dim",
         "heldout/open_loop_mse_h1",
         "perf/fps",
+        "perf/fps_interval",
     }
     assert expected <= set(tags["scalars"])
     assert "heldout/open_loop_real_imagined_error" in tags["images"]
@@ -187,11 +190,11 @@ def test_loop_config_takes_whole_floats_as_counts_and_refuses_fractions():
         LoopConfig(total_frames=0.0)
 
 
-def _prefill_only_counters(env, tmp_path, total_frames: int, **config) -> dict:
-    """Counters of a run that only collects (random prefill) until ``total_frames``."""
+def _prefill_only_trainer(env, tmp_path, total_frames: int, **config) -> Trainer:
+    """A run that only collects (random prefill) until ``total_frames``."""
     agent = DreamerAgent((3, 64, 64), 1, **{k: dict(v) for k, v in TINY.items()})
     schedule = dict(SCHEDULE, total_frames=total_frames, prefill_steps=1000, **config)
-    trainer = Trainer(
+    return Trainer(
         agent,
         env,
         SequenceReplay(400, 1, 8, 3, seed=0),
@@ -200,9 +203,36 @@ def _prefill_only_counters(env, tmp_path, total_frames: int, **config) -> dict:
         LoopConfig(**{**schedule, "eval_every": 0, "report_every": 0}),
         action_dim=1,
     )
-    counters = trainer.run(progress=False)
+
+
+def _prefill_only_counters(env, tmp_path, total_frames: int, **config) -> dict:
+    counters = _prefill_only_trainer(env, tmp_path, total_frames, **config).run(progress=False)
     env.close()
     return counters
+
+
+def test_perf_logs_the_speed_since_the_start_and_since_the_last_log(tmp_path, monkeypatch):
+    """``perf/fps`` averages from the start, ``perf/fps_interval`` over the last log period:
+    on a clock that slows from 2 to 0.4 frames/s at frame 120 they part there."""
+    trainer = _prefill_only_trainer(make_env(0), tmp_path, 240)  # a log every 40 frames
+
+    def clock(frames: int) -> float:
+        return frames / 2 if frames <= 120 else 60 + (frames - 120) * 2.5
+
+    fake_time = SimpleNamespace(time=lambda: clock(trainer.counters["frames"]))
+    monkeypatch.setattr("aefrl.loop.time", fake_time)
+    trainer.run(progress=False)
+    trainer.env.close()
+    trainer.logger.close()
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("perf/fps")]
+    assert steps[:6] == [40, 80, 120, 160, 200, 240]
+    cumulative = [f / clock(f) for f in steps[:6]]
+    interval = [2.0, 2.0, 2.0, 0.4, 0.4, 0.4]
+    logged = {tag: [e.value for e in acc.Scalars(tag)][:6] for tag in acc.Tags()["scalars"]}
+    torch.testing.assert_close(logged["perf/fps"], cumulative, rtol=1e-6, atol=0)  # float32
+    torch.testing.assert_close(logged["perf/fps_interval"], interval, rtol=1e-6, atol=0)
 
 
 def test_frames_count_what_the_env_simulated(tmp_path):
