@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 from collections import defaultdict
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,11 @@ TAGS = (
 )
 # value / return-to-go per evaluation, derived per run: how far the critic is behind the policy
 CRITIC_RATIO = "eval/critic_value_over_return"
-FPS_FROM = 10000  # perf/fps averages since the process started: skip the fast random prefill
+# Training speed: frames over wall-clock time between consecutive logs (the event files' wall
+# times of perf/fps, which itself averages since the process started and so folds the random
+# prefill, evaluations and any pause into every later point), from FPS_FROM frames on.
+FPS_FROM = 10000
+WALL = "perf/wall_time"
 
 
 def read_run(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -51,6 +56,8 @@ def read_run(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
     acc.Reload()
     have = set(acc.Tags()["scalars"])
     run = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in TAGS if tag in have}
+    if "perf/fps" in have:
+        run[WALL] = [(e.step, e.wall_time) for e in acc.Scalars("perf/fps")]
     togo = dict(run.get("eval/critic_return_to_go", []))
     ratio = [(f, v / togo[f]) for f, v in run.get("eval/critic_value", []) if togo.get(f)]
     if ratio:
@@ -80,10 +87,17 @@ def collect(roots: list[tuple[str, Path]]) -> dict[str, dict[str, dict]]:
 
 
 def run_info(run: Path, scalars: dict[str, list[tuple[int, float]]]) -> dict:
-    """Frames reached, median ``perf/fps`` from ``FPS_FROM`` frames on, and what the run's
-    ``provenance.jsonl`` says: the CPUs (and GPUs) it ran on and the command of every start."""
+    """Frames reached, the median frames/s between consecutive logs from ``FPS_FROM`` frames on
+    (a median, so the few periods holding an evaluation, a pause or a restart do not count),
+    and what the run's ``provenance.jsonl`` says: the CPUs (and GPUs) it ran on and the
+    command of every start."""
     records = read_run_records(run)
-    fps = [v for f, v in scalars.get("perf/fps", []) if f >= FPS_FROM]
+    wall = scalars.get(WALL, [])
+    fps = [
+        (f1 - f0) / (t1 - t0)
+        for (f0, t0), (f1, t1) in pairwise(wall)
+        if f0 >= FPS_FROM and f1 > f0 and t1 > t0
+    ]
     machines = sorted({r["cpu"] + (f" + {r['gpu']}" if r.get("gpu") else "") for r in records})
     return {
         "frames": max((f for series in scalars.values() for f, _ in series), default=0),
@@ -95,7 +109,8 @@ def run_info(run: Path, scalars: dict[str, list[tuple[int, float]]]) -> dict:
 
 def runs_table(info: dict[str, dict]) -> list[str]:
     lines = [
-        f"| run | last logged frame | median frames/s (from {FPS_FROM}) | machine | starts |",
+        f"| run | last logged frame | frames/s (median between logs, from {FPS_FROM}) | machine"
+        " | starts |",
         "|---|---:|---:|---|---:|",
     ]
     for run, i in info.items():
