@@ -99,12 +99,18 @@ def evaluate(agent, env, episodes: int, action_dim: int, device, record: bool):
     episode's frames: the agent's view of o_t next to the decoded posterior of o_t."""
     frames = []
     bar = tqdm(total=episodes, unit="episode")
+    steps = {"episode": 0, "step": 0}  # the step within the episode under way, on the bar:
+    # a planner at PlaNet's budget takes seconds per step, minutes per episode
 
     def on_step(observed, collector, episode):
         if record and episode == 0:
             recon = agent.world_model.decode_pixels(collector.carry.state).cpu()[:1]
             frames.append(torch.cat([observed["pixels"][:1], recon], -1)[0])
+        if episode != steps["episode"]:
+            steps.update(episode=episode, step=0)
+        steps["step"] += 1
         bar.update(episode - bar.n)
+        bar.set_postfix(step=steps["step"])
 
     result = run_episodes(env, agent, action_dim, device, episodes, on_step=on_step)
     bar.update(episodes - bar.n)

@@ -56,6 +56,7 @@ def test_smoke_run_writes_events_and_checkpoint(tmp_path, obs_model):
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "step=" in out.stderr  # the bar counts the steps of the episode under way
     result = json.loads((run_dir / "eval.json").read_text())
     assert len(result["returns"]) == 2 and result["obs_model"] == obs_model
     # The critic's calibration: G_0 is each episode's return discounted by the agent's γ.
