@@ -43,6 +43,12 @@ def test_purge_step_drops_what_a_killed_run_logged_after_its_checkpoint(tmp_path
     for step in range(10):
         first.log_scalars({"x": step}, step=step)
     first.close()
+    # The killed run started earlier, so its file sorts first. In one process within one second
+    # the names differ only in a per-process counter, which sorts as text (…9 after …10).
+    (path,) = (tmp_path / "run").rglob("events.out.tfevents.*")
+    parts = path.name.split(".")
+    parts[3] = f"{int(parts[3]) - 1:010d}"
+    path.rename(path.with_name(".".join(parts)))
     resumed = RunLogger("run", log_dir=str(tmp_path), purge_step=6)
     for step in range(6, 10):
         resumed.log_scalars({"x": 100 + step}, step=step)
