@@ -2,7 +2,7 @@
 
     python scripts/learning_report.py runs/learning/cartpole-swingup --out docs/results/learning
     python scripts/learning_report.py "γ 0.99=runs/gamma/cartpole-swingup" \
-        "fast bootstrap=runs/bootstrap/cartpole-swingup" --name cartpole-swingup_critic
+        "lr 3e-4=runs/critic_lr/cartpole-swingup" --name cartpole-swingup_critic
 
 Reads ``eval/episode_return`` (deterministic policy, separate env) and, where present,
 ``heldout/bits_per_dim`` of every run under the given folders (a run = a folder holding

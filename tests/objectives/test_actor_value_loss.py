@@ -102,7 +102,7 @@ def test_actor_loss_matches_the_spec_in_value_and_gradient(actor_dist, bootstrap
 
     torch.manual_seed(3)  # the same action and prior noise
     net = critic if bootstrap == "fast" else slow
-    want_loss, returns, weight, value, spread, feat, saturation = _reference(
+    want_loss, returns, weight, slow_value, spread, feat, saturation = _reference(
         wm, actor, slow, start, net
     )
     assert spread > 1.5  # the normalisation divides by the spread here, not by 1
@@ -110,7 +110,7 @@ def test_actor_loss_matches_the_spec_in_value_and_gradient(actor_dist, bootstrap
     torch.testing.assert_close(out["loss_actor"], want_loss)
     torch.testing.assert_close(out["lambda_return"], returns.detach())
     torch.testing.assert_close(out["weight"], weight)
-    torch.testing.assert_close(out["slow_value"], value.detach())
+    torch.testing.assert_close(out["slow_value"], slow_value.detach())
     torch.testing.assert_close(out["return_scale"], spread.to(out["return_scale"].dtype))
     torch.testing.assert_close(out[keys.BELIEF], feat[..., :8].detach())
     torch.testing.assert_close(out[keys.STATE], feat[..., 8:].detach())
