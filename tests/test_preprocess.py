@@ -65,6 +65,15 @@ def test_dequantize_stays_in_bin_and_quantize_inverts():
     o = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)
     x = pre.dequantize(o)
     assert torch.all(x >= o.float() / 256) and torch.all(x < (o.float() + 1) / 256)
+    # The top bins in float32: o + v rounded up to o + 1 for v within half an ulp of 1, which
+    # 2M draws hit ~15 times in expectation; the noise's bound keeps every bin, both ways.
+    torch.manual_seed(0)
+    top = torch.randint(128, 256, (2_000_000,), dtype=torch.uint8)
+    assert torch.all(Preprocess((1,)).dequantize(top) < (top.float() + 1) / 256)
+    for dtype in (torch.float32, torch.float64):
+        v = torch.tensor(pre.max_noise(dtype), dtype=dtype)
+        every = torch.arange(256, dtype=dtype)
+        assert torch.all(every + v < every + 1) and torch.all(every + v > every + 0.99)
     assert torch.equal(pre.quantize(x), o)
     y, _ = pre(x)
     assert torch.equal(pre.decode(y), o)
