@@ -184,9 +184,17 @@ class ReturnNormalizer(nn.Module):
         return returns / self.scale.clamp_min(1.0)
 
 
-def imagine(rssm, actor: Actor, start, horizon: int) -> tuple[object, torch.Tensor, torch.Tensor]:
+def imagine(
+    rssm, actor: Actor, start, horizon: int, input_grad: bool = False
+) -> tuple[object, torch.Tensor, torch.Tensor]:
     """Roll the prior forward ``horizon`` steps from ``start`` (RSSMState ``[N, ...]``) with
     actions from ``actor`` (reparameterised, so returns are differentiable w.r.t. the actor).
+
+    The actor sees ``sg(s_k)``, as in every Dreamer: the gradient reaches action ``a_k`` from
+    the states and rewards after it through the dynamics, but not through the later actions'
+    dependence on those states, and the entropy estimate ``−log π(a_k | s_k)`` is taken at a
+    fixed state. ``input_grad=True`` keeps the actor's input in the graph instead (the full
+    pathwise derivative; the project's runs before the option existed trained that way).
 
     Returns ``(states [N, H+1, ...], actions [N, H, A], log_probs [N, H])``: action k is taken
     in state k and leads to state k + 1.
@@ -196,7 +204,8 @@ def imagine(rssm, actor: Actor, start, horizon: int) -> tuple[object, torch.Tens
     hs, zs, actions, log_probs = [start.h], [start.z], [], []
     state = start
     for _ in range(horizon):
-        action, log_prob = actor(state.feat).rsample_and_log_prob()
+        feat = state.feat if input_grad else state.feat.detach()
+        action, log_prob = actor(feat).rsample_and_log_prob()
         state = rssm.img_step(state, action)
         hs.append(state.h)
         zs.append(state.z)

@@ -70,6 +70,19 @@ def resolve_cuda_graph(value, device: torch.device) -> dict:
 RESUME_OVERRIDABLE = ("loop.total_frames", "loop.checkpoint_every", "threads")
 
 
+def fill_legacy_defaults(conf: dict) -> dict:
+    """Give a resumed run's configuration ``conf`` (in place) the value of every learning key
+    added since it started that the run trained with, where the new default differs: a resume
+    continues the algorithm it began with. Returns ``conf``."""
+    agent = conf.get("agent")
+    if isinstance(agent, dict) and agent.get("name") == "dreamer":
+        # Before agent.actor_loss.actor_input_grad existed the actor trained through its input.
+        if agent.get("actor_loss") is None:  # null: the defaults of that time
+            agent["actor_loss"] = {}
+        agent["actor_loss"].setdefault("actor_input_grad", True)
+    return conf
+
+
 def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
     """The configuration this run uses, its directory, and the checkpoint it resumes (if any).
 
@@ -105,6 +118,7 @@ def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
     state = load_checkpoint(run_dir)
     check_contents(state, run_dir / CHECKPOINT_NAME)
     conf = copy.deepcopy(state["run_config"])  # overrides below must not touch the checkpoint's
+    fill_legacy_defaults(conf)
     from hydra.core.hydra_config import HydraConfig
 
     for item in HydraConfig.get().overrides.task:

@@ -240,6 +240,23 @@ def test_resuming_a_checkpoint_of_another_format_or_without_its_parts_is_refused
         script.run_configuration(cfg)
 
 
+def test_a_resumed_run_keeps_the_actor_gradient_it_started_with():
+    """Runs from before agent.actor_loss.actor_input_grad existed trained through the actor's
+    input; a resume must not switch them to the new default (sg of the input)."""
+    script = _train_script()
+    old = {"agent": {"name": "dreamer", "actor_loss": {"horizon": 15}}}
+    assert script.fill_legacy_defaults(old)["agent"]["actor_loss"]["actor_input_grad"] is True
+    null = {"agent": {"name": "dreamer", "actor_loss": None}}  # null: that time's defaults
+    assert script.fill_legacy_defaults(null)["agent"]["actor_loss"] == {"actor_input_grad": True}
+    new = {"agent": {"name": "dreamer", "actor_loss": {"actor_input_grad": False}}}
+    assert script.fill_legacy_defaults(new)["agent"]["actor_loss"]["actor_input_grad"] is False
+    planner = {"agent": {"name": "planner", "planner": {}}}
+    assert script.fill_legacy_defaults(planner) == {"agent": {"name": "planner", "planner": {}}}
+    # A new run gets the config file's default, which the agent accepts.
+    default = OmegaConf.load(ROOT / "configs/agent/dreamer.yaml")
+    assert default.actor_loss.actor_input_grad is False
+
+
 def test_value_errors_are_user_errors_in_setup_only(monkeypatch, tmp_path):
     """A ValueError while building the run is bad configuration (one sentence, exit 2); one
     raised by training itself is a bug and keeps its traceback."""

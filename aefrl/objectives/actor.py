@@ -5,7 +5,8 @@ them with the reward and continue heads and a critic (the slow one by default, D
 target network; the trained one with ``bootstrap="fast"``, as DreamerV3 does), form λ-returns,
 normalise them by the return scale ``max(1, S)``, and maximise them by backpropagating through
 the (frozen) world model — "dynamics backprop", the choice of DreamerV1/V2 for continuous
-actions — plus an entropy bonus.
+actions — plus an entropy bonus. As in every Dreamer, the actor sees the imagined states with
+their gradient stopped (``actor_input_grad=False``).
 """
 
 from __future__ import annotations
@@ -28,9 +29,17 @@ BOOTSTRAPS = ("slow", "fast")
 class DreamerActorLoss(LossModule):
     """``loss_actor = −mean_k w_k · (R^λ_k / max(1, S) + η·H_k)``.
 
-    ``w_k = Π_{j<k} γ·c_j`` discounts steps that imagination believes come after an episode
-    end; ``H_k = −log π(a_k | s_k)`` is a one-sample entropy estimate (the tanh-Gaussian has
-    no closed form; for the bounded normal its reparameterised gradient is the closed form's).
+    ``w_k = (1 − terminated(s_0))·Π_{j<k} γ·c_j`` discounts steps that imagination believes
+    come after an episode end; ``H_k = −log π(a_k | s_k)`` is a one-sample entropy estimate
+    (the tanh-Gaussian has no closed form; for the bounded normal its reparameterised gradient
+    is the closed form's).
+
+    The actor acts on ``sg(s_k)`` (``actor_input_grad=False``, DreamerV1-V3): ``a_k``'s
+    gradient comes from the rewards and values of the states after it through the frozen
+    dynamics, and ``H_k``'s from π at a fixed state. ``actor_input_grad=True`` differentiates
+    through the actor's input as well — the full pathwise derivative of the imagined return,
+    with feedback through every later action and an entropy bonus that also rewards steering
+    into states where π is wide; the project's learning runs before the option existed used it.
 
     ``R^λ_k`` bootstraps from ``v(s_{k+1})`` of the slow critic (``bootstrap="slow"``, the
     default: DreamerV2's target network, ~1/τ updates behind) or of the trained ``critic``
@@ -65,6 +74,7 @@ class DreamerActorLoss(LossModule):
         entropy_coef: float = 3e-4,
         bootstrap: str = "slow",
         critic: Critic | None = None,
+        actor_input_grad: bool = False,
     ) -> None:
         super().__init__()
         horizon = check_size("horizon", horizon)
@@ -78,6 +88,8 @@ class DreamerActorLoss(LossModule):
             raise ValueError(f"bootstrap must be one of {', '.join(BOOTSTRAPS)}, got {bootstrap!r}")
         if bootstrap == "fast" and critic is None:
             raise ValueError('bootstrap="fast" needs the critic (critic=...)')
+        if not isinstance(actor_input_grad, bool):
+            raise ValueError(f"actor_input_grad must be true or false, got {actor_input_grad!r}")
         self.world_model = world_model
         self.actor = actor
         self.slow_critic = slow_critic
@@ -85,6 +97,7 @@ class DreamerActorLoss(LossModule):
         self.horizon, self.gamma, self.lmbda = int(horizon), float(gamma), float(lmbda)
         self.entropy_coef = float(entropy_coef)
         self.bootstrap = bootstrap
+        self.actor_input_grad = actor_input_grad
         # A list keeps the critic out of this loss's state_dict (like SlowCopy.source): the
         # agent owns and saves it, and checkpoints do not depend on the bootstrap choice.
         self.critic_ref = [critic] if bootstrap == "fast" else []
@@ -98,7 +111,9 @@ class DreamerActorLoss(LossModule):
         wm = self.world_model
         s0 = RSSMState(start[self.tensor_keys.belief], start[self.tensor_keys.state])
         with frozen(wm, self.slow_critic, *self.critic_ref):
-            states, actions, log_probs = imagine(wm.rssm, self.actor, s0, self.horizon)
+            states, actions, log_probs = imagine(
+                wm.rssm, self.actor, s0, self.horizon, input_grad=self.actor_input_grad
+            )
             feat = states.feat  # [N, H+1, F]
             # One contiguous copy: a strided [N, H, F] slice turns each head's first Linear
             # into a batched matmul over N (slower than one matmul over N*H rows, both ways).

@@ -41,13 +41,15 @@ def _setup(actor_dist="tanh_normal"):
     return wm, actor, critic, slow, start
 
 
-def _reference(wm, actor, slow, start, bootstrap_net=None):
+def _reference(wm, actor, slow, start, bootstrap_net=None, input_grad=False):
     """The actor objective written from the spec, step by step, without the library helpers;
-    the λ-returns bootstrap from ``bootstrap_net`` (default: the slow critic)."""
+    the λ-returns bootstrap from ``bootstrap_net`` (default: the slow critic); the actor acts
+    on sg(s_k) (DreamerV1-V3) unless ``input_grad``."""
     state = RSSMState(start[keys.BELIEF], start[keys.STATE])
     feats, log_probs, actions = [state.feat], [], []
     for _ in range(HORIZON):
-        action, log_prob = actor(state.feat).rsample_and_log_prob()
+        policy_input = state.feat if input_grad else state.feat.detach()
+        action, log_prob = actor(policy_input).rsample_and_log_prob()
         state = wm.rssm.img_step(state, action)
         feats.append(state.feat)
         log_probs.append(log_prob)
@@ -82,14 +84,20 @@ def _reference(wm, actor, slow, start, bootstrap_net=None):
 
 
 @pytest.mark.parametrize(
-    ("actor_dist", "bootstrap"),
-    [("tanh_normal", "slow"), ("bounded_normal", "slow"), ("tanh_normal", "fast")],
+    ("actor_dist", "bootstrap", "input_grad"),
+    [
+        ("tanh_normal", "slow", False),
+        ("bounded_normal", "slow", False),
+        ("tanh_normal", "fast", False),
+        ("tanh_normal", "slow", True),
+        ("bounded_normal", "fast", True),
+    ],
 )
-def test_actor_loss_matches_the_spec_in_value_and_gradient(actor_dist, bootstrap):
+def test_actor_loss_matches_the_spec_in_value_and_gradient(actor_dist, bootstrap, input_grad):
     wm, actor, critic, slow, start = _setup(actor_dist)
     loss = DreamerActorLoss(
         wm, actor, slow, ReturnNormalizer(), horizon=HORIZON, gamma=GAMMA, lmbda=LMBDA,
-        entropy_coef=ETA, bootstrap=bootstrap, critic=critic,
+        entropy_coef=ETA, bootstrap=bootstrap, critic=critic, actor_input_grad=input_grad,
     )  # fmt: skip
     torch.manual_seed(3)
     out = loss(start)
@@ -103,7 +111,7 @@ def test_actor_loss_matches_the_spec_in_value_and_gradient(actor_dist, bootstrap
     torch.manual_seed(3)  # the same action and prior noise
     net = critic if bootstrap == "fast" else slow
     want_loss, returns, weight, slow_value, spread, feat, saturation = _reference(
-        wm, actor, slow, start, net
+        wm, actor, slow, start, net, input_grad
     )
     assert spread > 1.5  # the normalisation divides by the spread here, not by 1
     assert weight[1].abs().sum() == 0 and weight[0, -1] < weight[0, 0]
@@ -139,10 +147,57 @@ def test_fast_and_slow_bootstraps_differ_and_checkpoints_do_not():
     assert states[0] == states[1]
 
 
+def test_the_actor_input_gradient_changes_the_gradient_only():
+    """With the actor's input in the graph the loss and returns are the same numbers but the
+    actor's gradient differs: later actions feed back on earlier ones and the entropy bonus
+    acts through the states. With the returns' share set to zero (a zero reward head and slow
+    critic), what is left of the default's gradient is the entropy bonus of π at fixed states,
+    recomputed here from the imagined states alone."""
+    wm, actor, _, slow, start = _setup()
+    outs, grads = [], []
+    for input_grad in (False, True):
+        loss = DreamerActorLoss(
+            wm, actor, slow, ReturnNormalizer(), horizon=HORIZON, gamma=GAMMA, lmbda=LMBDA,
+            entropy_coef=ETA, actor_input_grad=input_grad,
+        )  # fmt: skip
+        torch.manual_seed(3)
+        outs.append(loss(start))
+        grads.append(torch.autograd.grad(outs[-1]["loss_actor"], list(actor.parameters())))
+    torch.testing.assert_close(outs[0]["loss_actor"], outs[1]["loss_actor"])
+    torch.testing.assert_close(outs[0]["lambda_return"], outs[1]["lambda_return"])
+    assert max((a - b).abs().max() for a, b in zip(*grads)) > 1e-3
+
+    with torch.no_grad():  # uniform two-hot logits: symmetric bins, mean symexp(0) = 0
+        for layer in (wm.reward_head.net[-1], slow.copy.net[-1]):
+            layer.weight.zero_()
+            layer.bias.zero_()
+    loss = DreamerActorLoss(
+        wm, actor, slow, ReturnNormalizer(), horizon=HORIZON, gamma=GAMMA, lmbda=LMBDA,
+        entropy_coef=ETA,
+    )  # fmt: skip
+    torch.manual_seed(3)
+    out = loss(start)
+    assert out["lambda_return"].abs().max() < 1e-9  # only the entropy bonus is left
+    got = torch.autograd.grad(out["loss_actor"], list(actor.parameters()))
+    # The same action noise on the imagined states, as constants: −mean_k w_k η H_k.
+    feat = torch.cat([out[keys.BELIEF], out[keys.STATE]], -1)[:, :-1]  # s_0 .. s_{H-1}
+    torch.manual_seed(3)
+    log_probs = []
+    for k in range(HORIZON):
+        _, log_prob = actor(feat[:, k]).rsample_and_log_prob()
+        wm.rssm.img_step(RSSMState(feat[:, k, :8], feat[:, k, 8:]), torch.zeros(N, ACTIONS))
+        log_probs.append(log_prob)
+    want_loss = -(out["weight"] * ETA * -torch.stack(log_probs, 1)).mean()
+    want = torch.autograd.grad(want_loss, list(actor.parameters()))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"bootstrap": "target"}, "bootstrap must be one of slow, fast, got 'target'"),
+        ({"actor_input_grad": "no"}, "actor_input_grad must be true or false, got 'no'"),
         ({"bootstrap": "fast"}, 'bootstrap="fast" needs the critic'),
     ],
 )
