@@ -110,6 +110,27 @@ def test_train_step_updates_every_module_and_reports_finite_metrics(kind):
         assert moved, prefix
 
 
+def test_the_slow_critic_follows_the_critic_after_its_step():
+    """θ_slow ← θ_slow + τ·(θ − θ_slow) with the critic's parameters after this step's update
+    (DreamerV3's order); an update before the critic's step would lerp towards the old ones.
+    τ = 0.5 makes the two orders differ by half the critic's step, far above rounding."""
+    torch.manual_seed(0)
+    cfg = {k: dict(v) for k, v in TINY.items()}
+    cfg["world_model"]["obs_model"] = "aef"
+    agent = DreamerAgent(OBS, ACTIONS, **cfg, slow_critic_tau=0.5)
+    slow_before = [p.detach().clone() for p in agent.slow_critic.copy.parameters()]
+    critic_before = [p.detach().clone() for p in agent.critic.parameters()]
+    agent.train_step(random_batch(3, 8, first_at=(0, 5)))
+    moved = 0.0
+    for slow, fast, s0, f0 in zip(
+        agent.slow_critic.copy.parameters(), agent.critic.parameters(), slow_before, critic_before
+    ):
+        fast = fast.detach()
+        torch.testing.assert_close(slow, s0 + 0.5 * (fast - s0), rtol=0, atol=1e-7)
+        moved = max(moved, float((fast - f0).abs().max()))
+    assert moved > 1e-5  # the critic stepped, so the order is visible
+
+
 def test_each_optimiser_clips_its_own_group_at_its_own_norm(monkeypatch):
     """model / actor / critic gradients are clipped at grad_clip's own entry, each over its
     module's parameters only."""
