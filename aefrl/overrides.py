@@ -87,7 +87,8 @@ def check_overrides(config_dir: Path, config_name: str, args: list[str]) -> None
     unknown group choice or key, or gives a boolean or numeric key a value of another kind.
 
     Command lines with Hydra flags (``--cfg job``, ``-m``, ...) and ``hydra.*`` keys are left to
-    Hydra, and so are sweeps.
+    Hydra; a sweep without ``-m`` and a deletion (``~seed``) are refused, and so is a value for a
+    whole group of settings (``loop=5``).
     """
     config_dir = Path(config_dir).resolve()
     if any(a.startswith("-") for a in args):
@@ -97,9 +98,18 @@ def check_overrides(config_dir: Path, config_name: str, args: list[str]) -> None
     except OverrideParseException as exc:
         first = str(exc).strip().splitlines()[0]
         raise OverrideError(f"cannot parse the command line {' '.join(args)!r}: {first}") from None
-    parsed = [
-        o for o in parsed if not o.key_or_group.startswith("hydra") and not o.is_sweep_override()
-    ]
+    parsed = [o for o in parsed if not o.key_or_group.startswith("hydra")]
+    for o in parsed:
+        if o.is_sweep_override():  # Hydra's "Ambiguous value" report is several lines
+            raise OverrideError(
+                f"{o.input_line} gives several values: a sweep needs -m (python scripts/train.py "
+                f"-m {o.input_line}); a single run takes one value"
+            )
+        if o.is_delete():  # every key is read by the run: a deleted one fails as a KeyError
+            raise OverrideError(
+                f"{o.input_line} deletes a setting, which the run needs; set it instead "
+                f"({o.key_or_group}=<value>)"
+            )
     groups = config_groups(config_dir)
     for o in parsed:
         if o.key_or_group in groups and not o.is_delete() and o.package is None:
@@ -116,7 +126,7 @@ def check_overrides(config_dir: Path, config_name: str, args: list[str]) -> None
     except HydraException as exc:
         raise OverrideError(" ".join(str(exc).split())) from None
     for o in parsed:
-        if o.key_or_group in groups or o.is_delete():
+        if o.key_or_group in groups:
             continue
         key, value = o.key_or_group, o.value()
         default = OmegaConf.select(
@@ -139,6 +149,11 @@ def check_overrides(config_dir: Path, config_name: str, args: list[str]) -> None
             raise OverrideError(f"{key} is not a setting: no such key in configs/{hint}")
         if o.is_add():
             raise OverrideError(f"{key} is already a setting: write {key}=..., without the +")
+        if OmegaConf.is_dict(default) and not isinstance(value, dict):
+            raise OverrideError(
+                f"{key} is a group of settings, not a value: set its keys ({key}.<key>=<value>), "
+                f"got {value!r}"
+            )
         want = _kind(default)
         if want in _KIND_WORDS and _kind(value) != want:
             words = _KIND_WORDS[want]

@@ -11,6 +11,18 @@ Logs: ``tensorboard --logdir runs``. Configuration: ``configs/`` (every key docu
 from __future__ import annotations
 
 import os
+import signal
+import sys
+
+
+def _interrupted_while_starting(signum, frame) -> None:
+    # A Ctrl-C inside the imports (seconds: torch, torchrl, mujoco) surfaced as an ImportError
+    # traceback with exit code 1; nothing has been written yet, so leave at once.
+    print("interrupted while starting: nothing was written", file=sys.stderr)
+    os._exit(128 + signum)
+
+
+signal.signal(signal.SIGINT, _interrupted_while_starting)
 
 from aefrl.gl_backend import exit_if_user_backend_broken
 
@@ -18,10 +30,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: docs/benchm
 exit_if_user_backend_broken()  # before torchrl imports mujoco, which reads MUJOCO_GL
 
 import copy
+import fcntl
 import random
 import shutil
-import signal
-import sys
 from pathlib import Path
 
 import hydra
@@ -40,8 +51,12 @@ from aefrl.provenance import RUN_RECORDS, append_run_record, command_line
 from aefrl.replay import STORAGES, SequenceReplay
 from agents.factory import build_agent
 
+signal.signal(signal.SIGINT, signal.default_int_handler)  # imports done: KeyboardInterrupt again
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 RUN_CONFIG = "run_config.yaml"
+RUN_LOCK = ".lock"  # flock'ed while a process trains in the run directory
+_HELD_LOCKS: dict = {}  # run_dir -> its open lock file; closing it (or exiting) releases it
 # LoopConfig fields that come from other config groups than loop (for error messages).
 LOOP_FIELD_KEYS = {
     "action_repeat": "env.action_repeat",
@@ -110,6 +125,10 @@ def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
     run_dir = Path(cfg.resume)
     if run_dir.is_file() and run_dir.name == CHECKPOINT_NAME:  # the run's checkpoint itself
         run_dir = run_dir.parent
+    elif run_dir.is_file():
+        raise UserError(
+            f"resume takes a run directory or the {CHECKPOINT_NAME} in one, got the file {run_dir}"
+        )
     if not (run_dir / CHECKPOINT_NAME).exists():
         raise UserError(
             f"cannot resume from {run_dir}: it holds no {CHECKPOINT_NAME} "
@@ -145,6 +164,33 @@ def build_env(env: dict, seed: int, num_envs: int | None = None):
     return make_env(env["task"], seed=seed, num_envs=num_envs or env["num_envs"], **kwargs)
 
 
+def lock_run_dir(run_dir: Path, new_run: bool):
+    """Hold an exclusive lock on ``run_dir`` for as long as the returned file stays open (the
+    process's lifetime: the kernel drops it when the process dies, so no lock goes stale).
+
+    Two runs started in the same second get the same default ``run_dir``; both passed the
+    checks of :func:`run_configuration` before either wrote, and one would overwrite the other.
+    The second now stops here; a new run also re-checks the directory under the lock.
+    """
+    handle = open(run_dir / RUN_LOCK, "a")  # noqa: SIM115 (kept open: it holds the lock)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise UserError(
+            f"run_dir {run_dir} is in use by another training process (started there, or "
+            "started in the same second with the same default run_dir); wait for it to finish "
+            "or choose another run_dir"
+        ) from None
+    if new_run and any((run_dir / n).exists() for n in (CHECKPOINT_NAME, RUN_CONFIG)):
+        handle.close()
+        raise UserError(
+            f"run_dir {run_dir} was taken by another run that started at the same time; "
+            "choose another run_dir"
+        )
+    return handle
+
+
 def discard_unstarted_run(run_dir: Path) -> None:
     """Remove what a new run left in ``run_dir`` if it stopped before its first checkpoint:
     nothing there can be resumed, and the leftovers would make the same command refuse the
@@ -155,6 +201,7 @@ def discard_unstarted_run(run_dir: Path) -> None:
     for name in removed:
         path = run_dir / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
+    (run_dir / RUN_LOCK).unlink(missing_ok=True)
     if removed:
         print(
             f"removed {', '.join(removed)} from {run_dir}: the run stopped before its first "
@@ -169,9 +216,15 @@ def train(cfg: DictConfig) -> tuple[dict, int | None]:
     try:
         return setup_and_run(cfg)
     except BaseException:  # a crash or Ctrl-C in setup, or a second Ctrl-C that aborts the loop
-        if cfg.resume is None and Path(cfg.run_dir).is_dir():
+        # Only what this process wrote: a run_dir it does not hold is another run's (or an
+        # earlier one's, which the error asks the user to deal with).
+        if cfg.resume is None and Path(cfg.run_dir) in _HELD_LOCKS:
             discard_unstarted_run(Path(cfg.run_dir))
         raise
+
+
+class NothingToTrain(Exception):  # noqa: N818 (a way out of setup, not an error)
+    """A resume whose run already reached ``loop.total_frames``; carries its counters."""
 
 
 def setup_and_run(cfg: DictConfig) -> tuple[dict, int | None]:
@@ -179,22 +232,53 @@ def setup_and_run(cfg: DictConfig) -> tuple[dict, int | None]:
         trainer, env, run_dir, resumed = build_run(cfg)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    except NothingToTrain as done:
+        return done.args[0], None
     if resumed:
-        frames, total = trainer.counters["frames"], trainer.config.total_frames
-        print(f"resumed {run_dir} at {frames} frames")
-        if frames >= total:
-            print(f"nothing to train: {frames} frames >= loop.total_frames={total}; raise it")
+        print(f"resumed {run_dir} at {trainer.counters['frames']} frames")
     print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir.parent})")
     try:
         counters = trainer.run()
     finally:
         trainer.logger.close()
         env.close()
-    print(f"saved {run_dir / CHECKPOINT_NAME}: {counters}")
+    # The final evaluation comes after the final checkpoint, so these may count one more.
+    print(f"checkpoint {run_dir / CHECKPOINT_NAME}; counters at exit: {counters}")
     if trainer.stop_signal is not None:
         name = signal.Signals(trainer.stop_signal).name
         print(f"stopped by {name} before loop.total_frames; resume={run_dir} continues the run")
     return counters, trainer.stop_signal
+
+
+def check_trains(loop: LoopConfig, num_envs: int) -> None:
+    """Refuse a new run that would end before its first update (it would log and evaluate an
+    untrained agent and exit 0): the prefill, the first full window of every env's stream or
+    a train ratio too low for the run's length."""
+    steps = loop.total_frames // loop.action_repeat  # agent steps, all envs together
+    ready = num_envs * loop.seq_len  # the replay samples once every stream holds a window
+    frames = f"loop.total_frames={loop.total_frames} ({steps} agent steps at action repeat "
+    frames += f"{loop.action_repeat})"
+    never = "the run would end before its first update"
+    if steps <= loop.prefill_steps:
+        raise UserError(
+            f"loop.prefill_steps={loop.prefill_steps} random steps fill the whole run, "
+            f"{frames}: {never}; raise loop.total_frames or lower loop.prefill_steps"
+        )
+    if steps <= ready:
+        raise UserError(
+            f"replay.seq_len={loop.seq_len} needs that many agent steps in each of the "
+            f"{num_envs} env stream(s) before the first batch, {ready} in all, and the run has "
+            f"{frames}: {never}; raise loop.total_frames or lower replay.seq_len"
+        )
+    per_step = loop.train_ratio / (loop.batch_size * loop.seq_len)
+    updates = (steps - max(loop.prefill_steps, ready)) * per_step
+    if updates < 1:
+        raise UserError(
+            f"loop.train_ratio={loop.train_ratio} makes {per_step:.3g} updates per agent step "
+            f"(replay.batch_size x replay.seq_len = {loop.batch_size * loop.seq_len} replayed "
+            f"steps each), {updates:.2f} over the {frames}: {never}; raise loop.train_ratio or "
+            "loop.total_frames"
+        )
 
 
 def check_replay_fits(storage: str, pixel_bytes: int, capacity: int, device) -> None:
@@ -217,6 +301,14 @@ def check_replay_fits(storage: str, pixel_bytes: int, capacity: int, device) -> 
 def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
     """The trainer (restored when resuming), its env, run directory and whether it resumed."""
     conf, run_dir, resume_state = run_configuration(cfg)
+    if resume_state is not None:  # checked before anything is written (logs, records, files)
+        frames, total = resume_state["counters"]["frames"], conf["loop"]["total_frames"]
+        if frames >= total:
+            print(
+                f"nothing to train: {run_dir} is at {frames} frames >= loop.total_frames={total}; "
+                "raise it to continue (nothing was written)"
+            )
+            raise NothingToTrain(dict(resume_state["counters"]))
     threads = conf["threads"] or 0
     if isinstance(threads, bool) or threads != int(threads) or threads < 0:
         raise UserError(f"threads must be a whole number >= 0 (0: torch's default), got {threads}")
@@ -258,6 +350,8 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
     except ValueError as exc:  # "name must ...": name the configuration key instead
         name, _, rest = str(exc).partition(" ")
         raise UserError(f"{LOOP_FIELD_KEYS.get(name, f'loop.{name}')} {rest}") from None
+    if resume_state is None:  # a resume may stop early (total_frames is its own to change)
+        check_trains(loop_conf, int(conf["env"]["num_envs"]))
     storage = rep["storage"]
     if storage not in ("auto", *STORAGES):
         accepted = ", ".join(("auto", *STORAGES))
@@ -282,6 +376,7 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create run_dir {run_dir}: {exc.strerror}") from None
+    _HELD_LOCKS[run_dir] = lock_run_dir(run_dir, new_run=resume_state is None)
     resumed_changed = resume_state is not None and conf != resume_state["run_config"]
     if resume_state is None or resumed_changed:  # the file says what the run now runs with
         tmp = run_dir / f".{RUN_CONFIG}.tmp"

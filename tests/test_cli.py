@@ -125,6 +125,30 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
     assert first["frames"] == 0 and resumed["frames"] == frames
     assert f"resume={run_dir}" in resumed["command"]
 
+    # A resume with nothing left to train says so and writes nothing: no record, no event
+    # file, the checkpoint untouched.
+    files = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    out = train(f"resume={run_dir}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "nothing to train" in out.stdout and "nothing was written" in out.stdout
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == files
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_importing_is_one_sentence_and_exit_130(tmp_path):
+    """The imports take seconds (torch, torchrl, mujoco); a Ctrl-C there was an ImportError
+    traceback from inside mujoco with exit code 1."""
+    proc = subprocess.Popen(
+        [sys.executable, "scripts/train.py", "exp=smoke", f"run_dir={tmp_path / 'run'}"],
+        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(1.0)  # past the interpreter's start, well inside the imports
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip() == "interrupted while starting: nothing was written"
+    assert not (tmp_path / "run").exists()
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
@@ -133,6 +157,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
         (["env.task=walker-wlak"], "did you mean walker-walk?"),  # the closest tasks
         (["loop.train_ratio=-1"], "train_ratio must be > 0"),
         (["resume=/nonexistent/run"], "cannot resume from /nonexistent/run"),
+        (["resume=pyproject.toml"], "resume takes a run directory or the checkpoint.pt in one"),
         (["device=cuda:7"] if not os.path.exists("/dev/nvidia0") else ["device=tpu"], "device"),
         (["device=cpu", "loop.cuda_graph=true"], "loop.cuda_graph=true needs a CUDA device"),
         (["loop.cuda_graph=sometimes"], "loop.cuda_graph must be auto, true or false"),
@@ -169,6 +194,11 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
             "agent.world_model is a group of settings, not a value: set its keys "
             "(agent.world_model.<key>=<value>), got 5",
         ),
+        # were a TypeError / KeyError traceback with exit code 1
+        (["loop=5"], "loop is a group of settings, not a value"),
+        (["~seed"], "~seed deletes a setting, which the run needs"),
+        # ran to the end with 0 updates and exit code 0
+        (["loop.prefill_steps=1000"], "the run would end before its first update"),
         # was a ~930-character list of every task
         (
             ["env.task=walker-fly"],
@@ -332,15 +362,19 @@ def test_a_run_stopped_before_its_first_checkpoint_leaves_nothing_behind(
         (run_dir / "provenance.jsonl").write_text("{}\n")
         if checkpointed:
             (run_dir / "checkpoint.pt").write_bytes(b"")
-        monkeypatch.setattr(
-            script, "build_run", lambda cfg, d=run_dir: (Interrupted(), env, d, False)
-        )
+
+        def built(cfg, d=run_dir):  # as build_run does once the files are there: hold the dir
+            script._HELD_LOCKS[d] = script.lock_run_dir(d, new_run=False)
+            return Interrupted(), env, d, False
+
+        monkeypatch.setattr(script, "build_run", built)
         cfg = OmegaConf.create({"resume": None, "run_dir": str(run_dir)})
         with pytest.raises(KeyboardInterrupt):
             script.train(cfg)
         left = sorted(p.name for p in run_dir.iterdir())
         if checkpointed:
-            assert left == ["checkpoint.pt", "provenance.jsonl", "replay", "run_config.yaml", "tb"]
+            kept = ["checkpoint.pt", "provenance.jsonl", "replay", "run_config.yaml", "tb"]
+            assert left == [".lock", *kept]  # the lock file stays with the run (empty)
         else:
             assert left == []
             assert (
@@ -349,6 +383,7 @@ def test_a_run_stopped_before_its_first_checkpoint_leaves_nothing_behind(
 
     def interrupted_setup(cfg):  # after the run's files, before the loop
         (Path(cfg.run_dir) / "tb").mkdir(parents=True)
+        script._HELD_LOCKS[Path(cfg.run_dir)] = script.lock_run_dir(Path(cfg.run_dir), True)
         (Path(cfg.run_dir) / "run_config.yaml").write_text("seed: 0\n")
         raise KeyboardInterrupt
 
@@ -360,6 +395,7 @@ def test_a_run_stopped_before_its_first_checkpoint_leaves_nothing_behind(
 
     def crashed_setup(cfg):  # a crash, not an interrupt: the corrected command must run too
         (Path(cfg.run_dir) / "tb").mkdir(parents=True)
+        script._HELD_LOCKS[Path(cfg.run_dir)] = script.lock_run_dir(Path(cfg.run_dir), True)
         raise RuntimeError("can't allocate memory")
 
     monkeypatch.setattr(script, "build_run", crashed_setup)
@@ -367,3 +403,58 @@ def test_a_run_stopped_before_its_first_checkpoint_leaves_nothing_behind(
     with pytest.raises(RuntimeError):
         script.train(cfg)
     assert not list((tmp_path / "crash").iterdir())
+
+    # A run_dir this process does not hold is another run's: an error in this one (here the
+    # lock refused) must not remove that run's files.
+    other = tmp_path / "other"
+    (other / "tb").mkdir(parents=True)
+    (other / "run_config.yaml").write_text("seed: 0\n")
+
+    def refused(cfg):
+        raise script.UserError("run_dir is in use by another training process")
+
+    monkeypatch.setattr(script, "build_run", refused)
+    with pytest.raises(script.UserError):
+        script.train(OmegaConf.create({"resume": None, "run_dir": str(other)}))
+    assert sorted(p.name for p in other.iterdir()) == ["run_config.yaml", "tb"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"prefill_steps": 1000}, "loop.prefill_steps=1000 random steps fill the whole run"),
+        ({"total_frames": 100}, "loop.prefill_steps=60 random steps fill the whole run"),
+        ({"seq_len": 500}, "replay.seq_len=500 needs that many agent steps in each of the 1"),
+        ({"train_ratio": 0.001}, "0.00 over the loop.total_frames=400 (200 agent steps"),
+        # 140 steps after the prefill at 64 replayed steps per update: 0.9 updates
+        ({"train_ratio": 64 / 140 * 0.9}, "0.90 over the loop.total_frames=400"),
+    ],
+)
+def test_a_new_run_that_would_never_update_is_refused(settings, message):
+    """Each of these ran to the end with 0 updates and exit 0, logging an untrained agent."""
+    script = _train_script()
+    smoke = OmegaConf.load(ROOT / "configs/exp/smoke.yaml")
+    loop = {k: v for k, v in smoke.loop.items()}
+    loop.update(batch_size=smoke.replay.batch_size, seq_len=smoke.replay.seq_len)
+    script.check_trains(script.LoopConfig(**loop), num_envs=1)  # smoke trains: 70 updates
+    script.check_trains(script.LoopConfig(**{**loop, "train_ratio": 64 / 140}), num_envs=1)
+    with pytest.raises(script.UserError, match="the run would end before its first update") as e:
+        script.check_trains(script.LoopConfig(**{**loop, **settings}), num_envs=1)
+    assert message in str(e.value)
+    # More envs need more steps before every stream holds a window: 16 x 16 = 256 > 200 here.
+    with pytest.raises(script.UserError, match="each of the 16 env stream"):
+        script.check_trains(script.LoopConfig(**loop), num_envs=16)
+
+
+def test_two_processes_cannot_train_in_one_run_dir(tmp_path):
+    """Two runs started in the same second share the default run_dir: the second stops with one
+    sentence instead of overwriting the first (flock; released when its holder closes or dies)."""
+    script = _train_script()
+    held = script.lock_run_dir(tmp_path, new_run=True)
+    with pytest.raises(script.UserError, match="in use by another training process"):
+        script.lock_run_dir(tmp_path, new_run=True)  # another open file: flock conflicts
+    (tmp_path / "run_config.yaml").write_text("seed: 0\n")  # the first run's files
+    held.close()
+    with pytest.raises(script.UserError, match="was taken by another run"):
+        script.lock_run_dir(tmp_path, new_run=True)  # it got in first, and finished
+    script.lock_run_dir(tmp_path, new_run=False).close()  # a resume of it may take the dir

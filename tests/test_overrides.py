@@ -28,7 +28,8 @@ def test_groups_are_the_config_directories():
         ("loop.total_frames=1e6", "agent.lr.model=3e-4", "loop.train_ratio=0.5"),
         ("agent=planner", "agent.planner.candidates=300"),  # a key only that group choice has
         ("env.time_limit=5", "resume=runs/x", "device=cuda:1", "loop.cuda_graph=false"),
-        ("~seed", "hydra.run.dir=elsewhere", "++seed=3"),  # deletions, Hydra's keys, force-set
+        ("hydra.run.dir=elsewhere", "++seed=3"),  # Hydra's keys, force-set
+        ("loop={total_frames: 100}",),  # a group given as a mapping
         ("--cfg", "job", "whatever=1"),  # Hydra flags: the whole line is Hydra's
     ],
 )
@@ -62,6 +63,14 @@ def test_valid_overrides_pass(args):
         (("+loop.total_frame=100",), "did you mean loop.total_frames?"),
         (("+extra=1",), "extra is not a setting"),
         (("+seed=3",), "seed is already a setting: write seed=..., without the +"),
+        # a value for a whole group: Hydra passed it on and the run failed on it with a TypeError
+        (("loop=5",), "loop is a group of settings, not a value: set its keys"),
+        (("replay=abc",), "replay is a group of settings"),
+        (("agent.lr=0.1",), "agent.lr is a group of settings"),
+        # deleting a key the run reads: a KeyError traceback
+        (("~seed",), "~seed deletes a setting, which the run needs; set it instead (seed=<value>)"),
+        # several values without -m: Hydra's multi-line "Ambiguous value" report
+        (("env.task=walker-walk,cartpole-swingup",), "gives several values: a sweep needs -m"),
     ],
 )
 def test_bad_overrides_are_one_sentence(args, message):
