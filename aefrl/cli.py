@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -52,17 +51,6 @@ def make_env(task: str, **kwargs):
         if message.split(" ", 1)[0] in ENV_KEYS:
             message = f"env.{message}"
         raise UserError(message) from None
-
-
-def seed_arg(text: str) -> int:
-    """argparse type of a seed: an integer in [0, 2**32 - 1] (numpy's and dm_control's range)."""
-    try:
-        seed = int(text)
-    except ValueError:
-        seed = -1
-    if not 0 <= seed < 2**32:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32 - 1], got {text!r}")
-    return seed
 
 
 def output_path(path: str | Path | None, default: Path) -> Path:

@@ -21,33 +21,19 @@ or configs/agent/planner.yaml's defaults, overridden by the options below; it wr
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 
+from aefrl.arguments import Parser, seed_arg
 from aefrl.gl_backend import exit_if_user_backend_broken
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 exit_if_user_backend_broken()  # before torchrl imports mujoco, which reads MUJOCO_GL
 
-import argparse
-import json
-import re
-import sys
-import time
-from pathlib import Path
-
-import numpy as np
-import torch
-from tqdm import tqdm
-
-from aefrl.checkpoint import MODEL_KEYS, CheckpointError, check_contents, load_checkpoint
-from aefrl.cli import UserError, make_env, output_path, resolve_device, seed_arg
-from aefrl.evaluation import critic_calibration, run_episodes
-from aefrl.logging import encode_gif, to_hwc_uint8
-from aefrl.provenance import machine_info
-from aefrl.world_model.modules import world_model_from_checkpoint
-from agents.factory import build_agent
-from agents.planner import PLANNERS, PlannerAgent
-
+# agents.planner.PLANNERS, spelled out so that the command line is parsed without importing torchrl
+# (tests/test_script_help.py checks that the two agree).
+PLANNERS = ("cem", "mppi")
 # --planner-option name -> PlanningConfig field
 PLANNER_OPTIONS = {
     "planner": "method",
@@ -59,18 +45,41 @@ PLANNER_OPTIONS = {
 }
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("run_dir", help="a run directory (or a checkpoint file)")
-    p.add_argument("--episodes", type=int, default=10)
+def make_parser() -> Parser:
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help="a run directory (or its checkpoint file)")
     p.add_argument(
-        "--seed", type=seed_arg, default=12345, help="seed of the evaluation episodes and of torch"
+        "--episodes", type=int, default=10, help="episodes to evaluate, >= 1 (default: %(default)s)"
     )
-    p.add_argument("--video", default=None, help="GIF path (default <run_dir>/eval.gif; '' off)")
-    p.add_argument("--out", default=None, help="JSON path (default <run_dir>/eval.json)")
-    p.add_argument("--device", default="auto")
     p.add_argument(
-        "--render", default="faithful", choices=["faithful", "fast"], help="renderer to use"
+        "--seed",
+        type=seed_arg,
+        default=12345,
+        help="seed of the evaluation episodes and of torch (default: %(default)s)",
+    )
+    p.add_argument(
+        "--video",
+        default=None,
+        help="GIF of the first episode, agent view | reconstruction (default: <run_dir>/eval.gif, "
+        "eval_planner.gif for --agent planner on another agent's run; '' for none)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="JSON of the results (default: <run_dir>/eval.json, eval_planner.json for --agent "
+        "planner on another agent's run)",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA if available), cpu, cuda or cuda:N (default: %(default)s)",
+    )
+    p.add_argument(
+        "--render",
+        default="faithful",
+        choices=["faithful", "fast"],
+        help="faithful (dm_control's pixels, for results) or fast (no shadows or "
+        "multisampling) (default: %(default)s)",
     )
     p.add_argument(
         "--agent",
@@ -82,16 +91,44 @@ def parse_args(argv=None):
     g = p.add_argument_group(
         "planner options (with --agent planner; default: the run's or PlaNet's)"
     )
-    g.add_argument("--planner", default=None, choices=PLANNERS, help="torchrl planner")
+    g.add_argument("--planner", default=None, choices=PLANNERS, help="torchrl planner (cem)")
     g.add_argument("--horizon", type=int, default=None, help="planning horizon (12)")
     g.add_argument("--candidates", type=int, default=None, help="sequences per iteration (1000)")
     g.add_argument("--top-k", type=int, default=None, help="elites per iteration (100)")
     g.add_argument("--iterations", type=int, default=None, help="iterations per step (10)")
     g.add_argument("--temperature", type=float, default=None, help="mppi inverse temperature (1)")
+    return p
+
+
+def parse_args(argv=None):
+    p = make_parser()
     args = p.parse_args(argv)
     if args.episodes < 1:
-        p.error("--episodes must be >= 1")
+        p.error(f"--episodes must be >= 1, got {args.episodes}")
     return args
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and a mistyped option answer at once, not after the imports below (~4 s)
+
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from aefrl import keys
+from aefrl.checkpoint import MODEL_KEYS, CheckpointError, check_contents, load_checkpoint
+from aefrl.cli import UserError, make_env, output_path, resolve_device
+from aefrl.evaluation import critic_calibration, run_episodes
+from aefrl.logging import encode_gif, to_hwc_uint8
+from aefrl.provenance import machine_info
+from aefrl.world_model.modules import world_model_from_checkpoint
+from agents.factory import build_agent
+from agents.planner import PlannerAgent
 
 
 def evaluate(agent, env, episodes: int, action_dim: int, device, record: bool):
@@ -99,23 +136,30 @@ def evaluate(agent, env, episodes: int, action_dim: int, device, record: bool):
     episode's frames: the agent's view of o_t next to the decoded posterior of o_t."""
     frames = []
     bar = tqdm(total=episodes, unit="episode")
-    steps = {"episode": 0, "step": 0}  # the step within the episode under way, on the bar:
-    # a planner at PlaNet's budget takes seconds per step, minutes per episode
+    step = 0  # the step within the episode under way, on the bar: a planner at PlaNet's budget
+    # takes seconds per step, minutes per episode
 
     def on_step(observed, collector, episode):
+        nonlocal step
         if record and episode == 0:
             recon = agent.world_model.decode_pixels(collector.carry.state).cpu()[:1]
             frames.append(torch.cat([observed["pixels"][:1], recon], -1)[0])
-        if episode != steps["episode"]:
-            steps.update(episode=episode, step=0)
-        steps["step"] += 1
+        step = episode_step(step, observed)
         bar.update(episode - bar.n)
-        bar.set_postfix(step=steps["step"])
+        bar.set_postfix(step=step)
 
     result = run_episodes(env, agent, action_dim, device, episodes, on_step=on_step)
     bar.update(episodes - bar.n)
     bar.close()
     return result, frames
+
+
+def episode_step(step: int, observed) -> int:
+    """The step within the episode under way after a :func:`run_episodes` call that filtered the
+    rows ``observed``, ``step`` before it. The call after an episode's last step filters its
+    terminal row (``done``) and only resets the env: the next episode's step 0, not 1 (the bar
+    used to show L + 1 for an episode of L steps)."""
+    return 0 if bool(observed[keys.DONE].any()) else step + 1
 
 
 def build_planner_agent(state: dict, args, action_dim: int) -> PlannerAgent:
@@ -240,8 +284,7 @@ def evaluate_checkpoint(args) -> int:
         result["planner"] = agent.planning_options()
         result["seconds_per_step"] = result["seconds"] / max(sum(lengths), 1)
     out.write_text(json.dumps(result, indent=2))
-    summary = f"return {r.mean():.1f} ± {r.std():.1f} over {args.episodes} episodes"
-    print(f"{result['task']} {result['obs_model']}: {summary}  ->  {out}")
+    print(f"{summary_line(result)}  ->  {out}")
     if "critic" in result:
         c = result["critic"]
         print(
@@ -252,6 +295,15 @@ def evaluate_checkpoint(args) -> int:
         video.write_bytes(encode_gif([to_hwc_uint8(f) for f in frames], fps=15))
         print(f"video (agent view | reconstruction): {video}")
     return 0
+
+
+def summary_line(result: dict) -> str:
+    """``walker-walk aef planner: return 2.0 ± 0.0 over 1 episode``: the agent named, as a
+    planner on a Dreamer run's world model acts differently from the run's actor."""
+    n = result["episodes"]
+    what = f"{result['task']} {result['obs_model']} {result['agent']}"
+    spread = f"{result['return_mean']:.1f} ± {result['return_std']:.1f}"
+    return f"{what}: return {spread} over {n} episode{'s' if n != 1 else ''}"
 
 
 if __name__ == "__main__":

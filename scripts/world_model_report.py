@@ -17,15 +17,87 @@ from __future__ import annotations
 
 import os
 
+from aefrl.arguments import Parser, seed_arg
 from aefrl.gl_backend import exit_if_user_backend_broken
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 exit_if_user_backend_broken()  # before torchrl imports mujoco, which reads MUJOCO_GL
 
 import argparse
-import json
 import math
 import sys
+
+
+def parse_proposal_scale(text: str) -> str | float:
+    """``"tune"`` or a positive float (argparse turns a ValueError into one error line)."""
+    if text == "tune":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected 'tune' or a positive number, got {text!r}")
+    return value
+
+
+def make_parser() -> Parser:
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help="a run directory (or its checkpoint file)")
+    p.add_argument(
+        "--episodes",
+        type=int,
+        default=2,
+        help="held-out episodes to report on, >= 1 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--num-samples",
+        type=int,
+        default=128,
+        help="K, importance samples per sequence (default: %(default)s, SPEC §6's for reports)",
+    )
+    p.add_argument(
+        "--seed",
+        type=seed_arg,
+        default=54321,
+        help="seed of the held-out episodes and of torch (default: %(default)s)",
+    )
+    p.add_argument(
+        "--render",
+        default="faithful",
+        choices=["faithful", "fast"],
+        help="faithful (dm_control's pixels, for results) or fast (no shadows or "
+        "multisampling) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--out", default=None, help="JSON path (default: <run_dir>/world_model_report.json)"
+    )
+    p.add_argument(
+        "--proposal-scale",
+        type=parse_proposal_scale,
+        default=None,
+        help="aef only: s of the proposal N(Wy+b, s²I); 'tune' (default) picks it on one more "
+        "held-out episode, not reported",
+    )
+    p.add_argument(
+        "--tune-samples", type=int, default=32, help="K while tuning s (default: %(default)s)"
+    )
+    return p
+
+
+def parse_args(argv=None):
+    p = make_parser()
+    args = p.parse_args(argv)
+    for name in ("episodes", "num_samples", "tune_samples"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and a mistyped option answer at once, not after the imports below (~4 s)
+
+import json
 from pathlib import Path
 
 import torch
@@ -33,7 +105,7 @@ from tqdm import tqdm
 
 from aefrl import keys
 from aefrl.checkpoint import MODEL_KEYS, CheckpointError, check_contents, load_checkpoint
-from aefrl.cli import UserError, make_env, output_path, seed_arg
+from aefrl.cli import UserError, make_env, output_path
 from aefrl.collect import Collector
 from aefrl.metrics import sharpness_ratio
 from aefrl.provenance import machine_info
@@ -75,19 +147,6 @@ def cut(episodes):
     return episodes[:, : chunks * seq].reshape(n * chunks, seq)
 
 
-def parse_proposal_scale(text: str) -> str | float:
-    """``"tune"`` or a positive float (argparse turns a ValueError into one error line)."""
-    if text == "tune":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected 'tune' or a positive number, got {text!r}")
-    return value
-
-
 @torch.no_grad()
 def report(agent, episodes, num_samples: int) -> dict:
     wm = agent.world_model
@@ -122,25 +181,7 @@ def report(agent, episodes, num_samples: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("run_dir")
-    p.add_argument("--episodes", type=int, default=2)
-    p.add_argument("--num-samples", type=int, default=128, help="K (SPEC §6: 128 for reports)")
-    p.add_argument("--seed", type=seed_arg, default=54321)
-    p.add_argument("--render", default="faithful", choices=["faithful", "fast"])
-    p.add_argument("--out", default=None)
-    p.add_argument(
-        "--proposal-scale",
-        type=parse_proposal_scale,
-        default=None,
-        help="aef only: s of the proposal N(Wy+b, s²I); 'tune' (default) picks it on one more "
-        "held-out episode, not reported",
-    )
-    p.add_argument("--tune-samples", type=int, default=32, help="K while tuning s")
-    args = p.parse_args(argv)
-    for name in ("episodes", "num_samples", "tune_samples"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    args = parse_args(argv)
     try:
         return write_report(args, argv)
     except (UserError, CheckpointError) as exc:

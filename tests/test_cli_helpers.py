@@ -5,7 +5,8 @@ import argparse
 import pytest
 import torch
 
-from aefrl.cli import UserError, make_env, output_path, resolve_device, seed_arg
+from aefrl.arguments import seed_arg
+from aefrl.cli import UserError, make_env, output_path, resolve_device
 from tests.tiny_run import load_script
 
 

@@ -1,7 +1,10 @@
-"""Evaluation episodes (aefrl.evaluation): what they record and the critic's calibration."""
+"""Evaluation episodes (aefrl.evaluation): what they record and the critic's calibration; how
+scripts/eval.py shows and sums them up."""
 
 import math
+import re
 
+import pytest
 import torch
 
 from aefrl import keys
@@ -9,6 +12,7 @@ from aefrl.envs import make_dmc_env
 from aefrl.evaluation import critic_calibration, run_episodes
 from agents.dreamer import DreamerAgent
 from tests.agents.test_dreamer import TINY
+from tests.tiny_run import load_script, write_tiny_dreamer_run
 
 
 def test_episodes_record_the_value_of_each_state_acted_in_and_the_reward_after_it():
@@ -48,3 +52,65 @@ def test_critic_calibration_averages_the_first_fraction_of_each_episode():
     assert math.isclose(
         cal["value_over_return_to_go"], cal["value_mean"] / cal["return_to_go_mean"]
     )
+
+
+class _Bar:
+    """tqdm's calls that scripts/eval.py makes, with the steps it shows recorded."""
+
+    last = None  # the latest bar made
+
+    def __init__(self, total, unit):
+        self.n, self.steps = 0, []
+        _Bar.last = self
+
+    def update(self, n):
+        self.n += n
+
+    def set_postfix(self, step):
+        self.steps.append((self.n, step))
+
+    def close(self):
+        pass
+
+
+def test_eval_bar_counts_each_episodes_steps_from_1_to_its_length(monkeypatch):
+    """The call that follows an episode's last step only resets the env: it used to count as the
+    next episode's first step, so the bar showed step=21 for a 20-step episode."""
+    script = load_script("eval")
+    monkeypatch.setattr(script, "tqdm", _Bar)
+    agent = DreamerAgent((3, 64, 64), 1, **{k: dict(v) for k, v in TINY.items()}).eval()
+    env = make_dmc_env("cartpole-swingup", render="fast", time_limit=0.25, seed=3)
+    result, _ = script.evaluate(agent, env, 3, 1, "cpu", record=False)
+    env.close()
+    assert result.lengths == [13, 13, 13]
+    for episode, length in enumerate(result.lengths):
+        shown = [step for n, step in _Bar.last.steps if n == episode]
+        assert shown == list(range(0 if episode else 1, length + 1)), episode
+
+
+TINY_PLANNER = ["--agent", "planner", "--horizon", "2", "--candidates", "8", "--top-k", "2"]
+
+
+@pytest.mark.parametrize(
+    ("options", "line"),
+    [
+        (
+            ["--episodes", "2"],
+            r"cartpole-swingup aef dreamer: return {} over 2 episodes  ->  \S+/eval\.json",
+        ),
+        (
+            ["--episodes", "1", *TINY_PLANNER, "--iterations", "1"],
+            r"cartpole-swingup aef planner: return {} over 1 episode  ->  \S+/eval_planner\.json",
+        ),
+    ],
+)
+def test_eval_summary_names_the_agent_and_counts_episodes_in_english(
+    tmp_path, options, line, capsys
+):
+    """It used to read "cartpole-swingup aef: ... over 1 episodes" for the actor and a planner
+    on the same checkpoint alike."""
+    write_tiny_dreamer_run(tmp_path)
+    script = load_script("eval")
+    assert script.main([str(tmp_path), "--render", "fast", "--video", "", *options]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert re.match(line.format(r"\d+\.\d ± \d+\.\d"), first), first

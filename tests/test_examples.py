@@ -14,10 +14,7 @@ ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
 
 def _reuse_example_return(*args: str) -> float:
     """Run docs/examples/torchrl_reuse.py; it must exit 0 and print the episode's return."""
-    out = subprocess.run(
-        [sys.executable, "docs/examples/torchrl_reuse.py", *args],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    out = _run_reuse_example(*args)
     assert out.returncode == 0, out.stderr[-2000:]
     match = re.search(r"^return (-?\d+\.\d+)$", out.stdout, re.MULTILINE)
     assert match, out.stdout
@@ -39,6 +36,35 @@ def test_torchrl_reuse_example_plans_with_a_checkpoint_in_the_runs_episodes(tmp_
 
     write_tiny_dreamer_run(tmp_path, time_limit=0.1)  # cartpole: 10 control steps, 5 plans
     assert 0.0 <= _reuse_example_return(str(tmp_path)) <= 10.0  # at most 1 per control step
+
+
+def _run_reuse_example(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "docs/examples/torchrl_reuse.py", *args],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_torchrl_reuse_example_has_a_help():
+    """--help used to be taken for a checkpoint path (a CheckpointError traceback)."""
+    out = _run_reuse_example("--help")
+    assert out.returncode == 0 and out.stderr == "", out.stderr[-2000:]
+    assert out.stdout.startswith("usage: torchrl_reuse.py [-h] [checkpoint]")
+    assert "fit a tiny world model first" in " ".join(out.stdout.split())
+
+
+def test_torchrl_reuse_example_refuses_a_missing_or_foreign_checkpoint_in_one_sentence(tmp_path):
+    """A file without a run's configuration used to end in a KeyError traceback."""
+    from aefrl.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "checkpoint.pt", {"format": 1})  # another program's
+    for path, message in [
+        (tmp_path / "none", f"error: no checkpoint at {tmp_path / 'none'} (expected a run "),
+        (tmp_path, "error: not an aefrl training checkpoint (missing 'run_config'); "),
+    ]:
+        out = _run_reuse_example(str(path))
+        assert out.returncode == 2 and out.stdout == "", out.stderr[-2000:]
+        assert out.stderr.startswith(message) and out.stderr.count("\n") == 1, out.stderr
 
 
 def test_plan_cost_writes_its_tables(tmp_path, monkeypatch):

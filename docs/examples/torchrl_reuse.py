@@ -10,14 +10,14 @@ the first planned action is executed in the real DMC env. Prints the episode's r
 See docs/reuse.md.
 """
 
-import sys
+import argparse
 
 import torch
 from tensordict import TensorDict
 from torchrl.envs.utils import step_mdp
 from torchrl.modules import CEMPlanner
 
-from aefrl.checkpoint import load_checkpoint
+from aefrl.checkpoint import CheckpointError, load_checkpoint
 from aefrl.envs import ImaginationEnv, make_dmc_env
 from aefrl.objectives import WorldModelLoss
 from aefrl.world_model import WorldModel
@@ -51,10 +51,10 @@ def main(checkpoint: str | None = None) -> float:
     torch.manual_seed(0)
     if checkpoint:  # a run directory or checkpoint.pt written by scripts/train.py
         state = load_checkpoint(checkpoint)
+        wm = world_model_from_checkpoint(state)  # first: it checks that the file is a run's
         conf = state["run_config"]["env"]  # the run's task, frames and episode length
         settings = ("image_size", "action_repeat", "render", "time_limit")
         env = make_dmc_env(conf["task"], **{k: conf[k] for k in settings if k in conf})
-        wm = world_model_from_checkpoint(state)
     else:
         env = make_dmc_env("cartpole-swingup", render="fast", time_limit=1.0)
         wm = tiny_world_model(env)
@@ -80,4 +80,16 @@ def main(checkpoint: str | None = None) -> float:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else None)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "checkpoint",
+        nargs="?",
+        help="a run directory written by scripts/train.py, or its checkpoint.pt (default: none, "
+        "fit a tiny world model first)",
+    )
+    try:
+        main(parser.parse_args().checkpoint)
+    except CheckpointError as exc:  # missing, or not a run's: one sentence, not a traceback
+        parser.exit(2, f"error: {exc}\n")
