@@ -277,8 +277,7 @@ class Trainer:
                 bar.update(frames - bar.n)
                 now = time.time()
                 fps = (frames - f_start) / max(now - t_start, 1e-9)
-                bar.set_postfix(
-                    fps=f"{fps:.0f}",
+                bar.set_postfix(  # no fps: tqdm's own rate is the current one, fps the mean
                     ret=f"{self.last_return:.1f}",
                     upd=self.counters["updates"],
                     refresh=False,
