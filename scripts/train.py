@@ -49,7 +49,7 @@ from aefrl.nn import conv_stages
 from aefrl.overrides import OverrideError, check_overrides
 from aefrl.provenance import RUN_RECORDS, append_run_record, command_line
 from aefrl.replay import STORAGES, SequenceReplay
-from agents.factory import build_agent
+from agents.factory import build_agent, name_keys
 
 signal.signal(signal.SIGINT, signal.default_int_handler)  # imports done: KeyboardInterrupt again
 
@@ -360,16 +360,20 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
     if storage == "auto":
         storage = "disk" if pixel_bytes > 2**31 else "memory"
     check_replay_fits(storage, pixel_bytes, int(rep["capacity"]), device)
-    replay = SequenceReplay(
-        int(rep["capacity"]),
-        int(conf["env"]["num_envs"]),
-        int(rep["seq_len"]),
-        int(rep["batch_size"]),
-        storage=storage,
-        path=run_dir / "replay" if storage == "disk" else None,
-        device=device,
-        seed=seed,
-    )
+    try:
+        replay = SequenceReplay(
+            int(rep["capacity"]),
+            int(conf["env"]["num_envs"]),
+            int(rep["seq_len"]),
+            int(rep["batch_size"]),
+            storage=storage,
+            path=run_dir / "replay" if storage == "disk" else None,
+            device=device,
+            seed=seed,
+        )
+    except ValueError as exc:  # "capacity=10 gives ...": name the configuration keys
+        sections = {"replay": rep, "env": {"num_envs": conf["env"]["num_envs"]}}
+        raise UserError(name_keys(str(exc), sections)) from None
     # Everything above validates the configuration; only now does the run leave files (a bad
     # input must not leave a run_config.yaml that makes the corrected command refuse the dir).
     try:

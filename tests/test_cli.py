@@ -174,6 +174,7 @@ def test_ctrl_c_while_importing_is_one_sentence_and_exit_130(tmp_path):
         (["env.image_size=63"], "env.image_size must be 4 times a power of two"),
         (["agent.value_loss.slow_reg=-1"], "agent.value_loss.slow_reg must be >= 0, got -1"),
         (["replay.capacity=1e9"], "replay.capacity=1000000000 needs 11444 GiB of RAM"),
+        (["replay.capacity=10"], "replay.capacity=10 gives each of the 1 env streams 10 rows"),
         # was accepted: the model had 4 latents, run_config.yaml recorded 4.5
         (["obs_model.latent_dim=4.5"], "obs_model.latent_dim must be an integer >= 1, got 4.5"),
         # these named a partial key (lr.model, gamma, render, ...) or none
