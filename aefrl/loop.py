@@ -443,10 +443,11 @@ class Trainer:
         horizon = out["open_loop_mse"]
         scalars = {
             "bits_per_dim": out["bits_per_dim"],
-            "open_loop_mse_mean": horizon.mean(),
-            "open_loop_ssim_mean": out["open_loop_ssim"].mean(),
+            # NaN marks horizons that no sequence of a replay batch reached within its episode
+            "open_loop_mse_mean": horizon.nanmean(),
+            "open_loop_ssim_mean": out["open_loop_ssim"].nanmean(),
         }
         for h in (1, 10, 25, 45):
-            if h <= len(horizon):
+            if h <= len(horizon) and not horizon[h - 1].isnan():
                 scalars[f"open_loop_mse_h{h}"] = horizon[h - 1]
         self.logger.log_scalars(scalars, step, source)

@@ -124,7 +124,9 @@ def open_loop_prediction(
 
     Returns ``real``, ``pred`` (uint8 ``[B, T, C, H, W]``; the first ``context`` predicted
     frames are the posterior reconstructions) and ``mse``, ``ssim`` per horizon ``[T - context]``
-    (averaged over the batch, images in [0, 1]).
+    (images in [0, 1]), averaged over the sequences still in their context's episode at that
+    horizon: a replay window may cross into a new episode, whose frames the imagination of the
+    old one cannot predict (NaN at horizons no sequence reaches).
     """
     wm = world_model
     ctx = {k: batch[k][:, :context] for k in (keys.PIXELS, keys.PREV_ACTION, keys.IS_FIRST)}
@@ -137,11 +139,19 @@ def open_loop_prediction(
     r = real[:, context:].flatten(0, 1).float() / 255
     p = pred[:, context:].flatten(0, 1).float() / 255
     steps = real.shape[1] - context
+    # [B, steps]: no episode start between the context and this horizon (inclusive).
+    same = batch[keys.IS_FIRST][:, context:].reshape(-1, steps).cumsum(1) == 0
+    count = same.sum(0)
+    count = torch.where(count > 0, count, torch.nan)
+
+    def mean_over_same_episode(per_frame: torch.Tensor) -> torch.Tensor:
+        return (per_frame.view(-1, steps) * same).sum(0) / count
+
     return {
         "real": real,
         "pred": pred,
-        "mse": mse(p, r).view(-1, steps).mean(0),
-        "ssim": ssim(p, r).view(-1, steps).mean(0),
+        "mse": mean_over_same_episode(mse(p, r)),
+        "ssim": mean_over_same_episode(ssim(p, r)),
     }
 
 

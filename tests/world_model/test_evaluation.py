@@ -77,6 +77,24 @@ def test_importance_sampled_sequence_estimate_tightens_with_k(kind):
     torch.testing.assert_close(bpd, expect)
 
 
+def test_open_loop_errors_leave_out_sequences_past_an_episode_start():
+    """A window that crosses into a new episode (replay windows may) is averaged in only up to
+    the horizon before the new episode's first frame; no sequence left there gives NaN."""
+    torch.manual_seed(0)
+    wm = tiny_world_model("aef")
+    batch = random_batch(3, 9)
+    batch["is_first"][1, 5] = True  # horizon 2 (frame 5) of sequence 1 starts an episode
+    batch["is_first"][:, 8] = True  # every sequence's last frame: nobody left at horizon 5
+    torch.manual_seed(4)
+    out = open_loop_prediction(wm, batch, context=3)
+    err = ((out["pred"][:, 3:].double() - batch["pixels"][:, 3:].double()) / 255).square()
+    per_seq = err.mean((2, 3, 4)).float()  # [B, 6]
+    torch.testing.assert_close(out["mse"][:2], per_seq[:, :2].mean(0))
+    torch.testing.assert_close(out["mse"][2:5], per_seq[[0, 2], 2:5].mean(0))
+    assert math.isnan(out["mse"][5]) and math.isnan(out["ssim"][5])
+    assert all(math.isfinite(v) for v in out["ssim"][:5])
+
+
 def test_open_loop_prediction_shapes_and_context(kind):
     torch.manual_seed(0)
     wm = tiny_world_model(kind)
