@@ -24,3 +24,21 @@ def seed_arg(text: str) -> int:
     if not 0 <= seed < 2**32:
         raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32 - 1], got {text!r}")
     return seed
+
+
+def add_episode_options(parser: argparse.ArgumentParser, seed: int, what: str) -> None:
+    """``--seed`` (of the ``what`` episodes and of torch, default ``seed``) and ``--render``:
+    the options every script that plays DMC episodes from a checkpoint shares."""
+    parser.add_argument(
+        "--seed",
+        type=seed_arg,
+        default=seed,
+        help=f"seed of the {what} episodes and of torch (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--render",
+        default="faithful",
+        choices=["faithful", "fast"],
+        help="faithful (dm_control's pixels, for results) or fast (no shadows or "
+        "multisampling) (default: %(default)s)",
+    )

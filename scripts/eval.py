@@ -25,7 +25,7 @@ import argparse
 import os
 import sys
 
-from aefrl.arguments import Parser, seed_arg
+from aefrl.arguments import Parser, add_episode_options
 from aefrl.gl_backend import exit_if_user_backend_broken
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -52,12 +52,6 @@ def make_parser() -> Parser:
         "--episodes", type=int, default=10, help="episodes to evaluate, >= 1 (default: %(default)s)"
     )
     p.add_argument(
-        "--seed",
-        type=seed_arg,
-        default=12345,
-        help="seed of the evaluation episodes and of torch (default: %(default)s)",
-    )
-    p.add_argument(
         "--video",
         default=None,
         help="GIF of the first episode, agent view | reconstruction (default: <run_dir>/eval.gif, "
@@ -74,13 +68,7 @@ def make_parser() -> Parser:
         default="auto",
         help="auto (CUDA if available), cpu, cuda or cuda:N (default: %(default)s)",
     )
-    p.add_argument(
-        "--render",
-        default="faithful",
-        choices=["faithful", "fast"],
-        help="faithful (dm_control's pixels, for results) or fast (no shadows or "
-        "multisampling) (default: %(default)s)",
-    )
+    add_episode_options(p, seed=12345, what="evaluation")
     p.add_argument(
         "--agent",
         default=None,

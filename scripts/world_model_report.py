@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-from aefrl.arguments import Parser, seed_arg
+from aefrl.arguments import Parser, add_episode_options
 from aefrl.gl_backend import exit_if_user_backend_broken
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -56,19 +56,7 @@ def make_parser() -> Parser:
         default=128,
         help="K, importance samples per sequence (default: %(default)s, SPEC §6's for reports)",
     )
-    p.add_argument(
-        "--seed",
-        type=seed_arg,
-        default=54321,
-        help="seed of the held-out episodes and of torch (default: %(default)s)",
-    )
-    p.add_argument(
-        "--render",
-        default="faithful",
-        choices=["faithful", "fast"],
-        help="faithful (dm_control's pixels, for results) or fast (no shadows or "
-        "multisampling) (default: %(default)s)",
-    )
+    add_episode_options(p, seed=54321, what="held-out")
     p.add_argument(
         "--out", default=None, help="JSON path (default: <run_dir>/world_model_report.json)"
     )
