@@ -202,7 +202,9 @@ class PlannerAgent(nn.Module):
     @torch.no_grad()
     def plan(self, belief: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """The planner's first action ``[N, A]`` from filtered states h ``[N, H]``, z ``[N, d]``."""
-        td = TensorDict({keys.BELIEF: belief, keys.STATE: state}, belief.shape[:-1])
+        td = TensorDict(
+            {keys.BELIEF: belief, keys.STATE: state}, belief.shape[:-1], device=belief.device
+        )
         return self.planner(td)[keys.ACTION]
 
     @torch.no_grad()

@@ -5,7 +5,7 @@ planners (``CEMPlanner``, ``MPPIPlanner``), rollouts, value estimators and losse
 unchanged::
 
     env = ImaginationEnv(load_world_model(run_dir))
-    td = env.reset(TensorDict({"belief": h, "state": z}, [N]), set_state=True)  # filtered states
+    td = env.reset(TensorDict({"belief": h, "state": z}, [N], device=h.device), set_state=True)
     plan = CEMPlanner(env, planning_horizon=12, optim_steps=10, num_candidates=1000, top_k=100)
     action = plan(td)["action"]  # [N, A]
 
@@ -46,7 +46,9 @@ class ImaginationEnv(ModelBasedEnvBase):
     Args:
         world_model: a trained :class:`~aefrl.world_model.WorldModel` (shared, not copied).
         predict_continue: also observe the continue probability under ``pred_continue``.
-        device: where the env's tensors live; default: the world model's device.
+        device: where the env's tensors live: the world model's device (the default). Another
+            one is refused: torchrl's ``ModelBasedEnvBase`` would move the shared model in
+            place, and only the modules it holds (the continue head would stay behind).
     """
 
     # reset(td, set_state=True) starts from the given belief / state (torchrl >= 0.14).
@@ -59,8 +61,14 @@ class ImaginationEnv(ModelBasedEnvBase):
         self.predict_continue = bool(predict_continue)
         if self.predict_continue:
             pieces.append(continue_module(world_model, out_key=keys.PRED_CONTINUE))
+        model_device = world_model.rssm.gru.weight_hh.device
         if device is None:
-            device = world_model.rssm.gru.weight_hh.device
+            device = model_device
+        elif torch.device(device) != model_device:
+            raise ValueError(
+                f"device {device} is not the world model's ({model_device}): move the model "
+                "first (world_model.to(device)); the env would move it in place, and only in part"
+            )
         super().__init__(TensorDictSequential(*pieces), device=device)
         dtype = world_model.dtype
         rssm = world_model.rssm
@@ -86,13 +94,14 @@ class ImaginationEnv(ModelBasedEnvBase):
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
         shape = tensordict.batch_size if tensordict is not None else self.batch_size
         if kwargs.get("set_state"):
-            missing = [k for k in self._latent_sizes if k not in tensordict]
+            missing = [k for k in self._latent_sizes if tensordict is None or k not in tensordict]
             if missing:
                 raise ValueError(
                     f"reset(set_state=True) needs {missing} in the tensordict (the filtered "
                     "belief h and state z to imagine from)"
                 )
-            out = tensordict.select(*self._latent_sizes)
+            # On the env's device (a user's CPU tensors for a CUDA env).
+            out = tensordict.select(*self._latent_sizes).to(self.device)
         else:
             out = TensorDict(
                 {

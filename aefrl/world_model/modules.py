@@ -236,6 +236,11 @@ def world_model_from_checkpoint(state: dict) -> WorldModel:
 
 def load_world_model(path: str | os.PathLike, map_location="cpu") -> WorldModel:
     """The world model of a run directory or ``checkpoint.pt`` written by ``scripts/train.py``
-    (Dreamer or planner runs, any observation model). Raises
+    (Dreamer or planner runs, any observation model), on the device ``map_location`` names
+    (a device or its name; torch.load's other forms only place the loaded weights). Raises
     :class:`~aefrl.checkpoint.CheckpointError` with one clear sentence when it can't."""
-    return world_model_from_checkpoint(load_checkpoint(Path(path), map_location=map_location))
+    state = load_checkpoint(Path(path), map_location=map_location)
+    world_model = world_model_from_checkpoint(state)  # built on the CPU, weights copied in
+    if isinstance(map_location, str | torch.device):
+        world_model.to(map_location)
+    return world_model

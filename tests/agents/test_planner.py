@@ -138,6 +138,21 @@ def test_random_mode_filters_without_running_the_policy(agent_kind, cartpole_fra
 
 # One CEM iteration returns the best candidate; torchrl still computes the unused NaN std.
 @pytest.mark.filterwarnings("ignore:std\\(\\). degrees of freedom:UserWarning")
+def test_plan_hands_the_planner_a_tensordict_on_the_states_device(monkeypatch):
+    """torchrl's CEM / MPPI allocate the plan's mean and std on the input tensordict's device:
+    a device-less one put them on the CPU next to CUDA rollouts (a crash on a GPU)."""
+    agent = tiny_planner()
+    seen = []
+
+    def spy(td):
+        seen.append(td.device)
+        return td.set("action", torch.zeros(*td.batch_size, ACTIONS))
+
+    monkeypatch.setattr(PlannerAgent, "planner", property(lambda self: spy))
+    agent.plan(torch.zeros(2, agent.world_model.rssm.deter), torch.zeros(2, 4))
+    assert seen == [torch.device("cpu")]
+
+
 def test_cem_refuses_a_single_elite_over_several_iterations():
     """torchrl's CEM refits the elites' (unbiased) std: NaN from one elite, NaN actions next."""
     with pytest.raises(ValueError, match="cem needs top_k >= 2"):

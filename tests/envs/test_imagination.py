@@ -83,6 +83,18 @@ def test_reset_without_state_starts_from_zeros_and_refuses_missing_state():
     assert not given[keys.BELIEF].any()
     with pytest.raises(ValueError, match="needs \\['state'\\]"):
         env.reset(TensorDict({keys.BELIEF: torch.zeros(2, H)}, [2]), set_state=True)
+    with pytest.raises(ValueError, match="needs \\['belief', 'state'\\]"):  # was a TypeError
+        env.reset(set_state=True)
+
+
+def test_an_env_on_another_device_than_its_model_is_refused():
+    """torchrl's ModelBasedEnvBase moves the world model to its device in place, and only the
+    modules it holds: the user's model ended up split across devices."""
+    wm = tiny_world_model("aef")
+    with pytest.raises(ValueError, match="device meta is not the world model's \\(cpu\\)"):
+        ImaginationEnv(wm, device="meta")
+    assert all(p.device.type == "cpu" for p in wm.parameters())
+    assert ImaginationEnv(wm, device="cpu").device == torch.device("cpu")
 
 
 def test_torchrl_td_lambda_runs_on_imagined_rollouts():
@@ -159,6 +171,19 @@ def test_load_world_model_from_a_dreamer_checkpoint(tmp_path, kind):
     expected = agent.world_model.state_dict()
     for name, value in wm.state_dict().items():
         assert torch.equal(value, expected[name]), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_load_world_model_builds_the_model_on_the_device_asked_for(tmp_path):
+    """The model was built on the CPU and the weights copied into it, whatever map_location."""
+    conf = _run_config("aef")
+    wm_kwargs = dict(conf["agent"]["world_model"], obs_model="aef", latent_dim=D)
+    agent = DreamerAgent(OBS, ACTIONS, world_model=wm_kwargs, actor={"hidden": 16, "layers": 1})
+    save_checkpoint(
+        tmp_path / "checkpoint.pt", {"format": 1, "run_config": conf, "agent": agent.state_dict()}
+    )
+    wm = load_world_model(tmp_path, map_location="cuda")
+    assert all(p.is_cuda for p in wm.parameters()) and all(b.is_cuda for b in wm.buffers())
 
 
 def test_load_world_model_says_what_is_wrong(tmp_path):
