@@ -24,7 +24,8 @@ step() {  # step NAME COMMAND...: run, log to $out/NAME.log, remember failures
 }
 
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')" || exit 2
-step gpu_tests python -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py tests/test_replay.py
+step gpu_tests python -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py tests/test_replay.py \
+    tests/envs/test_imagination.py tests/agents/test_planner.py
 step bench_cuda python scripts/bench.py --device cuda --graph --reps 20 --skip-e2e \
     --out "$out/bench_cuda.json"
 step bench_cuda_bf16 python scripts/bench.py --device cuda --graph --autocast bf16 --reps 20 \
