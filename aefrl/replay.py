@@ -204,7 +204,12 @@ class SequenceReplay:
         data = rows.to(self.storage_device).copy()
         stamp = torch.full((self.num_envs,), self._steps, dtype=torch.int64)
         data.set(STEP_STAMP, stamp.to(self.storage_device))
-        self._storage.set(self._steps % self.rows_per_env, data)
+        position = self._steps % self.rows_per_env
+        if self.path is not None and self._flat:
+            # The files outlive a killed process: mark the row as being written (stamp -1)
+            # before its data, so one cut short keeps no older step's stamp over newer pixels.
+            self._flat[STEP_STAMP].view(self.rows_per_env, self.num_envs)[position] = -1
+        self._storage.set(position, data)
         if not self._flat:
             self._bind_views()
         self._steps += 1
@@ -457,9 +462,10 @@ class SequenceReplay:
         stamps = self._flat[STEP_STAMP].view(self.rows_per_env, self.num_envs)
         floor, newer = self._floor, 0
         if self.path is not None:
-            # Steps >= self._steps were written after the checkpoint; they overwrote the oldest
-            # rows, which must not be sampled as if they were the checkpoint's data.
-            newer = int((stamps >= self._steps).any(1).sum())
+            # Steps >= self._steps were written after the checkpoint (-1: one whose write was
+            # cut short); they overwrote the oldest rows, which must not be sampled as if they
+            # were the checkpoint's data.
+            newer = int(((stamps >= self._steps) | (stamps < 0)).any(1).sum())
             floor = max(floor, self._steps + newer - self.rows_per_env)
         oldest = max(self._steps - self.rows_per_env, floor)
         steps = torch.arange(oldest, self._steps, device=stamps.device)
