@@ -61,7 +61,13 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # a full disk, a kill signal turned into an exception: no debris
+    except OSError as exc:  # a full disk, a quota, a vanished mount: one sentence, no debris
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"could not write the checkpoint {path}: {exc.strerror or exc}; the previous one, if "
+            "any, is intact"
+        ) from None
+    except BaseException:  # a kill signal turned into an exception: no debris either
         tmp.unlink(missing_ok=True)
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)

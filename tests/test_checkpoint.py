@@ -63,6 +63,26 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no temp file left
 
 
+def test_a_full_disk_is_one_sentence_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """The scripts print a CheckpointError as one line (exit 2); an OSError was a traceback."""
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"format": 1, "v": 1})
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CheckpointError) as info:
+        save_checkpoint(path, {"format": 1, "v": 2})
+    monkeypatch.undo()
+    assert str(info.value) == (
+        f"could not write the checkpoint {path}: No space left on device; the previous one, if "
+        "any, is intact"
+    )
+    assert load_checkpoint(path)["v"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
 def test_contents_are_checked_against_this_versions_format_and_keys():
     full = {key: {} for key in TRAINING_KEYS} | {"format": CHECKPOINT_FORMAT}
     check_contents(full, "ck.pt")
