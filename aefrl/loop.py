@@ -186,6 +186,7 @@ class Trainer:
                 "loop_config": asdict(self.config),
                 "counters": dict(self.counters),
                 "train_credit": self.train_credit,
+                "last_return": self.last_return,  # the progress bar's, until an episode ends
                 "agent": self.agent.state_dict(),
                 "replay": self.replay.state_dict(),
                 "collector": self.collector.state_dict(),
@@ -211,6 +212,7 @@ class Trainer:
         self.replay.load_state_dict(state["replay"])
         self.counters.update(state["counters"])
         self.train_credit = state["train_credit"]
+        self.last_return = float(state.get("last_return", float("nan")))  # absent before
         if state["heldout"] is not None:
             held = state["heldout"]
             self.heldout = TensorDict(held, batch_size=held[keys.PIXELS].shape[:2])

@@ -1,12 +1,16 @@
 """The training loop on a real DMC task: exact resume, evaluation, reports, checkpoints."""
 
+import functools
+import math
 import signal
+from fractions import Fraction
 from types import SimpleNamespace
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torchrl.envs import ExcludeTransform, TransformedEnv
+from tensordict import TensorDict
+from torchrl.envs import ExcludeTransform, SerialEnv, TransformedEnv
 
 from aefrl import keys
 from aefrl.bench.subjects import Sizes, random_batch
@@ -16,6 +20,7 @@ from aefrl.logging import RunLogger
 from aefrl.loop import LoopConfig, Trainer
 from aefrl.replay import SequenceReplay
 from tests.agents.test_dreamer import TINY
+from tests.test_collect import EchoAgent, EchoEnv
 
 from agents.dreamer import DreamerAgent  # isort: skip
 
@@ -78,6 +83,8 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
 
     part.run(progress=False, on_iteration=stop_midway)
     assert part.counters["frames"] < SCHEDULE["total_frames"]
+    shown = part.last_return  # the progress bar's return, kept across the resume (was nan)
+    assert math.isfinite(shown)
     assert part._pending  # stopped between two train/* logs: updates wait in the checkpoint
     assert part._update is not None
     part.load()  # a loaded checkpoint drops the update built on the old optimiser state
@@ -85,6 +92,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
     part.env.close()
     resumed = build(tmp_path / "part", seed=123)  # different init and RNG: all must be restored
     resumed.load()
+    assert resumed.last_return == shown
     counters = resumed.run(progress=False)
 
     assert counters == counters_full
@@ -300,3 +308,108 @@ def test_a_second_ctrl_c_during_the_checkpoint_write_aborts_after_it(tmp_path):
     trainer._stop_requested = True  # outside a write, a second Ctrl-C aborts at once
     with pytest.raises(KeyboardInterrupt):
         trainer._on_signal(signal.SIGINT, None)
+
+
+def _quiet_config(**schedule) -> LoopConfig:
+    """A schedule that only collects and trains: no logs, evaluations, reports or periodic
+    checkpoints (run() still writes its final one)."""
+    off = dict(log_every=0, eval_every=0, report_every=0, checkpoint_every=0)
+    return LoopConfig(**{**off, **schedule})
+
+
+def _replayed_stream(env, tmp_path, iterations: int) -> TensorDict:
+    """Runs a random-prefill Trainer on a single ``env`` for ``iterations`` iterations and
+    returns what reached its replay: one window spanning the whole stream, ``[iterations]``."""
+    replay = SequenceReplay(iterations, 1, iterations, 1, seed=0)
+    trainer = Trainer(
+        EchoAgent(),
+        env,
+        replay,
+        RunLogger("tb", log_dir=str(tmp_path)),
+        tmp_path,
+        _quiet_config(total_frames=10_000, prefill_steps=10_000),
+        action_dim=1,
+    )
+
+    def stop(t):
+        if t.counters["iterations"] == iterations:
+            t.request_stop()
+
+    trainer.run(progress=False, on_iteration=stop)
+    env.close()
+    trainer.logger.close()
+    assert replay.steps == iterations
+    return replay.sample()[0]
+
+
+def test_time_limits_reach_the_replay_as_truncations_and_terminations_as_terminal(tmp_path):
+    """The continue head learns from ``terminated``: a DMC time limit (discount 1) must reach
+    the replay as not terminated (the value bootstraps through it), a real termination as
+    terminated; either way the next row starts an episode."""
+    env = make_dmc_env(TASK, render="fast", image_size=16, time_limit=0.1)  # 5 agent steps
+    stream = _replayed_stream(env, tmp_path / "dmc", 13)
+    assert stream["is_first"][:, 0].nonzero().flatten().tolist() == [0, 6, 12]
+    assert stream["reward"][5].abs().sum() > 0  # the time-limit row itself was stored
+    assert not stream["terminated"].any()
+
+    stream = _replayed_stream(EchoEnv(5, terminate=True), tmp_path / "fake", 13)
+    assert stream["is_first"][:, 0].nonzero().flatten().tolist() == [0, 6, 12]
+    assert stream["terminated"][:, 0].nonzero().flatten().tolist() == [5, 11]
+
+
+@pytest.mark.parametrize(
+    "lengths, prefill_steps, seq_len",
+    [
+        ((4,), 10, 3),  # training starts at the end of the prefill
+        ((4,), 1, 5),  # ... or once the replay holds a window
+        ((2, 3, 5), 10, 3),  # three envs resetting at different times
+        ((2, 3, 5), 2, 6),
+    ],
+)
+def test_updates_follow_the_train_ratio(tmp_path, lengths, prefill_steps, seq_len):
+    """After every iteration the updates so far are the credit of the train ratio,
+    floor(steps x train_ratio / (batch_size x seq_len)), where steps counts every env's agent
+    step taken in an iteration past the prefill with the replay ready; at most one short, from
+    the floating-point carry. 17/6 updates per step is no binary fraction (the carry rounds),
+    and over 2 so that a single step miscounted is more than that slack."""
+    batch_size, train_ratio = 2, 17.0 * seq_len / 3  # 17/6 updates per agent step
+    num_envs = len(lengths)
+    if num_envs == 1:
+        env = EchoEnv(lengths[0])
+    else:
+        env = SerialEnv(num_envs, [functools.partial(EchoEnv, n) for n in lengths])
+    agent = EchoAgent()
+    trainer = Trainer(
+        agent,
+        env,
+        SequenceReplay(10_000, num_envs, seq_len, batch_size, seed=0),
+        RunLogger("tb", log_dir=str(tmp_path)),
+        tmp_path,
+        _quiet_config(
+            total_frames=80 * num_envs,  # EchoEnv: 2 frames per step
+            prefill_steps=prefill_steps,
+            train_ratio=train_ratio,
+            batch_size=batch_size,
+            seq_len=seq_len,
+        ),
+        action_dim=1,
+    )
+    per_step = Fraction(train_ratio) / (batch_size * seq_len)
+    taken = []  # env steps of each iteration, read off its rows (reset rows took none)
+    credited = []  # ... those the ratio credits
+
+    def check(t):
+        stepped = int((~t.collector.obs["is_first"]).sum())
+        training = sum(taken) >= prefill_steps and len(taken) + 1 >= seq_len  # rows per env
+        taken.append(stepped)
+        credited.append(stepped if training else 0)
+        expected = math.floor(sum(credited) * per_step)
+        assert expected - 1 <= t.counters["updates"] <= expected, (len(taken), expected)
+        assert agent.updates == t.counters["updates"]
+
+    counters = trainer.run(progress=False, on_iteration=check)
+    env.close()
+    trainer.logger.close()
+    assert counters["agent_steps"] == sum(taken)
+    assert 0 in taken[1:] and (num_envs == 1 or len(set(taken[1:])) > 2)  # resets in between
+    assert counters["updates"] >= math.floor(sum(credited) * per_step) - 1 > 0
