@@ -399,12 +399,26 @@ def test_disk_metadata_cut_short_by_a_kill_is_restored_from_the_checkpoint(tmp_p
     assert not list(path.glob("*.tmp"))
 
 
-def test_disk_excludes_rows_written_after_the_checkpoint(tmp_path):
+@pytest.mark.parametrize("cut_short", [False, True])
+def test_disk_excludes_rows_written_after_the_checkpoint(tmp_path, monkeypatch, cut_short):
+    """The run goes on after its checkpoint, then dies: the rows it wrote since must not be
+    sampled as the steps they replaced. ``cut_short``: the kill lands inside extend(), after
+    the new pixels and before the row's stamp (written last), which still named the step it
+    replaced, so a resume sampled those pixels as that step."""
     path = tmp_path / "replay"
     replay = SequenceReplay(30, 3, seq_len=4, batch_size=32, storage="disk", path=path, seed=0)
     fill(replay, 25)
     state = replay.state_dict()
-    fill(replay, 3, start=25)  # the run goes on, then dies before its next checkpoint
+    fill(replay, 2 if cut_short else 3, start=25)
+    if cut_short:
+
+        def killed_while_writing(index, data, *args, **kwargs):  # the pixels land, then the kill
+            replay._flat[keys.PIXELS].view(replay.rows_per_env, 3, *PIXEL_SHAPE)[index] = 200
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(replay._storage, "set", killed_while_writing)
+        with pytest.raises(KeyboardInterrupt):
+            replay.extend(make_rows(3, 27))
     resumed = SequenceReplay(30, 3, seq_len=4, batch_size=32, storage="disk", path=path)
     with pytest.warns(UserWarning, match=r"3 rows .* written after this checkpoint"):
         resumed.load_state_dict(state)
@@ -415,31 +429,6 @@ def test_disk_excludes_rows_written_after_the_checkpoint(tmp_path):
     fill(resumed, 3, start=25)
     assert resumed.valid_rows_per_env == 10
     assert_valid_windows(resumed.sample(), lowest=18, highest=27)
-
-
-def test_disk_excludes_a_row_whose_write_a_kill_cut_short(tmp_path, monkeypatch):
-    """A process killed inside extend() leaves new pixels in the files; the row's stamp, written
-    last, still named the step it replaced, so a resume sampled those pixels as that step."""
-    path = tmp_path / "replay"
-    replay = SequenceReplay(30, 3, seq_len=4, batch_size=32, storage="disk", path=path, seed=0)
-    fill(replay, 25)
-    state = replay.state_dict()
-    fill(replay, 2, start=25)
-
-    def killed_while_writing(index, data, *args, **kwargs):  # the pixels land, then the kill
-        replay._flat[keys.PIXELS].view(replay.rows_per_env, 3, *PIXEL_SHAPE)[index] = 200
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(replay._storage, "set", killed_while_writing)
-    with pytest.raises(KeyboardInterrupt):
-        replay.extend(make_rows(3, 27))
-    resumed = SequenceReplay(30, 3, seq_len=4, batch_size=32, storage="disk", path=path)
-    with pytest.warns(UserWarning, match=r"3 rows .* written after this checkpoint"):
-        resumed.load_state_dict(state)
-    # Steps 15..17 hold the lost 25, 26 and the half-written 27: 18..24 remain valid.
-    assert resumed.valid_rows_per_env == 7
-    for _ in range(20):
-        assert_valid_windows(resumed.sample(), lowest=18, highest=24)
 
 
 def test_disk_refuses_files_of_another_run(tmp_path):
