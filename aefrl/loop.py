@@ -277,14 +277,14 @@ class Trainer:
                 self._iteration(updates_per_step)
                 frames = self.counters["frames"]
                 bar.update(frames - bar.n)
-                now = time.time()
-                fps = (frames - f_start) / max(now - t_start, 1e-9)
                 bar.set_postfix(  # no fps: tqdm's own rate is the current one, fps the mean
                     ret=f"{self.last_return:.1f}",
                     upd=self.counters["updates"],
                     refresh=False,
                 )
                 if self._log(frames):
+                    now = time.time()
+                    fps = (frames - f_start) / max(now - t_start, 1e-9)
                     interval = (frames - since_log[1]) / max(now - since_log[0], 1e-9)
                     self._write_metrics(fps, interval)
                     since_log = (now, frames)
