@@ -15,16 +15,9 @@ from torch import distributions as D
 
 from aefrl.obs_models import make_obs_model, posterior_kl
 from aefrl.preprocess import Preprocess, bits_per_dim
+from tests.obs_models.test_exact_math import _perturb
 
 F64 = torch.float64
-
-
-def _perturb(model, scale=0.3):
-    """Move weights off their init so the networks are not near-linear at zero."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * scale)
-    return model
 
 
 # --- 1. importance sampling with a context --------------------------------------------------------
