@@ -16,6 +16,7 @@ from torch import distributions as D
 from aefrl.obs_models import make_obs_model, posterior_kl
 from aefrl.preprocess import Preprocess, bits_per_dim
 from tests.obs_models.test_exact_math import _perturb
+from tests.obs_models.test_importance_sampling import _two_dim_model
 
 F64 = torch.float64
 
@@ -36,28 +37,7 @@ def _context_model(kind):
     σ_q ≥ 1.2 (and s = 1 for the AEF) keeps the proposal wider than the prior (σ_p ≤ 0.8), so the
     importance weights are bounded and K = 16384 settles the estimate to ~0.03 nats.
     """
-    torch.manual_seed(3)
-    extra = {"proposal_scale": 1.0} if kind == "aef" else {}
-    model = make_obs_model(
-        kind,
-        (2,),
-        1,
-        2,
-        hidden=16,
-        layers=1,
-        sigma_x="head",
-        sigma_x_min=0.3,
-        sigma_q_min=1.2,
-        sigma_q_max=2.0,
-        **extra,
-    ).double()
-    _perturb(model)
-    with torch.no_grad():
-        model.decoder[0].weight[:, :2].mul_(3.0)  # the context columns: contexts must matter
-        if kind == "aef":  # keep the proposal centres W·y + b moderate
-            model.projection.weight.mul_(0.2)
-            model.projection.bias.mul_(0.2)
-    return model
+    return _two_dim_model(kind, context_dim=2, seed=3)
 
 
 def _log_marginal_by_quadrature(model, y, context, prior):

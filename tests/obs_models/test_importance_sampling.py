@@ -17,15 +17,17 @@ def _perturb(model, scale):
     return model
 
 
-def _two_dim_model(kind):
+def _two_dim_model(kind, context_dim=0, seed=11):
     """A 2-d model (d = 1) whose proposal is wider than the prior (σ_q ≥ 1.2, s = 1), so the
-    importance weights are bounded and their average settles within a test's budget."""
-    torch.manual_seed(11)
+    importance weights are bounded and their average settles within a test's budget. With a
+    context, its decoder weights on the context are tripled: contexts must matter."""
+    torch.manual_seed(seed)
     extra = {"proposal_scale": 1.0} if kind == "aef" else {}
     model = make_obs_model(
         kind,
         (2,),
         1,
+        context_dim,
         hidden=16,
         layers=1,
         sigma_x="head",
@@ -35,8 +37,9 @@ def _two_dim_model(kind):
         **extra,
     ).double()
     _perturb(model, 0.3)
-    if kind == "aef":
-        with torch.no_grad():  # keep the proposal centres W·y + b moderate over the grid
+    with torch.no_grad():
+        model.decoder[0].weight[:, :context_dim].mul_(3.0)
+        if kind == "aef":  # keep the proposal centres W·y + b moderate over the grid
             model.projection.weight.mul_(0.2)
             model.projection.bias.mul_(0.2)
     return model
