@@ -36,6 +36,15 @@ def check_optimizer_settings(lr: dict, grad_clip: dict, adam_eps: float) -> None
         raise ValueError(f"adam_eps must be > 0, got {adam_eps}")
 
 
+def _scalars(out: TensorDictBase) -> dict[str, torch.Tensor]:
+    """The 0-d entries of a loss module's output, detached (the metrics of an update)."""
+    return {
+        key: value.detach()
+        for key, value in out.items()
+        if isinstance(key, str) and value.dim() == 0
+    }
+
+
 def placeholder_action(carry: Carry) -> torch.Tensor:
     """The zero action ``[N, A]`` of ``act(..., mode="random")``."""
     return torch.zeros_like(carry.prev_action)
@@ -170,6 +179,7 @@ class DreamerAgent(nn.Module):
         """
         wm_out = self.wm_loss(batch)
         metrics = {"grad_norm_model": self._step("model", self.wm_loss.total(wm_out))}
+        metrics.update(_scalars(wm_out))
         start = TensorDict(
             {
                 keys.BELIEF: wm_out[keys.BELIEF].flatten(0, 1),
@@ -178,15 +188,20 @@ class DreamerAgent(nn.Module):
             },
             batch_size=[],
         )
+        metrics.update(self.train_actor_critic(start))
+        return metrics
+
+    def train_actor_critic(self, start: TensorDictBase) -> dict[str, torch.Tensor]:
+        """The second half of :meth:`train_step`: one actor and one critic update in imagination
+        from ``start`` (posterior states ``belief [N, H]``, ``state [N, d]`` and ``terminated
+        [N, 1]`` of their rows), then the slow critic's step. Returns detached scalar metrics."""
         actor_out = self.actor_loss(start)
-        metrics["grad_norm_actor"] = self._step("actor", actor_out["loss_actor"])
+        metrics = {"grad_norm_actor": self._step("actor", actor_out["loss_actor"])}
         value_out = self.value_loss(actor_out)
         metrics["grad_norm_critic"] = self._step("critic", value_out["loss_value"])
         self.slow_critic.update()
-        for out in (wm_out, actor_out, value_out):
-            for key, value in out.items():
-                if isinstance(key, str) and value.dim() == 0:
-                    metrics[key] = value.detach()
+        for out in (actor_out, value_out):
+            metrics.update(_scalars(out))
         return metrics
 
     # --- reporting -------------------------------------------------------------------------------
