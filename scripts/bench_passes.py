@@ -1,4 +1,4 @@
-"""The world-model update's hand-written passes against the plain autograd forms they replace.
+"""The update's hand-written passes against the plain forms they replace.
 
 Whole-update timings on the project's VM scatter by more than these pieces save (single calls of
 the same update vary up to 1.7x, docs/benchmarks.md), so each piece is timed alone here, the two
@@ -10,7 +10,11 @@ scripts/bench.py: 16 x 50 frames of 3 x 64 x 64, RSSM 200, hidden 400):
 2. pre-processing of the uint8 batch: its formulas one out-of-place op each (NCHW) against the
    fused, in-place, channels-last ``Preprocess.encode``;
 3. RSSM filtering scan forward + backward: a plain loop of ``obs_step`` over ``x[:, t]`` slices
-   against ``RSSM.observe`` (embeddings projected once per sequence, inputs split by unbind).
+   against ``RSSM.observe`` (embeddings projected once per sequence, inputs split by unbind);
+4. the actor + critic half of ``DreamerAgent.train_step`` (actor loss on the B·T posterior
+   states, 15 imagined steps, critic loss, both optimiser steps) with ``torch.nn.Linear`` layers
+   against the agent's own :class:`aefrl.nn.Linear` (odd feature counts padded to a multiple of
+   8: the 255-bin two-hot outputs, the 230-d feature gradients).
 
 Each pair is checked to compute the same values before it is timed.
 
@@ -26,6 +30,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spin-waits starve 2 cores
 
 import argparse
+import copy
 import math
 import sys
 from pathlib import Path
@@ -35,10 +40,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tensordict import TensorDict  # noqa: E402
+from torch import nn  # noqa: E402
+
 from aefrl import keys  # noqa: E402
 from aefrl.allocator import tune_malloc  # noqa: E402
 from aefrl.bench.subjects import Sizes, random_batch  # noqa: E402
 from aefrl.bench.timing import time_interleaved  # noqa: E402
+from aefrl.nn import Linear  # noqa: E402
 from aefrl.obs_models.gaussian_quad import gaussian_quad  # noqa: E402
 from aefrl.provenance import command_line, machine_info, write_result  # noqa: E402
 
@@ -58,10 +67,24 @@ def alternate(plain, ours, reps: int) -> dict:
 
 
 def _build(sizes: Sizes):
+    """Our agent (aef) at ``sizes``."""
     import scripts.bench as bench
 
     torch.manual_seed(0)
-    return bench.build_ours("aef", sizes, torch.device("cpu")).agent.world_model
+    return bench.build_ours("aef", sizes, torch.device("cpu")).agent
+
+
+def plain_linears(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose :class:`aefrl.nn.Linear` layers are ``torch.nn.Linear`` ones
+    (same parameter values; no padding)."""
+    module = copy.deepcopy(module)
+    for sub in module.modules():
+        for name, child in list(sub.named_children()):
+            if type(child) is Linear:
+                plain = nn.Linear(child.in_features, child.out_features, child.bias is not None)
+                plain.load_state_dict(child.state_dict())
+                setattr(sub, name, plain)
+    return module
 
 
 def likelihood(reps: int, sizes: Sizes, wm) -> dict:
@@ -164,6 +187,36 @@ def filtering_scan(reps: int, sizes: Sizes, wm) -> dict:
     }
 
 
+def actor_critic(reps: int, sizes: Sizes, agent) -> dict:
+    batch = random_batch(sizes)
+    with torch.no_grad():
+        observed = agent.world_model.filter(batch).observed.state.flatten()
+    start = TensorDict(
+        {
+            keys.BELIEF: observed.h,
+            keys.STATE: observed.z,
+            keys.TERMINATED: batch[keys.TERMINATED].flatten(0, 1),
+        },
+        batch_size=[],
+    )
+    plain = plain_linears(agent)
+    assert not any(type(m) is Linear for m in plain.modules())
+    # Same start, same draws: the same loss either way (up to summation order).
+    losses = []
+    for subject in (agent, plain):
+        torch.manual_seed(0)
+        losses.append(subject.actor_loss(start)["loss_actor"].detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-5)
+
+    rows = sizes.batch * sizes.seq * sizes.horizon
+    return {
+        "what": f"actor + critic update ({rows} imagined states)",
+        **alternate(
+            lambda: plain.train_actor_critic(start), lambda: agent.train_actor_critic(start), reps
+        ),
+    }
+
+
 def markdown(r: dict) -> str:
     m = r["machine"]
     lines = [
@@ -171,7 +224,7 @@ def markdown(r: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads; torch "
         f"{m['torch']}. The two forms alternate call by call; {r['reps']} calls each.",
         "",
-        "| piece | plain autograd ms (median / min) | ours ms (median / min) | speedup |",
+        "| piece | plain form ms (median / min) | ours ms (median / min) | speedup |",
         "|---|---:|---:|---:|",
     ]
     for row in r["rows"]:
@@ -194,7 +247,8 @@ def main(argv=None) -> dict:
         else Sizes()
     )
     tune_malloc()
-    wm = _build(sizes)
+    agent = _build(sizes)
+    wm = agent.world_model
     result = {
         "command": command_line("scripts/bench_passes.py", argv),
         "machine": machine_info(),
@@ -204,6 +258,7 @@ def main(argv=None) -> dict:
             likelihood(args.reps, sizes, wm),
             preprocessing(args.reps, sizes, wm),
             filtering_scan(args.reps, sizes, wm),
+            actor_critic(args.reps, sizes, agent),
         ],
     }
     md = markdown(result)

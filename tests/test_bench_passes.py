@@ -19,6 +19,7 @@ def test_toy_run_writes_every_row(tmp_path):
         "decoder",
         "pre-processing",
         "filtering",
+        "actor",
     ]
     for row in r["rows"]:
         assert row["plain_ms"] > 0 and row["ours_ms"] > 0 and row["speedup"] > 0
