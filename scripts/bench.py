@@ -11,15 +11,17 @@ torchrl's DreamerV1 (``aefrl/bench/torchrl_peer.py``) on the same uint8 batch:
    convolution layers alone, as the model lays them out and in channels-last, and torchrl's
    update over its own trunks), a torch.profiler breakdown of our update (where the non-conv
    time goes), and conv FLOPs per image of both architectures;
-5. peak memory of every timed call (CPU: process RSS sampled during the call; CUDA: max allocated);
+5. peak memory of each update (CPU: process RSS sampled during one untimed call after a
+   ``malloc_trim``; CUDA: max allocated);
 6. world-model update time against batch size and sequence length (ours aef and torchrl);
 7. end-to-end agent steps/s at train ratio 512: the real loop (``aefrl.loop.Trainer``) on a real
    DMC task, rendered "faithful", after a short prefill;
 8. the same updates at our default sizes (configs/agent/dreamer.yaml, batch 16 x 64), torchrl's
    blocks mapped to them.
 
-"Identical sizes" are torchrl's DreamerV1 defaults: state 30, RSSM 200, hidden 400, conv depth 32,
-batch 16 x 50. Timed calls run round-robin (ours, ours, torchrl, ours, ...) so load drifts on a
+"Identical sizes" are torchrl's DreamerV1 network defaults (state 30, RSSM 200, hidden 400, conv
+depth 32) on the issue's batch of 16 x 50 (torchrl's own config samples 200 x 50). Timed calls run
+round-robin, each round starting one implementation later than the last, so load drifts on a
 shared machine hit all alike; medians are reported. Collection speed is the job of
 scripts/bench_collect.py: its latest results (docs/results/collect_cpu.json) are summarised here,
 ``--collect`` reruns it.
@@ -98,9 +100,13 @@ ARCHITECTURE_NOTES = [
     "the AEF density terms (aef), two-hot reward and Bernoulli continue NLLs.",
     "Actor-critic: both backpropagate returns through the frozen world model (dynamics "
     "backprop), horizon 15, TD(lambda) with lambda 0.95. torchrl: DreamerActor (ELU, 3x400, "
-    "TanhNormal), a Normal value MLP (ELU, 3x400) trained by MSE, gamma 0.99, no slow critic. "
+    "TanhNormal), a Normal value MLP (ELU, 3x400) trained by MSE, gamma 0.99, no slow critic; "
+    "its actor reads the imagined states with their gradient (the full pathwise derivative). "
     "Ours: actor and two-hot critic (LayerNorm + SiLU, 3x400), a slow critic, continue-weighted "
-    "returns, return normalisation by percentiles and an entropy bonus.",
+    "returns, return normalisation by percentiles and an entropy bonus; the actor reads the "
+    "imagined states with their gradient stopped, as DreamerV1-V3 do (less backward work).",
+    "Imagination rollout: torchrl's DreamerEnv predicts the reward inside each step; ours "
+    "predicts the rewards of all imagined states after the loop. Both timings include them.",
     "Pixels: both updates take the same uint8 batch and convert it inside the timed region "
     "(torchrl: float()/255 as its ToTensorImage; ours: de-quantisation + logit with its "
     "log-determinant).",
@@ -116,11 +122,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="ours: agent.compile (RSSM steps and heads, aefrl/compiled.py); torchrl: its loss "
-        "modules, as its Dreamer script compiles them",
+        help="ours: agent.compile (RSSM steps and heads, aefrl/compiled.py); torchrl: its actor "
+        "and value losses, the two its Dreamer script compiles",
     )
     p.add_argument(
-        "--cudagraphs", action="store_true", help="with --compile: torchrl's losses reduce-overhead"
+        "--cudagraphs",
+        action="store_true",
+        help="with --compile: torchrl's compiled losses in mode reduce-overhead (its script "
+        "turns CUDA graphs off)",
     )
     p.add_argument("--autocast", choices=["none", "bf16"], default="none")
     p.add_argument(
@@ -272,7 +281,9 @@ def build_subjects(kinds, sizes: Sizes, args) -> dict:
     subjects["torchrl"] = theirs = TorchrlDreamer(sizes, args.device)
     if args.compile:
         mode = "reduce-overhead" if args.cudagraphs else None
-        for loss in (theirs.wm_loss, theirs.actor_loss, theirs.value_loss):
+        # Its Dreamer script compiles these two (config compile.losses: [actor, value]); the
+        # world-model loss stays eager there, so it does here.
+        for loss in (theirs.actor_loss, theirs.value_loss):
             loss.compile(mode=mode)
     return subjects
 

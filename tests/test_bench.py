@@ -138,3 +138,35 @@ def test_same_trunks_variant_builds_torchrl_geometry_without_norms(bench):
     assert not [m for m in trunks if "Norm" in type(m).__name__]
     default = bench.build_ours("aef", Sizes(latent=3, deter=8, hidden=16, depth=4), "cpu")
     assert any("Norm" in type(m).__name__ for m in default.agent.world_model.obs_model.modules())
+
+
+def test_time_interleaved_rotates_and_measures_memory_in_a_round_of_its_own(monkeypatch):
+    """Order of calls: a memory round, the warm-up rounds, the timed rounds, each starting one
+    callable later than the one before; memory is read in the first round only and the timed
+    rounds alone are recorded."""
+    from aefrl.bench import timing
+
+    log, measured = [], []
+
+    class Recorder:  # stands in for PeakMemory: which calls it wrapped
+        peak = delta = 0
+
+        def __init__(self, device):
+            pass
+
+        def __enter__(self):
+            measured.append(len(log))
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(timing, "PeakMemory", Recorder)
+    calls = {name: (lambda n=name: log.append(n)) for name in "abc"}
+    out = timing.time_interleaved(calls, torch.device("cpu"), reps=2, warmup=1)
+    assert "".join(log) == "abc" + "bca" + "cab" + "abc"
+    assert measured == [0, 1, 2]  # before the calls of the memory round, and no others
+    assert all(len(rec["times_s"]) == 2 for rec in out.values())
+    log.clear()
+    timing.time_interleaved(calls, torch.device("cpu"), reps=1, warmup=0, memory=False)
+    assert "".join(log) == "abc"

@@ -8,7 +8,8 @@ the script never special-cases either:
 * ``wm_update(prepared)``: world-model forward + backward + clip + optimiser step;
 * ``full_update(prepared)``: world model, then actor, then critic (each with its optimiser);
 * ``imagination_start(prepared)`` / ``imagine(start)``: a horizon-H prior rollout with the actor
-  from the B·T posterior states of a batch (autograd on, as inside the actor update);
+  from the B·T posterior states of a batch and the predicted rewards of the imagined states
+  (autograd on, as inside the actor update);
 * ``conv_inputs(batch)`` / ``conv_pass(inputs)``: encoder + decoder forward + backward alone on
   the batch's B·T frames (the convolution bound); ``parameter_count()``.
 
@@ -173,10 +174,17 @@ class OursSubject:
     def imagination_start(self, batch: TensorDict) -> RSSMState:
         return self.agent.world_model.filter(batch).observed.state.detach().flatten()
 
-    def imagine(self, start: RSSMState) -> None:
+    def imagine(self, start: RSSMState) -> torch.Tensor:
+        """The rollout and its rewards ``[N, H]`` (returned so that nothing is computed for
+        nothing)."""
         agent = self.agent
-        with frozen(agent.world_model):
-            imagine(agent.world_model.rssm, agent.actor, start, agent.actor_loss.horizon)
+        wm = agent.world_model
+        with frozen(wm):
+            states, _, _ = imagine(wm.rssm, agent.actor, start, agent.actor_loss.horizon)
+            # torchrl's DreamerEnv predicts a reward inside every step of its rollout; ours
+            # predicts them in the actor loss, for all steps at once. Timed here too, so both
+            # sides produce the same thing: imagined states and their rewards.
+            return wm.reward_head(states.feat[:, 1:].contiguous()).mean
 
     def parameter_count(self) -> dict[str, int]:
         a = self.agent

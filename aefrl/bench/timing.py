@@ -119,9 +119,12 @@ def time_interleaved(
 ) -> dict[str, dict]:
     """Time every callable ``reps`` times, round-robin, after ``warmup`` untimed rounds.
 
-    Memory is measured on the first call of each callable only (the warm-up call when there is
-    one, else the first timed call, usually the slowest and dropped by the median): its
-    ``malloc_trim`` and sampling thread would otherwise perturb the timed calls. Call
+    Memory is measured in a round of its own before those (``memory``): its ``malloc_trim``
+    and sampling thread would perturb a timed call, and the first call after a trim pages the
+    heap back in, so the round after it is never timed either (with ``warmup=0`` the memory
+    round is the only warm-up). Each round starts one callable later than the round before, so
+    no implementation is always the one that runs after the previous round's last (a fixed
+    order made the first one pay for the trimmed heap in every run). Call
     :func:`settle_allocator` once at start so that first calls are measured in a warm heap.
 
     Returns ``{name: {"median_s", "min_s", "times_s", "sys_s", "minor_faults", "peak_mib",
@@ -152,9 +155,12 @@ def time_interleaved(
             rec["sys"].append(after.ru_stime - before.ru_stime)
             rec["faults"].append(after.ru_minflt - before.ru_minflt)
 
-    for i in range(warmup + reps):
-        for name, fn in calls.items():
-            run(name, fn, timed=i >= warmup, measure_memory=memory and i == 0)
+    names = list(calls)
+    rounds = ["memory"] * memory + ["warmup"] * warmup + ["timed"] * reps
+    for i, kind in enumerate(rounds):
+        first = i % len(names)
+        for name in names[first:] + names[:first]:
+            run(name, calls[name], timed=kind == "timed", measure_memory=kind == "memory")
     for rec in out.values():
         rec["median_s"] = round(statistics.median(rec["times_s"]), 6)
         rec["min_s"] = min(rec["times_s"])
