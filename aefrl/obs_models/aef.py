@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from aefrl.nn import Linear
 from aefrl.obs_models.base import ObservationModel, std_normal_log_prob
 
 PROJECTIONS = ("learned", "random")
@@ -101,7 +102,7 @@ class AEFObservationModel(AffineFlowModel):
         self.projection_mode = projection
         self.proposal_scale = float(proposal_scale)
         if projection == "learned":
-            self.projection = nn.Linear(self.num_dims, self.latent_dim)
+            self.projection = Linear(self.num_dims, self.latent_dim)
         else:
             w = torch.randn(self.latent_dim, self.num_dims) / math.sqrt(self.num_dims)
             self.register_buffer("projection_weight", w)
