@@ -248,7 +248,9 @@ class SequenceReplay:
         }
 
     # --- sampling -------------------------------------------------------------------------------
-    def sample(self, out: TensorDictBase | None = None) -> TensorDictBase:
+    def sample(
+        self, out: TensorDictBase | None = None, generator: torch.Generator | None = None
+    ) -> TensorDictBase:
         """Draw ``batch_size`` windows uniformly over all valid (stream, start) pairs.
 
         Args:
@@ -256,6 +258,9 @@ class SequenceReplay:
                 overwritten in place instead of allocating a new one. On the CPU this avoids the
                 page faults of a fresh 12 MB allocation, which can cost more than the gather itself
                 (``docs/results/replay_cpu.md``).
+            generator: draw the windows from this CPU generator instead of the replay's own
+                (whose state is checkpointed): a report's batch then leaves the training
+                batches as they would have been.
 
         Returns:
             TensorDict with batch ``[batch_size, seq_len]`` on ``device`` (``out`` if given); every
@@ -272,7 +277,9 @@ class SequenceReplay:
             self._check_out(out)
         windows_per_env = self.valid_rows_per_env - self.seq_len + 1
         pick = torch.randint(
-            self.num_envs * windows_per_env, (self.batch_size,), generator=self._generator
+            self.num_envs * windows_per_env,
+            (self.batch_size,),
+            generator=self._generator if generator is None else generator,
         )
         env = pick % self.num_envs
         start = self._oldest() + torch.div(pick, self.num_envs, rounding_mode="floor")

@@ -185,6 +185,19 @@ def test_sampling_uses_its_own_generator():
     assert torch.equal(torch.get_rng_state(), global_state)
 
 
+def test_a_sample_from_a_given_generator_leaves_the_replays_own_stream_alone():
+    """Reports draw their batch this way, so the training batches after one are unchanged."""
+    a = SequenceReplay(40, 2, seq_len=4, batch_size=8, seed=7)
+    b = SequenceReplay(40, 2, seq_len=4, batch_size=8, seed=7)
+    fill(a, 15)
+    fill(b, 15)
+    side = a.sample(generator=torch.Generator().manual_seed(1))
+    own = a.sample()
+    assert_same(own, b.sample())  # b drew no side batch: a's own stream did not move
+    assert not torch.equal(side["pixels"], own["pixels"])
+    assert_same(side, b.sample(generator=torch.Generator().manual_seed(1)))
+
+
 def test_sample_into_a_previous_batch():
     a = SequenceReplay(40, 2, seq_len=4, batch_size=8, seed=5)
     b = SequenceReplay(40, 2, seq_len=4, batch_size=8, seed=5)

@@ -28,6 +28,7 @@ from torchrl.envs.libs.dm_control import DMControlWrapper
 
 from aefrl import keys
 from aefrl.envs.gl import OffscreenRenderer, select_gl_backend
+from aefrl.seeding import stream_seed
 
 RENDER_MODES = ("faithful", "fast")
 # Short names used in the Dreamer papers' tables.
@@ -106,7 +107,7 @@ def _check_args(image_size, action_repeat, seed, render, num_envs=1, time_limit=
     _check_int("image_size", image_size, 8, 1024)
     _check_int("action_repeat", action_repeat, 1)
     _check_int("num_envs", num_envs, 1)
-    _check_int("seed", seed, 0, 2**32 - num_envs)  # RandomState takes < 2**32; workers get seed + i
+    _check_int("seed", seed, 0, 2**32 - 1)  # RandomState takes < 2**32
     if render not in RENDER_MODES:
         raise ValueError(f"render must be one of {', '.join(RENDER_MODES)}, got {render!r}.")
     if time_limit is not None and not (isinstance(time_limit, numbers.Real) and time_limit > 0):
@@ -339,8 +340,9 @@ def make_dmc_env(
     """A DMC pixel env (see :class:`DMCPixelEnv`); with ``num_envs > 1`` a torchrl ParallelEnv.
 
     Shapes: pixels ``[3, H, W]`` (``[num_envs, 3, H, W]`` when parallel), actions ``[A]``
-    (``[num_envs, A]``). Worker ``i`` is seeded with ``seed + i`` and builds its env, and its GL
-    context, in its own process.
+    (``[num_envs, A]``). Worker ``i`` is seeded with ``stream_seed(seed, "env_worker", i)``
+    (:mod:`aefrl.seeding`: runs with nearby seeds share no worker's episodes, as ``seed + i``
+    would) and builds its env, and its GL context, in its own process.
 
     Args:
         task, image_size, action_repeat, seed, render, time_limit, device: see DMCPixelEnv.
@@ -361,6 +363,7 @@ def make_dmc_env(
         return DMCPixelEnv(task, seed=seed, **kwargs)
     select_gl_backend()  # probe once here (and fail here); workers inherit os.environ
     makers = [
-        functools.partial(_make_worker_env, task, seed + i, **kwargs) for i in range(num_envs)
+        functools.partial(_make_worker_env, task, stream_seed(seed, "env_worker", i), **kwargs)
+        for i in range(num_envs)
     ]
     return ParallelEnv(num_envs, makers, mp_start_method=mp_start_method, device=device)

@@ -13,6 +13,7 @@ from torchrl.envs import ParallelEnv
 from torchrl.envs.utils import check_env_specs
 
 from aefrl.envs import DMCPixelEnv, available_tasks, gl, make_dmc_env
+from aefrl.seeding import stream_seed
 
 
 def _suite():
@@ -228,9 +229,12 @@ def test_parallel_env_two_workers():
         assert isinstance(env, ParallelEnv)
         first = env.reset()["pixels"]
         assert first.shape == (2, 3, 64, 64)
-        # Worker i is seeded with seed + i.
-        single = make_dmc_env("cartpole-swingup", seed=4, render="fast").reset()["pixels"]
+        # Worker i is seeded with stream_seed(seed, "env_worker", i), not seed + i.
+        worker1 = stream_seed(3, "env_worker", 1)
+        single = make_dmc_env("cartpole-swingup", seed=worker1, render="fast").reset()["pixels"]
+        next_seed = make_dmc_env("cartpole-swingup", seed=4, render="fast").reset()["pixels"]
         assert torch.equal(first[1], single) and not torch.equal(first[0], first[1])
+        assert not torch.equal(first[1], next_seed)
         check_env_specs(env)
         out = env.rollout(3)
         assert out["next", "pixels"].shape == (2, 3, 3, 64, 64)
