@@ -5,9 +5,15 @@ It talks to the agent only through the narrow interface (``act``, ``train_step``
 *frames* are environment frames (agent steps × action repeat), the x-axis of every log.
 
 Interrupts: the first Ctrl-C (SIGINT) or SIGTERM finishes the current iteration, writes a
-checkpoint and returns; a second one aborts at once (the last checkpoint stays intact, as every
-checkpoint is written atomically). ``Trainer.load`` + ``run`` continue a run exactly: models,
-optimisers, replay, RNG states, counters, and the environment mid-episode (single env).
+checkpoint and returns (an evaluation or report that fell due in that iteration is left to the
+resumed run, so that a scheduler's grace period is not spent on it); a second one aborts at once
+(the last checkpoint stays intact, as every checkpoint is written atomically). ``Trainer.load`` +
+``run`` continue a run exactly: models, optimisers, replay, RNG states, counters, schedules, and
+the environment mid-episode (single env).
+
+Evaluations and reports draw their random numbers from streams of their own (forked from the
+global generators, seeded from the run's seed and their index): turning them on, off or more
+often leaves the training run as it was, so they are neutral settings in an ablation.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from aefrl.collect import Collector
 from aefrl.cuda_graph import CudaGraphed, graph_train_step
 from aefrl.evaluation import critic_calibration, run_episodes
 from aefrl.logging import RunLogger
+from aefrl.seeding import stream_seed
 
 __all__ = ["CHECKPOINT_FORMAT", "LoopConfig", "Trainer"]
 
@@ -112,7 +119,7 @@ class Trainer:
             evaluation (seeded by the evaluation's index) keeps resumed runs exact.
         run_config: the resolved run configuration, stored in checkpoints and logged once.
         device: where the agent lives.
-        seed: seeds the random prefill policy.
+        seed: seeds the random prefill policy, and the streams of evaluations and reports.
     """
 
     def __init__(
@@ -137,8 +144,13 @@ class Trainer:
         self.run_config = run_config or {}
         self.device = torch.device(device)
         self.action_dim = action_dim
+        self.seed = int(seed)
         self.collector = Collector(
-            env, agent, action_dim, device, torch.Generator().manual_seed(seed)
+            env,
+            agent,
+            action_dim,
+            device,
+            torch.Generator().manual_seed(stream_seed(seed, "prefill")),  # not torch's global one
         )
         names = ("frames", "agent_steps", "updates", "episodes", "evals", "iterations")
         self.counters = dict.fromkeys(names, 0)
@@ -153,6 +165,7 @@ class Trainer:
         # after a resume averages the same updates as an uninterrupted run's.
         self._pending: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._update = None  # the agent's train_step, or its CUDA graph (built on first use)
+        self._saved_at: int | None = None  # the frame count of the last checkpoint written
         self._schedules()
 
     def _schedules(self) -> None:
@@ -172,6 +185,7 @@ class Trainer:
         self._saving = True
         try:
             self._write_checkpoint()
+            self._saved_at = self.counters["frames"]
         finally:
             self._saving = False
         if self._abort_after_save:
@@ -195,6 +209,10 @@ class Trainer:
                 "pending_metrics": {
                     k: torch.stack(vs).detach().cpu() for k, vs in self._pending.items()
                 },
+                # Frames of the last evaluation and report: one that fell due in the iteration
+                # a stop request ended is still due after the resume.
+                "schedules": {"eval": self._eval.last, "report": self._report.last},
+                "seed": self.seed,  # of the evaluation and report streams
             },
         )
 
@@ -228,6 +246,10 @@ class Trainer:
             list, {k: list(v.to(self.device).unbind(0)) for k, v in pending.items()}
         )
         self._schedules()
+        self.seed = int(state.get("seed", self.seed))  # absent before 2026-12-06
+        done = state.get("schedules") or {}  # absent before 2026-12-06: due from the checkpoint
+        self._eval.last = done.get("eval", self._eval.last)
+        self._report.last = done.get("report", self._report.last)
 
     # --- interrupts ------------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -288,6 +310,8 @@ class Trainer:
                     interval = (frames - since_log[1]) / max(now - since_log[0], 1e-9)
                     self._write_metrics(fps, interval)
                     since_log = (now, frames)
+                if self._stop_requested:
+                    break  # checkpoint now; a due evaluation or report runs after the resume
                 if self._eval(frames) and self.make_eval_env is not None:
                     self.evaluate()
                 if self._report(frames):
@@ -296,7 +320,8 @@ class Trainer:
                     self.save()
                 if on_iteration is not None:
                     on_iteration(self)
-            self.save()
+            if self._saved_at != self.counters["frames"]:  # not just written by the schedule
+                self.save()
             if not self._stop_requested:
                 self._final_evaluation()
         finally:
@@ -394,16 +419,29 @@ class Trainer:
         )
 
     # --- evaluation and reports ------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _own_stream(self, stream: str, index: int):
+        """Run the body on torch's global generators (CPU, and the agent's CUDA device) seeded
+        for ``stream`` and ``index``, and give the training run its own states back after."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            seed = stream_seed(self.seed, stream, index)
+            torch.manual_seed(seed)  # CPU and every CUDA device; only `devices` are restored
+            yield
+
     @torch.no_grad()
     def evaluate(self) -> dict:
         """``eval_episodes`` episodes with the deterministic policy on a fresh env; keeps the
         first episode's rows as held-out data for :meth:`report`."""
         index = self.counters["evals"]
         env = self.make_eval_env(index)
-        episodes = run_episodes(
-            env, self.agent, self.action_dim, self.device, self.config.eval_episodes, True
-        )
-        env.close()
+        try:
+            with self._own_stream("eval", index):  # e.g. the VAE posterior samples
+                episodes = run_episodes(
+                    env, self.agent, self.action_dim, self.device, self.config.eval_episodes, True
+                )
+        finally:
+            env.close()
         self.heldout = episodes.first_episode.exclude(keys.DONE).unsqueeze(0)
         self.counters["evals"] += 1
         r = torch.tensor(episodes.returns, dtype=torch.float64)
@@ -429,11 +467,13 @@ class Trainer:
             steps = min(50, episode.shape[1])
             chunks = episode.shape[1] // steps
             batch = episode[:, : chunks * steps].reshape(chunks, steps)
-        elif self.replay.ready:
-            source, batch = "replay", self.replay.sample()
+        elif self.replay.ready:  # from a generator of its own: training batches stay the same
+            draw = torch.Generator().manual_seed(stream_seed(self.seed, "report", step))
+            source, batch = "replay", self.replay.sample(generator=draw)
         else:
             return
-        out = self.agent.report(batch.to(self.device), num_samples=c.report_samples)
+        with self._own_stream("report", step):  # the bits/dim estimate's samples
+            out = self.agent.report(batch.to(self.device), num_samples=c.report_samples)
         real, pred = out["video_real"][0].cpu(), out["video_pred"][0].cpu()
         error = ((real.float() - pred.float()).abs()).clamp(0, 255).to(torch.uint8)
         video = torch.cat([real, pred, error], -1)  # [T, C, H, 3W]: real | imagined | |error|

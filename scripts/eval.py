@@ -197,6 +197,9 @@ def main(argv=None) -> int:
     except (UserError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the evaluation stopped before it finished", file=sys.stderr)
+        return 130
 
 
 def evaluate_checkpoint(args) -> int:
@@ -258,7 +261,8 @@ def evaluate_checkpoint(args) -> int:
         "episodes": args.episodes,
         "seed": args.seed,
         "return_mean": float(r.mean()),
-        "return_std": float(r.std()),
+        # The sample standard deviation (n - 1), as the training run's eval/episode_return_std.
+        "return_std": float(r.std(ddof=1)) if len(r) > 1 else 0.0,
         "returns": [float(x) for x in r],
         "lengths": lengths,
         "seconds": time.time() - start,

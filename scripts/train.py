@@ -49,6 +49,7 @@ from aefrl.nn import conv_stages
 from aefrl.overrides import OverrideError, check_overrides
 from aefrl.provenance import RUN_RECORDS, append_run_record, command_line
 from aefrl.replay import STORAGES, SequenceReplay
+from aefrl.seeding import stream_seed
 from agents.factory import build_agent, name_keys
 
 signal.signal(signal.SIGINT, signal.default_int_handler)  # imports done: KeyboardInterrupt again
@@ -57,6 +58,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 RUN_CONFIG = "run_config.yaml"
 RUN_LOCK = ".lock"  # flock'ed while a process trains in the run directory
 _HELD_LOCKS: dict = {}  # run_dir -> its open lock file; closing it (or exiting) releases it
+_TRAINERS: dict = {}  # run_dir -> its Trainer, once built (did its loop run before a crash?)
 # LoopConfig fields that come from other config groups than loop (for error messages).
 LOOP_FIELD_KEYS = {
     "action_repeat": "env.action_repeat",
@@ -215,11 +217,24 @@ def train(cfg: DictConfig) -> tuple[dict, int | None]:
     reached ``loop.total_frames``)."""
     try:
         return setup_and_run(cfg)
-    except BaseException:  # a crash or Ctrl-C in setup, or a second Ctrl-C that aborts the loop
+    except BaseException as exc:  # a crash or Ctrl-C in setup or in the loop
+        run_dir = Path(cfg.run_dir)
         # Only what this process wrote: a run_dir it does not hold is another run's (or an
         # earlier one's, which the error asks the user to deal with).
-        if cfg.resume is None and Path(cfg.run_dir) in _HELD_LOCKS:
-            discard_unstarted_run(Path(cfg.run_dir))
+        if cfg.resume is None and run_dir in _HELD_LOCKS:
+            trainer = _TRAINERS.get(run_dir)
+            trained = trainer is not None and trainer.counters["iterations"] > 0
+            if trained and not isinstance(exc, KeyboardInterrupt):
+                # A crash in the loop: its TensorBoard logs are what explains it; keep them.
+                if not (run_dir / CHECKPOINT_NAME).exists():
+                    print(
+                        f"the run crashed before its first checkpoint; its logs stay in "
+                        f"{run_dir} (nothing there can be resumed: start again with another "
+                        "run_dir, or delete this one)",
+                        file=sys.stderr,
+                    )
+            else:
+                discard_unstarted_run(run_dir)
         raise
 
 
@@ -246,8 +261,25 @@ def setup_and_run(cfg: DictConfig) -> tuple[dict, int | None]:
     print(f"checkpoint {run_dir / CHECKPOINT_NAME}; counters at exit: {counters}")
     if trainer.stop_signal is not None:
         name = signal.Signals(trainer.stop_signal).name
-        print(f"stopped by {name} before loop.total_frames; resume={run_dir} continues the run")
+        if counters["frames"] >= trainer.config.total_frames:
+            print(
+                f"stopped by {name} in the last iteration: the run is complete, its final "
+                f"evaluation was skipped (python scripts/eval.py {run_dir} gives it)"
+            )
+        else:
+            print(f"stopped by {name} before loop.total_frames; resume={run_dir} continues the run")
     return counters, trainer.stop_signal
+
+
+#: Settings that reach their consumers through int(): refused unless whole.
+WHOLE_NUMBERS = (
+    ("replay", "batch_size"),
+    ("replay", "seq_len"),
+    ("replay", "capacity"),
+    ("logger", "log_every"),
+    ("env", "action_repeat"),
+    ("env", "num_envs"),
+)
 
 
 def check_trains(loop: LoopConfig, num_envs: int) -> None:
@@ -331,6 +363,10 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
             "env.image_size must be 4 times a power of two (8, 16, 32, 64, 128, ...), got "
             f"{conf['env']['image_size']}"
         ) from None
+    for section, key in WHOLE_NUMBERS:  # int() below would truncate 2.5 to 2 without a word
+        value = conf[section][key]
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+            raise UserError(f"{section}.{key} must be a whole number, got {value!r}")
     env = build_env(conf["env"], seed)
     action_dim = int(env.action_spec.shape[-1])
     size = int(conf["env"]["image_size"])
@@ -369,7 +405,7 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
             storage=storage,
             path=run_dir / "replay" if storage == "disk" else None,
             device=device,
-            seed=seed,
+            seed=stream_seed(seed, "replay"),  # not the prefill generator's stream
         )
     except ValueError as exc:  # "capacity=10 gives ...": name the configuration keys
         sections = {"replay": rep, "env": {"num_envs": conf["env"]["num_envs"]}}
@@ -398,12 +434,15 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
         logger,
         run_dir,
         loop_conf,
-        make_eval_env=lambda index: build_env(conf["env"], seed + 10_000 + index, num_envs=1),
+        make_eval_env=lambda index: build_env(
+            conf["env"], stream_seed(seed, "eval_env", index), num_envs=1
+        ),
         run_config=conf,
         device=device,
         seed=seed,
         action_dim=action_dim,
     )
+    _TRAINERS[run_dir] = trainer
     if resume_state is not None:
         trainer.load(state=resume_state)
         if resumed_changed:

@@ -413,3 +413,69 @@ def test_updates_follow_the_train_ratio(tmp_path, lengths, prefill_steps, seq_le
     assert counters["agent_steps"] == sum(taken)
     assert 0 in taken[1:] and (num_envs == 1 or len(set(taken[1:])) > 2)  # resets in between
     assert counters["updates"] >= math.floor(sum(credited) * per_step) - 1 > 0
+
+
+def _trained_weights(run_dir, **schedule) -> dict:
+    trainer = build(run_dir, kind="vae")  # the VAE samples even when it evaluates and reports
+    trainer.config = LoopConfig(**{**SCHEDULE, **schedule})
+    trainer._schedules()
+    trainer.run(progress=False)
+    trainer.env.close()
+    trainer.logger.close()
+    return trainer.agent.state_dict()["modules"]
+
+
+@pytest.mark.slow
+def test_evaluations_and_reports_leave_the_training_run_as_it_was(tmp_path):
+    """Same seed, with evaluations and reports (held-out and replay-sampled) on and off: the
+    same weights. Before they drew from the global generators and the replay's sampler, and
+    eval_every changed the trained agent."""
+    off = _trained_weights(tmp_path / "off", eval_every=0, report_every=0)
+    on = _trained_weights(tmp_path / "on")  # reports on the held-out episode
+    replay_reports = _trained_weights(tmp_path / "replay", eval_every=0)  # on replay batches
+    for key, value in off.items():
+        assert torch.equal(value, on[key]), key
+        assert torch.equal(value, replay_reports[key]), key
+
+
+@pytest.mark.slow
+def test_a_stop_in_the_iteration_an_evaluation_falls_due_leaves_it_to_the_resumed_run(tmp_path):
+    """The checkpoint comes first (a scheduler's grace period is short), and the evaluation and
+    report that fell due are not lost: the resumed run makes them after its first iteration."""
+    part = build(tmp_path)
+    iterate = part._iteration
+
+    def iteration_with_a_signal(updates_per_step):  # the signal arrives inside the iteration
+        iterate(updates_per_step)
+        if part.counters["frames"] >= 100 and not part._stop_requested:
+            part._on_signal(signal.SIGTERM, None)
+
+    part._iteration = iteration_with_a_signal
+    part.run(progress=False)
+    part.env.close()
+    part.logger.close()
+    stopped_at = part.counters["frames"]
+    assert 100 <= stopped_at < 200 and part.counters["evals"] == 0
+    assert load_checkpoint(tmp_path)["counters"]["frames"] == stopped_at
+
+    resumed = build(tmp_path, seed=5)
+    resumed.load()
+    steps = []
+    resumed.evaluate = functools.partial(
+        lambda evaluate: steps.append(resumed.counters["frames"]) or evaluate(), resumed.evaluate
+    )
+    resumed.run(progress=False)
+    resumed.env.close()
+    resumed.logger.close()
+    assert stopped_at <= steps[0] <= stopped_at + 2  # one agent step (or a reset) later
+    assert steps[1:] == [200, resumed.counters["frames"]] and resumed.counters["evals"] == 3
+
+
+def test_a_run_ending_on_a_checkpoint_frame_writes_it_once(tmp_path):
+    trainer = _prefill_only_trainer(make_env(0), tmp_path, 80, checkpoint_every=40)
+    written = []
+    write = trainer._write_checkpoint
+    trainer._write_checkpoint = lambda: written.append(trainer.counters["frames"]) or write()
+    trainer.run(progress=False)
+    trainer.env.close()
+    assert written == [40, 80]
