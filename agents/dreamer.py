@@ -18,6 +18,7 @@ from aefrl import keys
 from aefrl.actor_critic import Actor, Critic, ReturnNormalizer, SlowCopy
 from aefrl.compiled import compile_steps
 from aefrl.objectives import DreamerActorLoss, DreamerValueLoss, WorldModelLoss
+from aefrl.precision import autocast, check_autocast
 from aefrl.world_model import RSSMState, WorldModel
 from aefrl.world_model.evaluation import open_loop_prediction, sequence_bits_per_dim
 
@@ -81,6 +82,8 @@ class DreamerAgent(nn.Module):
         grad_clip: max grad norms ``{"model", "actor", "critic"}``.
         adam_eps: Adam's epsilon.
         compile: ``torch.compile`` the RSSM steps and MLP heads (:mod:`aefrl.compiled`).
+        autocast: ``"none"`` or ``"bf16"``: the updates' loss forwards under bf16 autocast
+            (:mod:`aefrl.precision`).
     """
 
     def __init__(
@@ -99,8 +102,10 @@ class DreamerAgent(nn.Module):
         grad_clip: dict | None = None,
         adam_eps: float = 1e-6,
         compile: bool = False,
+        autocast: str = "none",
     ) -> None:
         super().__init__()
+        self.autocast = check_autocast(autocast)
         self.world_model = WorldModel(tuple(obs_shape), action_dim, **(world_model or {}))
         feat = self.world_model.feat_dim
         self.actor = Actor(feat, action_dim, **(actor or {}))
@@ -164,6 +169,10 @@ class DreamerAgent(nn.Module):
         return action, Carry(state, action)
 
     # --- training --------------------------------------------------------------------------------
+    def _precision(self):
+        """The context of the updates' loss forwards (``autocast``)."""
+        return autocast(self.autocast, next(self.parameters()).device)
+
     def _step(self, name: str, loss: torch.Tensor) -> torch.Tensor:
         opt = self.optimizers[name]
         opt.zero_grad(set_to_none=True)
@@ -177,7 +186,8 @@ class DreamerAgent(nn.Module):
 
         Returns detached scalar metrics (losses, diagnostics, grad norms).
         """
-        wm_out = self.wm_loss(batch)
+        with self._precision():
+            wm_out = self.wm_loss(batch)
         metrics = {"grad_norm_model": self._step("model", self.wm_loss.total(wm_out))}
         metrics.update(_scalars(wm_out))
         start = TensorDict(
@@ -195,9 +205,11 @@ class DreamerAgent(nn.Module):
         """The second half of :meth:`train_step`: one actor and one critic update in imagination
         from ``start`` (posterior states ``belief [N, H]``, ``state [N, d]`` and ``terminated
         [N, 1]`` of their rows), then the slow critic's step. Returns detached scalar metrics."""
-        actor_out = self.actor_loss(start)
+        with self._precision():
+            actor_out = self.actor_loss(start)
         metrics = {"grad_norm_actor": self._step("actor", actor_out["loss_actor"])}
-        value_out = self.value_loss(actor_out)
+        with self._precision():
+            value_out = self.value_loss(actor_out)
         metrics["grad_norm_critic"] = self._step("critic", value_out["loss_value"])
         self.slow_critic.update()
         for out in (actor_out, value_out):

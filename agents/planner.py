@@ -28,6 +28,7 @@ from aefrl.compiled import compile_steps
 from aefrl.envs.imagination import ImaginationEnv
 from aefrl.nn import check_size
 from aefrl.objectives import WorldModelLoss
+from aefrl.precision import check_autocast
 from aefrl.world_model import WorldModel
 from aefrl.world_model.modules import WEIGHTS_PREFIX, filter_step, world_model_kwargs
 from agents.dreamer import (
@@ -139,6 +140,8 @@ class PlannerAgent(nn.Module):
         adam_eps: Adam's epsilon.
         compile: ``torch.compile`` the world model's RSSM steps and heads
             (:func:`aefrl.compiled.compile_steps`).
+        autocast: ``"none"`` or ``"bf16"``: the world-model loss forward under bf16 autocast
+            (:mod:`aefrl.precision`), as Dreamer's.
     """
 
     def __init__(
@@ -154,8 +157,10 @@ class PlannerAgent(nn.Module):
         grad_clip: dict | None = None,
         adam_eps: float = 1e-6,
         compile: bool = False,
+        autocast: str = "none",
     ) -> None:
         super().__init__()
+        self.autocast = check_autocast(autocast)
         if isinstance(world_model, WorldModel):
             self.world_model = world_model
         else:
@@ -183,6 +188,7 @@ class PlannerAgent(nn.Module):
     # world_model, action_dim, optimizers, _groups and grad_clip, which this agent has too.
     initial_carry = DreamerAgent.initial_carry
     _step = DreamerAgent._step
+    _precision = DreamerAgent._precision
     # Checkpoints in Dreamer's layout ({"modules", "optimizers"}), so either agent's world model
     # loads from the other's checkpoint.
     state_dict = DreamerAgent.state_dict
@@ -237,7 +243,8 @@ class PlannerAgent(nn.Module):
 
         Returns detached scalar metrics (losses, diagnostics, the gradient norm).
         """
-        out = self.wm_loss(batch)
+        with self._precision():
+            out = self.wm_loss(batch)
         metrics = {"grad_norm_model": self._step("model", self.wm_loss.total(out))}
         for key, value in out.items():
             if isinstance(key, str) and value.dim() == 0:

@@ -1,6 +1,8 @@
 """The Dreamer agent's narrow interface: act, train_step, report, state_dict."""
 
+import pytest
 import torch
+from torch import nn
 
 from agents.dreamer import DreamerAgent
 from tests.agents.round_trip import assert_reloaded_agent_trains_identically
@@ -195,6 +197,49 @@ def test_train_step_runs_under_bf16_autocast(kind):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         metrics = agent.train_step(batch)
     assert all(torch.isfinite(v) for v in metrics.values())
+
+
+LAYERS = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
+
+
+def _record_dtypes(layers, into: set) -> list:
+    """Forward hooks adding each layer's output dtype to ``into``; returns their handles."""
+    return [m.register_forward_hook(lambda m, i, o: into.add(o.dtype)) for m in layers]
+
+
+def test_the_autocast_option_runs_the_loss_forwards_in_bf16_and_keeps_float32_state(kind):
+    """``autocast="bf16"``: every Linear and convolution of the three loss forwards computes in
+    bf16 (recorded by forward hooks), nothing of acting does, and parameters, gradients and
+    optimiser moments stay float32; ``"none"`` runs all in float32."""
+    from agents.planner import PlannerAgent
+
+    seen = {"none": set(), "bf16": set()}
+    for mode in ("none", "bf16"):
+        torch.manual_seed(0)
+        cfg = {k: dict(v) for k, v in TINY.items()}
+        cfg["world_model"]["obs_model"] = kind
+        agent = DreamerAgent(OBS, ACTIONS, **cfg, autocast=mode)
+        layers = [m for m in agent.modules() if isinstance(m, LAYERS)]
+        hooks = _record_dtypes(layers, seen[mode])
+        metrics = agent.train_step(random_batch(3, 8, first_at=(0, 5)))
+        assert all(torch.isfinite(v) for v in metrics.values())
+        assert {p.dtype for p in agent.parameters()} == {torch.float32}
+        assert {p.grad.dtype for p in agent.parameters() if p.grad is not None} == {torch.float32}
+        moments = [s["exp_avg"] for o in agent.optimizers.values() for s in o.state.values()]
+        assert moments and {m.dtype for m in moments} == {torch.float32}
+        if mode == "bf16":
+            for h in hooks:
+                h.remove()
+            hooks = _record_dtypes(layers, seen.setdefault("act", set()))
+            pixels = torch.randint(0, 256, (2, *OBS), dtype=torch.uint8)
+            agent.act(pixels, torch.ones(2, 1, dtype=torch.bool), agent.initial_carry(2))
+        for h in hooks:
+            h.remove()
+    assert seen == {"none": {torch.float32}, "bf16": {torch.bfloat16}, "act": {torch.float32}}
+    planner = PlannerAgent(OBS, ACTIONS, world_model=TINY["world_model"], autocast="bf16")
+    assert all(torch.isfinite(v) for v in planner.train_step(random_batch(3, 8)).values())
+    with pytest.raises(ValueError, match="autocast must be one of none, bf16, got 'fp16'"):
+        DreamerAgent(OBS, ACTIONS, **TINY, autocast="fp16")
 
 
 def test_settings_that_would_silently_stop_learning_are_refused():
