@@ -255,6 +255,12 @@ def default_sizes() -> Sizes:
     agent, obs = load_config("aef")
     replay = yaml.safe_load((ROOT / "configs/config.yaml").read_text())["replay"]
     wm = agent["world_model"]
+    widths = {wm["hidden"], agent["actor"]["hidden"], agent["critic"]["hidden"]}
+    if len(widths) != 1:  # Sizes (and torchrl's mapping) has one MLP width for all three
+        raise ValueError(
+            "default sizes need one MLP width: world_model.hidden, actor.hidden and "
+            f"critic.hidden are {sorted(widths)} in configs/agent/dreamer.yaml"
+        )
     return Sizes(
         latent=obs["latent_dim"],
         deter=wm["deter"],
@@ -532,6 +538,7 @@ def measure_end_to_end(args) -> dict:
     s = args.plan.identical
     torch.manual_seed(0)
     ours = build_ours("aef", replace(s, action_dim=task_action_dim(args.task)), args.device)
+    ours.agent.autocast = args.autocast  # the loop calls train_step itself: agent.autocast
     return agent_steps_per_second(
         ours.agent,
         task=args.task,

@@ -3,7 +3,9 @@
 Three measurements, each eager float32 against the alternative in the same run:
 
 1. matmul throughput (GFLOP/s) in float32 and bfloat16 at the shapes of the actor-critic half
-   (800 imagination starts x 400) and of the heads over all imagined states (12800 x 400);
+   (800 imagination starts x 400) and of the heads over all imagined states (12800 x 400), and
+   at result widths that are not a multiple of 8 next to the multiple ``aefrl.nn.Linear`` pads
+   them to (the 255-bin two-hot outputs, the 230-d feature gradients; 12000 imagined states);
 2. ChannelNorm + SiLU forward + backward (the conv trunks' memory-bound part) at the encoder's
    four feature-map sizes for a 16 x 50 batch, eager and ``torch.compile``-d;
 3. the RSSM filtering scan (``RSSM.observe``, 50 steps of batch 16) forward + backward at the
@@ -50,7 +52,15 @@ def seconds_per_call(fn, reps: int, warmup: int = 2) -> float:
     return sorted(times)[len(times) // 2]
 
 
-MATMULS = ((800, 400, 400), (12800, 400, 400), (800, 600, 1200))
+MATMULS = (
+    (800, 400, 400),
+    (12800, 400, 400),
+    (800, 600, 1200),
+    (12000, 400, 255),
+    (12000, 400, 256),
+    (12000, 400, 230),
+    (12000, 400, 232),
+)
 MAPS = ((32, 32), (64, 16), (128, 8), (256, 4))
 
 

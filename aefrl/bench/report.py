@@ -89,7 +89,7 @@ def _headline(r: dict) -> list[str]:
         "|---|" + "---:|" * len(cols),
         row("world-model update", [_s(wm[k]) for k in cols]),
         row("full update (world model + actor + critic)", [_s(full.get(k)) for k in cols]),
-        row("  of which actor + critic (full - wm)", [ac(k) for k in cols]),
+        row("  of which actor + critic (full - wm medians)", [ac(k) for k in cols]),
         row(
             f"imagination rollout ({ident['imagination_start_states']} starts x {s['horizon']})",
             [_s(img.get(k)) for k in cols],
