@@ -3,9 +3,10 @@
 Under ``torch.autocast`` matmuls and convolutions run in bfloat16 while reductions, logs,
 softmaxes and the losses stay in float32 (PyTorch's autocast op lists); the parameters, their
 gradients and the optimiser states stay float32, and backward runs outside the context, in the
-dtypes the forward chose. Acting and reports stay float32. On CPUs with AVX-512 BF16 (the AMD
-EPYC VM of docs/benchmarks.md) bf16 products run at 2.1-2.4x float32's rate; on one without
-(the Intel Xeon VM) at 0.54-0.60x, so the default is ``"none"``.
+dtypes the forward chose. Acting and reports stay float32. Whether it pays depends on the CPU:
+on the project's AMD EPYC VM bf16 products run at 2.0-4.0x float32's rate and a whole update
+1.4x faster, on its Intel Xeon VM (which also reports AVX-512 BF16) at 0.54-0.60x
+(docs/benchmarks.md, finding 9), so the default is ``"none"``.
 """
 
 from __future__ import annotations

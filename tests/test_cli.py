@@ -184,6 +184,7 @@ def test_ctrl_c_while_importing_is_one_sentence_and_exit_130(tmp_path):
         (["agent.actor_loss.gamma=2"], "agent.actor_loss.gamma must lie in (0, 1], got 2"),
         (["agent.wm_loss.free_nats=-1"], "agent.wm_loss.free_nats must be >= 0, got -1"),
         (["env.render=pretty"], "env.render must be one of faithful, fast, got 'pretty'."),
+        (["agent.autocast=fp16"], "agent.autocast must be one of none, bf16, got 'fp16'"),
         (
             ["obs_model.options.sigma_x=foo"],
             "obs_model.options.sigma_x must be one of learned, head, fixed, got 'foo'",
