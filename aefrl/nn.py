@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from aefrl.precision import run_trunk
+
 
 def check_size(name: str, value, minimum: int = 1) -> int:
     """``value`` as an int, or ValueError naming ``name`` when it is not an integer >= ``minimum``
@@ -98,6 +100,10 @@ class MLP(nn.Sequential):
         self.in_dim = in_dim
         self.out_dim = out_dim if out_dim is not None else dim
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In bf16 under agent.autocast=bf16 (aefrl/precision.py), for enough rows.
+        return run_trunk(super().forward, x, x.numel() // max(x.shape[-1], 1))
+
 
 class ChannelNorm(nn.LayerNorm):
     """LayerNorm over the channel axis of an ``[N, C, H, W]`` tensor (DreamerV3's image norm)."""
@@ -171,6 +177,9 @@ class ConvEncoder(nn.Module):
         self.out_dim = math.prod(self.out_shape)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return run_trunk(self._forward, y, y.shape[0])  # aefrl/precision.py
+
+    def _forward(self, y: torch.Tensor) -> torch.Tensor:
         return self.net(y.contiguous(memory_format=torch.channels_last)).flatten(1)
 
 
@@ -225,6 +234,9 @@ class ConvDecoder(nn.Module):
         self.net = nn.Sequential(*mods).to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_trunk(self._forward, x, x.numel() // x.shape[-1])  # aefrl/precision.py
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.linear(x).unflatten(-1, self.start_shape)
         return self.net(x.contiguous(memory_format=torch.channels_last))
 

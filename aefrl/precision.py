@@ -1,22 +1,35 @@
-"""Mixed precision of the updates: bf16 autocast around the loss forwards (``agent.autocast``).
+"""Mixed precision of the updates (``agent.autocast``): the network trunks in bfloat16,
+everything between them in float32.
 
-Under ``torch.autocast`` matmuls and convolutions run in bfloat16 while reductions, logs,
-softmaxes and the losses stay in float32 (PyTorch's autocast op lists); the parameters, their
-gradients and the optimiser states stay float32, and backward runs outside the context, in the
-dtypes the forward chose. Acting and reports stay float32. Whether it pays depends on the CPU:
-on the project's AMD EPYC VM bf16 products run at 2.0-4.0x float32's rate and a whole update
-1.4x faster, on its Intel Xeon VM (which also reports AVX-512 BF16) at 0.54-0.60x
+With ``agent.autocast=bf16`` the MLPs and conv trunks of :mod:`aefrl.nn` run under bf16
+autocast inside the updates' loss forwards — their products, norms and activations — and hand
+their outputs back in float32. Everything between the trunks stays float32: distributions and
+their log-densities, the AEF's affine layers and log-determinants, the GRU, two-hot encodings,
+λ-returns and the losses. An autocast around whole loss forwards would not do that on the CPU:
+CPU autocast, unlike CUDA's, runs ``log_softmax``, ``layer_norm``, ``exp``, ``log`` and sums in
+bf16 when their input is bf16, which computed the KL and entropy terms to three significant
+digits. Trunks on fewer than :data:`MIN_ROWS` rows (the RSSM's per-step MLPs on a batch of 16,
+acting) stay float32: there the casts cost more than bf16 saves. Parameters, gradients and
+optimiser states are float32 throughout; acting and reports run in float32.
+
+Whether it pays depends on the CPU: on the project's AMD EPYC VM bf16 products run at 2.0-4.0x
+float32's rate, on its Intel Xeon VM (which also reports AVX-512 BF16) at 0.54-0.60x
 (docs/benchmarks.md, finding 9), so the default is ``"none"``.
 """
 
 from __future__ import annotations
 
 import contextlib
+from contextvars import ContextVar
 
 import torch
 
 #: The values of ``agent.autocast``.
 AUTOCAST_MODES = ("none", "bf16")
+#: Rows (samples) from which a trunk runs in the reduced precision.
+MIN_ROWS = 256
+
+_TRUNK_DTYPE: ContextVar[torch.dtype | None] = ContextVar("aefrl_trunk_dtype", default=None)
 
 
 def check_autocast(mode) -> str:
@@ -26,9 +39,23 @@ def check_autocast(mode) -> str:
     return mode
 
 
-def autocast(mode: str, device: torch.device):
-    """The context the loss forwards of an update run in on ``device``: bf16 autocast (without
-    the weight cast cache, which a CUDA-graph capture cannot keep) or nothing."""
-    if mode == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
-    return contextlib.nullcontext()
+@contextlib.contextmanager
+def trunk_precision(mode: str):
+    """Within the body, :func:`run_trunk` runs trunks in bf16 (``mode="bf16"``) or unchanged."""
+    token = _TRUNK_DTYPE.set(torch.bfloat16 if check_autocast(mode) == "bf16" else None)
+    try:
+        yield
+    finally:
+        _TRUNK_DTYPE.reset(token)
+
+
+def run_trunk(forward, x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``forward(x)``; inside ``trunk_precision("bf16")`` and for at least :data:`MIN_ROWS`
+    ``rows``, under bf16 autocast (without the weight cast cache, which a CUDA-graph capture
+    cannot keep) with the result cast back to ``x``'s dtype."""
+    dtype = _TRUNK_DTYPE.get()
+    if dtype is None or rows < MIN_ROWS:
+        return forward(x)
+    with torch.autocast(x.device.type, dtype=dtype, cache_enabled=False):
+        y = forward(x)
+    return y.to(x.dtype)

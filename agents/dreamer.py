@@ -18,7 +18,7 @@ from aefrl import keys
 from aefrl.actor_critic import Actor, Critic, ReturnNormalizer, SlowCopy
 from aefrl.compiled import compile_steps
 from aefrl.objectives import DreamerActorLoss, DreamerValueLoss, WorldModelLoss
-from aefrl.precision import autocast, check_autocast
+from aefrl.precision import check_autocast, trunk_precision
 from aefrl.world_model import RSSMState, WorldModel
 from aefrl.world_model.evaluation import open_loop_prediction, sequence_bits_per_dim
 
@@ -82,8 +82,8 @@ class DreamerAgent(nn.Module):
         grad_clip: max grad norms ``{"model", "actor", "critic"}``.
         adam_eps: Adam's epsilon.
         compile: ``torch.compile`` the RSSM steps and MLP heads (:mod:`aefrl.compiled`).
-        autocast: ``"none"`` or ``"bf16"``: the updates' loss forwards under bf16 autocast
-            (:mod:`aefrl.precision`).
+        autocast: ``"none"`` or ``"bf16"``: the MLPs and conv trunks of the updates in bf16,
+            the rest in float32 (:mod:`aefrl.precision`).
     """
 
     def __init__(
@@ -169,9 +169,10 @@ class DreamerAgent(nn.Module):
         return action, Carry(state, action)
 
     # --- training --------------------------------------------------------------------------------
-    def _precision(self):
-        """The context of the updates' loss forwards (``autocast``)."""
-        return autocast(self.autocast, next(self.parameters()).device)
+    def precision(self):
+        """The context of the updates' loss forwards: trunks in bf16 under ``autocast="bf16"``
+        (:mod:`aefrl.precision`)."""
+        return trunk_precision(self.autocast)
 
     def _step(self, name: str, loss: torch.Tensor) -> torch.Tensor:
         opt = self.optimizers[name]
@@ -186,7 +187,7 @@ class DreamerAgent(nn.Module):
 
         Returns detached scalar metrics (losses, diagnostics, grad norms).
         """
-        with self._precision():
+        with self.precision():
             wm_out = self.wm_loss(batch)
         metrics = {"grad_norm_model": self._step("model", self.wm_loss.total(wm_out))}
         metrics.update(_scalars(wm_out))
@@ -205,10 +206,10 @@ class DreamerAgent(nn.Module):
         """The second half of :meth:`train_step`: one actor and one critic update in imagination
         from ``start`` (posterior states ``belief [N, H]``, ``state [N, d]`` and ``terminated
         [N, 1]`` of their rows), then the slow critic's step. Returns detached scalar metrics."""
-        with self._precision():
+        with self.precision():
             actor_out = self.actor_loss(start)
         metrics = {"grad_norm_actor": self._step("actor", actor_out["loss_actor"])}
-        with self._precision():
+        with self.precision():
             value_out = self.value_loss(actor_out)
         metrics["grad_norm_critic"] = self._step("critic", value_out["loss_value"])
         self.slow_critic.update()

@@ -140,8 +140,8 @@ class PlannerAgent(nn.Module):
         adam_eps: Adam's epsilon.
         compile: ``torch.compile`` the world model's RSSM steps and heads
             (:func:`aefrl.compiled.compile_steps`).
-        autocast: ``"none"`` or ``"bf16"``: the world-model loss forward under bf16 autocast
-            (:mod:`aefrl.precision`), as Dreamer's.
+        autocast: ``"none"`` or ``"bf16"``: the MLPs and conv trunks of the world-model update
+            in bf16, the rest in float32 (:mod:`aefrl.precision`), as Dreamer's.
     """
 
     def __init__(
@@ -188,7 +188,7 @@ class PlannerAgent(nn.Module):
     # world_model, action_dim, optimizers, _groups and grad_clip, which this agent has too.
     initial_carry = DreamerAgent.initial_carry
     _step = DreamerAgent._step
-    _precision = DreamerAgent._precision
+    precision = DreamerAgent.precision
     # Checkpoints in Dreamer's layout ({"modules", "optimizers"}), so either agent's world model
     # loads from the other's checkpoint.
     state_dict = DreamerAgent.state_dict
@@ -243,7 +243,7 @@ class PlannerAgent(nn.Module):
 
         Returns detached scalar metrics (losses, diagnostics, the gradient norm).
         """
-        with self._precision():
+        with self.precision():
             out = self.wm_loss(batch)
         metrics = {"grad_norm_model": self._step("model", self.wm_loss.total(out))}
         for key, value in out.items():

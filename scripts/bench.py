@@ -274,16 +274,19 @@ def default_sizes() -> Sizes:
     )
 
 
-def build_ours(kind: str, sizes: Sizes, device: torch.device, compile: bool = False) -> OursSubject:
+def build_ours(
+    kind: str, sizes: Sizes, device: torch.device, compile: bool = False, autocast: str = "none"
+) -> OursSubject:
     agent, obs = ours_agent_kwargs(sizes, kind, *load_config(base_kind(kind)))
     agent["compile"] = compile
+    agent["autocast"] = autocast  # ours trains that way (aefrl/precision.py)
     model = build_agent(agent, obs, (3, sizes.image, sizes.image), sizes.action_dim)
     return OursSubject(kind, model.to(device))
 
 
 def build_subjects(kinds, sizes: Sizes, args) -> dict:
     torch.manual_seed(0)
-    subjects = {k: build_ours(k, sizes, args.device, args.compile) for k in kinds}
+    subjects = {k: build_ours(k, sizes, args.device, args.compile, args.autocast) for k in kinds}
     subjects["torchrl"] = theirs = TorchrlDreamer(sizes, args.device)
     if args.compile:
         mode = "reduce-overhead" if args.cudagraphs else None
@@ -294,8 +297,10 @@ def build_subjects(kinds, sizes: Sizes, args) -> dict:
     return subjects
 
 
-def _autocast(args):
-    if args.autocast == "bf16":
+def _autocast(args, subject=None):
+    """torchrl's updates under the chosen autocast, as its script runs them; ours bring their own
+    (agent.autocast: trunks in bf16, the rest float32)."""
+    if args.autocast == "bf16" and not isinstance(subject, OursSubject):
         # No weight cache: a CUDA graph capture must not keep autocast's cached casts.
         return torch.autocast(args.device.type, dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
@@ -306,7 +311,7 @@ def capture_graphs(subjects: dict, prepared: dict, args) -> None:
     for name, s in subjects.items():
         if getattr(s, "graphed", False):
             log(f"capturing CUDA graphs: {name}")
-            s.capture(prepared[name], lambda: _autocast(args))
+            s.capture(prepared[name], lambda s=s: _autocast(args, s))
 
 
 def calls(subjects: dict, method: str, inputs: dict, args) -> dict:
@@ -316,7 +321,7 @@ def calls(subjects: dict, method: str, inputs: dict, args) -> dict:
         fn = getattr(subject, method)
 
         def call():
-            with _autocast(args):
+            with _autocast(args, subject):
                 fn(x)
 
         return call
@@ -411,7 +416,7 @@ def update_flops(subjects: dict, prepared: dict, timed: dict, args) -> dict:
             if name not in timed[method]:
                 continue
             fn, x = getattr(s, method), prepared[name]
-            with _autocast(args):
+            with _autocast(args, s):
                 flops = call_flops(functools.partial(fn, x))
             seconds = timed[method][name]["median_s"]
             rec[method] = {**flops, "gflop_per_s": round(flops["gflop"] / seconds, 1)}
@@ -474,7 +479,7 @@ def measure_image_scaling(args, ident: dict) -> list[dict]:
         log(f"image scaling {side}x{side}")
         sizes = replace(base, image=side)
         torch.manual_seed(0)
-        ours = build_ours("aef", sizes, args.device, args.compile)
+        ours = build_ours("aef", sizes, args.device, args.compile, args.autocast)
         batch = random_batch(sizes, seed=1, device=args.device)
         prepared = ours.prepare(batch)
         inputs = {
@@ -537,8 +542,8 @@ def measure_end_to_end(args) -> dict:
 
     s = args.plan.identical
     torch.manual_seed(0)
-    ours = build_ours("aef", replace(s, action_dim=task_action_dim(args.task)), args.device)
-    ours.agent.autocast = args.autocast  # the loop calls train_step itself: agent.autocast
+    sizes = replace(s, action_dim=task_action_dim(args.task))
+    ours = build_ours("aef", sizes, args.device, autocast=args.autocast)
     return agent_steps_per_second(
         ours.agent,
         task=args.task,

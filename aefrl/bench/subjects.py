@@ -160,7 +160,8 @@ class OursSubject:
 
     def wm_update(self, batch: TensorDict) -> None:
         agent = self.agent
-        out = agent.wm_loss(batch)
+        with agent.precision():
+            out = agent.wm_loss(batch)
         opt = agent.optimizers["model"]
         opt.zero_grad(set_to_none=True)
         agent.wm_loss.total(out).backward()
@@ -179,7 +180,7 @@ class OursSubject:
         nothing)."""
         agent = self.agent
         wm = agent.world_model
-        with frozen(wm):
+        with frozen(wm), agent.precision():
             states, _, _ = imagine(wm.rssm, agent.actor, start, agent.actor_loss.horizon)
             # torchrl's DreamerEnv predicts a reward inside every step of its rollout; ours
             # predicts them in the actor loss, for all steps at once. Timed here too, so both
@@ -258,8 +259,9 @@ class OursSubject:
         enc, dec = inputs["modules"]
         enc.zero_grad(set_to_none=True)
         dec.zero_grad(set_to_none=True)
-        e = enc(inputs["enc_in"])
-        x = dec(inputs["dec_in"])
+        with self.agent.precision():  # the trunks in bf16 under agent.autocast, as in the update
+            e = enc(inputs["enc_in"])
+            x = dec(inputs["dec_in"])
         torch.autograd.backward([e, x], [inputs["grad_e"], inputs["grad_x"]])
         inputs["dec_in"].grad = None
 
