@@ -310,8 +310,10 @@ class Trainer:
                     interval = (frames - since_log[1]) / max(now - since_log[0], 1e-9)
                     self._write_metrics(fps, interval)
                     since_log = (now, frames)
-                if self._stop_requested:
-                    break  # checkpoint now; a due evaluation or report runs after the resume
+                if self._stop_requested and frames < c.total_frames:
+                    # Checkpoint now; a due evaluation or report runs after the resume. (At the
+                    # last frame there is no resume: the run finishes its schedule instead.)
+                    break
                 if self._eval(frames) and self.make_eval_env is not None:
                     self.evaluate()
                 if self._report(frames):
@@ -322,8 +324,11 @@ class Trainer:
                     on_iteration(self)
             if self._saved_at != self.counters["frames"]:  # not just written by the schedule
                 self.save()
-            if not self._stop_requested:
+            if self.counters["frames"] >= c.total_frames:
+                # A complete run: its final evaluation even if a signal came in its last
+                # iteration (a second one aborts it), and it exits as finished.
                 self._final_evaluation()
+                self.stop_signal = None
         finally:
             bar.close()
             self.logger.flush()
@@ -336,7 +341,7 @@ class Trainer:
         (and reports) once more at its last frame, so its curves end where training did. After
         the final checkpoint: a resume that raises ``total_frames`` continues from the state the
         periodic schedule left, as the uninterrupted run would (only this extra point in the
-        logs tells them apart). A run stopped by a signal skips it."""
+        logs tells them apart). A run stopped by a signal before ``total_frames`` skips it."""
         frames = self.counters["frames"]
         if self.config.eval_every and self._eval.last != frames and self.make_eval_env:
             self.evaluate()
@@ -468,7 +473,7 @@ class Trainer:
             chunks = episode.shape[1] // steps
             batch = episode[:, : chunks * steps].reshape(chunks, steps)
         elif self.replay.ready:  # from a generator of its own: training batches stay the same
-            draw = torch.Generator().manual_seed(stream_seed(self.seed, "report", step))
+            draw = torch.Generator().manual_seed(stream_seed(self.seed, "report_batch", step))
             source, batch = "replay", self.replay.sample(generator=draw)
         else:
             return

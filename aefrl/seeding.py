@@ -13,7 +13,16 @@ from __future__ import annotations
 import numpy as np
 
 #: The purposes a run draws random numbers for, each with its own tag in the hash.
-STREAMS = {"env_worker": 1, "eval_env": 2, "replay": 3, "eval": 4, "report": 5, "prefill": 6}
+STREAMS = {
+    "env": 7,  # the training env (batched: the seed its workers' seeds derive from)
+    "env_worker": 1,
+    "eval_env": 2,
+    "replay": 3,
+    "eval": 4,
+    "report": 5,
+    "report_batch": 8,  # a report's replay windows (its torch draws are "report")
+    "prefill": 6,
+}
 
 
 def stream_seed(seed: int, stream: str, *index: int) -> int:
@@ -21,5 +30,7 @@ def stream_seed(seed: int, stream: str, *index: int) -> int:
     ``seed``; ``index`` numbers its members (a worker, an evaluation)."""
     if stream not in STREAMS:
         raise ValueError(f"stream must be one of {', '.join(STREAMS)}, got {stream!r}")
-    entropy = [int(seed), STREAMS[stream], *(int(i) for i in index)]
+    # The index count is hashed too: SeedSequence pads with zeros, so (stream) and (stream, 0)
+    # would otherwise give one seed.
+    entropy = [int(seed), STREAMS[stream], len(index), *(int(i) for i in index)]
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint32)[0])

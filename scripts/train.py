@@ -58,7 +58,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 RUN_CONFIG = "run_config.yaml"
 RUN_LOCK = ".lock"  # flock'ed while a process trains in the run directory
 _HELD_LOCKS: dict = {}  # run_dir -> its open lock file; closing it (or exiting) releases it
-_TRAINERS: dict = {}  # run_dir -> its Trainer, once built (did its loop run before a crash?)
+_COUNTERS: dict = {}  # run_dir -> its Trainer's counters, once built (did its loop run?)
 # LoopConfig fields that come from other config groups than loop (for error messages).
 LOOP_FIELD_KEYS = {
     "action_repeat": "env.action_repeat",
@@ -215,27 +215,36 @@ def discard_unstarted_run(run_dir: Path) -> None:
 def train(cfg: DictConfig) -> tuple[dict, int | None]:
     """Train; returns the final counters and the signal that stopped the run early (None when it
     reached ``loop.total_frames``)."""
+    run_dir = Path(cfg.run_dir)
     try:
         return setup_and_run(cfg)
     except BaseException as exc:  # a crash or Ctrl-C in setup or in the loop
-        run_dir = Path(cfg.run_dir)
         # Only what this process wrote: a run_dir it does not hold is another run's (or an
         # earlier one's, which the error asks the user to deal with).
         if cfg.resume is None and run_dir in _HELD_LOCKS:
-            trainer = _TRAINERS.get(run_dir)
-            trained = trainer is not None and trainer.counters["iterations"] > 0
-            if trained and not isinstance(exc, KeyboardInterrupt):
-                # A crash in the loop: its TensorBoard logs are what explains it; keep them.
-                if not (run_dir / CHECKPOINT_NAME).exists():
-                    print(
-                        f"the run crashed before its first checkpoint; its logs stay in "
-                        f"{run_dir} (nothing there can be resumed: start again with another "
-                        "run_dir, or delete this one)",
-                        file=sys.stderr,
-                    )
+            counters = _COUNTERS.get(run_dir)
+            if counters and counters["iterations"] and not isinstance(exc, KeyboardInterrupt):
+                keep_crash_logs(run_dir)
             else:
                 discard_unstarted_run(run_dir)
         raise
+    finally:
+        _COUNTERS.pop(run_dir, None)  # a Hydra -m sweep runs every job in this process
+
+
+def keep_crash_logs(run_dir: Path) -> None:
+    """A new run that crashed in its loop before its first checkpoint: its TensorBoard logs
+    and records explain the crash, so they stay; a disk replay, useless without a checkpoint
+    and possibly gigabytes, goes."""
+    if (run_dir / CHECKPOINT_NAME).exists():
+        return
+    if (run_dir / "replay").is_dir():
+        shutil.rmtree(run_dir / "replay")
+    print(
+        f"the run crashed before its first checkpoint; its logs stay in {run_dir} (nothing "
+        "there can be resumed: start again with another run_dir, or delete this one)",
+        file=sys.stderr,
+    )
 
 
 class NothingToTrain(Exception):  # noqa: N818 (a way out of setup, not an error)
@@ -259,15 +268,9 @@ def setup_and_run(cfg: DictConfig) -> tuple[dict, int | None]:
         env.close()
     # The final evaluation comes after the final checkpoint, so these may count one more.
     print(f"checkpoint {run_dir / CHECKPOINT_NAME}; counters at exit: {counters}")
-    if trainer.stop_signal is not None:
+    if trainer.stop_signal is not None:  # None for a run that reached loop.total_frames
         name = signal.Signals(trainer.stop_signal).name
-        if counters["frames"] >= trainer.config.total_frames:
-            print(
-                f"stopped by {name} in the last iteration: the run is complete, its final "
-                f"evaluation was skipped (python scripts/eval.py {run_dir} gives it)"
-            )
-        else:
-            print(f"stopped by {name} before loop.total_frames; resume={run_dir} continues the run")
+        print(f"stopped by {name} before loop.total_frames; resume={run_dir} continues the run")
     return counters, trainer.stop_signal
 
 
@@ -365,9 +368,10 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
         ) from None
     for section, key in WHOLE_NUMBERS:  # int() below would truncate 2.5 to 2 without a word
         value = conf[section][key]
-        if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        if isinstance(value, bool) or not whole:  # is_integer(): False for inf and nan too
             raise UserError(f"{section}.{key} must be a whole number, got {value!r}")
-    env = build_env(conf["env"], seed)
+    env = build_env(conf["env"], stream_seed(seed, "env"))
     action_dim = int(env.action_spec.shape[-1])
     size = int(conf["env"]["image_size"])
     agent = build_agent(conf["agent"], conf["obs_model"], (3, size, size), action_dim).to(device)
@@ -442,7 +446,7 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
         seed=seed,
         action_dim=action_dim,
     )
-    _TRAINERS[run_dir] = trainer
+    _COUNTERS[run_dir] = trainer.counters  # updated in place by the loop
     if resume_state is not None:
         trainer.load(state=resume_state)
         if resumed_changed:

@@ -479,3 +479,24 @@ def test_a_run_ending_on_a_checkpoint_frame_writes_it_once(tmp_path):
     trainer.run(progress=False)
     trainer.env.close()
     assert written == [40, 80]
+
+
+@pytest.mark.slow
+def test_a_signal_in_the_last_iteration_finishes_the_run(tmp_path):
+    """There is no resume after the last frame (it finds nothing to train), so the stop is not
+    deferred there: the due evaluation and the final one run, and the run counts as finished
+    (it said "stopped before loop.total_frames; resume continues", and lost its last points)."""
+    trainer = build(tmp_path)
+    iterate = trainer._iteration
+
+    def iteration(updates_per_step):
+        iterate(updates_per_step)
+        if trainer.counters["frames"] >= SCHEDULE["total_frames"]:
+            trainer._on_signal(signal.SIGTERM, None)
+
+    trainer._iteration = iteration
+    counters = trainer.run(progress=False)
+    trainer.env.close()
+    trainer.logger.close()
+    assert counters["evals"] == 3 and trainer.stop_signal is None  # 100, 200 and the end
+    assert load_checkpoint(tmp_path)["counters"]["frames"] == counters["frames"]

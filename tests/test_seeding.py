@@ -16,8 +16,9 @@ def test_streams_of_nearby_seeds_do_not_overlap():
     assert all(0 <= s < 2**32 for s in seeds.values())
     assert stream_seed(2**32 - 1, "eval_env", 10**6) < 2**32  # no offset can leave the range
     assert stream_seed(3, "replay") == stream_seed(3, "replay")  # a function of its arguments
+    assert stream_seed(3, "eval") != stream_seed(3, "eval", 0)  # SeedSequence pads with zeros
 
 
 def test_an_unknown_stream_is_refused():
-    with pytest.raises(ValueError, match="stream must be one of env_worker, eval_env"):
+    with pytest.raises(ValueError, match="stream must be one of env, env_worker, eval_env"):
         stream_seed(0, "evaluation")
