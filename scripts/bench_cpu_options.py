@@ -9,7 +9,10 @@ Three measurements, each eager float32 against the alternative in the same run:
 2. ChannelNorm + SiLU forward + backward (the conv trunks' memory-bound part) at the encoder's
    four feature-map sizes for a 16 x 50 batch, eager and ``torch.compile``-d;
 3. the RSSM filtering scan (``RSSM.observe``, 50 steps of batch 16) forward + backward at the
-   identical sizes of scripts/bench.py, eager and with its step (``filter_step``) compiled.
+   identical sizes of scripts/bench.py, eager and with its step (``filter_step``) compiled;
+4. one whole update (``DreamerAgent.train_step``, aef) with ``agent.autocast`` none and bf16
+   (:mod:`aefrl.precision`: trunks in bf16), the two agents alternating call by call, at the
+   identical sizes of scripts/bench.py and at the ``exp=cpu`` sizes of the learning runs.
 
     OMP_WAIT_POLICY=PASSIVE python scripts/bench_cpu_options.py   # ~3 min on 2 cores
 
@@ -36,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from aefrl import keys  # noqa: E402
 from aefrl.allocator import tune_malloc  # noqa: E402
 from aefrl.bench.subjects import Sizes, random_batch  # noqa: E402
+from aefrl.bench.timing import time_interleaved  # noqa: E402
 from aefrl.nn import ChannelNorm  # noqa: E402
 from aefrl.provenance import command_line, machine_info, write_result  # noqa: E402
 
@@ -143,6 +147,27 @@ def rssm_scan(reps: int, sizes: Sizes) -> dict:
     return {k: round(v, 1) if isinstance(v, float) else v for k, v in out.items()}
 
 
+def update_precision(reps: int, sizes: Sizes, label: str, batch: int, seq: int) -> dict:
+    """Median seconds of ``train_step`` with ``agent.autocast`` none and bf16, interleaved."""
+    import scripts.bench as bench
+
+    agents = {}
+    for mode in ("none", "bf16"):
+        torch.manual_seed(0)
+        agents[mode] = bench.build_ours("aef", sizes, torch.device("cpu"), autocast=mode).agent
+    data = random_batch(sizes.with_batch(batch, seq))
+    timed = time_interleaved(
+        {m: (lambda a=a: a.train_step(data)) for m, a in agents.items()},
+        torch.device("cpu"),
+        reps,
+        warmup=1,
+        memory=False,
+    )
+    out = {"sizes": label, **{f"{m}_s": round(t["median_s"], 3) for m, t in timed.items()}}
+    out["speedup"] = round(out["none_s"] / out["bf16_s"], 2)
+    return out
+
+
 def markdown(r: dict) -> str:
     m = r["machine"]
     lines = [
@@ -167,6 +192,13 @@ def markdown(r: dict) -> str:
         f"RSSM filtering scan ({s['steps']} steps x batch {s['batch']}, fwd + bwd): eager "
         f"{s['eager_ms']} ms, filter_step compiled {s['compiled_ms']} ms "
         f"(compile {s['compile_s']} s).",
+        "",
+        "| one update (train_step, aef), alternating | autocast none s | bf16 s | speedup |",
+        "|---|---:|---:|---:|",
+        *[
+            f"| {x['sizes']} | {x['none_s']} | {x['bf16_s']} | {x['speedup']}x |"
+            for x in r["update_precision"]
+        ],
     ]
     return "\n".join(lines) + "\n"
 
@@ -187,6 +219,21 @@ def main(argv=None) -> dict:
         "matmul": matmuls(args.reps, ((8, 16, 16),) if args.toy else MATMULS),
         "norm_act": norm_act(args.reps, args.frames, MAPS[-1:] if args.toy else MAPS),
         "rssm_scan": rssm_scan(args.reps, toy if args.toy else Sizes()),
+        "update_precision": (
+            [update_precision(1, toy, "toy", 2, 4)]
+            if args.toy
+            else [
+                update_precision(args.reps, Sizes(), "identical sizes, 16 x 50", 16, 50),
+                # exp=cpu (configs/exp/cpu.yaml): RSSM and MLPs 200 wide, depth 16, 16 x 32
+                update_precision(
+                    args.reps,
+                    Sizes(latent=32, deter=200, hidden=200, depth=16, reward_layers=2, ac_layers=2),
+                    "exp=cpu, 16 x 32",
+                    16,
+                    32,
+                ),
+            ]
+        ),
     }
     md = markdown(result)
     write_result(args.out, result, md)

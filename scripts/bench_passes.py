@@ -74,17 +74,22 @@ def _build(sizes: Sizes):
     return bench.build_ours("aef", sizes, torch.device("cpu")).agent
 
 
-def plain_linears(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` whose :class:`aefrl.nn.Linear` layers are ``torch.nn.Linear`` ones
-    (same parameter values; no padding)."""
-    module = copy.deepcopy(module)
-    for sub in module.modules():
+def plain_linears(agent):
+    """A copy of the Dreamer ``agent`` whose :class:`aefrl.nn.Linear` layers are
+    ``torch.nn.Linear`` ones (same parameter values; no padding), with its optimisers rebuilt
+    over the copy's own parameters (the copied ones held the replaced layers')."""
+    agent = copy.deepcopy(agent)
+    for sub in agent.modules():
         for name, child in list(sub.named_children()):
             if type(child) is Linear:
                 plain = nn.Linear(child.in_features, child.out_features, child.bias is not None)
                 plain.load_state_dict(child.state_dict())
                 setattr(sub, name, plain)
-    return module
+    for name, opt in agent.optimizers.items():
+        group = opt.param_groups[0]
+        params = list(agent._groups[name].parameters())
+        agent.optimizers[name] = torch.optim.Adam(params, lr=group["lr"], eps=group["eps"])
+    return agent
 
 
 def likelihood(reps: int, sizes: Sizes, wm) -> dict:
@@ -201,6 +206,9 @@ def actor_critic(reps: int, sizes: Sizes, agent) -> dict:
     )
     plain = plain_linears(agent)
     assert not any(type(m) is Linear for m in plain.modules())
+    for name, opt in plain.optimizers.items():  # every parameter of the copy is stepped
+        stepped = {id(p) for g in opt.param_groups for p in g["params"]}
+        assert stepped == {id(p) for p in plain._groups[name].parameters()}, name
     # Same start, same draws: the same loss either way (up to summation order).
     losses = []
     for subject in (agent, plain):

@@ -18,4 +18,7 @@ def test_toy_run_writes_every_measurement(tmp_path):
     assert r["norm_act"][0]["map"] == "2x256x4x4"
     assert r["norm_act"][0]["eager_ms"] > 0 and r["norm_act"][0]["compiled_ms"] > 0
     assert r["rssm_scan"]["steps"] == 4 and r["rssm_scan"]["compiled_ms"] > 0
+    (row,) = r["update_precision"]
+    assert row["none_s"] > 0 and row["bf16_s"] > 0 and row["speedup"] > 0
     assert "RSSM filtering scan" in out.with_suffix(".md").read_text()
+    assert "| toy |" in out.with_suffix(".md").read_text()

@@ -55,9 +55,15 @@ def _header(r: dict) -> list[str]:
         "shared, so absolute times are inflated; compare within a run. "
         f"Headline times are medians of {r['reps']} timed calls"
         + (" after one warm-up round" if r.get("warmup", 1) else " (no warm-up round)")
-        + ", interleaved round-robin across implementations (every call is in the JSON); "
-        "memory is measured on the first call of each (CPU: peak process RSS, in brackets its "
-        "growth over the RSS before the call; GPU: max allocated). "
+        + ", interleaved round-robin across implementations (every call is in the JSON"
+        + (
+            "; each round starts one implementation later); memory is measured in an untimed "
+            "call of each before them"
+            if r.get("memory_round")
+            else "); memory is measured on the first call of each"
+        )
+        + " (CPU: peak process RSS, in brackets its growth over the RSS before the call; GPU: "
+        "max allocated). "
         f"Device {r['device']}, options {r['options']}; allocator "
         f"{m.get('allocator', 'glibc')}"
         + (f", environment {m['allocator_env']}" if m.get("allocator_env") else "")

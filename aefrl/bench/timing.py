@@ -120,9 +120,10 @@ def time_interleaved(
     """Time every callable ``reps`` times, round-robin, after ``warmup`` untimed rounds.
 
     Memory is measured in a round of its own before those (``memory``): its ``malloc_trim``
-    and sampling thread would perturb a timed call, and the first call after a trim pages the
-    heap back in, so the round after it is never timed either (with ``warmup=0`` the memory
-    round is the only warm-up). Each round starts one callable later than the round before, so
+    and sampling thread would perturb a timed call. The first call after a trim pages the heap
+    back in, which the warm-up rounds absorb; with ``warmup=0`` (the quick runs' default-size
+    points) the first timed round follows the memory round directly and pays for it. Each
+    round starts one callable later than the round before, so
     no implementation is always the one that runs after the previous round's last (a fixed
     order made the first one pay for the trimmed heap in every run). Call
     :func:`settle_allocator` once at start so that first calls are measured in a warm heap.
