@@ -12,9 +12,10 @@ digits. Trunks on fewer than :data:`MIN_ROWS` rows (the RSSM's per-step MLPs on 
 acting) stay float32: there the casts cost more than bf16 saves. Parameters, gradients and
 optimiser states are float32 throughout; acting and reports run in float32.
 
-Whether it pays depends on the CPU: on the project's AMD EPYC VM bf16 products run at 2.0-4.0x
-float32's rate, on its Intel Xeon VM (which also reports AVX-512 BF16) at 0.54-0.60x
-(docs/benchmarks.md, finding 9), so the default is ``"none"``.
+Whether it pays depends on the CPU: on the project's AMD EPYC VM bf16 products run at 2.1-4.1x
+float32's rate and one update 1.38x faster (1.13x at the ``exp=cpu`` sizes), on its Intel Xeon
+VM (which also reports AVX-512 BF16) products run at 0.54-0.60x (docs/benchmarks.md, finding 9),
+so the default is ``"none"``.
 """
 
 from __future__ import annotations
