@@ -460,15 +460,25 @@ def test_a_stop_in_the_iteration_an_evaluation_falls_due_leaves_it_to_the_resume
 
     resumed = build(tmp_path, seed=5)
     resumed.load()
-    steps = []
-    resumed.evaluate = functools.partial(
-        lambda evaluate: steps.append(resumed.counters["frames"]) or evaluate(), resumed.evaluate
-    )
+    steps = {"evaluate": [], "report": []}
+
+    def recorded(method, made):
+        def call():
+            made.append(resumed.counters["frames"])
+            return method()
+
+        return call
+
+    for name, made in steps.items():
+        setattr(resumed, name, recorded(getattr(resumed, name), made))
     resumed.run(progress=False)
     resumed.env.close()
     resumed.logger.close()
-    assert stopped_at <= steps[0] <= stopped_at + 2  # one agent step (or a reset) later
-    assert steps[1:] == [200, resumed.counters["frames"]] and resumed.counters["evals"] == 3
+    end = resumed.counters["frames"]
+    for made in steps.values():  # the evaluation and the report that fell due, then the rest
+        assert stopped_at <= made[0] <= stopped_at + 2  # one agent step (or a reset) later
+        assert made[1:] == [200, end]
+    assert resumed.counters["evals"] == 3
 
 
 def test_a_run_ending_on_a_checkpoint_frame_writes_it_once(tmp_path):
