@@ -229,7 +229,7 @@ def train(cfg: DictConfig) -> tuple[dict, int | None]:
                 discard_unstarted_run(run_dir)
         raise
     finally:
-        _COUNTERS.pop(run_dir, None)  # a Hydra -m sweep runs every job in this process
+        _COUNTERS.clear()  # a Hydra -m sweep runs its jobs one after another in this process
 
 
 def keep_crash_logs(run_dir: Path) -> None:
