@@ -305,11 +305,7 @@ class Trainer:
                     refresh=False,
                 )
                 if self._log(frames):
-                    now = time.time()
-                    fps = (frames - f_start) / max(now - t_start, 1e-9)
-                    interval = (frames - since_log[1]) / max(now - since_log[0], 1e-9)
-                    self._write_metrics(fps, interval)
-                    since_log = (now, frames)
+                    since_log = self._log_now(t_start, f_start, since_log)
                 if self._stop_requested and frames < c.total_frames:
                     # Checkpoint now; a due evaluation or report runs after the resume. (At the
                     # last frame there is no resume: the run finishes its schedule instead.)
@@ -322,9 +318,15 @@ class Trainer:
                     self.save()
                 if on_iteration is not None:
                     on_iteration(self)
+            complete = self.counters["frames"] >= c.total_frames
+            if complete and self._pending:
+                # The updates since the last train/* log: a finished run logs them at its last
+                # frame (a stopped one keeps them in its checkpoint for the resumed run's log).
+                self._log_now(t_start, f_start, since_log)
+                self._saved_at = None  # the checkpoint must not carry them too
             if self._saved_at != self.counters["frames"]:  # not just written by the schedule
                 self.save()
-            if self.counters["frames"] >= c.total_frames:
+            if complete:
                 # A complete run: its final evaluation even if a signal came in its last
                 # iteration (a second one aborts it), and it exits as finished.
                 self._final_evaluation()
@@ -401,6 +403,15 @@ class Trainer:
                 file=sys.stderr,
             )
             return self.agent.train_step
+
+    def _log_now(self, t_start: float, f_start: int, since_log: tuple) -> tuple[float, int]:
+        """Write the logs of this frame, with ``perf/fps`` since ``(t_start, f_start)`` and
+        ``perf/fps_interval`` since ``since_log`` (time, frames); returns the new ``since_log``."""
+        now, frames = time.time(), self.counters["frames"]
+        fps = (frames - f_start) / max(now - t_start, 1e-9)
+        interval = (frames - since_log[1]) / max(now - since_log[0], 1e-9)
+        self._write_metrics(fps, interval)
+        return now, frames
 
     def _write_metrics(self, fps: float, fps_interval: float) -> None:
         """Logs the update metrics gathered since the last call (their means) and ``perf/*``:

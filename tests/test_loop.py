@@ -510,3 +510,19 @@ def test_a_signal_in_the_last_iteration_finishes_the_run(tmp_path):
     trainer.logger.close()
     assert counters["evals"] == 3 and trainer.stop_signal is None  # 100, 200 and the end
     assert load_checkpoint(tmp_path)["counters"]["frames"] == counters["frames"]
+
+
+@pytest.mark.slow
+def test_a_finished_run_logs_the_updates_since_its_last_log(tmp_path):
+    """Updates after the last train/* log of a finished run were kept in its checkpoint and
+    never logged; now they are, at its last frame, and the checkpoint no longer carries them."""
+    trainer = build(tmp_path)
+    trainer.config = LoopConfig(**{**SCHEDULE, "log_every": 100})
+    trainer._schedules()
+    counters = trainer.run(progress=False)
+    trainer.env.close()
+    trainer.logger.close()
+    end = counters["frames"]
+    assert end % 100  # 240 and a few: between two scheduled logs
+    assert [step for step, _ in _scalars(tmp_path)["train/loss_obs"]] == [100, 200, end]
+    assert not load_checkpoint(tmp_path)["pending_metrics"]
