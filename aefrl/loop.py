@@ -45,7 +45,7 @@ from aefrl.collect import Collector
 from aefrl.cuda_graph import CudaGraphed, graph_train_step
 from aefrl.evaluation import critic_calibration, run_episodes
 from aefrl.logging import RunLogger
-from aefrl.seeding import stream_seed
+from aefrl.seeding import forked_torch_rng, stream_seed
 
 __all__ = ["CHECKPOINT_FORMAT", "LoopConfig", "Trainer"]
 
@@ -319,12 +319,13 @@ class Trainer:
                 if on_iteration is not None:
                     on_iteration(self)
             complete = self.counters["frames"] >= c.total_frames
-            if complete and self._pending:
-                # The updates since the last train/* log: a finished run logs them at its last
-                # frame (a stopped one keeps them in its checkpoint for the resumed run's log).
+            # The updates since the last train/* log: a finished run logs them at its last
+            # frame, and its checkpoint must then not carry them (a stopped one keeps them there
+            # for the resumed run's next log).
+            flush = complete and bool(self._pending)
+            if flush:
                 self._log_now(t_start, f_start, since_log)
-                self._saved_at = None  # the checkpoint must not carry them too
-            if self._saved_at != self.counters["frames"]:  # not just written by the schedule
+            if flush or self._saved_at != self.counters["frames"]:  # not just written already
                 self.save()
             if complete:
                 # A complete run: its final evaluation even if a signal came in its last
@@ -435,15 +436,11 @@ class Trainer:
         )
 
     # --- evaluation and reports ------------------------------------------------------------------
-    @contextlib.contextmanager
     def _own_stream(self, stream: str, index: int):
-        """Run the body on torch's global generators (CPU, and the agent's CUDA device) seeded
-        for ``stream`` and ``index``, and give the training run its own states back after."""
+        """Torch's global generators seeded for ``stream`` and ``index`` in the body; the
+        training run's states (CPU, and the agent's CUDA device) come back after."""
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            seed = stream_seed(self.seed, stream, index)
-            torch.manual_seed(seed)  # CPU and every CUDA device; only `devices` are restored
-            yield
+        return forked_torch_rng(stream_seed(self.seed, stream, index), devices)
 
     @torch.no_grad()
     def evaluate(self) -> dict:

@@ -10,7 +10,10 @@ stream, *index)`` into unrelated seeds instead.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
+import torch
 
 #: The purposes a run draws random numbers for, each with its own tag in the hash.
 STREAMS = {
@@ -34,3 +37,12 @@ def stream_seed(seed: int, stream: str, *index: int) -> int:
     # would otherwise give one seed.
     entropy = [int(seed), STREAMS[stream], len(index), *(int(i) for i in index)]
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint32)[0])
+
+
+@contextlib.contextmanager
+def forked_torch_rng(seed: int, devices=()):
+    """Run the body on torch's global generators seeded with ``seed`` (CPU and every CUDA
+    device), and give the CPU's and ``devices``' (CUDA) generators their states back after."""
+    with torch.random.fork_rng(devices=list(devices)):
+        torch.manual_seed(seed)
+        yield

@@ -206,12 +206,11 @@ class DreamerAgent(nn.Module):
         """The second half of :meth:`train_step`: one actor and one critic update in imagination
         from ``start`` (posterior states ``belief [N, H]``, ``state [N, d]`` and ``terminated
         [N, 1]`` of their rows), then the slow critic's step. Returns detached scalar metrics."""
-        with self.precision():
+        with self.precision():  # it only sets the trunks' forward precision
             actor_out = self.actor_loss(start)
-        metrics = {"grad_norm_actor": self._step("actor", actor_out["loss_actor"])}
-        with self.precision():
+            metrics = {"grad_norm_actor": self._step("actor", actor_out["loss_actor"])}
             value_out = self.value_loss(actor_out)
-        metrics["grad_norm_critic"] = self._step("critic", value_out["loss_value"])
+            metrics["grad_norm_critic"] = self._step("critic", value_out["loss_value"])
         self.slow_critic.update()
         for out in (actor_out, value_out):
             metrics.update(_scalars(out))

@@ -35,6 +35,7 @@ from torch.nn import functional as F
 
 from aefrl.nn import Linear
 from aefrl.obs_models.base import ObservationModel, std_normal_log_prob
+from aefrl.seeding import forked_torch_rng
 
 PROJECTIONS = ("learned", "random")
 # Grid of the importance proposal's scale s (SPEC §6: tuned on held-out data).
@@ -167,8 +168,7 @@ class AEFObservationModel(AffineFlowModel):
         seed = int(torch.randint(2**62, ()))
         for s in scales:
             self.proposal_scale = float(s)
-            with torch.random.fork_rng(devices=_cuda_devices(self)):
-                torch.manual_seed(seed)
+            with forked_torch_rng(seed, _cuda_devices(self)):
                 results[float(s)] = float(mean_log_likelihood())
         finite = {s: v for s, v in results.items() if math.isfinite(v)}
         self.proposal_scale = max(finite, key=finite.get) if finite else old
