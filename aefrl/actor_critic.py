@@ -196,16 +196,24 @@ def imagine(
     fixed state. ``input_grad=True`` keeps the actor's input in the graph instead (the full
     pathwise derivative; the project's runs before the option existed trained that way).
 
-    Returns ``(states [N, H+1, ...], actions [N, H, A], log_probs [N, H])``: action k is taken
-    in state k and leads to state k + 1.
+    A ``bounded_normal`` actor's samples can leave ``[-1, 1]``; the dynamics get them clipped,
+    as the environment executes them and as the replay stores them (:meth:`Actor.act`), so the
+    model is never asked about actions it has not seen, and the gradient of an action beyond a
+    bound is zero, as the environment's is. The log-probability stays the unclipped sample's.
+
+    Returns ``(states [N, H+1, ...], actions [N, H, A], log_probs [N, H])``: action k (as the
+    dynamics took it) is taken in state k and leads to state k + 1.
     """
     from aefrl.world_model.rssm import RSSMState
 
     hs, zs, actions, log_probs = [start.h], [start.z], [], []
     state = start
+    clip = actor.dist == "bounded_normal"  # a tanh-normal's samples are inside already
     for _ in range(horizon):
         feat = state.feat if input_grad else state.feat.detach()
         action, log_prob = actor(feat).rsample_and_log_prob()
+        if clip:
+            action = action.clamp(actor.action_low, actor.action_high)
         state = rssm.img_step(state, action)
         hs.append(state.h)
         zs.append(state.z)

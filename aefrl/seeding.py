@@ -41,8 +41,14 @@ def stream_seed(seed: int, stream: str, *index: int) -> int:
 
 @contextlib.contextmanager
 def forked_torch_rng(seed: int, devices=()):
-    """Run the body on torch's global generators seeded with ``seed`` (CPU and every CUDA
-    device), and give the CPU's and ``devices``' (CUDA) generators their states back after."""
-    with torch.random.fork_rng(devices=list(devices)):
-        torch.manual_seed(seed)
+    """Run the body on torch's CPU generator and the ``devices``' (CUDA indices) generators,
+    seeded with ``seed``, and give them their states back after. Other CUDA devices are left
+    alone: ``torch.manual_seed`` would reseed every one of them, and only the forked ones get
+    their states back."""
+    devices = list(devices)
+    with torch.random.fork_rng(devices=devices):
+        torch.random.default_generator.manual_seed(seed)
+        for d in devices:
+            with torch.cuda.device(d):
+                torch.cuda.manual_seed(seed)
         yield

@@ -1,5 +1,7 @@
 """Actor, λ-returns, return normalisation, slow critic, frozen modules."""
 
+import math
+
 import pytest
 import torch
 
@@ -121,6 +123,53 @@ def test_bounded_normal_keeps_exploring_where_tanh_normal_saturates():
     sigma = 0.1 + 0.9 * torch.sigmoid(torch.tensor(2.0)).item()
     assert spreads["tanh_normal"] < 0.01 * sigma
     assert abs(spreads["bounded_normal"] - sigma) < 0.02
+
+
+class _RecordingDynamics:
+    """An RSSM stand-in whose next belief is the action: records what imagination feeds it."""
+
+    def __init__(self):
+        self.actions = []
+
+    def img_step(self, state, action):
+        from aefrl.world_model.rssm import RSSMState
+
+        self.actions.append(action)
+        return RSSMState(action * 1.0, state.z)
+
+
+@pytest.mark.parametrize("dist", ["tanh_normal", "bounded_normal"])
+def test_imagination_feeds_the_dynamics_actions_in_bounds(dist):
+    """The world model trains on executed (clipped) actions, so imagination gives the dynamics
+    a bounded normal's samples clipped too: an action beyond a bound has no gradient, as the
+    environment's response to it has none; the log-probability is the unclipped sample's."""
+    from aefrl.actor_critic import imagine
+    from aefrl.world_model.rssm import RSSMState
+
+    torch.manual_seed(0)
+    actor = Actor(4, 2, hidden=16, layers=1, dist=dist).double()
+    with torch.no_grad():  # a mean of 0.9, σ ≈ 0.89: about 45 % of the samples beyond 1
+        actor.net[-1].weight.zero_()
+        actor.net[-1].bias[:2] = math.atanh(0.9)
+    start = RSSMState(torch.zeros(256, 2, dtype=torch.float64), torch.zeros(256, 2).double())
+    dyn = _RecordingDynamics()
+    torch.manual_seed(1)
+    states, actions, log_probs = imagine(dyn, actor, start, horizon=3)
+    fed = torch.stack(dyn.actions, 1)
+    assert torch.equal(actions, fed) and fed.abs().max() <= 1
+    torch.manual_seed(1)  # the same draws, taken from the actor directly
+    dist0 = actor(start.feat)
+    raw, log_p0 = dist0.rsample_and_log_prob()
+    torch.testing.assert_close(log_probs[:, 0], log_p0)
+    if dist == "bounded_normal":
+        inside = raw.abs() <= 1
+        assert (~inside).float().mean() > 0.3
+        torch.testing.assert_close(fed[:, 0], raw.clamp(-1, 1))
+        # d(state)/d(mean's bias) = Σ_samples in bounds tanh'(b): the clipped ones give none
+        grad = torch.autograd.grad(states.h[:, 1].sum(), actor.net[-1].bias)[0][:2]
+        torch.testing.assert_close(grad, inside.sum(0).double() * (1 - 0.9**2))
+    else:
+        torch.testing.assert_close(fed[:, 0], raw)
 
 
 def test_actor_refuses_an_unknown_distribution():

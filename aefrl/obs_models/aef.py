@@ -255,6 +255,13 @@ class AEFPartitionObservationModel(AffineFlowModel):
         """Exact ``log p(y | context)``, the objective (``num_samples`` is ignored)."""
         return self.objective(y, context, prior)
 
+    def decode(self, z, context=None):
+        """``z [B, d] -> y [B, *obs_shape]``: the decoder mean on the shell and, on the core, the
+        encoder layer inverted at that shell, ``y_c = (z − μ_q(c, y_s)) / σ_q(c, y_s)`` (SPEC §3),
+        so that ``encode(decode(z)) = z``. The decoder's own outputs at the core are never
+        trained (the likelihood scores the shell only), so they are not shown."""
+        return self._solve_core(self.decoder_params(z, context)[0], z, context)
+
     def sample(self, num_samples=None, context=None, prior=None, pixel_noise=True):
         """Decode the shell from ``z ~ prior``, then invert the encoder layer for the core:
         ``y_c = (z − μ_q(c, y_s)) / σ_q(c, y_s)``."""
@@ -267,6 +274,11 @@ class AEFPartitionObservationModel(AffineFlowModel):
         z = prior.sample()
         mu_x, sigma_x = self.decoder_params(z, context)
         y = mu_x + sigma_x * torch.randn_like(mu_x) if pixel_noise else mu_x
+        return self._solve_core(y, z, context)
+
+    def _solve_core(self, y, z, context):
+        """``y [B, *obs_shape]`` with its core replaced by the coordinates that encode, with
+        ``y``'s shell, to ``z [B, d]``."""
         y = y * self.shell_mask
         mu_q, sigma_q = self.posterior(self.encoder(y), context)
         flat = y.flatten(1).clone()

@@ -44,12 +44,15 @@ def _setup(actor_dist="tanh_normal"):
 def _reference(wm, actor, slow, start, bootstrap_net=None, input_grad=False):
     """The actor objective written from the spec, step by step, without the library helpers;
     the λ-returns bootstrap from ``bootstrap_net`` (default: the slow critic); the actor acts
-    on sg(s_k) (DreamerV1-V3) unless ``input_grad``."""
+    on sg(s_k) (DreamerV1-V3) unless ``input_grad``; a bounded normal's action reaches the
+    dynamics clipped to [-1, 1], as the environment executes it."""
     state = RSSMState(start[keys.BELIEF], start[keys.STATE])
     feats, log_probs, actions = [state.feat], [], []
     for _ in range(HORIZON):
         policy_input = state.feat if input_grad else state.feat.detach()
         action, log_prob = actor(policy_input).rsample_and_log_prob()
+        if actor.dist == "bounded_normal":  # executed, stored and imagined clipped
+            action = action.clamp(-1.0, 1.0)
         state = wm.rssm.img_step(state, action)
         feats.append(state.feat)
         log_probs.append(log_prob)

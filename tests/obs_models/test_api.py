@@ -103,6 +103,25 @@ def test_sample_decodes_a_prior_draw_and_partition_inverts_the_encoder_layer(kin
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_decode_is_the_decoder_mean_and_partition_solves_the_core(kind, shape):
+    """``decode`` is ``μ_x``; the partition family's decoder outputs at the core are never trained
+    (its likelihood scores the shell), so its ``decode`` solves the core from the encoder layer
+    instead: re-encoding the decoded frame gives back z (SPEC §3, generation)."""
+    model = _build(kind, shape, sigma_x="head").double()
+    z, ctx = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+    y = model.decode(z, ctx)
+    mu_x = model.decoder_params(z, ctx)[0]
+    if kind == "aef_partition":
+        shell = model.shell_mask.bool()
+        torch.testing.assert_close(y[:, shell], mu_x[:, shell])
+        torch.testing.assert_close(model.encode(y, ctx), z, atol=1e-10, rtol=0)
+        assert not torch.allclose(y[:, ~shell], mu_x[:, ~shell])
+    else:
+        torch.testing.assert_close(y, mu_x)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_state_dict_round_trip(kind):
     model = _build(kind, (3, 16, 16), sigma_x="learned")
     with torch.no_grad():
