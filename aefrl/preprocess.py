@@ -111,8 +111,12 @@ class Preprocess(nn.Module):
         captured update re-runs this line on every replay)."""
         dims = [i for i in range(y.dim()) if i != y.dim() - len(self.obs_shape)]
         count = y.numel() // y.shape[y.dim() - len(self.obs_shape)]
-        # Unbiased, except for a single value per channel (later batches of one sample).
-        std = y.std(dims, correction=1 if count > 1 else 0).clamp_min(1e-6)
+        if count < 2:
+            # One value per channel (a batch of one vector) has no spread: its std, clamped,
+            # would set scales of 1e6. The init waits for a batch with a spread (a Python
+            # shape check, no host sync).
+            return
+        std = y.std(dims).clamp_min(1e-6)
         mean = y.mean(dims)
         done = self.an_initialized
         self.an_log_scale.copy_(torch.where(done, self.an_log_scale, -std.log()))

@@ -60,6 +60,22 @@ def test_actnorm_initialises_once_and_again_after_loading_a_fresh_state():
     torch.testing.assert_close(y.std(dim=(0, 2, 3)), torch.ones(3, dtype=torch.float64))
 
 
+def test_actnorm_waits_for_a_batch_with_a_spread():
+    """A first training batch of one vector has one value per feature and no spread: it leaves
+    ActNorm as it is (the clamped std set scales of 1e6 and y to 0); the next batch of two
+    initialises it."""
+    pre = Preprocess((5,), actnorm=True).double()
+    x = torch.rand(1, 5, dtype=torch.float64) * 0.8 + 0.1
+    y, logdet = pre(x)
+    assert not pre.an_initialized and torch.equal(pre.an_log_scale, torch.zeros(5).double())
+    y_plain, logdet_plain = Preprocess((5,)).double()(x)  # identity ActNorm: the logit alone
+    torch.testing.assert_close(y, y_plain)
+    torch.testing.assert_close(logdet, logdet_plain)
+    y, _ = pre(torch.rand(2, 5, dtype=torch.float64))
+    assert pre.an_initialized
+    torch.testing.assert_close(y.std(0), torch.ones(5, dtype=torch.float64))
+
+
 def test_dequantize_stays_in_bin_and_quantize_inverts():
     pre = Preprocess((3, 8, 8))
     o = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)

@@ -92,7 +92,16 @@ class WorldModelLoss(LossModule):
     def forward(self, batch: TensorDictBase) -> TensorDict:
         wm = self.world_model
         om = wm.obs_model
-        filt = wm.filter(batch)
+        k = self.tensor_keys
+        # The filter reads the world model's own key names: hand it the batch's entries under
+        # them, so keys renamed with set_keys are honoured (a mapping, no tensordict copy).
+        filt = wm.filter(
+            {
+                keys.PIXELS: batch[k.pixels],
+                keys.PREV_ACTION: batch[k.prev_action],
+                keys.IS_FIRST: batch[k.is_first],
+            }
+        )
         obs = filt.observed
         b, t = obs.mu_q.shape[:2]
         h, z = obs.state.h, obs.state.z

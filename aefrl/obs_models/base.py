@@ -108,9 +108,13 @@ class ObservationModel(nn.Module):
             )
         if sigma_x not in SIGMA_X_MODES:
             raise ValueError(f"sigma_x must be one of {', '.join(SIGMA_X_MODES)}, got {sigma_x!r}")
-        if sigma_x_min < 0 or sigma_x_init <= sigma_x_min:
+        # A learned or predicted σ_x needs a positive floor: softplus underflows to 0 in float32
+        # (a raw output near −100 does it), and log σ_x then makes the objective NaN.
+        zero_floor = sigma_x != "fixed" and sigma_x_min == 0
+        if sigma_x_min < 0 or sigma_x_init <= sigma_x_min or zero_floor:
             raise ValueError(
-                f"need 0 <= sigma_x_min < sigma_x_init, got {sigma_x_min} and {sigma_x_init}"
+                f"need 0 < sigma_x_min < sigma_x_init (sigma_x_min = 0 only with sigma_x=fixed), "
+                f"got {sigma_x_min} and {sigma_x_init}"
             )
         self.latent_dim = int(latent_dim)
         self.context_dim = int(context_dim)
@@ -361,7 +365,8 @@ class ObservationModel(nn.Module):
         """Per-sample ``log p(y | context)`` in nats, ``[B]`` (SPEC §6).
 
         Importance-sampled with ``num_samples`` proposals, ``logsumexp_k log w_k − log K``, unless
-        the model is exact. ``chunk_size`` bounds how many decoder passes run at once.
+        the model is exact. ``chunk_size`` bounds how many decoder passes run at once (samples
+        x batch), but never below one sample for the whole batch: ``max(B, chunk_size)``.
         """
         self._check_y(y)
         if num_samples < 1:

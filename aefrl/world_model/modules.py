@@ -148,11 +148,13 @@ class DecodePixels(nn.Module):
 _LATENT = [keys.BELIEF, keys.STATE]
 
 
-def posterior_module(world_model: WorldModel) -> TensorDictModule:
-    """Filtering step; keys in the module docstring."""
+def posterior_module(world_model: WorldModel, is_first_key=keys.IS_FIRST) -> TensorDictModule:
+    """Filtering step; keys in the module docstring. ``is_first_key`` names the episode-start
+    flag: torchrl's ``InitTracker`` writes ``"is_init"``, so a tensordict from a torchrl
+    pipeline is read with ``is_first_key="is_init"``."""
     return TensorDictModule(
         PosteriorStep(world_model),
-        in_keys=[keys.PIXELS, keys.PREV_ACTION, keys.IS_FIRST, *_LATENT],
+        in_keys=[keys.PIXELS, keys.PREV_ACTION, is_first_key, *_LATENT],
         out_keys=[*_LATENT, keys.POSTERIOR_MEAN, keys.POSTERIOR_STD],
     )
 
@@ -179,11 +181,14 @@ def decoder_module(world_model: WorldModel) -> TensorDictModule:
     return TensorDictModule(DecodePixels(world_model), in_keys=_LATENT, out_keys=[keys.RECO_PIXELS])
 
 
-def world_model_modules(world_model: WorldModel) -> dict[str, TensorDictModule]:
+def world_model_modules(
+    world_model: WorldModel, is_first_key=keys.IS_FIRST
+) -> dict[str, TensorDictModule]:
     """The pieces of ``world_model`` as TensorDictModules: ``posterior``, ``prior``, ``reward``,
-    ``continue``, ``decoder`` (keys in the module docstring). They share its parameters."""
+    ``continue``, ``decoder`` (keys in the module docstring; ``is_first_key`` as in
+    :func:`posterior_module`). They share its parameters."""
     return {
-        "posterior": posterior_module(world_model),
+        "posterior": posterior_module(world_model, is_first_key),
         "prior": prior_module(world_model),
         "reward": reward_module(world_model),
         "continue": continue_module(world_model),

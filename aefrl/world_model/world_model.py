@@ -114,8 +114,9 @@ class WorldModel(nn.Module):
         state: RSSMState | None = None,
         noise: torch.Tensor | None = None,
     ) -> Filtered:
-        """Pre-process and filter a ``[B, T]`` replay batch (keys: pixels uint8
-        ``[B, T, C, H, W]``, prev_action ``[B, T, A]``, is_first ``[B, T, 1]``)."""
+        """Pre-process and filter a ``[B, T]`` replay batch (a tensordict or any mapping with
+        keys pixels uint8 ``[B, T, C, H, W]``, prev_action ``[B, T, A]``, is_first
+        ``[B, T, 1]``)."""
         pixels = batch[keys.PIXELS]
         b, t = pixels.shape[:2]
         y, logdet = self.encode_pixels(pixels.flatten(0, 1))

@@ -150,6 +150,24 @@ def test_modules_match_the_world_model_on_any_batch_shape(kind):
     assert out[keys.RECO_PIXELS].dtype == torch.uint8
 
 
+def test_posterior_reads_torchrl_init_trackers_key_when_asked():
+    """torchrl's InitTracker writes the episode-start flag as ``is_init``; the posterior reads it
+    under that name with ``is_first_key``, with the same result as under ``is_first``."""
+    from torchrl.envs.transforms import InitTracker
+
+    wm = tiny_world_model("aef")
+    td = _latent(4)
+    td[keys.PIXELS] = torch.randint(0, 256, (4, *OBS), dtype=torch.uint8)
+    td[keys.PREV_ACTION] = torch.rand(4, ACTIONS) * 2 - 1
+    td[keys.IS_FIRST] = torch.tensor([True, False, True, False]).unsqueeze(-1)
+    want = world_model_modules(wm)["posterior"](td.clone())
+    init_key = InitTracker().init_key
+    torchrl_td = td.clone().rename_key_(keys.IS_FIRST, init_key)
+    got = world_model_modules(wm, is_first_key=init_key)["posterior"](torchrl_td)
+    torch.testing.assert_close(got[keys.BELIEF], want[keys.BELIEF])
+    torch.testing.assert_close(got[keys.STATE], want[keys.STATE])
+
+
 def _run_config(kind):
     world_model = {"deter": H, "hidden": 16, "layers": 1, "depth": 4}
     return {

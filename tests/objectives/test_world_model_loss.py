@@ -106,6 +106,28 @@ def test_reward_and_continue_terms_and_gradients(kind):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_renamed_keys_are_read_under_their_new_names(kind):
+    """set_keys renames every input the loss reads, the filter's three included (it read the
+    default names before); the result is the default-named batch's, key for key."""
+    torch.manual_seed(3)
+    wm = tiny_world_model(kind)
+    batch = random_batch(2, 5, first_at=(0, 3))
+    names = {"pixels": "obs", "prev_action": "act_prev", "is_first": "is_init",
+             "reward": "r", "terminated": "term"}  # fmt: skip
+    renamed = batch.clone()
+    for old, new in names.items():
+        renamed.rename_key_(old, new)
+    loss = WorldModelLoss(wm)
+    torch.manual_seed(4)
+    want = loss(batch)
+    loss.set_keys(**names)
+    torch.manual_seed(4)  # the same dequantisation (and VAE posterior) noise
+    got = loss(renamed)
+    assert set(got.keys()) == set(want.keys())
+    for key in want.keys():  # noqa: SIM118 (iterating a TensorDict walks its batch dims)
+        torch.testing.assert_close(got[key], want[key])
+
+
 def test_unknown_loss_scale_is_a_clear_error():
     import pytest
 

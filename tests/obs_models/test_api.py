@@ -201,6 +201,10 @@ def test_bad_inputs_raise_clear_errors():
         make_obs_model("vae", (7,), 2, projection="learned")  # an aef-only option
     with pytest.raises(ValueError, match="sigma_q_min < sigma_q_max"):
         make_obs_model("aef", (7,), 2, sigma_q_min=1.0, sigma_q_max=0.5)
+    for mode in ("learned", "head"):  # a zero floor lets softplus underflow: log σ_x = −inf
+        with pytest.raises(ValueError, match="sigma_x_min = 0 only with sigma_x=fixed"):
+            make_obs_model("aef", (4,), 2, sigma_x=mode, sigma_x_min=0.0)
+    assert make_obs_model("aef", (4,), 2, sigma_x="fixed", sigma_x_min=0.0).sigma_x_min == 0
     with pytest.raises(ValueError, match="sigma_x must be one of"):
         make_obs_model("aef", (7,), 2, sigma_x="adaptive")
     with pytest.raises(ValueError, match="latent_dim < the observation size"):

@@ -165,10 +165,19 @@ def test_partition_density_integrates_to_one():
 
 
 def test_sigma_q_is_hard_bounded():
-    model = make_obs_model("aef", (6,), 2, sigma_q_min=0.2, sigma_q_max=0.7).double()
-    e = torch.randn(100, model.embed_dim, dtype=torch.float64) * 1e4  # saturating inputs
-    _, sigma_q = model.posterior(e)
-    assert sigma_q.min() >= 0.2 and sigma_q.max() <= 0.7
+    """σ_q stays in [min, max] even where the head's raw output saturates the sigmoid (in
+    float32: exactly 0 and 1). Scaling the embedding would not get there: the head's LayerNorm
+    removes the scale, so the raw output is driven through the last layer's bias instead."""
+    model = make_obs_model("aef", (6,), 2, sigma_q_min=0.2, sigma_q_max=0.7)
+    last = model.posterior_head[-1]
+    e = torch.randn(100, model.embed_dim)
+    for raw in (-200.0, 200.0, 30.0, -30.0):
+        with torch.no_grad():
+            last.bias[2:] = raw  # [μ (2), raw σ (2)]
+        _, sigma_q = model.posterior(e)
+        assert sigma_q.min() >= 0.2 and sigma_q.max() <= 0.7
+        if abs(raw) == 200.0:  # saturated: the bound itself, not beyond it
+            torch.testing.assert_close(sigma_q, torch.full_like(sigma_q, 0.7 if raw > 0 else 0.2))
 
 
 @pytest.mark.parametrize("sigma_x", ["learned", "head"])
