@@ -32,6 +32,8 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torchrl.data import LazyMemmapStorage, LazyTensorStorage
 
+from aefrl.devices import canonical_device
+
 STORAGES = ("memory", "device", "disk")
 # Step stamp written next to every row; internal to the replay, never returned by ``sample``.
 STEP_STAMP = "_replay_step"
@@ -117,12 +119,8 @@ class SequenceReplay:
             ) from err
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={device!r} was requested but CUDA is not available.")
-        # The device as tensors on it report theirs ("cuda" -> "cuda:N", "cpu:0" -> "cpu"):
-        # sample(out=...) compares the two, and torch.device("cuda") != torch.device("cuda:0").
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        elif self.device.type == "cpu":
-            self.device = torch.device("cpu")
+        # As tensors on it report it: sample(out=...) compares the two.
+        self.device = canonical_device(self.device)
 
         self.num_envs = num_envs
         self.seq_len = seq_len

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import difflib
 import functools
-import multiprocessing
 import numbers
+import os
 import signal
+import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -231,12 +233,14 @@ class DMCPixelEnv(DMControlWrapper):
         action = tensordict.get(keys.ACTION).detach().to("cpu", torch.float64).numpy()
         if self._rescale_actions:
             action = self._action_low + (action + 1.0) * self._action_half_range
+        if self._env._reset_next_step:
+            # Checked before stepping: dm_control would silently start the next episode, and the
+            # reset() asked for would then skip one seeded episode.
+            raise RuntimeError("step() was called after the episode ended; call reset() first.")
         reward, frames = 0.0, 0
         for _ in range(self.frame_skip):
             timestep = self._env.step(action)
             frames += 1
-            if timestep.first():
-                raise RuntimeError("step() was called after the episode ended; call reset() first.")
             reward += timestep.reward
             if timestep.last():
                 break
@@ -312,17 +316,107 @@ class DMCPixelEnv(DMControlWrapper):
         )
 
 
-def _make_worker_env(task: str, seed: int, **kwargs) -> DMCPixelEnv:
+def _make_worker_env(task: str, seed: int, parent_pid: int | None = None, **kwargs) -> DMCPixelEnv:
     """Module-level (hence picklable) constructor for ParallelEnv workers.
 
     A worker ignores SIGINT and SIGTERM: Ctrl-C in a terminal signals the whole process group,
     and so do schedulers (Slurm's scancel and time limit, systemd) with SIGTERM; the training
     process, which stops cleanly on either, saves, then closes the workers, needs them alive
-    until then (a worker killed by the signal made the next step fail before the checkpoint)."""
-    if multiprocessing.current_process().name != "MainProcess":  # not torchrl's metadata probe
+    until then (a worker killed by the signal made the next step fail before the checkpoint).
+    torchrl also calls this in the process that builds the ParallelEnv (``parent_pid``), to read
+    the specs: that process keeps its handlers, even when it is itself a child process (a
+    sweep launcher's)."""
+    if parent_pid is not None and os.getpid() != parent_pid:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
     return DMCPixelEnv(task, seed=seed, **kwargs)
+
+
+def _reap(workers) -> None:
+    """SIGKILL and join the workers still alive (they ignore SIGTERM: see _make_worker_env)."""
+    alive = []
+    for process in workers:
+        try:
+            if process.is_alive():
+                process.kill()
+                alive.append(process)
+        except ValueError:  # already closed by torchrl
+            pass
+    for process in alive:
+        process.join(timeout=10)
+
+
+def _exit_code(process) -> int | None:
+    """A worker's exit code; None while it runs or once torchrl has closed its handle."""
+    try:
+        return process.exitcode
+    except ValueError:
+        return None
+
+
+class DMCParallelEnv(ParallelEnv):
+    """torchrl's ParallelEnv whose workers never outlive it.
+
+    Our workers ignore SIGTERM (:func:`_make_worker_env`). When one of them dies, torchrl's
+    check before every call SIGTERMs the others and then fails to close the first one still
+    running (``ValueError: Cannot close a process while it is still running``), leaving them
+    waiting for commands for hours — and the interpreter's exit waiting for them. Here a call
+    that finds a dead worker kills the others and says which one exited; ``close`` does the
+    same and warns instead of raising a second error (in a ``finally`` it would replace the
+    first). Workers of an env that is never closed are killed at exit.
+    """
+
+    def _start_workers(self) -> None:
+        super()._start_workers()
+        self._reaper = weakref.finalize(self, _reap, list(self._workers))
+
+    def _dead_workers(self) -> dict[int, int]:
+        """``{index: exit code}`` of the workers that have exited; the others are killed."""
+        workers = [] if self.is_closed else list(self.__dict__.get("_workers") or ())
+        dead = {i: code for i, code in enumerate(map(_exit_code, workers)) if code is not None}
+        if dead:
+            _reap(workers)
+        return dead
+
+    def _check_workers(self) -> None:
+        dead = self._dead_workers()
+        if dead:
+            which = ", ".join(f"{i} (exit code {code})" for i, code in dead.items())
+            raise RuntimeError(
+                f"parallel env worker {which} exited, so the env cannot go on (the other "
+                "workers were stopped); its own error, if it raised one, is printed above."
+            )
+
+    def _reset(self, tensordict=None, **kwargs):
+        self._check_workers()
+        return super()._reset(tensordict, **kwargs)
+
+    def _step(self, tensordict):
+        self._check_workers()
+        return super()._step(tensordict)
+
+    def step_and_maybe_reset(self, tensordict):
+        self._check_workers()
+        return super().step_and_maybe_reset(tensordict)
+
+    def close(self, *, raise_if_closed: bool = True) -> None:
+        workers = list(self.__dict__.get("_workers") or ())
+        dead = self._dead_workers()
+        try:
+            super().close(raise_if_closed=raise_if_closed)
+        except (RuntimeError, ValueError):
+            if not dead:  # a failure of its own
+                raise
+            self.is_closed = True  # torchrl's check refused the dead worker; all are ended
+        finally:
+            _reap(workers)  # normally none left
+        if dead:
+            codes = ", ".join(map(str, dead.values()))
+            warnings.warn(
+                f"a parallel env worker had exited (exit code {codes}); the others were killed",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
 
 def make_dmc_env(
@@ -363,7 +457,9 @@ def make_dmc_env(
         return DMCPixelEnv(task, seed=seed, **kwargs)
     select_gl_backend()  # probe once here (and fail here); workers inherit os.environ
     makers = [
-        functools.partial(_make_worker_env, task, stream_seed(seed, "env_worker", i), **kwargs)
+        functools.partial(
+            _make_worker_env, task, stream_seed(seed, "env_worker", i), os.getpid(), **kwargs
+        )
         for i in range(num_envs)
     ]
-    return ParallelEnv(num_envs, makers, mp_start_method=mp_start_method, device=device)
+    return DMCParallelEnv(num_envs, makers, mp_start_method=mp_start_method, device=device)

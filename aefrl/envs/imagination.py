@@ -36,6 +36,7 @@ from torchrl.data import Bounded, Composite, Unbounded
 from torchrl.envs.model_based import ModelBasedEnvBase
 
 from aefrl import keys
+from aefrl.devices import canonical_device
 from aefrl.world_model.modules import continue_module, prior_module, reward_module
 from aefrl.world_model.world_model import WorldModel
 
@@ -64,7 +65,7 @@ class ImaginationEnv(ModelBasedEnvBase):
         model_device = world_model.rssm.gru.weight_hh.device
         if device is None:
             device = model_device
-        elif torch.device(device) != model_device:
+        elif canonical_device(device) != model_device:  # "cuda" is the model's "cuda:0"
             raise ValueError(
                 f"device {device} is not the world model's ({model_device}): move the model "
                 "first (world_model.to(device)); the env would move it in place, and only in part"

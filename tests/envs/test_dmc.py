@@ -13,6 +13,7 @@ from torchrl.envs import ParallelEnv
 from torchrl.envs.utils import check_env_specs
 
 from aefrl.envs import DMCPixelEnv, available_tasks, gl, make_dmc_env
+from aefrl.envs.dmc import _exit_code
 from aefrl.seeding import stream_seed
 
 
@@ -214,6 +215,14 @@ def test_time_limit_truncates_and_stops_the_repeat():
     assert out["truncated"].item() and not out["terminated"].item()
     with pytest.raises(RuntimeError, match="call reset"):
         _step(env, action)
+    # The refused step left the env alone: the reset asked for starts the next seeded episode
+    # (dm_control would have started one inside the step, and this reset a second).
+    raw.reset()
+    after = env.reset()
+    torch.testing.assert_close(
+        torch.as_tensor(env._env.physics.get_state()), torch.as_tensor(raw.physics.get_state())
+    )
+    assert not after["done"].item()
 
 
 def test_default_episode_is_500_agent_steps():
@@ -264,29 +273,70 @@ def test_gl_backend_probe_picks_first_that_works(monkeypatch):
     assert os.environ["MUJOCO_GL"] == "osmesa"  # cached for worker processes
 
 
-def _worker_sigint(queue):
+def _worker_sigint(queue, parent_pid):
     from aefrl.envs.dmc import _make_worker_env
 
-    env = _make_worker_env("cartpole-swingup", 0, image_size=16, render="fast")
+    parent_pid = os.getpid() if parent_pid is None else parent_pid
+    env = _make_worker_env("cartpole-swingup", 0, parent_pid, image_size=16, render="fast")
     queue.put([signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGINT, signal.SIGTERM)])
     env.close()
 
 
-def test_parallel_env_workers_ignore_ctrl_c_and_the_main_process_does_not():
+def test_parallel_env_workers_ignore_ctrl_c_and_the_process_building_them_does_not():
     """Ctrl-C in a terminal (SIGINT) and schedulers (SIGTERM) signal the process group: workers
     must outlive it so that the training process can stop cleanly and save; building an env in
-    the main process changes nothing."""
+    the process that owns the workers changes nothing there, even when that process is itself a
+    child (a sweep launcher's: torchrl builds one env in it to read the specs)."""
     import multiprocessing
 
     from aefrl.envs.dmc import _make_worker_env
 
     ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_worker_sigint, args=(queue,))
-    proc.start()
-    ignored = queue.get(timeout=120)
-    proc.join(timeout=60)
-    assert ignored == [True, True]
+    for parent_pid, ignored in ((os.getpid(), [True, True]), (None, [False, False])):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_worker_sigint, args=(queue, parent_pid))
+        proc.start()
+        assert queue.get(timeout=120) == ignored
+        proc.join(timeout=60)
     before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
-    _make_worker_env("cartpole-swingup", 0, image_size=16, render="fast").close()
+    _make_worker_env("cartpole-swingup", 0, os.getpid(), image_size=16, render="fast").close()
     assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == before
+
+
+def test_a_dead_worker_does_not_keep_the_others_alive():
+    """torchrl's close meets a dead worker, SIGTERMs the others (which ignore it) and failed on
+    the first still running, leaving it to wait for commands for hours (and the interpreter's
+    exit with it). close now kills the rest, and warns instead of raising a second error."""
+    env = make_dmc_env("cartpole-swingup", num_envs=2, seed=0, render="fast", image_size=16)
+    env.reset()
+    workers = list(env._workers)
+    os.kill(workers[0].pid, signal.SIGKILL)
+    workers[0].join(timeout=30)
+    with pytest.raises(RuntimeError, match=r"worker 0 \(exit code -9\) exited"):
+        env.step(env.rand_action())
+    assert not workers[1].is_alive()  # stopped with it, not left waiting
+    with pytest.warns(RuntimeWarning, match="worker had exited"):
+        env.close()
+    assert env.is_closed
+    assert [_exit_code(process) for process in workers] == [-9, -9]  # none left running
+
+
+_UNCLOSED = """
+from aefrl.envs.dmc import make_dmc_env
+env = make_dmc_env("cartpole-swingup", num_envs=2, seed=0, render="fast", image_size=16)
+env.reset()
+print("started", flush=True)
+raise SystemExit(3)  # no close, as after an uncaught error
+"""
+
+
+def test_an_unclosed_parallel_env_does_not_block_the_exit():
+    """Workers ignore SIGTERM and are not daemons: without a close, the interpreter's exit
+    waited on them for hours; they are now killed at exit."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _UNCLOSED], capture_output=True, text=True, timeout=240
+    )
+    assert out.returncode == 3 and "started" in out.stdout, out.stderr[-2000:]
