@@ -37,8 +37,9 @@ def add_episode_options(parser: argparse.ArgumentParser, seed: int, what: str) -
     )
     parser.add_argument(
         "--render",
-        default="faithful",
+        default=None,
         choices=["faithful", "fast"],
         help="faithful (dm_control's pixels, for results) or fast (no shadows or "
-        "multisampling) (default: %(default)s)",
+        "multisampling) (default: the run's own env.render, so the agent sees the pixels it "
+        "trained on)",
     )

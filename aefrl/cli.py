@@ -54,11 +54,21 @@ def make_env(task: str, **kwargs):
 
 
 def output_path(path: str | Path | None, default: Path) -> Path:
-    """Where a script writes its result: ``path`` or ``default``, its folder created now, before
-    the work (a missing folder used to fail only after all episodes had run)."""
+    """Where a script writes its result: ``path`` or ``default``, its folder created and the
+    file's writability tried now, before the work (a missing folder, a directory or an
+    unwritable place used to fail with a traceback only after all episodes had run)."""
     out = Path(path) if path else Path(default)
+    if out.is_dir():
+        raise UserError(f"cannot write {out}: it is a directory; give a file path")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            with open(out, "ab"):  # writable, left as it is
+                pass
+        else:
+            with open(out, "xb"):  # creatable; removed again until the result is written
+                pass
+            out.unlink()
     except OSError as exc:
         raise UserError(f"cannot write {out}: {exc.strerror}") from None
     return out

@@ -14,6 +14,7 @@ Dreamer checkpoint's world model plans directly: ``scripts/eval.py RUN --agent p
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -69,6 +70,10 @@ class PlanningConfig:
             setattr(self, name, check_size(name, getattr(self, name)))
         if self.top_k > self.candidates:
             raise ValueError(f"top_k ({self.top_k}) must not exceed candidates ({self.candidates})")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            # An inverse temperature: a negative one weights the worst sequences most, and NaN
+            # made NaN actions (the physics refused them several frames into an episode).
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
         if self.method == "cem" and self.top_k < 2 and self.iterations > 1:
             # torchrl refits the std of the elites (unbiased): NaN from a single elite, and the
             # next iteration would sample NaN actions.

@@ -5,9 +5,10 @@
     python scripts/eval.py RUN_DIR --agent planner --episodes 3     # plan with its world model
     python scripts/eval.py RUN_DIR --agent planner --planner mppi --candidates 300 --iterations 5
 
-Uses the run's saved configuration (task, image size, action repeat), the deterministic policy
-and the faithful renderer. Writes ``<run_dir>/eval.json`` (or ``--out``) and a GIF of the first
-episode: the agent's view next to the world model's reconstruction of it.
+Uses the run's saved configuration (task, image size, action repeat, renderer unless
+``--render`` says otherwise) and the deterministic policy. Writes ``<run_dir>/eval.json`` (or
+``--out``) and a GIF of the first episode: the agent's view next to the world model's
+reconstruction of it.
 For a Dreamer agent the JSON's ``critic`` entry compares the critic's value of the visited
 states with the discounted return the policy then collected (first quarter of each episode):
 a critic far below it is behind the policy.
@@ -24,6 +25,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+from aefrl.interrupts import imports_done, quiet_ctrl_c_while_starting
+
+quiet_ctrl_c_while_starting()  # until the imports below are done
 
 from aefrl.arguments import Parser, add_episode_options
 from aefrl.gl_backend import exit_if_user_backend_broken
@@ -117,6 +122,8 @@ from aefrl.provenance import machine_info
 from aefrl.world_model.modules import world_model_from_checkpoint
 from agents.factory import build_agent
 from agents.planner import PlannerAgent
+
+imports_done()  # Ctrl-C raises KeyboardInterrupt again (main handles it)
 
 
 def evaluate(agent, env, episodes: int, action_dim: int, device, record: bool):
@@ -232,7 +239,7 @@ def evaluate_checkpoint(args) -> int:
     record = args.video != ""
     video = output_path(args.video, run_dir / f"eval{suffix}.gif") if record else None
     env_conf = {k: v for k, v in conf["env"].items() if k not in ("task", "num_envs")}
-    env_conf["render"] = args.render
+    env_conf["render"] = args.render or conf["env"].get("render", "faithful")
     env = make_env(conf["env"]["task"], seed=args.seed, **env_conf)
     action_dim = int(env.action_spec.shape[-1])
     size = int(conf["env"]["image_size"])
@@ -260,6 +267,7 @@ def evaluate_checkpoint(args) -> int:
         "agent": args.agent or trained_by,
         "episodes": args.episodes,
         "seed": args.seed,
+        "render": env_conf["render"],
         "return_mean": float(r.mean()),
         # The sample standard deviation (n - 1), as the training run's eval/episode_return_std.
         "return_std": float(r.std(ddof=1)) if len(r) > 1 else 0.0,

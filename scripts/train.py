@@ -14,15 +14,9 @@ import os
 import signal
 import sys
 
+from aefrl.interrupts import imports_done, quiet_ctrl_c_while_starting
 
-def _interrupted_while_starting(signum, frame) -> None:
-    # A Ctrl-C inside the imports (seconds: torch, torchrl, mujoco) surfaced as an ImportError
-    # traceback with exit code 1; nothing has been written yet, so leave at once.
-    print("interrupted while starting: nothing was written", file=sys.stderr)
-    os._exit(128 + signum)
-
-
-signal.signal(signal.SIGINT, _interrupted_while_starting)
+quiet_ctrl_c_while_starting()  # until the imports below are done
 
 from aefrl.gl_backend import exit_if_user_backend_broken
 
@@ -31,6 +25,7 @@ exit_if_user_backend_broken()  # before torchrl imports mujoco, which reads MUJO
 
 import copy
 import fcntl
+import math
 import random
 import shutil
 from pathlib import Path
@@ -52,7 +47,7 @@ from aefrl.replay import STORAGES, SequenceReplay
 from aefrl.seeding import stream_seed
 from agents.factory import build_agent, name_keys
 
-signal.signal(signal.SIGINT, signal.default_int_handler)  # imports done: KeyboardInterrupt again
+imports_done()  # KeyboardInterrupt again
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 RUN_CONFIG = "run_config.yaml"
@@ -83,8 +78,28 @@ def resolve_cuda_graph(value, device: torch.device) -> dict:
 
 # Keys a resumed run may change: none touches the learning itself, so the resumed run still
 # follows the uninterrupted one (threads exactly up to float rounding: reductions may split
-# differently).
-RESUME_OVERRIDABLE = ("loop.total_frames", "loop.checkpoint_every", "threads")
+# differently). Each with the smallest value it accepts.
+RESUME_OVERRIDABLE = {"loop.total_frames": 1, "loop.checkpoint_every": 0, "threads": 0}
+
+
+def check_whole_number(key: str, value, minimum: int) -> None:
+    """Refuse ``value`` unless it is a whole number >= ``minimum`` (int() would truncate 2.5)."""
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not whole or value < minimum:  # is_integer(): False for inf
+        raise UserError(f"{key} must be a whole number >= {minimum}, got {value!r}")
+
+
+def non_finite_keys(conf: dict, prefix: str = "") -> list[tuple[str, float]]:
+    """``(dotted key, value)`` of the configuration's floats that are inf or nan: range checks
+    of the form ``not value > 0`` let inf through (a learning rate of inf crashed deep in a
+    sampler; a train ratio of inf trained nothing and exited 0)."""
+    found = []
+    for key, value in conf.items():
+        if isinstance(value, dict):
+            found += non_finite_keys(value, f"{prefix}{key}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            found.append((f"{prefix}{key}", value))
+    return found
 
 
 def fill_legacy_defaults(conf: dict) -> dict:
@@ -100,6 +115,34 @@ def fill_legacy_defaults(conf: dict) -> dict:
     return conf
 
 
+def hydra_job() -> tuple[bool, int, list[str]] | None:
+    """``(is a -m sweep, job number, the job's overrides)`` of the running Hydra job; None
+    outside Hydra (tests calling :func:`train` directly)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:  # job.num is unset (missing) outside sweeps
+        return False, 0, list(hc.overrides.task)
+    return True, int(hc.job.num), list(hc.overrides.task)
+
+
+def sweep_job_run_dir(run_dir: str, job: tuple[bool, int, list[str]] | None) -> str:
+    """The default ``run_dir`` of a sweep's job with ``-j<job number>`` appended.
+
+    Hydra resolves ``${now:}`` once per process, so the jobs of a ``-m`` sweep over a key the
+    default path does not name (``loop.train_ratio=32,64``) all got one directory and every
+    job after the first was refused. A ``run_dir`` given on the command line is kept as given.
+    """
+    if job is None or not job[0]:
+        return run_dir
+    if any(o.lstrip("+~").split("=", 1)[0] == "run_dir" for o in job[2]):
+        return run_dir
+    return f"{run_dir}-j{job[1]}"
+
+
 def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
     """The configuration this run uses, its directory, and the checkpoint it resumes (if any).
 
@@ -107,7 +150,7 @@ def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
     ``RESUME_OVERRIDABLE`` (when to stop, how often to save) may be changed on the command line.
     """
     if cfg.resume is None:
-        run_dir = Path(cfg.run_dir)
+        run_dir = Path(sweep_job_run_dir(cfg.run_dir, hydra_job()))
         if run_dir.exists() and not run_dir.is_dir():
             raise UserError(f"run_dir {run_dir} is a file; run_dir takes a directory")
         if (run_dir / CHECKPOINT_NAME).exists():  # a new run would overwrite it
@@ -149,7 +192,10 @@ def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
             section = conf
             for parent in parents:
                 section = section[parent]
-            section[name] = OmegaConf.select(cfg, key)  # checked where a new run's would be
+            value = OmegaConf.select(cfg, key)
+            # Checked here, before "nothing to train" compares it with the run's frames.
+            check_whole_number(key, value, RESUME_OVERRIDABLE[key])
+            section[name] = value
         elif key != "resume":
             print(f"resume: ignoring {item!r} (a resumed run keeps its configuration)")
     return conf, run_dir, state
@@ -344,6 +390,8 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
                 "raise it to continue (nothing was written)"
             )
             raise NothingToTrain(dict(resume_state["counters"]))
+    for key, value in non_finite_keys(conf):
+        raise UserError(f"{key} must be a finite number, got {value}")
     threads = conf["threads"] or 0
     if isinstance(threads, bool) or threads != int(threads) or threads < 0:
         raise UserError(f"threads must be a whole number >= 0 (0: torch's default), got {threads}")
@@ -463,13 +511,25 @@ def run_cli(cfg: DictConfig) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(
-            "interrupted: stopped without a final checkpoint; any checkpoint already written is "
-            "intact (resume=<run_dir> continues from it)",
-            file=sys.stderr,
-        )
+        print(interrupted_message(cfg), file=sys.stderr)
         return 130
     return 0 if stop_signal is None else 128 + stop_signal  # the shell's code for that signal
+
+
+def interrupted_message(cfg: DictConfig) -> str:
+    """What a Ctrl-C outside the loop's own handling leaves: the run's last checkpoint, if it
+    has one, or nothing (a new run stopped before its first one removes what it wrote)."""
+    if cfg.resume is None:
+        run_dir = Path(sweep_job_run_dir(cfg.run_dir, hydra_job()))
+    else:
+        run_dir = Path(cfg.resume)
+        run_dir = run_dir.parent if run_dir.name == CHECKPOINT_NAME else run_dir
+    if (run_dir / CHECKPOINT_NAME).exists():
+        return (
+            f"interrupted: stopped without a final checkpoint; the last one, in {run_dir}, is "
+            f"intact (resume={run_dir} continues from it)"
+        )
+    return "interrupted before the run's first checkpoint: nothing was kept (run it again)"
 
 
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")

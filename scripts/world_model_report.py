@@ -17,6 +17,10 @@ from __future__ import annotations
 
 import os
 
+from aefrl.interrupts import imports_done, quiet_ctrl_c_while_starting
+
+quiet_ctrl_c_while_starting()  # until the imports below are done
+
 from aefrl.arguments import Parser, add_episode_options
 from aefrl.gl_backend import exit_if_user_backend_broken
 
@@ -104,6 +108,8 @@ from aefrl.world_model.evaluation import (
 )
 from agents.factory import build_agent
 
+imports_done()  # Ctrl-C raises KeyboardInterrupt again (main handles it)
+
 SEQ, CONTEXT = 50, 5
 
 
@@ -175,6 +181,12 @@ def main(argv=None) -> int:
     except (UserError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "interrupted: the report stopped before it finished; nothing was written",
+            file=sys.stderr,
+        )
+        return 130
 
 
 def write_report(args, argv) -> int:
@@ -191,7 +203,7 @@ def write_report(args, argv) -> int:
         )
     out = output_path(args.out, folder / "world_model_report.json")
     env_conf = {k: v for k, v in conf["env"].items() if k not in ("task", "num_envs")}
-    env_conf["render"] = args.render
+    env_conf["render"] = args.render or conf["env"].get("render", "faithful")
     env = make_env(conf["env"]["task"], seed=args.seed, **env_conf)
     action_dim = int(env.action_spec.shape[-1])
     size = int(conf["env"]["image_size"])
@@ -218,6 +230,7 @@ def write_report(args, argv) -> int:
         "frames": state["counters"]["frames"],
         "task": conf["env"]["task"],
         "obs_model": conf["obs_model"]["kind"],
+        "render": env_conf["render"],
         **report(agent, episodes, args.num_samples),
         **proposal,
         "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),

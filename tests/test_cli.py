@@ -48,7 +48,7 @@ def test_smoke_run_writes_events_and_checkpoint(tmp_path, obs_model):
     )
     # Evaluation is separate from training: the checkpoint alone gives returns and a video.
     out = subprocess.run(
-        [sys.executable, "scripts/eval.py", str(run_dir), "--episodes", "2", "--render", "fast"],
+        [sys.executable, "scripts/eval.py", str(run_dir), "--episodes", "2"],
         cwd=ROOT,
         env=ENV,
         capture_output=True,
@@ -59,6 +59,7 @@ def test_smoke_run_writes_events_and_checkpoint(tmp_path, obs_model):
     assert "step=" in out.stderr  # the bar counts the steps of the episode under way
     result = json.loads((run_dir / "eval.json").read_text())
     assert len(result["returns"]) == 2 and result["obs_model"] == obs_model
+    assert result["render"] == "fast"  # the run's own (exp=smoke) pixels, not faithful ones
     # The critic's calibration: G_0 is each episode's return discounted by the agent's γ.
     critic, gamma = result["critic"], 0.997
     assert critic["gamma"] == gamma and all(map(math.isfinite, critic["value_first"]))
@@ -131,15 +132,21 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
     out = train(f"resume={run_dir}")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "nothing to train" in out.stdout and "nothing was written" in out.stdout
+    # The keys a resume may change are checked first: -1 frames was "nothing to train", exit 0.
+    for bad in ("loop.total_frames=-1", "loop.checkpoint_every=2.5", "threads=1.5"):
+        out = train(f"resume={run_dir}", bad)
+        assert out.returncode == 2 and "must be a whole number" in out.stderr, out.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == files
 
 
 @pytest.mark.slow
-def test_ctrl_c_while_importing_is_one_sentence_and_exit_130(tmp_path):
-    """The imports take seconds (torch, torchrl, mujoco); a Ctrl-C there was an ImportError
-    traceback from inside mujoco with exit code 1."""
+@pytest.mark.parametrize("script", ["train", "eval", "world_model_report"])
+def test_ctrl_c_while_importing_is_one_sentence_and_exit_130(tmp_path, script):
+    """The imports take seconds (torch, torchrl, mujoco); a Ctrl-C there was an ImportError or
+    KeyboardInterrupt traceback of dozens of frames."""
+    args = [f"run_dir={tmp_path / 'run'}", "exp=smoke"] if script == "train" else [str(tmp_path)]
     proc = subprocess.Popen(
-        [sys.executable, "scripts/train.py", "exp=smoke", f"run_dir={tmp_path / 'run'}"],
+        [sys.executable, f"scripts/{script}.py", *args],
         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     time.sleep(1.0)  # past the interpreter's start, well inside the imports
@@ -170,7 +177,16 @@ def test_ctrl_c_while_importing_is_one_sentence_and_exit_130(tmp_path):
         (["threads=1.5"], "threads must be a whole number >= 0"),
         (["replay.batch_size=2.5"], "replay.batch_size must be a whole number, got 2.5"),
         (["logger.log_every=100.5"], "logger.log_every must be a whole number, got 100.5"),
-        (["replay.capacity=inf"], "replay.capacity must be a whole number, got inf"),
+        (["replay.capacity=inf"], "replay.capacity must be a finite number, got inf"),
+        # passed `not value > 0` checks: a crash deep in a sampler, or 0 updates and exit 0
+        (["agent.lr.model=inf"], "agent.lr.model must be a finite number, got inf"),
+        (["loop.train_ratio=inf"], "loop.train_ratio must be a finite number, got inf"),
+        (["agent.wm_loss.loss_scales.reward=nan"], "loss_scales.reward must be a finite number"),
+        # an inverse temperature: negative weighted the worst plans most, nan crashed the physics
+        (
+            ["agent=planner", "agent.planner.method=mppi", "agent.planner.temperature=-1"],
+            "agent.planner.temperature must be a finite number > 0, got -1",
+        ),
         (["seed=-1"], "seed must be a whole number in [0, 2**32 - 1], got -1"),
         (["replay.storage=ram"], "replay.storage must be one of auto, memory, device, disk"),
         (["replay.seq_len=1"], "replay.seq_len must be >= 2, got 1"),
@@ -258,6 +274,44 @@ def test_a_run_dir_with_an_earlier_runs_logs_but_no_checkpoint_is_refused(tmp_pa
     (tmp_path / "tb").mkdir()
     with pytest.raises(script.UserError, match="holds an earlier run's tb but no checkpoint"):
         script.run_configuration(cfg)
+
+
+def test_each_job_of_a_sweep_gets_its_own_default_run_dir(tmp_path):
+    """Hydra resolves ${now:} once per process: the jobs of a -m sweep over a key the default
+    path does not name shared one run_dir, and every job after the first was refused. Each job
+    now appends its number; a run_dir given on the command line is kept."""
+    script = _train_script()
+    default = "runs/walker-walk/dreamer-aef/s0-20261206-054823"
+    assert script.sweep_job_run_dir(default, None) == default  # no Hydra (tests, library use)
+    assert script.sweep_job_run_dir(default, (False, 0, ["seed=1"])) == default  # a single run
+    assert script.sweep_job_run_dir(default, (True, 3, ["loop.train_ratio=64"])) == default + "-j3"
+    assert script.sweep_job_run_dir("mine", (True, 3, ["run_dir=mine"])) == "mine"
+    # A real sweep, run where its default runs/ folder lands (the working directory).
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/train.py"), "-m", "exp=smoke",
+         "loop.train_ratio=4,8", "loop.eval_every=0", "loop.report_every=0"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    runs = sorted(p.name for p in (tmp_path / "runs/walker-walk/dreamer-aef").iterdir())
+    assert [r[-3:] for r in runs] == ["-j0", "-j1"], runs
+    assert all(
+        (tmp_path / "runs/walker-walk/dreamer-aef" / r / "checkpoint.pt").exists() for r in runs
+    )
+
+
+def test_a_ctrl_c_in_setup_says_what_was_kept(tmp_path):
+    """It promised an intact checkpoint and resume=<run_dir> even where none existed."""
+    from omegaconf import OmegaConf
+
+    script = _train_script()
+    new = OmegaConf.create({"resume": None, "run_dir": str(tmp_path / "new")})
+    assert "nothing was kept" in script.interrupted_message(new)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "checkpoint.pt").write_bytes(b"")
+    for resume in (tmp_path / "old", tmp_path / "old" / "checkpoint.pt"):
+        cfg = OmegaConf.create({"resume": str(resume), "run_dir": None})
+        assert f"resume={tmp_path / 'old'} continues" in script.interrupted_message(cfg)
 
 
 def test_resuming_a_checkpoint_of_another_format_or_without_its_parts_is_refused(tmp_path):

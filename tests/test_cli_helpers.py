@@ -55,6 +55,13 @@ def test_output_folders_are_made_before_the_work(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match="cannot write"):
         output_path(str(tmp_path / "file" / "r.json"), tmp_path)
+    # A directory, or a place that cannot hold files, is refused before the work too.
+    with pytest.raises(UserError, match="it is a directory; give a file path"):
+        output_path(str(tmp_path), tmp_path / "d.json")
+    with pytest.raises(UserError, match=r"cannot write /proc/r\.json"):
+        output_path("/proc/r.json", tmp_path / "d.json")
+    (tmp_path / "kept.json").write_text("old")  # an existing file is left as it is until written
+    assert output_path(str(tmp_path / "kept.json"), tmp_path).read_text() == "old"
 
 
 @pytest.mark.parametrize("name", ["eval", "world_model_report"])

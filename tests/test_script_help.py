@@ -46,7 +46,7 @@ def test_every_option_says_what_it_does(name):
                 "--episodes EPISODES episodes to evaluate, >= 1 (default: 10)",
                 "--seed SEED seed of the evaluation episodes and of torch (default: 12345)",
                 "--device DEVICE auto (CUDA if available), cpu, cuda or cuda:N (default: auto)",
-                "(default: faithful)",
+                "(default: the run's own env.render,",
                 "(default: <run_dir>/eval.json",
             ],
         ),
@@ -55,7 +55,7 @@ def test_every_option_says_what_it_does(name):
             [
                 "--episodes EPISODES held-out episodes to report on, >= 1 (default: 2)",
                 "--seed SEED seed of the held-out episodes and of torch (default: 54321)",
-                "(default: faithful)",
+                "(default: the run's own env.render,",
                 "--out OUT JSON path (default: <run_dir>/world_model_report.json)",
             ],
         ),

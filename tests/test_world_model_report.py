@@ -82,3 +82,16 @@ def test_a_proposal_scale_for_a_model_without_one_is_refused(tmp_path, kind, val
         f"this run's obs_model is {kind}: leave it out\n"
     )
     assert not (tmp_path / "world_model_report.json").exists()
+
+
+def test_ctrl_c_during_the_report_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    """It had no handler: a Ctrl-C while collecting episodes was a traceback of ~25 frames."""
+    script = load_script("world_model_report")
+
+    def interrupted(args, argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(script, "write_report", interrupted)
+    assert script.main([str(tmp_path)]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == "interrupted: the report stopped before it finished; nothing was written"
