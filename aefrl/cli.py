@@ -60,15 +60,16 @@ def output_path(path: str | Path | None, default: Path) -> Path:
     out = Path(path) if path else Path(default)
     if out.is_dir():
         raise UserError(f"cannot write {out}: it is a directory; give a file path")
+    target = out.resolve()  # a symlink's target (dangling or not) is what gets written
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.exists():
-            with open(out, "ab"):  # writable, left as it is
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            with open(target, "ab"):  # writable, left as it is
                 pass
         else:
-            with open(out, "xb"):  # creatable; removed again until the result is written
+            with open(target, "xb"):  # creatable; removed again until the result is written
                 pass
-            out.unlink()
+            target.unlink()
     except OSError as exc:
         raise UserError(f"cannot write {out}: {exc.strerror}") from None
     return out

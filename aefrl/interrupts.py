@@ -17,11 +17,21 @@ def _interrupted_while_starting(signum, frame) -> None:
     os._exit(128 + signum)
 
 
+_inherited = None  # the SIGINT handler the process started with
+
+
 def quiet_ctrl_c_while_starting() -> None:
-    """Until :func:`imports_done`, a Ctrl-C exits with one line and the shell's code (130)."""
-    signal.signal(signal.SIGINT, _interrupted_while_starting)
+    """Until :func:`imports_done`, a Ctrl-C exits with one line and the shell's code (130).
+    A process started with Ctrl-C ignored (a background job of a non-interactive shell, so
+    that one Ctrl-C does not stop every job) keeps ignoring it."""
+    global _inherited
+    _inherited = signal.getsignal(signal.SIGINT)
+    if _inherited is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, _interrupted_while_starting)
 
 
 def imports_done() -> None:
-    """Ctrl-C raises ``KeyboardInterrupt`` again, for the script's own handling."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    """The handler the process started with again (``KeyboardInterrupt`` for Python's default),
+    for the script's own handling."""
+    if _inherited is not None:
+        signal.signal(signal.SIGINT, _inherited)

@@ -143,6 +143,11 @@ def sweep_job_run_dir(run_dir: str, job: tuple[bool, int, list[str]] | None) -> 
     return f"{run_dir}-j{job[1]}"
 
 
+def new_run_dir(cfg: DictConfig) -> Path:
+    """The directory of a new run: ``cfg.run_dir``, numbered per job in a sweep."""
+    return Path(sweep_job_run_dir(cfg.run_dir, hydra_job()))
+
+
 def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
     """The configuration this run uses, its directory, and the checkpoint it resumes (if any).
 
@@ -150,7 +155,7 @@ def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
     ``RESUME_OVERRIDABLE`` (when to stop, how often to save) may be changed on the command line.
     """
     if cfg.resume is None:
-        run_dir = Path(sweep_job_run_dir(cfg.run_dir, hydra_job()))
+        run_dir = new_run_dir(cfg)
         if run_dir.exists() and not run_dir.is_dir():
             raise UserError(f"run_dir {run_dir} is a file; run_dir takes a directory")
         if (run_dir / CHECKPOINT_NAME).exists():  # a new run would overwrite it
@@ -193,6 +198,8 @@ def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
             for parent in parents:
                 section = section[parent]
             value = OmegaConf.select(cfg, key)
+            if key == "threads" and value is None:  # as in a new run: torch's default
+                value = 0
             # Checked here, before "nothing to train" compares it with the run's frames.
             check_whole_number(key, value, RESUME_OVERRIDABLE[key])
             section[name] = value
@@ -261,7 +268,7 @@ def discard_unstarted_run(run_dir: Path) -> None:
 def train(cfg: DictConfig) -> tuple[dict, int | None]:
     """Train; returns the final counters and the signal that stopped the run early (None when it
     reached ``loop.total_frames``)."""
-    run_dir = Path(cfg.run_dir)
+    run_dir = new_run_dir(cfg) if cfg.resume is None else None
     try:
         return setup_and_run(cfg)
     except BaseException as exc:  # a crash or Ctrl-C in setup or in the loop
@@ -520,7 +527,7 @@ def interrupted_message(cfg: DictConfig) -> str:
     """What a Ctrl-C outside the loop's own handling leaves: the run's last checkpoint, if it
     has one, or nothing (a new run stopped before its first one removes what it wrote)."""
     if cfg.resume is None:
-        run_dir = Path(sweep_job_run_dir(cfg.run_dir, hydra_job()))
+        run_dir = new_run_dir(cfg)
     else:
         run_dir = Path(cfg.resume)
         run_dir = run_dir.parent if run_dir.name == CHECKPOINT_NAME else run_dir

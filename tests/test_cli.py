@@ -416,6 +416,29 @@ def test_a_crash_in_the_loop_keeps_the_logs_that_explain_it(tmp_path, capsys, mo
         assert run_dir not in script._COUNTERS  # dropped after each run (Hydra sweeps)
 
 
+def test_a_sweep_job_stopped_in_setup_removes_its_own_numbered_run_dir(tmp_path, monkeypatch):
+    """train() looked for the unnumbered run_dir, so a sweep job's leftovers stayed (and its
+    message said that nothing was kept)."""
+    from omegaconf import OmegaConf
+
+    script = _train_script()
+    monkeypatch.setattr(script, "hydra_job", lambda: (True, 1, ["loop.train_ratio=64"]))
+    cfg = OmegaConf.create({"resume": None, "run_dir": str(tmp_path / "run")})
+    job_dir = tmp_path / "run-j1"
+
+    def stopped(cfg):  # what build_run writes and registers, then a Ctrl-C
+        (job_dir / "tb").mkdir(parents=True)
+        (job_dir / "run_config.yaml").write_text("seed: 0\n")
+        script._HELD_LOCKS[job_dir] = script.lock_run_dir(job_dir, new_run=False)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(script, "build_run", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        script.train(cfg)
+    assert sorted(p.name for p in job_dir.iterdir()) == []
+    assert "nothing was kept" in script.interrupted_message(cfg)
+
+
 def test_ctrl_c_outside_the_loop_is_one_sentence_and_exit_130(monkeypatch, capsys, tmp_path):
     """During setup (or a second Ctrl-C, which aborts) there is no traceback, only what the
     user can do."""
@@ -430,7 +453,8 @@ def test_ctrl_c_outside_the_loop_is_one_sentence_and_exit_130(monkeypatch, capsy
     monkeypatch.setattr(script, "build_run", interrupted)
     assert script.run_cli(cfg) == 130
     err = capsys.readouterr().err
-    assert err.startswith("interrupted:") and len(err.strip().splitlines()) == 1
+    assert err.startswith("interrupted before the run's first checkpoint: nothing was kept")
+    assert len(err.strip().splitlines()) == 1
     monkeypatch.setattr(script, "build_run", lambda cfg: (_ for _ in ()).throw(ValueError("x")))
     assert script.run_cli(cfg) == 2
 

@@ -62,6 +62,12 @@ def test_output_folders_are_made_before_the_work(tmp_path):
         output_path("/proc/r.json", tmp_path / "d.json")
     (tmp_path / "kept.json").write_text("old")  # an existing file is left as it is until written
     assert output_path(str(tmp_path / "kept.json"), tmp_path).read_text() == "old"
+    # A dangling symlink is written through (its target created by the script's write).
+    (tmp_path / "latest.json").symlink_to(tmp_path / "results" / "r1.json")
+    out = output_path(str(tmp_path / "latest.json"), tmp_path)
+    assert not (tmp_path / "results" / "r1.json").exists()
+    out.write_text("{}")
+    assert (tmp_path / "results" / "r1.json").read_text() == "{}"
 
 
 @pytest.mark.parametrize("name", ["eval", "world_model_report"])

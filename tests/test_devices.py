@@ -16,3 +16,9 @@ def test_cpu_spellings_are_one_device():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_unindexed_cuda_is_the_current_device():
     assert canonical_device("cuda") == torch.zeros(1, device="cuda").device
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_unindexed_cuda_without_cuda_is_left_for_the_callers_error():
+    """It asked torch for the current CUDA device: an AssertionError, not the caller's message."""
+    assert canonical_device("cuda") == torch.device("cuda")

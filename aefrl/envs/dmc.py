@@ -340,7 +340,7 @@ def _reap(workers) -> None:
             if process.is_alive():
                 process.kill()
                 alive.append(process)
-        except ValueError:  # already closed by torchrl
+        except (ValueError, AssertionError):  # closed by torchrl; or not our child (a fork)
             pass
     for process in alive:
         process.join(timeout=10)
@@ -370,11 +370,17 @@ class DMCParallelEnv(ParallelEnv):
         super()._start_workers()
         self._reaper = weakref.finalize(self, _reap, list(self._workers))
 
+    @property
+    def _owns(self) -> bool:
+        """False for torchrl's indexed views (``env[i]``): they share the parent's workers."""
+        return getattr(self, "_owns_workers", True)
+
     def _dead_workers(self) -> dict[int, int]:
-        """``{index: exit code}`` of the workers that have exited; the others are killed."""
+        """``{index: exit code}`` of the workers that have exited; the others are killed, unless
+        this is a view (the parent env owns them, and its own calls or close kill them)."""
         workers = [] if self.is_closed else list(self.__dict__.get("_workers") or ())
         dead = {i: code for i, code in enumerate(map(_exit_code, workers)) if code is not None}
-        if dead:
+        if dead and self._owns:
             _reap(workers)
         return dead
 
@@ -387,6 +393,7 @@ class DMCParallelEnv(ParallelEnv):
                 "workers were stopped); its own error, if it raised one, is printed above."
             )
 
+    # The calls torchrl checks its workers in (its check is what fails on ours): ours first.
     def _reset(self, tensordict=None, **kwargs):
         self._check_workers()
         return super()._reset(tensordict, **kwargs)
@@ -399,7 +406,21 @@ class DMCParallelEnv(ParallelEnv):
         self._check_workers()
         return super().step_and_maybe_reset(tensordict)
 
+    def set_seed(self, *args, **kwargs):
+        self._check_workers()
+        return super().set_seed(*args, **kwargs)
+
+    def state_dict(self, *args, **kwargs):
+        self._check_workers()
+        return super().state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args, **kwargs):
+        self._check_workers()
+        return super().load_state_dict(*args, **kwargs)
+
     def close(self, *, raise_if_closed: bool = True) -> None:
+        if not self._owns:  # a view: closing it must leave the parent's workers alone
+            return super().close(raise_if_closed=raise_if_closed)
         workers = list(self.__dict__.get("_workers") or ())
         dead = self._dead_workers()
         try:

@@ -310,11 +310,16 @@ def test_a_dead_worker_does_not_keep_the_others_alive():
     env = make_dmc_env("cartpole-swingup", num_envs=2, seed=0, render="fast", image_size=16)
     env.reset()
     workers = list(env._workers)
+    env[1].close()  # a view shares the parent's workers: closing it leaves them running
+    assert all(p.is_alive() for p in workers)
+    env.rand_step()
     os.kill(workers[0].pid, signal.SIGKILL)
     workers[0].join(timeout=30)
     with pytest.raises(RuntimeError, match=r"worker 0 \(exit code -9\) exited"):
         env.step(env.rand_action())
     assert not workers[1].is_alive()  # stopped with it, not left waiting
+    with pytest.raises(RuntimeError, match="exited, so the env cannot go on"):
+        env.set_seed(1)  # torchrl's own check failed here on the worker it could not stop
     with pytest.warns(RuntimeWarning, match="worker had exited"):
         env.close()
     assert env.is_closed
