@@ -143,7 +143,8 @@ def check_overrides(config_dir: Path, config_name: str, args: list[str]) -> None
                     f"{' and '.join(f'{group}={o}' for o in owners)} {takes} it"
                 )
             settings = [k for k in _leaf_keys(defaults) if not k.startswith("hydra.")]
-            close = difflib.get_close_matches(key, settings, n=1)
+            # Groups too: obs_modle=vae means the group obs_model, not its key obs_model.kind.
+            close = difflib.get_close_matches(key, [*groups, *settings], n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             # "+key" adds a key; no component reads a key that configs/ lacks
             raise OverrideError(f"{key} is not a setting: no such key in configs/{hint}")

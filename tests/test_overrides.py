@@ -44,6 +44,10 @@ def test_valid_overrides_pass(args):
         (("exp=fast",), "exp is one of cpu, default, smoke"),
         (("loop.total_frame=5",), "did you mean loop.total_frames?"),
         (("agent.actor.hiden=3",), "did you mean agent.actor.hidden?"),
+        (
+            ("obs_modle=vae",),
+            "obs_modle is not a setting: no such key in configs/; did you mean obs_model?",
+        ),
         (("nonsense=1",), "nonsense is not a setting"),
         (("loop.total_frames=abc",), "total_frames takes a number (default 1000000), got 'abc'"),
         (("agent.actor.hidden=wide",), "agent.actor.hidden takes a number"),
