@@ -276,6 +276,9 @@ def test_gl_backend_probe_picks_first_that_works(monkeypatch):
 def _worker_sigint(queue, parent_pid):
     from aefrl.envs.dmc import _make_worker_env
 
+    # As a process started from a terminal: the test's own may run with Ctrl-C ignored (a
+    # background job), which a spawned child inherits.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     parent_pid = os.getpid() if parent_pid is None else parent_pid
     env = _make_worker_env("cartpole-swingup", 0, parent_pid, image_size=16, render="fast")
     queue.put([signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGINT, signal.SIGTERM)])
