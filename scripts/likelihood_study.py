@@ -37,6 +37,7 @@ from aefrl.metrics import mse, psnr, sharpness_ratio, ssim
 from aefrl.obs_models import make_obs_model
 from aefrl.preprocess import Preprocess, bits_per_dim
 from aefrl.provenance import machine_info
+from aefrl.seeding import forked_torch_rng
 
 ESTIMATORS = {
     "vae": "importance sampling, posterior proposal, K={k}",
@@ -177,14 +178,18 @@ def train(model, pre, train_frames, args, logger, name):
 @torch.no_grad()
 def evaluate(model, pre, tune_frames, eval_frames, args, logger, name):
     gen_state = torch.random.get_rng_state()
-    torch.manual_seed(args.seed + 1)  # the same dequantisation noise and proposals for every model
     out: dict = {}
     if model.kind == "aef":
-        y_tune, _ = pre.encode(tune_frames)
-        out["proposal_scale_search"] = model.tune_proposal_scale(
-            y_tune, num_samples=min(args.num_samples, 32)
-        )
+        with forked_torch_rng(args.seed + 2):  # leaves the generator the scoring draws from alone
+            y_tune, _ = pre.encode(tune_frames)
+            out["proposal_scale_search"] = model.tune_proposal_scale(
+                y_tune, num_samples=min(args.num_samples, 32)
+            )
         out["proposal_scale"] = model.proposal_scale
+    # Every model scores the same dequantisation noise (and the same proposal draws where the
+    # estimators match): drawn right after this seed. Results stored before 2026-12-06 drew the
+    # aef's after its tuning, so its noise differed from the others' (~1e-4 bits/dim per frame).
+    torch.manual_seed(args.seed + 1)
     y, logdet = pre.encode(eval_frames)
     log_p = torch.cat(
         [
@@ -194,7 +199,7 @@ def evaluate(model, pre, tune_frames, eval_frames, args, logger, name):
     )
     bpd = bits_per_dim(log_p, logdet, pre.num_dims)
     out["bpd"] = float(bpd.mean())
-    out["bpd_sem"] = float(bpd.std() / math.sqrt(len(bpd)))
+    out["bpd_sem"] = block_sem(bpd.numpy(), len(args.tasks))
     out["bpd_per_frame"] = [round(float(b), 5) for b in bpd]  # for paired comparisons
     out["estimator"] = ESTIMATORS[model.kind].format(k=args.num_samples)
 
@@ -222,22 +227,29 @@ def evaluate(model, pre, tune_frames, eval_frames, args, logger, name):
 # --- report --------------------------------------------------------------------------------------
 def write_table(results: dict, args, command: str) -> None:
     lines = [
-        "| model | d | held-out bits/dim | minus vae (paired) | estimator | recon MSE | "
-        "recon PSNR (dB) | recon SSIM | sharpness recon | sharpness samples | train s |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| model | d | held-out bits/dim | minus vae (paired) | minus vae per task | estimator | "
+        "recon MSE | recon PSNR (dB) | recon SSIM | sharpness recon | sharpness samples | "
+        "train s |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
+    tasks = len(results["data"]["tasks"])
     for d in args.latents:
         base = results["models"].get(f"vae_d{d}", {}).get("bpd_per_frame")
         for kind in args.kinds:
             r = results["models"].get(f"{kind}_d{d}")
             if r is None:
                 continue
-            paired = "–"
-            if kind != "vae" and base is not None and r.get("bpd_per_frame") is not None:
-                diff = np.asarray(r["bpd_per_frame"]) - np.asarray(base)
-                paired = f"{diff.mean():+.4f} ± {diff.std() / math.sqrt(len(diff)):.4f}"
+            paired, per_task = "–", "–"
+            frames = r.get("bpd_per_frame")
+            sem = r["bpd_sem"] if frames is None else block_sem(frames, tasks)
+            if kind != "vae" and base is not None and frames is not None:
+                diff = np.asarray(frames) - np.asarray(base)
+                paired = f"{diff.mean():+.4f} ± {block_sem(diff, tasks):.4f}"
+                if len(diff) % tasks == 0:
+                    per_task = " / ".join(f"{m:+.3f}" for m in diff.reshape(tasks, -1).mean(1))
             lines.append(
-                f"| {kind} | {d} | {r['bpd']:.3f} ± {r['bpd_sem']:.3f} | {paired} | "
+                f"| {kind} | {d} | {r['bpd']:.3f} ± {sem:.3f}{'' if frames else '*'} | {paired} | "
+                f"{per_task} | "
                 f"{r['estimator']} | {r['recon_mse']:.5f} | {r['recon_psnr']:.2f} | "
                 f"{r['recon_ssim']:.3f} | {r['sharpness_recon']:.3f} | "
                 f"{r['sharpness_samples']:.3f} | {r['train_seconds']:.0f} |"
@@ -246,12 +258,34 @@ def write_table(results: dict, args, command: str) -> None:
     header = (
         f"Command: `{command}`\n\nMachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
         f"(git {m['git']}). Held-out: {results['data']['eval_frames']} frames from unseen "
-        f"episodes of {', '.join(args.tasks)}; ± is the standard error over frames. 'minus vae' "
-        "is the paired difference to the VAE with the same d on the same frames and "
-        "dequantisation noise (negative: better than the VAE). Sharpness is the mean "
-        "image-gradient magnitude relative to real held-out frames (1 = as sharp).\n\n"
+        f"episodes of {', '.join(args.tasks)} (one episode each, frames in time order); ± is "
+        f"the standard error over blocks of {BLOCK} consecutive frames of one episode "
+        "(neighbouring frames are correlated: a standard error over frames understated it up "
+        "to 2x). 'minus "
+        "vae' is the paired difference to the VAE with the same d on the same frames (negative: "
+        "better than the VAE), overall and per task in the order above. Sharpness is the mean "
+        "image-gradient magnitude relative to real held-out frames (1 = as sharp). *: a row "
+        "whose per-frame values were not stored; its ± is over single frames.\n\n"
     )
     (Path(args.out) / "table.md").write_text(header + "\n".join(lines) + "\n")
+
+
+BLOCK = 10  # held-out frames per block of the standard error (50 agent steps apart at most)
+
+
+def block_sem(values, tasks: int, block: int = BLOCK) -> float:
+    """Standard error of the mean of per-frame ``values`` (``tasks`` episodes one after another,
+    each in time order) from the means of non-overlapping blocks of ``block`` consecutive frames
+    within an episode (batch means): frames a few steps apart are correlated, so the spread of
+    single frames over √n understates the error."""
+    x = np.asarray(values, dtype=np.float64)
+    # Frames picked evenly over the concatenated episodes split evenly only when they divide;
+    # otherwise blocks may straddle one episode boundary (short --quick runs).
+    x = x.reshape(tasks if len(x) % tasks == 0 else 1, -1)
+    block = min(block, max(1, x.shape[1] // 2))  # at least two blocks
+    usable = x.shape[1] // block * block
+    means = x[:, :usable].reshape(-1, block).mean(1)
+    return float(means.std(ddof=1) / math.sqrt(len(means)))
 
 
 def save_model_result(path: Path, results: dict, name: str, result: dict) -> dict:
@@ -288,9 +322,16 @@ def main(argv=None) -> int:
     unknown = sorted(set(args.models or []) - set(grid))
     if unknown:
         raise SystemExit(f"unknown model names {unknown}; the grid has {grid}")
+    stored = {k: v for k, v in results.get("args", {}).items() if k not in per_run}
     if args.evaluate_only:
+        if results.get("models") and stored != settings:  # its rows would mix two settings
+            changed = sorted(k for k in settings if stored.get(k) != settings[k])
+            raise SystemExit(
+                "--evaluate-only with settings other than the stored results' "
+                f"({', '.join(changed)}); use the same settings, or another --out"
+            )
         results.setdefault("models", {})
-    elif {k: v for k, v in results.get("args", {}).items() if k not in per_run} != settings:
+    elif stored != settings:
         results = {"models": {}}  # different settings: start over
     results["args"] = settings
     results["command"] = command

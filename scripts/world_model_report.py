@@ -9,7 +9,7 @@ prediction error (5 context frames, 45 predicted: MSE and SSIM per horizon), and
 of imagined frames relative to real ones. Writes ``<run_dir>/world_model_report.json``.
 
 For the expansion AEF, the importance proposal's scale s is first tuned (SPEC §6) on one more
-held-out episode, collected before the reported ones and not reported (``--proposal-scale S``
+held-out episode, collected after the reported ones and not reported (``--proposal-scale S``
 fixes it instead).
 """
 
@@ -217,7 +217,9 @@ def write_report(args, argv) -> int:
     proposal = {}
     if agent.world_model.obs_model.kind == "aef":
         if tune:
-            held_out, episodes = episodes[:1], episodes[1:]
+            # The last episode: the reported ones are then the first episodes of --seed for
+            # every model, vae and aef_partition (which tune nothing) included.
+            held_out, episodes = episodes[-1:], episodes[:-1]
             batches = list(cut(held_out).split(2))
             search = tune_sequence_proposal_scale(agent.world_model, batches, args.tune_samples)
             proposal["proposal_scale_search"] = {f"{s:g}": v for s, v in search.items()}

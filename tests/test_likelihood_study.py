@@ -56,6 +56,9 @@ def test_study_writes_table_grids_models_and_reruns_selectively(tmp_path):
 
     bad = study(tmp_path, "--models", "flow_d2")
     assert bad.returncode != 0 and "unknown model names" in bad.stderr
+    # Re-evaluating with other settings would mix two settings' rows under the new ones' args.
+    mixed = study(tmp_path, "--evaluate-only", "--lr", "0.1")
+    assert mixed.returncode != 0 and "settings other than the stored results' (lr)" in mixed.stderr
 
 
 def test_results_of_side_by_side_invocations_are_merged(tmp_path):
@@ -76,3 +79,69 @@ def test_results_of_side_by_side_invocations_are_merged(tmp_path):
     assert module.save_model_result(path, other, "vae_d2", {"bpd": 7.0})["models"] == {
         "vae_d2": {"bpd": 7.0}
     }
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("study", ROOT / "scripts/likelihood_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_block_standard_error_is_batch_means_within_each_episode():
+    """Frames a few steps apart are correlated: the standard error comes from the means of
+    blocks of consecutive frames of one episode, never from a block spanning two."""
+    import numpy as np
+
+    study_module = _module()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 100))
+    blocks = x.reshape(-1, 10).mean(1)  # 3 episodes x 10 blocks, written out
+    want = blocks.std(ddof=1) / np.sqrt(30)
+    assert abs(study_module.block_sem(x.ravel(), 3) - want) < 1e-12
+    # A slowly drifting (correlated) signal: frame-wise spread over √n understates the error.
+    walk = np.cumsum(rng.normal(size=300)) * 0.1 + rng.normal(size=300)
+    assert study_module.block_sem(walk, 3) > 1.5 * walk.std() / np.sqrt(300)
+    # 95 frames per episode: each episode's last 5 are dropped, no block spans two episodes.
+    y = rng.normal(size=(3, 95)) + np.array([[0.0], [5.0], [-5.0]])
+    within = y[:, :90].reshape(-1, 10).mean(1)
+    want = within.std(ddof=1) / np.sqrt(27)
+    assert abs(study_module.block_sem(y.ravel(), 3) - want) < 1e-12
+
+
+def test_every_model_scores_the_same_dequantisation_noise(tmp_path):
+    """The aef's proposal tuning drew from torch's generator before the held-out frames were
+    dequantised, so its noise differed from the other models'; the tuning now runs on a
+    generator of its own."""
+    import argparse
+
+    import torch
+
+    from aefrl.obs_models import make_obs_model
+    from aefrl.preprocess import Preprocess
+
+    study_module = _module()
+    seen = {}
+
+    class Recording(Preprocess):
+        def encode(self, obs, noise=None, dtype=None):
+            y, logdet = super().encode(obs, noise, dtype)
+            self.last = logdet
+            return y, logdet
+
+    class Logger:
+        def log_image(self, *args):
+            pass
+
+        def log_scalars(self, *args):
+            pass
+
+    args = argparse.Namespace(seed=0, num_samples=2, steps=1, out=str(tmp_path), tasks=["t"])
+    frames = torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8)
+    for kind in ("vae", "aef", "aef_partition"):
+        pre = Recording((3, 64, 64))
+        model = make_obs_model(kind, (3, 64, 64), 2, depth=4).eval()
+        study_module.evaluate(model, pre, frames[:4], frames, args, Logger(), kind)
+        seen[kind] = pre.last
+    torch.testing.assert_close(seen["aef"], seen["vae"], rtol=0, atol=0)
+    torch.testing.assert_close(seen["aef_partition"], seen["vae"], rtol=0, atol=0)
