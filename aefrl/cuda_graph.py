@@ -22,6 +22,7 @@ by running its update on the meta device, where any such call raises.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -31,17 +32,24 @@ from torch import nn
 Update = Callable[[TensorDictBase], dict[str, torch.Tensor]]
 
 
-def make_capturable(optimizer: torch.optim.Optimizer, fused: bool = True) -> None:
+_GROUP_FLAGS = ("capturable", "fused", "foreach")
+
+
+def make_capturable(optimizer: torch.optim.Optimizer, fused: bool = True) -> Callable[[], None]:
     """Switch ``optimizer`` to graph-capturable steps (in place): ``capturable=True`` in every
     param group, step counters moved next to their parameters, and Adam's fused kernel.
 
-    Raises ``TypeError`` for optimisers without a ``capturable`` option.
+    Returns a function that switches it back (a failed capture falls back to eager updates,
+    which should not run, nor be checkpointed, with the graph's settings). Raises
+    ``TypeError`` for optimisers without a ``capturable`` option.
     """
     if "capturable" not in optimizer.defaults:
         raise TypeError(
             f"{type(optimizer).__name__} cannot be captured in a CUDA graph (no 'capturable' "
             "option); use torch.optim.Adam or AdamW."
         )
+    groups = [{k: group[k] for k in _GROUP_FLAGS if k in group} for group in optimizer.param_groups]
+    steps = {}
     use_fused = fused and "fused" in optimizer.defaults
     for group in optimizer.param_groups:
         group["capturable"] = True
@@ -50,8 +58,19 @@ def make_capturable(optimizer: torch.optim.Optimizer, fused: bool = True) -> Non
         for p in group["params"]:
             state = optimizer.state.get(p)
             if state and torch.is_tensor(state.get("step")):
+                steps[p] = (state["step"].device, state["step"].dtype)
                 # Capturable (and fused) Adam keep the step count as a float32 on the device.
                 state["step"] = state["step"].to(p.device, torch.float32)
+
+    def undo() -> None:
+        for group, flags in zip(optimizer.param_groups, groups):
+            group.update(flags)
+        for p, (device, dtype) in steps.items():
+            state = optimizer.state.get(p)
+            if state and torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(device, dtype)
+
+    return undo
 
 
 class _Snapshot:
@@ -124,13 +143,13 @@ class CudaGraphed:
                 "use the eager update on CPU."
             )
         modules, optimizers = list(modules), list(optimizers)
-        for opt in optimizers:
-            make_capturable(opt, fused=fused)
+        undo = [make_capturable(opt, fused=fused) for opt in optimizers]
         device = example.device
         self.static = example.clone()
         self._signature = _signature(self.static)
         snapshot = _Snapshot(modules, optimizers)
         rng = torch.cuda.get_rng_state(device)
+        stream = torch.cuda.current_stream(device)
         try:
             # Everything on the batch's device, the capture stream included: torch.cuda.graph's
             # default capture stream is made once, on whichever device is current then, and the
@@ -139,7 +158,9 @@ class CudaGraphed:
             with torch.cuda.device(device):
                 side = torch.cuda.Stream(device=device)
                 side.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(side):
+                with torch.cuda.stream(side), warnings.catch_warnings():
+                    # Each capturable optimiser warns that it steps outside a capture here.
+                    warnings.filterwarnings("ignore", message=".*capturable=True.*")
                     for _ in range(max(int(warmup), 1)):
                         fn(self.static)
                 torch.cuda.current_stream(device).wait_stream(side)
@@ -154,11 +175,18 @@ class CudaGraphed:
                 torch.cuda.set_rng_state(rng, device)
         except BaseException:
             # A failed warm-up or capture leaves the weights as they were: wait for whatever
-            # the side stream still runs (if the device still answers), then restore.
+            # the side stream still runs (if the device still answers), then restore. When
+            # capture_end raises, torch.cuda.graph's exit never gives the caller's stream back:
+            # the eager updates of the fallback would run on the side stream.
+            with contextlib.suppress(Exception):
+                torch.cuda.set_stream(stream)
             with contextlib.suppress(Exception):
                 torch.cuda.synchronize(device)
+            with contextlib.suppress(Exception):
                 torch.cuda.set_rng_state(rng, device)
             snapshot.restore()
+            for revert in undo:
+                revert()
             raise
 
     def __call__(self, batch: TensorDictBase) -> dict[str, torch.Tensor]:

@@ -398,8 +398,12 @@ class Trainer:
         except Exception as exc:
             if not c.cuda_graph_fallback:
                 raise
+            # A spoiled capture raises at its end ("operation failed due to a previous error
+            # during capture"); the operation that spoiled it is the exception before that.
+            first = exc.__context__ or exc.__cause__
+            cause = f"; first: {type(first).__name__}: {first}" if first is not None else ""
             tqdm.write(
-                f"cuda_graph: capturing the update failed ({type(exc).__name__}: {exc}); "
+                f"cuda_graph: capturing the update failed ({type(exc).__name__}: {exc}{cause}); "
                 "updates run eagerly (set loop.cuda_graph=false to skip the attempt)",
                 file=sys.stderr,
             )

@@ -151,10 +151,15 @@ def test_make_capturable_switches_adam_and_refuses_others():
     adam = torch.optim.Adam([p], lr=0.1)
     p.grad = torch.ones(3)
     adam.step()
-    make_capturable(adam)
+    before = dict(adam.param_groups[0])
+    step = adam.state[p]["step"]
+    undo = make_capturable(adam)
     group = adam.param_groups[0]
     assert group["capturable"] and group["fused"] and not group["foreach"]
     assert adam.state[p]["step"].dtype == torch.float32
+    undo()  # what a failed capture does before the eager fallback (and its checkpoints)
+    assert adam.param_groups[0] == before
+    assert adam.state[p]["step"].dtype == step.dtype and adam.state[p]["step"] == step
     with pytest.raises(TypeError, match="cannot be captured"):
         make_capturable(torch.optim.SGD([p], lr=0.1))
 
@@ -211,19 +216,36 @@ class _FakeCuda:
 
         @contextlib.contextmanager
         def graph(cuda_graph, pool=None, stream=None, **kwargs):
-            with fake_stream(stream or Stream()):
-                fake.capturing = True
-                try:
-                    yield
-                finally:
-                    fake.capturing = False
+            # As torch.cuda.graph's __exit__: capture_end runs first, and when the capture was
+            # spoiled it raises before the caller's stream is made current again.
+            before = fake.current, fake.stream
+            s = stream or Stream()
+            fake.current, fake.stream, fake.capturing = s.device.index, s, True
+            try:
+                yield
+            except BaseException:
+                fake.capturing = False
+                raise RuntimeError("operation failed due to a previous error during capture")  # noqa: B904 (chained implicitly, as torch's is)
+            fake.capturing = False
+            fake.current, fake.stream = before
 
-        fake_stream = stream
+        def set_stream(s) -> None:
+            fake.current = s.device.index
+            fake.stream = None if getattr(s, "default", False) else s
+
+        def current_stream(device=None):
+            if fake.stream is not None:
+                return fake.stream
+            default = Stream(device)
+            default.default = True  # the device's default stream (where() shows it as None)
+            return default
+
         fakes = {
             "Stream": Stream,
             "device": device,
             "stream": stream,
-            "current_stream": lambda device=None: Stream(device),
+            "current_stream": current_stream,
+            "set_stream": set_stream,
             "synchronize": lambda device=None: None,
             "CUDAGraph": CUDAGraph,
             "graph": graph,
@@ -302,3 +324,28 @@ def test_graphed_update_matches_the_eager_update(kind):
         if (pe - p0).norm() > 1e-6
     ]
     assert 0.5 < sum(drift) / len(drift) < 2.0
+
+
+def test_a_failed_capture_puts_back_stream_weights_and_optimiser_settings(monkeypatch):
+    """A host sync inside the capture spoils it; torch then raises at the capture's end without
+    making the caller's stream current again, and make_capturable had switched the optimiser
+    to fused capturable steps. The eager fallback must find neither."""
+    fake = _FakeCuda(monkeypatch, current=0)
+    module = torch.nn.Linear(1, 1)
+    adam = torch.optim.Adam(module.parameters(), lr=0.1)
+    groups = [dict(g) for g in adam.param_groups]
+    start = module.bias.detach().clone()
+
+    def update(batch):
+        with torch.no_grad():
+            module.bias.add_(1.0)
+        if fake.capturing:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        return {}
+
+    example = TensorDict({}, batch_size=[2], device="cuda:0")
+    with pytest.raises(RuntimeError, match="previous error during capture"):
+        CudaGraphed(update, example, [module], [adam], warmup=1)
+    assert fake.where() == (0, None, False)  # the caller's (default) stream again
+    assert torch.equal(module.bias.detach(), start)
+    assert [dict(g) for g in adam.param_groups] == groups
