@@ -101,4 +101,5 @@ def test_glfw_without_a_display_fails_at_render_and_closes_cleanly():
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
-    assert out.stdout.split()[-1] == "closed"
+    # The render failed (with mujoco's or our error, not a crash), and close still ran.
+    assert out.stdout.split()[-2:] in (["FatalError", "closed"], ["RuntimeError", "closed"])
