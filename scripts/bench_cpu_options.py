@@ -122,6 +122,78 @@ def norm_act(reps: int, frames: int, maps=MAPS) -> list[dict]:
     return rows
 
 
+def subpixel_weight(w: torch.Tensor) -> torch.Tensor:
+    """A ``ConvTranspose2d(k=4, s=2, p=1)`` weight ``[C_in, C_out, 4, 4]`` as the weight of the
+    equivalent 3 x 3 convolution (padding 1) to ``4 C_out`` channels ``[4 C_out, C_in, 3, 3]``,
+    whose pixel_shuffle(2) is the transposed convolution: output pixel ``2m + a`` takes input
+    ``m + d`` through kernel tap ``2(-d) + a + 1`` (each phase uses 2 x 2 of the 9 taps)."""
+    c_in, c_out = w.shape[:2]
+    out = w.new_zeros(c_out, 2, 2, c_in, 3, 3)
+    for a in range(2):
+        for dy in (-1, 0, 1):
+            k = a + 1 - 2 * dy
+            for b in range(2):
+                for dx in (-1, 0, 1):
+                    j = b + 1 - 2 * dx
+                    if 0 <= k < 4 and 0 <= j < 4:
+                        out[:, a, b, :, dy + 1, dx + 1] = w[:, :, k, j].t()
+    return out.reshape(4 * c_out, c_in, 3, 3)
+
+
+def last_decoder_layer(reps: int, frames: int, c_in: int = 32, side: int = 32) -> list[dict]:
+    """The decoder's last layer (``ConvTranspose2d(32, 3, 4, 2, 1)`` to 64 x 64 at depth 32):
+    three output channels leave oneDNN's kernels idle (its forward runs at a fraction of the
+    other layers' GFLOP/s). Equivalent forms, checked against it, then timed: the sub-pixel
+    3 x 3 convolution (2.25x the multiply-adds), and the output channels padded to 8."""
+    x = torch.randn(frames, c_in, side, side).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    w = torch.randn(c_in, 3, 4, 4, requires_grad=True)
+    bias = torch.zeros(3, requires_grad=True)
+    forms = {
+        "conv_transpose2d, channels-last (ours)": lambda: F.conv_transpose2d(
+            x, w, bias, stride=2, padding=1
+        ),
+        "conv_transpose2d, NCHW": lambda: F.conv_transpose2d(
+            x.contiguous(), w, bias, stride=2, padding=1
+        ),
+        "sub-pixel 3x3 conv + pixel_shuffle": lambda: F.pixel_shuffle(
+            F.conv2d(x, subpixel_weight(w), bias.repeat_interleave(4), padding=1), 2
+        ),
+        "output channels padded to 8": lambda: F.conv_transpose2d(
+            x, torch.cat([w, w.new_zeros(c_in, 5, 4, 4)], 1), F.pad(bias, (0, 5)), 2, 1
+        )[:, :3],
+    }
+    with torch.no_grad():
+        want = forms["conv_transpose2d, channels-last (ours)"]()
+        for name, form in forms.items():
+            error = (form() - want).abs().max().item()
+            if error > 1e-3:
+                raise AssertionError(f"{name} differs from the transposed convolution by {error}")
+    grad = torch.randn_like(want)
+    flops = 2 * frames * side * side * c_in * 3 * 16  # of the transposed convolution, forward
+    rows = []
+    for name, form in forms.items():
+
+        def forward(form=form):
+            with torch.no_grad():
+                form()
+
+        def both(form=form):
+            form().backward(grad)
+            x.grad = w.grad = bias.grad = None
+
+        t_fwd, t_both = seconds_per_call(forward, reps), seconds_per_call(both, reps)
+        rows.append(
+            {
+                "form": name,
+                "forward_ms": round(1e3 * t_fwd, 1),
+                "fwd_bwd_ms": round(1e3 * t_both, 1),
+                "forward_gflops_of_the_layer": round(flops / t_fwd / 1e9, 1),
+            }
+        )
+    return rows
+
+
 def rssm_scan(reps: int, sizes: Sizes) -> dict:
     import scripts.bench as bench
 
@@ -175,32 +247,57 @@ def markdown(r: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads; torch "
         f"{m['torch']}.",
         "",
-        "| matmul | float32 GFLOP/s | bfloat16 GFLOP/s |",
-        "|---|---:|---:|",
-        *[f"| {x['shape']} | {x['float32']} | {x['bfloat16']} |" for x in r["matmul"]],
-        "",
-        "| ChannelNorm + SiLU fwd + bwd | eager ms | compiled ms | compile s |",
-        "|---|---:|---:|---:|",
-        *[
-            f"| {x['map']} | {x['eager_ms']} | {x['compiled_ms']} | {x['compile_s']} |"
-            for x in r["norm_act"]
-        ],
-        "",
     ]
-    s = r["rssm_scan"]
-    lines += [
-        f"RSSM filtering scan ({s['steps']} steps x batch {s['batch']}, fwd + bwd): eager "
-        f"{s['eager_ms']} ms, filter_step compiled {s['compiled_ms']} ms "
-        f"(compile {s['compile_s']} s).",
-        "",
-        "| one update (train_step, aef), alternating | autocast none s | bf16 s | speedup |",
-        "|---|---:|---:|---:|",
-        *[
-            f"| {x['sizes']} | {x['none_s']} | {x['bf16_s']} | {x['speedup']}x |"
-            for x in r["update_precision"]
-        ],
-    ]
-    return "\n".join(lines) + "\n"
+    if "matmul" in r:
+        lines += [
+            "| matmul | float32 GFLOP/s | bfloat16 GFLOP/s |",
+            "|---|---:|---:|",
+            *[f"| {x['shape']} | {x['float32']} | {x['bfloat16']} |" for x in r["matmul"]],
+            "",
+        ]
+    if "norm_act" in r:
+        lines += [
+            "| ChannelNorm + SiLU fwd + bwd | eager ms | compiled ms | compile s |",
+            "|---|---:|---:|---:|",
+            *[
+                f"| {x['map']} | {x['eager_ms']} | {x['compiled_ms']} | {x['compile_s']} |"
+                for x in r["norm_act"]
+            ],
+            "",
+        ]
+    if "last_decoder_layer" in r:
+        lines += [
+            f"| last decoder layer ({r['last_decoder_layer_shape']}) | forward ms | fwd + bwd ms "
+            "| forward GFLOP/s (the layer's FLOPs) |",
+            "|---|---:|---:|---:|",
+            *[
+                f"| {x['form']} | {x['forward_ms']} | {x['fwd_bwd_ms']} | "
+                f"{x['forward_gflops_of_the_layer']} |"
+                for x in r["last_decoder_layer"]
+            ],
+            "",
+        ]
+    if "rssm_scan" in r:
+        s = r["rssm_scan"]
+        lines += [
+            f"RSSM filtering scan ({s['steps']} steps x batch {s['batch']}, fwd + bwd): eager "
+            f"{s['eager_ms']} ms, filter_step compiled {s['compiled_ms']} ms "
+            f"(compile {s['compile_s']} s).",
+            "",
+        ]
+    if "update_precision" in r:
+        lines += [
+            "| one update (train_step, aef), alternating | autocast none s | bf16 s | speedup |",
+            "|---|---:|---:|---:|",
+            *[
+                f"| {x['sizes']} | {x['none_s']} | {x['bf16_s']} | {x['speedup']}x |"
+                for x in r["update_precision"]
+            ],
+        ]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+SECTIONS = ("matmul", "norm_act", "last_decoder_layer", "rssm_scan", "update_precision")
 
 
 def main(argv=None) -> dict:
@@ -209,17 +306,24 @@ def main(argv=None) -> dict:
     p.add_argument("--frames", type=int, default=800, help="B x T frames of the trunk maps")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "cpu_options.json")
     p.add_argument("--toy", action="store_true", help="tiny shapes, one of each (the test)")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=SECTIONS,
+        default=SECTIONS,
+        help="the measurements to run (default: all)",
+    )
     args = p.parse_args(argv)
     toy = Sizes(latent=3, deter=8, hidden=16, depth=4, batch=2, seq=4)
+    side = 4 if args.toy else 32  # the last decoder layer's input maps
     tune_malloc()
     torch.manual_seed(0)
-    result = {
-        "command": command_line("scripts/bench_cpu_options.py", argv),
-        "machine": machine_info(),
-        "matmul": matmuls(args.reps, ((8, 16, 16),) if args.toy else MATMULS),
-        "norm_act": norm_act(args.reps, args.frames, MAPS[-1:] if args.toy else MAPS),
-        "rssm_scan": rssm_scan(args.reps, toy if args.toy else Sizes()),
-        "update_precision": (
+    sections = {
+        "matmul": lambda: matmuls(args.reps, ((8, 16, 16),) if args.toy else MATMULS),
+        "norm_act": lambda: norm_act(args.reps, args.frames, MAPS[-1:] if args.toy else MAPS),
+        "last_decoder_layer": lambda: last_decoder_layer(args.reps, args.frames, side=side),
+        "rssm_scan": lambda: rssm_scan(args.reps, toy if args.toy else Sizes()),
+        "update_precision": lambda: (
             [update_precision(1, toy, "toy", 2, 4)]
             if args.toy
             else [
@@ -235,6 +339,14 @@ def main(argv=None) -> dict:
             ]
         ),
     }
+    result = {
+        "command": command_line("scripts/bench_cpu_options.py", argv),
+        "machine": machine_info(),
+        "last_decoder_layer_shape": f"{args.frames}x32x{side}x{side} -> 3 channels",
+    }
+    for name in SECTIONS:
+        if name in args.only:
+            result[name] = sections[name]()
     md = markdown(result)
     write_result(args.out, result, md)
     print(md)

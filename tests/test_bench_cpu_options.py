@@ -18,7 +18,27 @@ def test_toy_run_writes_every_measurement(tmp_path):
     assert r["norm_act"][0]["map"] == "2x256x4x4"
     assert r["norm_act"][0]["eager_ms"] > 0 and r["norm_act"][0]["compiled_ms"] > 0
     assert r["rssm_scan"]["steps"] == 4 and r["rssm_scan"]["compiled_ms"] > 0
+    assert len(r["last_decoder_layer"]) == 4  # each form checked equal to the layer first
+    assert all(row["fwd_bwd_ms"] > 0 for row in r["last_decoder_layer"])
     (row,) = r["update_precision"]
     assert row["none_s"] > 0 and row["bf16_s"] > 0 and row["speedup"] > 0
     assert "RSSM filtering scan" in out.with_suffix(".md").read_text()
     assert "| toy |" in out.with_suffix(".md").read_text()
+    # --only runs the sections named, and the report has only those
+    bench_cpu_options.main(["--toy", "--reps", "1", "--frames", "2", "--out", str(out), "--only",
+                            "last_decoder_layer"])  # fmt: skip
+    r = json.loads(out.read_text())
+    assert "last_decoder_layer" in r and "matmul" not in r and "update_precision" not in r
+    assert "RSSM" not in out.with_suffix(".md").read_text()
+
+
+def test_the_subpixel_weight_is_the_transposed_convolution():
+    """Independent of the benchmark's own check: against conv_transpose2d in float64."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 5, 6, 7, dtype=torch.float64), torch.randn(5, 3, 4, 4).double()
+    want = F.conv_transpose2d(x, w, stride=2, padding=1)
+    got = F.pixel_shuffle(F.conv2d(x, bench_cpu_options.subpixel_weight(w), padding=1), 2)
+    torch.testing.assert_close(got, want)
