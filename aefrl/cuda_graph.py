@@ -65,10 +65,18 @@ def make_capturable(optimizer: torch.optim.Optimizer, fused: bool = True) -> Cal
     def undo() -> None:
         for group, flags in zip(optimizer.param_groups, groups):
             group.update(flags)
-        for p, (device, dtype) in steps.items():
-            state = optimizer.state.get(p)
-            if state and torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].to(device, dtype)
+            # State made since (the warm-up's first steps) goes where torch keeps it for these
+            # flags: on the CPU unless capturable or fused (a device step would be read back
+            # with .item() on every eager step).
+            eager = not flags.get("capturable") and not flags.get("fused")
+            for p in group["params"]:
+                state = optimizer.state.get(p)
+                if not (state and torch.is_tensor(state.get("step"))):
+                    continue
+                if p in steps:
+                    state["step"] = state["step"].to(*steps[p])
+                elif eager:
+                    state["step"] = state["step"].to("cpu", torch.get_default_dtype())
 
     return undo
 
@@ -143,14 +151,16 @@ class CudaGraphed:
                 "use the eager update on CPU."
             )
         modules, optimizers = list(modules), list(optimizers)
-        undo = [make_capturable(opt, fused=fused) for opt in optimizers]
         device = example.device
-        self.static = example.clone()
-        self._signature = _signature(self.static)
-        snapshot = _Snapshot(modules, optimizers)
-        rng = torch.cuda.get_rng_state(device)
         stream = torch.cuda.current_stream(device)
+        undo, snapshot, rng = [], None, None
         try:
+            for opt in optimizers:
+                undo.append(make_capturable(opt, fused=fused))
+            self.static = example.clone()
+            self._signature = _signature(self.static)
+            snapshot = _Snapshot(modules, optimizers)
+            rng = torch.cuda.get_rng_state(device)
             # Everything on the batch's device, the capture stream included: torch.cuda.graph's
             # default capture stream is made once, on whichever device is current then, and the
             # kernels of a cuda:1 update would not land in a capture on a cuda:0 stream (the
@@ -174,19 +184,24 @@ class CudaGraphed:
                 # run, which captures again, draws the same numbers as the uninterrupted one.
                 torch.cuda.set_rng_state(rng, device)
         except BaseException:
-            # A failed warm-up or capture leaves the weights as they were: wait for whatever
-            # the side stream still runs (if the device still answers), then restore. When
-            # capture_end raises, torch.cuda.graph's exit never gives the caller's stream back:
-            # the eager updates of the fallback would run on the side stream.
-            with contextlib.suppress(Exception):
+            # A failed warm-up or capture leaves the weights and optimisers as they were: wait
+            # for whatever the side stream still runs (if the device still answers), then
+            # restore. When capture_end raises, torch.cuda.graph's exit never gives the
+            # batch device's stream back (the fallback's eager updates would run on the side
+            # stream); set_stream also makes that device current, so inside its device context.
+            with contextlib.suppress(Exception), torch.cuda.device(device):
                 torch.cuda.set_stream(stream)
             with contextlib.suppress(Exception):
                 torch.cuda.synchronize(device)
-            with contextlib.suppress(Exception):
-                torch.cuda.set_rng_state(rng, device)
-            snapshot.restore()
-            for revert in undo:
-                revert()
+            if rng is not None:
+                with contextlib.suppress(Exception):
+                    torch.cuda.set_rng_state(rng, device)
+            try:
+                if snapshot is not None:
+                    snapshot.restore()
+            finally:
+                for revert in undo:
+                    revert()
             raise
 
     def __call__(self, batch: TensorDictBase) -> dict[str, torch.Tensor]:

@@ -292,6 +292,7 @@ class Trainer:
             # Redirected to a file (nohup, a scheduler's log) the bar is a line per redraw:
             # every 0.1 s during the prefill made ~30 KB a minute; once per 30 s there.
             mininterval=0.1 if sys.stderr.isatty() else 30.0,
+            maxinterval=10.0 if sys.stderr.isatty() else 30.0,  # its monitor's forced redraws
         )
         t_start, f_start = time.time(), self.counters["frames"]
         since_log = (t_start, f_start)  # perf/fps_interval: frames/s since the last log
@@ -403,7 +404,7 @@ class Trainer:
                 raise
             # A spoiled capture raises at its end ("operation failed due to a previous error
             # during capture"); the operation that spoiled it is the exception before that.
-            first = exc.__context__ or exc.__cause__
+            first = exc.__cause__ or exc.__context__
             cause = f"; first: {type(first).__name__}: {first}" if first is not None else ""
             tqdm.write(
                 f"cuda_graph: capturing the update failed ({type(exc).__name__}: {exc}{cause}); "

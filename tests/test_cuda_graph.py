@@ -151,15 +151,22 @@ def test_make_capturable_switches_adam_and_refuses_others():
     adam = torch.optim.Adam([p], lr=0.1)
     p.grad = torch.ones(3)
     adam.step()
+    adam.state[p]["step"] = torch.tensor(1.0, dtype=torch.float64)  # visible when cast
+    q = torch.nn.Parameter(torch.ones(2))  # no state yet: the warm-up will make it
+    adam.add_param_group({"params": [q]})
     before = dict(adam.param_groups[0])
-    step = adam.state[p]["step"]
     undo = make_capturable(adam)
     group = adam.param_groups[0]
     assert group["capturable"] and group["fused"] and not group["foreach"]
     assert adam.state[p]["step"].dtype == torch.float32
+    # The warm-up's state: a capturable step, on the GPU (here a float64 stands for "not
+    # where eager Adam keeps it", which is a CPU float32)
+    adam.state[q]["step"] = torch.tensor(1.0, dtype=torch.float64)
     undo()  # what a failed capture does before the eager fallback (and its checkpoints)
     assert adam.param_groups[0] == before
-    assert adam.state[p]["step"].dtype == step.dtype and adam.state[p]["step"] == step
+    assert adam.state[p]["step"].dtype == torch.float64 and adam.state[p]["step"] == 1
+    step = adam.state[q]["step"]
+    assert step.device.type == "cpu" and step.dtype == torch.float32 and step == 1
     with pytest.raises(TypeError, match="cannot be captured"):
         make_capturable(torch.optim.SGD([p], lr=0.1))
 
@@ -330,22 +337,23 @@ def test_a_failed_capture_puts_back_stream_weights_and_optimiser_settings(monkey
     """A host sync inside the capture spoils it; torch then raises at the capture's end without
     making the caller's stream current again, and make_capturable had switched the optimiser
     to fused capturable steps. The eager fallback must find neither."""
-    fake = _FakeCuda(monkeypatch, current=0)
-    module = torch.nn.Linear(1, 1)
-    adam = torch.optim.Adam(module.parameters(), lr=0.1)
-    groups = [dict(g) for g in adam.param_groups]
-    start = module.bias.detach().clone()
+    for batch_device in (0, 1):  # the current device's batch, and another device's
+        fake = _FakeCuda(monkeypatch, current=0)
+        module = torch.nn.Linear(1, 1)
+        adam = torch.optim.Adam(module.parameters(), lr=0.1)
+        groups = [dict(g) for g in adam.param_groups]
+        start = module.bias.detach().clone()
 
-    def update(batch):
-        with torch.no_grad():
-            module.bias.add_(1.0)
-        if fake.capturing:
-            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
-        return {}
+        def update(batch, fake=fake, module=module):
+            with torch.no_grad():
+                module.bias.add_(1.0)
+            if fake.capturing:
+                raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+            return {}
 
-    example = TensorDict({}, batch_size=[2], device="cuda:0")
-    with pytest.raises(RuntimeError, match="previous error during capture"):
-        CudaGraphed(update, example, [module], [adam], warmup=1)
-    assert fake.where() == (0, None, False)  # the caller's (default) stream again
-    assert torch.equal(module.bias.detach(), start)
-    assert [dict(g) for g in adam.param_groups] == groups
+        example = TensorDict({}, batch_size=[2], device=f"cuda:{batch_device}")
+        with pytest.raises(RuntimeError, match="previous error during capture"):
+            CudaGraphed(update, example, [module], [adam], warmup=1)
+        assert fake.where() == (0, None, False)  # the caller's device and (default) stream
+        assert torch.equal(module.bias.detach(), start)
+        assert [dict(g) for g in adam.param_groups] == groups
