@@ -259,9 +259,9 @@ def write_table(results: dict, args, command: str) -> None:
         f"Command: `{command}`\n\nMachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
         f"(git {m['git']}). Held-out: {results['data']['eval_frames']} frames from unseen "
         f"episodes of {', '.join(args.tasks)} (one episode each, frames in time order); ± is "
-        f"the standard error over blocks of {BLOCK} consecutive frames of one episode "
-        "(neighbouring frames are correlated: a standard error over frames understated it up "
-        "to 2x). 'minus "
+        f"the standard error from blocks of {BLOCK} consecutive frames, stratified by episode "
+        "(neighbouring frames are correlated; standard errors over single frames understated "
+        "these 1.1-1.9x for the paired differences and ~2x for single models). 'minus "
         "vae' is the paired difference to the VAE with the same d on the same frames (negative: "
         "better than the VAE), overall and per task in the order above. Sharpness is the mean "
         "image-gradient magnitude relative to real held-out frames (1 = as sharp). *: a row "
@@ -274,18 +274,21 @@ BLOCK = 10  # held-out frames per block of the standard error (50 agent steps ap
 
 
 def block_sem(values, tasks: int, block: int = BLOCK) -> float:
-    """Standard error of the mean of per-frame ``values`` (``tasks`` episodes one after another,
-    each in time order) from the means of non-overlapping blocks of ``block`` consecutive frames
-    within an episode (batch means): frames a few steps apart are correlated, so the spread of
-    single frames over √n understates the error."""
+    """Standard error of the mean of per-frame ``values`` (``tasks`` episodes of equal length one
+    after another, each in time order), stratified by episode: within each, the means of
+    non-overlapping blocks of ``block`` consecutive frames (batch means: frames a few steps apart
+    are correlated, so the spread of single frames over √n understates the error); across
+    them, ``sqrt(Σ_t var_t / m_t) / T``. The tasks are fixed, not sampled, so the differences
+    between their levels are no part of the error."""
     x = np.asarray(values, dtype=np.float64)
     # Frames picked evenly over the concatenated episodes split evenly only when they divide;
-    # otherwise blocks may straddle one episode boundary (short --quick runs).
+    # otherwise blocks may straddle an episode boundary (short --quick runs).
     x = x.reshape(tasks if len(x) % tasks == 0 else 1, -1)
-    block = min(block, max(1, x.shape[1] // 2))  # at least two blocks
+    block = min(block, max(1, x.shape[1] // 2))  # at least two blocks per episode
     usable = x.shape[1] // block * block
-    means = x[:, :usable].reshape(-1, block).mean(1)
-    return float(means.std(ddof=1) / math.sqrt(len(means)))
+    means = x[:, :usable].reshape(x.shape[0], -1, block).mean(2)  # [episodes, blocks]
+    variance_of_mean = (means.var(axis=1, ddof=1) / means.shape[1]).sum() / x.shape[0] ** 2
+    return float(math.sqrt(variance_of_mean))
 
 
 def save_model_result(path: Path, results: dict, name: str, result: dict) -> dict:

@@ -101,6 +101,7 @@ from aefrl.cli import UserError, make_env, output_path
 from aefrl.collect import Collector
 from aefrl.metrics import sharpness_ratio
 from aefrl.provenance import machine_info
+from aefrl.seeding import forked_torch_rng
 from aefrl.world_model.evaluation import (
     open_loop_prediction,
     sequence_bits_per_dim,
@@ -139,6 +140,13 @@ def cut(episodes):
     seq = min(SEQ, steps)  # short episodes (e.g. exp=smoke) make one sequence each
     chunks = steps // seq
     return episodes[:, : chunks * seq].reshape(n * chunks, seq)
+
+
+def report_from_seed(agent, episodes, num_samples: int, seed: int) -> dict:
+    """:func:`report` with torch's generator seeded first: every model's report dequantises
+    the same episodes with the same noise (acting, which a VAE samples in, drew before)."""
+    torch.manual_seed(seed)
+    return report(agent, episodes, num_samples)
 
 
 @torch.no_grad()
@@ -221,7 +229,8 @@ def write_report(args, argv) -> int:
             # every model, vae and aef_partition (which tune nothing) included.
             held_out, episodes = episodes[-1:], episodes[:-1]
             batches = list(cut(held_out).split(2))
-            search = tune_sequence_proposal_scale(agent.world_model, batches, args.tune_samples)
+            with forked_torch_rng(args.seed + 2):  # the report's draws stay as without it
+                search = tune_sequence_proposal_scale(agent.world_model, batches, args.tune_samples)
             proposal["proposal_scale_search"] = {f"{s:g}": v for s, v in search.items()}
         else:
             agent.world_model.obs_model.proposal_scale = args.proposal_scale
@@ -233,7 +242,7 @@ def write_report(args, argv) -> int:
         "task": conf["env"]["task"],
         "obs_model": conf["obs_model"]["kind"],
         "render": env_conf["render"],
-        **report(agent, episodes, args.num_samples),
+        **report_from_seed(agent, episodes, args.num_samples, args.seed + 1),
         **proposal,
         "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
         "machine": machine_info(),

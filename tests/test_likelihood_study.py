@@ -88,24 +88,30 @@ def _module():
     return module
 
 
-def test_block_standard_error_is_batch_means_within_each_episode():
-    """Frames a few steps apart are correlated: the standard error comes from the means of
-    blocks of consecutive frames of one episode, never from a block spanning two."""
+def test_block_standard_error_is_batch_means_stratified_by_episode():
+    """Frames a few steps apart are correlated: the error comes from the means of blocks of
+    consecutive frames of one episode, never from a block spanning two, and the episodes
+    (one per task, fixed) are strata: their different levels add nothing."""
     import numpy as np
 
     study_module = _module()
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(3, 100))
-    blocks = x.reshape(-1, 10).mean(1)  # 3 episodes x 10 blocks, written out
-    want = blocks.std(ddof=1) / np.sqrt(30)
+    x = rng.normal(size=(3, 100)) * np.array([[1.0], [2.0], [0.5]])
+    blocks = x.reshape(3, 10, 10).mean(2)  # written out: sqrt(sum_t var_t / m_t) / T
+    want = np.sqrt(sum(b.var(ddof=1) / 10 for b in blocks)) / 3
     assert abs(study_module.block_sem(x.ravel(), 3) - want) < 1e-12
     # A slowly drifting (correlated) signal: frame-wise spread over √n understates the error.
     walk = np.cumsum(rng.normal(size=300)) * 0.1 + rng.normal(size=300)
     assert study_module.block_sem(walk, 3) > 1.5 * walk.std() / np.sqrt(300)
-    # 95 frames per episode: each episode's last 5 are dropped, no block spans two episodes.
-    y = rng.normal(size=(3, 95)) + np.array([[0.0], [5.0], [-5.0]])
-    within = y[:, :90].reshape(-1, 10).mean(1)
-    want = within.std(ddof=1) / np.sqrt(27)
+    # Levels 0, +5, -5 per episode change nothing; 95 frames each: the last 5 are dropped.
+    y = rng.normal(size=(3, 95))
+    shifted = y + np.array([[0.0], [5.0], [-5.0]])
+    assert (
+        abs(study_module.block_sem(shifted.ravel(), 3) - study_module.block_sem(y.ravel(), 3))
+        < 1e-12
+    )
+    within = y[:, :90].reshape(3, 9, 10).mean(2)
+    want = np.sqrt(sum(b.var(ddof=1) / 9 for b in within)) / 3
     assert abs(study_module.block_sem(y.ravel(), 3) - want) < 1e-12
 
 
