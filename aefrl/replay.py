@@ -50,6 +50,15 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _fsync(path: Path) -> None:
+    """Write ``path``'s dirty pages (also those written through a memory mapping) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class SequenceReplay:
     """Ring-buffer replay of ``num_envs`` parallel streams that samples ``[B, T]`` windows.
 
@@ -361,6 +370,12 @@ class SequenceReplay:
                     self._storage.dumps(self.path)
                 # dumps re-maps the files; re-derive the views from the fresh mapping.
                 self._bind_views()
+                # The rows live in the page cache until the kernel writes them back; the
+                # checkpoint about to name them is fsynced, so they are too (a power loss
+                # would otherwise leave a checkpoint whose last rows read back as zeros).
+                for file in sorted(self.path.rglob("*")):
+                    if file.is_file():
+                        _fsync(file)
                 # dumps rewrites its JSON metadata in place (truncate, then write): a kill in
                 # that window would leave the run unresumable. The checkpoint, written
                 # atomically, keeps a copy that load_state_dict puts back.

@@ -392,6 +392,21 @@ def test_disk_reattaches_from_a_fresh_object(tmp_path):
     assert_valid_windows(resumed.sample(), lowest=27, highest=36)
 
 
+def test_disk_rows_are_made_durable_with_the_checkpoint(tmp_path, monkeypatch):
+    """The rows a checkpoint names were left in the page cache (a power loss would keep the
+    checkpoint, which is fsynced, but lose its last rows): state_dict fsyncs every file."""
+    import aefrl.replay as replay_module
+
+    path = tmp_path / "replay"
+    replay = SequenceReplay(30, 3, seq_len=4, batch_size=6, storage="disk", path=path, seed=0)
+    fill(replay, 10)
+    synced = []
+    monkeypatch.setattr(replay_module, "_fsync", lambda file: synced.append(file.name))
+    replay.state_dict()
+    assert {f.name for f in path.rglob("*") if f.is_file()} <= set(synced)
+    assert "pixels.memmap" in synced
+
+
 def test_disk_metadata_cut_short_by_a_kill_is_restored_from_the_checkpoint(tmp_path):
     """torchrl's dumps rewrites its JSON metadata in place at every checkpoint; a kill in that
     window leaves empty files, which the checkpoint's own copy replaces on resume."""
