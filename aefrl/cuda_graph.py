@@ -200,7 +200,7 @@ class CudaGraphed:
                 if snapshot is not None:
                     snapshot.restore()
             finally:
-                for revert in undo:
+                for revert in reversed(undo):  # last switched, first put back
                     revert()
             raise
 

@@ -260,8 +260,8 @@ def write_table(results: dict, args, command: str) -> None:
         f"(git {m['git']}). Held-out: {results['data']['eval_frames']} frames from unseen "
         f"episodes of {', '.join(args.tasks)} (one episode each, frames in time order); ± is "
         f"the standard error from blocks of {BLOCK} consecutive frames, stratified by episode "
-        "(neighbouring frames are correlated; standard errors over single frames understated "
-        "these 1.1-1.9x for the paired differences and ~2x for single models). 'minus "
+        "(neighbouring frames are correlated: a standard error over single frames would "
+        "understate it). 'minus "
         "vae' is the paired difference to the VAE with the same d on the same frames (negative: "
         "better than the VAE), overall and per task in the order above. Sharpness is the mean "
         "image-gradient magnitude relative to real held-out frames (1 = as sharp). *: a row "
@@ -282,8 +282,8 @@ def block_sem(values, tasks: int, block: int = BLOCK) -> float:
     between their levels are no part of the error."""
     x = np.asarray(values, dtype=np.float64)
     # Frames picked evenly over the concatenated episodes split evenly only when they divide;
-    # otherwise blocks may straddle an episode boundary (short --quick runs).
-    x = x.reshape(tasks if len(x) % tasks == 0 else 1, -1)
+    # otherwise (or with under two per episode) blocks may straddle episodes (short runs).
+    x = x.reshape(tasks if len(x) % tasks == 0 and len(x) >= 2 * tasks else 1, -1)
     block = min(block, max(1, x.shape[1] // 2))  # at least two blocks per episode
     usable = x.shape[1] // block * block
     means = x[:, :usable].reshape(x.shape[0], -1, block).mean(2)  # [episodes, blocks]
