@@ -70,11 +70,17 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
     except BaseException:  # a kill signal turned into an exception: no debris either
         tmp.unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_path(path.parent)  # make the rename itself durable
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Write a file's dirty pages (also those written through a memory mapping), or a
+    directory's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # make the rename itself durable
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:

@@ -32,6 +32,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torchrl.data import LazyMemmapStorage, LazyTensorStorage
 
+from aefrl.checkpoint import fsync_path
 from aefrl.devices import canonical_device
 
 STORAGES = ("memory", "device", "disk")
@@ -48,15 +49,6 @@ def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def _fsync(path: Path) -> None:
-    """Write ``path``'s dirty pages (also those written through a memory mapping) to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class SequenceReplay:
@@ -375,7 +367,7 @@ class SequenceReplay:
                 # would otherwise leave a checkpoint whose last rows read back as zeros).
                 for file in sorted(self.path.rglob("*")):
                     if file.is_file():
-                        _fsync(file)
+                        fsync_path(file)
                 # dumps rewrites its JSON metadata in place (truncate, then write): a kill in
                 # that window would leave the run unresumable. The checkpoint, written
                 # atomically, keeps a copy that load_state_dict puts back.

@@ -342,11 +342,12 @@ def main(argv=None) -> dict:
     result = {
         "command": command_line("scripts/bench_cpu_options.py", argv),
         "machine": machine_info(),
-        "last_decoder_layer_shape": f"{args.frames}x32x{side}x{side} -> 3 channels",
     }
     for name in SECTIONS:
         if name in args.only:
             result[name] = sections[name]()
+    if "last_decoder_layer" in result:
+        result["last_decoder_layer_shape"] = f"{args.frames}x32x{side}x{side} -> 3 channels"
     md = markdown(result)
     write_result(args.out, result, md)
     print(md)

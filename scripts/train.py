@@ -82,11 +82,14 @@ def resolve_cuda_graph(value, device: torch.device) -> dict:
 RESUME_OVERRIDABLE = {"loop.total_frames": 1, "loop.checkpoint_every": 0, "threads": 0}
 
 
-def check_whole_number(key: str, value, minimum: int) -> None:
-    """Refuse ``value`` unless it is a whole number >= ``minimum`` (int() would truncate 2.5)."""
+def check_whole_number(key: str, value, minimum: int | None = None) -> None:
+    """Refuse ``value`` unless it is a whole number (>= ``minimum``, if given): int() would
+    truncate 2.5 without a word. Whole floats (``1e6`` from the command line) pass."""
     whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-    if isinstance(value, bool) or not whole or value < minimum:  # is_integer(): False for inf
-        raise UserError(f"{key} must be a whole number >= {minimum}, got {value!r}")
+    low = minimum is not None and whole and value < minimum
+    if isinstance(value, bool) or not whole or low:  # is_integer(): False for inf and nan too
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise UserError(f"{key} must be a whole number{bound}, got {value!r}")
 
 
 def non_finite_keys(conf: dict, prefix: str = "") -> list[tuple[str, float]]:
@@ -148,6 +151,15 @@ def new_run_dir(cfg: DictConfig) -> Path:
     return Path(sweep_job_run_dir(cfg.run_dir, hydra_job()))
 
 
+def run_dir_of(cfg: DictConfig) -> Path:
+    """The run's directory, unchecked: a new run's, or the one ``resume`` names (a directory,
+    or the checkpoint file in it)."""
+    if cfg.resume is None:
+        return new_run_dir(cfg)
+    path = Path(cfg.resume)
+    return path.parent if path.is_file() and path.name == CHECKPOINT_NAME else path
+
+
 def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
     """The configuration this run uses, its directory, and the checkpoint it resumes (if any).
 
@@ -172,10 +184,8 @@ def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
         conf = OmegaConf.to_container(cfg, resolve=True)
         conf["run_dir"] = str(run_dir)
         return conf, run_dir, None
-    run_dir = Path(cfg.resume)
-    if run_dir.is_file() and run_dir.name == CHECKPOINT_NAME:  # the run's checkpoint itself
-        run_dir = run_dir.parent
-    elif run_dir.is_file():
+    run_dir = run_dir_of(cfg)
+    if run_dir.is_file():  # a file other than the run's checkpoint
         raise UserError(
             f"resume takes a run directory or the {CHECKPOINT_NAME} in one, got the file {run_dir}"
         )
@@ -399,9 +409,8 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
             raise NothingToTrain(dict(resume_state["counters"]))
     for key, value in non_finite_keys(conf):
         raise UserError(f"{key} must be a finite number, got {value}")
-    threads = conf["threads"] or 0
-    if isinstance(threads, bool) or threads != int(threads) or threads < 0:
-        raise UserError(f"threads must be a whole number >= 0 (0: torch's default), got {threads}")
+    threads = conf["threads"] or 0  # 0 and null: torch's default
+    check_whole_number("threads", threads, 0)
     if threads:
         torch.set_num_threads(int(threads))
     tune_malloc()  # CPU updates otherwise re-fault their working set every time (allocator.py)
@@ -421,11 +430,8 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
             "env.image_size must be 4 times a power of two (8, 16, 32, 64, 128, ...), got "
             f"{conf['env']['image_size']}"
         ) from None
-    for section, key in WHOLE_NUMBERS:  # int() below would truncate 2.5 to 2 without a word
-        value = conf[section][key]
-        whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-        if isinstance(value, bool) or not whole:  # is_integer(): False for inf and nan too
-            raise UserError(f"{section}.{key} must be a whole number, got {value!r}")
+    for section, key in WHOLE_NUMBERS:  # ranges are checked where the values are used
+        check_whole_number(f"{section}.{key}", conf[section][key])
     env = build_env(conf["env"], stream_seed(seed, "env"))
     action_dim = int(env.action_spec.shape[-1])
     size = int(conf["env"]["image_size"])
@@ -526,11 +532,7 @@ def run_cli(cfg: DictConfig) -> int:
 def interrupted_message(cfg: DictConfig) -> str:
     """What a Ctrl-C outside the loop's own handling leaves: the run's last checkpoint, if it
     has one, or nothing (a new run stopped before its first one removes what it wrote)."""
-    if cfg.resume is None:
-        run_dir = new_run_dir(cfg)
-    else:
-        run_dir = Path(cfg.resume)
-        run_dir = run_dir.parent if run_dir.name == CHECKPOINT_NAME else run_dir
+    run_dir = run_dir_of(cfg)
     if (run_dir / CHECKPOINT_NAME).exists():
         return (
             f"interrupted: stopped without a final checkpoint; the last one, in {run_dir}, is "

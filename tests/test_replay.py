@@ -401,7 +401,7 @@ def test_disk_rows_are_made_durable_with_the_checkpoint(tmp_path, monkeypatch):
     replay = SequenceReplay(30, 3, seq_len=4, batch_size=6, storage="disk", path=path, seed=0)
     fill(replay, 10)
     synced = []
-    monkeypatch.setattr(replay_module, "_fsync", lambda file: synced.append(file.name))
+    monkeypatch.setattr(replay_module, "fsync_path", lambda file: synced.append(file.name))
     replay.state_dict()
     assert {f.name for f in path.rglob("*") if f.is_file()} <= set(synced)
     assert "pixels.memmap" in synced
