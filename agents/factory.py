@@ -22,7 +22,10 @@ SIZE_KEYS = {
     **{"deter": 1, "hidden": 1, "layers": 0, "depth": 1, "bins": 2, "reward_bins": 2},
     **{"horizon": 1, "candidates": 1, "top_k": 1, "iterations": 1},  # imagination, planning
     "latent_dim": 1,  # obs_model.latent_dim
+    **{"rssm_hidden": 1, "posterior_hidden": 1},  # null: the same as hidden
 }
+# Size keys whose null means "the width of hidden".
+NULLABLE_SIZES = ("rssm_hidden", "posterior_hidden")
 # Keys that hold a group of settings (a mapping, or null for the defaults), not a value.
 GROUP_KEYS = (
     *("agent.world_model", "agent.actor", "agent.critic", "agent.wm_loss", "agent.actor_loss"),
@@ -36,7 +39,7 @@ def check_sizes(config: dict, prefix: str = "agent") -> None:
     for key, value in config.items():
         if isinstance(value, Mapping):
             check_sizes(value, f"{prefix}.{key}")
-        elif key in SIZE_KEYS:
+        elif key in SIZE_KEYS and not (value is None and key in NULLABLE_SIZES):
             check_size(f"{prefix}.{key}", value, SIZE_KEYS[key])
 
 

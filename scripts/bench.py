@@ -88,10 +88,11 @@ ARCHITECTURE_NOTES = [
     "Decoders: torchrl's ObsDecoder maps [z, h] to a 1024-d 1x1 map, then transposed convs "
     "k5, k5, k6, k6 (1->5->13->30->64) with ReLU; ours a Linear to 256x4x4, then 4 transposed "
     "k4 s2 convs with channel LayerNorm + SiLU (4->8->16->32->64). FLOPs per image in the table.",
-    "RSSM: both a GRUCell with a 200-d belief and a 30-d Gaussian state; torchrl's MLPs are ELU "
-    "and 200 wide (make_dreamer passes rssm_hidden_dim as their width), ours LayerNorm + SiLU and "
-    "400 wide (one width for every MLP). Our posterior is the observation model's encoder layer "
-    "(aef: z = mu + sigma * (W y + b), with a 12288 -> 30 projection W).",
+    "RSSM: both a GRUCell with a 200-d belief and a 30-d Gaussian state, and MLPs 200 wide "
+    "(make_dreamer passes rssm_hidden_dim as their width; ours world_model.rssm_hidden): "
+    "torchrl's ELU, ours LayerNorm + SiLU. Our posterior is the observation model's encoder layer "
+    "(aef: z = mu + sigma * (W y + b), with a 12288 -> 30 projection W). Before 2026-12-06 (git "
+    "cb9b324 and earlier runs) our RSSM MLPs were 400 wide here (one width for every MLP).",
     "Heads: torchrl has an ELU reward MLP with a unit-variance Normal (MSE); ours a two-hot "
     "(255 bins) reward head and a Bernoulli continue head (LayerNorm + SiLU, 2 hidden layers).",
     "World-model loss: torchrl's DreamerModelLoss is KL (free nats 3) + summed MSE "
@@ -260,6 +261,12 @@ def default_sizes() -> Sizes:
         raise ValueError(
             "default sizes need one MLP width: world_model.hidden, actor.hidden and "
             f"critic.hidden are {sorted(widths)} in configs/agent/dreamer.yaml"
+        )
+    rssm_width = wm["hidden"] if wm.get("rssm_hidden") is None else wm["rssm_hidden"]
+    if rssm_width != wm["deter"]:  # torchrl sizes its RSSM MLPs with the belief
+        raise ValueError(
+            "default sizes need the RSSM's MLPs as wide as its belief (torchrl's mapping): "
+            f"world_model.rssm_hidden (or hidden) is {rssm_width}, deter {wm['deter']}"
         )
     return Sizes(
         latent=obs["latent_dim"],

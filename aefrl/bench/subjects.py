@@ -41,7 +41,7 @@ class Sizes:
 
     ``latent`` is z (torchrl's ``state_dim``), ``deter`` the GRU belief h (torchrl's
     ``rssm_hidden_dim``, which torchrl's ``make_dreamer`` also uses as the width of its RSSM
-    MLPs), ``hidden`` the width of every other MLP (ours: every MLP, the RSSM's included),
+    MLPs; ours get it as ``world_model.rssm_hidden``), ``hidden`` the width of every other MLP,
     ``depth`` the channels of the first conv layer. ``reward_layers`` / ``ac_layers`` are the
     hidden layers of the reward head and of the actor and critic.
     """
@@ -111,7 +111,11 @@ def ours_agent_kwargs(sizes: Sizes, kind: str, agent: dict, obs_model: dict) -> 
     kind = kind.removesuffix(GRAPH)
     agent = {k: (dict(v) if isinstance(v, dict) else v) for k, v in agent.items()}
     agent["world_model"].update(
-        deter=sizes.deter, hidden=sizes.hidden, layers=sizes.reward_layers, depth=sizes.depth
+        deter=sizes.deter,
+        rssm_hidden=sizes.deter,  # as torchrl's RSSMPrior / RSSMPosterior (hidden_dim)
+        hidden=sizes.hidden,
+        layers=sizes.reward_layers,
+        depth=sizes.depth,
     )
     if kind in VARIANTS:
         kind, options = VARIANTS[kind]

@@ -64,7 +64,10 @@ class ObservationModel(nn.Module):
         conv_style: ``"v3"`` (DreamerV3 trunks, default) or ``"v1"`` (DreamerV1 / torchrl
             geometry); see :class:`~aefrl.nn.ConvEncoder`.
         conv_norm: ChannelNorm in the conv trunks.
-        hidden: width of MLP layers (posterior head, vector trunks).
+        hidden: width of MLP layers (vector trunks; the posterior head unless
+            ``posterior_hidden`` is given).
+        posterior_hidden: width of the posterior head's hidden layer (the world model gives it
+            the RSSM's MLP width); None: ``hidden``.
         layers: hidden layers of the vector trunks (0 makes the vector decoder linear).
         sigma_q_min, sigma_q_max: hard bounds of σ_q, ``σ_q = min + (max − min)·sigmoid(s)``;
             the upper bound fixes the scale gauge of the AEF (SPEC §5).
@@ -91,6 +94,7 @@ class ObservationModel(nn.Module):
         conv_style: str = "v3",
         conv_norm: bool = True,
         hidden: int = 256,
+        posterior_hidden: int | None = None,
         layers: int = 2,
         sigma_q_min: float = 0.1,
         sigma_q_max: float = 1.0,
@@ -145,7 +149,8 @@ class ObservationModel(nn.Module):
                 self.context_dim + self.latent_dim, self.num_dims * out_mult, hidden, layers
             )
         self.embed_dim = embed_dim
-        self.posterior_head = MLP(self.context_dim + embed_dim, 2 * self.latent_dim, hidden, 1)
+        head_width = hidden if posterior_hidden is None else posterior_hidden
+        self.posterior_head = MLP(self.context_dim + embed_dim, 2 * self.latent_dim, head_width, 1)
 
         # σ_x = sigma_x_min + softplus(raw), raw initialised so that σ_x = sigma_x_init.
         raw_init = math.log(math.expm1(sigma_x_init - sigma_x_min))

@@ -37,7 +37,11 @@ class WorldModel(nn.Module):
         obs_model: ``"vae"``, ``"aef"`` or ``"aef_partition"``.
         latent_dim: d, size of z.
         deter: size of the GRU belief h.
-        hidden: width of every MLP.
+        hidden: width of the reward and continue heads' MLPs (and of the RSSM's unless
+            ``rssm_hidden`` is given).
+        rssm_hidden: width of the RSSM's MLPs: its input layer (the GRU's input), its prior
+            head and the observation model's posterior head. None: ``hidden``. (DreamerV1 and
+            torchrl size these with the belief, 200 beside 400-wide heads.)
         layers: hidden layers of the reward / continue heads.
         depth: conv trunk depth.
         conv_style, conv_norm: conv trunk geometry (``"v3"`` / ``"v1"``) and norms.
@@ -54,6 +58,7 @@ class WorldModel(nn.Module):
         latent_dim: int = 32,
         deter: int = 256,
         hidden: int = 256,
+        rssm_hidden: int | None = None,
         layers: int = 2,
         depth: int = 32,
         conv_style: str = "v3",
@@ -68,15 +73,17 @@ class WorldModel(nn.Module):
         self.obs_shape = tuple(obs_shape)
         self.action_dim = int(action_dim)
         self.preprocess = Preprocess(self.obs_shape, alpha=alpha, actnorm=actnorm)
+        rssm_width = hidden if rssm_hidden is None else rssm_hidden
         options = {
             "depth": depth,
             "hidden": hidden,
+            "posterior_hidden": rssm_width,
             "conv_style": conv_style,
             "conv_norm": conv_norm,
             **(obs_options or {}),
         }
         self.obs_model = make_obs_model(obs_model, self.obs_shape, latent_dim, deter, **options)
-        self.rssm = RSSM(self.obs_model, action_dim, deter, hidden, prior_std_min)
+        self.rssm = RSSM(self.obs_model, action_dim, deter, rssm_width, prior_std_min)
         feat = self.rssm.feat_dim
         self.reward_head = TwoHotHead(feat, hidden, layers, reward_bins)
         self.continue_head = BernoulliHead(feat, hidden, layers)

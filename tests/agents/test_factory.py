@@ -33,6 +33,8 @@ def config(*overrides):
         (["agent=planner", "agent.planner.horizon=2.5"], "agent.planner.horizon must be an int"),
         (["agent.world_model.depth=8.5"], "agent.world_model.depth must be an integer >= 1"),
         (["+obs_model.options.hidden=1.5"], "obs_model.options.hidden must be an integer >= 1"),
+        (["agent.world_model.rssm_hidden=0"], "agent.world_model.rssm_hidden must be an integer"),
+        (["agent.world_model.rssm_hidden=2.5"], "agent.world_model.rssm_hidden must be an int"),
     ],
 )
 def test_bad_sizes_name_their_key(overrides, message):
@@ -47,6 +49,15 @@ def test_the_presets_pass():
             agent, obs_model = config(f"exp={exp}", f"agent={name}")
             built = build_agent(agent, obs_model, (3, 64, 64), 2)
             assert type(built).__name__.lower().startswith(name)
+
+
+def test_rssm_hidden_null_is_hidden_and_a_number_sets_the_rssm():
+    agent, obs_model = config("agent.world_model.hidden=24")
+    assert agent["world_model"]["rssm_hidden"] is None
+    assert build_agent(agent, obs_model, (3, 64, 64), 2).world_model.rssm.gru.input_size == 24
+    agent, obs_model = config("agent.world_model.hidden=24", "agent.world_model.rssm_hidden=12")
+    model = build_agent(agent, obs_model, (3, 64, 64), 2).world_model
+    assert model.rssm.gru.input_size == 12 and model.reward_head.net[0].out_features == 24
 
 
 @pytest.mark.parametrize(

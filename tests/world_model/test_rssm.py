@@ -137,3 +137,26 @@ def test_img_step_samples_the_prior():
     nxt = wm.rssm.img_step(prev, a, noise)
     mu, sigma = wm.rssm.prior_params(wm.rssm.recurrent(prev, a))
     assert torch.allclose(nxt.z, mu + sigma * noise)
+
+
+def test_rssm_hidden_sizes_the_rssm_mlps_and_nothing_else(kind):
+    """``rssm_hidden`` sets the GRU input, the prior head and the posterior head (torchrl's
+    DreamerV1 sizes them with the belief), while the reward and continue heads keep ``hidden``;
+    unset, every MLP is ``hidden`` wide, as in checkpoints from before the setting."""
+
+    def widths(model):
+        return {
+            "gru_in": model.rssm.gru.input_size,
+            "img_in": model.rssm.img_in[0].out_features,
+            "prior": model.rssm.prior_head[0].out_features,
+            "posterior": model.obs_model.posterior_head[0].out_features,
+            "reward": model.reward_head.net[0].out_features,
+            "continue": model.continue_head.net[0].out_features,
+        }
+
+    narrow = tiny_world_model(kind, rssm_hidden=8)
+    rssm_mlps = dict.fromkeys(("gru_in", "img_in", "prior", "posterior"), 8)
+    assert widths(narrow) == {**rssm_mlps, "reward": 16, "continue": 16}
+    assert set(widths(tiny_world_model(kind)).values()) == {16}
+    obs = narrow.filter(random_batch(2, 5)).observed
+    assert obs.mu_q.shape == obs.mu_p.shape == (2, 5, 3)
