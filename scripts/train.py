@@ -200,7 +200,9 @@ def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
     fill_legacy_defaults(conf)
     from hydra.core.hydra_config import HydraConfig
 
-    for item in HydraConfig.get().overrides.task:
+    overrides = list(HydraConfig.get().overrides.task)
+    check_resume_overrides(cfg, overrides, conf)
+    for item in overrides:
         key = item.split("=", 1)[0].lstrip("+~")
         if key in RESUME_OVERRIDABLE:
             *parents, name = key.split(".")
@@ -213,9 +215,64 @@ def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
             # Checked here, before "nothing to train" compares it with the run's frames.
             check_whole_number(key, value, RESUME_OVERRIDABLE[key])
             section[name] = value
-        elif key != "resume":
-            print(f"resume: ignoring {item!r} (a resumed run keeps its configuration)")
     return conf, run_dir, state
+
+
+def leaves(node, prefix: str = "") -> dict:
+    """``{dotted key: value}`` of the leaves of a nested dict (lists count as leaves)."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out = {}
+    for key, value in node.items():
+        out.update(leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def check_resume_overrides(cfg: DictConfig, overrides: list[str], run_conf: dict) -> None:
+    """Refuse a resume whose command line changes a setting other than ``RESUME_OVERRIDABLE``.
+
+    A resumed run keeps its configuration, so ``obs_model=vae`` on an AEF run, ``seed=5`` or
+    ``exp=cpu`` would be dropped; repeating the run's own settings (its original command line
+    with ``resume=`` appended) is fine. What the other overrides change is found by composing
+    the configuration without them and comparing the leaves with the run's values.
+    """
+    other = [
+        o
+        for o in overrides
+        if o.lstrip("+~").split("=", 1)[0] not in (*RESUME_OVERRIDABLE, "resume")
+    ]
+    if not other:
+        return
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    kept = [o for o in overrides if o not in other]
+    base = compose(HydraConfig.get().job.config_name, overrides=kept)
+    missing = object()  # a key one side lacks (``+key=``, ``~key``, a key added since)
+    given = leaves(OmegaConf.to_container(cfg, resolve=False))
+    plain = leaves(OmegaConf.to_container(base, resolve=False))
+    changed = sorted(
+        k for k in given.keys() | plain.keys() if given.get(k, missing) != plain.get(k, missing)
+    )
+    ran = leaves(run_conf)
+    resolved = leaves(OmegaConf.to_container(cfg, resolve=True))
+    differ = [
+        (key, resolved.get(key, missing), ran.get(key, missing))
+        for key in changed
+        if resolved.get(key, missing) != ran.get(key, missing)
+    ]
+    if differ:
+        shown = ", ".join(
+            f"{key}={'(removed)' if new is missing else repr(new)} "
+            f"(the run's: {'not set' if old is missing else repr(old)})"
+            for key, new, old in differ[:4]
+        )
+        more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+        raise UserError(
+            f"a resumed run keeps its configuration, which the command line would change: "
+            f"{shown}{more}; a resume may change only {', '.join(RESUME_OVERRIDABLE)} (start a "
+            "new run for other settings)"
+        )
 
 
 def seed_everything(seed: int) -> None:

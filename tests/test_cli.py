@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -104,15 +105,15 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
         f"loop.total_frames={frames + 100}",
         "loop.checkpoint_every=7",
         "threads=1",
-        "seed=5",
+        # the rest of the run's own command line, repeated: accepted
+        *("exp=smoke", f"run_dir={run_dir}", "loop.eval_every=0", "loop.report_every=0"),
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "ignoring 'seed=5'" in out.stdout and "ignoring 'threads" not in out.stdout
     state = load_checkpoint(run_dir)
     assert state["counters"]["frames"] >= frames + 100
     assert state["run_config"]["loop"]["total_frames"] == frames + 100
     assert state["run_config"]["loop"]["checkpoint_every"] == 7
-    assert state["run_config"]["seed"] != 5 and state["run_config"]["threads"] == 1
+    assert state["run_config"]["threads"] == 1
     saved = OmegaConf.load(run_dir / "run_config.yaml")  # rewritten with the changed keys
     assert saved.loop.total_frames == frames + 100 and saved.threads == 1
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -136,6 +137,16 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
     for bad in ("loop.total_frames=-1", "loop.checkpoint_every=2.5", "threads=1.5"):
         out = train(f"resume={run_dir}", bad)
         assert out.returncode == 2 and "must be a whole number" in out.stderr, out.stderr[-2000:]
+    # Other settings cannot change: a resume would have dropped them (it used to, with a line).
+    out = train(f"resume={run_dir}", "seed=5", "obs_model=vae", "loop.eval_every=0")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "seed=5 (the run's: 0)" in out.stderr and "obs_model.kind='vae'" in out.stderr
+    # loop.eval_every=0 is the run's own value: only the others are named
+    named = re.findall(r"(\S+)=\S+ \(the run's", out.stderr)
+    assert "seed" in named and all(k == "seed" or k.startswith("obs_model.") for k in named)
+    # exp=smoke alone would set the run's explicit loop.report_every=0 back to the preset's
+    out = train(f"resume={run_dir}", "exp=smoke")
+    assert out.returncode == 2 and "loop.report_every=" in out.stderr, out.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == files
 
 
