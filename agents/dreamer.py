@@ -61,8 +61,9 @@ class Carry:
     def reset(self, done: torch.Tensor) -> Carry:
         """Zero the rows whose episode ended (``done [N]`` bool); the RSSM also resets on
         ``is_first``, this keeps a_{t-1} right."""
-        keep = (~done).to(self.prev_action.dtype).unsqueeze(-1)
-        return Carry(RSSMState(self.state.h * keep, self.state.z * keep), self.prev_action * keep)
+        keep = ~done.bool().unsqueeze(-1)  # where, not · 0: a nan state must not outlive it
+        h, z = self.state.h.where(keep, 0.0), self.state.z.where(keep, 0.0)
+        return Carry(RSSMState(h, z), self.prev_action.where(keep, 0.0))
 
 
 class DreamerAgent(nn.Module):

@@ -170,9 +170,11 @@ class RSSM(nn.Module):
     ) -> tuple[RSSMState, torch.Tensor, torch.Tensor]:
         """:meth:`obs_step` on an embedding already projected by ``obs_model.project_embed``
         (``projected [N, hidden]``), with ``weights`` from ``obs_model.posterior_weights()``."""
-        keep = 1.0 - is_first.to(prev.h.dtype)
-        prev = RSSMState(prev.h * keep, prev.z * keep)
-        h = self.recurrent(prev, prev_action * keep)
+        # where, not a multiplication by 0/1: a non-finite state of the episode before must
+        # not outlive the reset (inf · 0 is nan).
+        first = is_first.bool()
+        prev = RSSMState(prev.h.where(~first, 0.0), prev.z.where(~first, 0.0))
+        h = self.recurrent(prev, prev_action.where(~first, 0.0))
         mu_q, sigma_q = self.obs_model.posterior_projected(projected, h, weights)
         z = self.obs_model.latent(mu_q, sigma_q, coords, noise)
         return RSSMState(h, z), mu_q, sigma_q

@@ -160,3 +160,24 @@ def test_rssm_hidden_sizes_the_rssm_mlps_and_nothing_else(kind):
     assert set(widths(tiny_world_model(kind)).values()) == {16}
     obs = narrow.filter(random_batch(2, 5)).observed
     assert obs.mu_q.shape == obs.mu_p.shape == (2, 5, 3)
+
+
+def test_a_reset_clears_a_non_finite_state(kind):
+    """is_first restarts from zeros even when the state before is nan or inf (a reset by
+    multiplication kept them: inf · 0 is nan), and so does the acting carry's reset."""
+    from agents.dreamer import Carry
+
+    wm = tiny_world_model(kind)
+    bad = RSSMState(torch.full((2, 8), float("nan")), torch.full((2, 3), float("inf")))
+    zero = RSSMState(torch.zeros(2, 8), torch.zeros(2, 3))
+    embed, coords = wm.obs_model.embed(wm.encode_pixels(random_batch(2, 1)["pixels"][:, 0])[0])
+    first = torch.tensor([[True], [False]])
+    noise = torch.zeros(2, 3)
+    action = torch.full((2, 2), float("nan"))
+    got, _, _ = wm.rssm.obs_step(bad, action, embed, coords, first, noise)
+    want, _, _ = wm.rssm.obs_step(zero, torch.zeros(2, 2), embed, coords, first, noise)
+    assert torch.equal(got.h[0], want.h[0]) and torch.equal(got.z[0], want.z[0])
+    assert got.h[1].isnan().all()  # the row that did not start over keeps its state
+    carry = Carry(bad, action).reset(torch.tensor([True, False]))
+    assert (carry.state.h[0] == 0).all() and (carry.prev_action[0] == 0).all()
+    assert carry.state.z[1].isinf().all()
