@@ -12,7 +12,10 @@ Three measurements, each eager float32 against the alternative in the same run:
    identical sizes of scripts/bench.py, eager and with its step (``filter_step``) compiled;
 4. one whole update (``DreamerAgent.train_step``, aef) with ``agent.autocast`` none and bf16
    (:mod:`aefrl.precision`: trunks in bf16), the two agents alternating call by call, at the
-   identical sizes of scripts/bench.py and at the ``exp=cpu`` sizes of the learning runs.
+   identical sizes of scripts/bench.py and at the ``exp=cpu`` sizes of the learning runs;
+5. the world-model and the full update (aef) at identical sizes with the RSSM's MLPs as wide as
+   the heads (``world_model.rssm_hidden`` = hidden, 400: the bench's mapping before 2026-12-06)
+   and as the belief (= deter, 200: torchrl's, the bench's since), alternating call by call.
 
     OMP_WAIT_POLICY=PASSIVE python scripts/bench_cpu_options.py   # ~3 min on 2 cores
 
@@ -240,6 +243,44 @@ def update_precision(reps: int, sizes: Sizes, label: str, batch: int, seq: int) 
     return out
 
 
+def rssm_width(reps: int, sizes: Sizes) -> list[dict]:
+    """Median seconds of the world-model and the full update (aef) with ``rssm_hidden`` =
+    ``sizes.hidden`` and = ``sizes.deter``, the two agents alternating call by call."""
+    import scripts.bench as bench
+    from aefrl.bench.subjects import OursSubject, ours_agent_kwargs
+    from agents.factory import build_agent
+
+    subjects = {}
+    for width in (sizes.hidden, sizes.deter):
+        torch.manual_seed(0)
+        agent, obs = ours_agent_kwargs(sizes, "aef", *bench.load_config("aef"))
+        agent["world_model"]["rssm_hidden"] = width
+        model = build_agent(agent, obs, (3, sizes.image, sizes.image), sizes.action_dim)
+        subjects[width] = OursSubject("aef", model)
+    batch = random_batch(sizes)
+    prepared = {w: subject.prepare(batch) for w, subject in subjects.items()}
+    out = []
+    for update in ("wm_update", "full_update"):
+        timed = time_interleaved(
+            {w: (lambda w=w, u=update: getattr(subjects[w], u)(prepared[w])) for w in subjects},
+            torch.device("cpu"),
+            reps,
+            warmup=1,
+            memory=False,
+        )
+        wide, narrow = (timed[w]["median_s"] for w in (sizes.hidden, sizes.deter))
+        out.append(
+            {
+                "update": update,
+                "widths": [sizes.hidden, sizes.deter],
+                "wide_s": round(wide, 3),
+                "narrow_s": round(narrow, 3),
+                "speedup": round(wide / narrow, 3),
+            }
+        )
+    return out
+
+
 def markdown(r: dict) -> str:
     m = r["machine"]
     lines = [
@@ -293,11 +334,27 @@ def markdown(r: dict) -> str:
                 f"| {x['sizes']} | {x['none_s']} | {x['bf16_s']} | {x['speedup']}x |"
                 for x in r["update_precision"]
             ],
+            "",
+        ]
+    if "rssm_width" in r:
+        wide, narrow = r["rssm_width"][0]["widths"]
+        lines += [
+            f"| identical sizes (aef), alternating | RSSM MLPs {wide} wide s | {narrow} wide s "
+            "| speedup |",
+            "|---|---:|---:|---:|",
+            *[
+                f"| {x['update'].replace('_', ' ')} | {x['wide_s']} | {x['narrow_s']} | "
+                f"{x['speedup']}x |"
+                for x in r["rssm_width"]
+            ],
         ]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-SECTIONS = ("matmul", "norm_act", "last_decoder_layer", "rssm_scan", "update_precision")
+SECTIONS = (
+    *("matmul", "norm_act", "last_decoder_layer", "rssm_scan", "update_precision"),
+    "rssm_width",
+)
 
 
 def main(argv=None) -> dict:
@@ -337,6 +394,9 @@ def main(argv=None) -> dict:
                     32,
                 ),
             ]
+        ),
+        "rssm_width": lambda: rssm_width(
+            1 if args.toy else args.reps, toy if args.toy else Sizes()
         ),
     }
     result = {

@@ -24,6 +24,10 @@ def test_toy_run_writes_every_measurement(tmp_path):
     assert row["none_s"] > 0 and row["bf16_s"] > 0 and row["speedup"] > 0
     assert "RSSM filtering scan" in out.with_suffix(".md").read_text()
     assert "| toy |" in out.with_suffix(".md").read_text()
+    wm, full = r["rssm_width"]  # toy sizes: hidden 16, deter 8
+    assert (wm["update"], full["update"]) == ("wm_update", "full_update")
+    assert wm["widths"] == [16, 8] and min(wm["wide_s"], wm["narrow_s"], full["narrow_s"]) > 0
+    assert "RSSM MLPs 16 wide" in out.with_suffix(".md").read_text()
     # --only runs the sections named, and the report has only those
     bench_cpu_options.main(["--toy", "--reps", "1", "--frames", "2", "--out", str(out), "--only",
                             "last_decoder_layer"])  # fmt: skip
