@@ -91,8 +91,8 @@ ARCHITECTURE_NOTES = [
     "RSSM: both a GRUCell with a 200-d belief and a 30-d Gaussian state, and MLPs 200 wide "
     "(make_dreamer passes rssm_hidden_dim as their width; ours world_model.rssm_hidden): "
     "torchrl's ELU, ours LayerNorm + SiLU. Our posterior is the observation model's encoder layer "
-    "(aef: z = mu + sigma * (W y + b), with a 12288 -> 30 projection W). Before 2026-12-06 (git "
-    "cb9b324 and earlier runs) our RSSM MLPs were 400 wide here (one width for every MLP).",
+    "(aef: z = mu + sigma * (W y + b), with a 12288 -> 30 projection W). In runs before git "
+    "c691f83 our RSSM MLPs were 400 wide here (one width for every MLP).",
     "Heads: torchrl has an ELU reward MLP with a unit-variance Normal (MSE); ours a two-hot "
     "(255 bins) reward head and a Bernoulli continue head (LayerNorm + SiLU, 2 hidden layers).",
     "World-model loss: torchrl's DreamerModelLoss is KL (free nats 3) + summed MSE "
