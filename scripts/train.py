@@ -44,6 +44,7 @@ from aefrl.nn import conv_stages
 from aefrl.overrides import OverrideError, check_overrides
 from aefrl.provenance import RUN_RECORDS, append_run_record, command_line
 from aefrl.replay import STORAGES, SequenceReplay
+from aefrl.resume_overrides import CHOICES_KEY, describe, group_choices, resume_conflicts
 from aefrl.seeding import stream_seed
 from agents.factory import build_agent, name_keys
 
@@ -183,6 +184,10 @@ def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
             )
         conf = OmegaConf.to_container(cfg, resolve=True)
         conf["run_dir"] = str(run_dir)
+        if hydra_job() is not None:  # the presets chosen, which a resume checks its own against
+            from hydra.core.hydra_config import HydraConfig
+
+            conf[CHOICES_KEY] = group_choices(HydraConfig.get().runtime.choices)
         return conf, run_dir, None
     run_dir = run_dir_of(cfg)
     if run_dir.is_file():  # a file other than the run's checkpoint
@@ -218,60 +223,32 @@ def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
     return conf, run_dir, state
 
 
-def leaves(node, prefix: str = "") -> dict:
-    """``{dotted key: value}`` of the leaves of a nested dict (lists count as leaves)."""
-    if not isinstance(node, dict):
-        return {prefix: node}
-    out = {}
-    for key, value in node.items():
-        out.update(leaves(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
 def check_resume_overrides(cfg: DictConfig, overrides: list[str], run_conf: dict) -> None:
-    """Refuse a resume whose command line changes a setting other than ``RESUME_OVERRIDABLE``.
-
-    A resumed run keeps its configuration, so ``obs_model=vae`` on an AEF run, ``seed=5`` or
-    ``exp=cpu`` would be dropped; repeating the run's own settings (its original command line
-    with ``resume=`` appended) is fine. What the other overrides change is found by composing
-    the configuration without them and comparing the leaves with the run's values.
-    """
-    other = [
-        o
-        for o in overrides
-        if o.lstrip("+~").split("=", 1)[0] not in (*RESUME_OVERRIDABLE, "resume")
-    ]
-    if not other:
+    """UserError naming the settings a resume's command line would change in the run's
+    configuration (:mod:`aefrl.resume_overrides`); the run's own values pass."""
+    checked = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in RESUME_OVERRIDABLE]
+    if not [o for o in checked if o.split("=", 1)[0] != "resume"]:
         return
     from hydra import compose
     from hydra.core.hydra_config import HydraConfig
 
-    kept = [o for o in overrides if o not in other]
-    base = compose(HydraConfig.get().job.config_name, overrides=kept)
-    missing = object()  # a key one side lacks (``+key=``, ``~key``, a key added since)
-    given = leaves(OmegaConf.to_container(cfg, resolve=False))
-    plain = leaves(OmegaConf.to_container(base, resolve=False))
-    changed = sorted(
-        k for k in given.keys() | plain.keys() if given.get(k, missing) != plain.get(k, missing)
+    hc = HydraConfig.get()
+    base = compose(hc.job.config_name, overrides=[o for o in overrides if o not in checked])
+    conflicts = resume_conflicts(
+        checked,
+        RESUME_OVERRIDABLE,
+        OmegaConf.to_container(cfg, resolve=True),
+        OmegaConf.to_container(cfg, resolve=False),
+        OmegaConf.to_container(base, resolve=True),
+        OmegaConf.to_container(base, resolve=False),
+        group_choices(hc.runtime.choices),
+        run_conf,
     )
-    ran = leaves(run_conf)
-    resolved = leaves(OmegaConf.to_container(cfg, resolve=True))
-    differ = [
-        (key, resolved.get(key, missing), ran.get(key, missing))
-        for key in changed
-        if resolved.get(key, missing) != ran.get(key, missing)
-    ]
-    if differ:
-        shown = ", ".join(
-            f"{key}={'(removed)' if new is missing else repr(new)} "
-            f"(the run's: {'not set' if old is missing else repr(old)})"
-            for key, new, old in differ[:4]
-        )
-        more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+    if conflicts:
         raise UserError(
             f"a resumed run keeps its configuration, which the command line would change: "
-            f"{shown}{more}; a resume may change only {', '.join(RESUME_OVERRIDABLE)} (start a "
-            "new run for other settings)"
+            f"{describe(conflicts)}; a resume may change only {', '.join(RESUME_OVERRIDABLE)} "
+            "(start a new run for other settings)"
         )
 
 

@@ -140,13 +140,14 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
     # Other settings cannot change: a resume would have dropped them (it used to, with a line).
     out = train(f"resume={run_dir}", "seed=5", "obs_model=vae", "loop.eval_every=0")
     assert out.returncode == 2, out.stderr[-2000:]
-    assert "seed=5 (the run's: 0)" in out.stderr and "obs_model.kind='vae'" in out.stderr
+    assert "seed=5 (the run's: 0)" in out.stderr and "obs_model=vae (the run's: aef)" in out.stderr
     # loop.eval_every=0 is the run's own value: only the others are named
-    named = re.findall(r"(\S+)=\S+ \(the run's", out.stderr)
-    assert "seed" in named and all(k == "seed" or k.startswith("obs_model.") for k in named)
-    # exp=smoke alone would set the run's explicit loop.report_every=0 back to the preset's
+    assert sorted(re.findall(r"(\S+)=\S+ \(the run's", out.stderr)) == ["obs_model", "seed"]
+    # a preset set back to the default is a change too; the run's own preset is not
+    out = train(f"resume={run_dir}", "exp=default")
+    assert out.returncode == 2 and "exp=default (the run's: smoke)" in out.stderr, out.stderr
     out = train(f"resume={run_dir}", "exp=smoke")
-    assert out.returncode == 2 and "loop.report_every=" in out.stderr, out.stderr[-2000:]
+    assert out.returncode == 0 and "nothing to train" in out.stdout, out.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == files
 
 

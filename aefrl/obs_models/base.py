@@ -233,8 +233,8 @@ class ObservationModel(nn.Module):
         return self.posterior_projected(self.project_embed(e, weights), context, weights)
 
     def posterior_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The posterior head's first-layer weight split by input: ``(W_c [hidden, context_dim],
-        W_e [hidden, E])`` (the head reads ``[context, e]``).
+        """The posterior head's first-layer weight split by input: ``(W_c [P, context_dim],
+        W_e [P, E])`` (the head reads ``[context, e]``; P is its width, ``posterior_hidden``).
 
         A filtering loop splits once per sequence and passes the pair to every step: slicing the
         weight inside each step would make autograd zero-fill a full-size gradient per slice.
@@ -243,7 +243,7 @@ class ObservationModel(nn.Module):
 
     def project_embed(self, e: torch.Tensor, weights=None) -> torch.Tensor:
         """The embedding's share of the posterior head's first layer, ``W_e e + b``:
-        ``[..., E] -> [..., hidden]``. It does not depend on the context, so a sequence model
+        ``[..., E] -> [..., P]``. It does not depend on the context, so a sequence model
         projects all B·T embeddings in one matmul before its recurrent loop."""
         w_e = (weights or self.posterior_weights())[1]
         return F.linear(e, w_e, self.posterior_head[0].bias)
@@ -252,7 +252,7 @@ class ObservationModel(nn.Module):
         self, projected: torch.Tensor, context: torch.Tensor | None = None, weights=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`posterior` of an embedding already passed through :meth:`project_embed`
-        (``projected [..., hidden]``), with ``weights`` from :meth:`posterior_weights`."""
+        (``projected [..., P]``), with ``weights`` from :meth:`posterior_weights`."""
         self._check_context(projected, context)
         x = projected
         if self.context_dim:

@@ -169,7 +169,8 @@ class RSSM(nn.Module):
         weights: tuple[torch.Tensor, torch.Tensor],
     ) -> tuple[RSSMState, torch.Tensor, torch.Tensor]:
         """:meth:`obs_step` on an embedding already projected by ``obs_model.project_embed``
-        (``projected [N, hidden]``), with ``weights`` from ``obs_model.posterior_weights()``."""
+        (``projected [N, P]``, P the posterior head's width), with ``weights`` from
+        ``obs_model.posterior_weights()``."""
         # where, not a multiplication by 0/1: a non-finite state of the episode before must
         # not outlive the reset (inf · 0 is nan).
         first = is_first.bool()

@@ -40,8 +40,9 @@ class WorldModel(nn.Module):
         hidden: width of the reward and continue heads' MLPs (and of the RSSM's unless
             ``rssm_hidden`` is given).
         rssm_hidden: width of the RSSM's MLPs: its input layer (the GRU's input), its prior
-            head and the observation model's posterior head. None: ``hidden``. (DreamerV1 and
-            torchrl size these with the belief, 200 beside 400-wide heads.)
+            head and the observation model's posterior head. None: ``hidden`` (the posterior
+            head: the observation model's own ``hidden``, as before the setting existed).
+            DreamerV1 and torchrl size these with the belief, 200 beside 400-wide heads.
         layers: hidden layers of the reward / continue heads.
         depth: conv trunk depth.
         conv_style, conv_norm: conv trunk geometry (``"v3"`` / ``"v1"``) and norms.
@@ -74,13 +75,22 @@ class WorldModel(nn.Module):
         self.action_dim = int(action_dim)
         self.preprocess = Preprocess(self.obs_shape, alpha=alpha, actnorm=actnorm)
         rssm_width = hidden if rssm_hidden is None else rssm_hidden
+        obs_options = dict(obs_options or {})
+        # Unset, the posterior head keeps the observation model's own width (as before).
+        given = obs_options.setdefault("posterior_hidden", rssm_hidden)
+        if given is None:
+            del obs_options["posterior_hidden"]
+        elif rssm_hidden is not None and given != rssm_hidden:
+            raise ValueError(
+                f"posterior_hidden ({obs_options['posterior_hidden']}) and rssm_hidden "
+                f"({rssm_hidden}) both set the posterior head's width; set rssm_hidden alone"
+            )
         options = {
             "depth": depth,
             "hidden": hidden,
-            "posterior_hidden": rssm_width,
             "conv_style": conv_style,
             "conv_norm": conv_norm,
-            **(obs_options or {}),
+            **obs_options,
         }
         self.obs_model = make_obs_model(obs_model, self.obs_shape, latent_dim, deter, **options)
         self.rssm = RSSM(self.obs_model, action_dim, deter, rssm_width, prior_std_min)

@@ -181,3 +181,17 @@ def test_a_reset_clears_a_non_finite_state(kind):
     carry = Carry(bad, action).reset(torch.tensor([True, False]))
     assert (carry.state.h[0] == 0).all() and (carry.prev_action[0] == 0).all()
     assert carry.state.z[1].isinf().all()
+
+
+def test_without_rssm_hidden_the_posterior_head_keeps_the_obs_model_width(kind):
+    """Runs from before rssm_hidden that set obs_model.options.hidden build the same model; a
+    posterior width given both ways must agree."""
+    import pytest
+
+    model = tiny_world_model(kind, obs_options={"hidden": 12})
+    assert model.obs_model.posterior_head[0].out_features == 12
+    assert model.rssm.img_in[0].out_features == 16
+    model = tiny_world_model(kind, rssm_hidden=8, obs_options={"posterior_hidden": 8})
+    assert model.obs_model.posterior_head[0].out_features == 8
+    with pytest.raises(ValueError, match="set rssm_hidden alone"):
+        tiny_world_model(kind, rssm_hidden=8, obs_options={"posterior_hidden": 4})

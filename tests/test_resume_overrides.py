@@ -1,0 +1,108 @@
+"""aefrl.resume_overrides: which command-line settings would change a resumed run's configuration.
+
+Configurations are composed by Hydra from the real configs/, as scripts/train.py composes them.
+"""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
+
+from aefrl.resume_overrides import (
+    CHOICES_KEY,
+    describe,
+    group_choices,
+    resume_conflicts,
+    run_group_choices,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+OVERRIDABLE = ("loop.total_frames", "loop.checkpoint_every", "threads")
+
+
+def composed(overrides):
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    choices = group_choices(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg, choices
+
+
+def run_config(*overrides, record_choices=True) -> dict:
+    """A run's configuration as train.py stores it."""
+    cfg, choices = composed(overrides)
+    conf = OmegaConf.to_container(cfg, resolve=True)
+    if record_choices:
+        conf[CHOICES_KEY] = choices
+    return conf
+
+
+def conflicts(run_conf, *overrides):
+    checked = [o for o in overrides if o.split("=", 1)[0] not in OVERRIDABLE]
+    cfg, choices = composed(overrides)
+    base, _ = composed([o for o in overrides if o not in checked])
+    return resume_conflicts(
+        checked,
+        OVERRIDABLE,
+        OmegaConf.to_container(cfg, resolve=True),
+        OmegaConf.to_container(cfg, resolve=False),
+        OmegaConf.to_container(base, resolve=True),
+        OmegaConf.to_container(base, resolve=False),
+        choices,
+        run_conf,
+    )
+
+
+def test_the_run_s_own_settings_pass_and_other_values_are_named():
+    run = run_config("exp=smoke", "obs_model=vae", "seed=3", "loop.report_every=0")
+    assert conflicts(run, "exp=smoke", "obs_model=vae", "seed=3", "loop.report_every=0") == []
+    assert conflicts(run, "exp=smoke", "loop.total_frames=9000", "threads=1") == []
+    assert conflicts(run, "seed=4") == [("seed", 4, 3)]
+    assert conflicts(run, "agent.lr.model=0.001") == [("agent.lr.model", 0.001, 3e-4)]
+
+
+def test_a_group_set_back_to_its_default_is_caught():
+    """Composed with and without the override alike, so a comparison of the two missed it."""
+    run = run_config("exp=smoke", "obs_model=vae")
+    assert conflicts(run, "obs_model=aef") == [("obs_model", "aef", "vae")]
+    assert conflicts(run, "exp=default") == [("exp", "default", "smoke")]
+    assert "obs_model=aef (the run's: vae)" in describe(conflicts(run, "obs_model=aef", "seed=1"))
+    assert "seed=1 (the run's: 0)" in describe(conflicts(run, "obs_model=aef", "seed=1"))
+
+
+def test_a_key_set_back_to_its_default_is_caught():
+    run = run_config("exp=smoke", "seed=3")
+    assert conflicts(run, "seed=0") == [("seed", 0, 3)]
+
+
+def test_a_group_option_setting_a_resumable_key_is_not_a_conflict():
+    """exp=smoke sets loop.total_frames; a resume may have changed it since."""
+    run = run_config("exp=smoke")
+    run["loop"]["total_frames"] = 123456
+    assert conflicts(run, "exp=smoke") == []
+
+
+def test_runs_from_before_the_recorded_choices():
+    run = run_config("exp=smoke", "obs_model=vae", record_choices=False)
+    assert run_group_choices(run) == {"obs_model": "vae", "agent": "dreamer"}
+    assert conflicts(run, "obs_model=vae") == []
+    assert conflicts(run, "obs_model=aef") == [("obs_model", "aef", "vae")]
+    # exp was not recorded: what exp=cpu changes against the defaults is compared
+    found = dict((k, (v, old)) for k, v, old in conflicts(run, "exp=cpu"))
+    assert found["agent.world_model.deter"][0] == 200
+    assert not any(k.startswith("loop.total_frames") for k in found)
+    # a key the run does not have passes at its default, and is named otherwise
+    del run["agent"]["world_model"]["rssm_hidden"]
+    assert conflicts(run, "agent.world_model.rssm_hidden=null") == []
+    (clash,) = conflicts(run, "agent.world_model.rssm_hidden=8")
+    assert clash[:2] == ("agent.world_model.rssm_hidden", 8)
+    assert "(the run's: not set)" in describe([clash])
+
+
+@pytest.mark.parametrize("given", ["runs/x/", "./runs/x", "runs/x"])
+def test_run_dir_is_compared_as_a_path(given):
+    run = run_config("run_dir=runs/x")
+    assert conflicts(run, f"run_dir={given}") == []
+    assert conflicts(run, "run_dir=runs/y") == [("run_dir", "runs/y", "runs/x")]
