@@ -594,3 +594,11 @@ def test_two_processes_cannot_train_in_one_run_dir(tmp_path):
     with pytest.raises(script.UserError, match="was taken by another run"):
         script.lock_run_dir(tmp_path, new_run=True)  # it got in first, and finished
     script.lock_run_dir(tmp_path, new_run=False).close()  # a resume of it may take the dir
+
+
+def test_help_says_what_the_script_does_and_lists_the_groups():
+    out = train("--help", timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("train.py: train a Dreamer-style agent")
+    assert "obs_model: aef, aef_partition, vae" in out.stdout
+    assert "agent/planner_exp is chosen by exp" in out.stdout
