@@ -348,7 +348,7 @@ def measure_identical(args, kinds) -> dict:
     batch = random_batch(sizes, seed=0, device=dev)
     prepared = {name: s.prepare(batch) for name, s in subjects.items()}
     capture_graphs(subjects, prepared, args)
-    out: dict = {"sizes": asdict(sizes), "parameters": {}}
+    out: dict = {"sizes": sizes.record(), "parameters": {}}
     for name, s in subjects.items():
         out["parameters"][name] = s.parameter_count()
 
@@ -524,7 +524,7 @@ def measure_default_sizes(args) -> dict:
         calls(subjects, "full_update", prepared, args), args.device, reps, warmup
     )
     out = {
-        "sizes": asdict(sizes),
+        "sizes": sizes.record(),
         "parameters": {name: s.parameter_count() for name, s in subjects.items()},
         "wm_update": wm,
         "full_update": full,

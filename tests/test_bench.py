@@ -83,6 +83,8 @@ def test_toy_run_writes_every_key(bench, tmp_path):
     assert "### Image size" in md and "| ours (aef) | 32 x 32 |" in md
     assert "world-model update speedup" in md and "| torchrl |" in md
     assert "### Work per update" in md and "GFLOP/s" in md
+    sizes = ident["sizes"]  # the RSSM's MLPs as wide as the belief, recorded and shown
+    assert sizes["rssm_hidden"] == sizes["deter"] and f"(its MLPs {sizes['deter']} wide)" in md
 
 
 def test_only_e2e_writes_the_end_to_end_run_alone(bench, tmp_path):
@@ -138,6 +140,12 @@ def test_same_trunks_variant_builds_torchrl_geometry_without_norms(bench):
     assert not [m for m in trunks if "Norm" in type(m).__name__]
     default = bench.build_ours("aef", Sizes(latent=3, deter=8, hidden=16, depth=4), "cpu")
     assert any("Norm" in type(m).__name__ for m in default.agent.world_model.obs_model.modules())
+    # identical sizes give our RSSM's MLPs torchrl's width (the belief's), the heads hidden's
+    for model in (wm, default.agent.world_model):
+        assert (
+            model.rssm.gru.input_size == 8 and model.obs_model.posterior_head[0].out_features == 8
+        )
+        assert model.reward_head.net[0].out_features == 16
 
 
 def test_time_interleaved_rotates_and_measures_memory_in_a_round_of_its_own(monkeypatch):

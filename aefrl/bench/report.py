@@ -13,6 +13,12 @@ def _name(subject: str) -> str:
     return subject if subject == "torchrl" else f"ours ({subject})"
 
 
+def _rssm_mlps(sizes: dict) -> str:
+    """`` (its MLPs 200 wide)`` where the results record the RSSM's MLP width (since git
+    c691f83; before, ours were ``hidden`` wide)."""
+    return f" (its MLPs {sizes['rssm_hidden']} wide)" if "rssm_hidden" in sizes else ""
+
+
 def _seconds(t: float) -> str:
     """Three decimals for CPU-scale times, four significant digits below 0.1 s (GPU)."""
     return f"{t:.3f}" if t >= 0.1 else f"{t:.4g}"
@@ -87,7 +93,8 @@ def _headline(r: dict) -> list[str]:
         return _seconds(full[k]["median_s"] - wm[k]["median_s"]) if k in full else "–"
 
     lines = [
-        f"Identical sizes: state {s['latent']}, RSSM {s['deter']}, hidden {s['hidden']}, conv "
+        f"Identical sizes: state {s['latent']}, RSSM {s['deter']}{_rssm_mlps(s)}, hidden "
+        f"{s['hidden']}, conv "
         f"depth {s['depth']}, batch {s['batch']} x {s['seq']} x 3 x {s['image']} x {s['image']} "
         f"uint8, {s['action_dim']}-d actions, horizon {s['horizon']}.",
         "",

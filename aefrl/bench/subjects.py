@@ -58,6 +58,16 @@ class Sizes:
     action_dim: int = 6
     horizon: int = 15
 
+    @property
+    def rssm_hidden(self) -> int:
+        """Width of the RSSM's MLPs: the belief's size, as torchrl's ``make_dreamer`` builds them
+        (ours: ``world_model.rssm_hidden``)."""
+        return self.deter
+
+    def record(self) -> dict:
+        """The sizes as a results file stores them, the RSSM's MLP width included."""
+        return {**asdict(self), "rssm_hidden": self.rssm_hidden}
+
     def with_batch(self, batch: int, seq: int) -> Sizes:
         return Sizes(**{**asdict(self), "batch": batch, "seq": seq})
 
@@ -112,7 +122,7 @@ def ours_agent_kwargs(sizes: Sizes, kind: str, agent: dict, obs_model: dict) -> 
     agent = {k: (dict(v) if isinstance(v, dict) else v) for k, v in agent.items()}
     agent["world_model"].update(
         deter=sizes.deter,
-        rssm_hidden=sizes.deter,  # as torchrl's RSSMPrior / RSSMPosterior (hidden_dim)
+        rssm_hidden=sizes.rssm_hidden,  # as torchrl's RSSMPrior / RSSMPosterior (hidden_dim)
         hidden=sizes.hidden,
         layers=sizes.reward_layers,
         depth=sizes.depth,
