@@ -98,7 +98,11 @@ def check_overrides(config_dir: Path, config_name: str, args: list[str]) -> None
     except OverrideParseException as exc:
         first = str(exc).strip().splitlines()[0]
         raise OverrideError(f"cannot parse the command line {' '.join(args)!r}: {first}") from None
-    parsed = [o for o in parsed if not o.key_or_group.startswith("hydra")]
+    # Hydra's own settings (hydra.run.dir=..., hydra/launcher=...); hydra_choices is ours
+    hydra_own = ("hydra.", "hydra/")
+    parsed = [
+        o for o in parsed if o.key_or_group != "hydra" and not o.key_or_group.startswith(hydra_own)
+    ]
     for o in parsed:
         if o.is_sweep_override():  # Hydra's "Ambiguous value" report is several lines
             raise OverrideError(

@@ -8,10 +8,11 @@ Repeating the run's own settings (its original command line with ``resume=`` app
 * A config group (``obs_model=vae``, ``exp=cpu``) is compared by the option chosen, with the
   choices the run recorded in its configuration (``hydra_choices``). Runs from before that record
   have their ``obs_model`` and ``agent`` choices read from ``obs_model.kind`` and ``agent.name``;
-  for another group such a run did not record, the leaves the option changes against the
-  defaults are compared instead.
-* A key (``seed=5``, ``agent.lr.model=1e-4``) is compared leaf by leaf under it. A leaf the run
-  does not have (a key added since it started) passes when the value is the current default.
+  for another group such a run did not record (``exp``), the keys the option changes are compared
+  instead, which cannot see a preset set back to its default (``exp=default`` on such a run).
+* A key (``seed=5``, ``agent.lr.model=1e-4``, ``loop={eval_every: 0}``) is compared leaf by leaf
+  under the keys it names. A leaf the run does not have (a key added since it started) passes
+  when the value is the current default.
 
 The keys a resume may change (``RESUME_OVERRIDABLE`` in ``scripts/train.py``) are left out, also
 where a group option sets them.
@@ -19,8 +20,9 @@ where a group option sets them.
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 #: The run configuration's record of the config-group choices it was composed from.
 CHOICES_KEY = "hydra_choices"
@@ -64,51 +66,76 @@ def _same(key: str, new, old) -> bool:
     return new == old
 
 
+def typed_leaves(override: str) -> set[str]:
+    """The dotted keys an override sets by name: ``seed=5`` -> ``{"seed"}``, ``loop={a: 1, b:
+    2}`` -> ``{"loop.a", "loop.b"}`` (a group choice names its group)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_override(override)
+        key, value = parsed.key_or_group, parsed.value()
+    except (HydraException, ValueError):
+        return {override.split("=", 1)[0].lstrip("+~")}
+    return set(leaves(value, key)) if isinstance(value, Mapping) and value else {key}
+
+
+def overridable_given(overrides: Iterable[str], overridable: Iterable[str]) -> list[str]:
+    """The keys of ``overridable`` that ``overrides`` set by name, also inside a dict value
+    (``loop={total_frames: 600}``), in ``overridable``'s order."""
+    typed = set().union(*(typed_leaves(o) for o in overrides))
+    return [k for k in overridable if k in typed]
+
+
+def changed_leaves(with_: Mapping, without: Mapping) -> set[str]:
+    """Dotted keys whose value differs between two configurations (or that one lacks)."""
+    a, b = leaves(with_), leaves(without)
+    return {k for k in a.keys() | b.keys() if a.get(k, _MISSING) != b.get(k, _MISSING)}
+
+
 def resume_conflicts(
     overrides: Iterable[str],
     overridable: Iterable[str],
     composed: Mapping,
-    composed_unresolved: Mapping,
     base: Mapping,
-    base_unresolved: Mapping,
     choices: Mapping[str, str],
     run_conf: Mapping,
+    effect: Callable[[str], Iterable[str]],
 ) -> list[tuple[str, object, object]]:
     """``(setting, value given, the run's value)`` for each setting the command line would change.
 
     Args:
         overrides: the command line's overrides (``key=value``, ``group=option``).
-        overridable: keys a resume may change (skipped, also inside group options).
-        composed, composed_unresolved: the configuration composed with every override, as
-            plain containers, interpolations resolved and not.
-        base, base_unresolved: the same composed without the overrides that are checked here.
+        overridable: keys a resume may change (skipped, also inside group options and dicts).
+        composed: the configuration composed with every override (interpolations resolved).
+        base: the same composed without ``overrides``: a key the run lacks (added since it
+            started) passes at this default.
         choices: the config-group choices of ``composed`` (:func:`group_choices`).
         run_conf: the resumed run's configuration.
+        effect: the dotted keys one override changes, for a group the run did not record
+            (the configuration composed with every override against it without that one).
     """
     overridable = set(overridable)
     ran_choices = run_group_choices(run_conf)
     new, ran, default = leaves(composed), leaves(run_conf), leaves(base)
-    given, plain = leaves(composed_unresolved), leaves(base_unresolved)
     conflicts: list[tuple[str, object, object]] = []
-    seen: set[str] = set()  # overrides checked
     named: set[str] = set()  # leaves reported
     for item in overrides:
         key = item.split("=", 1)[0].lstrip("+~")
-        if key in overridable or key == "resume" or key in seen:
+        if key == "resume":
             continue
-        seen.add(key)
         if key in choices and key in ran_choices:
-            if choices[key] != ran_choices[key]:
+            if choices[key] != ran_choices[key] and key not in named:
+                named.add(key)
                 conflicts.append((key, choices[key], ran_choices[key]))
             continue
-        if key in choices:  # a group the run did not record: what the option changes
-            names = [
-                k
-                for k in given.keys() | plain.keys()
-                if given.get(k, _MISSING) != plain.get(k, _MISSING)
-            ]
+        if key in choices:  # a group the run did not record: the keys its option changes
+            names = set(effect(item))
         else:
-            names = [k for k in new.keys() | ran.keys() if k == key or k.startswith(f"{key}.")]
+            names = {
+                k for t in typed_leaves(item) for k in new.keys() | ran.keys()
+                if k == t or k.startswith(f"{t}.")
+            }  # fmt: skip
         for name in sorted(names):
             if name in overridable or name == CHOICES_KEY or name.startswith(f"{CHOICES_KEY}."):
                 continue
@@ -121,16 +148,19 @@ def resume_conflicts(
     return conflicts
 
 
+def _spelled(value, missing: str) -> str:
+    """A value as the command line spells it (``null``, ``true``, ``[1, 2]``)."""
+    if value is _MISSING:
+        return missing
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, default=str)
+
+
 def describe(conflicts: list[tuple[str, object, object]], shown: int = 6) -> str:
     """``seed=5 (the run's: 0), obs_model=vae (the run's: aef)``, at most ``shown`` of them."""
-
-    def text(value, missing: str) -> str:
-        return (
-            missing if value is _MISSING else repr(value) if not isinstance(value, str) else value
-        )
-
     parts = [
-        f"{key}={text(value, '(removed)')} (the run's: {text(old, 'not set')})"
+        f"{key}={_spelled(value, '(removed)')} (the run's: {_spelled(old, 'not set')})"
         for key, value, old in conflicts[:shown]
     ]
     more = f" and {len(conflicts) - shown} more" if len(conflicts) > shown else ""

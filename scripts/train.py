@@ -44,7 +44,14 @@ from aefrl.nn import conv_stages
 from aefrl.overrides import OverrideError, check_overrides
 from aefrl.provenance import RUN_RECORDS, append_run_record, command_line
 from aefrl.replay import STORAGES, SequenceReplay
-from aefrl.resume_overrides import CHOICES_KEY, describe, group_choices, resume_conflicts
+from aefrl.resume_overrides import (
+    CHOICES_KEY,
+    changed_leaves,
+    describe,
+    group_choices,
+    overridable_given,
+    resume_conflicts,
+)
 from aefrl.seeding import stream_seed
 from agents.factory import build_agent, name_keys
 
@@ -207,19 +214,19 @@ def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
 
     overrides = list(HydraConfig.get().overrides.task)
     check_resume_overrides(cfg, overrides, conf)
-    for item in overrides:
-        key = item.split("=", 1)[0].lstrip("+~")
-        if key in RESUME_OVERRIDABLE:
-            *parents, name = key.split(".")
-            section = conf
-            for parent in parents:
-                section = section[parent]
-            value = OmegaConf.select(cfg, key)
-            if key == "threads" and value is None:  # as in a new run: torch's default
-                value = 0
-            # Checked here, before "nothing to train" compares it with the run's frames.
-            check_whole_number(key, value, RESUME_OVERRIDABLE[key])
-            section[name] = value
+    # Also inside a dict (loop={total_frames: 600}), which would otherwise pass the check
+    # above and be dropped here.
+    for key in overridable_given(overrides, RESUME_OVERRIDABLE):
+        *parents, name = key.split(".")
+        section = conf
+        for parent in parents:
+            section = section[parent]
+        value = OmegaConf.select(cfg, key)
+        if key == "threads" and value is None:  # as in a new run: torch's default
+            value = 0
+        # Checked here, before "nothing to train" compares it with the run's frames.
+        check_whole_number(key, value, RESUME_OVERRIDABLE[key])
+        section[name] = value
     return conf, run_dir, state
 
 
@@ -233,16 +240,21 @@ def check_resume_overrides(cfg: DictConfig, overrides: list[str], run_conf: dict
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
+    unresolved = OmegaConf.to_container(cfg, resolve=False)
+
+    def effect(item: str) -> set[str]:
+        without = compose(hc.job.config_name, overrides=[o for o in overrides if o != item])
+        return changed_leaves(unresolved, OmegaConf.to_container(without, resolve=False))
+
     base = compose(hc.job.config_name, overrides=[o for o in overrides if o not in checked])
     conflicts = resume_conflicts(
         checked,
         RESUME_OVERRIDABLE,
         OmegaConf.to_container(cfg, resolve=True),
-        OmegaConf.to_container(cfg, resolve=False),
         OmegaConf.to_container(base, resolve=True),
-        OmegaConf.to_container(base, resolve=False),
         group_choices(hc.runtime.choices),
         run_conf,
+        effect,
     )
     if conflicts:
         raise UserError(

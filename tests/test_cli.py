@@ -148,6 +148,9 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
     assert out.returncode == 2 and "exp=default (the run's: smoke)" in out.stderr, out.stderr
     out = train(f"resume={run_dir}", "exp=smoke")
     assert out.returncode == 0 and "nothing to train" in out.stdout, out.stderr[-2000:]
+    # a resumable key inside a dict is applied, not dropped ("nothing to train" said 400)
+    out = train(f"resume={run_dir}", "loop={total_frames: 1, eval_every: 0}")
+    assert out.returncode == 0 and "loop.total_frames=1;" in out.stdout, out.stdout[-2000:]
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == files
 
 

@@ -75,6 +75,8 @@ def test_valid_overrides_pass(args):
         (("~seed",), "~seed deletes a setting, which the run needs; set it instead (seed=<value>)"),
         # several values without -m: Hydra's multi-line "Ambiguous value" report
         (("env.task=walker-walk,cartpole-swingup",), "gives several values: a sweep needs -m"),
+        # run_config.yaml shows hydra_choices; it is a record, not one of Hydra's own settings
+        (("hydra_choices.exp=cpu",), "hydra_choices.exp is not a setting: no such key"),
     ],
 )
 def test_bad_overrides_are_one_sentence(args, message):

@@ -11,8 +11,10 @@ from omegaconf import OmegaConf, open_dict
 
 from aefrl.resume_overrides import (
     CHOICES_KEY,
+    changed_leaves,
     describe,
     group_choices,
+    overridable_given,
     resume_conflicts,
     run_group_choices,
 )
@@ -40,18 +42,24 @@ def run_config(*overrides, record_choices=True) -> dict:
 
 
 def conflicts(run_conf, *overrides):
-    checked = [o for o in overrides if o.split("=", 1)[0] not in OVERRIDABLE]
+    """resume_conflicts wired as scripts/train.py wires it."""
+    checked = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in OVERRIDABLE]
     cfg, choices = composed(overrides)
     base, _ = composed([o for o in overrides if o not in checked])
+    unresolved = OmegaConf.to_container(cfg, resolve=False)
+
+    def effect(item):
+        without, _ = composed([o for o in overrides if o != item])
+        return changed_leaves(unresolved, OmegaConf.to_container(without, resolve=False))
+
     return resume_conflicts(
         checked,
         OVERRIDABLE,
         OmegaConf.to_container(cfg, resolve=True),
-        OmegaConf.to_container(cfg, resolve=False),
         OmegaConf.to_container(base, resolve=True),
-        OmegaConf.to_container(base, resolve=False),
         choices,
         run_conf,
+        effect,
     )
 
 
@@ -77,11 +85,33 @@ def test_a_key_set_back_to_its_default_is_caught():
     assert conflicts(run, "seed=0") == [("seed", 0, 3)]
 
 
-def test_a_group_option_setting_a_resumable_key_is_not_a_conflict():
-    """exp=smoke sets loop.total_frames; a resume may have changed it since."""
+@pytest.mark.parametrize("record_choices", [True, False])
+def test_a_group_option_setting_a_resumable_key_is_not_a_conflict(record_choices):
+    """exp=cpu sets loop.checkpoint_every; a resume may have changed it since."""
+    run = run_config("exp=cpu", record_choices=record_choices)
+    assert run["loop"]["checkpoint_every"] != 12345
+    run["loop"]["checkpoint_every"] = 12345
+    assert conflicts(run, "exp=cpu") == []
+
+
+def test_a_dict_value_is_compared_on_the_keys_it_names():
     run = run_config("exp=smoke")
-    run["loop"]["total_frames"] = 123456
-    assert conflicts(run, "exp=smoke") == []
+    assert conflicts(run, "agent.world_model={deter: 32, hidden: 32}") == []
+    assert conflicts(run, "agent.world_model={deter: 64}") == [("agent.world_model.deter", 64, 32)]
+    # a resumable key inside a dict is given (and applied by train.py), not a conflict
+    assert conflicts(run, "loop={total_frames: 600, eval_every: 0}") == [
+        ("loop.eval_every", 0, run["loop"]["eval_every"])
+    ]
+    assert overridable_given(["loop={total_frames: 600}", "threads=1"], OVERRIDABLE) == [
+        "loop.total_frames",
+        "threads",
+    ]
+    assert overridable_given(["loop={eval_every: 0}"], OVERRIDABLE) == []
+
+
+def test_values_are_spelled_as_on_the_command_line():
+    text = describe([("a", None, 1.0), ("b", True, False), ("c", [1, 2], "x")])
+    assert text == "a=null (the run's: 1.0), b=true (the run's: false), c=[1, 2] (the run's: x)"
 
 
 def test_runs_from_before_the_recorded_choices():
@@ -89,10 +119,13 @@ def test_runs_from_before_the_recorded_choices():
     assert run_group_choices(run) == {"obs_model": "vae", "agent": "dreamer"}
     assert conflicts(run, "obs_model=vae") == []
     assert conflicts(run, "obs_model=aef") == [("obs_model", "aef", "vae")]
-    # exp was not recorded: what exp=cpu changes against the defaults is compared
-    found = dict((k, (v, old)) for k, v, old in conflicts(run, "exp=cpu"))
-    assert found["agent.world_model.deter"][0] == 200
-    assert not any(k.startswith("loop.total_frames") for k in found)
+    # exp was not recorded: the keys exp=cpu changes are compared (not the resumable ones)
+    found = {k: v for k, v, old in conflicts(run, "exp=cpu")}
+    assert found["agent.world_model.deter"] == 200 and "loop.checkpoint_every" not in found
+    # ... and only those: the other overrides' keys are theirs (agent=planner matched by name)
+    planner = run_config("agent=planner", "exp=smoke", record_choices=False)
+    planner["agent"]["explore_noise"] = 0.2  # a default that changed since the run
+    assert conflicts(planner, "agent=planner", "exp=smoke") == []
     # a key the run does not have passes at its default, and is named otherwise
     del run["agent"]["world_model"]["rssm_hidden"]
     assert conflicts(run, "agent.world_model.rssm_hidden=null") == []

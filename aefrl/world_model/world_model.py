@@ -77,14 +77,14 @@ class WorldModel(nn.Module):
         rssm_width = hidden if rssm_hidden is None else rssm_hidden
         obs_options = dict(obs_options or {})
         # Unset, the posterior head keeps the observation model's own width (as before).
-        given = obs_options.setdefault("posterior_hidden", rssm_hidden)
-        if given is None:
-            del obs_options["posterior_hidden"]
-        elif rssm_hidden is not None and given != rssm_hidden:
+        given = obs_options.pop("posterior_hidden", None)
+        if rssm_hidden is not None and given not in (None, rssm_hidden):
             raise ValueError(
-                f"posterior_hidden ({obs_options['posterior_hidden']}) and rssm_hidden "
-                f"({rssm_hidden}) both set the posterior head's width; set rssm_hidden alone"
+                f"posterior_hidden ({given}) and rssm_hidden ({rssm_hidden}) both set the "
+                "posterior head's width; set rssm_hidden alone"
             )
+        if rssm_hidden is not None or given is not None:
+            obs_options["posterior_hidden"] = rssm_hidden if rssm_hidden is not None else given
         options = {
             "depth": depth,
             "hidden": hidden,
