@@ -21,6 +21,7 @@ where a group option sets them.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 
@@ -66,18 +67,24 @@ def _same(key: str, new, old) -> bool:
     return new == old
 
 
-def typed_leaves(override: str) -> set[str]:
-    """The dotted keys an override sets by name: ``seed=5`` -> ``{"seed"}``, ``loop={a: 1, b:
-    2}`` -> ``{"loop.a", "loop.b"}`` (a group choice names its group)."""
+def _parsed(override: str) -> tuple[str, object]:
+    """``(key or group, value)`` of an override as Hydra parses it (the value ``None`` when it
+    does not parse: such a command line stops before a resume is checked)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
     try:
         parsed = OverridesParser.create().parse_override(override)
-        key, value = parsed.key_or_group, parsed.value()
+        return parsed.key_or_group, parsed.value()
     except (HydraException, ValueError):
-        return {override.split("=", 1)[0].lstrip("+~")}
-    return set(leaves(value, key)) if isinstance(value, Mapping) and value else {key}
+        return override.split("=", 1)[0].lstrip("+~"), None
+
+
+def typed_leaves(override: str) -> set[str]:
+    """The dotted keys an override sets by name: ``seed=5`` -> ``{"seed"}``, ``loop={a: 1, b:
+    2}`` -> ``{"loop.a", "loop.b"}``, ``loop={}`` -> none (a group choice names its group)."""
+    key, value = _parsed(override)
+    return set(leaves(value, key)) if isinstance(value, Mapping) else {key}
 
 
 def overridable_given(overrides: Iterable[str], overridable: Iterable[str]) -> list[str]:
@@ -121,15 +128,17 @@ def resume_conflicts(
     conflicts: list[tuple[str, object, object]] = []
     named: set[str] = set()  # leaves reported
     for item in overrides:
-        key = item.split("=", 1)[0].lstrip("+~")
+        key, value = _parsed(item)
         if key == "resume":
             continue
-        if key in choices and key in ran_choices:
+        # A dict on a group's node (obs_model={kind: vae}) sets keys in it, like any dict.
+        choice = key in choices and not isinstance(value, Mapping)
+        if choice and key in ran_choices:
             if choices[key] != ran_choices[key] and key not in named:
                 named.add(key)
                 conflicts.append((key, choices[key], ran_choices[key]))
             continue
-        if key in choices:  # a group the run did not record: the keys its option changes
+        if choice:  # a group the run did not record: the keys its option changes
             names = set(effect(item))
         else:
             names = {
@@ -154,6 +163,8 @@ def _spelled(value, missing: str) -> str:
         return missing
     if isinstance(value, str):
         return value
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # inf, -inf, nan: json would write Infinity
     return json.dumps(value, default=str)
 
 
@@ -165,3 +176,42 @@ def describe(conflicts: list[tuple[str, object, object]], shown: int = 6) -> str
     ]
     more = f" and {len(conflicts) - shown} more" if len(conflicts) > shown else ""
     return ", ".join(parts) + more
+
+
+def command_line_conflicts(
+    overrides: list[str],
+    overridable: Iterable[str],
+    cfg,
+    compose: Callable[[list[str]], object],
+    choices: Mapping[str, str],
+    run_conf: Mapping,
+) -> list[tuple[str, object, object]]:
+    """:func:`resume_conflicts` of a Hydra command line: ``cfg`` is the configuration (a
+    DictConfig) composed from ``overrides``, ``compose(overrides)`` composes another command
+    line the same way, ``choices`` are ``cfg``'s config-group choices."""
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    overridable = list(overridable)
+    checked = [o for o in overrides if _parsed(o)[0] not in overridable]
+    if all(_parsed(o)[0] == "resume" for o in checked):
+        return []
+    base = compose([o for o in overrides if o not in checked])
+    unresolved = OmegaConf.to_container(cfg, resolve=False)
+
+    def effect(item: str) -> set[str]:
+        try:
+            without = compose([o for o in overrides if o != item])
+        except HydraException:  # another override needs this one (a key only its option has)
+            without = base  # then what all the checked overrides change together
+        return changed_leaves(unresolved, OmegaConf.to_container(without, resolve=False))
+
+    return resume_conflicts(
+        checked,
+        overridable,
+        OmegaConf.to_container(cfg, resolve=True),
+        OmegaConf.to_container(base, resolve=True),
+        choices,
+        run_conf,
+        effect,
+    )

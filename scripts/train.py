@@ -46,11 +46,10 @@ from aefrl.provenance import RUN_RECORDS, append_run_record, command_line
 from aefrl.replay import STORAGES, SequenceReplay
 from aefrl.resume_overrides import (
     CHOICES_KEY,
-    changed_leaves,
+    command_line_conflicts,
     describe,
     group_choices,
     overridable_given,
-    resume_conflicts,
 )
 from aefrl.seeding import stream_seed
 from agents.factory import build_agent, name_keys
@@ -233,28 +232,17 @@ def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
 def check_resume_overrides(cfg: DictConfig, overrides: list[str], run_conf: dict) -> None:
     """UserError naming the settings a resume's command line would change in the run's
     configuration (:mod:`aefrl.resume_overrides`); the run's own values pass."""
-    checked = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in RESUME_OVERRIDABLE]
-    if not [o for o in checked if o.split("=", 1)[0] != "resume"]:
-        return
     from hydra import compose
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
-    unresolved = OmegaConf.to_container(cfg, resolve=False)
-
-    def effect(item: str) -> set[str]:
-        without = compose(hc.job.config_name, overrides=[o for o in overrides if o != item])
-        return changed_leaves(unresolved, OmegaConf.to_container(without, resolve=False))
-
-    base = compose(hc.job.config_name, overrides=[o for o in overrides if o not in checked])
-    conflicts = resume_conflicts(
-        checked,
+    conflicts = command_line_conflicts(
+        overrides,
         RESUME_OVERRIDABLE,
-        OmegaConf.to_container(cfg, resolve=True),
-        OmegaConf.to_container(base, resolve=True),
+        cfg,
+        lambda line: compose(hc.job.config_name, overrides=line),
         group_choices(hc.runtime.choices),
         run_conf,
-        effect,
     )
     if conflicts:
         raise UserError(

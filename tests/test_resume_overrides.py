@@ -11,11 +11,10 @@ from omegaconf import OmegaConf, open_dict
 
 from aefrl.resume_overrides import (
     CHOICES_KEY,
-    changed_leaves,
+    command_line_conflicts,
     describe,
     group_choices,
     overridable_given,
-    resume_conflicts,
     run_group_choices,
 )
 
@@ -41,25 +40,16 @@ def run_config(*overrides, record_choices=True) -> dict:
     return conf
 
 
-def conflicts(run_conf, *overrides):
-    """resume_conflicts wired as scripts/train.py wires it."""
-    checked = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in OVERRIDABLE]
+def conflicts(run_conf, *overrides, compose=None):
+    """command_line_conflicts on configurations Hydra composes from the real configs/."""
     cfg, choices = composed(overrides)
-    base, _ = composed([o for o in overrides if o not in checked])
-    unresolved = OmegaConf.to_container(cfg, resolve=False)
-
-    def effect(item):
-        without, _ = composed([o for o in overrides if o != item])
-        return changed_leaves(unresolved, OmegaConf.to_container(without, resolve=False))
-
-    return resume_conflicts(
-        checked,
+    return command_line_conflicts(
+        list(overrides),
         OVERRIDABLE,
-        OmegaConf.to_container(cfg, resolve=True),
-        OmegaConf.to_container(base, resolve=True),
+        cfg,
+        compose or (lambda line: composed(line)[0]),
         choices,
         run_conf,
-        effect,
     )
 
 
@@ -139,3 +129,36 @@ def test_run_dir_is_compared_as_a_path(given):
     run = run_config("run_dir=runs/x")
     assert conflicts(run, f"run_dir={given}") == []
     assert conflicts(run, "run_dir=runs/y") == [("run_dir", "runs/y", "runs/x")]
+
+
+def test_a_dict_on_a_group_node_sets_keys_in_it():
+    """obs_model={kind: vae} merges into the chosen option like any dict; taken for a group
+    choice (obs_model, unchanged) it passed and the run went on as an AEF."""
+    run = run_config("exp=smoke")
+    assert conflicts(run, "obs_model={kind: vae}") == [("obs_model.kind", "vae", "aef")]
+    assert conflicts(run, "loop={}") == []  # an empty dict names nothing
+
+
+def test_an_override_that_cannot_be_left_out_alone_falls_back_to_all_of_them():
+    """The keys an unrecorded group changes come from composing without it; when another
+    override needs it (a key only its option has), Hydra cannot, and every checked override's
+    changes are compared instead of a Hydra traceback."""
+    from hydra.errors import ConfigCompositionException
+
+    run = run_config("exp=smoke", record_choices=False)
+
+    def compose(line):
+        if "exp=cpu" not in line and "agent.world_model.depth=16" in line:
+            raise ConfigCompositionException("Could not override 'agent.world_model.depth'")
+        return composed(line)[0]
+
+    found = {
+        k for k, _, _ in conflicts(run, "exp=cpu", "agent.world_model.depth=16", compose=compose)
+    }
+    assert {"agent.world_model.deter", "agent.world_model.depth"} <= found
+
+
+def test_non_finite_values_are_spelled_as_typed():
+    assert describe([("loop.train_ratio", float("inf"), 512)]) == (
+        "loop.train_ratio=inf (the run's: 512)"
+    )
