@@ -123,16 +123,19 @@ def check_overrides(config_dir: Path, config_name: str, args: list[str]) -> None
                     f"{o.input_line} is not a choice: {o.key_or_group} is one of "
                     f"{', '.join(choices)} (configs/{o.key_or_group}/)"
                 )
-    group_lines = [o.input_line for o in parsed if o.key_or_group in groups]
+    # A mapping on a group's node (agent={lr: {model: 1e-4}}) sets keys in the chosen option.
+    keyed = [o for o in parsed if o.key_or_group not in groups or isinstance(o.value(), dict)]
+    group_lines = [o.input_line for o in parsed if o not in keyed]
     try:
         with initialize_config_dir(str(config_dir), version_base="1.3"):
             defaults = compose(config_name, overrides=group_lines, return_hydra_config=True)
     except HydraException as exc:
         raise OverrideError(" ".join(str(exc).split())) from None
-    for o in parsed:
-        if o.key_or_group in groups:
-            continue
-        key, value = o.key_or_group, o.value()
+    # A dict value (loop={total_frames: 600}) is checked key by key, as loop.total_frames=600:
+    # Hydra answers an unknown key inside it with a multi-line report.
+    pending = [(o.key_or_group, o.value(), o.is_add()) for o in keyed]
+    while pending:
+        key, value, is_add = pending.pop(0)
         default = OmegaConf.select(
             defaults, key, default=_ABSENT, throw_on_resolution_failure=False
         )
@@ -152,13 +155,16 @@ def check_overrides(config_dir: Path, config_name: str, args: list[str]) -> None
             hint = f"; did you mean {close[0]}?" if close else ""
             # "+key" adds a key; no component reads a key that configs/ lacks
             raise OverrideError(f"{key} is not a setting: no such key in configs/{hint}")
-        if o.is_add():
+        if is_add:
             raise OverrideError(f"{key} is already a setting: write {key}=..., without the +")
         if OmegaConf.is_dict(default) and not isinstance(value, dict):
             raise OverrideError(
                 f"{key} is a group of settings, not a value: set its keys ({key}.<key>=<value>), "
                 f"got {value!r}"
             )
+        if OmegaConf.is_dict(default):  # a dict for a group of settings: each key in it
+            pending += [(f"{key}.{k}", v, False) for k, v in value.items()]
+            continue
         want = _kind(default)
         if want in _KIND_WORDS and _kind(value) != want:
             words = _KIND_WORDS[want]

@@ -30,6 +30,7 @@ def test_groups_are_the_config_directories():
         ("env.time_limit=5", "resume=runs/x", "device=cuda:1", "loop.cuda_graph=false"),
         ("hydra.run.dir=elsewhere", "++seed=3"),  # Hydra's keys, force-set
         ("loop={total_frames: 100}",),  # a group given as a mapping
+        ("agent.world_model={deter: 32, hidden: 32}", "agent={lr: {model: 1e-4}}"),
         ("--cfg", "job", "whatever=1"),  # Hydra flags: the whole line is Hydra's
     ],
 )
@@ -75,6 +76,15 @@ def test_valid_overrides_pass(args):
         (("~seed",), "~seed deletes a setting, which the run needs; set it instead (seed=<value>)"),
         # several values without -m: Hydra's multi-line "Ambiguous value" report
         (("env.task=walker-walk,cartpole-swingup",), "gives several values: a sweep needs -m"),
+        # inside a mapping, key by key (Hydra: a multi-line "not in struct" report)
+        (
+            ("loop={total_framez: 600}",),
+            "loop.total_framez is not a setting: no such key in "
+            "configs/; did you mean loop.total_frames?",
+        ),
+        (("agent={lr: {modle: 1}}",), "did you mean agent.lr.model?"),
+        (("loop={total_frames: abc}",), "loop.total_frames takes a number"),
+        (("agent={lr: 0.1}",), "agent.lr is a group of settings, not a value"),
         # run_config.yaml shows hydra_choices; it is a record, not one of Hydra's own settings
         (("hydra_choices.exp=cpu",), "hydra_choices.exp is not a setting: no such key"),
     ],
