@@ -53,6 +53,15 @@ def make_env(task: str, **kwargs):
         raise UserError(message) from None
 
 
+def make_run_env(env: dict, seed: int, num_envs: int | None = None, render: str | None = None):
+    """:func:`make_env` for a run's ``env`` configuration: its own number of environments
+    unless ``num_envs`` is given (evaluation takes one), its renderer unless ``render`` is."""
+    kwargs = {k: v for k, v in env.items() if k not in ("task", "num_envs")}
+    if render is not None:
+        kwargs["render"] = render
+    return make_env(env["task"], seed=seed, num_envs=num_envs or env.get("num_envs", 1), **kwargs)
+
+
 def output_path(path: str | Path | None, default: Path) -> Path:
     """Where a script writes its result: ``path`` or ``default``, its folder created and the
     file's writability tried now, before the work (a missing folder, a directory or an

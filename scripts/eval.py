@@ -115,7 +115,7 @@ from tqdm import tqdm
 
 from aefrl import keys
 from aefrl.checkpoint import MODEL_KEYS, CheckpointError, check_contents, load_checkpoint
-from aefrl.cli import UserError, make_env, output_path, resolve_device
+from aefrl.cli import UserError, make_run_env, output_path, resolve_device
 from aefrl.evaluation import critic_calibration, run_episodes
 from aefrl.logging import encode_gif, to_hwc_uint8
 from aefrl.provenance import machine_info
@@ -238,9 +238,8 @@ def evaluate_checkpoint(args) -> int:
     out = output_path(args.out, run_dir / f"eval{suffix}.json")
     record = args.video != ""
     video = output_path(args.video, run_dir / f"eval{suffix}.gif") if record else None
-    env_conf = {k: v for k, v in conf["env"].items() if k not in ("task", "num_envs")}
-    env_conf["render"] = args.render or conf["env"].get("render", "faithful")
-    env = make_env(conf["env"]["task"], seed=args.seed, **env_conf)
+    render = args.render or conf["env"].get("render", "faithful")
+    env = make_run_env(conf["env"], args.seed, num_envs=1, render=render)
     action_dim = int(env.action_spec.shape[-1])
     size = int(conf["env"]["image_size"])
     if args.agent == "planner" or planner_options:  # a planner run's own agent takes them too
@@ -267,7 +266,7 @@ def evaluate_checkpoint(args) -> int:
         "agent": args.agent or trained_by,
         "episodes": args.episodes,
         "seed": args.seed,
-        "render": env_conf["render"],
+        "render": render,
         "return_mean": float(r.mean()),
         # The sample standard deviation (n - 1), as the training run's eval/episode_return_std.
         "return_std": float(r.std(ddof=1)) if len(r) > 1 else 0.0,

@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from aefrl.allocator import tune_malloc
 from aefrl.checkpoint import CHECKPOINT_NAME, CheckpointError, check_contents, load_checkpoint
-from aefrl.cli import UserError, make_env, resolve_device
+from aefrl.cli import UserError, make_run_env, resolve_device
 from aefrl.logging import RunLogger
 from aefrl.loop import LoopConfig, Trainer
 from aefrl.nn import conv_stages
@@ -258,11 +258,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_env(env: dict, seed: int, num_envs: int | None = None):
-    kwargs = {k: v for k, v in env.items() if k not in ("task", "num_envs")}
-    return make_env(env["task"], seed=seed, num_envs=num_envs or env["num_envs"], **kwargs)
-
-
 def lock_run_dir(run_dir: Path, new_run: bool):
     """Hold an exclusive lock on ``run_dir`` for as long as the returned file stays open (the
     process's lifetime: the kernel drops it when the process dies, so no lock goes stale).
@@ -466,7 +461,7 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
         ) from None
     for section, key in WHOLE_NUMBERS:  # ranges are checked where the values are used
         check_whole_number(f"{section}.{key}", conf[section][key])
-    env = build_env(conf["env"], stream_seed(seed, "env"))
+    env = make_run_env(conf["env"], stream_seed(seed, "env"))
     action_dim = int(env.action_spec.shape[-1])
     size = int(conf["env"]["image_size"])
     agent = build_agent(conf["agent"], conf["obs_model"], (3, size, size), action_dim).to(device)
@@ -533,7 +528,7 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
         logger,
         run_dir,
         loop_conf,
-        make_eval_env=lambda index: build_env(
+        make_eval_env=lambda index: make_run_env(
             conf["env"], stream_seed(seed, "eval_env", index), num_envs=1
         ),
         run_config=conf,

@@ -97,7 +97,7 @@ from tqdm import tqdm
 
 from aefrl import keys
 from aefrl.checkpoint import MODEL_KEYS, CheckpointError, check_contents, load_checkpoint
-from aefrl.cli import UserError, make_env, output_path
+from aefrl.cli import UserError, make_run_env, output_path
 from aefrl.collect import Collector
 from aefrl.metrics import sharpness_ratio
 from aefrl.provenance import machine_info
@@ -210,9 +210,8 @@ def write_report(args, argv) -> int:
             f"run's obs_model is {kind}: leave it out"
         )
     out = output_path(args.out, folder / "world_model_report.json")
-    env_conf = {k: v for k, v in conf["env"].items() if k not in ("task", "num_envs")}
-    env_conf["render"] = args.render or conf["env"].get("render", "faithful")
-    env = make_env(conf["env"]["task"], seed=args.seed, **env_conf)
+    render = args.render or conf["env"].get("render", "faithful")
+    env = make_run_env(conf["env"], args.seed, num_envs=1, render=render)
     action_dim = int(env.action_spec.shape[-1])
     size = int(conf["env"]["image_size"])
     agent = build_agent(conf["agent"], conf["obs_model"], (3, size, size), action_dim)
@@ -241,7 +240,7 @@ def write_report(args, argv) -> int:
         "frames": state["counters"]["frames"],
         "task": conf["env"]["task"],
         "obs_model": conf["obs_model"]["kind"],
-        "render": env_conf["render"],
+        "render": render,
         **report_from_seed(agent, episodes, args.num_samples, args.seed + 1),
         **proposal,
         "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
