@@ -49,6 +49,7 @@ from aefrl.resume_overrides import (
     command_line_conflicts,
     describe,
     group_choices,
+    leaves,
     overridable_given,
 )
 from aefrl.seeding import stream_seed
@@ -99,17 +100,15 @@ def check_whole_number(key: str, value, minimum: int | None = None) -> None:
         raise UserError(f"{key} must be a whole number{bound}, got {value!r}")
 
 
-def non_finite_keys(conf: dict, prefix: str = "") -> list[tuple[str, float]]:
+def non_finite_keys(conf: dict) -> list[tuple[str, float]]:
     """``(dotted key, value)`` of the configuration's floats that are inf or nan: range checks
     of the form ``not value > 0`` let inf through (a learning rate of inf crashed deep in a
     sampler; a train ratio of inf trained nothing and exited 0)."""
-    found = []
-    for key, value in conf.items():
-        if isinstance(value, dict):
-            found += non_finite_keys(value, f"{prefix}{key}.")
-        elif isinstance(value, float) and not math.isfinite(value):
-            found.append((f"{prefix}{key}", value))
-    return found
+    return [
+        (key, value)
+        for key, value in leaves(conf).items()
+        if isinstance(value, float) and not math.isfinite(value)
+    ]
 
 
 def fill_legacy_defaults(conf: dict) -> dict:
