@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,32 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if not isinstance(payload, dict) or "format" not in payload:
         raise CheckpointError(f"checkpoint {path} is not an aefrl checkpoint")
     return _decode(payload)
+
+
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[(.*?)\]\) from "
+    r"checkpoint, the shape in current model is torch\.Size\(\[(.*?)\]\)"
+)
+
+
+def load_error_summary(exc: RuntimeError) -> str:
+    """One line from ``load_state_dict``'s multi-line report (which lists every key): how many
+    keys are missing, unexpected or of another shape, and the first of each."""
+    parts, shapes = [], []
+    for line in str(exc).splitlines()[1:]:
+        line = line.strip().rstrip(".").strip()
+        if line.startswith(("Missing key(s)", "Unexpected key(s)")):
+            what, names = line.split(":", 1)
+            names = [n.strip().strip('"') for n in names.split(",") if n.strip()]
+            kind = "missing" if what.startswith("Missing") else "unexpected"
+            parts.append(f"{len(names)} {kind} key(s), first {names[0]}")
+        elif m := _SIZE_MISMATCH.match(line):
+            shapes.append(f"{m[1]} is [{m[2]}] in the checkpoint, [{m[3]}] in the model")
+    if shapes:  # the first is enough to see that the sizes differ
+        parts.append(shapes[0] + (f" ({len(shapes) - 1} more shapes differ)" if shapes[1:] else ""))
+    if not parts:
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return "; ".join(parts)
 
 
 def check_contents(state: dict, path, required: tuple[str, ...] = TRAINING_KEYS) -> None:

@@ -120,7 +120,7 @@ from aefrl.evaluation import critic_calibration, run_episodes
 from aefrl.logging import encode_gif, to_hwc_uint8
 from aefrl.provenance import machine_info
 from aefrl.world_model.modules import world_model_from_checkpoint
-from agents.factory import build_agent
+from agents.modules import agent_from_checkpoint
 from agents.planner import PlannerAgent
 
 imports_done()  # Ctrl-C raises KeyboardInterrupt again (main handles it)
@@ -241,16 +241,14 @@ def evaluate_checkpoint(args) -> int:
     render = args.render or conf["env"].get("render", "faithful")
     env = make_run_env(conf["env"], args.seed, num_envs=1, render=render)
     action_dim = int(env.action_spec.shape[-1])
-    size = int(conf["env"]["image_size"])
-    if args.agent == "planner" or planner_options:  # a planner run's own agent takes them too
-        try:
+    try:
+        if args.agent == "planner" or planner_options:  # a planner run's own agent takes them too
             agent = build_planner_agent(state, args, action_dim)
-        except (CheckpointError, UserError, ValueError) as exc:
-            env.close()
-            raise UserError(str(exc)) from None
-    else:
-        agent = build_agent(conf["agent"], conf["obs_model"], (3, size, size), action_dim)
-        agent.load_state_dict(state["agent"])
+        else:
+            agent = agent_from_checkpoint(state, action_dim)
+    except (CheckpointError, UserError, ValueError) as exc:
+        env.close()
+        raise UserError(str(exc)) from None
     agent.to(device).eval()
     del state
 

@@ -107,7 +107,7 @@ from aefrl.world_model.evaluation import (
     sequence_bits_per_dim,
     tune_sequence_proposal_scale,
 )
-from agents.factory import build_agent
+from agents.modules import agent_from_checkpoint
 
 imports_done()  # Ctrl-C raises KeyboardInterrupt again (main handles it)
 
@@ -213,10 +213,11 @@ def write_report(args, argv) -> int:
     render = args.render or conf["env"].get("render", "faithful")
     env = make_run_env(conf["env"], args.seed, num_envs=1, render=render)
     action_dim = int(env.action_spec.shape[-1])
-    size = int(conf["env"]["image_size"])
-    agent = build_agent(conf["agent"], conf["obs_model"], (3, size, size), action_dim)
-    agent.load_state_dict(state["agent"])
-    agent.eval()
+    try:
+        agent = agent_from_checkpoint(state, action_dim)
+    except CheckpointError:
+        env.close()
+        raise
     torch.manual_seed(args.seed)
     tune = agent.world_model.obs_model.kind == "aef" and args.proposal_scale in (None, "tune")
     episodes = collect_episodes(agent, env, args.episodes + int(tune), action_dim)

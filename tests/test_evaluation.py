@@ -114,3 +114,23 @@ def test_eval_summary_names_the_agent_and_counts_episodes_in_english(
     assert script.main([str(tmp_path), "--render", "fast", "--video", "", *options]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert re.match(line.format(r"\d+\.\d ± \d+\.\d"), first), first
+
+
+@pytest.mark.parametrize("script_name", ["eval", "world_model_report"])
+def test_weights_that_do_not_fit_the_runs_configuration_are_one_sentence(
+    tmp_path, script_name, capsys
+):
+    """A checkpoint whose weights do not fit its run_config (a hand-edited size) used to end in
+    load_state_dict's multi-line traceback, one line per key."""
+    from aefrl.checkpoint import load_checkpoint, save_checkpoint
+
+    write_tiny_dreamer_run(tmp_path)
+    state = load_checkpoint(tmp_path)
+    state["run_config"]["agent"]["world_model"]["hidden"] = 24
+    save_checkpoint(tmp_path / "checkpoint.pt", state)
+    args = [str(tmp_path), "--episodes", "1", "--render", "fast"]
+    assert load_script(script_name).main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        "error: the checkpoint's weights do not match its configuration: "
+    ), err

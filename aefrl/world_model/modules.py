@@ -39,7 +39,7 @@ from tensordict.nn import TensorDictModule
 from torch import nn
 
 from aefrl import keys
-from aefrl.checkpoint import CheckpointError, load_checkpoint
+from aefrl.checkpoint import CheckpointError, load_checkpoint, load_error_summary
 from aefrl.world_model.rssm import RSSMState
 from aefrl.world_model.world_model import WorldModel
 
@@ -234,7 +234,8 @@ def world_model_from_checkpoint(state: dict) -> WorldModel:
         world_model.load_state_dict(weights)
     except RuntimeError as exc:
         raise CheckpointError(
-            f"the checkpoint's world model does not match its configuration: {exc}"
+            "the checkpoint's world model does not match its configuration: "
+            + load_error_summary(exc)
         ) from None
     return world_model.eval()
 
@@ -242,10 +243,10 @@ def world_model_from_checkpoint(state: dict) -> WorldModel:
 def load_world_model(path: str | os.PathLike, map_location="cpu") -> WorldModel:
     """The world model of a run directory or ``checkpoint.pt`` written by ``scripts/train.py``
     (Dreamer or planner runs, any observation model), on the device ``map_location`` names
-    (a device or its name; torch.load's other forms only place the loaded weights). Raises
-    :class:`~aefrl.checkpoint.CheckpointError` with one clear sentence when it can't."""
-    state = load_checkpoint(Path(path), map_location=map_location)
-    world_model = world_model_from_checkpoint(state)  # built on the CPU, weights copied in
-    if isinstance(map_location, str | torch.device):
-        world_model.to(map_location)
-    return world_model
+    (a device or its name). Raises :class:`~aefrl.checkpoint.CheckpointError` with one clear
+    sentence when it can't."""
+    device = torch.device(map_location)
+    # Read onto the CPU: the file also holds the replay, optimiser states and held-out data,
+    # which must not land on the GPU only to be dropped.
+    state = load_checkpoint(Path(path), map_location="cpu")
+    return world_model_from_checkpoint(state).to(device)

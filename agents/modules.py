@@ -1,0 +1,194 @@
+"""A trained Dreamer agent's actor and critic as tensordict modules, and its whole policy for
+torchrl rollouts; loading the agent from a checkpoint.
+
+    from agents.modules import load_agent, policy_module, policy_transforms
+
+    agent = load_agent("runs/cartpole-swingup/dreamer-aef/s0-...")  # run dir or checkpoint.pt
+    env = TransformedEnv(make_dmc_env("cartpole-swingup"), policy_transforms(agent))
+    rollout = env.rollout(500, policy_module(agent))  # the trained agent, acting as in eval.py
+
+Keys are those of :mod:`aefrl.keys` (torchrl's vocabulary, as in
+:mod:`aefrl.world_model.modules`); every module takes any batch shape ``[*B]``:
+
+=========  =====================================  ===============================================
+module     in_keys                                out_keys
+=========  =====================================  ===============================================
+actor      belief [*B, H], state [*B, d]          action [*B, A] in [-1, 1] (the mode, or a
+                                                  sample with ``explore=True``)
+critic     belief, state                          state_value [*B, 1] (the two-hot head's mean)
+policy     pixels uint8 [*B, C, H, W], is_init,   belief, state, posterior_mean / _std, action,
+           prev_action, belief, state             prev_action (= action, for the next step)
+=========  =====================================  ===============================================
+
+The policy is the posterior (:func:`aefrl.world_model.modules.posterior_module`) followed by the
+actor: it filters the frame o_t with h_{t-1}, z_{t-1} and a_{t-1}, acts on the new state and
+leaves the action as the next step's ``prev_action``, which is what :meth:`DreamerAgent.act`
+does with its carry. In a torchrl rollout that carry travels in the tensordict:
+:func:`policy_transforms` gives the env an ``InitTracker`` (episode starts, ``is_init``) and a
+``TensorDictPrimer`` that creates ``belief``, ``state`` and ``prev_action`` at every reset and
+copies them from each step to the next; without the primer a rollout stops at its second step
+with a KeyError.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from tensordict.nn import TensorDictModule, TensorDictSequential
+from torch import nn
+from torchrl.data import Unbounded
+from torchrl.envs import Compose, InitTracker, TensorDictPrimer
+
+from aefrl import keys
+from aefrl.actor_critic import Actor, Critic
+from aefrl.checkpoint import CheckpointError, load_checkpoint, load_error_summary
+from aefrl.world_model.modules import WEIGHTS_PREFIX, posterior_module
+from agents.dreamer import DreamerAgent
+from agents.factory import build_agent
+
+#: The episode-start flag torchrl's ``InitTracker`` writes, which the policy reads.
+IS_INIT = "is_init"
+_LATENT = [keys.BELIEF, keys.STATE]
+
+
+class ActorAction(nn.Module):
+    """``(belief [*B, H], state [*B, d]) -> action [*B, A]``: the actor's mode, or a sample."""
+
+    def __init__(self, actor: Actor, explore: bool = False) -> None:
+        super().__init__()
+        self.actor, self.explore = actor, explore
+
+    def forward(self, belief: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        return self.actor.act(torch.cat([belief, state], -1), explore=self.explore)
+
+
+class CriticValue(nn.Module):
+    """``(belief [*B, H], state [*B, d]) -> value [*B, 1]``: the mean of the two-hot critic, the
+    shape torchrl's value estimators read under ``"state_value"``."""
+
+    def __init__(self, critic: Critic) -> None:
+        super().__init__()
+        self.critic = critic
+
+    def forward(self, belief: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        return self.critic(torch.cat([belief, state], -1)).mean.unsqueeze(-1)
+
+
+class _PrevAction(nn.Module):
+    """The action just chosen, kept as the next step's a_{t-1} (a copy: the env reads
+    ``action`` and must not see it change)."""
+
+    def forward(self, action: torch.Tensor) -> torch.Tensor:
+        return action.clone()
+
+
+def actor_module(actor: Actor, explore: bool = False) -> TensorDictModule:
+    """The actor on the keys ``belief``, ``state`` -> ``action``; its mode unless ``explore``."""
+    return TensorDictModule(ActorAction(actor, explore), in_keys=_LATENT, out_keys=[keys.ACTION])
+
+
+def critic_module(critic: Critic) -> TensorDictModule:
+    """The critic on ``belief``, ``state`` -> ``state_value`` ``[*B, 1]``, for torchrl's value
+    estimators (``TDLambdaEstimator(..., value_network=critic_module(agent.critic))``)."""
+    return TensorDictModule(CriticValue(critic), in_keys=_LATENT, out_keys=[keys.STATE_VALUE])
+
+
+def policy_module(
+    agent: DreamerAgent, explore: bool = False, is_first_key: str = IS_INIT
+) -> TensorDictSequential:
+    """The agent's whole policy from pixels (module docstring): posterior, actor, and the
+    action kept as ``prev_action``. ``is_first_key`` names the episode-start flag (torchrl's
+    ``InitTracker`` writes ``"is_init"``; aefrl's replay rows hold ``"is_first"``)."""
+    _require_dreamer(agent)
+    return TensorDictSequential(
+        posterior_module(agent.world_model, is_first_key),
+        actor_module(agent.actor, explore),
+        TensorDictModule(_PrevAction(), in_keys=[keys.ACTION], out_keys=[keys.PREV_ACTION]),
+    )
+
+
+def policy_transforms(agent: DreamerAgent) -> Compose:
+    """The transforms a torchrl env needs to run :func:`policy_module` in ``env.rollout``: an
+    ``InitTracker`` and a primer of the recurrent carry (zeros at every reset; the posterior
+    zeroes it at ``is_init`` anyway). The agent's parameters give the carry's device and dtype."""
+    _require_dreamer(agent)
+    p = next(agent.parameters())
+    rssm = agent.world_model.rssm
+
+    def spec(size: int) -> Unbounded:
+        return Unbounded((size,), device=p.device, dtype=p.dtype)
+
+    primer = TensorDictPrimer(
+        {
+            keys.BELIEF: spec(rssm.deter),
+            keys.STATE: spec(rssm.latent_dim),
+            keys.PREV_ACTION: spec(agent.action_dim),
+        },
+        default_value=0.0,
+    )
+    return Compose(InitTracker(init_key=IS_INIT), primer)
+
+
+def load_agent(path: str | os.PathLike, map_location="cpu") -> nn.Module:
+    """The agent of a run directory or ``checkpoint.pt`` written by ``scripts/train.py``
+    (a :class:`DreamerAgent`, or the planner of an ``agent=planner`` run), built from the run's
+    configuration with its trained weights, in eval mode, on the device ``map_location`` names.
+    Raises :class:`~aefrl.checkpoint.CheckpointError` with one sentence when it can't."""
+    device = torch.device(map_location)
+    state = load_checkpoint(Path(path), map_location="cpu")  # replay and all: keep it off the GPU
+    return agent_from_checkpoint(state).to(device)
+
+
+def agent_from_checkpoint(state: dict, action_dim: int | None = None) -> nn.Module:
+    """The agent of a loaded checkpoint (:func:`~aefrl.checkpoint.load_checkpoint`), in eval
+    mode on the CPU. Its action size is read off the weights; ``action_dim``, when given (the
+    env's), must agree. One-sentence :class:`~aefrl.checkpoint.CheckpointError` otherwise."""
+    try:
+        conf = state["run_config"]
+        weights = state["agent"]["modules"]
+        size = int(conf["env"]["image_size"])
+        # The action size is stored nowhere but in the weights: img_in reads [z_{t-1}, a_{t-1}].
+        stored = weights[WEIGHTS_PREFIX + "rssm.img_in.0.weight"].shape[1]
+        acts = stored - int(conf["obs_model"]["latent_dim"])
+    except KeyError as exc:
+        raise CheckpointError(
+            f"not an aefrl training checkpoint (missing {exc}); expected one written by "
+            "scripts/train.py"
+        ) from None
+    except (TypeError, AttributeError, IndexError, ValueError) as exc:
+        raise CheckpointError(
+            f"not an aefrl training checkpoint ({type(exc).__name__}: {exc}); expected one "
+            "written by scripts/train.py"
+        ) from None
+    if action_dim is not None and acts != action_dim:
+        raise CheckpointError(
+            f"the checkpoint's agent takes {acts}-d actions, its task {conf['env'].get('task')!r} "
+            f"has {action_dim}"
+        )
+    try:
+        agent = build_agent(conf["agent"], conf["obs_model"], (3, size, size), acts)
+    except ValueError as exc:
+        raise CheckpointError(f"the checkpoint's configuration is not valid: {exc}") from None
+    try:
+        agent.load_state_dict(state["agent"])
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"the checkpoint's weights do not match its configuration: {load_error_summary(exc)}"
+        ) from None
+    except (KeyError, ValueError) as exc:  # the optimiser states
+        raise CheckpointError(
+            f"the checkpoint's optimiser states do not match its agent ({type(exc).__name__}: "
+            f"{exc})"
+        ) from None
+    return agent.eval()
+
+
+def _require_dreamer(agent) -> None:
+    if not isinstance(agent, DreamerAgent):
+        raise TypeError(
+            f"a Dreamer agent has an actor to act with; got {type(agent).__name__} (a planner "
+            "acts by planning: aefrl.envs.ImaginationEnv with torchrl's CEMPlanner, "
+            "docs/reuse.md)"
+        )

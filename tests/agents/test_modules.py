@@ -1,0 +1,186 @@
+"""A trained agent from torchrl code: load_agent, the actor / critic modules, and the whole policy
+in torchrl's env.rollout (agents/modules.py)."""
+
+import pytest
+import torch
+from tensordict import TensorDict
+from torch import nn
+from torchrl.envs import TransformedEnv
+from torchrl.objectives.value import TDLambdaEstimator
+
+from aefrl import keys
+from aefrl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from aefrl.envs import ImaginationEnv, make_dmc_env
+from aefrl.world_model import modules as wm_modules
+from agents.dreamer import DreamerAgent
+from agents.factory import build_agent
+from agents.modules import (
+    IS_INIT,
+    actor_module,
+    agent_from_checkpoint,
+    critic_module,
+    load_agent,
+    policy_module,
+    policy_transforms,
+)
+from agents.planner import PlannerAgent
+from tests.tiny_run import write_tiny_dreamer_run
+from tests.world_model.conftest import OBS
+
+
+def _randomise(module: nn.Module, seed: int) -> None:
+    """Random weights everywhere: the untrained heads' zero-initialised output layers would make
+    every action, value and reward the same."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """A tiny aef Dreamer checkpoint with random weights; episodes of 5 agent steps."""
+    conf = write_tiny_dreamer_run(tmp_path, time_limit=0.1)
+    state = load_checkpoint(tmp_path)
+    agent = build_agent(conf["agent"], conf["obs_model"], OBS, 1)
+    _randomise(agent, seed=1)
+    state["agent"] = agent.state_dict()
+    save_checkpoint(tmp_path / "checkpoint.pt", state)
+    return tmp_path, agent
+
+
+def test_load_agent_builds_the_runs_agent_with_its_weights_in_eval_mode(tiny_run):
+    run_dir, saved = tiny_run
+    agent = load_agent(run_dir)
+    assert isinstance(agent, DreamerAgent) and not agent.training
+    loaded, expected = agent.state_dict()["modules"], saved.state_dict()["modules"]
+    assert loaded.keys() == expected.keys()
+    for name, value in loaded.items():
+        assert torch.equal(value, expected[name]), name
+    assert agent.action_dim == 1  # read off the weights: cartpole has one actuator
+
+
+def test_load_agent_gives_a_planner_runs_planner(tmp_path):
+    conf = write_tiny_dreamer_run(tmp_path)
+    state = load_checkpoint(tmp_path)
+    state["run_config"]["agent"] = dict(conf["agent"], name="planner")
+    planner = build_agent(state["run_config"]["agent"], conf["obs_model"], OBS, 1)
+    state["agent"] = planner.state_dict()
+    save_checkpoint(tmp_path / "checkpoint.pt", state)
+    planner = load_agent(tmp_path / "checkpoint.pt")
+    assert isinstance(planner, PlannerAgent)
+    with pytest.raises(TypeError, match="got PlannerAgent"):
+        policy_module(planner)
+
+
+def test_load_agent_says_in_one_line_what_does_not_fit(tmp_path):
+    conf = write_tiny_dreamer_run(tmp_path)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_agent(tmp_path / "nowhere")
+    state = load_checkpoint(tmp_path)
+    state["run_config"]["agent"]["world_model"] = dict(conf["agent"]["world_model"], hidden=24)
+    save_checkpoint(tmp_path / "checkpoint.pt", state)
+    with pytest.raises(CheckpointError) as info:
+        load_agent(tmp_path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("the checkpoint's weights do not match its configuration: ")
+    assert "is [16, " in message and "in the checkpoint, [24, " in message
+    assert "more shapes differ" in message
+
+    state = load_checkpoint(tmp_path)
+    state["run_config"] = conf
+    with pytest.raises(CheckpointError, match="takes 1-d actions, its task 'cartpole-swingup'"):
+        agent_from_checkpoint(state, action_dim=6)
+    del state["agent"]["modules"]["world_model.rssm.img_in.0.weight"]
+    with pytest.raises(CheckpointError, match=r"missing 'world_model\.rssm\.img_in\.0\.weight'"):
+        agent_from_checkpoint(state)
+
+
+def test_load_world_model_reads_the_checkpoint_onto_the_cpu_whatever_the_device(
+    tiny_run, monkeypatch
+):
+    """The checkpoint's replay and optimiser states stay on the CPU; only the model moves."""
+    run_dir, _ = tiny_run
+    seen = []
+
+    def spy(path, map_location="cpu"):
+        seen.append(map_location)
+        return load_checkpoint(path, map_location=map_location)
+
+    monkeypatch.setattr(wm_modules, "load_checkpoint", spy)
+    wm = wm_modules.load_world_model(run_dir, map_location="meta")
+    assert seen == ["cpu"]
+    assert next(wm.parameters()).device.type == "meta"
+
+
+def test_policy_rollout_acts_exactly_as_the_agent_across_episode_ends(tiny_run):
+    """torchrl's env.rollout with policy_module / policy_transforms takes the actions and
+    filters the states DreamerAgent.act takes on the same frames, resets included."""
+    run_dir, _ = tiny_run
+    agent = load_agent(run_dir)
+    base = make_dmc_env("cartpole-swingup", image_size=OBS[-1], render="fast", time_limit=0.1)
+    env = TransformedEnv(base, policy_transforms(agent))
+    with torch.no_grad():
+        rollout = env.rollout(13, policy_module(agent), break_when_any_done=False)
+    env.close()
+    starts = rollout[IS_INIT].flatten().nonzero().flatten().tolist()
+    assert starts == [0, 5, 10]  # three episodes: the carry is reset twice on the way
+    carry = agent.initial_carry(1)
+    for t in range(len(rollout)):
+        step = rollout[t]
+        action, carry = agent.act(step[keys.PIXELS][None], step[IS_INIT][None], carry, "eval")
+        assert torch.equal(action[0], step[keys.ACTION]), t
+        assert torch.equal(carry.state.h[0], step[keys.BELIEF]), t
+        assert torch.equal(carry.state.z[0], step[keys.STATE]), t
+    assert rollout[keys.ACTION].std() > 0  # the actions depend on the frames
+
+
+def test_critic_module_gives_torchrl_td_lambda_the_critics_values(tiny_run):
+    """TDLambdaEstimator over an imagined rollout with critic_module as its value network gives
+    the λ-returns of an independent float64 recursion on the critic's own values."""
+    _, agent = tiny_run
+    agent.eval()
+    wm, gamma, lmbda, n, horizon = agent.world_model, 0.9, 0.8, 4, 6
+    env = ImaginationEnv(wm)
+    g = torch.Generator().manual_seed(0)
+    start = TensorDict(
+        {
+            keys.BELIEF: torch.randn(n, wm.rssm.deter, generator=g),
+            keys.STATE: torch.randn(n, wm.rssm.latent_dim, generator=g),
+        },
+        [n],
+    )
+    with torch.no_grad():
+        td = env.reset(start, set_state=True)
+        rollout = env.rollout(horizon, actor_module(agent.actor), auto_reset=False, tensordict=td)
+        value = critic_module(agent.critic)
+        target = TDLambdaEstimator(gamma=gamma, lmbda=lmbda, value_network=value)(rollout)[
+            "value_target"
+        ]  # [n, horizon, 1]
+        feat = torch.cat([rollout["next", keys.BELIEF], rollout["next", keys.STATE]], -1)
+        v_next = agent.critic(feat).mean.double()  # v(s_{k+1}), [n, horizon]
+    assert v_next.std() > 0
+    reward = rollout["next", keys.REWARD].squeeze(-1).double()
+    expected = torch.empty_like(reward)
+    ret = v_next[:, -1]
+    for k in reversed(range(horizon)):
+        ret = reward[:, k] + gamma * ((1 - lmbda) * v_next[:, k] + lmbda * ret)
+        expected[:, k] = ret
+    torch.testing.assert_close(target.squeeze(-1).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_actor_module_explores_by_sampling_and_otherwise_takes_the_mode(tiny_run):
+    _, agent = tiny_run
+    td = TensorDict(
+        {keys.BELIEF: torch.randn(64, agent.world_model.rssm.deter),
+         keys.STATE: torch.randn(64, agent.world_model.rssm.latent_dim)},
+        [64],
+    )  # fmt: skip
+    feat = torch.cat([td[keys.BELIEF], td[keys.STATE]], -1)
+    with torch.no_grad():
+        mode = actor_module(agent.actor)(td.clone())[keys.ACTION]
+        torch.testing.assert_close(mode, agent.actor(feat).deterministic_sample.clamp(-1, 1))
+        sample = actor_module(agent.actor, explore=True)(td.clone())[keys.ACTION]
+    assert sample.shape == (64, 1) and sample.abs().max() <= 1
+    assert not torch.allclose(sample, mode)
