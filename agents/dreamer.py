@@ -46,6 +46,24 @@ def _scalars(out: TensorDictBase) -> dict[str, torch.Tensor]:
     }
 
 
+def shared_entries(module: nn.Module) -> dict[str, str]:
+    """``{alias: name}`` for the ``state_dict`` entries of ``module`` that are the same tensor
+    as an entry of an earlier child (``wm_loss.world_model.*`` and ``world_model.*``: the loss
+    modules hold the networks they train). Sharing inside one child (the RSSM holds the world
+    model's observation model) is that child's own layout and stays."""
+    first: dict[tuple, str] = {}
+    aliases = {}
+    for name, value in nn.Module.state_dict(module, keep_vars=True).items():
+        if value.numel() == 0:  # empty tensors share the null pointer without being shared
+            continue
+        ident = (value.device, value.data_ptr(), value.dtype, value.shape, value.stride())
+        if ident not in first:
+            first[ident] = name
+        elif first[ident].split(".", 1)[0] != name.split(".", 1)[0]:
+            aliases[name] = first[ident]
+    return aliases
+
+
 def placeholder_action(carry: Carry) -> torch.Tensor:
     """The zero action ``[N, A]`` of ``act(..., mode="random")``."""
     return torch.zeros_like(carry.prev_action)
@@ -234,15 +252,23 @@ class DreamerAgent(nn.Module):
 
     # --- checkpoints -----------------------------------------------------------------------------
     def state_dict(self, *args, **kwargs):
-        """Module parameters and buffers plus optimiser states (one dict for checkpoints)."""
+        """Module parameters and buffers, each once, plus optimiser states (one dict for
+        checkpoints). The loss modules hold the world model, actor and critics too; their
+        entries (``wm_loss.world_model.*`` beside ``world_model.*``) are left out."""
         # nn.Module's methods named explicitly (not super()) so PlannerAgent can borrow these.
+        aliases = shared_entries(self)
+        modules = nn.Module.state_dict(self, *args, **kwargs)
         return {
-            "modules": nn.Module.state_dict(self, *args, **kwargs),
+            "modules": {k: v for k, v in modules.items() if k not in aliases},
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
         }
 
     def load_state_dict(self, state, strict: bool = True):
-        result = nn.Module.load_state_dict(self, state["modules"], strict=strict)
+        modules = dict(state["modules"])
+        for alias, name in shared_entries(self).items():  # checkpoints from before list them
+            if name in modules:
+                modules.setdefault(alias, modules[name])
+        result = nn.Module.load_state_dict(self, modules, strict=strict)
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
         return result
