@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import multiprocessing.resource_tracker
 import numbers
 import os
 import signal
@@ -367,8 +368,34 @@ class DMCParallelEnv(ParallelEnv):
     """
 
     def _start_workers(self) -> None:
-        super()._start_workers()
+        # SIGINT and SIGTERM are blocked while the workers are forked: a child inherits the
+        # mask, so a Ctrl-C to the process group while a worker imports torch and the script
+        # (seconds, before _make_worker_env ignores the signals) no longer kills it, which made
+        # the start fail with an EOFError. This process gets a signal that came meanwhile as
+        # soon as the mask is restored. (CPython protects its resource tracker the same way,
+        # bpo-33613, and unblocks both signals after starting it: it is started first.)
+        if self._mp_start_method != "fork":
+            multiprocessing.resource_tracker.ensure_running()
+        blocked = {signal.SIGINT, signal.SIGTERM}
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        try:
+            super()._start_workers()
+        except (EOFError, ConnectionError) as exc:  # a worker died before its first message
+            codes = ", ".join(map(str, self.__dict__.pop("_start_exit_codes", ()))) or "unknown"
+            raise RuntimeError(
+                f"a parallel env worker exited while starting (exit code {codes}); its own "
+                "error, if it raised one, is printed above"
+            ) from exc
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         self._reaper = weakref.finalize(self, _reap, list(self._workers))
+
+    def _cleanup_failed_worker_startup(self) -> None:
+        # torchrl forgets its workers here (after joining them); the error names their codes.
+        workers = list(self._workers)
+        super()._cleanup_failed_worker_startup()
+        _reap(workers)  # ours ignore the SIGTERM torchrl's cleanup ends with
+        self._start_exit_codes = [code for code in map(_exit_code, workers) if code is not None]
 
     @property
     def _owns(self) -> bool:
@@ -421,6 +448,8 @@ class DMCParallelEnv(ParallelEnv):
     def close(self, *, raise_if_closed: bool = True) -> None:
         if not self._owns:  # a view: closing it must leave the parent's workers alone
             return super().close(raise_if_closed=raise_if_closed)
+        if self.is_closed and not self.__dict__.get("_workers"):
+            return  # never started, or its start failed (which said why): nothing to close
         workers = list(self.__dict__.get("_workers") or ())
         dead = self._dead_workers()
         try:

@@ -329,6 +329,52 @@ def test_a_dead_worker_does_not_keep_the_others_alive():
     assert [_exit_code(process) for process in workers] == [-9, -9]  # none left running
 
 
+def _blocked_signals(pid: int) -> set[int]:
+    """The signals ``pid`` blocks (its ``SigBlk`` mask in /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        line = next(line for line in f if line.startswith("SigBlk"))
+    mask = int(line.split()[1], 16)
+    return {n for n in range(1, 65) if mask >> (n - 1) & 1}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc (Linux)")
+def test_workers_start_with_ctrl_c_blocked_and_the_parent_keeps_its_mask():
+    """A Ctrl-C to the process group while the workers imported torch (before they ignore it)
+    killed one and failed the start with an EOFError traceback; they now inherit SIGINT and
+    SIGTERM blocked from the start, and the parent's own mask is restored."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    env = make_dmc_env("cartpole-swingup", num_envs=2, seed=0, render="fast", image_size=16)
+    try:
+        env.reset()
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+        for worker in env._workers:
+            assert {signal.SIGINT, signal.SIGTERM} <= _blocked_signals(worker.pid)
+    finally:
+        env.close()
+
+
+def _dies_in_a_worker(parent_pid: int, **kwargs):
+    """An env constructor whose workers exit at once (the spec-reading parent gets its env)."""
+    if os.getpid() != parent_pid:
+        os._exit(7)
+    return DMCPixelEnv("cartpole-swingup", **kwargs)
+
+
+def test_a_worker_that_dies_while_starting_is_one_error_and_close_is_quiet():
+    """The start failed with torchrl's EOFError, and the training script's close in its
+    finally then raised "trying to close a closed environment" over it."""
+    import functools
+
+    from aefrl.envs.dmc import DMCParallelEnv
+
+    make = functools.partial(_dies_in_a_worker, os.getpid(), image_size=16, render="fast")
+    env = DMCParallelEnv(2, [make, make], mp_start_method="spawn")
+    with pytest.raises(RuntimeError, match=r"worker exited while starting \(exit code 7"):
+        env.reset()
+    env.close()  # nothing to close, and no second error
+    assert env.is_closed
+
+
 _UNCLOSED = """
 from aefrl.envs.dmc import make_dmc_env
 env = make_dmc_env("cartpole-swingup", num_envs=2, seed=0, render="fast", image_size=16)
