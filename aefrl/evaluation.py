@@ -41,12 +41,15 @@ def run_episodes(
     episodes: int,
     keep_first: bool = False,
     on_step: Callable[[TensorDict, Collector, int], None] | None = None,
-) -> Evaluation:
+    should_stop: Callable[[], bool] | None = None,
+) -> Evaluation | None:
     """Run ``episodes`` episodes of ``agent``'s deterministic policy on ``env``.
 
     ``on_step(observed, collector, episode)`` is called after every step with the rows the
     agent just filtered (o_t, ``[N]``), the collector (whose carry now holds s_t) and the index
-    of the episode under way.
+    of the episode under way. ``should_stop()`` is asked after every step: when it says so the
+    episodes are dropped and None is returned (the training loop's stop request: a signal does
+    not wait for the evaluation, which the resumed run makes).
     """
     collector = Collector(env, agent, action_dim, device)
     rows, _, _ = collector.step("eval")
@@ -57,6 +60,8 @@ def run_episodes(
     while len(out.returns) < episodes:
         observed = rows
         rows, stats, stepped = collector.step("eval")  # filters o_t, acts, receives o_{t+1}
+        if should_stop is not None and should_stop():
+            return None
         if on_step is not None:
             on_step(observed, collector, len(out.returns))
         if kept is not None and not out.returns:

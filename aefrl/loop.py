@@ -6,7 +6,8 @@ It talks to the agent only through the narrow interface (``act``, ``train_step``
 
 Interrupts: the first Ctrl-C (SIGINT) or SIGTERM finishes the current iteration, writes a
 checkpoint and returns (an evaluation or report that fell due in that iteration is left to the
-resumed run, so that a scheduler's grace period is not spent on it); a second one aborts at once
+resumed run, so that a scheduler's grace period is not spent on it; one under way when the signal
+comes stops after its current step, and the report after it waits too); a second one aborts at once
 (the last checkpoint stays intact, as every checkpoint is written atomically). ``Trainer.load`` +
 ``run`` continue a run exactly: models, optimisers, replay, RNG states, counters, schedules, and
 the environment mid-episode (single env).
@@ -314,8 +315,12 @@ class Trainer:
                     # Checkpoint now; a due evaluation or report runs after the resume. (At the
                     # last frame there is no resume: the run finishes its schedule instead.)
                     break
-                if self._eval(frames) and self.make_eval_env is not None:
-                    self.evaluate()
+                evaluated = self._eval.last
+                due = self._eval(frames) and self.make_eval_env is not None
+                if due and self.evaluate(stoppable=frames < c.total_frames) is None:
+                    self._eval.last = evaluated  # stopped midway: due after the resume
+                if self._stop_requested and frames < c.total_frames:
+                    break  # a signal during the evaluation: the report waits as well
                 if self._report(frames):
                     self.report()
                 if self._ckpt(frames):
@@ -451,18 +456,24 @@ class Trainer:
         return forked_torch_rng(stream_seed(self.seed, stream, index), devices)
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
+    def evaluate(self, stoppable: bool = False) -> dict | None:
         """``eval_episodes`` episodes with the deterministic policy on a fresh env; keeps the
-        first episode's rows as held-out data for :meth:`report`."""
+        first episode's rows as held-out data for :meth:`report`. With ``stoppable``, a stop
+        request (a signal) ends it midway: nothing is logged or kept and None is returned; it
+        draws from the stream of its index, so the resumed run's evaluation is the same one."""
         index = self.counters["evals"]
         env = self.make_eval_env(index)
+        stop = (lambda: self._stop_requested) if stoppable else None
         try:
             with self._own_stream("eval", index):  # e.g. the VAE posterior samples
                 episodes = run_episodes(
-                    env, self.agent, self.action_dim, self.device, self.config.eval_episodes, True
-                )
+                    env, self.agent, self.action_dim, self.device, self.config.eval_episodes,
+                    True, should_stop=stop,
+                )  # fmt: skip
         finally:
             env.close()
+        if episodes is None:
+            return None
         self.heldout = episodes.first_episode.exclude(keys.DONE).unsqueeze(0)
         self.counters["evals"] += 1
         r = torch.tensor(episodes.returns, dtype=torch.float64)

@@ -481,6 +481,76 @@ def test_a_stop_in_the_iteration_an_evaluation_falls_due_leaves_it_to_the_resume
     assert resumed.counters["evals"] == 3
 
 
+def _record_returns(trainer) -> list[float]:
+    """The eval returns ``trainer`` logs, in order (a list it appends to)."""
+    returns, evaluate = [], trainer.evaluate
+
+    def recorded(**kwargs):
+        result = evaluate(**kwargs)
+        if result is not None:
+            returns.append(result["episode_return"])
+        return result
+
+    trainer.evaluate = recorded
+    return returns
+
+
+def test_a_signal_during_an_evaluation_stops_it_and_leaves_it_and_the_report_to_the_resume(
+    tmp_path,
+):
+    """A signal used to wait for the whole evaluation and then the report (a 5-episode one
+    takes ~36 s at exp=cpu on the CPU, past a scheduler's grace period): the evaluation now
+    stops after its current step, nothing of it is logged, both are due after the resume, and
+    the agent trains exactly as without the stop (the later evaluations are the same)."""
+    full = build(tmp_path / "full")
+    full_returns = _record_returns(full)
+    full.run(progress=False)
+    full.env.close()
+    full.logger.close()
+
+    part = build(tmp_path / "part")
+    made = part.make_eval_env
+    steps = []
+
+    def eval_env_that_signals(index):  # the signal arrives during the first evaluation
+        env = made(index)
+        step = env.step
+
+        def stepping(td):
+            steps.append(index)
+            if len(steps) == 5:
+                part._on_signal(signal.SIGINT, None)
+            return step(td)
+
+        env.step = stepping
+        return env
+
+    part.make_eval_env = eval_env_that_signals
+    reported = []
+    report = part.report
+    part.report = lambda: reported.append(part.counters["frames"]) or report()
+    part.run(progress=False)
+    part.env.close()
+    part.logger.close()
+    stopped_at = part.counters["frames"]
+    assert 100 <= stopped_at < 102 and part.stop_signal == signal.SIGINT
+    assert len(steps) == 5 and reported == [] and part.counters["evals"] == 0
+    saved = load_checkpoint(tmp_path / "part")
+    assert saved["counters"]["frames"] == stopped_at and saved["heldout"] is None
+    assert saved["schedules"] == {"eval": 0, "report": 0}  # both still due
+    tags = EventAccumulator(str(tmp_path / "part")).Reload().Tags()["scalars"]
+    assert not [t for t in tags if t.startswith(("eval/", "heldout/"))]
+
+    resumed = build(tmp_path / "part", seed=5)
+    resumed.load()
+    returns = _record_returns(resumed)
+    resumed.run(progress=False)
+    resumed.env.close()
+    resumed.logger.close()
+    assert resumed.counters["evals"] == 3 and len(returns) == 3
+    assert returns[1:] == full_returns[1:]  # the agent trained exactly as without the stop
+
+
 def test_a_run_ending_on_a_checkpoint_frame_writes_it_once(tmp_path):
     trainer = _prefill_only_trainer(make_env(0), tmp_path, 80, checkpoint_every=40)
     written = []
