@@ -463,9 +463,9 @@ def test_a_stop_in_the_iteration_an_evaluation_falls_due_leaves_it_to_the_resume
     steps = {"evaluate": [], "report": []}
 
     def recorded(method, made):
-        def call():
+        def call(**kwargs):
             made.append(resumed.counters["frames"])
-            return method()
+            return method(**kwargs)
 
         return call
 
