@@ -214,6 +214,8 @@ def evaluate_checkpoint(args) -> int:
     # samples, the VAE posterior), so the same --seed gives the same returns.
     torch.manual_seed(args.seed)
     device = resolve_device(args.device, "--device ")
+    if args.video and Path(args.video).suffix.lower() != ".gif":  # it wrote GIF data to x.mp4
+        raise UserError(f"--video writes a GIF: give a path ending in .gif, got {args.video}")
     state = load_checkpoint(args.run_dir)
     check_contents(state, args.run_dir, MODEL_KEYS)
     conf = state["run_config"]

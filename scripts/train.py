@@ -195,6 +195,8 @@ def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
             conf[CHOICES_KEY] = group_choices(HydraConfig.get().runtime.choices)
         return conf, run_dir, None
     run_dir = run_dir_of(cfg)
+    if not run_dir.exists():
+        raise UserError(f"cannot resume from {run_dir}: it does not exist")
     if run_dir.is_file():  # a file other than the run's checkpoint
         raise UserError(
             f"resume takes a run directory or the {CHECKPOINT_NAME} in one, got the file {run_dir}"

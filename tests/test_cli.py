@@ -178,7 +178,7 @@ def test_ctrl_c_while_importing_is_one_sentence_and_exit_130(tmp_path, script):
     [
         (["env.task=walker-wlak"], "did you mean walker-walk?"),  # the closest tasks
         (["loop.train_ratio=-1"], "train_ratio must be > 0"),
-        (["resume=/nonexistent/run"], "cannot resume from /nonexistent/run"),
+        (["resume=/nonexistent/run"], "cannot resume from /nonexistent/run: it does not exist"),
         (["resume=pyproject.toml"], "resume takes a run directory or the checkpoint.pt in one"),
         (["device=cuda:7"] if not os.path.exists("/dev/nvidia0") else ["device=tpu"], "device"),
         (["device=cpu", "loop.cuda_graph=true"], "loop.cuda_graph=true needs a CUDA device"),

@@ -134,3 +134,14 @@ def test_weights_that_do_not_fit_the_runs_configuration_are_one_sentence(
     assert err.count("\n") == 1 and err.startswith(
         "error: the checkpoint's weights do not match its configuration: "
     ), err
+
+
+def test_a_video_path_that_is_not_a_gif_is_refused_before_anything_runs(tmp_path, capsys):
+    """--video x.mp4 wrote GIF data into x.mp4 without a word."""
+    write_tiny_dreamer_run(tmp_path)
+    args = [str(tmp_path), "--episodes", "1", "--render", "fast", "--video", "x.mp4"]
+    assert load_script("eval").main(args) == 2
+    assert capsys.readouterr().err == (
+        "error: --video writes a GIF: give a path ending in .gif, got x.mp4\n"
+    )
+    assert not (tmp_path / "eval.json").exists()
