@@ -157,7 +157,12 @@ def train(model, pre, train_frames, args, logger, name):
                 _, sigma_q = model.posterior(e)
                 sigma_x = model.decoder_params(torch.zeros(1, model.latent_dim))[1]
             obj_bpd = float(
-                bits_per_dim(objective.detach().mean() - logdet.mean(), logdet.mean(), dims)
+                bits_per_dim(
+                    objective.detach().mean() - logdet.mean(),
+                    logdet.mean(),
+                    dims,
+                    noise_width=pre.max_noise(logdet.dtype),
+                )
             )
             logger.log_scalars(
                 {
@@ -197,7 +202,7 @@ def evaluate(model, pre, tune_frames, eval_frames, args, logger, name):
             for yc in tqdm(y.split(32), desc=f"log p {name}", leave=False)
         ]
     )
-    bpd = bits_per_dim(log_p, logdet, pre.num_dims)
+    bpd = bits_per_dim(log_p, logdet, pre.num_dims, noise_width=pre.max_noise(y.dtype))
     out["bpd"] = float(bpd.mean())
     out["bpd_sem"] = block_sem(bpd.numpy(), len(args.tasks))
     out["bpd_per_frame"] = [round(float(b), 5) for b in bpd]  # for paired comparisons

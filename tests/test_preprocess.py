@@ -129,6 +129,29 @@ def test_bits_per_dim_of_uniform_density_is_eight():
     # One nat better per dimension is 1/ln 2 bits better.
     better = bits_per_dim(-logdet + pre.num_dims, logdet, pre.num_dims)
     assert torch.allclose(better, bpd - 1 / math.log(2))
+    # Noise on U[0, w) has log-density −D·ln w: the bound grows by −log2(w) bits/dim (w < 1).
+    w = pre.max_noise(torch.float32)
+    narrow = bits_per_dim(-logdet, logdet, pre.num_dims, noise_width=w)
+    torch.testing.assert_close(narrow - bpd, torch.full_like(bpd, -math.log2(w)))
+    assert 2e-5 < -math.log2(w) < 2.5e-5  # float32's: 128 ulps below 1
+
+
+def test_dequantisation_noise_is_uniform_on_the_unit_bin_and_fresh_for_every_batch():
+    """SPEC §2's bound needs v ~ U[0, 1)^D, drawn anew each batch: a constant v = 1/2 or noise
+    on [0, 1/2) passed every test before this one (a review's mutations)."""
+    torch.manual_seed(0)
+    pre = Preprocess((1,))
+    o = torch.randint(0, 256, (400_000, 1), dtype=torch.uint8)
+    v = pre.dequantize(o).double() * 256 - o.double()  # [N, 1] in float64: exact here
+    first = v.clone()
+    assert v.min() >= 0 and v.max() < 1
+    n = v.numel()
+    assert abs(v.mean() - 0.5) < 5 * (1 / 12 / n) ** 0.5  # its standard error, 5 times
+    assert abs(v.var() - 1 / 12) < 5 * (1 / 180 / n) ** 0.5  # Var of v² - E[v]²: 1/180
+    for q in (0.1, 0.25, 0.5, 0.75, 0.9):  # the distribution function, not only two moments
+        assert abs((v < q).double().mean() - q) < 5 * (q * (1 - q) / n) ** 0.5
+    second = pre.dequantize(o).double() * 256 - o.double()
+    assert (second != first).double().mean() > 0.999  # fresh noise for the next batch
 
 
 def test_bad_inputs_raise_clear_errors():

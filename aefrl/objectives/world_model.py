@@ -153,8 +153,9 @@ class WorldModelLoss(LossModule):
     def _bpd(self, log_px: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
         """The decoder term ``log p(y | h, z)`` in bits/dim (a diagnostic, not a likelihood: for
         ``aef_partition`` it scores the D − d shell coordinates but is spread over all D)."""
-        num = self.world_model.preprocess.num_dims
-        return bits_per_dim(log_px.mean(), logdet.mean(), num)
+        pre = self.world_model.preprocess
+        width = pre.max_noise(log_px.dtype)  # of the noise the batch was dequantised with
+        return bits_per_dim(log_px.mean(), logdet.mean(), pre.num_dims, noise_width=width)
 
     def total(self, losses: TensorDictBase) -> torch.Tensor:
         """The scalar to minimise: ``Σ_k scale_k · loss_k``."""

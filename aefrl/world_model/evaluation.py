@@ -85,7 +85,9 @@ def sequence_bits_per_dim(
     """Bits/dim of each sequence of the discrete frames (a bound through dequantisation)."""
     log_p, logdet = sequence_log_likelihood(world_model, batch, num_samples)
     steps = batch[keys.PIXELS].shape[1]
-    return bits_per_dim(log_p, logdet, steps * world_model.preprocess.num_dims)
+    pre = world_model.preprocess
+    width = pre.max_noise(log_p.dtype)  # of the noise encode_pixels drew
+    return bits_per_dim(log_p, logdet, steps * pre.num_dims, noise_width=width)
 
 
 @torch.no_grad()
