@@ -46,6 +46,15 @@ def image_grid(rows: list[torch.Tensor], pad: int = 2) -> np.ndarray:
     return out
 
 
+def open_loop_video(real: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """Real | imagined | absolute error, side by side: ``real``, ``pred`` uint8
+    ``[..., T, C, H, W]`` -> uint8 ``[..., T, C, H, 3W]``; several sequences (``[N, T, ...]``)
+    are stacked top to bottom, ``[T, C, N·H, 3W]``."""
+    error = (real.float() - pred.float()).abs().clamp(0, 255).to(torch.uint8)
+    video = torch.cat([real, pred, error], -1)
+    return torch.cat(list(video), -2) if video.dim() == 5 else video
+
+
 def encode_gif(frames: list[np.ndarray], fps: float) -> bytes:
     """Frames ``[H, W, C]`` uint8 -> animated GIF bytes (looping)."""
     images = [Image.fromarray(f.squeeze(-1) if f.shape[-1] == 1 else f) for f in frames]

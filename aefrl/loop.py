@@ -45,7 +45,7 @@ from aefrl.checkpoint import set_rng_state as restore_rng
 from aefrl.collect import Collector
 from aefrl.cuda_graph import CudaGraphed, graph_train_step
 from aefrl.evaluation import critic_calibration, run_episodes
-from aefrl.logging import RunLogger
+from aefrl.logging import RunLogger, open_loop_video
 from aefrl.seeding import forked_torch_rng, stream_seed
 
 __all__ = ["CHECKPOINT_FORMAT", "LoopConfig", "Trainer"]
@@ -507,10 +507,8 @@ class Trainer:
         with self._own_stream("report", step):  # the bits/dim estimate's samples
             out = self.agent.report(batch.to(self.device), num_samples=c.report_samples)
         real, pred = out["video_real"][0].cpu(), out["video_pred"][0].cpu()
-        error = ((real.float() - pred.float()).abs()).clamp(0, 255).to(torch.uint8)
-        video = torch.cat([real, pred, error], -1)  # [T, C, H, 3W]: real | imagined | |error|
         tag = f"{source}/open_loop_real_imagined_error"
-        self.logger.log_video(tag, video, step, fps=c.video_fps)
+        self.logger.log_video(tag, open_loop_video(real, pred), step, fps=c.video_fps)
         # Context frames: real (top) over their posterior reconstructions (bottom), side by side.
         context = torch.cat([real[:5], pred[:5]], -2).permute(1, 2, 0, 3).flatten(2)
         self.logger.log_image(f"{source}/reconstruction", context, step)

@@ -6,7 +6,8 @@ Collects episodes with the agent's deterministic policy on a new environment see
 training), cuts them into 50-step sequences and reports: held-out bits/dim of each sequence
 (exact for aef_partition, importance-sampled with K trajectories otherwise; SPEC §6), open-loop
 prediction error (5 context frames, 45 predicted: MSE and SSIM per horizon), and the sharpness
-of imagined frames relative to real ones. Writes ``<run_dir>/world_model_report.json``.
+of imagined frames relative to real ones. Writes ``<run_dir>/world_model_report.json`` and a GIF
+of the first sequences, real | imagined | error (``<run_dir>/world_model_report.gif``).
 
 For the expansion AEF, the importance proposal's scale s is first tuned (SPEC §6) on one more
 held-out episode, collected after the reported ones and not reported (``--proposal-scale S``
@@ -65,6 +66,18 @@ def make_parser() -> Parser:
         "--out", default=None, help="JSON path (default: <run_dir>/world_model_report.json)"
     )
     p.add_argument(
+        "--video",
+        default=None,
+        help="GIF of the first sequences, real | imagined | error, one row each (default: the "
+        "JSON's path with .gif, <run_dir>/world_model_report.gif; '' for none)",
+    )
+    p.add_argument(
+        "--video-sequences",
+        type=int,
+        default=4,
+        help="sequences (rows) in the GIF, >= 1 (default: %(default)s)",
+    )
+    p.add_argument(
         "--proposal-scale",
         type=parse_proposal_scale,
         default=None,
@@ -80,9 +93,11 @@ def make_parser() -> Parser:
 def parse_args(argv=None):
     p = make_parser()
     args = p.parse_args(argv)
-    for name in ("episodes", "num_samples", "tune_samples"):
+    for name in ("episodes", "num_samples", "tune_samples", "video_sequences"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.video and os.path.splitext(args.video)[1].lower() != ".gif":
+        p.error(f"--video writes a GIF: give a path ending in .gif, got {args.video}")
     return args
 
 
@@ -99,6 +114,7 @@ from aefrl import keys
 from aefrl.checkpoint import MODEL_KEYS, CheckpointError, check_contents, load_checkpoint
 from aefrl.cli import UserError, make_run_env, output_path
 from aefrl.collect import Collector
+from aefrl.logging import encode_gif, open_loop_video, to_hwc_uint8
 from aefrl.metrics import sharpness_ratio
 from aefrl.provenance import machine_info
 from aefrl.seeding import forked_torch_rng
@@ -142,7 +158,7 @@ def cut(episodes):
     return episodes[:, : chunks * seq].reshape(n * chunks, seq)
 
 
-def report_from_seed(agent, episodes, num_samples: int, seed: int) -> dict:
+def report_from_seed(agent, episodes, num_samples: int, seed: int):
     """:func:`report` with torch's generator seeded first: every model's report dequantises
     the same episodes with the same noise (acting, which a VAE samples in, drew before)."""
     torch.manual_seed(seed)
@@ -150,7 +166,9 @@ def report_from_seed(agent, episodes, num_samples: int, seed: int) -> dict:
 
 
 @torch.no_grad()
-def report(agent, episodes, num_samples: int) -> dict:
+def report(agent, episodes, num_samples: int) -> tuple[dict, dict]:
+    """The report's numbers, and the open-loop prediction they came from (``real``, ``pred``
+    uint8 ``[sequences, T, C, H, W]``: :func:`aefrl.world_model.open_loop_prediction`)."""
     wm = agent.world_model
     batch = cut(episodes)
     pred = open_loop_prediction(wm, batch, context=CONTEXT)
@@ -179,7 +197,7 @@ def report(agent, episodes, num_samples: int) -> dict:
         "open_loop_ssim": [float(x) for x in pred["ssim"]],
         "sharpness_imagined": sharpness_ratio(imagined, real),
         "sharpness_reconstructed": sharpness_ratio(recon, real_context),
-    }
+    }, pred
 
 
 def main(argv=None) -> int:
@@ -210,6 +228,7 @@ def write_report(args, argv) -> int:
             f"run's obs_model is {kind}: leave it out"
         )
     out = output_path(args.out, folder / "world_model_report.json")
+    video = None if args.video == "" else output_path(args.video, out.with_suffix(".gif"))
     render = args.render or conf["env"].get("render", "faithful")
     env = make_run_env(conf["env"], args.seed, num_envs=1, render=render)
     action_dim = int(env.action_spec.shape[-1])
@@ -236,14 +255,21 @@ def write_report(args, argv) -> int:
             agent.world_model.obs_model.proposal_scale = args.proposal_scale
         proposal["proposal_scale"] = agent.world_model.obs_model.proposal_scale
         proposal["proposal_scale_tuned_on"] = "1 held-out episode, not reported" if tune else None
+    numbers, pred = report_from_seed(agent, episodes, args.num_samples, args.seed + 1)
+    if video is not None:
+        n = args.video_sequences
+        frames = open_loop_video(pred["real"][:n], pred["pred"][:n])  # [T, C, n·H, 3W]
+        fps = float(conf.get("logger", {}).get("video_fps", 15))
+        video.write_bytes(encode_gif([to_hwc_uint8(f) for f in frames], fps=fps))
     result = {
         "run_dir": str(args.run_dir),
         "frames": state["counters"]["frames"],
         "task": conf["env"]["task"],
         "obs_model": conf["obs_model"]["kind"],
         "render": render,
-        **report_from_seed(agent, episodes, args.num_samples, args.seed + 1),
+        **numbers,
         **proposal,
+        "video": None if video is None else str(video),
         "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
         "machine": machine_info(),
     }

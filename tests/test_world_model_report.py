@@ -110,3 +110,34 @@ def test_every_model_reports_from_the_same_generator_state(monkeypatch):
     torch.rand(11)  # ... another's that much
     script.report_from_seed(None, None, 1, seed=7)
     assert torch.equal(seen[0], seen[1])
+
+
+def test_the_report_writes_real_imagined_error_gif_of_its_first_sequences(tmp_path):
+    """Real vs imagined rollouts from a checkpoint, offline: the GIF TensorBoard shows during
+    training (one row per sequence), next to the JSON; '' writes none, a non-GIF path is
+    refused before any work."""
+    import numpy as np
+    from PIL import Image, ImageSequence
+
+    write_tiny_dreamer_run(tmp_path, time_limit=0.4)  # 20-step episodes: one sequence each
+    script = load_script("world_model_report")
+    args = [str(tmp_path), "--episodes", "3", "--num-samples", "2", "--render", "fast"]
+    assert script.main([*args, "--video-sequences", "2", "--proposal-scale", "0.5"]) == 0
+    result = json.loads((tmp_path / "world_model_report.json").read_text())
+    assert result["video"] == str(tmp_path / "world_model_report.gif")
+    frames = [
+        np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(Image.open(result["video"]))
+    ]
+    steps = len(result["open_loop_mse"]) + script.CONTEXT
+    assert len(frames) == steps and frames[0].shape == (2 * 16, 3 * 16, 3)  # 2 rows, 3 panels
+    real, imagined, error = (frames[-1][:16, 16 * i : 16 * (i + 1)].astype(int) for i in range(3))
+    # the GIF's palette quantises colours: the error panel is |real - imagined| up to that
+    assert np.abs(error - np.abs(real - imagined)).mean() < 8 and error.max() > 0
+
+    (tmp_path / "world_model_report.gif").unlink()
+    assert script.main([*args, "--video", "", "--proposal-scale", "0.5"]) == 0
+    assert not (tmp_path / "world_model_report.gif").exists()
+    assert json.loads((tmp_path / "world_model_report.json").read_text())["video"] is None
+    with pytest.raises(SystemExit) as info:
+        script.main([*args, "--video", "x.mp4"])
+    assert info.value.code == 2
