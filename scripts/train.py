@@ -272,6 +272,11 @@ def lock_run_dir(run_dir: Path, new_run: bool):
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
+        if not new_run:  # a resume: the process training this run is still at it
+            raise UserError(
+                f"cannot resume {run_dir}: another training process is running it; wait for "
+                "it to finish (or stop it with Ctrl-C, which saves a checkpoint)"
+            ) from None
         raise UserError(
             f"run_dir {run_dir} is in use by another training process (started there, or "
             "started in the same second with the same default run_dir); wait for it to finish "
@@ -564,9 +569,9 @@ def interrupted_message(cfg: DictConfig) -> str:
     has one, or nothing (a new run stopped before its first one removes what it wrote)."""
     run_dir = run_dir_of(cfg)
     if (run_dir / CHECKPOINT_NAME).exists():
-        return (
-            f"interrupted: stopped without a final checkpoint; the last one, in {run_dir}, is "
-            f"intact (resume={run_dir} continues from it)"
+        return (  # after a second Ctrl-C, which may have come while that checkpoint was written
+            f"interrupted: the run's latest checkpoint, in {run_dir}, is intact "
+            f"(resume={run_dir} continues from it)"
         )
     return "interrupted before the run's first checkpoint: nothing was kept (run it again)"
 

@@ -592,6 +592,8 @@ def test_two_processes_cannot_train_in_one_run_dir(tmp_path):
     held = script.lock_run_dir(tmp_path, new_run=True)
     with pytest.raises(script.UserError, match="in use by another training process"):
         script.lock_run_dir(tmp_path, new_run=True)  # another open file: flock conflicts
+    with pytest.raises(script.UserError, match="another training process is running it; wait"):
+        script.lock_run_dir(tmp_path, new_run=False)  # a resume: no other run_dir to choose
     (tmp_path / "run_config.yaml").write_text("seed: 0\n")  # the first run's files
     held.close()
     with pytest.raises(script.UserError, match="was taken by another run"):
