@@ -3,7 +3,9 @@
 import torch
 from torch import distributions as D
 
+from aefrl.actor_critic import Critic
 from aefrl.world_model import BernoulliHead, TwoHot, TwoHotHead, symexp, symlog, two_hot
+from tests.world_model.conftest import tiny_world_model
 
 
 def test_symlog_symexp_are_inverse():
@@ -45,3 +47,28 @@ def test_heads_start_at_zero_and_score_like_torch():
     expect = D.Bernoulli(logits=dist.logits).log_prob(target)
     assert torch.allclose(dist.log_prob(target), expect)
     assert torch.allclose(dist.log_prob(target.bool()), expect)
+
+
+def test_reward_and_critic_bins_span_symlog_pm20_so_large_targets_are_not_clipped():
+    """SPEC §7 / DreamerV3: 255 bins evenly spaced from −20 to 20 in symlog space. Fails if the
+    range shrinks (e.g. ±10, which clips any |target| above symexp(10) ≈ 2.2e4) or the count or
+    spacing changes, for the world model's reward head or the critic."""
+    expect = [-20.0 + 40.0 * k / 254 for k in range(255)]  # written out, not torch.linspace
+    reward_head = tiny_world_model("aef").reward_head
+    critic = Critic(5, hidden=8, layers=1)
+    targets = torch.tensor([1e6, -1e6, 3.5e7, 12345.0], dtype=torch.float64)
+    assert abs(symlog(targets[:1]).item() - 13.8155) < 1e-3  # well inside ±20, outside ±10
+    for head in (reward_head, critic):
+        bins = head.bins.double()
+        assert bins.shape == (255,)
+        want = torch.tensor(expect, dtype=torch.float64)
+        torch.testing.assert_close(bins, want, atol=1e-5, rtol=0)
+        gaps = bins.diff()
+        torch.testing.assert_close(gaps, torch.full_like(gaps, 40.0 / 254), atol=1e-5, rtol=0)
+        # Encode then decode by hand: Σ_k w_k b_k back through symexp recovers the target.
+        w = two_hot(symlog(targets), head.bins).double()
+        decoded = torch.sign(w @ bins) * torch.expm1((w @ bins).abs())
+        torch.testing.assert_close(decoded, targets, rtol=1e-4, atol=0)
+        # And a head whose logits put the two-hot weights on those bins predicts the target.
+        dist = TwoHot(torch.log(w.float() + 1e-30), head.bins)
+        torch.testing.assert_close(dist.mean.double(), targets, rtol=1e-4, atol=0)
