@@ -22,11 +22,30 @@ def _interrupted_while_starting(signum, frame) -> None:
     os._exit(128 + signum)
 
 
-def quiet_ctrl_c_while_starting() -> None:
-    """Until :func:`imports_done`, a Ctrl-C exits with one line and the shell's code (130)."""
+_state = {"worker": False}
+
+
+def quiet_ctrl_c_while_starting(module_name: str = "__main__") -> None:
+    """Until :func:`imports_done`, a Ctrl-C exits with one line and the shell's code (130).
+
+    ``module_name`` is the calling script's ``__name__``. A parallel env's worker process
+    (``multiprocessing``'s spawn) runs the script's module code again, as ``"__mp_main__"``,
+    before it builds its env: there SIGINT and SIGTERM are ignored from the first line on (and
+    :func:`imports_done` leaves them so). A Ctrl-C to the process group during those seconds of
+    imports killed the worker, and the training process's start of its envs failed with an
+    EOFError instead of finishing the step and saving (aefrl.envs.dmc's workers ignore both
+    signals once built, for the same reason; the training process stops them itself).
+    """
+    if module_name == "__mp_main__":
+        _state["worker"] = True
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        return
     signal.signal(signal.SIGINT, _interrupted_while_starting)
 
 
 def imports_done() -> None:
-    """Ctrl-C raises ``KeyboardInterrupt`` again, for the script's own handling."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    """Ctrl-C raises ``KeyboardInterrupt`` again, for the script's own handling (not in a
+    worker, which keeps ignoring it: see :func:`quiet_ctrl_c_while_starting`)."""
+    if not _state["worker"]:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

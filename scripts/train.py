@@ -16,7 +16,7 @@ import sys
 
 from aefrl.interrupts import imports_done, quiet_ctrl_c_while_starting
 
-quiet_ctrl_c_while_starting()  # until the imports below are done
+quiet_ctrl_c_while_starting(__name__)  # until the imports below are done
 
 from aefrl.gl_backend import exit_if_user_backend_broken
 

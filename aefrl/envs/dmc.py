@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import multiprocessing.resource_tracker
 import numbers
 import os
 import signal
@@ -368,16 +367,6 @@ class DMCParallelEnv(ParallelEnv):
     """
 
     def _start_workers(self) -> None:
-        # SIGINT and SIGTERM are blocked while the workers are forked: a child inherits the
-        # mask, so a Ctrl-C to the process group while a worker imports torch and the script
-        # (seconds, before _make_worker_env ignores the signals) no longer kills it, which made
-        # the start fail with an EOFError. This process gets a signal that came meanwhile as
-        # soon as the mask is restored. (CPython protects its resource tracker the same way,
-        # bpo-33613, and unblocks both signals after starting it: it is started first.)
-        if self._mp_start_method != "fork":
-            multiprocessing.resource_tracker.ensure_running()
-        blocked = {signal.SIGINT, signal.SIGTERM}
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
         try:
             super()._start_workers()
         except (EOFError, ConnectionError) as exc:  # a worker died before its first message
@@ -386,8 +375,10 @@ class DMCParallelEnv(ParallelEnv):
                 f"a parallel env worker exited while starting (exit code {codes}); its own "
                 "error, if it raised one, is printed above"
             ) from exc
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        except BaseException:  # a KeyboardInterrupt while waiting for the workers: none left
+            _reap(list(self.__dict__.get("_workers") or ()))
+            self._workers, self.is_closed = [], True
+            raise
         self._reaper = weakref.finalize(self, _reap, list(self._workers))
 
     def _cleanup_failed_worker_startup(self) -> None:

@@ -3,6 +3,7 @@
 import os
 import pickle
 import signal
+import time
 
 import mujoco
 import numpy as np
@@ -329,28 +330,42 @@ def test_a_dead_worker_does_not_keep_the_others_alive():
     assert [_exit_code(process) for process in workers] == [-9, -9]  # none left running
 
 
-def _blocked_signals(pid: int) -> set[int]:
-    """The signals ``pid`` blocks (its ``SigBlk`` mask in /proc)."""
-    with open(f"/proc/{pid}/status") as f:
-        line = next(line for line in f if line.startswith("SigBlk"))
-    mask = int(line.split()[1], 16)
-    return {n for n in range(1, 65) if mask >> (n - 1) & 1}
+def _slow_in_a_worker(parent_pid: int, **kwargs):
+    """An env constructor whose workers take a minute to start (the parent gets its env)."""
+    if os.getpid() != parent_pid:
+        import time
+
+        time.sleep(60)
+    return DMCPixelEnv("cartpole-swingup", **kwargs)
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc (Linux)")
-def test_workers_start_with_ctrl_c_blocked_and_the_parent_keeps_its_mask():
-    """A Ctrl-C to the process group while the workers imported torch (before they ignore it)
-    killed one and failed the start with an EOFError traceback; they now inherit SIGINT and
-    SIGTERM blocked from the start, and the parent's own mask is restored."""
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-    env = make_dmc_env("cartpole-swingup", num_envs=2, seed=0, render="fast", image_size=16)
+def test_ctrl_c_while_the_workers_start_stops_them_and_leaves_nothing_running():
+    """The process waiting for its workers stays interruptible; what it started is killed (the
+    workers ignore SIGINT and SIGTERM, and would otherwise keep the interpreter's exit
+    waiting), and closing the env afterwards is quiet."""
+    import functools
+    import multiprocessing
+    import threading
+
+    from aefrl.envs.dmc import DMCParallelEnv
+
+    make = functools.partial(_slow_in_a_worker, os.getpid(), image_size=16, render="fast")
+    env = DMCParallelEnv(2, [make, make], mp_start_method="spawn")
+    main = threading.main_thread().ident
+    timer = threading.Timer(3.0, signal.pthread_kill, (main, signal.SIGINT))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    started = time.monotonic()
     try:
-        env.reset()
-        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
-        for worker in env._workers:
-            assert {signal.SIGINT, signal.SIGTERM} <= _blocked_signals(worker.pid)
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            env.reset()
     finally:
-        env.close()
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
+    assert time.monotonic() - started < 30  # not after the workers' minute
+    assert env.is_closed and env._workers == []
+    assert not multiprocessing.active_children()  # both killed and joined
+    env.close()  # quiet
 
 
 def _dies_in_a_worker(parent_pid: int, **kwargs):
