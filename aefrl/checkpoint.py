@@ -116,14 +116,24 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
 def _failed_checksum(path: Path) -> str | None:
     """The first record of the checkpoint's zip archive whose CRC-32 does not match its bytes,
     or None. torch.load does not check them, so a bit flip or a zeroed block inside a record
-    loaded as wrong weights or optimiser states. Costs one more read of the file: 0.3 s per
+    loaded as wrong weights or optimiser states. Costs one more read of the file: 0.4 s per
     GiB against torch.load's 0.6 s on the project's 2-core VM (a 1 GiB record, page-cached).
-    A file that is no zip archive is left to torch.load's own error."""
+    A file that is no zip archive is left to torch.load's own error; records saved without a
+    checksum (torch's ``serialization.config.save.compute_crc32 = False`` stores 0) pass."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return archive.testzip()
+            for info in archive.infolist():
+                if info.CRC == 0:
+                    continue
+                try:
+                    with archive.open(info) as record:  # checks the CRC once read to the end
+                        while record.read(1 << 24):
+                            pass
+                except zipfile.BadZipFile:
+                    return info.filename
     except (zipfile.BadZipFile, OSError, EOFError, ValueError):
         return None
+    return None
 
 
 _SIZE_MISMATCH = re.compile(

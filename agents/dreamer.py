@@ -51,12 +51,12 @@ def shared_entries(module: nn.Module) -> dict[str, str]:
     as an entry of an earlier child (``wm_loss.world_model.*`` and ``world_model.*``: the loss
     modules hold the networks they train). Sharing inside one child (the RSSM holds the world
     model's observation model) is that child's own layout and stays."""
-    first: dict[tuple, str] = {}
+    first: dict[int, str] = {}
     aliases = {}
+    # keep_vars: the parameters and buffers themselves, one object however often registered
+    # (data pointers would not do: every meta tensor's, and every empty one's, is 0).
     for name, value in nn.Module.state_dict(module, keep_vars=True).items():
-        if value.numel() == 0:  # empty tensors share the null pointer without being shared
-            continue
-        ident = (value.device, value.data_ptr(), value.dtype, value.shape, value.stride())
+        ident = id(value)
         if ident not in first:
             first[ident] = name
         elif first[ident].split(".", 1)[0] != name.split(".", 1)[0]:

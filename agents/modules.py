@@ -27,7 +27,10 @@ does with its carry. In a torchrl rollout that carry travels in the tensordict:
 :func:`policy_transforms` gives the env an ``InitTracker`` (episode starts, ``is_init``) and a
 ``TensorDictPrimer`` that creates ``belief``, ``state`` and ``prev_action`` at every reset and
 copies them from each step to the next; without the primer a rollout stops at its second step
-with a KeyError.
+with a KeyError. The policy runs without autograd. The env must hand over pixels on the agent's
+device (a torchrl env's ``device``) and of the run's size (``env.image_size`` of its
+``run_config``); :func:`policy_transforms` takes the agent's device for the carry, so move the
+agent first.
 """
 
 from __future__ import annotations
@@ -102,11 +105,20 @@ def policy_module(
     action kept as ``prev_action``. ``is_first_key`` names the episode-start flag (torchrl's
     ``InitTracker`` writes ``"is_init"``; aefrl's replay rows hold ``"is_first"``)."""
     _require_dreamer(agent)
-    return TensorDictSequential(
+    return _Acting(
         posterior_module(agent.world_model, is_first_key),
         actor_module(agent.actor, explore),
         TensorDictModule(_PrevAction(), in_keys=[keys.ACTION], out_keys=[keys.PREV_ACTION]),
     )
+
+
+class _Acting(TensorDictSequential):
+    """A policy that acts: no autograd graph (the carried belief would otherwise chain every
+    step's graph, encoder included, to the next for the whole rollout)."""
+
+    @torch.no_grad()
+    def forward(self, *args, **kwargs):
+        return super().forward(*args, **kwargs)
 
 
 def policy_transforms(agent: DreamerAgent) -> Compose:
@@ -127,6 +139,7 @@ def policy_transforms(agent: DreamerAgent) -> Compose:
             keys.PREV_ACTION: spec(agent.action_dim),
         },
         default_value=0.0,
+        expand_specs=True,  # to the env's batch: one carry per env of a batched env
     )
     return Compose(InitTracker(init_key=IS_INIT), primer)
 
@@ -136,6 +149,8 @@ def load_agent(path: str | os.PathLike, map_location="cpu") -> nn.Module:
     (a :class:`DreamerAgent`, or the planner of an ``agent=planner`` run), built from the run's
     configuration with its trained weights, in eval mode, on the device ``map_location`` names.
     Raises :class:`~aefrl.checkpoint.CheckpointError` with one sentence when it can't."""
+    if not isinstance(map_location, str | torch.device):  # torch.load's dict / callable forms
+        return agent_from_checkpoint(load_checkpoint(Path(path), map_location=map_location))
     device = torch.device(map_location)
     state = load_checkpoint(Path(path), map_location="cpu")  # replay and all: keep it off the GPU
     return agent_from_checkpoint(state).to(device)
@@ -147,11 +162,12 @@ def agent_from_checkpoint(state: dict, action_dim: int | None = None) -> nn.Modu
     env's), must agree. One-sentence :class:`~aefrl.checkpoint.CheckpointError` otherwise."""
     try:
         conf = state["run_config"]
+        agent_conf, obs_conf = conf["agent"], conf["obs_model"]
         weights = state["agent"]["modules"]
         size = int(conf["env"]["image_size"])
         # The action size is stored nowhere but in the weights: img_in reads [z_{t-1}, a_{t-1}].
         stored = weights[WEIGHTS_PREFIX + "rssm.img_in.0.weight"].shape[1]
-        acts = stored - int(conf["obs_model"]["latent_dim"])
+        acts = stored - int(obs_conf["latent_dim"])
     except KeyError as exc:
         raise CheckpointError(
             f"not an aefrl training checkpoint (missing {exc}); expected one written by "
@@ -168,7 +184,7 @@ def agent_from_checkpoint(state: dict, action_dim: int | None = None) -> nn.Modu
             f"has {action_dim}"
         )
     try:
-        agent = build_agent(conf["agent"], conf["obs_model"], (3, size, size), acts)
+        agent = build_agent(agent_conf, obs_conf, (3, size, size), acts)
     except ValueError as exc:
         raise CheckpointError(f"the checkpoint's configuration is not valid: {exc}") from None
     try:

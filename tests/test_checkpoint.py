@@ -64,6 +64,15 @@ def test_a_zeroed_block_inside_a_record_is_refused(tmp_path):
         load_checkpoint(path)
 
 
+def test_a_checkpoint_saved_without_checksums_still_loads(tmp_path, monkeypatch):
+    """torch can be told not to compute the records' CRC-32 (it stores 0): nothing to check."""
+    from torch.utils.serialization import config
+
+    monkeypatch.setattr(config.save, "compute_crc32", False)
+    save_checkpoint(tmp_path / "checkpoint.pt", {"format": 1, "w": torch.arange(4096.0)})
+    assert torch.equal(load_checkpoint(tmp_path)["w"], torch.arange(4096.0))
+
+
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, {"format": 1, "v": 1})

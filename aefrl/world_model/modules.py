@@ -243,8 +243,10 @@ def world_model_from_checkpoint(state: dict) -> WorldModel:
 def load_world_model(path: str | os.PathLike, map_location="cpu") -> WorldModel:
     """The world model of a run directory or ``checkpoint.pt`` written by ``scripts/train.py``
     (Dreamer or planner runs, any observation model), on the device ``map_location`` names
-    (a device or its name). Raises :class:`~aefrl.checkpoint.CheckpointError` with one clear
-    sentence when it can't."""
+    (a device or its name; torch.load's dict and callable forms place the loaded tensors).
+    Raises :class:`~aefrl.checkpoint.CheckpointError` with one clear sentence when it can't."""
+    if not isinstance(map_location, str | torch.device):
+        return world_model_from_checkpoint(load_checkpoint(Path(path), map_location=map_location))
     device = torch.device(map_location)
     # Read onto the CPU: the file also holds the replay, optimiser states and held-out data,
     # which must not land on the GPU only to be dropped.

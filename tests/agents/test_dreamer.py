@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from agents.dreamer import DreamerAgent
+from agents.dreamer import DreamerAgent, shared_entries
 from tests.agents.round_trip import assert_reloaded_agent_trains_identically
 from tests.world_model.conftest import ACTIONS, OBS, random_batch
 
@@ -194,6 +194,9 @@ def test_state_dict_lists_each_network_once_and_reads_the_older_layout():
     held = [id(t) for t in agent.state_dict(keep_vars=True)["modules"].values()]
     every = {id(t) for t in nn.Module.state_dict(agent, keep_vars=True).values()}
     assert set(held) == every  # only aliases left out: every tensor is still there
+    with torch.device("meta"):  # every meta tensor's data pointer is 0: identity is by object
+        on_meta = tiny_agent("aef")
+    assert shared_entries(on_meta) == shared_entries(agent)
 
     torch.manual_seed(9)
     older = tiny_agent("aef")

@@ -58,6 +58,8 @@ def test_load_agent_builds_the_runs_agent_with_its_weights_in_eval_mode(tiny_run
     for name, value in loaded.items():
         assert torch.equal(value, expected[name]), name
     assert agent.action_dim == 1  # read off the weights: cartpole has one actuator
+    placed = load_agent(run_dir, map_location={"cpu": "cpu"})  # torch.load's other forms too
+    assert torch.equal(placed.actor.net[0].weight, agent.actor.net[0].weight)
 
 
 def test_load_agent_gives_a_planner_runs_planner(tmp_path):
@@ -114,26 +116,49 @@ def test_load_world_model_reads_the_checkpoint_onto_the_cpu_whatever_the_device(
     assert next(wm.parameters()).device.type == "meta"
 
 
-def test_policy_rollout_acts_exactly_as_the_agent_across_episode_ends(tiny_run):
+@pytest.mark.parametrize(
+    ("obs_model", "explore", "num_envs"), [("aef", False, 1), ("vae", True, 1), ("aef", True, 2)]
+)
+def test_policy_rollout_acts_exactly_as_the_agent_across_episode_ends(
+    tmp_path, obs_model, explore, num_envs
+):
     """torchrl's env.rollout with policy_module / policy_transforms takes the actions and
-    filters the states DreamerAgent.act takes on the same frames, resets included."""
-    run_dir, _ = tiny_run
-    agent = load_agent(run_dir)
-    base = make_dmc_env("cartpole-swingup", image_size=OBS[-1], render="fast", time_limit=0.1)
+    filters the states DreamerAgent.act takes on the same frames, resets included: for the
+    deterministic and the sampling posterior, acting by the mode or by samples (the same
+    draws), on one env and on a batch of two; and it builds no autograd graph."""
+    from torchrl.envs import SerialEnv
+
+    write_tiny_dreamer_run(tmp_path, time_limit=0.1, obs_model=obs_model)
+    state = load_checkpoint(tmp_path)
+    conf = state["run_config"]
+    agent = build_agent(conf["agent"], conf["obs_model"], OBS, 1)
+    _randomise(agent, seed=1)
+    state["agent"] = agent.state_dict()
+    save_checkpoint(tmp_path / "checkpoint.pt", state)
+    agent = load_agent(tmp_path)
+
+    def make():
+        return make_dmc_env("cartpole-swingup", image_size=OBS[-1], render="fast", time_limit=0.1)
+
+    base = make() if num_envs == 1 else SerialEnv(num_envs, make)
     env = TransformedEnv(base, policy_transforms(agent))
-    with torch.no_grad():
-        rollout = env.rollout(13, policy_module(agent), break_when_any_done=False)
+    torch.manual_seed(3)
+    rollout = env.rollout(13, policy_module(agent, explore=explore), break_when_any_done=False)
     env.close()
-    starts = rollout[IS_INIT].flatten().nonzero().flatten().tolist()
+    assert not rollout[keys.BELIEF].requires_grad and not rollout[keys.ACTION].requires_grad
+    rows = rollout if num_envs > 1 else rollout.unsqueeze(0)  # [N, T]
+    starts = rows[IS_INIT][0].flatten().nonzero().flatten().tolist()
     assert starts == [0, 5, 10]  # three episodes: the carry is reset twice on the way
-    carry = agent.initial_carry(1)
-    for t in range(len(rollout)):
-        step = rollout[t]
-        action, carry = agent.act(step[keys.PIXELS][None], step[IS_INIT][None], carry, "eval")
-        assert torch.equal(action[0], step[keys.ACTION]), t
-        assert torch.equal(carry.state.h[0], step[keys.BELIEF]), t
-        assert torch.equal(carry.state.z[0], step[keys.STATE]), t
-    assert rollout[keys.ACTION].std() > 0  # the actions depend on the frames
+    torch.manual_seed(3)
+    carry = agent.initial_carry(num_envs)
+    mode = "explore" if explore else "eval"
+    for t in range(rows.shape[1]):
+        step = rows[:, t]
+        action, carry = agent.act(step[keys.PIXELS], step[IS_INIT], carry, mode)
+        assert torch.equal(action, step[keys.ACTION]), t
+        assert torch.equal(carry.state.h, step[keys.BELIEF]), t
+        assert torch.equal(carry.state.z, step[keys.STATE]), t
+    assert rows[keys.ACTION].std() > 0  # the actions depend on the frames
 
 
 def test_critic_module_gives_torchrl_td_lambda_the_critics_values(tiny_run):
