@@ -68,8 +68,8 @@ def make_parser() -> Parser:
     p.add_argument(
         "--video",
         default=None,
-        help="GIF of the first sequences, real | imagined | error, one row each (default: "
-        "<run_dir>/world_model_report.gif, whatever --out says; '' for none)",
+        help="GIF of the first sequences, real | imagined | error, one row each (default: next "
+        "to the JSON, <run_dir>/world_model_report.gif; '' for none)",
     )
     p.add_argument(
         "--video-sequences",
@@ -228,7 +228,7 @@ def write_report(args, argv) -> int:
             f"run's obs_model is {kind}: leave it out"
         )
     out = output_path(args.out, folder / "world_model_report.json")
-    video = None if args.video == "" else output_path(args.video, folder / "world_model_report.gif")
+    video = None if args.video == "" else output_path(args.video, out.with_suffix(".gif"))
     render = args.render or conf["env"].get("render", "faithful")
     env = make_run_env(conf["env"], args.seed, num_envs=1, render=render)
     action_dim = int(env.action_spec.shape[-1])

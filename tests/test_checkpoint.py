@@ -64,6 +64,21 @@ def test_a_zeroed_block_inside_a_record_is_refused(tmp_path):
         load_checkpoint(path)
 
 
+def test_a_flipped_bit_in_a_records_directory_entry_is_one_sentence(tmp_path):
+    """A record's method read as deflate (or encryption flagged) raised zlib's error (or a
+    NotImplementedError, a RuntimeError) from the check itself: a traceback, not one line."""
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"format": 1, "w": torch.arange(4096.0)})
+    clean = path.read_bytes()
+    entry = clean.rindex(b"PK\x01\x02")  # the last record's central-directory entry
+    for offset, value in ((10, 8), (10, 1), (8, 1)):  # method: deflate, shrink; flags: encrypted
+        data = bytearray(clean)
+        data[entry + offset] = value
+        path.write_bytes(bytes(data))
+        with pytest.raises(CheckpointError, match="is corrupt: its record"):
+            load_checkpoint(path)
+
+
 def test_a_checkpoint_saved_without_checksums_still_loads(tmp_path, monkeypatch):
     """torch can be told not to compute the records' CRC-32 (it stores 0): nothing to check."""
     from torch.utils.serialization import config

@@ -134,6 +134,10 @@ def test_the_report_writes_real_imagined_error_gif_of_its_first_sequences(tmp_pa
     # the GIF's palette quantises colours: the error panel is |real - imagined| up to that
     assert np.abs(error - np.abs(real - imagined)).mean() < 8 and error.max() > 0
 
+    elsewhere = tmp_path / "out" / "report.json"  # the GIF goes next to the JSON
+    assert script.main([*args, "--out", str(elsewhere), "--proposal-scale", "0.5"]) == 0
+    assert json.loads(elsewhere.read_text())["video"] == str(elsewhere.with_suffix(".gif"))
+    assert elsewhere.with_suffix(".gif").stat().st_size > 0
     (tmp_path / "world_model_report.gif").unlink()
     assert script.main([*args, "--video", "", "--proposal-scale", "0.5"]) == 0
     assert not (tmp_path / "world_model_report.gif").exists()

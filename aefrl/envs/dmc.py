@@ -367,6 +367,7 @@ class DMCParallelEnv(ParallelEnv):
     """
 
     def _start_workers(self) -> None:
+        threads = torch.get_num_threads()  # torchrl lowers it for the workers' start
         try:
             super()._start_workers()
         except (EOFError, ConnectionError) as exc:  # a worker died before its first message
@@ -377,7 +378,10 @@ class DMCParallelEnv(ParallelEnv):
             ) from exc
         except BaseException:  # a KeyboardInterrupt while waiting for the workers: none left
             _reap(list(self.__dict__.get("_workers") or ()))
-            self._workers, self.is_closed = [], True
+            for channel in self.__dict__.get("parent_channels") or ():
+                channel.close()
+            self._workers, self.parent_channels, self.is_closed = [], [], True
+            torch.set_num_threads(threads)  # what torchrl's own cleanup does on an Exception
             raise
         self._reaper = weakref.finalize(self, _reap, list(self._workers))
 

@@ -354,6 +354,7 @@ def test_ctrl_c_while_the_workers_start_stops_them_and_leaves_nothing_running():
     main = threading.main_thread().ident
     timer = threading.Timer(3.0, signal.pthread_kill, (main, signal.SIGINT))
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    threads = torch.get_num_threads()
     started = time.monotonic()
     try:
         timer.start()
@@ -365,6 +366,7 @@ def test_ctrl_c_while_the_workers_start_stops_them_and_leaves_nothing_running():
     assert time.monotonic() - started < 30  # not after the workers' minute
     assert env.is_closed and env._workers == []
     assert not multiprocessing.active_children()  # both killed and joined
+    assert torch.get_num_threads() == threads  # torchrl lowered it for the start
     env.close()  # quiet
 
 
