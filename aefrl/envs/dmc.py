@@ -485,7 +485,11 @@ def make_dmc_env(
 
     Args:
         task, image_size, action_repeat, seed, render, time_limit, device: see DMCPixelEnv.
-        num_envs: number of environments; more than one runs each in a worker process.
+        num_envs: number of environments; more than one runs each in a worker process. The
+            workers ignore SIGINT and SIGTERM once built; while they re-run the main script's
+            imports (spawn: seconds), they do so if that script's first lines call
+            ``aefrl.interrupts.quiet_ctrl_c_while_starting(__name__)``, as the scripts in
+            ``scripts/`` do; otherwise a Ctrl-C to the process group then can stop a worker.
         mp_start_method: how workers start. ``"spawn"`` (default) is safe even when this process
             already holds a GL context; ``"fork"`` starts faster but hangs in that case (Mesa EGL).
     """
