@@ -459,8 +459,8 @@ class Trainer:
     def evaluate(self, stoppable: bool = False) -> dict | None:
         """``eval_episodes`` episodes with the deterministic policy on a fresh env; keeps the
         first episode's rows as held-out data for :meth:`report`. With ``stoppable``, a stop
-        request (a signal) ends it midway: nothing is logged or kept and None is returned; it
-        draws from the stream of its index, so the resumed run's evaluation is the same one."""
+        request (a signal) ends it midway: nothing is logged or kept, the count of evaluations
+        stays, and None is returned (the resumed run evaluates with the same index's stream)."""
         index = self.counters["evals"]
         env = self.make_eval_env(index)
         stop = (lambda: self._stop_requested) if stoppable else None

@@ -158,7 +158,7 @@ def cut(episodes):
     return episodes[:, : chunks * seq].reshape(n * chunks, seq)
 
 
-def report_from_seed(agent, episodes, num_samples: int, seed: int):
+def report_from_seed(agent, episodes, num_samples: int, seed: int) -> tuple[dict, dict]:
     """:func:`report` with torch's generator seeded first: every model's report dequantises
     the same episodes with the same noise (acting, which a VAE samples in, drew before)."""
     torch.manual_seed(seed)
