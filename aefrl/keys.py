@@ -24,7 +24,9 @@ DONE = "done"  # bool [..., 1]; terminated or truncated
 # int64 [..., 1]; physics-control steps this agent step simulated: the action repeat, fewer when
 # the episode ended on the way, 0 at a reset (the env's frame counter; not stored in replay)
 FRAMES = "frames"
-TRAJ_ID = "traj_id"  # int64 [...]; episode id, used by the replay's slice sampler
+# int64 [...]; torchrl's trajectory key, for its SliceSampler (scripts/bench_replay.py times
+# it against aefrl's own sampler, which needs none: a constant id per stream there)
+TRAJ_ID = "traj_id"
 NEXT = "next"
 
 NEXT_REWARD = (NEXT, REWARD)

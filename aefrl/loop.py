@@ -2,7 +2,8 @@
 
 It talks to the agent only through the narrow interface (``act``, ``train_step``, ``report``,
 ``state_dict`` / ``load_state_dict``), so every agent in ``agents/`` shares it. Counters:
-*frames* are environment frames (agent steps × action repeat), the x-axis of every log.
+*frames* are environment frames (the physics steps the env reports: agent steps × action
+repeat, fewer when an episode ends inside a repeat), the x-axis of every log.
 
 Interrupts: the first Ctrl-C (SIGINT) or SIGTERM finishes the current iteration, writes a
 checkpoint and returns (an evaluation or report that fell due in that iteration is left to the

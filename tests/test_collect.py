@@ -132,6 +132,43 @@ def test_batched_env_rows_hold_the_action_each_env_received(mode):
     _check_arrival_rows(rows, logs, lengths)
 
 
+class PlaceholderAgent(EchoAgent):
+    """Returns Dreamer's zero placeholder in "random" mode and records the a_{t-1} of the
+    carry it was handed at every call (what the policy filters o_t with)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def act(self, pixels, is_first, carry, mode):
+        self.seen.append(carry.prev_action.clone())
+        action, carry = super().act(pixels, is_first, carry, mode)
+        if mode == "random":
+            action = torch.zeros_like(action)
+        return action, Carry(carry.state, action)
+
+
+def test_prefill_actions_are_uniform_on_the_bounds_and_reach_the_agents_carry():
+    """The prefill draws a_t uniformly on [-1, 1] and writes it into the agent's carry, so the
+    next filtering step sees the a_{t-1} the env executed and the replay stores (with the
+    placeholder left there, acting and training disagreed; actions on [0, 1] passed too)."""
+    env, agent = EchoEnv(6), PlaceholderAgent()
+    collector = Collector(env, agent, 1)
+    rows = [collector.step("random")[0] for _ in range(3001)]
+    received = torch.cat(env.received)  # [N, 1]
+    assert received.min() >= -1 and received.max() <= 1
+    assert received.min() < -0.99 and received.max() > 0.99
+    n = received.numel()
+    assert abs(received.mean()) < 5 * (1 / 3 / n) ** 0.5  # Var of U[-1, 1] is 1/3
+    assert abs((received < 0).double().mean() - 0.5) < 5 * (0.25 / n) ** 0.5
+    # agent.seen[k] is the carry of call k + 1 (call 0 only resets); its a_{t-1} is the action
+    # stored in that call's observed row: zero at an episode start, else what the env received.
+    for k, seen in enumerate(agent.seen):
+        observed = rows[k]
+        expected = observed["prev_action"] if not observed["is_first"].item() else torch.zeros(1)
+        assert torch.equal(seen.flatten(), expected.flatten()), k
+
+
 def test_partial_resets_keep_one_row_per_env_and_every_terminal_row():
     # cartpole: 0.01 s control step x repeat 2 -> 0.2 s = 10 agent steps, 0.3 s = 15.
     makers = [
