@@ -620,8 +620,9 @@ def headline(result: dict, kinds) -> None:
         "full_update_speedup_vs_torchrl": ratio(full["torchrl"]["min_s"], full["aef"]["min_s"]),
         "wm_update_over_conv_bound": round(wm["aef"]["min_s"] / conv["ours_trunks"]["min_s"], 3),
     }
-    # Only in full runs (Plan.conv_detail); None in quick ones.
-    layers, theirs = conv.get("ours_conv_layers"), conv.get("torchrl_trunks")
+    # Only in full runs (Plan.conv_detail); None in quick ones. The layers in channels-last,
+    # the layout the update runs them in (runs before 2026-12-06 divided by the NCHW copies).
+    layers, theirs = conv.get("ours_conv_layers_channels_last"), conv.get("torchrl_trunks")
     result["wm_update_over_conv_layers_bound"] = (
         round(wm["aef"]["median_s"] / layers["median_s"], 3) if layers else None
     )

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/benchmarks.md#gpu in one go, on the first CUDA device:
 #   1. the CUDA-only tests (graph against eager updates, device replay on CUDA);
-#   2. scripts/bench.py with ours eager and as CUDA graphs beside torchrl: float32, bf16, and
-#      float32 with torch.compile (ours: agent.compile; torchrl: its loss modules);
+#   2. scripts/bench.py with ours eager and as CUDA graphs beside torchrl: float32, bf16,
+#      float32 with torch.compile (ours: agent.compile; torchrl: its loss modules), and compiled
+#      with bf16 (torchrl as its Dreamer script ships);
 #   3. the training loop end to end (graphed updates, replay on the GPU) with 1, 4 and 8 EGL envs.
 # Every step runs even if an earlier one fails; the exit status says whether all passed.
 #
@@ -32,6 +33,9 @@ step bench_cuda_bf16 python scripts/bench.py --device cuda --graph --autocast bf
     --skip-e2e --out "$out/bench_cuda_bf16.json"
 step bench_cuda_compile python scripts/bench.py --device cuda --graph --compile --reps 20 \
     --skip-e2e --out "$out/bench_cuda_compile.json"
+# torchrl as its Dreamer script ships (compiled actor / value losses, bf16 autocast)
+step bench_cuda_compile_bf16 python scripts/bench.py --device cuda --graph --compile \
+    --autocast bf16 --reps 20 --skip-e2e --out "$out/bench_cuda_compile_bf16.json"
 for n in 1 4 8; do
     step "e2e_cuda_envs$n" python scripts/bench.py --device cuda --only-e2e --graph \
         --replay-storage device --num-envs "$n" --e2e-steps 256 --out "$out/e2e_cuda_envs$n.json"

@@ -148,6 +148,24 @@ def test_same_trunks_variant_builds_torchrl_geometry_without_norms(bench):
         assert model.reward_head.net[0].out_features == 16
 
 
+def test_the_conv_bound_hands_the_trunks_gradients_in_their_outputs_layout(bench):
+    """The update's decoder output is channels-last and so is the gradient autograd hands it;
+    the bound gave it an NCHW gradient, a layout copy in its backward the update does not make."""
+    from aefrl.bench.subjects import Sizes, random_batch
+
+    sizes = Sizes(latent=3, deter=8, hidden=16, depth=4).with_batch(2, 3)
+    ours = bench.build_ours("aef", sizes, "cpu")
+    batch = ours.prepare(random_batch(sizes))
+    # the trunks themselves (channels-last, as in the update), and the layers-only copies
+    for layers_only, channels_last in ((False, False), (True, True), (True, False)):
+        inputs = ours.conv_inputs(batch, layers_only=layers_only, channels_last=channels_last)
+        x = inputs["modules"][1](inputs["dec_in"])
+        fmt = torch.channels_last if channels_last or not layers_only else torch.contiguous_format
+        assert x.is_contiguous(memory_format=fmt)
+        assert inputs["grad_x"].shape == x.shape
+        assert inputs["grad_x"].stride() == x.stride(), (layers_only, channels_last)
+
+
 def test_time_interleaved_rotates_and_measures_memory_in_a_round_of_its_own(monkeypatch):
     """Order of calls: a memory round, the warm-up rounds, the timed rounds, each starting one
     callable later than the one before; memory is read in the first round only and the timed

@@ -149,7 +149,7 @@ def _headline(r: dict) -> list[str]:
             + [f"**{r['wm_update_over_conv_bound_by_model'][k]}**" for k in kinds],
         ),
         row(
-            "world-model update / convolution layers alone",
+            "world-model update / convolution layers alone, channels-last",
             ["–", _x(r["wm_update_over_conv_layers_bound"])] + ["–"] * (len(kinds) - 1),
         ),
     ]
@@ -159,8 +159,10 @@ def _headline(r: dict) -> list[str]:
             "",
             "Ours with each update replayed as one captured CUDA graph (`--graph`): world-model "
             f"update speedup **{graph}**, full update speedup "
-            f"**{_x(r.get('full_update_speedup_vs_torchrl_graph'))}** (torchrl eager, as it "
-            "ships).",
+            f"**{_x(r.get('full_update_speedup_vs_torchrl_graph'))}** (against torchrl "
+            f"{'compiled' if r['options'].get('compile') else 'eager'}, autocast "
+            f"{r['options'].get('autocast', 'none')}; its Dreamer script ships with compiled "
+            "losses and bf16 autocast: `--compile --autocast bf16`).",
         ]
     same = r.get("wm_update_speedup_vs_torchrl_same_trunks")
     if same is not None:
@@ -334,8 +336,9 @@ def _image_scaling(r: dict) -> list[str]:
         "above (growth in brackets):",
         "",
         "| implementation | image | world-model update s | full update s | imagination s | "
-        "conv bound s | wm / conv bound | µs per pixel (full) | peak RSS MiB, wm / full |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "conv bound s | wm / conv bound | µs per pixel (full) | peak RSS MiB, wm / full | "
+        "kernel s / minor faults per call, wm / conv bound |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for row in rows:
         side, wm, bound = row["image"], row["wm_update"], row["conv_bound"]
@@ -345,7 +348,7 @@ def _image_scaling(r: dict) -> list[str]:
             f"| {_name(row['subject'])} | {side} x {side} | {_s(wm)} | {_s(row['full_update'])} | "
             f"{_s(row['imagination'])} | {_s(bound)} | {over} | "
             f"{1e6 * row['full_update']['median_s'] / pixels:.3g} | "
-            f"{_mem(wm)} / {_mem(row['full_update'])} |"
+            f"{_mem(wm)} / {_mem(row['full_update'])} | {_sys(wm)} / {_sys(bound)} |"
         )
     return lines
 

@@ -108,6 +108,12 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 GRAPH = "+graph"
 
 
+def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``t`` in ``ref``'s memory format (channels-last or contiguous)."""
+    cl = ref.dim() == 4 and ref.is_contiguous(memory_format=torch.channels_last)
+    return t.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
 def base_kind(subject: str) -> str:
     """The observation model a subject uses (``aef_v1`` -> ``aef``, ``vae+graph`` -> ``vae``)."""
     subject = subject.removesuffix(GRAPH)
@@ -247,7 +253,9 @@ class OursSubject:
             enc, dec = om.encoder, om.decoder
             dec_in = randn(wm.feat_dim)
         e, x = enc(y[:1]), dec(dec_in[:1])
-        grad_e, grad_x = randn(*e.shape[1:]), randn(*x.shape[1:])
+        # Output gradients in the outputs' own layout, as autograd hands them over in the
+        # update (an NCHW gradient for a channels-last decoder output cost the bound a copy).
+        grad_e, grad_x = _like(randn(*e.shape[1:]), e), _like(randn(*x.shape[1:]), x)
         if layers_only:
             # The trunks keep their weights channels-last (aefrl/nn.py); copies in the format
             # asked for, so "NCHW" and "channels-last" measure what they say.

@@ -121,8 +121,8 @@ def time_interleaved(
 
     Memory is measured in a round of its own before those (``memory``): its ``malloc_trim``
     and sampling thread would perturb a timed call. The first call after a trim pages the heap
-    back in, which the warm-up rounds absorb; with ``warmup=0`` (the quick runs' default-size
-    points) the first timed round follows the memory round directly and pays for it. Each
+    back in, which the warm-up rounds absorb; with ``warmup=0`` (the test harness's toy plan)
+    the first timed round follows the memory round directly and pays for it. Each
     round starts one callable later than the round before, so
     no implementation is always the one that runs after the previous round's last (a fixed
     order made the first one pay for the trimmed heap in every run). Call
