@@ -47,7 +47,7 @@ from torchrl.envs import Compose, InitTracker, TensorDictPrimer
 from aefrl import keys
 from aefrl.actor_critic import Actor, Critic
 from aefrl.checkpoint import CheckpointError, load_checkpoint, load_error_summary
-from aefrl.world_model.modules import WEIGHTS_PREFIX, posterior_module
+from aefrl.world_model.modules import posterior_module, stored_action_dim
 from agents.dreamer import DreamerAgent
 from agents.factory import build_agent
 
@@ -160,29 +160,16 @@ def agent_from_checkpoint(state: dict, action_dim: int | None = None) -> nn.Modu
     """The agent of a loaded checkpoint (:func:`~aefrl.checkpoint.load_checkpoint`), in eval
     mode on the CPU. Its action size is read off the weights; ``action_dim``, when given (the
     env's), must agree. One-sentence :class:`~aefrl.checkpoint.CheckpointError` otherwise."""
+    acts = stored_action_dim(state, action_dim)  # also checks the checkpoint's layout
     try:
         conf = state["run_config"]
         agent_conf, obs_conf = conf["agent"], conf["obs_model"]
-        weights = state["agent"]["modules"]
         size = int(conf["env"]["image_size"])
-        # The action size is stored nowhere but in the weights: img_in reads [z_{t-1}, a_{t-1}].
-        stored = weights[WEIGHTS_PREFIX + "rssm.img_in.0.weight"].shape[1]
-        acts = stored - int(obs_conf["latent_dim"])
-    except KeyError as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(
-            f"not an aefrl training checkpoint (missing {exc}); expected one written by "
+            f"not an aefrl training checkpoint (missing or bad {exc}); expected one written by "
             "scripts/train.py"
         ) from None
-    except (TypeError, AttributeError, IndexError, ValueError) as exc:
-        raise CheckpointError(
-            f"not an aefrl training checkpoint ({type(exc).__name__}: {exc}); expected one "
-            "written by scripts/train.py"
-        ) from None
-    if action_dim is not None and acts != action_dim:
-        raise CheckpointError(
-            f"the checkpoint's agent takes {acts}-d actions, its task {conf['env'].get('task')!r} "
-            f"has {action_dim}"
-        )
     try:
         agent = build_agent(agent_conf, obs_conf, (3, size, size), acts)
     except ValueError as exc:

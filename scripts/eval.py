@@ -119,7 +119,7 @@ from aefrl.cli import UserError, make_run_env, output_path, resolve_device
 from aefrl.evaluation import critic_calibration, run_episodes
 from aefrl.logging import encode_gif, to_hwc_uint8
 from aefrl.provenance import machine_info
-from aefrl.world_model.modules import world_model_from_checkpoint
+from aefrl.world_model.modules import stored_action_dim, world_model_from_checkpoint
 from agents.modules import agent_from_checkpoint
 from agents.planner import PlannerAgent
 
@@ -161,12 +161,8 @@ def build_planner_agent(state: dict, args, action_dim: int) -> PlannerAgent:
     """A planner on the checkpoint's world model; its settings: the run's (if a planner run),
     overridden by the command line."""
     conf = state["run_config"]
+    stored_action_dim(state, action_dim)  # one sentence if the task's actions differ
     world_model = world_model_from_checkpoint(state)
-    if world_model.action_dim != action_dim:
-        raise CheckpointError(
-            f"the checkpoint's world model takes {world_model.action_dim} action dims, the task "
-            f"{conf['env']['task']} has {action_dim}"
-        )
     run_planner = conf["agent"].get("planner", {}) if conf["agent"]["name"] == "planner" else {}
     options = dict(run_planner)
     for option, field in PLANNER_OPTIONS.items():

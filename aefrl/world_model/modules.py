@@ -208,6 +208,35 @@ def world_model_kwargs(agent: dict, obs_model: dict) -> dict:
     }
 
 
+def stored_action_dim(state: dict, expected: int | None = None) -> int:
+    """The action size of a loaded checkpoint's agent, read off its weights (it is stored
+    nowhere else: the RSSM's ``img_in`` reads ``[z_{t-1}, a_{t-1}]``); ``expected`` (the env's),
+    when given, must agree. One-sentence :class:`~aefrl.checkpoint.CheckpointError` otherwise."""
+    key = WEIGHTS_PREFIX + "rssm.img_in.0.weight"
+    try:
+        conf = state["run_config"]
+        modules = state["agent"]["modules"]
+        if key not in modules:
+            raise CheckpointError("the checkpoint's agent holds no world model (no world_model.*)")
+        acts = modules[key].shape[1] - int(conf["obs_model"]["latent_dim"])
+    except KeyError as exc:
+        raise CheckpointError(
+            f"not an aefrl training checkpoint (missing {exc}); expected one written by "
+            "scripts/train.py"
+        ) from None
+    except (TypeError, AttributeError, IndexError, ValueError) as exc:
+        raise CheckpointError(
+            f"not an aefrl training checkpoint ({type(exc).__name__}: {exc}); expected one "
+            "written by scripts/train.py"
+        ) from None
+    if expected is not None and acts != expected:
+        raise CheckpointError(
+            f"the checkpoint's agent takes {acts}-d actions, its task "
+            f"{conf['env'].get('task')!r} has {expected}"
+        )
+    return acts
+
+
 def world_model_from_checkpoint(state: dict) -> WorldModel:
     """The world model of a loaded checkpoint (``aefrl.checkpoint.load_checkpoint``) written by
     ``scripts/train.py`` for any agent: its weights are the ``world_model.*`` entries of
@@ -225,11 +254,7 @@ def world_model_from_checkpoint(state: dict) -> WorldModel:
     weights = {
         k[len(WEIGHTS_PREFIX) :]: v for k, v in modules.items() if k.startswith(WEIGHTS_PREFIX)
     }
-    if "rssm.img_in.0.weight" not in weights:
-        raise CheckpointError("the checkpoint's agent holds no world model (no world_model.*)")
-    # The action size is stored nowhere but in the weights: img_in reads [z_{t-1}, a_{t-1}].
-    action_dim = weights["rssm.img_in.0.weight"].shape[1] - int(kwargs["latent_dim"])
-    world_model = WorldModel((3, size, size), action_dim, **kwargs)
+    world_model = WorldModel((3, size, size), stored_action_dim(state), **kwargs)
     try:
         world_model.load_state_dict(weights)
     except RuntimeError as exc:
