@@ -85,6 +85,15 @@ class Preprocess(nn.Module):
         out = out.uniform_(0.0, self.max_noise(dtype)) if noise is None else out.copy_(noise)
         return out.add_(obs)
 
+    def bits_per_dim(
+        self, log_p_y: torch.Tensor, logdet: torch.Tensor, frames: int = 1
+    ) -> torch.Tensor:
+        """:func:`bits_per_dim` of ``frames`` observations pre-processed here: their ``D``, bins
+        and the width of the noise :meth:`encode` drew in ``log_p_y``'s dtype."""
+        return bits_per_dim(
+            log_p_y, logdet, frames * self.num_dims, self.num_bins, self.max_noise(log_p_y.dtype)
+        )
+
     def max_noise(self, dtype: torch.dtype) -> float:
         """The largest ``v`` with ``o + v < o + 1`` in ``dtype`` for every bin ``o``: half an
         ulp below 1 at the top bins, ``o + v`` would round up into the next bin (float32

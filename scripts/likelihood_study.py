@@ -35,7 +35,7 @@ from tqdm import tqdm
 from aefrl.logging import RunLogger, image_grid
 from aefrl.metrics import mse, psnr, sharpness_ratio, ssim
 from aefrl.obs_models import make_obs_model
-from aefrl.preprocess import Preprocess, bits_per_dim
+from aefrl.preprocess import Preprocess
 from aefrl.provenance import machine_info
 from aefrl.seeding import forked_torch_rng
 
@@ -157,12 +157,7 @@ def train(model, pre, train_frames, args, logger, name):
                 _, sigma_q = model.posterior(e)
                 sigma_x = model.decoder_params(torch.zeros(1, model.latent_dim))[1]
             obj_bpd = float(
-                bits_per_dim(
-                    objective.detach().mean() - logdet.mean(),
-                    logdet.mean(),
-                    dims,
-                    noise_width=pre.max_noise(logdet.dtype),
-                )
+                pre.bits_per_dim(objective.detach().mean() - logdet.mean(), logdet.mean())
             )
             logger.log_scalars(
                 {
@@ -202,7 +197,7 @@ def evaluate(model, pre, tune_frames, eval_frames, args, logger, name):
             for yc in tqdm(y.split(32), desc=f"log p {name}", leave=False)
         ]
     )
-    bpd = bits_per_dim(log_p, logdet, pre.num_dims, noise_width=pre.max_noise(y.dtype))
+    bpd = pre.bits_per_dim(log_p, logdet)
     out["bpd"] = float(bpd.mean())
     out["bpd_sem"] = block_sem(bpd.numpy(), len(args.tasks))
     out["bpd_per_frame"] = [round(float(b), 5) for b in bpd]  # for paired comparisons

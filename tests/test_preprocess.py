@@ -134,6 +134,12 @@ def test_bits_per_dim_of_uniform_density_is_eight():
     narrow = bits_per_dim(-logdet, logdet, pre.num_dims, noise_width=w)
     torch.testing.assert_close(narrow - bpd, torch.full_like(bpd, -math.log2(w)))
     assert 2e-5 < -math.log2(w) < 2.5e-5  # float32's: 128 ulps below 1
+    # The method charges the width of the noise drawn in the log-density's dtype, D per frame.
+    for dtype in (torch.float32, torch.float64):
+        lp, ld = (-logdet).to(dtype), logdet.to(dtype)
+        expected = (-(lp + ld) + 3 * pre.num_dims * math.log(256)) / (3 * pre.num_dims)
+        expected = (expected - math.log(pre.max_noise(dtype))) / math.log(2)
+        torch.testing.assert_close(pre.bits_per_dim(lp, ld, frames=3), expected)
 
 
 def test_dequantisation_noise_is_uniform_on_the_unit_bin_and_fresh_for_every_batch():

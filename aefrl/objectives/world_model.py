@@ -26,7 +26,6 @@ from torch import distributions as D
 from torchrl.objectives import LossModule
 
 from aefrl import keys
-from aefrl.preprocess import bits_per_dim
 from aefrl.world_model import WorldModel
 
 
@@ -153,9 +152,7 @@ class WorldModelLoss(LossModule):
     def _bpd(self, log_px: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
         """The decoder term ``log p(y | h, z)`` in bits/dim (a diagnostic, not a likelihood: for
         ``aef_partition`` it scores the D − d shell coordinates but is spread over all D)."""
-        pre = self.world_model.preprocess
-        width = pre.max_noise(log_px.dtype)  # of the noise the batch was dequantised with
-        return bits_per_dim(log_px.mean(), logdet.mean(), pre.num_dims, noise_width=width)
+        return self.world_model.preprocess.bits_per_dim(log_px.mean(), logdet.mean())
 
     def total(self, losses: TensorDictBase) -> torch.Tensor:
         """The scalar to minimise: ``Σ_k scale_k · loss_k``."""

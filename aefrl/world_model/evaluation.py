@@ -24,7 +24,6 @@ from aefrl import keys
 from aefrl.metrics import mse, ssim
 from aefrl.obs_models.aef import PROPOSAL_SCALES
 from aefrl.obs_models.base import std_normal_log_prob
-from aefrl.preprocess import bits_per_dim
 from aefrl.world_model.world_model import WorldModel
 
 
@@ -85,9 +84,7 @@ def sequence_bits_per_dim(
     """Bits/dim of each sequence of the discrete frames (a bound through dequantisation)."""
     log_p, logdet = sequence_log_likelihood(world_model, batch, num_samples)
     steps = batch[keys.PIXELS].shape[1]
-    pre = world_model.preprocess
-    width = pre.max_noise(log_p.dtype)  # of the noise encode_pixels drew
-    return bits_per_dim(log_p, logdet, steps * pre.num_dims, noise_width=width)
+    return world_model.preprocess.bits_per_dim(log_p, logdet, frames=steps)
 
 
 @torch.no_grad()
