@@ -26,6 +26,16 @@ def seed_arg(text: str) -> int:
     return seed
 
 
+def gif_path(text: str) -> str:
+    """argparse type of a ``--video`` path: a ``.gif`` file (the scripts write GIFs, whatever
+    the name says), or ``''`` for none."""
+    if text and not text.lower().endswith(".gif"):
+        raise argparse.ArgumentTypeError(
+            f"expected a path ending in .gif (or '' for none), got {text!r}"
+        )
+    return text
+
+
 def add_episode_options(parser: argparse.ArgumentParser, seed: int, what: str) -> None:
     """``--seed`` (of the ``what`` episodes and of torch, default ``seed``) and ``--render``:
     the options every script that plays DMC episodes from a checkpoint shares."""

@@ -30,7 +30,7 @@ from aefrl.interrupts import imports_done, quiet_ctrl_c_while_starting
 
 quiet_ctrl_c_while_starting(__name__)  # until the imports below are done
 
-from aefrl.arguments import Parser, add_episode_options
+from aefrl.arguments import Parser, add_episode_options, gif_path
 from aefrl.gl_backend import exit_if_user_backend_broken
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -58,6 +58,7 @@ def make_parser() -> Parser:
     )
     p.add_argument(
         "--video",
+        type=gif_path,  # a GIF, whatever the name says: x.mp4 got GIF data
         default=None,
         help="GIF of the first episode, agent view | reconstruction (default: <run_dir>/eval.gif, "
         "eval_planner.gif for --agent planner on another agent's run; '' for none)",
@@ -210,8 +211,6 @@ def evaluate_checkpoint(args) -> int:
     # samples, the VAE posterior), so the same --seed gives the same returns.
     torch.manual_seed(args.seed)
     device = resolve_device(args.device, "--device ")
-    if args.video and Path(args.video).suffix.lower() != ".gif":  # it wrote GIF data to x.mp4
-        raise UserError(f"--video writes a GIF: give a path ending in .gif, got {args.video}")
     state = load_checkpoint(args.run_dir)
     check_contents(state, args.run_dir, MODEL_KEYS)
     conf = state["run_config"]

@@ -22,7 +22,7 @@ from aefrl.interrupts import imports_done, quiet_ctrl_c_while_starting
 
 quiet_ctrl_c_while_starting(__name__)  # until the imports below are done
 
-from aefrl.arguments import Parser, add_episode_options
+from aefrl.arguments import Parser, add_episode_options, gif_path
 from aefrl.gl_backend import exit_if_user_backend_broken
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -67,6 +67,7 @@ def make_parser() -> Parser:
     )
     p.add_argument(
         "--video",
+        type=gif_path,
         default=None,
         help="GIF of the first sequences, real | imagined | error, one row each (default: next "
         "to the JSON, <run_dir>/world_model_report.gif; '' for none)",
@@ -96,8 +97,6 @@ def parse_args(argv=None):
     for name in ("episodes", "num_samples", "tune_samples", "video_sequences"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.video and os.path.splitext(args.video)[1].lower() != ".gif":
-        p.error(f"--video writes a GIF: give a path ending in .gif, got {args.video}")
     return args
 
 

@@ -140,8 +140,10 @@ def test_a_video_path_that_is_not_a_gif_is_refused_before_anything_runs(tmp_path
     """--video x.mp4 wrote GIF data into x.mp4 without a word."""
     write_tiny_dreamer_run(tmp_path)
     args = [str(tmp_path), "--episodes", "1", "--render", "fast", "--video", "x.mp4"]
-    assert load_script("eval").main(args) == 2
+    with pytest.raises(SystemExit) as info:
+        load_script("eval").main(args)
+    assert info.value.code == 2
     assert capsys.readouterr().err == (
-        "error: --video writes a GIF: give a path ending in .gif, got x.mp4\n"
+        "error: argument --video: expected a path ending in .gif (or '' for none), got 'x.mp4'\n"
     )
     assert not (tmp_path / "eval.json").exists()
