@@ -22,6 +22,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, OverrideParseException
 from omegaconf import OmegaConf
 
+from aefrl.resume_overrides import leaves
+
 _ABSENT = object()
 
 
@@ -44,19 +46,6 @@ def _kind(value) -> str:
     if isinstance(value, int | float):
         return "number"
     return "other"
-
-
-def _leaf_keys(node, prefix: str = "") -> list[str]:
-    """Dotted keys of every leaf of a composed config (interpolations left unresolved)."""
-    keys = []
-    for name in node:
-        child = node._get_node(name)
-        path = f"{prefix}{name}"
-        if OmegaConf.is_dict(child):
-            keys += _leaf_keys(child, f"{path}.")
-        else:
-            keys.append(path)
-    return keys
 
 
 _KIND_WORDS = {"bool": "true or false", "number": "a number"}
@@ -149,7 +138,8 @@ def check_overrides(config_dir: Path, config_name: str, args: list[str]) -> None
                     f"{key} is not a setting of {group}={chosen}: only "
                     f"{' and '.join(f'{group}={o}' for o in owners)} {takes} it"
                 )
-            settings = [k for k in _leaf_keys(defaults) if not k.startswith("hydra.")]
+            tree = OmegaConf.to_container(defaults, resolve=False)  # interpolations unresolved
+            settings = [k for k in leaves(tree) if not k.startswith("hydra.")]
             # Groups too: obs_modle=vae means the group obs_model, not its key obs_model.kind.
             close = difflib.get_close_matches(key, [*groups, *settings], n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
