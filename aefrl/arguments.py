@@ -5,11 +5,20 @@ from __future__ import annotations
 
 import argparse
 
+from aefrl import __version__
+
+#: What ``--version`` prints in every script (train.py's would be Hydra's own otherwise).
+VERSION = f"aefrl {__version__}"
+
 
 class Parser(argparse.ArgumentParser):
     """argparse with a mistake on the command line as one line, ``error: <what was wrong>``, and
     exit code 2, as the scripts print every bad input: argparse's usage block above it buried the
-    sentence (``--help`` shows the usage)."""
+    sentence (``--help`` shows the usage); ``--version`` prints :data:`VERSION`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument("--version", action="version", version=VERSION)
 
     def error(self, message: str):
         self.exit(2, f"error: {message}\n")

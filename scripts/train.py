@@ -36,6 +36,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from aefrl.allocator import tune_malloc
+from aefrl.arguments import VERSION
 from aefrl.checkpoint import CHECKPOINT_NAME, CheckpointError, check_contents, load_checkpoint
 from aefrl.cli import UserError, make_run_env, resolve_device
 from aefrl.logging import RunLogger
@@ -584,6 +585,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    if "--version" in sys.argv[1:]:  # ours, not Hydra's
+        print(VERSION)
+        sys.exit(0)
     try:  # Hydra's own reports of a bad override are multi-line; ours are one sentence
         check_overrides(CONFIG_DIR, "config", sys.argv[1:])
     except OverrideError as exc:

@@ -110,3 +110,14 @@ def test_eval_offers_the_planners_there_are():
     from agents.planner import PLANNERS
 
     assert load_script("eval").PLANNERS == PLANNERS
+
+
+@pytest.mark.parametrize("name", [*SCRIPTS, "train"])
+def test_version_is_the_packages_own(name):
+    """train.py's --version printed Hydra's version ("Hydra 1.3.8"), eval.py's asked for a
+    run_dir; every script now prints the installed aefrl's, as importlib.metadata has it."""
+    from importlib.metadata import version
+
+    out = run_as_main(name, "--version")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines()[0] == f"aefrl {version('aefrl')}"
