@@ -131,7 +131,6 @@ def evaluate(agent, env, episodes: int, action_dim: int, device, record: bool):
     """:func:`aefrl.evaluation.run_episodes` with a progress bar and, when ``record``, the first
     episode's frames: the agent's view of o_t next to the decoded posterior of o_t."""
     frames = []
-    bar = tqdm(total=episodes, unit="episode")
     step = 0  # the step within the episode under way, on the bar: a planner at PlaNet's budget
     # takes seconds per step, minutes per episode
 
@@ -144,9 +143,10 @@ def evaluate(agent, env, episodes: int, action_dim: int, device, record: bool):
         bar.update(episode - bar.n)
         bar.set_postfix(step=step)
 
-    result = run_episodes(env, agent, action_dim, device, episodes, on_step=on_step)
-    bar.update(episodes - bar.n)
-    bar.close()
+    # A context, so that a Ctrl-C closes the bar and main's message gets a line of its own.
+    with tqdm(total=episodes, unit="episode") as bar:
+        result = run_episodes(env, agent, action_dim, device, episodes, on_step=on_step)
+        bar.update(episodes - bar.n)
     return result, frames
 
 

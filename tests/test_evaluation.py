@@ -69,8 +69,26 @@ class _Bar:
     def set_postfix(self, step):
         self.steps.append((self.n, step))
 
-    def close(self):
-        pass
+    def __enter__(self):
+        self.closed = False
+        return self
+
+    def __exit__(self, *exc):
+        self.closed = True
+
+
+def test_a_ctrl_c_closes_the_eval_bar(monkeypatch):
+    """The "interrupted" line was printed on the bar's own line: the bar is closed first now."""
+    script = load_script("eval")
+    monkeypatch.setattr(script, "tqdm", _Bar)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(script, "run_episodes", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        script.evaluate(None, None, 3, 1, "cpu", record=False)
+    assert _Bar.last.closed
 
 
 def test_eval_bar_counts_each_episodes_steps_from_1_to_its_length(monkeypatch):
