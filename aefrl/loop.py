@@ -284,18 +284,10 @@ class Trainer:
             with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
                 handlers[sig] = signal.signal(sig, self._on_signal)
         updates_per_step = c.train_ratio / (c.batch_size * c.seq_len)
-        bar = tqdm(
-            total=c.total_frames,
-            initial=self.counters["frames"],
-            unit="frame",
-            disable=not progress,
-            dynamic_ncols=True,
-            smoothing=0.05,
-            # Redirected to a file (nohup, a scheduler's log) the bar is a line per redraw:
-            # every 0.1 s during the prefill made ~30 KB a minute; once per 30 s there.
-            mininterval=0.1 if sys.stderr.isatty() else 30.0,
-            maxinterval=10.0 if sys.stderr.isatty() else 30.0,  # its monitor's forced redraws
-        )
+        # The prefill's random steps run ~10x faster than training: a bar of its own, so the
+        # training bar's rate and ETA start from training alone.
+        phase = "train" if self.counters["updates"] else "prefill"
+        bar = self._progress_bar(phase, progress)
         t_start, f_start = time.time(), self.counters["frames"]
         since_log = (t_start, f_start)  # perf/fps_interval: frames/s since the last log
         if self.counters["iterations"] == 0:
@@ -304,6 +296,10 @@ class Trainer:
             while self.counters["frames"] < c.total_frames and not self._stop_requested:
                 self._iteration(updates_per_step)
                 frames = self.counters["frames"]
+                if phase == "prefill" and self.counters["updates"]:
+                    bar.close()
+                    phase = "train"
+                    bar = self._progress_bar(phase, progress)
                 bar.update(frames - bar.n)
                 bar.set_postfix(  # no fps: tqdm's own rate is the current one, fps the mean
                     ret=f"{self.last_return:.1f}",
@@ -348,6 +344,22 @@ class Trainer:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
         return dict(self.counters)
+
+    def _progress_bar(self, phase: str, progress: bool) -> tqdm:
+        """The run's bar from the current frame on, labelled with its phase."""
+        return tqdm(
+            desc=phase,
+            total=self.config.total_frames,
+            initial=self.counters["frames"],
+            unit="frame",
+            disable=not progress,
+            dynamic_ncols=True,
+            smoothing=0.05,
+            # Redirected to a file (nohup, a scheduler's log) the bar is a line per redraw:
+            # every 0.1 s during the prefill made ~30 KB a minute; once per 30 s there.
+            mininterval=0.1 if sys.stderr.isatty() else 30.0,
+            maxinterval=10.0 if sys.stderr.isatty() else 30.0,  # its monitor's forced redraws
+        )
 
     def _final_evaluation(self) -> None:
         """A run that reached ``total_frames`` between two evaluations (or reports) evaluates

@@ -1,5 +1,6 @@
 """The training loop on a real DMC task: exact resume, evaluation, reports, checkpoints."""
 
+import dataclasses
 import functools
 import math
 import signal
@@ -413,6 +414,61 @@ def test_updates_follow_the_train_ratio(tmp_path, lengths, prefill_steps, seq_le
     assert counters["agent_steps"] == sum(taken)
     assert 0 in taken[1:] and (num_envs == 1 or len(set(taken[1:])) > 2)  # resets in between
     assert counters["updates"] >= math.floor(sum(credited) * per_step) - 1 > 0
+
+
+def test_the_prefill_and_training_have_a_progress_bar_each(tmp_path, monkeypatch):
+    """One bar for the whole run took its rate from the prefill's random steps, ~10x faster
+    than training, so its ETA was that much too short when training began. The training bar
+    starts at the first update's frame, and a resumed run that has trained has that bar only."""
+    bars = []
+
+    class Bar:
+        def __init__(self, desc, initial, total, **kwargs):
+            self.desc, self.initial, self.n, self.closed = desc, initial, initial, False
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def set_postfix(self, **kwargs):
+            pass
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr("aefrl.loop.tqdm", Bar)
+    agent, seq_len, prefill = EchoAgent(), 3, 10
+
+    def make(run_dir, total_frames):
+        return Trainer(
+            agent,
+            EchoEnv(4),
+            SequenceReplay(10_000, 1, seq_len, 2, seed=0),
+            RunLogger("tb", log_dir=str(run_dir)),
+            run_dir,
+            _quiet_config(
+                total_frames=total_frames, prefill_steps=prefill, train_ratio=6.0,
+                batch_size=2, seq_len=seq_len,
+            ),
+            action_dim=1,
+        )  # fmt: skip
+
+    first_update = []  # the frame count after the iteration of the first update
+
+    def note_first_update(t):
+        if t.counters["updates"] and not first_update:
+            first_update.append(t.counters["frames"])
+
+    trainer = make(tmp_path, 40)
+    trainer.run(on_iteration=note_first_update)
+    assert [b.desc for b in bars] == ["prefill", "train"] and all(b.closed for b in bars)
+    assert bars[0].initial == 0 and bars[1].initial == first_update[0] > 2 * prefill
+    assert bars[1].n == trainer.counters["frames"] == 40
+    bars.clear()  # run on, as a resume with a larger total_frames does (counters restored)
+    trainer.config = dataclasses.replace(trainer.config, total_frames=60)
+    trainer.run()
+    trainer.logger.close()
+    assert [(b.desc, b.initial, b.n) for b in bars] == [("train", 40, 60)]
 
 
 def _trained_weights(run_dir, **schedule) -> dict:
