@@ -384,10 +384,13 @@ WHOLE_NUMBERS = (
 )
 
 
-def check_trains(loop: LoopConfig, num_envs: int) -> None:
-    """Refuse a new run that would end before its first update (it would log and evaluate an
+def check_trains(loop: LoopConfig, num_envs: int, updates_done: int = 0) -> None:
+    """Refuse a run that would end before its first update (it would log and evaluate an
     untrained agent and exit 0): the prefill, the first full window of every env's stream or
-    a train ratio too low for the run's length."""
+    a train ratio too low for the run's length. A resumed run that has updated may stop
+    anywhere (``updates_done`` > 0); one stopped in its prefill is checked like a new one."""
+    if updates_done:
+        return
     steps = loop.total_frames // loop.action_repeat  # agent steps, all envs together
     ready = num_envs * loop.seq_len  # the replay samples once every stream holds a window
     frames = f"loop.total_frames={loop.total_frames} ({steps} agent steps at action repeat "
@@ -487,8 +490,8 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
     except ValueError as exc:  # "name must ...": name the configuration key instead
         name, _, rest = str(exc).partition(" ")
         raise UserError(f"{LOOP_FIELD_KEYS.get(name, f'loop.{name}')} {rest}") from None
-    if resume_state is None:  # a resume may stop early (total_frames is its own to change)
-        check_trains(loop_conf, int(conf["env"]["num_envs"]))
+    updates_done = 0 if resume_state is None else resume_state["counters"]["updates"]
+    check_trains(loop_conf, int(conf["env"]["num_envs"]), updates_done)
     storage = rep["storage"]
     if storage not in ("auto", *STORAGES):
         accepted = ", ".join(("auto", *STORAGES))

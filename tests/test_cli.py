@@ -583,6 +583,13 @@ def test_a_new_run_that_would_never_update_is_refused(settings, message):
     # More envs need more steps before every stream holds a window: 16 x 16 = 256 > 200 here.
     with pytest.raises(script.UserError, match="each of the 16 env stream"):
         script.check_trains(script.LoopConfig(**loop), num_envs=16)
+    # A resume of a run stopped in its prefill is a run from 0 updates: lowering its
+    # total_frames below the prefill trained nothing and exited 0. One that has updated may
+    # stop where its new total_frames says.
+    short = script.LoopConfig(**{**loop, "total_frames": 100})
+    with pytest.raises(script.UserError, match="fill the whole run"):
+        script.check_trains(short, num_envs=1, updates_done=0)
+    script.check_trains(short, num_envs=1, updates_done=3)
 
 
 def test_two_processes_cannot_train_in_one_run_dir(tmp_path):
