@@ -102,15 +102,11 @@ class WorldModelLoss(LossModule):
             }
         )
         obs = filt.observed
-        b, t = obs.mu_q.shape[:2]
         h, z = obs.state.h, obs.state.z
-        mu_x, sigma_x = om.decoder_params(z.flatten(0, 1), h.flatten(0, 1))
-        if sigma_x.dim() > len(wm.obs_shape):
-            sigma_x = sigma_x.unflatten(0, (b, t))
-        log_px = om.log_px(filt.y, mu_x.unflatten(0, (b, t)), sigma_x)  # [B, T]
+        log_px, sigma_x = om.decoder_log_px(filt.y, z, h)  # [B, T]
 
         out = {}
-        if om.kind == "vae":
+        if not om.deterministic_encoder:  # the VAE: an ELBO's KL, balanced as in DreamerV3
             kl_dyn = _kl(obs.mu_q.detach(), obs.sigma_q.detach(), obs.mu_p, obs.sigma_p)
             kl_rep = _kl(obs.mu_q, obs.sigma_q, obs.mu_p.detach(), obs.sigma_p.detach())
             latent = self.kl_dyn_scale * kl_dyn.clamp_min(self.free_nats)

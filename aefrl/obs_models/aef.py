@@ -121,15 +121,12 @@ class AEFObservationModel(AffineFlowModel):
         (what :meth:`objective` returns)."""
         return self.flow_log_density(y, u, context, prior)
 
-    def _log_weights(self, y, mu_q, sigma_q, coords, context, prior, k):
+    def proposal(self, coords, xi):
+        """``u = coords + s·ξ ~ N(W·y + b, s²I)`` around the encoder's coordinates, ``log q``
+        of the draw ``log N(ξ; 0, I) − d log s`` (:meth:`ObservationModel.proposal`)."""
         s = self.proposal_scale
-        xi = torch.randn((k, *coords.shape), dtype=coords.dtype, device=coords.device)
-        u = coords + s * xi  # u_k ~ N(W·y + b, s²I)
-        z = mu_q + sigma_q * u
-        log_joint = prior.log_prob(z) + self._decode_repeated(z, context, y)
-        log_joint = log_joint + sigma_q.log().sum(-1)
-        log_proposal = std_normal_log_prob(xi).sum(-1) - self.latent_dim * math.log(s)
-        return log_joint - log_proposal
+        log_q = std_normal_log_prob(xi).sum(-1) - self.latent_dim * math.log(s)
+        return coords + s * xi, None, log_q
 
     @torch.no_grad()
     def tune_proposal_scale(

@@ -81,7 +81,8 @@ class ObservationModel(nn.Module):
     kind: ClassVar[str] = ""
     #: True when :meth:`log_likelihood` is exact rather than importance-sampled.
     exact_likelihood: ClassVar[bool] = False
-    #: True when :meth:`encode` is a deterministic function of (y, context).
+    #: True when :meth:`encode` is a deterministic function of (y, context): the affine flow
+    #: families, trained by their change-of-variables density; False for the VAE (an ELBO).
     deterministic_encoder: ClassVar[bool] = True
 
     def __init__(
@@ -388,21 +389,47 @@ class ObservationModel(nn.Module):
             remaining -= k
         return torch.logsumexp(torch.cat(log_w, 0), 0) - math.log(num_samples)
 
-    def _log_weights(self, y, mu_q, sigma_q, coords, context, prior, k) -> torch.Tensor:
-        """``k`` importance log-weights per sample, ``[k, B]``."""
-        raise NotImplementedError
+    def proposal(
+        self, coords: torch.Tensor | None, xi: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """The importance proposal of :meth:`log_likelihood` and of the sequence estimator
+        (:func:`aefrl.world_model.evaluation.sequence_log_likelihood`), from standard-normal
+        draws ``xi [..., d]``: the coordinates and the noise that :meth:`latent` maps to the
+        proposed ``z = μ_q + σ_q ⊙ u``, and ``log q`` of the draw ``[...]`` without the
+        ``−Σ log σ_q`` of that map, which every family's weight adds itself:
 
-    def _decode_repeated(
-        self, z: torch.Tensor, context: torch.Tensor | None, y: torch.Tensor
-    ) -> torch.Tensor:
-        """``log p(y | context, z_k)`` for ``z: [k, B, d]`` -> ``[k, B]`` in one decoder pass."""
-        k, b = z.shape[:2]
-        ctx = None if context is None else context.expand(k, *context.shape).reshape(k * b, -1)
-        mu_x, sigma_x = self.decoder_params(z.reshape(k * b, -1), ctx)
-        mu_x = mu_x.unflatten(0, (k, b))
+            log w = log p(y | z) + log p(z) + Σ log σ_q − log q.
+
+        Families with an exact likelihood (one "sample", the posterior's own ``z``) keep this
+        default: the coordinates unchanged, no noise, ``log q = 0``.
+        """
+        if not self.exact_likelihood:
+            raise NotImplementedError(f"{type(self).__name__} must define its proposal")
+        return coords, None, xi.new_zeros(xi.shape[:-1])
+
+    def _log_weights(self, y, mu_q, sigma_q, coords, context, prior, k) -> torch.Tensor:
+        """``k`` importance log-weights per sample, ``[k, B]`` (:meth:`proposal`'s formula)."""
+        like = mu_q if coords is None else coords
+        xi = torch.randn((k, *like.shape), dtype=like.dtype, device=like.device)
+        u, noise, log_q = self.proposal(None if coords is None else coords.expand_as(xi), xi)
+        z = self.latent(mu_q, sigma_q, u, noise)
+        ctx = None if context is None else context.expand(k, *context.shape)
+        log_px, _ = self.decoder_log_px(y, z, ctx)
+        return log_px + prior.log_prob(z) + sigma_q.log().sum(-1) - log_q
+
+    def decoder_log_px(
+        self, y: torch.Tensor, z: torch.Tensor, context: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``log p(y | context, z)`` over any leading dims ``[*L]`` in one decoder pass:
+        ``z [*L, d]``, ``context [*L, C]`` (or None), ``y`` broadcastable to
+        ``[*L, *obs_shape]`` -> ``log p [*L]`` and the σ_x used (``[*L, *obs_shape]`` from a
+        σ_x head, else ``obs_shape`` or a scalar)."""
+        lead = z.shape[:-1]
+        ctx = None if context is None else context.reshape(-1, context.shape[-1])
+        mu_x, sigma_x = self.decoder_params(z.reshape(-1, z.shape[-1]), ctx)
         if sigma_x.dim() > len(self.obs_shape):
-            sigma_x = sigma_x.unflatten(0, (k, b))
-        return self.log_px(y, mu_x, sigma_x)
+            sigma_x = sigma_x.unflatten(0, lead)
+        return self.log_px(y, mu_x.unflatten(0, lead), sigma_x), sigma_x
 
     def extra_repr(self) -> str:
         return (

@@ -46,8 +46,7 @@ class VAEObservationModel(ObservationModel):
         mu_x, sigma_x = self.decoder_params(z, context)
         return self.log_px(y, mu_x, sigma_x) - posterior_kl(mu_q, sigma_q, prior, z)
 
-    def _log_weights(self, y, mu_q, sigma_q, coords, context, prior, k):
-        xi = torch.randn((k, *mu_q.shape), dtype=mu_q.dtype, device=mu_q.device)
-        z = mu_q + sigma_q * xi
-        log_q = std_normal_log_prob(xi).sum(-1) - sigma_q.log().sum(-1)
-        return self._decode_repeated(z, context, y) + prior.log_prob(z) - log_q
+    def proposal(self, coords, xi):
+        """The posterior itself: ``xi`` is its noise, ``z = μ_q + σ_q ⊙ ξ``, ``log q`` of the
+        draw ``log N(ξ; 0, I)`` (:meth:`ObservationModel.proposal`)."""
+        return coords, xi, std_normal_log_prob(xi).sum(-1)

@@ -23,7 +23,6 @@ from tensordict import TensorDictBase
 from aefrl import keys
 from aefrl.metrics import mse, ssim
 from aefrl.obs_models.aef import PROPOSAL_SCALES
-from aefrl.obs_models.base import std_normal_log_prob
 from aefrl.world_model.world_model import WorldModel
 
 
@@ -51,29 +50,20 @@ def sequence_log_likelihood(
     embed_k = _repeat(embed.unflatten(0, (b, t)), k)  # [B*K, T, E], sample-major within sequence
     coords_k = None if coords is None else _repeat(coords.unflatten(0, (b, t)), k)
     xi = torch.randn(b * k, t, om.latent_dim, dtype=embed.dtype, device=embed.device)
-    log_q = torch.zeros(b * k, t, dtype=embed.dtype, device=embed.device)
-    if om.kind == "aef":
-        s = om.proposal_scale
-        coords_k = coords_k + s * xi
-        log_q = std_normal_log_prob(xi).sum(-1) - om.latent_dim * math.log(s)
+    coords_k, noise, log_q = om.proposal(coords_k, xi)  # [B*K, T, d], ..., [B*K, T]
     obs = wm.rssm.observe(
         embed_k,
         coords_k,
         _repeat(batch[keys.PREV_ACTION], k).to(embed.dtype),
         _repeat(batch[keys.IS_FIRST], k),
-        noise=xi if om.kind == "vae" else None,
+        noise=noise,
     )
     h, z = obs.state.h, obs.state.z
-    mu_x, sigma_x = om.decoder_params(z.flatten(0, 1), h.flatten(0, 1))
-    if sigma_x.dim() > len(wm.obs_shape):
-        sigma_x = sigma_x.unflatten(0, (b * k, t))
-    y_k = _repeat(y.unflatten(0, (b, t)), k)
-    log_w = om.log_px(y_k, mu_x.unflatten(0, (b * k, t)), sigma_x) + obs.prior().log_prob(z)
-    if om.kind == "vae":
-        log_q = std_normal_log_prob(xi).sum(-1) - obs.sigma_q.log().sum(-1)
-    else:  # the encoder layer's volume term; for the partition family this is the exact density
-        log_w = log_w + obs.sigma_q.log().sum(-1)
-    log_w = (log_w - log_q).sum(1).view(b, k)
+    log_px, _ = om.decoder_log_px(_repeat(y.unflatten(0, (b, t)), k), z, h)  # [B*K, T]
+    # The proposal's weight at each step (ObservationModel.proposal); for the partition family
+    # (no proposal) log p(y | z) + log p(z) + Σ log σ_q is the exact density.
+    log_w = log_px + obs.prior().log_prob(z) + obs.sigma_q.log().sum(-1) - log_q
+    log_w = log_w.sum(1).view(b, k)
     log_p = torch.logsumexp(log_w, 1) - math.log(k)
     return log_p, logdet.view(b, t).sum(1)
 

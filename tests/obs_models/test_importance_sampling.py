@@ -137,3 +137,26 @@ def test_aef_proposal_tuning_picks_the_best_scale():
     results = model.tune_proposal_scale(y, scales=(0.01, 0.3, 1.0, 3.0), num_samples=16)
     assert model.proposal_scale == max(results, key=results.get)
     assert set(results) == {0.01, 0.3, 1.0, 3.0}
+
+
+@pytest.mark.parametrize("kind", ["vae", "aef"])
+def test_proposal_log_q_is_the_proposed_latents_density(kind):
+    """``ObservationModel.proposal`` returns log q of the draw without the encoder map's
+    −Σ log σ_q: with it, the density of the proposed z under torch's own Normal."""
+    torch.manual_seed(0)
+    extra = {"proposal_scale": 0.4} if kind == "aef" else {}
+    model = make_obs_model(kind, (3, 4, 4), 5, 2, **extra)
+    y, ctx = torch.randn(7, 3, 4, 4), torch.randn(7, 2)
+    e, coords = model.embed(y)
+    mu_q, sigma_q = model.posterior(e, ctx)
+    xi = torch.randn(7, 5)
+    u, noise, log_q = model.proposal(coords, xi)
+    z = model.latent(mu_q, sigma_q, u, noise)
+    if kind == "vae":
+        q = D.Normal(mu_q, sigma_q)  # the posterior itself
+    else:  # u ~ N(W·y + b, s²), z = μ_q + σ_q u
+        q = D.Normal(mu_q + sigma_q * coords, sigma_q * 0.4)
+    expected = q.log_prob(z).sum(-1) + sigma_q.log().sum(-1)
+    torch.testing.assert_close(log_q, expected, rtol=1e-5, atol=1e-4)
+    partition = make_obs_model("aef_partition", (3, 4, 4), 5, 2)
+    assert partition.proposal(coords, xi)[0] is coords  # exact: the posterior's own z
