@@ -12,6 +12,7 @@ from torchrl.objectives.value.functional import td_lambda_return_estimate
 
 from aefrl.nn import MLP
 from aefrl.world_model.heads import TwoHotHead
+from aefrl.world_model.rssm import RSSM, RSSMState
 
 #: Action distributions of :class:`Actor`.
 ACTOR_DISTS = ("tanh_normal", "bounded_normal")
@@ -125,12 +126,12 @@ def lambda_returns(
 ) -> torch.Tensor:
     """TD(λ) returns of an imagined trajectory, by torchrl's ``td_lambda_return_estimate``.
 
-    With states ``s_0..s_H``, ``reward[k] = r(s_{k+1})``, ``value[k] = v(s_{k+1})`` and
-    ``discount[k] = γ·c(s_{k+1})`` (all ``[N, H]``)::
+    With states ``s_0..s_K``, ``reward[k] = r(s_{k+1})``, ``value[k] = v(s_{k+1})`` and
+    ``discount[k] = γ·c(s_{k+1})`` (all ``[N, K]``, K the horizon)::
 
-        R_k = reward[k] + discount[k]·((1 − λ)·value[k] + λ·R_{k+1}),   with R_H = value[H−1]
+        R_k = reward[k] + discount[k]·((1 − λ)·value[k] + λ·R_{k+1}),   with R_K = value[K−1]
 
-    Returns ``[N, H]``: ``R_k`` is the return from ``s_k``.
+    Returns ``[N, K]``: ``R_k`` is the return from ``s_k``.
     """
     done = torch.zeros_like(reward, dtype=torch.bool).unsqueeze(-1)
     return td_lambda_return_estimate(
@@ -185,9 +186,9 @@ class ReturnNormalizer(nn.Module):
 
 
 def imagine(
-    rssm, actor: Actor, start, horizon: int, input_grad: bool = False
-) -> tuple[object, torch.Tensor, torch.Tensor]:
-    """Roll the prior forward ``horizon`` steps from ``start`` (RSSMState ``[N, ...]``) with
+    rssm: RSSM, actor: Actor, start: RSSMState, horizon: int, input_grad: bool = False
+) -> tuple[RSSMState, torch.Tensor, torch.Tensor]:
+    """Roll the prior forward ``horizon`` = K steps from ``start`` (RSSMState ``[N, ...]``) with
     actions from ``actor`` (reparameterised, so returns are differentiable w.r.t. the actor).
 
     The actor sees ``sg(s_k)``, as in every Dreamer: the gradient reaches action ``a_k`` from
@@ -201,11 +202,9 @@ def imagine(
     model is never asked about actions it has not seen, and the gradient of an action beyond a
     bound is zero, as the environment's is. The log-probability stays the unclipped sample's.
 
-    Returns ``(states [N, H+1, ...], actions [N, H, A], log_probs [N, H])``: action k (as the
+    Returns ``(states [N, K+1, ...], actions [N, K, A], log_probs [N, K])``: action k (as the
     dynamics took it) is taken in state k and leads to state k + 1.
     """
-    from aefrl.world_model.rssm import RSSMState
-
     hs, zs, actions, log_probs = [start.h], [start.z], [], []
     state = start
     clip = actor.dist == "bounded_normal"  # a tanh-normal's samples are inside already

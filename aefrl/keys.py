@@ -1,13 +1,15 @@
 """TensorDict key names used across aefrl, in one place.
 
 We follow torchrl's vocabulary where it has a word for the thing (``"pixels"``, ``"action"``,
-``("next", "reward")``, ``"state"`` for the stochastic latent z and ``"belief"`` for the recurrent
-state h, as in torchrl's own ``DreamerEnv``). Predictions get their own keys and never overwrite a
-data key, so losses never need to rename anything.
+``"state"`` for the stochastic latent z and ``"belief"`` for the recurrent state h, as in torchrl's
+own ``DreamerEnv``; ``"is_init"`` as its ``InitTracker`` writes it). Predictions get their own keys
+and never overwrite a data key, so losses never need to rename anything.
 
 Replay rows use the *arrival* layout (see :mod:`aefrl.world_model.rssm` for the time-alignment
 diagram): row t holds what arrived at time t — the observation ``o_t``, the action ``a_{t-1}`` that
-led to it, the reward ``r_t`` received on arriving, and the flags ``is_first`` / ``terminated``.
+led to it, the reward ``r_t`` received on arriving, and the flags ``is_first`` / ``terminated`` —
+all at the root. torchrl's ``("next", ...)`` layout appears only where torchrl envs step: the
+collector reads ``"next"`` off ``env.step``, and :class:`~aefrl.envs.ImaginationEnv` writes it.
 """
 
 from __future__ import annotations
@@ -28,18 +30,14 @@ FRAMES = "frames"
 # it against aefrl's own sampler, which needs none: a constant id per stream there)
 TRAJ_ID = "traj_id"
 NEXT = "next"
-
-NEXT_REWARD = (NEXT, REWARD)
-NEXT_DONE = (NEXT, DONE)
-NEXT_TERMINATED = (NEXT, TERMINATED)
+# bool [..., 1]; torchrl's InitTracker's episode-start flag (is_first's twin in torchrl rollouts)
+IS_INIT = "is_init"
 
 # --- model state (torchrl names) -----------------------------------------------------------------
 STATE = "state"  # z_t, float [..., d]
 BELIEF = "belief"  # h_t, float [..., H]
 
 # --- predictions (never a data key) --------------------------------------------------------------
-PRIOR_MEAN = "prior_mean"
-PRIOR_STD = "prior_std"
 POSTERIOR_MEAN = "posterior_mean"
 POSTERIOR_STD = "posterior_std"
 RECO_PIXELS = "reco_pixels"

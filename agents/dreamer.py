@@ -21,6 +21,7 @@ from aefrl.objectives import DreamerActorLoss, DreamerValueLoss, WorldModelLoss
 from aefrl.precision import check_autocast, trunk_precision
 from aefrl.world_model import RSSMState, WorldModel
 from aefrl.world_model.evaluation import open_loop_prediction, sequence_bits_per_dim
+from aefrl.world_model.modules import filter_step
 
 # "random": filter o_t only and return a placeholder zero action; the caller (the collector's
 # prefill) draws the action and writes it into the carry, so no policy runs for nothing.
@@ -177,10 +178,9 @@ class DreamerAgent(nn.Module):
         """
         if mode not in ACT_MODES:
             raise ValueError(f"mode must be one of {ACT_MODES}, got {mode!r}")
-        wm = self.world_model
-        y, _ = wm.encode_pixels(pixels, dequantize="mid")
-        embed, coords = wm.obs_model.embed(y)
-        state, _, _ = wm.rssm.obs_step(carry.state, carry.prev_action, embed, coords, is_first)
+        state, _, _ = filter_step(
+            self.world_model, carry.state, carry.prev_action, pixels, is_first
+        )
         if mode == "random":
             action = placeholder_action(carry)
             return action, Carry(state, action)

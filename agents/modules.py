@@ -51,8 +51,7 @@ from aefrl.world_model.modules import posterior_module, stored_action_dim
 from agents.dreamer import DreamerAgent
 from agents.factory import build_agent
 
-#: The episode-start flag torchrl's ``InitTracker`` writes, which the policy reads.
-IS_INIT = "is_init"
+IS_INIT = keys.IS_INIT  # the episode-start flag torchrl's InitTracker writes; the policy's
 _LATENT = [keys.BELIEF, keys.STATE]
 
 

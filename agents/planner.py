@@ -204,7 +204,7 @@ class PlannerAgent(nn.Module):
     @property
     def planner(self):
         """torchrl's planner over an :class:`~aefrl.envs.ImaginationEnv` of this world model."""
-        device = self.world_model.rssm.gru.weight_hh.device
+        device = self.world_model.device
         if self._planner_cache.get("device") != device:
             env = ImaginationEnv(self.world_model, device=device)
             self._planner_cache = {"device": device, "planner": make_planner(env, self.planning)}

@@ -62,7 +62,7 @@ class ImaginationEnv(ModelBasedEnvBase):
         self.predict_continue = bool(predict_continue)
         if self.predict_continue:
             pieces.append(continue_module(world_model, out_key=keys.PRED_CONTINUE))
-        model_device = world_model.rssm.gru.weight_hh.device
+        model_device = world_model.device
         if device is None:
             device = model_device
         elif canonical_device(device) != model_device:  # "cuda" is the model's "cuda:0"

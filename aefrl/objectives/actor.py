@@ -48,9 +48,9 @@ class DreamerActorLoss(LossModule):
     towards the slow copy (``slow_reg``) on top, values grow slowly when few updates are made.
 
     The returned TensorDict also carries the imagined trajectory (``belief``, ``state``
-    ``[N, H+1, ·]``, detached) with ``lambda_return``, ``slow_value`` (the slow critic's
-    values of ``s_0..s_{H-1}``, the regulariser's target) and ``weight`` ``[N, H]`` for
-    :class:`~aefrl.objectives.value.DreamerValueLoss`.
+    ``[N, K+1, ·]`` for the horizon K, detached) with ``lambda_return``, ``slow_value`` (the
+    slow critic's values of ``s_0..s_{K-1}``, the regulariser's target) and ``weight``
+    ``[N, K]`` for :class:`~aefrl.objectives.value.DreamerValueLoss`.
     """
 
     @dataclass
@@ -114,20 +114,20 @@ class DreamerActorLoss(LossModule):
             states, actions, log_probs = imagine(
                 wm.rssm, self.actor, s0, self.horizon, input_grad=self.actor_input_grad
             )
-            feat = states.feat  # [N, H+1, F]
-            # One contiguous copy: a strided [N, H, F] slice turns each head's first Linear
+            feat = states.feat  # [N, K+1, F]
+            # One contiguous copy: a strided [N, K, F] slice turns each head's first Linear
             # into a batched matmul over N (slower than one matmul over N*H rows, both ways).
             after = feat[:, 1:].contiguous()
             reward = wm.reward_head(after).mean
             cont = wm.continue_head(after).mean
             if self.critic_ref:  # fast: bootstrap from the critic, regularise towards the slow one
-                value = self.critic_ref[0](after).mean  # v(s_1..s_H) [N, H]
+                value = self.critic_ref[0](after).mean  # v(s_1..s_K) [N, K]
                 slow_value = self.slow_critic(feat[:, :-1].contiguous()).mean.detach()
             else:
-                slow = self.slow_critic(feat).mean  # [N, H+1]
+                slow = self.slow_critic(feat).mean  # [N, K+1]
                 value, slow_value = slow[:, 1:], slow[:, :-1].detach()
         discount = self.gamma * cont
-        returns = lambda_returns(reward, value, discount, self.lmbda)  # [N, H]
+        returns = lambda_returns(reward, value, discount, self.lmbda)  # [N, K]
         alive = 1.0 - start[self.tensor_keys.terminated].to(feat.dtype)  # [N, 1]
         weight = torch.cumprod(torch.cat([alive, discount[:, :-1]], 1), 1).detach()
         scale = self.return_norm.update(returns)

@@ -16,8 +16,9 @@ class DreamerValueLoss(LossModule):
     """``loss_value = −mean_k w_k · [log v(s_k)(R^λ_k) + β_slow · log v(s_k)(v_slow(s_k))]``.
 
     Reads the trajectory written by :class:`~aefrl.objectives.actor.DreamerActorLoss`
-    (``belief``, ``state`` ``[N, H+1, ·]``; ``lambda_return``, ``slow_value``, ``weight``
-    ``[N, H]``). The slow-critic term keeps the critic near its own moving average (DreamerV3).
+    (``belief``, ``state`` ``[N, K+1, ·]`` for the horizon K; ``lambda_return``,
+    ``slow_value``, ``weight`` ``[N, K]``). The slow-critic term keeps the critic near its own
+    moving average (DreamerV3).
     """
 
     @dataclass

@@ -44,8 +44,6 @@ class TwoHot:
         """``symexp(Σ_k p_k b_k)``, ``[...]``."""
         return symexp((self.probs * self.bins).sum(-1))
 
-    mode = mean
-
     def log_prob(self, target: torch.Tensor) -> torch.Tensor:
         """``Σ_k twohot(symlog(target))_k · log p_k``, ``[...]``."""
         return (two_hot(symlog(target), self.bins) * self.logits.log_softmax(-1)).sum(-1)

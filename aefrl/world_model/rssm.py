@@ -43,9 +43,6 @@ class RSSMState:
         """``[h, z]``, ``[..., H + d]`` — what every head reads."""
         return torch.cat([self.h, self.z], -1)
 
-    def detach(self) -> RSSMState:
-        return RSSMState(self.h.detach(), self.z.detach())
-
     def flatten(self) -> RSSMState:
         """``[B, T, ...] -> [B*T, ...]``."""
         return RSSMState(self.h.flatten(0, 1), self.z.flatten(0, 1))

@@ -110,6 +110,11 @@ class WorldModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.rssm.gru.weight_hh.dtype
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters are (one device: the model moves as a whole)."""
+        return self.rssm.gru.weight_hh.device
+
     def encode_pixels(
         self, pixels: torch.Tensor, dequantize: str = "random"
     ) -> tuple[torch.Tensor, torch.Tensor]:
