@@ -193,22 +193,26 @@ class DreamerAgent(nn.Module):
         (:mod:`aefrl.precision`)."""
         return trunk_precision(self.autocast)
 
-    def _step(self, name: str, loss: torch.Tensor) -> torch.Tensor:
+    def _step(self, name: str, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Backward, clip and step of the ``name`` optimiser. Returns the gradient norm before
+        clipping and 1.0 if it was clipped (its mean over a log period: the share of updates
+        clipped; a tensor comparison, so a captured update needs no host synchronisation)."""
         opt = self.optimizers[name]
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        norm = nn.utils.clip_grad_norm_(self._groups[name].parameters(), self.grad_clip[name])
+        clip = self.grad_clip[name]
+        norm = nn.utils.clip_grad_norm_(self._groups[name].parameters(), clip)
         opt.step()
-        return norm
+        return {f"grad_norm_{name}": norm, f"grad_clipped_{name}": (norm > clip).float()}
 
     def train_step(self, batch: TensorDictBase) -> dict[str, torch.Tensor]:
         """One update of world model, actor and critic on a ``[B, T]`` replay batch.
 
-        Returns detached scalar metrics (losses, diagnostics, grad norms).
+        Returns detached scalar metrics (losses, diagnostics, grad norms and clipping).
         """
         with self.precision():
             wm_out = self.wm_loss(batch)
-        metrics = {"grad_norm_model": self._step("model", self.wm_loss.total(wm_out))}
+        metrics = self._step("model", self.wm_loss.total(wm_out))
         metrics.update(_scalars(wm_out))
         start = TensorDict(
             {
@@ -227,9 +231,9 @@ class DreamerAgent(nn.Module):
         [N, 1]`` of their rows), then the slow critic's step. Returns detached scalar metrics."""
         with self.precision():  # it only sets the trunks' forward precision
             actor_out = self.actor_loss(start)
-            metrics = {"grad_norm_actor": self._step("actor", actor_out["loss_actor"])}
+            metrics = self._step("actor", actor_out["loss_actor"])
             value_out = self.value_loss(actor_out)
-            metrics["grad_norm_critic"] = self._step("critic", value_out["loss_value"])
+            metrics.update(self._step("critic", value_out["loss_value"]))
         self.slow_critic.update()
         for out in (actor_out, value_out):
             metrics.update(_scalars(out))

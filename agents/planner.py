@@ -250,7 +250,7 @@ class PlannerAgent(nn.Module):
         """
         with self.precision():
             out = self.wm_loss(batch)
-        metrics = {"grad_norm_model": self._step("model", self.wm_loss.total(out))}
+        metrics = self._step("model", self.wm_loss.total(out))
         for key, value in out.items():
             if isinstance(key, str) and value.dim() == 0:
                 metrics[key] = value.detach()

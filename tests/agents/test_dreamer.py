@@ -149,11 +149,19 @@ def test_each_optimiser_clips_its_own_group_at_its_own_norm(monkeypatch):
         return real(params, max_norm, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
-    agent.train_step(random_batch(3, 8))
+    metrics = agent.train_step(random_batch(3, 8))
     want = [(7.0, agent.world_model), (3.0, agent.actor), (5.0, agent.critic)]
     assert [c[0] for c in calls] == [w[0] for w in want]
     for (_, ids), (_, module) in zip(calls, want):
         assert ids == {id(p) for p in module.parameters()}
+    # Each update says whether it was clipped (train/grad_clipped_*: the share of updates).
+    for name, clip in agent.grad_clip.items():
+        clipped = float(metrics[f"grad_norm_{name}"]) > clip
+        assert float(metrics[f"grad_clipped_{name}"]) == float(clipped), name
+    for clip, flag in ((1e-9, 1.0), (1e9, 0.0)):
+        agent.grad_clip = dict.fromkeys(agent.grad_clip, clip)
+        metrics = agent.train_step(random_batch(3, 8))
+        assert [float(metrics[f"grad_clipped_{n}"]) for n in agent.grad_clip] == [flag] * 3
 
 
 def test_imagination_from_terminal_rows_carries_no_actor_loss():
