@@ -20,6 +20,8 @@ import torch
 from PIL import Image
 from torchrl.record.loggers import TensorboardLogger
 
+from aefrl.resume_overrides import leaves
+
 
 def to_hwc_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
     """``[C, H, W]`` or ``[H, W, C]`` image, uint8 or float in [0, 1] -> ``[H, W, C]`` uint8."""
@@ -56,7 +58,9 @@ def open_loop_video(real: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
 
 
 def encode_gif(frames: list[np.ndarray], fps: float) -> bytes:
-    """Frames ``[H, W, C]`` uint8 -> animated GIF bytes (looping)."""
+    """Frames ``[H, W, C]`` uint8 -> animated GIF bytes (looping). GIFs time frames in
+    centiseconds: ``fps`` is rounded to the nearest such duration (15 -> 70 ms, 14.3 frames/s),
+    at least 20 ms (browsers slow shorter ones down)."""
     images = [Image.fromarray(f.squeeze(-1) if f.shape[-1] == 1 else f) for f in frames]
     buf = io.BytesIO()
     images[0].save(
@@ -64,10 +68,23 @@ def encode_gif(frames: list[np.ndarray], fps: float) -> bytes:
         format="GIF",
         save_all=True,
         append_images=images[1:],
-        duration=max(int(1000 / fps), 20),
+        duration=max(round(100 / fps), 2) * 10,
         loop=0,
     )
     return buf.getvalue()
+
+
+#: The metrics TensorBoard's HPARAMS tab shows beside each run's hyperparameters.
+HPARAM_METRICS = ("eval/episode_return", "env/episode_return", "heldout/bits_per_dim")
+
+
+def _hparam_value(value) -> int | float | str:
+    """A config leaf as TensorBoard's hparams take it: numbers and strings as they are,
+    anything else as its YAML-like text (``true``, ``null``, ``[1, 2]``; torch would turn a
+    boolean into the number 1)."""
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        return value
+    return json.dumps(value, default=str)
 
 
 class RunLogger(TensorboardLogger):
@@ -136,6 +153,17 @@ class RunLogger(TensorboardLogger):
         at ``step`` when a resume changes a key."""
         text = json.dumps(config, indent=2, sort_keys=True, default=str)
         self.log_text("config", "```\n" + text + "\n```", step)
+
+    def log_hparams(self, config: Mapping, metrics: tuple[str, ...] = HPARAM_METRICS) -> None:
+        """The configuration's leaves (``obs_model.kind``, ``env.task``, ``seed``, ...) as this
+        run's hyperparameters, for TensorBoard's HPARAMS tab, which tables and filters runs by
+        them beside the ``metrics`` tags the run logs. Written once, when a run starts."""
+        from torch.utils.tensorboard.summary import hparams
+
+        values = {key: _hparam_value(v) for key, v in leaves(config).items()}
+        writer = self.experiment._get_file_writer()
+        for summary in hparams(values, dict.fromkeys(metrics, 0.0)):
+            writer.add_summary(summary)
 
     def flush(self) -> None:
         self.experiment.flush()

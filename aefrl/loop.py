@@ -292,6 +292,7 @@ class Trainer:
         since_log = (t_start, f_start)  # perf/fps_interval: frames/s since the last log
         if self.counters["iterations"] == 0:
             self.logger.log_config(self.run_config)
+            self.logger.log_hparams(self.run_config)
         try:
             while self.counters["frames"] < c.total_frames and not self._stop_requested:
                 self._iteration(updates_per_step)
@@ -384,12 +385,17 @@ class Trainer:
         # The env's count: an action repeat cut short by an episode's end simulates fewer.
         frames = stats.frames if stats.frames is not None else stepped * c.action_repeat
         self.counters["frames"] += frames
-        for ret, length in zip(stats.returns, stats.lengths):
-            self.counters["episodes"] += 1
-            self.last_return = ret
-            self.logger.log_scalars(
-                {"episode_return": ret, "episode_length": length}, self.counters["frames"], "env"
-            )
+        if stats.returns:
+            # Parallel envs can finish several episodes in one iteration, at one frame count:
+            # TensorBoard keeps one point per step (its reservoir drops the others), so they
+            # are logged as their mean. episode_length counts agent steps, not frames.
+            self.counters["episodes"] += len(stats.returns)
+            self.last_return = stats.returns[-1]
+            means = {
+                "episode_return": sum(stats.returns) / len(stats.returns),
+                "episode_length": sum(stats.lengths) / len(stats.lengths),
+            }
+            self.logger.log_scalars(means, self.counters["frames"], "env")
         if mode == "random" or not self.replay.ready:
             return
         self.train_credit += stepped * updates_per_step
@@ -490,14 +496,20 @@ class Trainer:
         self.heldout = episodes.first_episode.exclude(keys.DONE).unsqueeze(0)
         self.counters["evals"] += 1
         r = torch.tensor(episodes.returns, dtype=torch.float64)
-        std = r.std(correction=1 if len(r) > 1 else 0)
-        result = {"episode_return": float(r.mean()), "episode_return_std": float(std)}
+        result = {"episode_return": float(r.mean())}
+        if len(r) > 1:  # one episode has no spread to show (0 would read as none)
+            result["episode_return_std"] = float(r.std())
         if episodes.values:  # the critic against what the policy collected (aefrl.evaluation)
             gamma = self.agent.actor_loss.gamma
             cal = critic_calibration(episodes.values, episodes.rewards, gamma)
             result["critic_value"] = cal["value_mean"]
             result["critic_return_to_go"] = cal["return_to_go_mean"]
         self.logger.log_scalars(result, self.counters["frames"], "eval")
+        # What the policy did: the first episode as the agent saw it (~1.3 MB for 500 steps).
+        pixels = self.heldout[keys.PIXELS][0]  # [T, C, H, W] uint8
+        self.logger.log_video(
+            "eval/first_episode", pixels, self.counters["frames"], fps=self.config.video_fps
+        )
         return result
 
     @torch.no_grad()

@@ -64,3 +64,33 @@ def test_grid_layout_and_gif_frames():
     assert grid[1, 1, 0] == 0 and grid[6, 1, 0] == 255
     frames = [np.full((4, 4, 3), i * 40, np.uint8) for i in range(4)]
     assert Image.open(io.BytesIO(encode_gif(frames, fps=5))).n_frames == 4
+
+
+def test_hparams_table_the_run_by_its_configuration(tmp_path):
+    """TensorBoard's HPARAMS tab reads the session-start summary: every config leaf (booleans,
+    null and lists as their text), and the metrics to show beside them."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    logger = RunLogger("run", log_dir=str(tmp_path))
+    config = {"obs_model": {"kind": "aef"}, "seed": 3, "loop": {"lr": 3e-4, "video": True},
+              "resume": None, "sizes": [1, 2]}  # fmt: skip
+    logger.log_hparams(config)
+    logger.close()
+    content = _events(tmp_path / "run").PluginTagToContent("hparams")
+    data = plugin_data_pb2.HParamsPluginData
+    start = data.FromString(content["_hparams_/session_start_info"]).session_start_info.hparams
+    assert start["obs_model.kind"].string_value == "aef"
+    assert start["seed"].number_value == 3 and start["loop.lr"].number_value == 3e-4
+    assert start["loop.video"].string_value == "true"
+    assert start["resume"].string_value == "null" and start["sizes"].string_value == "[1, 2]"
+    experiment = data.FromString(content["_hparams_/experiment"]).experiment
+    assert {m.name.tag for m in experiment.metric_infos} == {
+        "eval/episode_return", "env/episode_return", "heldout/bits_per_dim"
+    }  # fmt: skip
+
+
+def test_gif_frame_durations_round_to_the_nearest_centisecond():
+    """GIFs count centiseconds: 15 frames/s was truncated to 60 ms (16.7 frames/s)."""
+    frames = [np.full((4, 4, 3), i * 40, np.uint8) for i in range(3)]
+    for fps, ms in ((15, 70), (10, 100), (30, 30), (200, 20)):
+        assert Image.open(io.BytesIO(encode_gif(frames, fps=fps))).info["duration"] == ms

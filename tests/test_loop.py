@@ -2,13 +2,16 @@
 
 import dataclasses
 import functools
+import io
 import math
 import signal
 from fractions import Fraction
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensordict import TensorDict
 from torchrl.envs import ExcludeTransform, SerialEnv, TransformedEnv
@@ -150,9 +153,21 @@ def test_loop_writes_evaluations_reports_and_a_final_checkpoint(tmp_path):
         "heldout/open_loop_mse_h1",
         "perf/fps",
         "perf/fps_interval",
+        "train/grad_clipped_model",
     }
     assert expected <= set(tags["scalars"])
+    assert "eval/episode_return_std" not in tags["scalars"]  # one episode: no spread (was 0)
     assert "heldout/open_loop_real_imagined_error" in tags["images"]
+    # The policy's first evaluation episode as the agent saw it, frame for frame.
+    video = acc.Images("eval/first_episode")
+    assert [v.step for v in video] == [100, 200, end]
+    assert (video[0].width, video[0].height) == (64, 64)
+    gif = Image.open(io.BytesIO(video[-1].encoded_image_string))
+    assert gif.n_frames == trainer.heldout.shape[1]
+    gif.seek(gif.n_frames - 1)
+    last = trainer.heldout["pixels"][0, -1].permute(1, 2, 0).numpy()
+    shown = np.asarray(gif.convert("RGB")).astype(np.float64)
+    assert np.abs(shown - last).mean() < 3  # up to the GIF's 256-colour palette
     # Frames are the x-axis: evaluations and reports land at multiples of their period, and
     # once more where training ended (240 is not a multiple of 100)
     assert [e.step for e in acc.Scalars("eval/episode_return")] == [100, 200, end]
@@ -469,6 +484,44 @@ def test_the_prefill_and_training_have_a_progress_bar_each(tmp_path, monkeypatch
     trainer.run()
     trainer.logger.close()
     assert [(b.desc, b.initial, b.n) for b in bars] == [("train", 40, 60)]
+
+
+def test_episodes_ending_together_in_parallel_envs_are_logged_as_their_mean(tmp_path):
+    """Two envs finishing episodes in one iteration logged two points at one frame count, of
+    which TensorBoard shows one (its reservoir keeps the last per step): their mean now, one
+    point per step, and the episode count still counts both."""
+    env = SerialEnv(2, [functools.partial(EchoEnv, 3), functools.partial(EchoEnv, 3)])
+    returns = []  # per iteration: the returns the collector reported
+
+    trainer = Trainer(
+        EchoAgent(),
+        env,
+        SequenceReplay(1000, 2, 2, 1, seed=0),
+        RunLogger("tb", log_dir=str(tmp_path)),
+        tmp_path,
+        _quiet_config(total_frames=48, prefill_steps=100, train_ratio=1.0, batch_size=1,
+                      seq_len=2),
+        action_dim=1,
+    )  # fmt: skip
+    step = trainer.collector.step
+
+    def recording(mode):
+        rows, stats, stepped = step(mode)
+        if stats.returns:
+            returns.append((trainer.counters["frames"] + stats.frames, list(stats.returns)))
+        return rows, stats, stepped
+
+    trainer.collector.step = recording
+    counters = trainer.run(progress=False)
+    env.close()
+    trainer.logger.close()
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    logged = [(e.step, e.value) for e in acc.Scalars("env/episode_return")]
+    assert all(len(r) == 2 for _, r in returns) and len(returns) >= 3  # both envs, together
+    assert logged == [(f, pytest.approx(sum(r) / 2)) for f, r in returns]
+    assert counters["episodes"] == 2 * len(returns)
+    assert {e.value for e in acc.Scalars("env/episode_length")} == {3.0}
 
 
 def _trained_weights(run_dir, **schedule) -> dict:
