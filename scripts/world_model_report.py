@@ -3,7 +3,9 @@
     python scripts/world_model_report.py RUN_DIR [--episodes 2] [--num-samples 128]
 
 Collects episodes with the agent's deterministic policy on a new environment seed (never seen in
-training), cuts them into 50-step sequences and reports: held-out bits/dim of each sequence
+training), or with uniform random actions (``--policy random``: the same frames for every run
+of the task, so VAE and AEF runs are scored on identical data), cuts them into 50-step
+sequences and reports: held-out bits/dim of each sequence
 (exact for aef_partition, importance-sampled with K trajectories otherwise; SPEC §6), open-loop
 prediction error (5 context frames, 45 predicted: MSE and SSIM per horizon), and the sharpness
 of imagined frames relative to real ones. Writes ``<run_dir>/world_model_report.json`` and a GIF
@@ -62,6 +64,14 @@ def make_parser() -> Parser:
         help="K, importance samples per sequence (default: %(default)s, SPEC §6's for reports)",
     )
     add_episode_options(p, seed=54321, what="held-out")
+    p.add_argument(
+        "--policy",
+        choices=["agent", "random"],
+        default="agent",
+        help="who acts in the held-out episodes: the agent's deterministic policy (its own "
+        "states), or uniform random actions drawn from --seed (the same frames for every run "
+        "of the task: a comparison of world models on identical data) (default: %(default)s)",
+    )
     p.add_argument(
         "--out", default=None, help="JSON path (default: <run_dir>/world_model_report.json)"
     )
@@ -129,20 +139,23 @@ imports_done()  # Ctrl-C raises KeyboardInterrupt again (main handles it)
 SEQ, CONTEXT = 50, 5
 
 
-def collect_episodes(agent, env, episodes: int, action_dim: int):
-    """Rows ``[episodes, steps]`` of full episodes with the deterministic policy."""
-    collector = Collector(env, agent, action_dim)
-    rows, _, _ = collector.step("eval")
+def collect_episodes(agent, env, episodes: int, action_dim: int, random_seed: int | None = None):
+    """Rows ``[episodes, steps]`` of full episodes with the deterministic policy, or with
+    uniform random actions from a generator seeded ``random_seed`` (the agent only filters)."""
+    mode = "eval" if random_seed is None else "random"
+    draws = None if random_seed is None else torch.Generator().manual_seed(random_seed)
+    collector = Collector(env, agent, action_dim, generator=draws)
+    rows, _, _ = collector.step(mode)
     done, episode, out = 0, [rows], []
     with tqdm(total=episodes, unit="episode") as bar:
         while done < episodes:
-            rows, stats, _ = collector.step("eval")
+            rows, stats, _ = collector.step(mode)
             if stats.returns:
                 episode.append(rows)
                 out.append(torch.cat(episode, 0).exclude(keys.DONE))
                 done += len(stats.returns)
                 bar.update(len(stats.returns))
-                rows, _, _ = collector.step("eval")  # the next episode's first row
+                rows, _, _ = collector.step(mode)  # the next episode's first row
                 episode = [rows]
             else:
                 episode.append(rows)
@@ -238,7 +251,8 @@ def write_report(args, argv) -> int:
         raise
     torch.manual_seed(args.seed)
     tune = agent.world_model.obs_model.kind == "aef" and args.proposal_scale in (None, "tune")
-    episodes = collect_episodes(agent, env, args.episodes + int(tune), action_dim)
+    random_seed = args.seed if args.policy == "random" else None
+    episodes = collect_episodes(agent, env, args.episodes + int(tune), action_dim, random_seed)
     env.close()
     proposal = {}
     if agent.world_model.obs_model.kind == "aef":
@@ -266,6 +280,7 @@ def write_report(args, argv) -> int:
         "task": conf["env"]["task"],
         "obs_model": conf["obs_model"]["kind"],
         "render": render,
+        "policy": args.policy,
         **numbers,
         **proposal,
         "video": None if video is None else str(video),

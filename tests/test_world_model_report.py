@@ -145,3 +145,31 @@ def test_the_report_writes_real_imagined_error_gif_of_its_first_sequences(tmp_pa
     with pytest.raises(SystemExit) as info:
         script.main([*args, "--video", "x.mp4"])
     assert info.value.code == 2
+
+
+def test_random_policy_episodes_are_the_same_frames_for_every_model(tmp_path):
+    """--policy random scores every run of a task on identical frames (a fair comparison of
+    world models); the agent's own policy sees states of its own."""
+    import torch
+
+    from aefrl.checkpoint import load_checkpoint
+    from aefrl.cli import make_run_env
+    from agents.modules import agent_from_checkpoint
+
+    script = load_script("world_model_report")
+    pixels, actions = {}, {}
+    for kind in ("aef", "vae"):
+        conf = write_tiny_dreamer_run(tmp_path / kind, time_limit=0.2, obs_model=kind)
+        agent = agent_from_checkpoint(load_checkpoint(tmp_path / kind), 1)
+        for policy, seed in (("random", 5), ("agent", None)):
+            env = make_run_env(conf["env"], 3, num_envs=1)
+            episodes = script.collect_episodes(agent, env, 2, 1, random_seed=seed)
+            env.close()
+            pixels[kind, policy] = episodes["pixels"]
+            actions[kind, policy] = episodes["prev_action"][:, 1:]
+    assert torch.equal(pixels["aef", "random"], pixels["vae", "random"])
+    assert torch.equal(actions["aef", "random"], actions["vae", "random"])
+    random = actions["aef", "random"]  # uniform on [-1, 1], not the agent's
+    assert random.abs().max() <= 1 and random.std() > 0.3
+    assert not torch.equal(random, actions["aef", "agent"])
+    assert script.make_parser().parse_args(["RUN"]).policy == "agent"  # the default
