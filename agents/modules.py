@@ -13,8 +13,9 @@ Keys are those of :mod:`aefrl.keys` (torchrl's vocabulary, as in
 =========  =====================================  ===============================================
 module     in_keys                                out_keys
 =========  =====================================  ===============================================
-actor      belief [*B, H], state [*B, d]          action [*B, A] in [-1, 1] (the mode, or a
-                                                  sample with ``explore=True``)
+actor      belief [*B, H], state [*B, d]          action [*B, A] in [-1, 1] (a sample under
+                                                  torchrl's RANDOM exploration type, as its
+                                                  collectors set; the mode otherwise)
 critic     belief, state                          state_value [*B, 1] (the two-hot head's mean)
 policy     pixels uint8 [*B, C, H, W], is_init,   belief, state, posterior_mean / _std, action,
            prev_action, belief, state             prev_action (= action, for the next step)
@@ -43,6 +44,7 @@ from tensordict.nn import TensorDictModule, TensorDictSequential
 from torch import nn
 from torchrl.data import Unbounded
 from torchrl.envs import Compose, InitTracker, TensorDictPrimer
+from torchrl.envs.utils import ExplorationType, exploration_type
 
 from aefrl import keys
 from aefrl.actor_critic import Actor, Critic
@@ -56,14 +58,20 @@ _LATENT = [keys.BELIEF, keys.STATE]
 
 
 class ActorAction(nn.Module):
-    """``(belief [*B, H], state [*B, d]) -> action [*B, A]``: the actor's mode, or a sample."""
+    """``(belief [*B, H], state [*B, d]) -> action [*B, A]``: a sample when ``explore`` is True,
+    the mode when it is False; with ``explore=None``, as torchrl's exploration type says at the
+    call (a sample under ``ExplorationType.RANDOM``, which torchrl's collectors set while they
+    collect; the mode under any other type or none, as in a plain ``env.rollout``)."""
 
-    def __init__(self, actor: Actor, explore: bool = False) -> None:
+    def __init__(self, actor: Actor, explore: bool | None = None) -> None:
         super().__init__()
         self.actor, self.explore = actor, explore
 
     def forward(self, belief: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        return self.actor.act(torch.cat([belief, state], -1), explore=self.explore)
+        explore = self.explore
+        if explore is None:
+            explore = exploration_type() == ExplorationType.RANDOM
+        return self.actor.act(torch.cat([belief, state], -1), explore=explore)
 
 
 class CriticValue(nn.Module):
@@ -86,8 +94,10 @@ class _PrevAction(nn.Module):
         return action.clone()
 
 
-def actor_module(actor: Actor, explore: bool = False) -> TensorDictModule:
-    """The actor on the keys ``belief``, ``state`` -> ``action``; its mode unless ``explore``."""
+def actor_module(actor: Actor, explore: bool | None = None) -> TensorDictModule:
+    """The actor on the keys ``belief``, ``state`` -> ``action``: sampled or its mode as
+    ``explore`` says, or as torchrl's exploration type says when it is None
+    (:class:`ActorAction`)."""
     return TensorDictModule(ActorAction(actor, explore), in_keys=_LATENT, out_keys=[keys.ACTION])
 
 
@@ -98,11 +108,12 @@ def critic_module(critic: Critic) -> TensorDictModule:
 
 
 def policy_module(
-    agent: DreamerAgent, explore: bool = False, is_first_key: str = IS_INIT
+    agent: DreamerAgent, explore: bool | None = None, is_first_key: str = IS_INIT
 ) -> TensorDictSequential:
-    """The agent's whole policy from pixels (module docstring): posterior, actor, and the
-    action kept as ``prev_action``. ``is_first_key`` names the episode-start flag (torchrl's
-    ``InitTracker`` writes ``"is_init"``; aefrl's replay rows hold ``"is_first"``)."""
+    """The agent's whole policy from pixels (module docstring): posterior, actor (``explore``
+    as :func:`actor_module`'s), and the action kept as ``prev_action``. ``is_first_key`` names
+    the episode-start flag (torchrl's ``InitTracker`` writes ``"is_init"``; aefrl's replay rows
+    hold ``"is_first"``)."""
     _require_dreamer(agent)
     return _Acting(
         posterior_module(agent.world_model, is_first_key),

@@ -196,6 +196,8 @@ def test_critic_module_gives_torchrl_td_lambda_the_critics_values(tiny_run):
 
 
 def test_actor_module_explores_by_sampling_and_otherwise_takes_the_mode(tiny_run):
+    from torchrl.envs.utils import ExplorationType, set_exploration_type
+
     _, agent = tiny_run
     td = TensorDict(
         {keys.BELIEF: torch.randn(64, agent.world_model.rssm.deter),
@@ -207,5 +209,22 @@ def test_actor_module_explores_by_sampling_and_otherwise_takes_the_mode(tiny_run
         mode = actor_module(agent.actor)(td.clone())[keys.ACTION]
         torch.testing.assert_close(mode, agent.actor(feat).deterministic_sample.clamp(-1, 1))
         sample = actor_module(agent.actor, explore=True)(td.clone())[keys.ACTION]
+        # By default it follows torchrl's exploration type: collectors set RANDOM.
+        follows = actor_module(agent.actor)
+        for kind, expected in (
+            (ExplorationType.RANDOM, None),
+            (ExplorationType.DETERMINISTIC, mode),
+        ):
+            with set_exploration_type(kind):
+                torch.manual_seed(3)
+                action = follows(td.clone())[keys.ACTION]
+            if expected is None:  # the same draw as explore=True's from the same seed
+                torch.manual_seed(3)
+                expected = actor_module(agent.actor, explore=True)(td.clone())[keys.ACTION]
+                assert not torch.allclose(action, mode)
+            torch.testing.assert_close(action, expected, rtol=0, atol=0)
+        with set_exploration_type(ExplorationType.RANDOM):  # an explicit choice wins
+            fixed = actor_module(agent.actor, explore=False)(td.clone())[keys.ACTION]
+        torch.testing.assert_close(fixed, mode, rtol=0, atol=0)
     assert sample.shape == (64, 1) and sample.abs().max() <= 1
     assert not torch.allclose(sample, mode)
