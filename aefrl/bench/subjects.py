@@ -193,7 +193,7 @@ class OursSubject:
 
     @torch.no_grad()
     def imagination_start(self, batch: TensorDict) -> RSSMState:
-        return self.agent.world_model.filter(batch).observed.state.detach().flatten()
+        return self.agent.world_model.filter(batch).observed.state.flatten()  # no_grad: detached
 
     def imagine(self, start: RSSMState) -> torch.Tensor:
         """The rollout and its rewards ``[N, H]`` (returned so that nothing is computed for
