@@ -32,13 +32,7 @@ from aefrl.objectives import WorldModelLoss
 from aefrl.precision import check_autocast
 from aefrl.world_model import WorldModel
 from aefrl.world_model.modules import WEIGHTS_PREFIX, filter_step, world_model_kwargs
-from agents.dreamer import (
-    ACT_MODES,
-    Carry,
-    DreamerAgent,
-    check_optimizer_settings,
-    placeholder_action,
-)
+from agents.base import ACT_MODES, Carry, WorldModelAgent, loss_scalars, placeholder_action
 
 PLANNERS = ("cem", "mppi")
 # Sections of an agent configuration that only Dreamer reads: configs/agent/planner.yaml inherits
@@ -129,7 +123,7 @@ def make_planner(env: ImaginationEnv, config: PlanningConfig):
     )
 
 
-class PlannerAgent(nn.Module):
+class PlannerAgent(WorldModelAgent):
     """World model + its loss and optimiser; actions from a torchrl planner.
 
     Args:
@@ -175,30 +169,18 @@ class PlannerAgent(nn.Module):
         if explore_noise < 0:
             raise ValueError(f"explore_noise must be >= 0, got {explore_noise}")
         self.explore_noise = float(explore_noise)
-        lr = {"model": 3e-4, **(lr or {})}
-        self.grad_clip = {"model": 1000.0, **(grad_clip or {})}
-        check_optimizer_settings(lr, self.grad_clip, adam_eps)
-        self.optimizers = {
-            "model": torch.optim.Adam(self.world_model.parameters(), lr=lr["model"], eps=adam_eps)
-        }
-        self._groups = {"model": self.world_model}
+        self._init_optimizers(
+            {"model": self.world_model},
+            {"model": 3e-4, **(lr or {})},
+            {"model": 1000.0, **(grad_clip or {})},
+            adam_eps,
+        )
         self.action_dim = int(action_dim)
         if compile:
             compile_steps(self.world_model)
         # The imagination env and planner share the world model's modules; kept in a plain dict
         # so that they are not registered twice in state_dict, and rebuilt when the model moves.
         self._planner_cache: dict = {}
-
-    # The same zero carry, optimiser step and world-model report as Dreamer's: these read only
-    # world_model, action_dim, optimizers, _groups and grad_clip, which this agent has too.
-    initial_carry = DreamerAgent.initial_carry
-    _step = DreamerAgent._step
-    precision = DreamerAgent.precision
-    # Checkpoints in Dreamer's layout ({"modules", "optimizers"}), so either agent's world model
-    # loads from the other's checkpoint.
-    state_dict = DreamerAgent.state_dict
-    load_state_dict = DreamerAgent.load_state_dict
-    report = DreamerAgent.report
 
     # --- planning --------------------------------------------------------------------------------
     @property
@@ -251,9 +233,7 @@ class PlannerAgent(nn.Module):
         with self.precision():
             out = self.wm_loss(batch)
         metrics = self._step("model", self.wm_loss.total(out))
-        for key, value in out.items():
-            if isinstance(key, str) and value.dim() == 0:
-                metrics[key] = value.detach()
+        metrics.update(loss_scalars(out))
         return metrics
 
     # --- checkpoints -----------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from aefrl.envs import DMCPixelEnv
 from aefrl.world_model import RSSMState
 from tests.agents.test_dreamer import TINY
 
-from agents.dreamer import Carry, DreamerAgent  # isort: skip
+from agents.base import Carry  # isort: skip
+from agents.dreamer import DreamerAgent  # isort: skip
 
 
 class EchoEnv(EnvBase):

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from agents.dreamer import DreamerAgent, shared_entries
+from agents.base import shared_entries
+from agents.dreamer import DreamerAgent
 from tests.agents.round_trip import assert_reloaded_agent_trains_identically
 from tests.world_model.conftest import ACTIONS, OBS, random_batch
 

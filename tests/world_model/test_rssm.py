@@ -165,7 +165,7 @@ def test_rssm_hidden_sizes_the_rssm_mlps_and_nothing_else(kind):
 def test_a_reset_clears_a_non_finite_state(kind):
     """is_first restarts from zeros even when the state before is nan or inf (a reset by
     multiplication kept them: inf · 0 is nan), and so does the acting carry's reset."""
-    from agents.dreamer import Carry
+    from agents.base import Carry
 
     wm = tiny_world_model(kind)
     bad = RSSMState(torch.full((2, 8), float("nan")), torch.full((2, 3), float("inf")))
