@@ -259,18 +259,9 @@ class AEFPartitionObservationModel(AffineFlowModel):
         trained (the likelihood scores the shell only), so they are not shown."""
         return self._solve_core(self.decoder_params(z, context)[0], z, context)
 
-    def sample(self, num_samples=None, context=None, prior=None, pixel_noise=True):
-        """Decode the shell from ``z ~ prior``, then invert the encoder layer for the core:
-        ``y_c = (z − μ_q(c, y_s)) / σ_q(c, y_s)``."""
-        if prior is None:
-            if num_samples is None:
-                num_samples = context.shape[0] if context is not None else None
-            if num_samples is None:
-                raise ValueError("sample needs num_samples, a context or a prior")
-            prior = self._prior(None, self.shell_mask.new_empty(num_samples, 0))
-        z = prior.sample()
-        mu_x, sigma_x = self.decoder_params(z, context)
-        y = mu_x + sigma_x * torch.randn_like(mu_x) if pixel_noise else mu_x
+    def _complete_sample(self, y, z, context):
+        """:meth:`sample` decodes the shell from ``z ~ prior``; the core inverts the encoder
+        layer, ``y_c = (z − μ_q(c, y_s)) / σ_q(c, y_s)``."""
         return self._solve_core(y, z, context)
 
     def _solve_core(self, y, z, context):

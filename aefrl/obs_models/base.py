@@ -349,7 +349,15 @@ class ObservationModel(nn.Module):
             prior = self._prior(None, like)
         z = prior.sample()
         mu_x, sigma_x = self.decoder_params(z, context)
-        return mu_x + sigma_x * torch.randn_like(mu_x) if pixel_noise else mu_x
+        y = mu_x + sigma_x * torch.randn_like(mu_x) if pixel_noise else mu_x
+        return self._complete_sample(y, z, context)
+
+    def _complete_sample(
+        self, y: torch.Tensor, z: torch.Tensor, context: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The sample ``y [B, *obs_shape]`` decoded from ``z [B, d]``, as returned: the decoder
+        draws every coordinate here; the partition family fills its core in from z."""
+        return y
 
     def objective(
         self,

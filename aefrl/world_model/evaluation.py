@@ -119,7 +119,7 @@ def open_loop_prediction(
     """
     wm = world_model
     ctx = {k: batch[k][:, :context] for k in (keys.PIXELS, keys.PREV_ACTION, keys.IS_FIRST)}
-    filt = wm.filter(type(batch)(ctx, batch_size=[batch.shape[0], context]))
+    filt = wm.filter(ctx)  # any mapping of [B, T] entries
     recon = wm.decode_pixels(filt.observed.state)
     future_actions = batch[keys.PREV_ACTION][:, context:].to(filt.y.dtype)
     imagined = wm.rssm.imagine(filt.observed.last, future_actions)

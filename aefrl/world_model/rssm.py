@@ -148,9 +148,11 @@ class RSSM(nn.Module):
         is_first: torch.Tensor,
         noise: torch.Tensor | None = None,
     ) -> tuple[RSSMState, torch.Tensor, torch.Tensor]:
-        """One filtering step on a real observation (``embed``, ``coords`` from
-        ``obs_model.embed``). ``is_first [N, 1]`` resets h, z and a_{t-1} to zero first.
-        Returns the posterior state and ``(μ_q, σ_q)``."""
+        """One filtering step on a real observation: ``prev`` (h ``[N, H]``, z ``[N, d]``),
+        ``prev_action [N, A]``, ``embed [N, E]`` and ``coords [N, d]`` (or None) from
+        ``obs_model.embed``, ``is_first [N, 1]`` (resets h, z and a_{t-1} to zero first),
+        ``noise [N, d]`` (the VAE's draw; sampled when None). Returns the posterior state and
+        ``(μ_q, σ_q)``, each ``[N, d]``."""
         weights = self.obs_model.posterior_weights()
         projected = self.obs_model.project_embed(embed, weights)
         return self.filter_step(prev, prev_action, projected, coords, is_first, noise, weights)
