@@ -71,22 +71,65 @@ def _choices_with_key(config_dir, config_name, parsed, groups, key) -> list[str]
     return owners
 
 
+#: Hydra's flag for a sweep (several jobs); its other flags (--cfg, --help, ...) run no job.
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
 def check_overrides(config_dir: Path, config_name: str, args: list[str]) -> None:
     """Raise :class:`OverrideError` if an override in ``args`` (``key=value`` items) names an
     unknown group choice or key, or gives a boolean or numeric key a value of another kind.
 
-    Command lines with Hydra flags (``--cfg job``, ``-m``, ...) and ``hydra.*`` keys are left to
-    Hydra; a sweep without ``-m`` and a deletion (``~seed``) are refused, and so is a value for a
-    whole group of settings (``loop=5``).
+    With ``-m`` every value of every sweep (``seed=0,1``, ``obs_model=vae,aef``) is checked as
+    a single run's override would be: a sweep skipped these checks, and ``agent.compile=no,yes``
+    trained both jobs compiled (a non-empty string is true). Command lines with Hydra's other
+    flags (``--cfg job``, ``--help``: no job runs) and ``hydra.*`` keys are left to Hydra; a
+    sweep without ``-m`` and a deletion (``~seed``) are refused, and so is a value for a whole
+    group of settings (``loop=5``).
     """
     config_dir = Path(config_dir).resolve()
-    if any(a.startswith("-") for a in args):
+    flags = [a for a in args if a.startswith("-")]
+    if any(f not in MULTIRUN_FLAGS for f in flags):
         return
+    args = [a for a in args if not a.startswith("-")]
+    parsed = _parse(args)
+    if flags:
+        for variant in _sweep_variants(parsed):
+            _check(config_dir, config_name, variant, _parse(variant))
+        return
+    _check(config_dir, config_name, args, parsed)
+
+
+def _parse(args: list[str]) -> list:
     try:
-        parsed = OverridesParser.create().parse_overrides(list(args))
+        return OverridesParser.create().parse_overrides(list(args))
     except OverrideParseException as exc:
         first = str(exc).strip().splitlines()[0]
         raise OverrideError(f"cannot parse the command line {' '.join(args)!r}: {first}") from None
+
+
+def _sweep_variants(parsed: list) -> list[list[str]]:
+    """Single-run command lines that together hold every value of every sweep: each sweep's
+    values in turn, the other sweeps at their first value. None when Hydra alone can expand a
+    sweep (``glob(...)`` needs its config loader): those are left to Hydra, unchecked."""
+    values = []
+    for o in parsed:
+        if not o.is_sweep_override():
+            values.append([o.input_line])
+            continue
+        try:
+            swept = list(o.sweep_string_iterator())
+        except HydraException:
+            return []
+        values.append([f"{o.get_key_element()}={v}" for v in swept] or [o.input_line])
+    first = [v[0] for v in values]
+    variants = [first]
+    for i, options in enumerate(values):
+        variants += [[*first[:i], v, *first[i + 1 :]] for v in options[1:]]
+    return variants
+
+
+def _check(config_dir: Path, config_name: str, args: list[str], parsed: list) -> None:
+    """:func:`check_overrides` of one single-run command line (no flags)."""
     # Hydra's own settings (hydra.run.dir=..., hydra/launcher=...); hydra_choices is ours
     hydra_own = ("hydra.", "hydra/")
     parsed = [

@@ -42,7 +42,7 @@ from aefrl.cli import UserError, make_run_env, resolve_device
 from aefrl.logging import RunLogger
 from aefrl.loop import LoopConfig, Trainer
 from aefrl.nn import conv_stages
-from aefrl.overrides import OverrideError, check_overrides
+from aefrl.overrides import MULTIRUN_FLAGS, OverrideError, check_overrides
 from aefrl.provenance import RUN_RECORDS, append_run_record, command_line
 from aefrl.replay import STORAGES, SequenceReplay
 from aefrl.resume_overrides import (
@@ -591,6 +591,8 @@ if __name__ == "__main__":
     if "--version" in sys.argv[1:]:  # ours, not Hydra's
         print(VERSION)
         sys.exit(0)
+    # Hydra reads -m only before the overrides (after them: its usage block); anywhere works.
+    sys.argv[1:] = sorted(sys.argv[1:], key=lambda arg: arg not in MULTIRUN_FLAGS)
     try:  # Hydra's own reports of a bad override are multi-line; ours are one sentence
         check_overrides(CONFIG_DIR, "config", sys.argv[1:])
     except OverrideError as exc:

@@ -301,9 +301,10 @@ def test_each_job_of_a_sweep_gets_its_own_default_run_dir(tmp_path):
     assert script.sweep_job_run_dir(default, (False, 0, ["seed=1"])) == default  # a single run
     assert script.sweep_job_run_dir(default, (True, 3, ["loop.train_ratio=64"])) == default + "-j3"
     assert script.sweep_job_run_dir("mine", (True, 3, ["run_dir=mine"])) == "mine"
-    # A real sweep, run where its default runs/ folder lands (the working directory).
+    # A real sweep, run where its default runs/ folder lands (the working directory); -m
+    # after an override (Hydra's parser wants it first: its usage block, exit 2).
     out = subprocess.run(
-        [sys.executable, str(ROOT / "scripts/train.py"), "-m", "exp=smoke",
+        [sys.executable, str(ROOT / "scripts/train.py"), "exp=smoke", "-m",
          "loop.train_ratio=4,8", "loop.eval_every=0", "loop.report_every=0"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )  # fmt: skip

@@ -1,5 +1,6 @@
 """Command-line overrides checked against configs/ (aefrl/overrides.py)."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,9 @@ def test_groups_are_the_config_directories():
         ("loop={total_frames: 100}",),  # a group given as a mapping
         ("agent.world_model={deter: 32, hidden: 32}", "agent={lr: {model: 1e-4}}"),
         ("--cfg", "job", "whatever=1"),  # Hydra flags: the whole line is Hydra's
+        ("-m", "seed=0,1,2", "obs_model=vae,aef", "loop.train_ratio=range(8,64,8)"),
+        ("seed=0,1", "--multirun", "agent.compile=false,true"),
+        ("-m", "obs_model=glob(*)"),  # only Hydra can expand it: left to Hydra
     ],
 )
 def test_valid_overrides_pass(args):
@@ -111,3 +115,25 @@ def test_boolean_keys_take_booleans():
     check(f"{key}={str(not default).lower()}")
     with pytest.raises(OverrideError, match="takes true or false"):
         check(f"{key}=3")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ("-m", "agent.compile=no,yes"),
+            "agent.compile takes true or false (default False), got 'no'",
+        ),
+        (("-m", "seed=0,1", "obs_model=vae,aeff"), "obs_model=aeff is not a choice"),
+        (("-m", "loop.total_frames=abc"), "loop.total_frames takes a number"),
+        (("--multirun", "loop.total_frame=400,800"), "did you mean loop.total_frames?"),
+        (("-m", "exp=smoke", "loop=5"), "loop is a group of settings, not a value"),
+        # the other sweeps at their first value: agent=planner's own key is checked under it
+        (("-m", "agent=dreamer,planner", "agent.planner.candidates=5"), "only agent=planner"),
+    ],
+)
+def test_a_sweep_checks_every_value_of_every_sweep(args, message):
+    """-m skipped every check: mistyped keys and choices ended in Hydra's multi-line reports or
+    tracebacks, and agent.compile=no trained a compiled agent (a non-empty string is true)."""
+    with pytest.raises(OverrideError, match=re.escape(message)):
+        check(*args)
