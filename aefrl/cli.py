@@ -10,7 +10,9 @@ from pathlib import Path
 
 import torch
 
+from aefrl.checkpoint import CHECKPOINT_NAME
 from aefrl.envs import make_dmc_env
+from aefrl.provenance import RUN_RECORDS
 
 
 class UserError(Exception):
@@ -62,14 +64,35 @@ def make_run_env(env: dict, seed: int, num_envs: int | None = None, render: str 
     return make_env(env["task"], seed=seed, num_envs=num_envs or env.get("num_envs", 1), **kwargs)
 
 
-def output_path(path: str | Path | None, default: Path) -> Path:
+#: What a training run keeps in its directory, beside what a script writes there.
+RUN_CONFIG = "run_config.yaml"
+RUN_LOCK = ".lock"  # flock'ed while a process trains in the run directory
+RUN_FILES = (CHECKPOINT_NAME, RUN_CONFIG, RUN_RECORDS, RUN_LOCK)
+RUN_FOLDERS = ("tb", "replay")
+
+
+def output_path(
+    path: str | Path | None, default: Path, run_dir: Path | None = None, taken: tuple = ()
+) -> Path:
     """Where a script writes its result: ``path`` or ``default``, its folder created and the
     file's writability tried now, before the work (a missing folder, a directory or an
-    unwritable place used to fail with a traceback only after all episodes had run)."""
+    unwritable place used to fail with a traceback only after all episodes had run). Refused:
+    a file of the training run in ``run_dir`` (``--out run/checkpoint.pt`` overwrote the
+    checkpoint) and the paths in ``taken`` (another output of the same script)."""
     out = Path(path) if path else Path(default)
     if out.is_dir():
         raise UserError(f"cannot write {out}: it is a directory; give a file path")
     target = out.resolve()  # a symlink's target (dangling or not) is what gets written
+    if run_dir is not None:
+        run = Path(run_dir).resolve()
+        owned = {run / name for name in RUN_FILES}
+        if target in owned or any(run / f in target.parents for f in RUN_FOLDERS):
+            raise UserError(
+                f"cannot write {out}: it is the training run's own {target.relative_to(run)}; "
+                "give another path"
+            )
+    if any(target == Path(t).resolve() for t in taken):
+        raise UserError(f"cannot write {out}: another output of this command goes there")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():

@@ -232,9 +232,11 @@ def evaluate_checkpoint(args) -> int:
             f"here: add --agent planner to plan with its world model, or leave {them} out"
         )
     suffix = "_planner" if args.agent == "planner" and trained_by != "planner" else ""
-    out = output_path(args.out, run_dir / f"eval{suffix}.json")
+    out = output_path(args.out, run_dir / f"eval{suffix}.json", run_dir)
     record = args.video != ""
-    video = output_path(args.video, run_dir / f"eval{suffix}.gif") if record else None
+    video = (
+        output_path(args.video, run_dir / f"eval{suffix}.gif", run_dir, (out,)) if record else None
+    )
     render = args.render or conf["env"].get("render", "faithful")
     env = make_run_env(conf["env"], args.seed, num_envs=1, render=render)
     action_dim = int(env.action_spec.shape[-1])

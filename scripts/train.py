@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from aefrl.allocator import tune_malloc
 from aefrl.arguments import VERSION
 from aefrl.checkpoint import CHECKPOINT_NAME, CheckpointError, check_contents, load_checkpoint
-from aefrl.cli import UserError, make_run_env, resolve_device
+from aefrl.cli import RUN_CONFIG, RUN_LOCK, UserError, make_run_env, resolve_device
 from aefrl.logging import RunLogger
 from aefrl.loop import LoopConfig, Trainer
 from aefrl.nn import conv_stages
@@ -59,8 +59,6 @@ from agents.factory import build_agent, name_keys
 imports_done()  # KeyboardInterrupt again
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-RUN_CONFIG = "run_config.yaml"
-RUN_LOCK = ".lock"  # flock'ed while a process trains in the run directory
 _HELD_LOCKS: dict = {}  # run_dir -> its open lock file; closing it (or exiting) releases it
 _COUNTERS: dict = {}  # run_dir -> its Trainer's counters, once built (did its loop run?)
 # LoopConfig fields that come from other config groups than loop (for error messages).

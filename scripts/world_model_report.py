@@ -239,8 +239,11 @@ def write_report(args, argv) -> int:
             f"--proposal-scale applies to aef models only (their importance proposal), but this "
             f"run's obs_model is {kind}: leave it out"
         )
-    out = output_path(args.out, folder / "world_model_report.json")
-    video = None if args.video == "" else output_path(args.video, out.with_suffix(".gif"))
+    out = output_path(args.out, folder / "world_model_report.json", folder)
+    if args.video == "":
+        video = None
+    else:  # --out x.gif put the GIF at the JSON's path: refused, not overwritten by the JSON
+        video = output_path(args.video, out.with_suffix(".gif"), folder, (out,))
     render = args.render or conf["env"].get("render", "faithful")
     env = make_run_env(conf["env"], args.seed, num_envs=1, render=render)
     action_dim = int(env.action_spec.shape[-1])

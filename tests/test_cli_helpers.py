@@ -1,6 +1,7 @@
 """aefrl/cli.py: what the scripts share for one-sentence errors, and the scripts using it."""
 
 import argparse
+import re
 
 import pytest
 import torch
@@ -68,6 +69,34 @@ def test_output_folders_are_made_before_the_work(tmp_path):
     assert not (tmp_path / "results" / "r1.json").exists()
     out.write_text("{}")
     assert (tmp_path / "results" / "r1.json").read_text() == "{}"
+
+
+def test_outputs_never_overwrite_the_training_runs_files(tmp_path):
+    """eval.py --out run/checkpoint.pt wrote its JSON over the checkpoint (the run could not be
+    resumed); world_model_report.py --out x.gif wrote its GIF and then the JSON to one path."""
+    run = tmp_path / "run"
+    (run / "tb").mkdir(parents=True)
+    for name in ("checkpoint.pt", "run_config.yaml", "provenance.jsonl", ".lock", "tb/events"):
+        with pytest.raises(UserError, match=re.escape(f"it is the training run's own {name}")):
+            output_path(str(run / name), run / "d.json", run)
+    (tmp_path / "link.pt").symlink_to(run / "checkpoint.pt")
+    with pytest.raises(UserError, match=re.escape("the training run's own checkpoint.pt")):
+        output_path(str(tmp_path / "link.pt"), run / "d.json", run)  # through a link
+    assert output_path(str(run / "eval.json"), run / "d.json", run) == run / "eval.json"
+    with pytest.raises(UserError, match="another output of this command goes there"):
+        output_path(str(run / "x.gif"), run / "d.gif", run, (run / "x.gif",))
+
+
+@pytest.mark.parametrize("name", ["eval", "world_model_report"])
+def test_an_output_over_the_checkpoint_is_refused_before_any_work(name, tmp_path, capsys):
+    from tests.tiny_run import write_tiny_dreamer_run
+
+    write_tiny_dreamer_run(tmp_path)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    script = load_script(name)
+    assert script.main([str(tmp_path), "--out", str(tmp_path / "checkpoint.pt")]) == 2
+    assert "the training run's own checkpoint.pt" in capsys.readouterr().err
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
 
 
 @pytest.mark.parametrize("name", ["eval", "world_model_report"])
