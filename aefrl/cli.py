@@ -25,9 +25,12 @@ def resolve_device(name: str, option: str = "device=") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        if not isinstance(name, str):  # device=null, device=0: torch takes 0 as cuda:0
+            raise RuntimeError
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"{option}{name} is not a device: use auto, cpu, cuda or cuda:N") from None
+        shown = "null" if name is None else name  # as the configuration spells it
+        raise UserError(f"{option}{shown} is not a device: use auto, cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"{option}{name} is not supported: use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():

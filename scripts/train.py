@@ -25,6 +25,7 @@ exit_if_user_backend_broken()  # before torchrl imports mujoco, which reads MUJO
 
 import copy
 import fcntl
+import json
 import math
 import random
 import shutil
@@ -151,9 +152,17 @@ def sweep_job_run_dir(run_dir: str, job: tuple[bool, int, list[str]] | None) -> 
     return f"{run_dir}-j{job[1]}"
 
 
+def path_setting(key: str, value) -> str:
+    """A directory path from the configuration: a number is a folder's name (``run_dir=5``);
+    null, a boolean or '' (which would have put the run in the working directory) is refused."""
+    if value is None or isinstance(value, bool) or value == "":
+        raise UserError(f"{key} takes a directory path, got {json.dumps(value)}")
+    return str(value)
+
+
 def new_run_dir(cfg: DictConfig) -> Path:
     """The directory of a new run: ``cfg.run_dir``, numbered per job in a sweep."""
-    return Path(sweep_job_run_dir(cfg.run_dir, hydra_job()))
+    return Path(sweep_job_run_dir(path_setting("run_dir", cfg.run_dir), hydra_job()))
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -161,7 +170,7 @@ def run_dir_of(cfg: DictConfig) -> Path:
     or the checkpoint file in it)."""
     if cfg.resume is None:
         return new_run_dir(cfg)
-    path = Path(cfg.resume)
+    path = Path(path_setting("resume", cfg.resume))
     return path.parent if path.is_file() and path.name == CHECKPOINT_NAME else path
 
 

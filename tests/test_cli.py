@@ -278,6 +278,28 @@ def _train_script():
     return load_script("train")
 
 
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"run_dir": None, "resume": None}, "run_dir takes a directory path, got null"),
+        ({"run_dir": "", "resume": None}, 'run_dir takes a directory path, got ""'),
+        ({"run_dir": "x", "resume": True}, "resume takes a directory path, got true"),
+        ({"run_dir": "x", "resume": ""}, 'resume takes a directory path, got ""'),
+    ],
+)
+def test_run_paths_of_the_wrong_kind_are_one_sentence(settings, message):
+    """run_dir=null and resume=5 were TypeError tracebacks; run_dir='' trained in the working
+    directory (the repository, run from its root)."""
+    from omegaconf import OmegaConf
+
+    script = _train_script()
+    with pytest.raises(script.UserError, match=re.escape(message)):
+        script.run_dir_of(OmegaConf.create(settings))
+    # A number is a folder's name.
+    assert script.run_dir_of(OmegaConf.create({"run_dir": 5, "resume": None})) == Path("5")
+    assert script.run_dir_of(OmegaConf.create({"run_dir": "x", "resume": 7})) == Path("7")
+
+
 def test_a_run_dir_with_an_earlier_runs_logs_but_no_checkpoint_is_refused(tmp_path):
     """A run killed before its first checkpoint leaves run_config.yaml and tb/: a new run there
     would interleave its logs with the old ones."""

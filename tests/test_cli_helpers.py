@@ -16,6 +16,9 @@ def test_devices():
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(UserError, match="--device meta is not supported"):
         resolve_device("meta", "--device ")
+    for name, shown in ((None, "null"), (0, "0"), (True, "True")):  # null: a TypeError before
+        with pytest.raises(UserError, match=f"device={shown} is not a device"):
+            resolve_device(name)
     with pytest.raises(UserError, match="device=gpu0 is not a device"):
         resolve_device("gpu0")
     if not torch.cuda.is_available():
