@@ -257,6 +257,12 @@ def write_report(args, argv) -> int:
     random_seed = args.seed if args.policy == "random" else None
     episodes = collect_episodes(agent, env, args.episodes + int(tune), action_dim, random_seed)
     env.close()
+    if episodes.shape[1] <= CONTEXT:  # open-loop prediction needs a frame after the context
+        raise UserError(
+            f"the run's episodes hold {episodes.shape[1]} frames (env.time_limit="
+            f"{conf['env'].get('time_limit')}): a report needs more than {CONTEXT}, its "
+            "context frames, to predict any"
+        )
     proposal = {}
     if agent.world_model.obs_model.kind == "aef":
         if tune:

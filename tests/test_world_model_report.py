@@ -173,3 +173,13 @@ def test_random_policy_episodes_are_the_same_frames_for_every_model(tmp_path):
     assert random.abs().max() <= 1 and random.std() > 0.3
     assert not torch.equal(random, actions["aef", "agent"])
     assert script.make_parser().parse_args(["RUN"]).policy == "agent"  # the default
+
+
+def test_episodes_too_short_to_predict_are_one_sentence(tmp_path, capsys):
+    """Short episodes train (walker at env.time_limit=0.1: 2 steps), and the report crashed on
+    them with a 32-line traceback: its 5 context frames leave nothing to predict."""
+    write_tiny_dreamer_run(tmp_path, time_limit=0.04)  # cartpole: 2 steps, 3 frames
+    script = load_script("world_model_report")
+    assert script.main([str(tmp_path), "--episodes", "1", "--render", "fast"]) == 2
+    err = capsys.readouterr().err
+    assert "episodes hold 3 frames (env.time_limit=0.04)" in err and "Traceback" not in err
