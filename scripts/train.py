@@ -481,7 +481,17 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
     env = make_run_env(conf["env"], stream_seed(seed, "env"))
     action_dim = int(env.action_spec.shape[-1])
     size = int(conf["env"]["image_size"])
-    agent = build_agent(conf["agent"], conf["obs_model"], (3, size, size), action_dim).to(device)
+    try:
+        agent = build_agent(conf["agent"], conf["obs_model"], (3, size, size), action_dim)
+        agent = agent.to(device)
+    except (torch.OutOfMemoryError, RuntimeError) as exc:  # the CPU allocator's is a RuntimeError
+        if not isinstance(exc, torch.OutOfMemoryError) and "allocate" not in str(exc):
+            raise
+        env.close()
+        raise UserError(
+            f"the agent's networks do not fit in {device} memory at these sizes (agent.world_model"
+            ", agent.actor, agent.critic, obs_model.latent_dim): lower them"
+        ) from None
 
     rep = conf["replay"]
     try:

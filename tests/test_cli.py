@@ -235,6 +235,8 @@ def test_ctrl_c_while_importing_is_one_sentence_and_exit_130(tmp_path, script):
         (["~seed"], "~seed deletes a setting, which the run needs"),
         # ran to the end with 0 updates and exit code 0
         (["loop.prefill_steps=1000"], "the run would end before its first update"),
+        # a 46-line traceback from the allocator (1.3 TB of conv weights)
+        (["agent.world_model.depth=100000"], "the agent's networks do not fit in"),
         # was a ~930-character list of every task
         (
             ["env.task=walker-fly"],
