@@ -214,7 +214,7 @@ def test_ctrl_c_while_importing_is_one_sentence_and_exit_130(tmp_path, script):
         # these named a partial key (lr.model, gamma, render, ...) or none
         (["agent.lr.model=-1"], "agent.lr.model must be > 0, got -1"),
         (["agent.actor_loss.gamma=2"], "agent.actor_loss.gamma must lie in (0, 1], got 2"),
-        (["agent.wm_loss.free_nats=-1"], "agent.wm_loss.free_nats must be >= 0, got -1"),
+        (["obs_model=vae", "agent.wm_loss.free_nats=-1"], "agent.wm_loss.free_nats must be >= 0"),
         (["env.render=pretty"], "env.render must be one of faithful, fast, got 'pretty'."),
         (["agent.autocast=fp16"], "agent.autocast must be one of none, bf16, got 'fp16'"),
         (
@@ -300,6 +300,30 @@ def test_run_paths_of_the_wrong_kind_are_one_sentence(settings, message):
     # A number is a folder's name.
     assert script.run_dir_of(OmegaConf.create({"run_dir": 5, "resume": None})) == Path("5")
     assert script.run_dir_of(OmegaConf.create({"run_dir": "x", "resume": 7})) == Path("7")
+
+
+@pytest.mark.parametrize(
+    ("agent", "kind", "overrides", "message"),
+    [
+        ("planner", "aef", ["agent=planner", "agent.actor_loss.gamma=5"], "agent=planner does"),
+        ("planner", "aef", ["agent={critic: {hidden: 3}}"], "agent.critic.hidden is a setting"),
+        ("dreamer", "aef", ["agent.wm_loss.free_nats=50"], "applies to obs_model=vae only"),
+        ("dreamer", "aef_partition", ["agent.wm_loss={kl_rep_scale: 1}"], "is aef_partition"),
+        ("planner", "aef", ["agent.name=planner"], "choose the agent with agent=dreamer or"),
+        # read by these runs: accepted
+        ("dreamer", "vae", ["agent.wm_loss.free_nats=2", "agent.actor_loss.gamma=0.99"], None),
+        ("planner", "vae", ["agent=planner", "agent.wm_loss.kl_dyn_scale=0.4", "seed=1"], None),
+    ],
+)
+def test_settings_the_run_never_reads_are_refused(agent, kind, overrides, message):
+    """They were accepted, recorded in run_config.yaml, and did nothing."""
+    script = _train_script()
+    conf = {"agent": {"name": agent}, "obs_model": {"kind": kind}}
+    if message is None:
+        script.check_read_settings(conf, overrides)
+        return
+    with pytest.raises(script.UserError, match=re.escape(message)):
+        script.check_read_settings(conf, overrides)
 
 
 def test_a_run_dir_with_an_earlier_runs_logs_but_no_checkpoint_is_refused(tmp_path):

@@ -36,6 +36,10 @@ def _kl(mu_a, sigma_a, mu_b, sigma_b) -> torch.Tensor:
     )
 
 
+#: WorldModelLoss settings that only the VAE's KL term reads.
+VAE_ONLY = ("free_nats", "kl_dyn_scale", "kl_rep_scale")
+
+
 class WorldModelLoss(LossModule):
     """Loss of a :class:`~aefrl.world_model.WorldModel` on a ``[B, T]`` replay batch.
 
