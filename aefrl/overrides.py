@@ -181,6 +181,11 @@ def _check(config_dir: Path, config_name: str, args: list[str], parsed: list) ->
                     f"{key} is not a setting of {group}={chosen}: only "
                     f"{' and '.join(f'{group}={o}' for o in owners)} {takes} it"
                 )
+            if "/" in key and (config_dir / key).is_dir():  # agent/planner_exp: a nested group
+                raise OverrideError(
+                    f"{key} is chosen by the presets (configs/exp/), not on the command line: "
+                    "choose exp=... instead"
+                )
             tree = OmegaConf.to_container(defaults, resolve=False)  # interpolations unresolved
             settings = [k for k in leaves(tree) if not k.startswith("hydra.")]
             # Groups too: obs_modle=vae means the group obs_model, not its key obs_model.kind.

@@ -174,7 +174,14 @@ def build_planner_agent(state: dict, args, action_dim: int) -> PlannerAgent:
             world_model.obs_shape, action_dim, world_model=world_model, planner=options
         )
     except ValueError as exc:  # "top_k (99) must not exceed ...": name the options instead
-        raise UserError(planner_flags(str(exc))) from None
+        message = planner_flags(str(exc))
+        # The run's (or the default) value of an option not on the command line: say so, or
+        # "--top-k (100) must not exceed --candidates (5)" reads as if --top-k had been given.
+        unset = [option_flag(o) for o in PLANNER_OPTIONS if getattr(args, o) is None]
+        unset = [flag for flag in unset if re.search(rf"(?<![\w-]){flag}\b", message)]
+        if unset:
+            message += f" ({', '.join(unset)}: the run's or the default value; set it too)"
+        raise UserError(message) from None
 
 
 def option_flag(option: str) -> str:

@@ -54,6 +54,7 @@ def test_valid_overrides_pass(args):
             "obs_modle is not a setting: no such key in configs/; did you mean obs_model?",
         ),
         (("nonsense=1",), "nonsense is not a setting"),
+        (("agent/planner_exp=cpu",), "agent/planner_exp is chosen by the presets (configs/exp/)"),
         (("loop.total_frames=abc",), "total_frames takes a number (default 1000000), got 'abc'"),
         (("agent.actor.hidden=wide",), "agent.actor.hidden takes a number"),
         (("seed=null",), "seed takes a number"),

@@ -365,6 +365,13 @@ def test_eval_names_bad_planner_settings_by_their_options(tmp_path, capsys):
     assert load_script("eval").main(args) == 2
     err = capsys.readouterr().err
     assert err == "error: --top-k (99) must not exceed --candidates (9)\n"
+    # --top-k not given: the message says whose 100 it is (it read as if --top-k were given)
+    assert load_script("eval").main([*args[:3], "--candidates", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "error: --top-k (100) must not exceed --candidates (5) "
+        "(--top-k: the run's or the default value; set it too)\n"
+    )
 
 
 def test_eval_planner_options_apply_to_a_planner_runs_own_agent(tmp_path):
