@@ -35,6 +35,17 @@ def seed_arg(text: str) -> int:
     return seed
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count or a size: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def gif_path(text: str) -> str:
     """argparse type of a ``--video`` path: a ``.gif`` file (the scripts write GIFs, whatever
     the name says), or ``''`` for none."""

@@ -29,6 +29,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from aefrl.arguments import Parser, positive_int  # noqa: E402
 from aefrl.provenance import command_line, read_run_records  # noqa: E402
 
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
@@ -217,19 +218,28 @@ def table(series: dict[str, list[dict]], fmt: str, runs: dict[str, int]) -> list
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("roots", nargs="+", help="folders holding runs, each FOLDER or LABEL=FOLDER")
-    p.add_argument("--out", type=Path, default=Path("docs/results/learning"))
+    p.add_argument(
+        "--out", type=Path, default=Path("docs/results/learning"), help="folder of the results"
+    )
     p.add_argument("--name", default=None, help="file stem (default: the first folder's name)")
-    p.add_argument("--window", type=int, default=10000, help="frames per train-return bin")
+    p.add_argument("--window", type=positive_int, default=10000, help="frames per train-return bin")
     args = p.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        p.error(f"--out takes a folder, and {args.out} is a file")
     roots = [parse_root(r) for r in args.roots]
     groups = collect(roots)
+    folders = ", ".join(str(folder) for _, folder in roots)
     if not groups:
-        folders = ", ".join(str(folder) for _, folder in roots)
         print(f"error: no runs (folders with tb/) under {folders}", file=sys.stderr)
         return 2
-    name = args.name or roots[0][1].name
+    if not any(run for runs in groups.values() for run in runs.values()):
+        print(
+            f"error: the runs under {folders} logged none of the scalars reported", file=sys.stderr
+        )
+        return 2
+    name = args.name or roots[0][1].resolve().name or "learning"  # "." names the folder
     args.out.mkdir(parents=True, exist_ok=True)
     curves = [tag for tag in (*TAGS, CRITIC_RATIO) if tag != "perf/fps"]  # speed: runs table
     result = {g: {tag: summarise(runs, tag) for tag in curves} for g, runs in groups.items()}

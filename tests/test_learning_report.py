@@ -4,6 +4,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 from torch.utils.tensorboard import SummaryWriter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,3 +94,24 @@ def test_labelled_folders_keep_variants_of_one_agent_apart(tmp_path):
 def test_no_runs_is_an_error(tmp_path, capsys):
     assert _load().main([str(tmp_path)]) == 2
     assert "no runs" in capsys.readouterr().err
+
+
+def test_bad_options_and_runs_without_scalars_are_one_sentence(tmp_path, capsys):
+    """--window 0 was a ZeroDivisionError, --window -100 made wrong bins and exit 0, an --out
+    that is a file a FileExistsError, and a tb/ holding no readable events an empty report."""
+    script = _load()
+    for window in ("0", "-100", "ten"):
+        with pytest.raises(SystemExit) as info:
+            script.main([str(tmp_path), "--window", window])
+        assert info.value.code == 2
+        assert capsys.readouterr().err == (
+            f"error: argument --window: expected a whole number >= 1, got '{window}'\n"
+        )
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit):
+        script.main([str(tmp_path), "--out", str(tmp_path / "file")])
+    assert "--out takes a folder" in capsys.readouterr().err
+    (tmp_path / "runs" / "a" / "tb").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "tb" / "events.out.tfevents.1.x").write_bytes(b"garbage" * 50)
+    assert script.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 2
+    assert "logged none of the scalars reported" in capsys.readouterr().err
