@@ -58,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # agents/ when run from elsewhere
 
 from aefrl.allocator import malloc_tuned, tune_malloc  # noqa: E402
+from aefrl.arguments import Parser, positive_int  # noqa: E402
 from aefrl.bench.subjects import (  # noqa: E402
     GRAPH,
     OursSubject,
@@ -75,6 +76,8 @@ from aefrl.bench.timing import (  # noqa: E402
     time_interleaved,
 )
 from aefrl.bench.torchrl_peer import TorchrlDreamer  # noqa: E402
+from aefrl.cli import UserError, resolve_device  # noqa: E402
+from aefrl.envs.dmc import task_action_dim  # noqa: E402
 from aefrl.provenance import command_line, machine_info, write_result  # noqa: E402
 from agents.factory import build_agent  # noqa: E402
 
@@ -115,10 +118,10 @@ ARCHITECTURE_NOTES = [
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--quick", action="store_true", help="fewer reps and points (< 5 min on CPU)")
-    p.add_argument("--reps", type=int, help="timed repetitions per measurement (median)")
+    p.add_argument("--reps", type=positive_int, help="timed repetitions per measurement (median)")
     p.add_argument("--partition", action="store_true", help="also time ours with aef_partition")
     p.add_argument(
         "--compile",
@@ -139,8 +142,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="CUDA only: also time ours with every update replayed as one captured CUDA graph "
         "(subjects aef+graph, vae+graph; aefrl/cuda_graph.py), and use it end to end",
     )
-    p.add_argument("--num-envs", type=int, default=1, help="environments of the end-to-end run")
-    p.add_argument("--e2e-steps", type=int, help="timed agent steps end to end (default: plan's)")
+    p.add_argument(
+        "--num-envs", type=positive_int, default=1, help="environments of the end-to-end run"
+    )
+    p.add_argument(
+        "--e2e-steps", type=positive_int, help="timed agent steps end to end (default: plan's)"
+    )
     p.add_argument(
         "--replay-storage",
         choices=["memory", "device"],
@@ -163,7 +170,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="quick runs too: conv layers alone (NCHW, channels-last), torchrl's conv bound",
     )
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, all cores)")
+    p.add_argument(
+        "--threads", type=positive_int, help="torch CPU threads (default: torch's, all cores)"
+    )
     p.add_argument(
         "--allocator",
         choices=["tuned", "glibc"],
@@ -173,15 +182,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--toy", action="store_true", help="tiny networks and batches (the smoke test)")
     args = p.parse_args(argv)
-    args.device = torch.device(args.device)
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda was asked for but CUDA is not available")
+    try:
+        args.device = resolve_device(args.device, "--device ")
+    except UserError as exc:
+        p.error(str(exc))
+    try:  # the end-to-end run's task, before minutes of other measurements
+        task_action_dim(args.task)  # loads its physics only
+    except ValueError as exc:
+        p.error(f"--{exc}")
+    if args.out is not None and args.out.is_dir():
+        p.error(f"--out takes a JSON file path, and {args.out} is a directory")
     if args.cudagraphs and not args.compile:
         p.error("--cudagraphs needs --compile")
     if args.graph and args.device.type != "cuda":
         p.error("--graph needs --device cuda (CUDA graphs)")
-    if args.num_envs < 1:
-        p.error(f"--num-envs must be >= 1, got {args.num_envs}")
     if args.only_e2e and args.skip_e2e:
         p.error("--only-e2e and --skip-e2e exclude each other")
     kind = "e2e_" if args.only_e2e else "bench_"

@@ -103,6 +103,29 @@ def test_only_e2e_is_refused_with_skip_e2e(bench, capsys):
     assert "exclude each other" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--device", "foo"], "error: --device foo is not a device"),  # a RuntimeError
+        (["--device", "meta"], "error: --device meta is not supported"),
+        (["--reps", "0"], "error: argument --reps: expected a whole number >= 1, got '0'"),
+        (["--e2e-steps", "-3"], "error: argument --e2e-steps: expected a whole number >= 1"),
+        (["--threads", "-1"], "error: argument --threads: expected a whole number >= 1"),
+        (["--task", "nonsense"], "error: --task 'nonsense' is not a DMC task"),
+    ],
+)
+def test_bad_options_are_one_line_before_any_work(bench, args, message, tmp_path, capsys):
+    """--reps 0 silently used the plan's reps, --reps -1 failed after all the work, --device
+    foo and --task nonsense were tracebacks, and argparse's usage block buried the sentence."""
+    with pytest.raises(SystemExit) as info:
+        bench.parse_args(args)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith(message) and len(err.splitlines()) == 1
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--out", str(tmp_path)])
+    assert "--out takes a JSON file path" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
 def test_gpu_matrix_refuses_to_run_without_cuda(tmp_path):
     import subprocess
