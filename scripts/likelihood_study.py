@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from aefrl.arguments import Parser, positive_int
 from aefrl.logging import RunLogger, image_grid
 from aefrl.metrics import mse, psnr, sharpness_ratio, ssim
 from aefrl.obs_models import make_obs_model
@@ -46,29 +47,61 @@ ESTIMATORS = {
 }
 
 
+#: What --quick sets, where the command line does not set it itself.
+QUICK = {"episodes": 3, "heldout": 2, "episode_steps": 60, "num_samples": 16, "eval_frames": 40}
+
+
+def positive_float(text: str) -> float:
+    """argparse type of a learning rate: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tasks", nargs="+", default=["walker-walk", "cartpole-swingup", "cheetah-run"])
-    p.add_argument("--episodes", type=int, default=6, help="episodes per task (train + held-out)")
+    p.add_argument(
+        "--episodes", type=positive_int, default=6, help="episodes per task (train + held-out)"
+    )
     p.add_argument(
         "--heldout",
-        type=int,
+        type=positive_int,
         default=2,
         help="held-out episodes per task (>= 2: "
         "the first tunes the AEF proposal, the rest are evaluated)",
     )
-    p.add_argument("--episode-steps", type=int, default=500, help="agent steps per episode")
-    p.add_argument("--kinds", nargs="+", default=["vae", "aef", "aef_partition"])
-    p.add_argument("--latents", nargs="+", type=int, default=[2, 8, 32])
-    p.add_argument("--steps", type=int, default=3000, help="training steps per model")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--depth", type=int, default=32, help="conv trunk depth (same for all models)")
-    p.add_argument("--num-samples", type=int, default=128, help="K for importance sampling")
-    p.add_argument("--eval-frames", type=int, default=300, help="held-out frames evaluated")
+    p.add_argument(
+        "--episode-steps", type=positive_int, default=500, help="agent steps per episode"
+    )
+    p.add_argument(
+        "--kinds", nargs="+", default=["vae", "aef", "aef_partition"], choices=ESTIMATORS
+    )
+    p.add_argument("--latents", nargs="+", type=positive_int, default=[2, 8, 32])
+    p.add_argument("--steps", type=positive_int, default=3000, help="training steps per model")
+    p.add_argument("--batch", type=positive_int, default=32)
+    p.add_argument("--lr", type=positive_float, default=5e-4)
+    p.add_argument(
+        "--depth", type=positive_int, default=32, help="conv trunk depth (same for all models)"
+    )
+    p.add_argument(
+        "--num-samples", type=positive_int, default=128, help="K for importance sampling"
+    )
+    p.add_argument(
+        "--eval-frames", type=positive_int, default=300, help="held-out frames evaluated"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--render", default="faithful", choices=["faithful", "fast"])
-    p.add_argument("--quick", action="store_true", help="tiny data and K for a smoke run")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny data and K for a smoke run (options given on the command line keep their "
+        "values)",
+    )
     p.add_argument("--out", default="docs/results/likelihood_study")
     p.add_argument("--logdir", default="runs/likelihood_study")
     p.add_argument("--data-dir", default="data")
@@ -88,11 +121,27 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="re-evaluate the models saved by an earlier run (<logdir>/<model>/model.pt)",
     )
     args = p.parse_args(argv)
-    if args.quick:
-        args.episodes, args.heldout, args.episode_steps = 3, 2, 60
-        args.num_samples, args.eval_frames = 16, 40
+    if args.quick:  # it overrode options given with it, which then looked like stored results
+        flags = [a for a in (argv or sys.argv[1:]) if a.startswith("--")]
+        given = {a.split("=", 1)[0][2:].replace("-", "_") for a in flags}
+        for name, value in QUICK.items():
+            if name not in given:
+                setattr(args, name, value)
     if args.heldout < 2 or args.episodes <= args.heldout:
         p.error("need --heldout >= 2 and --episodes > --heldout")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out takes a folder, and {args.out} is a file")
+    grid = [f"{kind}_d{d}" for d in args.latents for kind in args.kinds]
+    unknown = sorted(set(args.models or []) - set(grid))
+    if unknown:
+        p.error(f"unknown --models {', '.join(unknown)}: the grid has {', '.join(grid)}")
+    from aefrl.envs.dmc import task_action_dim  # dm_control's import: after --help
+
+    for task in args.tasks:
+        try:
+            task_action_dim(task)  # loads its physics only
+        except ValueError as exc:
+            p.error(f"--tasks: {exc}")
     return args
 
 
@@ -321,10 +370,6 @@ def main(argv=None) -> int:
     # which models this invocation (re)computes.
     per_run = ("out", "evaluate_only", "models", "retrain")
     settings = {k: v for k, v in vars(args).items() if k not in per_run}
-    grid = [f"{kind}_d{d}" for d in args.latents for kind in args.kinds]
-    unknown = sorted(set(args.models or []) - set(grid))
-    if unknown:
-        raise SystemExit(f"unknown model names {unknown}; the grid has {grid}")
     stored = {k: v for k, v in results.get("args", {}).items() if k not in per_run}
     if args.evaluate_only:
         if results.get("models") and stored != settings:  # its rows would mix two settings

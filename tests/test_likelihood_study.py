@@ -151,3 +151,30 @@ def test_every_model_scores_the_same_dequantisation_noise(tmp_path):
         seen[kind] = pre.last
     torch.testing.assert_close(seen["aef"], seen["vae"], rtol=0, atol=0)
     torch.testing.assert_close(seen["aef_partition"], seen["vae"], rtol=0, atol=0)
+
+
+def test_bad_options_are_one_line_and_quick_keeps_the_options_given(capsys):
+    """Each was a traceback (some after the frames were collected) or, for --steps -5, a
+    result of nothing trained; --quick overrode --num-samples and the like given with it."""
+    spec = importlib.util.spec_from_file_location("study", ROOT / "scripts/likelihood_study.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for args, message in (
+        (["--tasks", "nonsense"], "--tasks: task 'nonsense' is not a DMC task"),
+        (["--kinds", "flow"], "argument --kinds: invalid choice: 'flow'"),
+        (["--latents", "0"], "argument --latents: expected a whole number >= 1, got '0'"),
+        (["--lr", "nan"], "argument --lr: expected a finite number > 0, got 'nan'"),
+        (["--steps", "-5"], "argument --steps: expected a whole number >= 1, got '-5'"),
+        (["--models", "flow_d2"], "unknown --models flow_d2: the grid has vae_d2,"),
+        (["--out", str(ROOT / "pyproject.toml")], "--out takes a folder"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            script.parse_args(args)
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.startswith(f"error: {message}"), err
+    quick = script.parse_args(["--quick", "--num-samples", "5", "--episodes=4"])
+    assert (quick.num_samples, quick.episodes, quick.eval_frames) == (
+        5,
+        4,
+        script.QUICK["eval_frames"],
+    )
