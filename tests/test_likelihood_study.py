@@ -55,7 +55,7 @@ def test_study_writes_table_grids_models_and_reruns_selectively(tmp_path):
     assert "log p aef_d2" in retrain.stderr and "vae_d2" not in retrain.stderr
 
     bad = study(tmp_path, "--models", "flow_d2")
-    assert bad.returncode != 0 and "unknown model names" in bad.stderr
+    assert bad.returncode != 0 and "unknown --models flow_d2: the grid has" in bad.stderr
     # Re-evaluating with other settings would mix two settings' rows under the new ones' args.
     mixed = study(tmp_path, "--evaluate-only", "--lr", "0.1")
     assert mixed.returncode != 0 and "settings other than the stored results' (lr)" in mixed.stderr
