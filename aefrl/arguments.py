@@ -4,6 +4,7 @@ mistyped option answer at once, before torch, torchrl and dm_control load (~4 s)
 from __future__ import annotations
 
 import argparse
+import math
 
 from aefrl import __version__
 
@@ -43,6 +44,17 @@ def positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type of a rate or a scale: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return value
 
 

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from aefrl.arguments import Parser, positive_int
+from aefrl.arguments import Parser, positive_float, positive_int
 from aefrl.logging import RunLogger, image_grid
 from aefrl.metrics import mse, psnr, sharpness_ratio, ssim
 from aefrl.obs_models import make_obs_model
@@ -49,17 +49,6 @@ ESTIMATORS = {
 
 #: What --quick sets, where the command line does not set it itself.
 QUICK = {"episodes": 3, "heldout": 2, "episode_steps": 60, "num_samples": 16, "eval_frames": 40}
-
-
-def positive_float(text: str) -> float:
-    """argparse type of a learning rate: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:

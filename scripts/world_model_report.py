@@ -24,14 +24,13 @@ from aefrl.interrupts import imports_done, quiet_ctrl_c_while_starting
 
 quiet_ctrl_c_while_starting(__name__)  # until the imports below are done
 
-from aefrl.arguments import Parser, add_episode_options, gif_path
+from aefrl.arguments import Parser, add_episode_options, gif_path, positive_float
 from aefrl.gl_backend import exit_if_user_backend_broken
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 exit_if_user_backend_broken()  # before torchrl imports mujoco, which reads MUJOCO_GL
 
 import argparse
-import math
 import sys
 
 
@@ -40,12 +39,11 @@ def parse_proposal_scale(text: str) -> str | float:
     if text == "tune":
         return text
     try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected 'tune' or a positive number, got {text!r}")
-    return value
+        return positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected 'tune' or a positive number, got {text!r}"
+        ) from None
 
 
 def make_parser() -> Parser:
