@@ -25,37 +25,30 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}\n")
 
 
+def _number(text: str, cast, valid, expected: str):
+    """``cast(text)`` if it parses and is ``valid``; else argparse's one-line error."""
+    try:
+        value = cast(text)
+    except ValueError:
+        value = None
+    if value is None or not valid(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
 def seed_arg(text: str) -> int:
     """argparse type of a seed: an integer in [0, 2**32 - 1] (numpy's and dm_control's range)."""
-    try:
-        seed = int(text)
-    except ValueError:
-        seed = -1
-    if not 0 <= seed < 2**32:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32 - 1], got {text!r}")
-    return seed
+    return _number(text, int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32 - 1]")
 
 
 def positive_int(text: str) -> int:
     """argparse type of a count or a size: a whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
+    return _number(text, int, lambda v: v >= 1, "a whole number >= 1")
 
 
 def positive_float(text: str) -> float:
     """argparse type of a rate or a scale: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
+    return _number(text, float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 
 
 def gif_path(text: str) -> str:
