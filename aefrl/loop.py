@@ -166,6 +166,7 @@ class Trainer:
         # Update metrics waiting for the next train/* log; checkpointed, so that the first point
         # after a resume averages the same updates as an uninterrupted run's.
         self._pending: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._phase_seconds: dict[str, float] = defaultdict(float)  # since the last log
         self._update = None  # the agent's train_step, or its CUDA graph (built on first use)
         self._saved_at: int | None = None  # the frame count of the last checkpoint written
         self._schedules()
@@ -315,14 +316,17 @@ class Trainer:
                     break
                 evaluated = self._eval.last
                 due = self._eval(frames) and self.make_eval_env is not None
-                if due and self.evaluate(stoppable=frames < c.total_frames) is None:
-                    self._eval.last = evaluated  # stopped midway: due after the resume
+                with self._timed("eval"):
+                    if due and self.evaluate(stoppable=frames < c.total_frames) is None:
+                        self._eval.last = evaluated  # stopped midway: due after the resume
                 if self._stop_requested and frames < c.total_frames:
                     break  # a signal during the evaluation: the report waits as well
                 if self._report(frames):
-                    self.report()
+                    with self._timed("report"):
+                        self.report()
                 if self._ckpt(frames):
-                    self.save()
+                    with self._timed("checkpoint"):
+                        self.save()
                 if on_iteration is not None:
                     on_iteration(self)
             complete = self.counters["frames"] >= c.total_frames
@@ -378,8 +382,9 @@ class Trainer:
     def _iteration(self, updates_per_step: float) -> None:
         c = self.config
         mode = "random" if self.counters["agent_steps"] < c.prefill_steps else "explore"
-        rows, stats, stepped = self.collector.step(mode)
-        self.replay.extend(rows.exclude(keys.DONE))
+        with self._timed("collect"):
+            rows, stats, stepped = self.collector.step(mode)
+            self.replay.extend(rows.exclude(keys.DONE))
         self.counters["iterations"] += 1
         self.counters["agent_steps"] += stepped
         # The env's count: an action repeat cut short by an episode's end simulates fewer.
@@ -399,16 +404,27 @@ class Trainer:
         if mode == "random" or not self.replay.ready:
             return
         self.train_credit += stepped * updates_per_step
-        while self.train_credit >= 1.0:
-            batch = self.replay.sample()
-            if self._update is None:
-                self._update = self._make_update(batch)
-            out = self._update(batch)
-            if c.log_every:  # with logging off they would pile up, in memory and checkpoints
-                for key, value in out.items():
-                    self._pending[key].append(value)
-            self.counters["updates"] += 1
-            self.train_credit -= 1.0
+        with self._timed("update"):
+            while self.train_credit >= 1.0:
+                batch = self.replay.sample()
+                if self._update is None:
+                    self._update = self._make_update(batch)
+                out = self._update(batch)
+                if c.log_every:  # with logging off they would pile up, in memory and checkpoints
+                    for key, value in out.items():
+                        self._pending[key].append(value)
+                self.counters["updates"] += 1
+                self.train_credit -= 1.0
+
+    @contextlib.contextmanager
+    def _timed(self, phase: str):
+        """Charge the body's wall time to ``phase`` (``perf/time_<phase>``). On a GPU an update
+        runs asynchronously: its time falls to whichever phase next waits for the device."""
+        start = time.time()
+        try:
+            yield
+        finally:
+            self._phase_seconds[phase] += time.time() - start
 
     @property
     def graphed(self) -> bool:
@@ -442,19 +458,23 @@ class Trainer:
         ``perf/fps_interval`` since ``since_log`` (time, frames); returns the new ``since_log``."""
         now, frames = time.time(), self.counters["frames"]
         fps = (frames - f_start) / max(now - t_start, 1e-9)
-        interval = (frames - since_log[1]) / max(now - since_log[0], 1e-9)
-        self._write_metrics(fps, interval)
+        seconds = max(now - since_log[0], 1e-9)
+        self._write_metrics(fps, (frames - since_log[1]) / seconds, seconds)
         return now, frames
 
-    def _write_metrics(self, fps: float, fps_interval: float) -> None:
+    def _write_metrics(self, fps: float, fps_interval: float, seconds: float) -> None:
         """Logs the update metrics gathered since the last call (their means) and ``perf/*``:
         ``fps``, frames/s since the process started (prefill, evaluations and pauses included),
-        and ``fps_interval``, frames/s since the last log (the current speed)."""
+        ``fps_interval``, frames/s over the ``seconds`` since the last log (the current speed),
+        and ``time_<phase>``, the share of those seconds each phase took (collect, update, eval,
+        report, checkpoint; the rest is logging and the loop itself)."""
         step = self.counters["frames"]
         if self._pending:
             means = {k: torch.stack(vs).float().mean() for k, vs in self._pending.items()}
             self.logger.log_scalars(means, step, "train")
             self._pending.clear()
+        shares = {f"time_{p}": s / seconds for p, s in self._phase_seconds.items()}
+        self._phase_seconds.clear()
         self.logger.log_scalars(
             {
                 "fps": fps,
@@ -462,6 +482,7 @@ class Trainer:
                 "agent_steps": self.counters["agent_steps"],
                 "updates": self.counters["updates"],
                 "replay_rows": len(self.replay),
+                **shares,
             },
             step,
             "perf",
