@@ -48,12 +48,28 @@ def image_grid(rows: list[torch.Tensor], pad: int = 2) -> np.ndarray:
     return out
 
 
-def open_loop_video(real: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+#: The strip above an open-loop video's frames: the context (posterior reconstructions of
+#: frames the model saw) and the open-loop prediction (frames it did not), RGB.
+CONTEXT_COLOUR, PREDICTION_COLOUR = (40, 170, 60), (200, 40, 40)
+STRIP = 2  # pixels
+
+
+def open_loop_video(real: torch.Tensor, pred: torch.Tensor, context: int = 0) -> torch.Tensor:
     """Real | imagined | absolute error, side by side: ``real``, ``pred`` uint8
     ``[..., T, C, H, W]`` -> uint8 ``[..., T, C, H, 3W]``; several sequences (``[N, T, ...]``)
-    are stacked top to bottom, ``[T, C, N·H, 3W]``."""
+    are stacked top to bottom, ``[T, C, N·H, 3W]``. With ``context`` > 0, a strip of
+    :data:`STRIP` pixels above each sequence's frames says which frames are the context's
+    reconstructions (:data:`CONTEXT_COLOUR`, the first ``context``) and which the open-loop
+    prediction (:data:`PREDICTION_COLOUR`): each frame is then ``H + STRIP`` high."""
     error = (real.float() - pred.float()).abs().clamp(0, 255).to(torch.uint8)
     video = torch.cat([real, pred, error], -1)
+    if context > 0 and video.shape[-3] == 3:
+        steps = video.shape[-4]
+        colours = torch.tensor([CONTEXT_COLOUR, PREDICTION_COLOUR], dtype=torch.uint8)
+        which = (torch.arange(steps) >= context).long()  # [T]: 0 context, 1 prediction
+        strip = colours[which][:, :, None, None]  # [T, 3, 1, 1]
+        strip = strip.expand(*video.shape[:-2], STRIP, video.shape[-1])
+        video = torch.cat([strip, video], -2)
     return torch.cat(list(video), -2) if video.dim() == 5 else video
 
 

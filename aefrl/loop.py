@@ -552,11 +552,11 @@ class Trainer:
             return
         with self._own_stream("report", step):  # the bits/dim estimate's samples
             out = self.agent.report(batch.to(self.device), num_samples=c.report_samples)
-        real, pred = out["video_real"][0].cpu(), out["video_pred"][0].cpu()
+        real, pred, n = out["video_real"][0].cpu(), out["video_pred"][0].cpu(), out["context"]
         tag = f"{source}/open_loop_real_imagined_error"
-        self.logger.log_video(tag, open_loop_video(real, pred), step, fps=c.video_fps)
+        self.logger.log_video(tag, open_loop_video(real, pred, n), step, fps=c.video_fps)
         # Context frames: real (top) over their posterior reconstructions (bottom), side by side.
-        context = torch.cat([real[:5], pred[:5]], -2).permute(1, 2, 0, 3).flatten(2)
+        context = torch.cat([real[:n], pred[:n]], -2).permute(1, 2, 0, 3).flatten(2)
         self.logger.log_image(f"{source}/reconstruction", context, step)
         horizon = out["open_loop_mse"]
         scalars = {

@@ -136,9 +136,11 @@ class WorldModelAgent(nn.Module):
     def report(self, batch: TensorDictBase, num_samples: int = 8) -> dict:
         """World-model diagnostics on a ``[B, T]`` batch: open-loop prediction (video, MSE and
         SSIM per horizon) and the sequence bits/dim with the model's estimator."""
-        pred = open_loop_prediction(self.world_model, batch, context=min(5, batch.shape[1] - 1))
+        context = min(5, batch.shape[1] - 1)
+        pred = open_loop_prediction(self.world_model, batch, context=context)
         bpd = sequence_bits_per_dim(self.world_model, batch, num_samples)
         return {
+            "context": context,  # the first frames of video_pred: posterior reconstructions
             "video_real": pred["real"],
             "video_pred": pred["pred"],
             "open_loop_mse": pred["mse"],

@@ -278,7 +278,7 @@ def write_report(args, argv) -> int:
     numbers, pred = report_from_seed(agent, episodes, args.num_samples, args.seed + 1)
     if video is not None:
         n = args.video_sequences
-        frames = open_loop_video(pred["real"][:n], pred["pred"][:n])  # [T, C, n·H, 3W]
+        frames = open_loop_video(pred["real"][:n], pred["pred"][:n], CONTEXT)  # [T, C, n·H', 3W]
         fps = float(conf.get("logger", {}).get("video_fps", 15))
         video.write_bytes(encode_gif([to_hwc_uint8(f) for f in frames], fps=fps))
     result = {

@@ -119,6 +119,8 @@ def test_the_report_writes_real_imagined_error_gif_of_its_first_sequences(tmp_pa
     import numpy as np
     from PIL import Image, ImageSequence
 
+    from aefrl.logging import CONTEXT_COLOUR, PREDICTION_COLOUR, STRIP
+
     write_tiny_dreamer_run(tmp_path, time_limit=0.4)  # 20-step episodes: one sequence each
     script = load_script("world_model_report")
     args = [str(tmp_path), "--episodes", "3", "--num-samples", "2", "--render", "fast"]
@@ -129,10 +131,21 @@ def test_the_report_writes_real_imagined_error_gif_of_its_first_sequences(tmp_pa
         np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(Image.open(result["video"]))
     ]
     steps = len(result["open_loop_mse"]) + script.CONTEXT
-    assert len(frames) == steps and frames[0].shape == (2 * 16, 3 * 16, 3)  # 2 rows, 3 panels
-    real, imagined, error = (frames[-1][:16, 16 * i : 16 * (i + 1)].astype(int) for i in range(3))
+    h = 16 + STRIP  # each row: the strip that marks context and prediction, then the frame
+    assert len(frames) == steps and frames[0].shape == (2 * h, 3 * 16, 3)  # 2 rows, 3 panels
+    real, imagined, error = (
+        frames[-1][STRIP:h, 16 * i : 16 * (i + 1)].astype(int) for i in range(3)
+    )
     # the GIF's palette quantises colours: the error panel is |real - imagined| up to that
     assert np.abs(error - np.abs(real - imagined)).mean() < 8 and error.max() > 0
+    # the strip is green over the 5 context frames (reconstructions), red over the prediction
+    for t, colour in (
+        (0, CONTEXT_COLOUR),
+        (script.CONTEXT - 1, CONTEXT_COLOUR),
+        (script.CONTEXT, PREDICTION_COLOUR),
+        (steps - 1, PREDICTION_COLOUR),
+    ):
+        assert np.abs(frames[t][0, 0].astype(int) - colour).max() < 12, t
 
     elsewhere = tmp_path / "out" / "report.json"  # the GIF goes next to the JSON
     assert script.main([*args, "--out", str(elsewhere), "--proposal-scale", "0.5"]) == 0
