@@ -47,6 +47,7 @@ from aefrl.collect import Collector
 from aefrl.cuda_graph import CudaGraphed, graph_train_step
 from aefrl.evaluation import critic_calibration, run_episodes
 from aefrl.logging import RunLogger, open_loop_video
+from aefrl.metrics import sharpness_ratio
 from aefrl.seeding import forked_torch_rng, stream_seed
 
 __all__ = ["CHECKPOINT_FORMAT", "LoopConfig", "Trainer"]
@@ -558,14 +559,20 @@ class Trainer:
         # Context frames: real (top) over their posterior reconstructions (bottom), side by side.
         context = torch.cat([real[:n], pred[:n]], -2).permute(1, 2, 0, 3).flatten(2)
         self.logger.log_image(f"{source}/reconstruction", context, step)
-        horizon = out["open_loop_mse"]
+        horizon, ssim = out["open_loop_mse"], out["open_loop_ssim"]
+        imagined = out["video_pred"][:, n:].flatten(0, 1).float() / 255  # [B·(T-n), C, H, W]
+        seen = out["video_real"][:, n:].flatten(0, 1).float() / 255
         scalars = {
             "bits_per_dim": out["bits_per_dim"],
             # NaN marks horizons that no sequence of a replay batch reached within its episode
             "open_loop_mse_mean": horizon.nanmean(),
-            "open_loop_ssim_mean": out["open_loop_ssim"].nanmean(),
+            "open_loop_ssim_mean": ssim.nanmean(),
+            # blur of the imagined frames: their gradient magnitude over the real ones' (1: as
+            # sharp; BENCHMARKS §3)
+            "open_loop_sharpness": sharpness_ratio(imagined.cpu(), seen.cpu()),
         }
         for h in (1, 10, 25, 45):
             if h <= len(horizon) and not horizon[h - 1].isnan():
                 scalars[f"open_loop_mse_h{h}"] = horizon[h - 1]
+                scalars[f"open_loop_ssim_h{h}"] = ssim[h - 1]
         self.logger.log_scalars(scalars, step, source)

@@ -151,6 +151,8 @@ def test_loop_writes_evaluations_reports_and_a_final_checkpoint(tmp_path):
         "train/action_saturation",
         "heldout/bits_per_dim",
         "heldout/open_loop_mse_h1",
+        "heldout/open_loop_ssim_h1",
+        "heldout/open_loop_sharpness",
         "perf/fps",
         "perf/fps_interval",
         "train/grad_clipped_model",
