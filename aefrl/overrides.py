@@ -22,7 +22,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, OverrideParseException
 from omegaconf import OmegaConf
 
-from aefrl.resume_overrides import leaves
+from aefrl.resume_overrides import leaves, typed_leaves
 
 _ABSENT = object()
 
@@ -128,6 +128,39 @@ def _sweep_variants(parsed: list) -> list[list[str]]:
     return variants
 
 
+def check_read_settings(conf, overrides: list[str]) -> None:
+    """Refuse a setting given on the command line that this run never reads: accepted, it was
+    recorded in run_config.yaml and did nothing (``agent=planner agent.actor_loss.gamma=5``,
+    the VAE's KL settings for an AEF, ``agent.name=planner``, which chose the planner with
+    Dreamer's sizes instead of configs/agent/planner.yaml's). ``conf``: the composed
+    configuration (its agent.name and obs_model.kind); :func:`check_overrides` applies it to
+    every job of a sweep before the first one trains."""
+    from aefrl.objectives.world_model import VAE_ONLY
+    from agents.planner import DREAMER_ONLY  # torch and torchrl: not for a mistyped key
+
+    if not overrides:
+        return
+    agent, kind = conf["agent"]["name"], conf["obs_model"]["kind"]
+    given = sorted(set().union(set(), *(typed_leaves(o) for o in overrides)))
+    for key in given:
+        parts = [*key.split("."), ""]  # a group choice (agent=planner) is one part
+        if key == "agent.name":
+            raise OverrideError(
+                "agent.name is set by the agent's config group: choose the agent with "
+                "agent=dreamer or agent=planner"
+            )
+        if agent == "planner" and parts[0] == "agent" and parts[1] in DREAMER_ONLY:
+            raise OverrideError(
+                f"{key} is a setting of the Dreamer agent's actor-critic, which agent=planner "
+                "does not have: leave it out"
+            )
+        if kind != "vae" and parts[:2] == ["agent", "wm_loss"] and parts[2] in VAE_ONLY:
+            raise OverrideError(
+                f"{key} applies to obs_model=vae only (its KL term), and this run's obs_model "
+                f"is {kind}: leave it out"
+            )
+
+
 def _check(config_dir: Path, config_name: str, args: list[str], parsed: list) -> None:
     """:func:`check_overrides` of one single-run command line (no flags)."""
     # Hydra's own settings (hydra.run.dir=..., hydra/launcher=...); hydra_choices is ours
@@ -207,3 +240,4 @@ def _check(config_dir: Path, config_name: str, args: list[str], parsed: list) ->
         if want in _KIND_WORDS and _kind(value) != want:
             words = _KIND_WORDS[want]
             raise OverrideError(f"{key} takes {words} (default {default}), got {value!r}")
+    check_read_settings(defaults, [o.input_line for o in parsed])

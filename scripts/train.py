@@ -43,8 +43,7 @@ from aefrl.cli import RUN_CONFIG, RUN_LOCK, UserError, make_run_env, resolve_dev
 from aefrl.logging import RunLogger
 from aefrl.loop import LoopConfig, Trainer
 from aefrl.nn import conv_stages
-from aefrl.objectives.world_model import VAE_ONLY
-from aefrl.overrides import MULTIRUN_FLAGS, OverrideError, check_overrides
+from aefrl.overrides import MULTIRUN_FLAGS, OverrideError, check_overrides, check_read_settings
 from aefrl.provenance import RUN_RECORDS, append_run_record, command_line
 from aefrl.replay import STORAGES, SequenceReplay
 from aefrl.resume_overrides import (
@@ -54,11 +53,9 @@ from aefrl.resume_overrides import (
     group_choices,
     leaves,
     overridable_given,
-    typed_leaves,
 )
 from aefrl.seeding import stream_seed
 from agents.factory import build_agent, name_keys
-from agents.planner import DREAMER_ONLY
 
 imports_done()  # KeyboardInterrupt again
 
@@ -241,32 +238,6 @@ def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
         check_whole_number(key, value, RESUME_OVERRIDABLE[key])
         section[name] = value
     return conf, run_dir, state
-
-
-def check_read_settings(conf: dict, overrides: list[str]) -> None:
-    """Refuse a setting given on the command line that this run never reads: accepted, it was
-    recorded in run_config.yaml and did nothing (``agent=planner agent.actor_loss.gamma=5``,
-    the VAE's KL settings for an AEF, ``agent.name=planner``, which chose the planner with
-    Dreamer's sizes instead of configs/agent/planner.yaml's)."""
-    agent, kind = conf["agent"]["name"], conf["obs_model"]["kind"]
-    given = sorted(set().union(set(), *(typed_leaves(o) for o in overrides)))
-    for key in given:
-        parts = [*key.split("."), ""]  # a group choice (agent=planner) is one part
-        if key == "agent.name":
-            raise UserError(
-                "agent.name is set by the agent's config group: choose the agent with "
-                "agent=dreamer or agent=planner"
-            )
-        if agent == "planner" and parts[0] == "agent" and parts[1] in DREAMER_ONLY:
-            raise UserError(
-                f"{key} is a setting of the Dreamer agent's actor-critic, which agent=planner "
-                "does not have: leave it out"
-            )
-        if kind != "vae" and parts[:2] == ["agent", "wm_loss"] and parts[2] in VAE_ONLY:
-            raise UserError(
-                f"{key} applies to obs_model=vae only (its KL term), and this run's obs_model "
-                f"is {kind}: leave it out"
-            )
 
 
 def check_resume_overrides(cfg: DictConfig, overrides: list[str], run_conf: dict) -> None:

@@ -302,30 +302,6 @@ def test_run_paths_of_the_wrong_kind_are_one_sentence(settings, message):
     assert script.run_dir_of(OmegaConf.create({"run_dir": "x", "resume": 7})) == Path("7")
 
 
-@pytest.mark.parametrize(
-    ("agent", "kind", "overrides", "message"),
-    [
-        ("planner", "aef", ["agent=planner", "agent.actor_loss.gamma=5"], "agent=planner does"),
-        ("planner", "aef", ["agent={critic: {hidden: 3}}"], "agent.critic.hidden is a setting"),
-        ("dreamer", "aef", ["agent.wm_loss.free_nats=50"], "applies to obs_model=vae only"),
-        ("dreamer", "aef_partition", ["agent.wm_loss={kl_rep_scale: 1}"], "is aef_partition"),
-        ("planner", "aef", ["agent.name=planner"], "choose the agent with agent=dreamer or"),
-        # read by these runs: accepted
-        ("dreamer", "vae", ["agent.wm_loss.free_nats=2", "agent.actor_loss.gamma=0.99"], None),
-        ("planner", "vae", ["agent=planner", "agent.wm_loss.kl_dyn_scale=0.4", "seed=1"], None),
-    ],
-)
-def test_settings_the_run_never_reads_are_refused(agent, kind, overrides, message):
-    """They were accepted, recorded in run_config.yaml, and did nothing."""
-    script = _train_script()
-    conf = {"agent": {"name": agent}, "obs_model": {"kind": kind}}
-    if message is None:
-        script.check_read_settings(conf, overrides)
-        return
-    with pytest.raises(script.UserError, match=re.escape(message)):
-        script.check_read_settings(conf, overrides)
-
-
 def test_a_run_dir_with_an_earlier_runs_logs_but_no_checkpoint_is_refused(tmp_path):
     """A run killed before its first checkpoint leaves run_config.yaml and tb/: a new run there
     would interleave its logs with the old ones."""

@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from aefrl.overrides import OverrideError, check_overrides, config_groups
+from aefrl.overrides import OverrideError, check_overrides, check_read_settings, config_groups
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -138,3 +138,36 @@ def test_a_sweep_checks_every_value_of_every_sweep(args, message):
     tracebacks, and agent.compile=no trained a compiled agent (a non-empty string is true)."""
     with pytest.raises(OverrideError, match=re.escape(message)):
         check(*args)
+
+
+@pytest.mark.parametrize(
+    ("agent", "kind", "overrides", "message"),
+    [
+        ("planner", "aef", ["agent=planner", "agent.actor_loss.gamma=5"], "agent=planner does"),
+        ("planner", "aef", ["agent={critic: {hidden: 3}}"], "agent.critic.hidden is a setting"),
+        ("dreamer", "aef", ["agent.wm_loss.free_nats=50"], "applies to obs_model=vae only"),
+        ("dreamer", "aef_partition", ["agent.wm_loss={kl_rep_scale: 1}"], "is aef_partition"),
+        ("planner", "aef", ["agent.name=planner"], "choose the agent with agent=dreamer or"),
+        # read by these runs: accepted
+        ("dreamer", "vae", ["agent.wm_loss.free_nats=2", "agent.actor_loss.gamma=0.99"], None),
+        ("planner", "vae", ["agent=planner", "agent.wm_loss.kl_dyn_scale=0.4", "seed=1"], None),
+    ],
+)
+def test_settings_the_run_never_reads_are_refused(agent, kind, overrides, message):
+    """They were accepted, recorded in run_config.yaml, and did nothing."""
+    conf = {"agent": {"name": agent}, "obs_model": {"kind": kind}}
+    if message is None:
+        check_read_settings(conf, overrides)
+        return
+    with pytest.raises(OverrideError, match=re.escape(message)):
+        check_read_settings(conf, overrides)
+
+
+def test_a_sweep_refuses_a_setting_one_of_its_jobs_never_reads():
+    """Checked in each job only, the sweep's first job (the VAE) trained to the end before the
+    second (the AEF) refused the VAE's free_nats."""
+    with pytest.raises(OverrideError, match="this run's obs_model is aef"):
+        check("-m", "obs_model=vae,aef", "agent.wm_loss.free_nats=2")
+    with pytest.raises(OverrideError, match="agent=planner does not have"):
+        check("-m", "agent=dreamer,planner", "agent.actor_loss.horizon=5")
+    check("-m", "seed=0,1", "obs_model=vae", "agent.wm_loss.free_nats=2")
