@@ -180,8 +180,10 @@ def plot(curves: dict[str, list[dict]], path: Path, title: str, ylabel: str) -> 
 
 
 def windowed(runs: dict[str, dict], window: int, tag: str = "env/episode_return") -> list[dict]:
-    """Per run, the mean of ``tag`` (one value per training episode) in ``window``-frame bins
-    labelled by the bin's end; then mean / min / max over the runs that have episodes in a bin."""
+    """Per run, the mean of ``tag`` in ``window``-frame bins labelled by the bin's end (one
+    value per training episode; since 2026-12-06 one per iteration that ended episodes, their
+    mean where parallel envs ended several); then mean / min / max over the runs that have
+    episodes in a bin."""
     per_bin: dict[int, list[float]] = defaultdict(list)
     for run in runs.values():
         bins: dict[int, list[float]] = defaultdict(list)

@@ -52,7 +52,10 @@ QUICK = {"episodes": 3, "heldout": 2, "episode_steps": 60, "num_samples": 16, "e
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = Parser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    # No abbreviations: --quick must see which options were given (--num-samp 4 was overridden).
+    p = Parser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter, allow_abbrev=False
+    )
     p.add_argument("--tasks", nargs="+", default=["walker-walk", "cartpole-swingup", "cheetah-run"])
     p.add_argument(
         "--episodes", type=positive_int, default=6, help="episodes per task (train + held-out)"

@@ -8,7 +8,8 @@ of the task, so VAE and AEF runs are scored on identical data), cuts them into 5
 sequences and reports: held-out bits/dim of each sequence
 (exact for aef_partition, importance-sampled with K trajectories otherwise; SPEC §6), open-loop
 prediction error (5 context frames, 45 predicted: MSE and SSIM per horizon), and the sharpness
-of imagined frames relative to real ones. Writes ``<run_dir>/world_model_report.json`` and a GIF
+of imagined frames relative to real ones. Writes ``<run_dir>/world_model_report.json`` (with
+``--policy random``: ``world_model_report_random.json``) and a GIF
 of the first sequences, real | imagined | error (``<run_dir>/world_model_report.gif``).
 
 For the expansion AEF, the importance proposal's scale s is first tuned (SPEC §6) on one more
@@ -71,7 +72,10 @@ def make_parser() -> Parser:
         "of the task: a comparison of world models on identical data) (default: %(default)s)",
     )
     p.add_argument(
-        "--out", default=None, help="JSON path (default: <run_dir>/world_model_report.json)"
+        "--out",
+        default=None,
+        help="JSON path (default: <run_dir>/world_model_report.json, or "
+        "world_model_report_random.json with --policy random)",
     )
     p.add_argument(
         "--video",
@@ -237,11 +241,13 @@ def write_report(args, argv) -> int:
             f"--proposal-scale applies to aef models only (their importance proposal), but this "
             f"run's obs_model is {kind}: leave it out"
         )
-    out = output_path(args.out, folder / "world_model_report.json", folder)
+    source = (run_dir,) if run_dir.is_file() else ()  # the checkpoint read, whatever its name
+    stem = "world_model_report" + ("_random" if args.policy == "random" else "")
+    out = output_path(args.out, folder / f"{stem}.json", folder, source)
     if args.video == "":
         video = None
     else:  # --out x.gif put the GIF at the JSON's path: refused, not overwritten by the JSON
-        video = output_path(args.video, out.with_suffix(".gif"), folder, (out,))
+        video = output_path(args.video, out.with_suffix(".gif"), folder, (out, *source))
     render = args.render or conf["env"].get("render", "faithful")
     env = make_run_env(conf["env"], args.seed, num_envs=1, render=render)
     action_dim = int(env.action_spec.shape[-1])

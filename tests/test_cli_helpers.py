@@ -100,6 +100,11 @@ def test_an_output_over_the_checkpoint_is_refused_before_any_work(name, tmp_path
     assert script.main([str(tmp_path), "--out", str(tmp_path / "checkpoint.pt")]) == 2
     assert "the training run's own checkpoint.pt" in capsys.readouterr().err
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    # A checkpoint of another name, read as the file given: not overwritten either.
+    (tmp_path / "checkpoint.pt").rename(tmp_path / "snap.pt")
+    assert script.main([str(tmp_path / "snap.pt"), "--out", str(tmp_path / "snap.pt")]) == 2
+    assert "another output of this command goes there" in capsys.readouterr().err
+    assert (tmp_path / "snap.pt").read_bytes() == before
 
 
 @pytest.mark.parametrize("name", ["eval", "world_model_report"])

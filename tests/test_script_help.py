@@ -56,7 +56,8 @@ def test_every_option_says_what_it_does(name):
                 "--episodes EPISODES held-out episodes to report on, >= 1 (default: 2)",
                 "--seed SEED seed of the held-out episodes and of torch (default: 54321)",
                 "(default: the run's own env.render,",
-                "--out OUT JSON path (default: <run_dir>/world_model_report.json)",
+                "--out OUT JSON path (default: <run_dir>/world_model_report.json, or "
+                "world_model_report_random.json with --policy random)",
             ],
         ),
     ],

@@ -180,6 +180,11 @@ def test_random_policy_episodes_are_the_same_frames_for_every_model(tmp_path):
             env.close()
             pixels[kind, policy] = episodes["pixels"]
             actions[kind, policy] = episodes["prev_action"][:, 1:]
+    # Its own default files: the agent-policy report next to it stays.
+    args = ["--policy", "random", "--episodes", "1", "--num-samples", "2", "--video", ""]
+    assert script.main([str(tmp_path / "aef"), *args, "--proposal-scale", "0.5"]) == 0
+    result = json.loads((tmp_path / "aef" / "world_model_report_random.json").read_text())
+    assert result["policy"] == "random" and not (tmp_path / "aef/world_model_report.json").exists()
     assert torch.equal(pixels["aef", "random"], pixels["vae", "random"])
     assert torch.equal(actions["aef", "random"], actions["vae", "random"])
     random = actions["aef", "random"]  # uniform on [-1, 1], not the agent's
