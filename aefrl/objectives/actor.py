@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from tensordict import TensorDict, TensorDictBase
 from torchrl.objectives import LossModule
+from torchrl.objectives.utils import ValueEstimators
 
 from aefrl import keys
 from aefrl.actor_critic import Actor, Critic, ReturnNormalizer, SlowCopy, imagine, lambda_returns
@@ -24,6 +25,14 @@ from aefrl.world_model import RSSMState, WorldModel
 
 #: Which critic's values the λ-returns bootstrap from (:class:`DreamerActorLoss`).
 BOOTSTRAPS = ("slow", "fast")
+
+
+def check_returns(gamma: float, lmbda: float) -> None:
+    """γ in (0, 1] and λ in [0, 1], or a ValueError naming the one that is not."""
+    if not 0 < gamma <= 1:
+        raise ValueError(f"gamma must lie in (0, 1], got {gamma}")
+    if not 0 <= lmbda <= 1:
+        raise ValueError(f"lmbda must lie in [0, 1], got {lmbda}")
 
 
 class DreamerActorLoss(LossModule):
@@ -60,6 +69,9 @@ class DreamerActorLoss(LossModule):
         terminated: str = keys.TERMINATED
 
     default_keys = _AcceptedKeys
+    # The returns are TD(λ) with continue-weighted discounts γ·c(s_{k+1}) (SPEC §7), computed by
+    # torchrl's td_lambda_return_estimate; make_value_estimator sets γ and λ.
+    default_value_estimator = ValueEstimators.TDLambda
 
     def __init__(
         self,
@@ -78,10 +90,7 @@ class DreamerActorLoss(LossModule):
     ) -> None:
         super().__init__()
         horizon = check_size("horizon", horizon)
-        if not 0 < gamma <= 1:
-            raise ValueError(f"gamma must lie in (0, 1], got {gamma}")
-        if not 0 <= lmbda <= 1:
-            raise ValueError(f"lmbda must lie in [0, 1], got {lmbda}")
+        check_returns(gamma, lmbda)
         if not entropy_coef >= 0:
             raise ValueError(f"entropy_coef must be >= 0, got {entropy_coef}")
         if bootstrap not in BOOTSTRAPS:
@@ -104,6 +113,25 @@ class DreamerActorLoss(LossModule):
 
     def _forward_value_estimator_keys(self, **kwargs) -> None:
         pass
+
+    def make_value_estimator(self, value_type=None, **hyperparams) -> DreamerActorLoss:
+        """torchrl's way to set the returns' ``gamma`` and ``lmbda``
+        (``loss.make_value_estimator(ValueEstimators.TDLambda, gamma=0.99)``); TD(λ) over the
+        imagined trajectory is the only estimator this loss computes."""
+        if value_type not in (None, ValueEstimators.TDLambda):
+            raise NotImplementedError(
+                f"DreamerActorLoss computes TD(lambda) returns over imagined trajectories only, "
+                f"not {value_type}"
+            )
+        unknown = sorted(set(hyperparams) - {"gamma", "lmbda"})
+        if unknown:
+            raise TypeError(f"the TD(lambda) returns take gamma and lmbda, not {unknown}")
+        gamma = float(hyperparams.get("gamma", self.gamma))
+        lmbda = float(hyperparams.get("lmbda", self.lmbda))
+        check_returns(gamma, lmbda)
+        self.gamma, self.lmbda = gamma, lmbda
+        self.value_type = ValueEstimators.TDLambda
+        return self
 
     def forward(self, start: TensorDictBase) -> TensorDict:
         """``start``: posterior states ``belief [N, H]``, ``state [N, d]`` and ``terminated

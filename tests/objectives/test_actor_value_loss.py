@@ -237,3 +237,32 @@ def test_value_loss_matches_the_spec_in_value_and_gradient():
         torch.testing.assert_close(a, b)
     # The critic learns from fixed targets: nothing reaches the actor or the world model.
     assert all(p.grad is None for p in [*actor.parameters(), *wm.parameters()])
+
+
+def test_make_value_estimator_sets_the_returns_gamma_and_lambda():
+    """torchrl's API for a loss's value estimator: here it sets the TD(λ) returns' γ and λ
+    (it raised NotImplementedError); other estimators and arguments are refused."""
+    from torchrl.objectives.utils import ValueEstimators
+
+    wm, actor, critic, slow, start = _setup()
+    loss = DreamerActorLoss(
+        wm, actor, slow, ReturnNormalizer(), horizon=HORIZON, gamma=0.5, lmbda=0.2,
+        entropy_coef=ETA,
+    )  # fmt: skip
+    assert loss.make_value_estimator(ValueEstimators.TDLambda, gamma=GAMMA, lmbda=LMBDA) is loss
+    assert loss.value_type == ValueEstimators.TDLambda
+    torch.manual_seed(3)
+    out = loss(start)
+    torch.manual_seed(3)
+    want_loss, returns, *_ = _reference(wm, actor, slow, start)  # at GAMMA and LMBDA
+    torch.testing.assert_close(out["lambda_return"], returns.detach())
+    torch.testing.assert_close(out["loss_actor"], want_loss)
+    loss.make_value_estimator(gamma=0.9)  # the default type; λ kept
+    assert (loss.gamma, loss.lmbda) == (0.9, LMBDA)
+    with pytest.raises(NotImplementedError, match="TD\\(lambda\\) returns"):
+        loss.make_value_estimator(ValueEstimators.GAE)
+    with pytest.raises(TypeError, match="take gamma and lmbda, not \\['value_network'\\]"):
+        loss.make_value_estimator(value_network=critic)
+    with pytest.raises(ValueError, match="gamma must lie in"):
+        loss.make_value_estimator(gamma=1.5)
+    assert loss.gamma == 0.9  # a refused call changes nothing
