@@ -53,6 +53,10 @@ from aefrl.seeding import forked_torch_rng, stream_seed
 __all__ = ["CHECKPOINT_FORMAT", "LoopConfig", "Trainer"]
 
 
+#: The loop's phases, timed for ``perf/time_<phase>``: their shares of the time between logs.
+PHASES = ("collect", "update", "eval", "report", "checkpoint")
+
+
 @dataclass
 class LoopConfig:
     """Schedule of a run; every ``*_every`` is in environment frames (0 disables)."""
@@ -317,9 +321,10 @@ class Trainer:
                     break
                 evaluated = self._eval.last
                 due = self._eval(frames) and self.make_eval_env is not None
-                with self._timed("eval"):
-                    if due and self.evaluate(stoppable=frames < c.total_frames) is None:
-                        self._eval.last = evaluated  # stopped midway: due after the resume
+                if due:
+                    with self._timed("eval"):
+                        if self.evaluate(stoppable=frames < c.total_frames) is None:
+                            self._eval.last = evaluated  # stopped midway: due after the resume
                 if self._stop_requested and frames < c.total_frames:
                     break  # a signal during the evaluation: the report waits as well
                 if self._report(frames):
@@ -419,12 +424,16 @@ class Trainer:
 
     @contextlib.contextmanager
     def _timed(self, phase: str):
-        """Charge the body's wall time to ``phase`` (``perf/time_<phase>``). On a GPU an update
-        runs asynchronously: its time falls to whichever phase next waits for the device."""
+        """Charge the body's wall time to ``phase`` (``perf/time_<phase>``, one of
+        :data:`PHASES`). A CUDA update runs asynchronously, so its phase ends by waiting for the
+        device: otherwise its time fell to the collection, whose action waits for it anyway (so
+        the wait costs nothing)."""
         start = time.time()
         try:
             yield
         finally:
+            if phase == "update" and self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
             self._phase_seconds[phase] += time.time() - start
 
     @property
@@ -474,7 +483,9 @@ class Trainer:
             means = {k: torch.stack(vs).float().mean() for k, vs in self._pending.items()}
             self.logger.log_scalars(means, step, "train")
             self._pending.clear()
-        shares = {f"time_{p}": s / seconds for p, s in self._phase_seconds.items()}
+        # Every phase at every log, 0 where it did not run (points at its runs alone would be
+        # joined by TensorBoard's lines into a steady cost).
+        shares = {f"time_{p}": self._phase_seconds[p] / seconds for p in PHASES}
         self._phase_seconds.clear()
         self.logger.log_scalars(
             {
@@ -560,17 +571,20 @@ class Trainer:
         context = torch.cat([real[:n], pred[:n]], -2).permute(1, 2, 0, 3).flatten(2)
         self.logger.log_image(f"{source}/reconstruction", context, step)
         horizon, ssim = out["open_loop_mse"], out["open_loop_ssim"]
-        imagined = out["video_pred"][:, n:].flatten(0, 1).float() / 255  # [B·(T-n), C, H, W]
-        seen = out["video_real"][:, n:].flatten(0, 1).float() / 255
         scalars = {
             "bits_per_dim": out["bits_per_dim"],
             # NaN marks horizons that no sequence of a replay batch reached within its episode
             "open_loop_mse_mean": horizon.nanmean(),
             "open_loop_ssim_mean": ssim.nanmean(),
+        }
+        # The predicted frames MSE and SSIM count: none after a new episode began in the window.
+        same = out["open_loop_same_episode"].cpu()  # [B, T - n]
+        if bool(same.any()):
+            imagined = out["video_pred"][:, n:].cpu()[same].float() / 255  # [frames, C, H, W]
+            seen = out["video_real"][:, n:].cpu()[same].float() / 255
             # blur of the imagined frames: their gradient magnitude over the real ones' (1: as
             # sharp; BENCHMARKS §3)
-            "open_loop_sharpness": sharpness_ratio(imagined.cpu(), seen.cpu()),
-        }
+            scalars["open_loop_sharpness"] = sharpness_ratio(imagined, seen)
         for h in (1, 10, 25, 45):
             if h <= len(horizon) and not horizon[h - 1].isnan():
                 scalars[f"open_loop_mse_h{h}"] = horizon[h - 1]

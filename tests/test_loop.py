@@ -159,13 +159,17 @@ def test_loop_writes_evaluations_reports_and_a_final_checkpoint(tmp_path):
     }
     assert expected <= set(tags["scalars"])
     assert "eval/episode_return_std" not in tags["scalars"]  # one episode: no spread (was 0)
-    # Where the wall time went between two logs: shares of it, per phase, never above the whole.
-    phases = ("collect", "update", "eval", "report")
+    # Where the wall time went between two logs: shares of it, per phase, never above the whole,
+    # every phase at every log (0 where it did not run).
+    phases = ("collect", "update", "eval", "report", "checkpoint")
     shares = {p: dict((e.step, e.value) for e in acc.Scalars(f"perf/time_{p}")) for p in phases}
-    for step in {e.step for e in acc.Scalars("perf/fps")}:
-        parts = [shares[p].get(step, 0.0) for p in phases]
+    logs = sorted(e.step for e in acc.Scalars("perf/fps"))
+    for step in logs:
+        parts = [shares[p][step] for p in phases]
         assert all(0 <= x <= 1 for x in parts) and sum(parts) <= 1 + 1e-6, (step, parts)
-    assert max(shares["update"].values()) > 0.1 and shares["eval"]  # the 100-frame evaluation
+    # The evaluation at frame 100 falls in the interval logged at 120 (logs every 40 frames).
+    assert shares["eval"][120] > 0 and shares["eval"][80] == 0 and shares["eval"][160] == 0
+    assert max(shares["update"].values()) > 0.1
     assert "heldout/open_loop_real_imagined_error" in tags["images"]
     # The policy's first evaluation episode as the agent saw it, frame for frame.
     video = acc.Images("eval/first_episode")

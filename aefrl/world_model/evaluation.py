@@ -115,7 +115,8 @@ def open_loop_prediction(
     frames are the posterior reconstructions) and ``mse``, ``ssim`` per horizon ``[T - context]``
     (images in [0, 1]), averaged over the sequences still in their context's episode at that
     horizon: a replay window may cross into a new episode, whose frames the imagination of the
-    old one cannot predict (NaN at horizons no sequence reaches).
+    old one cannot predict (NaN at horizons no sequence reaches); ``same_episode`` (bool
+    ``[B, T - context]``) marks the predicted frames those averages count.
     """
     wm = world_model
     ctx = {k: batch[k][:, :context] for k in (keys.PIXELS, keys.PREV_ACTION, keys.IS_FIRST)}
@@ -141,6 +142,7 @@ def open_loop_prediction(
         "pred": pred,
         "mse": mean_over_same_episode(mse(p, r)),
         "ssim": mean_over_same_episode(ssim(p, r)),
+        "same_episode": same,
     }
 
 

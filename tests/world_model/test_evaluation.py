@@ -93,6 +93,11 @@ def test_open_loop_errors_leave_out_sequences_past_an_episode_start():
     torch.testing.assert_close(out["mse"][2:5], per_seq[[0, 2], 2:5].mean(0))
     assert math.isnan(out["mse"][5]) and math.isnan(out["ssim"][5])
     assert all(math.isfinite(v) for v in out["ssim"][:5])
+    # The frames counted, for callers that score them otherwise (the loop's sharpness).
+    counted = torch.ones(3, 6, dtype=torch.bool)
+    counted[1, 2:] = False
+    counted[:, 5] = False
+    assert torch.equal(out["same_episode"], counted)
 
 
 def test_open_loop_prediction_shapes_and_context(kind):
