@@ -240,4 +240,6 @@ def _check(config_dir: Path, config_name: str, args: list[str], parsed: list) ->
         if want in _KIND_WORDS and _kind(value) != want:
             words = _KIND_WORDS[want]
             raise OverrideError(f"{key} takes {words} (default {default}), got {value!r}")
-    check_read_settings(defaults, [o.input_line for o in parsed])
+    # A resume's settings are the run's own, which train.py compares the command line with.
+    if not any(o.key_or_group == "resume" and o.value() is not None for o in parsed):
+        check_read_settings(defaults, [o.input_line for o in parsed])

@@ -10,7 +10,7 @@ sequences and reports: held-out bits/dim of each sequence
 prediction error (5 context frames, 45 predicted: MSE and SSIM per horizon), and the sharpness
 of imagined frames relative to real ones. Writes ``<run_dir>/world_model_report.json`` (with
 ``--policy random``: ``world_model_report_random.json``) and a GIF
-of the first sequences, real | imagined | error (``<run_dir>/world_model_report.gif``).
+of the first sequences, real | imagined | error (next to the JSON, ``.gif`` for ``.json``).
 
 For the expansion AEF, the importance proposal's scale s is first tuned (SPEC §6) on one more
 held-out episode, collected after the reported ones and not reported (``--proposal-scale S``
@@ -82,7 +82,7 @@ def make_parser() -> Parser:
         type=gif_path,
         default=None,
         help="GIF of the first sequences, real | imagined | error, one row each (default: next "
-        "to the JSON, <run_dir>/world_model_report.gif; '' for none)",
+        "to the JSON, its name ending in .gif; '' for none)",
     )
     p.add_argument(
         "--video-sequences",

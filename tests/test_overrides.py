@@ -171,3 +171,5 @@ def test_a_sweep_refuses_a_setting_one_of_its_jobs_never_reads():
     with pytest.raises(OverrideError, match="agent=planner does not have"):
         check("-m", "agent=dreamer,planner", "agent.actor_loss.horizon=5")
     check("-m", "seed=0,1", "obs_model=vae", "agent.wm_loss.free_nats=2")
+    # A resume repeating its (vae) run's own value: the defaults' obs_model is not the run's.
+    check("resume=runs/x", "agent.wm_loss.free_nats=2")
