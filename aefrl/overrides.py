@@ -19,6 +19,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Glob
 from hydra.errors import HydraException, OverrideParseException
 from omegaconf import OmegaConf
 
@@ -93,7 +94,7 @@ def check_overrides(config_dir: Path, config_name: str, args: list[str]) -> None
     args = [a for a in args if not a.startswith("-")]
     parsed = _parse(args)
     if flags:
-        for variant in _sweep_variants(parsed):
+        for variant in _sweep_variants(parsed, config_groups(config_dir)):
             _check(config_dir, config_name, variant, _parse(variant))
         return
     _check(config_dir, config_name, args, parsed)
@@ -107,17 +108,21 @@ def _parse(args: list[str]) -> list:
         raise OverrideError(f"cannot parse the command line {' '.join(args)!r}: {first}") from None
 
 
-def _sweep_variants(parsed: list) -> list[list[str]]:
+def _sweep_variants(parsed: list, groups: dict[str, list[str]]) -> list[list[str]]:
     """Single-run command lines that together hold every value of every sweep: each sweep's
-    values in turn, the other sweeps at their first value. None when Hydra alone can expand a
-    sweep (``glob(...)`` needs its config loader): those are left to Hydra, unchecked."""
+    values in turn, the other sweeps at their first value. A ``glob(...)`` over a group's
+    choices is expanded against ``groups``; none (unchecked, left to Hydra) when a sweep only
+    Hydra can expand is on the line."""
     values = []
     for o in parsed:
         if not o.is_sweep_override():
             values.append([o.input_line])
             continue
         try:
-            swept = list(o.sweep_string_iterator())
+            if isinstance(o.value(), Glob) and o.key_or_group in groups:
+                swept = o.value().filter(groups[o.key_or_group])
+            else:
+                swept = list(o.sweep_string_iterator())
         except HydraException:
             return []
         values.append([f"{o.get_key_element()}={v}" for v in swept] or [o.input_line])

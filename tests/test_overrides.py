@@ -35,7 +35,7 @@ def test_groups_are_the_config_directories():
         ("--cfg", "job", "whatever=1"),  # Hydra flags: the whole line is Hydra's
         ("-m", "seed=0,1,2", "obs_model=vae,aef", "loop.train_ratio=range(8,64,8)"),
         ("seed=0,1", "--multirun", "agent.compile=false,true"),
-        ("-m", "obs_model=glob(*)"),  # only Hydra can expand it: left to Hydra
+        ("-m", "obs_model=glob(*)"),  # expanded against configs/obs_model/
     ],
 )
 def test_valid_overrides_pass(args):
@@ -170,6 +170,9 @@ def test_a_sweep_refuses_a_setting_one_of_its_jobs_never_reads():
         check("-m", "obs_model=vae,aef", "agent.wm_loss.free_nats=2")
     with pytest.raises(OverrideError, match="agent=planner does not have"):
         check("-m", "agent=dreamer,planner", "agent.actor_loss.horizon=5")
+    with pytest.raises(OverrideError, match="this run's obs_model is aef"):  # glob(*): aef first
+        check("-m", "obs_model=glob(*)", "agent.wm_loss.free_nats=2")
+    check("-m", "obs_model=glob(vae)", "agent.wm_loss.free_nats=2")
     check("-m", "seed=0,1", "obs_model=vae", "agent.wm_loss.free_nats=2")
     # A resume repeating its (vae) run's own value: the defaults' obs_model is not the run's.
     check("resume=runs/x", "agent.wm_loss.free_nats=2")
