@@ -117,14 +117,17 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
 
 
 def _scalars(run_dir) -> dict:
-    """``{tag: [(step, value), ...]}`` of every scalar in a run's event files, but the
-    wall-clock rates perf/fps and perf/fps_interval."""
+    """``{tag: [(step, value), ...]}`` of every scalar in a run's event files; the wall-clock
+    measurements (perf/fps, perf/fps_interval, perf/time_*) by their steps only."""
     acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
+
+    def wall_clock(tag: str) -> bool:
+        return tag in ("perf/fps", "perf/fps_interval") or tag.startswith("perf/time_")
+
     return {
-        tag: [(e.step, e.value) for e in acc.Scalars(tag)]
+        tag: [(e.step, None if wall_clock(tag) else e.value) for e in acc.Scalars(tag)]
         for tag in acc.Tags()["scalars"]
-        if tag not in ("perf/fps", "perf/fps_interval")
     }
 
 
