@@ -15,6 +15,7 @@ since their components validate them (``device``, ``loop.cuda_graph``, ``env.tas
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -23,7 +24,7 @@ from hydra.core.override_parser.types import Glob
 from hydra.errors import HydraException, OverrideParseException
 from omegaconf import OmegaConf
 
-from aefrl.resume_overrides import leaves, typed_leaves
+from aefrl.resume_overrides import leaves
 
 _ABSENT = object()
 
@@ -76,16 +77,20 @@ def _choices_with_key(config_dir, config_name, parsed, groups, key) -> list[str]
 MULTIRUN_FLAGS = ("-m", "--multirun")
 
 
-def check_overrides(config_dir: Path, config_name: str, args: list[str]) -> None:
+def check_overrides(
+    config_dir: Path, config_name: str, args: list[str], check_job: Callable | None = None
+) -> None:
     """Raise :class:`OverrideError` if an override in ``args`` (``key=value`` items) names an
     unknown group choice or key, or gives a boolean or numeric key a value of another kind.
 
     With ``-m`` every value of every sweep (``seed=0,1``, ``obs_model=vae,aef``) is checked as
     a single run's override would be: a sweep skipped these checks, and ``agent.compile=no,yes``
-    trained both jobs compiled (a non-empty string is true). Command lines with Hydra's other
-    flags (``--cfg job``, ``--help``: no job runs) and ``hydra.*`` keys are left to Hydra; a
-    sweep without ``-m`` and a deletion (``~seed``) are refused, and so is a value for a whole
-    group of settings (``loop=5``).
+    trained both jobs compiled (a non-empty string is true). ``check_job(composed, overrides)``
+    (train.py: :func:`agents.factory.check_read_settings`) is called for each job of a new run
+    with its composed configuration; its ValueError becomes an :class:`OverrideError`.
+    Command lines with Hydra's other flags (``--cfg job``, ``--help``: no job runs) and
+    ``hydra.*`` keys are left to Hydra; a sweep without ``-m`` and a deletion (``~seed``) are
+    refused, and so is a value for a whole group of settings (``loop=5``).
     """
     config_dir = Path(config_dir).resolve()
     flags = [a for a in args if a.startswith("-")]
@@ -95,9 +100,9 @@ def check_overrides(config_dir: Path, config_name: str, args: list[str]) -> None
     parsed = _parse(args)
     if flags:
         for variant in _sweep_variants(parsed, config_groups(config_dir)):
-            _check(config_dir, config_name, variant, _parse(variant))
+            _check(config_dir, config_name, variant, _parse(variant), check_job)
         return
-    _check(config_dir, config_name, args, parsed)
+    _check(config_dir, config_name, args, parsed, check_job)
 
 
 def _parse(args: list[str]) -> list:
@@ -133,40 +138,9 @@ def _sweep_variants(parsed: list, groups: dict[str, list[str]]) -> list[list[str
     return variants
 
 
-def check_read_settings(conf, overrides: list[str]) -> None:
-    """Refuse a setting given on the command line that this run never reads: accepted, it was
-    recorded in run_config.yaml and did nothing (``agent=planner agent.actor_loss.gamma=5``,
-    the VAE's KL settings for an AEF, ``agent.name=planner``, which chose the planner with
-    Dreamer's sizes instead of configs/agent/planner.yaml's). ``conf``: the composed
-    configuration (its agent.name and obs_model.kind); :func:`check_overrides` applies it to
-    every job of a sweep before the first one trains."""
-    from aefrl.objectives.world_model import VAE_ONLY
-    from agents.planner import DREAMER_ONLY  # torch and torchrl: not for a mistyped key
-
-    if not overrides:
-        return
-    agent, kind = conf["agent"]["name"], conf["obs_model"]["kind"]
-    given = sorted(set().union(set(), *(typed_leaves(o) for o in overrides)))
-    for key in given:
-        parts = [*key.split("."), ""]  # a group choice (agent=planner) is one part
-        if key == "agent.name":
-            raise OverrideError(
-                "agent.name is set by the agent's config group: choose the agent with "
-                "agent=dreamer or agent=planner"
-            )
-        if agent == "planner" and parts[0] == "agent" and parts[1] in DREAMER_ONLY:
-            raise OverrideError(
-                f"{key} is a setting of the Dreamer agent's actor-critic, which agent=planner "
-                "does not have: leave it out"
-            )
-        if kind != "vae" and parts[:2] == ["agent", "wm_loss"] and parts[2] in VAE_ONLY:
-            raise OverrideError(
-                f"{key} applies to obs_model=vae only (its KL term), and this run's obs_model "
-                f"is {kind}: leave it out"
-            )
-
-
-def _check(config_dir: Path, config_name: str, args: list[str], parsed: list) -> None:
+def _check(
+    config_dir: Path, config_name: str, args: list[str], parsed: list, check_job: Callable | None
+) -> None:
     """:func:`check_overrides` of one single-run command line (no flags)."""
     # Hydra's own settings (hydra.run.dir=..., hydra/launcher=...); hydra_choices is ours
     hydra_own = ("hydra.", "hydra/")
@@ -246,5 +220,9 @@ def _check(config_dir: Path, config_name: str, args: list[str], parsed: list) ->
             words = _KIND_WORDS[want]
             raise OverrideError(f"{key} takes {words} (default {default}), got {value!r}")
     # A resume's settings are the run's own, which train.py compares the command line with.
-    if not any(o.key_or_group == "resume" and o.value() is not None for o in parsed):
-        check_read_settings(defaults, [o.input_line for o in parsed])
+    resumed = any(o.key_or_group == "resume" and o.value() is not None for o in parsed)
+    if check_job is not None and not resumed:
+        try:
+            check_job(defaults, [o.input_line for o in parsed])
+        except ValueError as exc:
+            raise OverrideError(str(exc)) from None

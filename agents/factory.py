@@ -12,7 +12,9 @@ import re
 from collections.abc import Mapping
 
 from aefrl.nn import check_size
+from aefrl.objectives.world_model import VAE_ONLY
 from aefrl.obs_models import OBS_MODELS, accepted_options
+from aefrl.resume_overrides import typed_leaves
 from agents.dreamer import DreamerAgent
 from agents.planner import DREAMER_ONLY, build_planner
 
@@ -148,6 +150,45 @@ def build_dreamer(agent: dict, obs_model: dict, obs_shape, action_dim: int) -> D
 AGENTS = {"dreamer": build_dreamer, "planner": build_planner}
 # Sections of the agent configuration each agent ignores (planner.yaml inherits Dreamer's).
 IGNORED = {"dreamer": (), "planner": DREAMER_ONLY}
+# The optimiser groups each agent trains: the entries of agent.lr and agent.grad_clip it reads.
+OPTIMIZED = {"dreamer": ("model", "actor", "critic"), "planner": ("model",)}
+
+
+def check_read_settings(conf, overrides: list[str]) -> None:
+    """Refuse a setting given on the command line that this run never reads: accepted, it was
+    recorded in run_config.yaml and did nothing (``agent=planner agent.actor_loss.gamma=5``,
+    the VAE's KL settings for an AEF, ``agent.name=planner``, which chose the planner with
+    Dreamer's sizes instead of configs/agent/planner.yaml's). ``conf``: the composed
+    configuration (its agent.name and obs_model.kind); :func:`aefrl.overrides.check_overrides`
+    applies it to every job of a sweep before the first one trains. A ValueError names the
+    setting."""
+    if not overrides:
+        return
+    agent, kind = conf["agent"]["name"], conf["obs_model"]["kind"]
+    given = sorted(set().union(set(), *(typed_leaves(o) for o in overrides)))
+    for key in given:
+        parts = [*key.split("."), ""]  # a group choice (agent=planner) is one part
+        if key == "agent.name":
+            raise ValueError(
+                "agent.name is set by the agent's config group: choose the agent with "
+                "agent=dreamer or agent=planner"
+            )
+        if parts[0] == "agent" and (
+            parts[1] in IGNORED.get(agent, ())
+            or (
+                parts[1] in ("lr", "grad_clip")
+                and parts[2] not in ("", *OPTIMIZED.get(agent, (parts[2],)))
+            )
+        ):
+            raise ValueError(
+                f"{key} is a setting of the Dreamer agent's actor-critic, which agent={agent} "
+                "does not have: leave it out"
+            )
+        if kind != "vae" and parts[:2] == ["agent", "wm_loss"] and parts[2] in VAE_ONLY:
+            raise ValueError(
+                f"{key} applies to obs_model=vae only (its KL term), and this run's obs_model "
+                f"is {kind}: leave it out"
+            )
 
 
 def build_agent(agent: dict, obs_model: dict, obs_shape, action_dim: int):

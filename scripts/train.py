@@ -43,7 +43,7 @@ from aefrl.cli import RUN_CONFIG, RUN_LOCK, UserError, make_run_env, resolve_dev
 from aefrl.logging import RunLogger
 from aefrl.loop import LoopConfig, Trainer
 from aefrl.nn import conv_stages
-from aefrl.overrides import MULTIRUN_FLAGS, OverrideError, check_overrides, check_read_settings
+from aefrl.overrides import MULTIRUN_FLAGS, OverrideError, check_overrides
 from aefrl.provenance import RUN_RECORDS, append_run_record, command_line
 from aefrl.replay import STORAGES, SequenceReplay
 from aefrl.resume_overrides import (
@@ -55,7 +55,7 @@ from aefrl.resume_overrides import (
     overridable_given,
 )
 from aefrl.seeding import stream_seed
-from agents.factory import build_agent, name_keys
+from agents.factory import build_agent, check_read_settings, name_keys
 
 imports_done()  # KeyboardInterrupt again
 
@@ -613,7 +613,7 @@ if __name__ == "__main__":
     # Hydra reads -m only before the overrides (after them: its usage block); anywhere works.
     sys.argv[1:] = sorted(sys.argv[1:], key=lambda arg: arg not in MULTIRUN_FLAGS)
     try:  # Hydra's own reports of a bad override are multi-line; ours are one sentence
-        check_overrides(CONFIG_DIR, "config", sys.argv[1:])
+        check_overrides(CONFIG_DIR, "config", sys.argv[1:], check_read_settings)
     except OverrideError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
