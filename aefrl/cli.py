@@ -1,7 +1,8 @@
 """What the command-line scripts share: bad input as one sentence (exit code 2), not a traceback.
 
-``scripts/train.py``, ``scripts/eval.py`` and ``scripts/world_model_report.py`` raise
-:class:`UserError` for a problem the user can fix and print it as ``error: <sentence>``.
+``scripts/train.py``, ``scripts/eval.py``, ``scripts/world_model_report.py`` and
+``scripts/bench.py`` raise :class:`UserError` for a problem the user can fix and print it as
+``error: <sentence>`` (the argparse-only scripts say theirs through ``aefrl.arguments.Parser``).
 """
 
 from __future__ import annotations
