@@ -145,7 +145,7 @@ class WorldModelAgent(nn.Module):
             "video_pred": pred["pred"],
             "open_loop_mse": pred["mse"],
             "open_loop_ssim": pred["ssim"],
-            "open_loop_same_episode": pred["same_episode"],  # the frames the two average
+            "open_loop_sharpness": pred["sharpness"],
             "bits_per_dim": bpd.mean(),
         }
 

@@ -21,7 +21,7 @@ import torch
 from tensordict import TensorDictBase
 
 from aefrl import keys
-from aefrl.metrics import mse, ssim
+from aefrl.metrics import mse, sharpness_ratio, ssim
 from aefrl.obs_models.aef import PROPOSAL_SCALES
 from aefrl.world_model.world_model import WorldModel
 
@@ -115,8 +115,9 @@ def open_loop_prediction(
     frames are the posterior reconstructions) and ``mse``, ``ssim`` per horizon ``[T - context]``
     (images in [0, 1]), averaged over the sequences still in their context's episode at that
     horizon: a replay window may cross into a new episode, whose frames the imagination of the
-    old one cannot predict (NaN at horizons no sequence reaches); ``same_episode`` (bool
-    ``[B, T - context]``) marks the predicted frames those averages count.
+    old one cannot predict (NaN at horizons no sequence reaches); ``sharpness``, the predicted
+    frames' mean gradient magnitude over the real ones' on the same frames (below 1: blur;
+    NaN if there are none).
     """
     wm = world_model
     ctx = {k: batch[k][:, :context] for k in (keys.PIXELS, keys.PREV_ACTION, keys.IS_FIRST)}
@@ -142,7 +143,9 @@ def open_loop_prediction(
         "pred": pred,
         "mse": mean_over_same_episode(mse(p, r)),
         "ssim": mean_over_same_episode(ssim(p, r)),
-        "same_episode": same,
+        "sharpness": (
+            sharpness_ratio(p[same.flatten()], r[same.flatten()]) if same.any() else math.nan
+        ),
     }
 
 

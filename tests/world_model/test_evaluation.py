@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import distributions as D
 
+from aefrl.metrics import sharpness_ratio
 from aefrl.world_model.evaluation import (
     open_loop_prediction,
     sequence_bits_per_dim,
@@ -85,6 +86,8 @@ def test_open_loop_errors_leave_out_sequences_past_an_episode_start():
     batch = random_batch(3, 9)
     batch["is_first"][1, 5] = True  # horizon 2 (frame 5) of sequence 1 starts an episode
     batch["is_first"][:, 8] = True  # every sequence's last frame: nobody left at horizon 5
+    batch["pixels"][1, 5:] = 128  # flat frames where no average looks: counted, they would
+    batch["pixels"][:, 8] = 128  # lower the real frames' mean gradient (the sharpness below)
     torch.manual_seed(4)
     out = open_loop_prediction(wm, batch, context=3)
     err = ((out["pred"][:, 3:].double() - batch["pixels"][:, 3:].double()) / 255).square()
@@ -93,11 +96,17 @@ def test_open_loop_errors_leave_out_sequences_past_an_episode_start():
     torch.testing.assert_close(out["mse"][2:5], per_seq[[0, 2], 2:5].mean(0))
     assert math.isnan(out["mse"][5]) and math.isnan(out["ssim"][5])
     assert all(math.isfinite(v) for v in out["ssim"][:5])
-    # The frames counted, for callers that score them otherwise (the loop's sharpness).
+    # The sharpness of the predicted frames counts the same frames.
     counted = torch.ones(3, 6, dtype=torch.bool)
     counted[1, 2:] = False
     counted[:, 5] = False
-    assert torch.equal(out["same_episode"], counted)
+    frames = (
+        out["pred"][:, 3:][counted].float() / 255,
+        batch["pixels"][:, 3:][counted].float() / 255,
+    )
+    assert out["sharpness"] == pytest.approx(sharpness_ratio(*frames), rel=1e-6)
+    everything = [x[:, 3:].flatten(0, 1).float() / 255 for x in (out["pred"], batch["pixels"])]
+    assert sharpness_ratio(*everything) > 1.2 * out["sharpness"]
 
 
 def test_open_loop_prediction_shapes_and_context(kind):
