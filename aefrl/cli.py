@@ -76,20 +76,23 @@ RUN_FOLDERS = ("tb", "replay")
 
 
 def output_path(
-    path: str | Path | None, default: Path, run_dir: Path | None = None, taken: tuple = ()
+    path: str | Path | None, default: Path, run: str | Path | None = None, taken: tuple = ()
 ) -> Path:
     """Where a script writes its result: ``path`` or ``default``, its folder created and the
     file's writability tried now, before the work (a missing folder, a directory or an
     unwritable place used to fail with a traceback only after all episodes had run). Refused:
-    a file of the training run in ``run_dir`` (``--out run/checkpoint.pt`` overwrote the
-    checkpoint) and the paths in ``taken`` (another output of the same script)."""
+    a file of the training run the script reads (``run``: its directory, or a checkpoint file
+    in it, whatever its name; ``--out run/checkpoint.pt`` overwrote the checkpoint) and the
+    paths in ``taken`` (another output of the same script)."""
     out = Path(path) if path else Path(default)
     if out.is_dir():
         raise UserError(f"cannot write {out}: it is a directory; give a file path")
     target = out.resolve()  # a symlink's target (dangling or not) is what gets written
-    if run_dir is not None:
-        run = Path(run_dir).resolve()
-        owned = {run / name for name in RUN_FILES}
+    if run is not None:
+        run = Path(run).resolve()
+        owned = {run} if run.is_file() else set()
+        run = run.parent if run.is_file() else run
+        owned |= {run / name for name in RUN_FILES}
         if target in owned or any(run / f in target.parents for f in RUN_FOLDERS):
             raise UserError(
                 f"cannot write {out}: it is the training run's own {target.relative_to(run)}; "

@@ -165,7 +165,7 @@ def check_read_settings(conf, overrides: list[str]) -> None:
     if not overrides:
         return
     agent, kind = conf["agent"]["name"], conf["obs_model"]["kind"]
-    given = sorted(set().union(set(), *(typed_leaves(o) for o in overrides)))
+    given = sorted(set().union(*(typed_leaves(o) for o in overrides)))
     for key in given:
         parts = [*key.split("."), ""]  # a group choice (agent=planner) is one part
         if key == "agent.name":

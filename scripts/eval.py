@@ -239,12 +239,10 @@ def evaluate_checkpoint(args) -> int:
             f"here: add --agent planner to plan with its world model, or leave {them} out"
         )
     suffix = "_planner" if args.agent == "planner" and trained_by != "planner" else ""
-    source = Path(args.run_dir)  # the checkpoint read, whatever its name (run/snap.pt)
-    source = (source,) if source.is_file() else ()
-    out = output_path(args.out, run_dir / f"eval{suffix}.json", run_dir, source)
+    out = output_path(args.out, run_dir / f"eval{suffix}.json", args.run_dir)
     record = args.video != ""
     video = (
-        output_path(args.video, run_dir / f"eval{suffix}.gif", run_dir, (out, *source))
+        output_path(args.video, run_dir / f"eval{suffix}.gif", args.run_dir, (out,))
         if record
         else None
     )

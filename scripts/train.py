@@ -198,6 +198,7 @@ def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
         conf = OmegaConf.to_container(cfg, resolve=True)
         conf["run_dir"] = str(run_dir)
         job = hydra_job()
+        # check_overrides ran it before Hydra; again here for lines it leaves to Hydra (-cn)
         check_read_settings(conf, [] if job is None else job[2])
         if job is not None:  # the presets chosen, which a resume checks its own against
             from hydra.core.hydra_config import HydraConfig

@@ -239,13 +239,12 @@ def write_report(args, argv) -> int:
             f"--proposal-scale applies to aef models only (their importance proposal), but this "
             f"run's obs_model is {kind}: leave it out"
         )
-    source = (run_dir,) if run_dir.is_file() else ()  # the checkpoint read, whatever its name
     stem = "world_model_report" + ("_random" if args.policy == "random" else "")
-    out = output_path(args.out, folder / f"{stem}.json", folder, source)
+    out = output_path(args.out, folder / f"{stem}.json", run_dir)
     if args.video == "":
         video = None
     else:  # --out x.gif put the GIF at the JSON's path: refused, not overwritten by the JSON
-        video = output_path(args.video, out.with_suffix(".gif"), folder, (out, *source))
+        video = output_path(args.video, out.with_suffix(".gif"), run_dir, (out,))
     render = args.render or conf["env"].get("render", "faithful")
     env = make_run_env(conf["env"], args.seed, num_envs=1, render=render)
     action_dim = int(env.action_spec.shape[-1])

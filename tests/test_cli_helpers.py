@@ -103,7 +103,7 @@ def test_an_output_over_the_checkpoint_is_refused_before_any_work(name, tmp_path
     # A checkpoint of another name, read as the file given: not overwritten either.
     (tmp_path / "checkpoint.pt").rename(tmp_path / "snap.pt")
     assert script.main([str(tmp_path / "snap.pt"), "--out", str(tmp_path / "snap.pt")]) == 2
-    assert "another output of this command goes there" in capsys.readouterr().err
+    assert "it is the training run's own snap.pt" in capsys.readouterr().err
     assert (tmp_path / "snap.pt").read_bytes() == before
 
 
