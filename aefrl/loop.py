@@ -74,6 +74,7 @@ class LoopConfig:
     report_samples: int = 8  # K of the importance-sampled bits/dim in reports
     checkpoint_every: int = 50000
     video_fps: float = 15.0
+    eval_video: bool = True  # each evaluation's first episode as a GIF (eval/first_episode)
     cuda_graph: bool = False  # replay the whole update as one CUDA graph (aefrl/cuda_graph.py)
     cuda_graph_fallback: bool = True  # if the capture fails: warn and run eagerly (else raise)
 
@@ -97,6 +98,8 @@ class LoopConfig:
         for name in ("train_ratio", "video_fps"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not isinstance(self.eval_video, bool):  # bool("false") would be True
+            raise ValueError(f"eval_video must be true or false, got {self.eval_video!r}")
 
 
 class _Every:
@@ -538,11 +541,11 @@ class Trainer:
             result["critic_value"] = cal["value_mean"]
             result["critic_return_to_go"] = cal["return_to_go_mean"]
         self.logger.log_scalars(result, self.counters["frames"], "eval")
-        # What the policy did: the first episode as the agent saw it (~1.3 MB for 500 steps).
-        pixels = self.heldout[keys.PIXELS][0]  # [T, C, H, W] uint8
-        self.logger.log_video(
-            "eval/first_episode", pixels, self.counters["frames"], fps=self.config.video_fps
-        )
+        if self.config.eval_video:  # what the policy did, as the agent saw it (~1.3 MB/500 steps)
+            pixels = self.heldout[keys.PIXELS][0]  # [T, C, H, W] uint8
+            self.logger.log_video(
+                "eval/first_episode", pixels, self.counters["frames"], fps=self.config.video_fps
+            )
         return result
 
     @torch.no_grad()

@@ -69,6 +69,7 @@ LOOP_FIELD_KEYS = {
     "seq_len": "replay.seq_len",
     "log_every": "logger.log_every",
     "video_fps": "logger.video_fps",
+    "eval_video": "logger.eval_video",
 }
 
 
@@ -86,8 +87,13 @@ def resolve_cuda_graph(value, device: torch.device) -> dict:
 
 # Keys a resumed run may change: none touches the learning itself, so the resumed run still
 # follows the uninterrupted one (threads exactly up to float rounding: reductions may split
-# differently). Each with the smallest value it accepts.
-RESUME_OVERRIDABLE = {"loop.total_frames": 1, "loop.checkpoint_every": 0, "threads": 0}
+# differently). Each with the smallest value it accepts, or bool for a switch.
+RESUME_OVERRIDABLE = {
+    "loop.total_frames": 1,
+    "loop.checkpoint_every": 0,
+    "threads": 0,
+    "logger.eval_video": bool,
+}
 
 
 def check_whole_number(key: str, value, minimum: int | None = None) -> None:
@@ -236,7 +242,11 @@ def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
         if key == "threads" and value is None:  # as in a new run: torch's default
             value = 0
         # Checked here, before "nothing to train" compares it with the run's frames.
-        check_whole_number(key, value, RESUME_OVERRIDABLE[key])
+        if RESUME_OVERRIDABLE[key] is bool:
+            if not isinstance(value, bool):
+                raise UserError(f"{key} must be true or false, got {value!r}")
+        else:
+            check_whole_number(key, value, RESUME_OVERRIDABLE[key])
         section[name] = value
     return conf, run_dir, state
 
@@ -506,6 +516,7 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
             seq_len=int(rep["seq_len"]),
             log_every=int(conf["logger"]["log_every"]),
             video_fps=float(conf["logger"]["video_fps"]),
+            eval_video=conf["logger"].get("eval_video", True),  # runs from before it: on
         )
     except ValueError as exc:  # "name must ...": name the configuration key instead
         name, _, rest = str(exc).partition(" ")

@@ -105,6 +105,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
         f"loop.total_frames={frames + 100}",
         "loop.checkpoint_every=7",
         "threads=1",
+        "logger.eval_video=false",
         # the rest of the run's own command line, repeated: accepted
         *("exp=smoke", f"run_dir={run_dir}", "loop.eval_every=0", "loop.report_every=0"),
     )
@@ -114,6 +115,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
     assert state["run_config"]["loop"]["total_frames"] == frames + 100
     assert state["run_config"]["loop"]["checkpoint_every"] == 7
     assert state["run_config"]["threads"] == 1
+    assert state["run_config"]["logger"]["eval_video"] is False
     saved = OmegaConf.load(run_dir / "run_config.yaml")  # rewritten with the changed keys
     assert saved.loop.total_frames == frames + 100 and saved.threads == 1
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -137,6 +139,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
     for bad in ("loop.total_frames=-1", "loop.checkpoint_every=2.5", "threads=1.5"):
         out = train(f"resume={run_dir}", bad)
         assert out.returncode == 2 and "must be a whole number" in out.stderr, out.stderr[-2000:]
+    out = train(f"resume={run_dir}", "logger.eval_video=2")
+    assert out.returncode == 2 and "eval_video" in out.stderr, out.stderr[-2000:]
     # Other settings cannot change: a resume would have dropped them (it used to, with a line).
     out = train(f"resume={run_dir}", "seed=5", "obs_model=vae", "loop.eval_every=0")
     assert out.returncode == 2, out.stderr[-2000:]
@@ -189,6 +193,7 @@ def test_ctrl_c_while_importing_is_one_sentence_and_exit_130(tmp_path, script):
         (["loop.total_frame=100"], "did you mean loop.total_frames?"),
         # checked in setup, before they crashed the first report or silently went wrong
         (["logger.video_fps=0"], "logger.video_fps must be > 0, got 0"),
+        (["logger.eval_video=maybe"], "logger.eval_video takes true or false"),
         (["threads=1.5"], "threads must be a whole number >= 0"),
         (["replay.batch_size=2.5"], "replay.batch_size must be a whole number, got 2.5"),
         (["logger.log_every=100.5"], "logger.log_every must be a whole number, got 100.5"),

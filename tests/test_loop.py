@@ -295,7 +295,20 @@ def test_frames_of_an_env_without_a_frame_count_are_steps_times_the_repeat(tmp_p
     assert counters["agent_steps"] == 10 and counters["frames"] == 30
 
 
+def test_evaluation_video_can_be_turned_off(tmp_path):
+    trainer = build(tmp_path)
+    trainer.config.eval_video = False
+    assert trainer.evaluate() is not None
+    trainer.logger.close()
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    assert "eval/episode_return" in acc.Tags()["scalars"]  # the evaluation was logged
+    assert "eval/first_episode" not in acc.Tags()["images"]  # but not its video
+
+
 def test_loop_config_refuses_what_would_crash_at_the_first_report():
+    with pytest.raises(ValueError, match="eval_video must be true or false, got 'no'"):
+        LoopConfig(eval_video="no")
     with pytest.raises(ValueError, match="report_samples must be >= 1, got 0"):
         LoopConfig(report_samples=0)
     with pytest.raises(ValueError, match="video_fps must be > 0, got 0"):
