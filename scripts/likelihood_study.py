@@ -8,9 +8,11 @@ real / reconstructed / sampled frames per model.
     python scripts/likelihood_study.py                       # the documented run
     python scripts/likelihood_study.py --steps 200 --quick   # a few-minute smoke version
 
-Results go to --out (default docs/results/likelihood_study/): results.json, table.md, grids;
-TensorBoard curves to --logdir. Finished models are kept in results.json, and a rerun with the
-same arguments skips them, so an interrupted study loses at most the model in progress.
+Results go to --out (default docs/results/likelihood_study/; with --quick
+runs/likelihood_study_quick/): results.json, table.md, grids; TensorBoard curves and the models
+to --logdir. Finished models are kept in results.json, and a rerun with the same arguments skips
+them, so an interrupted study loses at most the model in progress; one with other settings is
+refused (another --out keeps both).
 """
 
 from __future__ import annotations
@@ -48,7 +50,19 @@ ESTIMATORS = {
 
 
 #: What --quick sets, where the command line does not set it itself.
-QUICK = {"episodes": 3, "heldout": 2, "episode_steps": 60, "num_samples": 16, "eval_frames": 40}
+QUICK = {
+    "episodes": 3,
+    "heldout": 2,
+    "episode_steps": 60,
+    "num_samples": 16,
+    "eval_frames": 40,
+    # not over the documented study's results and models
+    "out": "runs/likelihood_study_quick",
+    "logdir": "runs/likelihood_study_quick/tb",
+}
+#: Options that choose what an invocation (re)computes; every other one is a setting the stored
+#: numbers depend on.
+PER_RUN = ("out", "evaluate_only", "models", "retrain")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,7 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--kinds", nargs="+", default=["vae", "aef", "aef_partition"], choices=ESTIMATORS
     )
     p.add_argument("--latents", nargs="+", type=positive_int, default=[2, 8, 32])
-    p.add_argument("--steps", type=positive_int, default=3000, help="training steps per model")
+    p.add_argument("--steps", type=positive_int, default=4000, help="training steps per model")
     p.add_argument("--batch", type=positive_int, default=32)
     p.add_argument("--lr", type=positive_float, default=5e-4)
     p.add_argument(
@@ -134,7 +148,21 @@ def parse_args(argv=None) -> argparse.Namespace:
             task_action_dim(task)  # loads its physics only
         except ValueError as exc:
             p.error(f"--tasks: {exc}")
+    results = Path(args.out) / "results.json"
+    if results.exists():  # a rerun with other settings would drop (or mix in) their rows
+        stored = json.loads(results.read_text())
+        changed = sorted(k for k, v in settings(args).items() if stored.get("args", {}).get(k) != v)
+        if stored.get("models") and changed:
+            p.error(
+                f"--out {args.out} holds results of other settings ({', '.join(changed)}): "
+                "use the same settings, or another --out"
+            )
     return args
+
+
+def settings(args: argparse.Namespace) -> dict:
+    """The options a model's numbers depend on (all but :data:`PER_RUN`)."""
+    return {k: v for k, v in vars(args).items() if k not in PER_RUN}
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -358,22 +386,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    # What a model's numbers depend on; --models / --retrain / --evaluate-only only choose
-    # which models this invocation (re)computes.
-    per_run = ("out", "evaluate_only", "models", "retrain")
-    settings = {k: v for k, v in vars(args).items() if k not in per_run}
-    stored = {k: v for k, v in results.get("args", {}).items() if k not in per_run}
-    if args.evaluate_only:
-        if results.get("models") and stored != settings:  # its rows would mix two settings
-            changed = sorted(k for k in settings if stored.get(k) != settings[k])
-            raise SystemExit(
-                "--evaluate-only with settings other than the stored results' "
-                f"({', '.join(changed)}); use the same settings, or another --out"
-            )
-        results.setdefault("models", {})
-    elif stored != settings:
-        results = {"models": {}}  # different settings: start over
-    results["args"] = settings
+    if not results.get("models"):  # parse_args refused stored models of other settings
+        results = {"models": {}}
+    results["args"] = settings(args)
     results["command"] = command
     results["machine"] = machine_info()
 

@@ -56,9 +56,13 @@ def test_study_writes_table_grids_models_and_reruns_selectively(tmp_path):
 
     bad = study(tmp_path, "--models", "flow_d2")
     assert bad.returncode != 0 and "unknown --models flow_d2: the grid has" in bad.stderr
-    # Re-evaluating with other settings would mix two settings' rows under the new ones' args.
-    mixed = study(tmp_path, "--evaluate-only", "--lr", "0.1")
-    assert mixed.returncode != 0 and "settings other than the stored results' (lr)" in mixed.stderr
+    # Re-evaluating with other settings would mix two settings' rows under the new ones' args;
+    # training with them dropped the stored rows (the documented study's, by default --out).
+    for extra in (["--evaluate-only"], []):
+        mixed = study(tmp_path, *extra, "--lr", "0.1")
+        assert mixed.returncode == 2, mixed.stderr[-2000:]
+        assert "holds results of other settings (lr): use the same" in mixed.stderr
+    assert json.loads((tmp_path / "out/results.json").read_text())["models"] == after
 
 
 def test_results_of_side_by_side_invocations_are_merged(tmp_path):
@@ -153,7 +157,7 @@ def test_every_model_scores_the_same_dequantisation_noise(tmp_path):
     torch.testing.assert_close(seen["aef_partition"], seen["vae"], rtol=0, atol=0)
 
 
-def test_bad_options_are_one_line_and_quick_keeps_the_options_given(capsys):
+def test_bad_options_are_one_line_and_quick_keeps_the_options_given(capsys, monkeypatch):
     """Each was a traceback (some after the frames were collected) or, for --steps -5, a
     result of nothing trained; --quick overrode --num-samples and the like given with it."""
     spec = importlib.util.spec_from_file_location("study", ROOT / "scripts/likelihood_study.py")
@@ -178,3 +182,14 @@ def test_bad_options_are_one_line_and_quick_keeps_the_options_given(capsys):
         4,
         script.QUICK["eval_frames"],
     )
+    # ... and writes apart from the documented study, whose settings the bare command repeats
+    monkeypatch.chdir(ROOT)
+    assert (quick.out, quick.logdir) == (
+        "runs/likelihood_study_quick",
+        "runs/likelihood_study_quick/tb",
+    )
+    stored = json.loads((ROOT / "docs/results/likelihood_study/results.json").read_text())
+    assert script.settings(script.parse_args([])) == stored["args"]
+    with pytest.raises(SystemExit) as info:  # the docs' rows are kept, not dropped
+        script.parse_args(["--steps", "5"])
+    assert "holds results of other settings (steps)" in capsys.readouterr().err
