@@ -15,11 +15,23 @@ VERSION = f"aefrl {__version__}"
 class Parser(argparse.ArgumentParser):
     """argparse with a mistake on the command line as one line, ``error: <what was wrong>``, and
     exit code 2, as the scripts print every bad input: argparse's usage block above it buried the
-    sentence (``--help`` shows the usage); ``--version`` prints :data:`VERSION`."""
+    sentence (``--help`` shows the usage); ``--version`` prints :data:`VERSION`; every option's
+    default in ``--help``."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.add_argument("--version", action="version", version=VERSION)
+
+    def add_argument(self, *args, **kwargs) -> argparse.Action:
+        """As argparse's, with ``(default: ...)`` appended to an option's help unless it names
+        its default itself or has none to show (None, a flag's False)."""
+        action = super().add_argument(*args, **kwargs)
+        default, text = action.default, action.help or ""
+        shown = default is None or default is False or default is argparse.SUPPRESS
+        named = text is argparse.SUPPRESS or "(default" in text
+        if action.option_strings and not shown and not named:
+            action.help = f"{text} (default: %(default)s)".lstrip()
+        return action
 
     def error(self, message: str):
         self.exit(2, f"error: {message}\n")

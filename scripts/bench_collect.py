@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from aefrl.arguments import Parser
+
 ROOT = Path(__file__).resolve().parents[1]
 JSON_PATH = ROOT / "docs" / "results" / "collect_cpu.json"
 MD_PATH = ROOT / "docs" / "results" / "collect_cpu.md"
@@ -258,7 +260,7 @@ def _write_markdown(block: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = Parser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="walker only, fewer steps (~1 min)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)  # internal: KIND JSON_ARGS
     args = parser.parse_args()

@@ -28,7 +28,6 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spin-waits starve 2 cores
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from aefrl import keys  # noqa: E402
 from aefrl.allocator import tune_malloc  # noqa: E402
+from aefrl.arguments import Parser  # noqa: E402
 from aefrl.bench.subjects import Sizes, random_batch  # noqa: E402
 from aefrl.bench.timing import time_interleaved  # noqa: E402
 from aefrl.nn import ChannelNorm  # noqa: E402
@@ -358,7 +358,7 @@ SECTIONS = (
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--frames", type=int, default=800, help="B x T frames of the trunk maps")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "cpu_options.json")

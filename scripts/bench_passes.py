@@ -29,7 +29,6 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spin-waits starve 2 cores
 
-import argparse
 import copy
 import math
 import sys
@@ -45,6 +44,7 @@ from torch import nn  # noqa: E402
 
 from aefrl import keys  # noqa: E402
 from aefrl.allocator import tune_malloc  # noqa: E402
+from aefrl.arguments import Parser  # noqa: E402
 from aefrl.bench.subjects import Sizes, random_batch  # noqa: E402
 from aefrl.bench.timing import time_interleaved  # noqa: E402
 from aefrl.nn import Linear  # noqa: E402
@@ -244,7 +244,7 @@ def markdown(r: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "passes_cpu.json")
     p.add_argument("--toy", action="store_true", help="tiny sizes (the test)")

@@ -26,7 +26,6 @@ import os
 # Small ops spin-wait on idle cores by default; with 2 cores that makes torch much slower.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse
 import functools
 import gc
 import json
@@ -48,6 +47,7 @@ from tensordict import TensorDict
 from torchrl.data import LazyMemmapStorage, LazyTensorStorage, ReplayBuffer, SliceSampler
 
 from aefrl import keys
+from aefrl.arguments import Parser
 from aefrl.replay import SequenceReplay
 
 ACTION_DIM = 6
@@ -346,7 +346,7 @@ def write_markdown(path: Path, results: list[dict], info: dict, command: str, ga
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1e4 rows only, fewer repetitions")
     parser.add_argument("--capacities", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--num-envs", type=int, default=4, help="parallel env streams")

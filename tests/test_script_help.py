@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from aefrl.arguments import Parser
 from tests.tiny_run import ROOT, load_script
 
 SCRIPTS = ["eval", "world_model_report"]
@@ -113,10 +114,39 @@ def test_eval_offers_the_planners_there_are():
     assert load_script("eval").PLANNERS == PLANNERS
 
 
-@pytest.mark.parametrize("name", [*SCRIPTS, "train"])
+def test_help_names_every_default_the_option_has():
+    """The benchmark and study scripts' --help gave no defaults (the README says all do)."""
+    parser = Parser(prog="x")
+    parser.add_argument("--reps", type=int, default=0)  # 0 is a default to show (0 == False)
+    parser.add_argument("--sizes", nargs="+", default=[1, 2], help="sizes")
+    parser.add_argument("--out", default=None, help="where")  # nothing to show
+    parser.add_argument("--quick", action="store_true", help="fewer")
+    parser.add_argument("--render", default="x", help="how (default: the run's own)")
+    text = " ".join(parser.format_help().split())
+    assert "--reps REPS (default: 0)" in text
+    assert "sizes (default: [1, 2])" in text
+    assert "where --quick fewer --render" in text  # None and a flag's False: no default shown
+    assert text.count("(default") == 3  # the render option's own wording is kept
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        *SCRIPTS,
+        "train",
+        "bench",
+        "bench_collect",
+        "bench_cpu_options",
+        "bench_passes",
+        "bench_replay",
+        "learning_report",
+        "likelihood_study",
+    ],
+)
 def test_version_is_the_packages_own(name):
     """train.py's --version printed Hydra's version ("Hydra 1.3.8"), eval.py's asked for a
-    run_dir; every script now prints the installed aefrl's, as importlib.metadata has it."""
+    run_dir, four benchmark scripts had none; every script now prints the installed aefrl's, as
+    importlib.metadata has it."""
     from importlib.metadata import version
 
     out = run_as_main(name, "--version")
