@@ -30,13 +30,24 @@ def cpu_model() -> str:
 
 
 def git_commit() -> str:
+    """The short hash of the checkout this package runs from (``-dirty`` with uncommitted
+    changes), wherever the command was started; ``unknown`` when the package is not a git
+    checkout's own (an installed copy)."""
+    package = Path(__file__).resolve().parent  # not the working directory: runs start anywhere
+
+    def git(*args: str) -> str:
+        run = subprocess.run(["git", *args], capture_output=True, text=True, cwd=package)
+        if run.returncode != 0:
+            raise OSError(run.stderr)
+        return run.stdout.strip()
+
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != package.parent:
+            return "unknown"  # e.g. site-packages inside some other repository
+        return git("rev-parse", "--short", "HEAD") + (
+            "-dirty" if git("status", "--porcelain") else ""
         )
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True)
-        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
+    except OSError:  # no git, or not a checkout
         return "unknown"
 
 

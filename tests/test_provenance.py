@@ -1,10 +1,14 @@
 """Run records: one JSON line per start of a training run."""
 
 import importlib.metadata
+import subprocess
+from pathlib import Path
 
+import aefrl
 from aefrl.provenance import (
     append_run_record,
     cpu_model,
+    git_commit,
     machine_info,
     package_version,
     read_run_records,
@@ -31,3 +35,18 @@ def test_versions_come_from_the_installed_distributions():
         assert info[key] == importlib.metadata.version(dist) != "unknown", key
     assert package_version("colorsys") == "unknown"  # importable, no distribution, no __version__
     assert package_version("no_such_module_here") is None
+
+
+def test_git_commit_is_the_packages_checkout_wherever_the_run_starts(tmp_path, monkeypatch):
+    """It asked git about the working directory: "unknown" for a run started outside the
+    repository (``python /path/to/scripts/train.py``), or another repository's hash."""
+    repo = Path(aefrl.__file__).resolve().parent.parent
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True
+    )
+    expected = head.stdout.strip() if head.returncode == 0 else "unknown"  # a wheel: unknown
+    monkeypatch.chdir(tmp_path)  # not a repository
+    found = git_commit()
+    assert found.removesuffix("-dirty") == expected
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)  # another repository
+    assert git_commit() == found
