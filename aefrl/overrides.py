@@ -163,9 +163,11 @@ def _check(
         if o.key_or_group in groups and not o.is_delete() and o.package is None:
             choice, choices = o.value(), groups[o.key_or_group]
             if isinstance(choice, str) and choice not in choices:
+                close = difflib.get_close_matches(choice, choices, n=1)
+                hint = f"; did you mean {o.key_or_group}={close[0]}?" if close else ""
                 raise OverrideError(
                     f"{o.input_line} is not a choice: {o.key_or_group} is one of "
-                    f"{', '.join(choices)} (configs/{o.key_or_group}/)"
+                    f"{', '.join(choices)} (configs/{o.key_or_group}/){hint}"
                 )
     # A mapping on a group's node (agent={lr: {model: 1e-4}}) sets keys in the chosen option.
     keyed = [o for o in parsed if o.key_or_group not in groups or isinstance(o.value(), dict)]

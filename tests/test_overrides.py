@@ -47,7 +47,12 @@ def test_valid_overrides_pass(args):
     ("args", "message"),
     [
         (("obs_model=flow",), "obs_model is one of aef, aef_partition, vae"),
-        (("exp=fast",), "exp is one of cpu, default, smoke"),
+        (("exp=fast",), "exp is one of cpu, default, smoke (configs/exp/)"),
+        (
+            ("exp=smok",),
+            "exp is one of cpu, default, smoke (configs/exp/); did you mean exp=smoke?",
+        ),
+        (("agent=plannr",), "did you mean agent=planner?"),
         (("loop.total_frame=5",), "did you mean loop.total_frames?"),
         (("agent.actor.hiden=3",), "did you mean agent.actor.hidden?"),
         (
