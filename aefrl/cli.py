@@ -13,6 +13,7 @@ import torch
 
 from aefrl.checkpoint import CHECKPOINT_NAME
 from aefrl.envs import make_dmc_env
+from aefrl.envs.dmc import check_env_args
 from aefrl.provenance import RUN_RECORDS
 
 
@@ -53,10 +54,25 @@ def make_env(task: str, **kwargs):
     except RuntimeError as exc:
         raise UserError(str(exc)) from None
     except ValueError as exc:
-        message = str(exc)
-        if message.split(" ", 1)[0] in ENV_KEYS:
-            message = f"env.{message}"
-        raise UserError(message) from None
+        raise _env_setting_error(exc) from None
+
+
+def check_run_env(env: dict) -> None:
+    """:func:`make_run_env`'s checks of a run's ``env`` configuration, building nothing (a
+    sweep checks every job's before the first one starts): a :class:`UserError` naming the
+    key."""
+    try:
+        check_env_args(**env)
+    except ValueError as exc:
+        raise _env_setting_error(exc) from None
+
+
+def _env_setting_error(exc: ValueError) -> UserError:
+    """The env's one-sentence argument error, naming the configuration key (``env.render``)."""
+    message = str(exc)
+    if message.split(" ", 1)[0] in ENV_KEYS:
+        message = f"env.{message}"
+    return UserError(message)
 
 
 def make_run_env(env: dict, seed: int, num_envs: int | None = None, render: str | None = None):

@@ -15,6 +15,7 @@ since their components validate them (``device``, ``loop.cuda_graph``, ``env.tas
 from __future__ import annotations
 
 import difflib
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -86,8 +87,9 @@ def check_overrides(
     With ``-m`` every value of every sweep (``seed=0,1``, ``obs_model=vae,aef``) is checked as
     a single run's override would be: a sweep skipped these checks, and ``agent.compile=no,yes``
     trained both jobs compiled (a non-empty string is true). ``check_job(composed, overrides)``
-    (train.py: :func:`agents.factory.check_read_settings`) is called for each job of a new run
-    with its composed configuration; its ValueError becomes an :class:`OverrideError`.
+    (train.py's :func:`check_job`: settings the job never reads, values out of range) is called
+    for each job of a new run with its composed configuration, before the first job starts;
+    its ValueError becomes an :class:`OverrideError`.
     Command lines with Hydra's other flags (``--cfg job``, ``--help``: no job runs) and
     ``hydra.*`` keys are left to Hydra; a sweep without ``-m`` and a deletion (``~seed``) are
     refused, and so is a value for a whole group of settings (``loop=5``).
@@ -114,10 +116,10 @@ def _parse(args: list[str]) -> list:
 
 
 def _sweep_variants(parsed: list, groups: dict[str, list[str]]) -> list[list[str]]:
-    """Single-run command lines that together hold every value of every sweep: each sweep's
-    values in turn, the other sweeps at their first value. A ``glob(...)`` over a group's
-    choices is expanded against ``groups``; none (unchecked, left to Hydra) when a sweep only
-    Hydra can expand is on the line."""
+    """The single-run command lines of a sweep's jobs, every combination of its values, as
+    Hydra's basic sweeper runs them (a check can depend on several settings together). A
+    ``glob(...)`` over a group's choices is expanded against ``groups``; none (unchecked, left
+    to Hydra) when a sweep only Hydra can expand is on the line."""
     values = []
     for o in parsed:
         if not o.is_sweep_override():
@@ -131,11 +133,7 @@ def _sweep_variants(parsed: list, groups: dict[str, list[str]]) -> list[list[str
         except HydraException:
             return []
         values.append([f"{o.get_key_element()}={v}" for v in swept] or [o.input_line])
-    first = [v[0] for v in values]
-    variants = [first]
-    for i, options in enumerate(values):
-        variants += [[*first[:i], v, *first[i + 1 :]] for v in options[1:]]
-    return variants
+    return [list(job) for job in itertools.product(*values)]
 
 
 def _check(
@@ -224,7 +222,13 @@ def _check(
     # A resume's settings are the run's own, which train.py compares the command line with.
     resumed = any(o.key_or_group == "resume" and o.value() is not None for o in parsed)
     if check_job is not None and not resumed:
+        lines = [o.input_line for o in parsed]
+        try:  # the job's whole configuration: every override, not only the group choices
+            with initialize_config_dir(str(config_dir), version_base="1.3"):
+                job = compose(config_name, overrides=lines)
+        except HydraException as exc:
+            raise OverrideError(" ".join(str(exc).split())) from None
         try:
-            check_job(defaults, [o.input_line for o in parsed])
+            check_job(job, lines)
         except ValueError as exc:
             raise OverrideError(str(exc)) from None

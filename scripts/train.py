@@ -25,11 +25,13 @@ exit_if_user_backend_broken()  # before torchrl imports mujoco, which reads MUJO
 
 import copy
 import fcntl
+import functools
 import json
 import math
 import random
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import hydra
 import numpy as np
@@ -39,7 +41,15 @@ from omegaconf import DictConfig, OmegaConf
 from aefrl.allocator import tune_malloc
 from aefrl.arguments import VERSION
 from aefrl.checkpoint import CHECKPOINT_NAME, CheckpointError, check_contents, load_checkpoint
-from aefrl.cli import RUN_CONFIG, RUN_LOCK, UserError, make_run_env, resolve_device
+from aefrl.cli import (
+    RUN_CONFIG,
+    RUN_LOCK,
+    UserError,
+    check_run_env,
+    make_run_env,
+    resolve_device,
+)
+from aefrl.envs.dmc import task_action_dim
 from aefrl.logging import RunLogger
 from aefrl.loop import LoopConfig, Trainer
 from aefrl.nn import conv_stages
@@ -145,15 +155,13 @@ def hydra_job() -> tuple[bool, int, list[str]] | None:
 
 
 def sweep_job_run_dir(run_dir: str, job: tuple[bool, int, list[str]] | None) -> str:
-    """The default ``run_dir`` of a sweep's job with ``-j<job number>`` appended.
+    """The ``run_dir`` of a sweep's job, with ``-j<job number>`` appended.
 
     Hydra resolves ``${now:}`` once per process, so the jobs of a ``-m`` sweep over a key the
     default path does not name (``loop.train_ratio=32,64``) all got one directory and every
-    job after the first was refused. A ``run_dir`` given on the command line is kept as given.
+    job after the first was refused; so did every job of a sweep given one ``run_dir=X``.
     """
     if job is None or not job[0]:
-        return run_dir
-    if any(o.lstrip("+~").split("=", 1)[0] == "run_dir" for o in job[2]):
         return run_dir
     return f"{run_dir}-j{job[1]}"
 
@@ -441,10 +449,10 @@ def check_trains(loop: LoopConfig, num_envs: int, updates_done: int = 0) -> None
 def check_replay_fits(storage: str, pixel_bytes: int, capacity: int, device) -> None:
     """Refuse an in-memory replay larger than the memory that would hold it (the allocation
     would fail at the first row, after the run's files were written); disk files are sparse."""
-    if storage == "memory" or (storage == "device" and device.type == "cpu"):
-        where, total = "RAM", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if storage == "memory":
+        where, total = device_memory(torch.device("cpu"))
     elif storage == "device":
-        where, total = f"{device} memory", torch.cuda.get_device_properties(device).total_memory
+        where, total = device_memory(device)
     else:
         return
     if pixel_bytes > total:
@@ -455,33 +463,36 @@ def check_replay_fits(storage: str, pixel_bytes: int, capacity: int, device) -> 
         )
 
 
-def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
-    """The trainer (restored when resuming), its env, run directory and whether it resumed."""
-    conf, run_dir, resume_state = run_configuration(cfg)
-    if resume_state is not None:  # checked before anything is written (logs, records, files)
-        frames, total = resume_state["counters"]["frames"], conf["loop"]["total_frames"]
-        if frames >= total:
-            print(
-                f"nothing to train: {run_dir} is at {frames} frames >= loop.total_frames={total}; "
-                "raise it to continue (nothing was written)"
-            )
-            raise NothingToTrain(dict(resume_state["counters"]))
+_task_action_dim = functools.lru_cache(task_action_dim)  # once per task in a sweep's checks
+
+
+class CheckedSettings(NamedTuple):
+    """What :func:`check_settings` worked out of a run's configuration."""
+
+    seed: int
+    threads: int  # 0: torch's default
+    device: torch.device
+    image_size: int
+    loop: LoopConfig
+    storage: str  # replay.storage with auto decided
+
+
+def check_settings(conf: dict, updates_done: int = 0) -> CheckedSettings:
+    """Every check of a run's configuration ``conf`` (resolved) that needs no environment, no
+    files and no memory; a :class:`UserError` or ValueError names the key. :func:`build_run`
+    runs it first, and :func:`check_job` before Hydra for every job of a ``-m`` sweep, where a
+    bad value in a later job (an unknown task, γ > 1, a run too short to update) stopped the
+    sweep only after the jobs before it had trained. ``updates_done``: a resumed run's."""
     for key, value in non_finite_keys(conf):
         raise UserError(f"{key} must be a finite number, got {value}")
     threads = conf["threads"] or 0  # 0 and null: torch's default
     check_whole_number("threads", threads, 0)
-    if threads:
-        torch.set_num_threads(int(threads))
-    tune_malloc()  # CPU updates otherwise re-fault their working set every time (allocator.py)
     seed = conf["seed"]
     if isinstance(seed, bool) or seed != int(seed) or not 0 <= seed < 2**32:
         raise UserError(f"seed must be a whole number in [0, 2**32 - 1], got {seed}")
-    seed = int(seed)
-    seed_everything(seed)
     device = resolve_device(conf["device"])
     loop = dict(conf["loop"])  # runs from before loop.cuda_graph existed resume with "auto"
     cuda_graph = resolve_cuda_graph(loop.pop("cuda_graph", "auto"), device)
-
     try:  # the conv trunks halve the image down to 4 pixels: refuse other sides before the env
         conv_stages(conf["env"]["image_size"], conf["env"]["image_size"])
     except (TypeError, ValueError):
@@ -491,21 +502,10 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
         ) from None
     for section, key in WHOLE_NUMBERS:  # ranges are checked where the values are used
         check_whole_number(f"{section}.{key}", conf[section][key])
-    env = make_run_env(conf["env"], stream_seed(seed, "env"))
-    action_dim = int(env.action_spec.shape[-1])
+    check_run_env(conf["env"])  # the task, the renderer, num_envs, ...
     size = int(conf["env"]["image_size"])
-    try:
-        agent = build_agent(conf["agent"], conf["obs_model"], (3, size, size), action_dim)
-        agent = agent.to(device)
-    except (torch.OutOfMemoryError, RuntimeError) as exc:  # the CPU allocator's is a RuntimeError
-        if not isinstance(exc, torch.OutOfMemoryError) and "allocate" not in str(exc):
-            raise
-        env.close()
-        raise UserError(
-            f"the agent's networks do not fit in {device} memory at these sizes (agent.world_model"
-            ", agent.actor, agent.critic, obs_model.latent_dim): lower them"
-        ) from None
-
+    action_dim = _task_action_dim(conf["env"]["task"])
+    check_networks(conf, (3, size, size), action_dim, device)
     rep = conf["replay"]
     try:
         loop_conf = LoopConfig(
@@ -521,16 +521,86 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
     except ValueError as exc:  # "name must ...": name the configuration key instead
         name, _, rest = str(exc).partition(" ")
         raise UserError(f"{LOOP_FIELD_KEYS.get(name, f'loop.{name}')} {rest}") from None
-    updates_done = 0 if resume_state is None else resume_state["counters"]["updates"]
-    check_trains(loop_conf, int(conf["env"]["num_envs"]), updates_done)
+    num_envs, capacity, seq_len = (
+        int(x) for x in (conf["env"]["num_envs"], rep["capacity"], rep["seq_len"])
+    )
+    if capacity // num_envs < seq_len:  # the replay's own check, in the configuration's words
+        raise UserError(
+            f"replay.capacity={capacity} gives each of the {num_envs} env streams "
+            f"{capacity // num_envs} rows, fewer than replay.seq_len={seq_len}; replay.capacity "
+            f"must be at least env.num_envs * replay.seq_len = {num_envs * seq_len}"
+        )
+    check_trains(loop_conf, num_envs, updates_done)
     storage = rep["storage"]
     if storage not in ("auto", *STORAGES):
         accepted = ", ".join(("auto", *STORAGES))
         raise UserError(f"replay.storage must be one of {accepted}, got {storage!r}")
-    pixel_bytes = int(rep["capacity"]) * 3 * size * size  # the pixels dominate a row
+    pixel_bytes = capacity * 3 * size * size  # the pixels dominate a row
     if storage == "auto":
         storage = "disk" if pixel_bytes > 2**31 else "memory"
-    check_replay_fits(storage, pixel_bytes, int(rep["capacity"]), device)
+    check_replay_fits(storage, pixel_bytes, capacity, device)
+    return CheckedSettings(int(seed), int(threads), device, size, loop_conf, storage)
+
+
+def check_networks(conf: dict, obs_shape: tuple, action_dim: int, device: torch.device) -> None:
+    """Build the run's agent on the meta device (no memory, milliseconds): its ValueErrors name
+    a wrong setting, and networks whose weights, gradients and Adam's two moments alone exceed
+    the device's memory are refused (building them for real was not an allocation error but
+    the kernel's out-of-memory kill, exit 137, once the weights were initialised)."""
+    with torch.device("meta"):
+        agent = build_agent(conf["agent"], conf["obs_model"], obs_shape, action_dim)
+    tensors = [*agent.parameters(), *agent.buffers()]
+    need = 4 * sum(t.numel() * t.element_size() for t in tensors)
+    where, total = device_memory(device)
+    if need > total:
+        count = sum(p.numel() for p in agent.parameters())
+        raise UserError(
+            f"the agent's networks do not fit in {where} at these sizes: {count:,} parameters, "
+            f"{need / 2**30:,.1f} GiB with their gradients and optimiser states, more than the "
+            f"{total / 2**30:.0f} GiB there; lower agent.world_model, agent.actor, agent.critic "
+            "or obs_model.latent_dim"
+        )
+
+
+def device_memory(device: torch.device) -> tuple[str, int]:
+    """``(what to call it, bytes)`` of the memory tensors on ``device`` live in."""
+    if device.type == "cuda":
+        return f"{device} memory", torch.cuda.get_device_properties(device).total_memory
+    return "RAM", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
+    """The trainer (restored when resuming), its env, run directory and whether it resumed."""
+    conf, run_dir, resume_state = run_configuration(cfg)
+    if resume_state is not None:  # checked before anything is written (logs, records, files)
+        frames, total = resume_state["counters"]["frames"], conf["loop"]["total_frames"]
+        if frames >= total:
+            print(
+                f"nothing to train: {run_dir} is at {frames} frames >= loop.total_frames={total}; "
+                "raise it to continue (nothing was written)"
+            )
+            raise NothingToTrain(dict(resume_state["counters"]))
+    updates_done = 0 if resume_state is None else resume_state["counters"]["updates"]
+    checked = check_settings(conf, updates_done)
+    if checked.threads:
+        torch.set_num_threads(checked.threads)
+    tune_malloc()  # CPU updates otherwise re-fault their working set every time (allocator.py)
+    seed, device, size = checked.seed, checked.device, checked.image_size
+    seed_everything(seed)
+    env = make_run_env(conf["env"], stream_seed(seed, "env"))
+    action_dim = int(env.action_spec.shape[-1])
+    try:
+        agent = build_agent(conf["agent"], conf["obs_model"], (3, size, size), action_dim)
+        agent = agent.to(device)
+    except (torch.OutOfMemoryError, RuntimeError) as exc:  # the CPU allocator's is a RuntimeError
+        if not isinstance(exc, torch.OutOfMemoryError) and "allocate" not in str(exc):
+            raise
+        env.close()
+        raise UserError(
+            f"the agent's networks do not fit in {device} memory at these sizes (agent.world_model"
+            ", agent.actor, agent.critic, obs_model.latent_dim): lower them"
+        ) from None
+    rep, storage, loop_conf = conf["replay"], checked.storage, checked.loop
     try:
         replay = SequenceReplay(
             int(rep["capacity"]),
@@ -611,6 +681,19 @@ def interrupted_message(cfg: DictConfig) -> str:
     return "interrupted before the run's first checkpoint: nothing was kept (run it again)"
 
 
+def check_job(composed: DictConfig, overrides: list[str]) -> None:
+    """What :func:`aefrl.overrides.check_overrides` asks of each job of a new run before Hydra
+    starts the first: the settings it would never read (:func:`check_read_settings`) and
+    :func:`check_settings` on its configuration ``composed``; a ValueError names the problem."""
+    check_read_settings(composed, overrides)
+    conf = OmegaConf.to_container(composed, resolve=True)
+    conf.pop("hydra", None)
+    try:
+        check_settings(conf)
+    except UserError as exc:
+        raise ValueError(str(exc)) from None
+
+
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     code = run_cli(cfg)
@@ -625,7 +708,7 @@ if __name__ == "__main__":
     # Hydra reads -m only before the overrides (after them: its usage block); anywhere works.
     sys.argv[1:] = sorted(sys.argv[1:], key=lambda arg: arg not in MULTIRUN_FLAGS)
     try:  # Hydra's own reports of a bad override are multi-line; ours are one sentence
-        check_overrides(CONFIG_DIR, "config", sys.argv[1:], check_read_settings)
+        check_overrides(CONFIG_DIR, "config", sys.argv[1:], check_job)
     except OverrideError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

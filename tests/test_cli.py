@@ -176,6 +176,29 @@ def test_ctrl_c_while_importing_is_one_sentence_and_exit_130(tmp_path, script):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["env.task=walker-walk,walker-wlk"], "env.task 'walker-wlk' is not a DMC task"),
+        (["agent.actor_loss.gamma=0.9,1.5"], "agent.actor_loss.gamma must lie in (0, 1], got 1.5"),
+        (["env.render=fast,pretty"], "env.render must be one of faithful, fast, got 'pretty'"),
+        # only the combination of the two sweeps' last values is too short to update
+        (
+            ["loop.train_ratio=64,0.01", "loop.total_frames=3000,300"],
+            "loop.train_ratio=0.01 makes 0.000156 updates per agent step",
+        ),
+    ],
+)
+def test_a_sweep_checks_every_jobs_values_before_the_first_trains(args, message, tmp_path):
+    """Only unknown keys, kinds and unread settings were checked for every job: job 0 trained
+    to the end, then job 1 stopped on its unknown task (README: "before the first one
+    trains")."""
+    out = train("-m", "exp=smoke", *args, f"run_dir={tmp_path / 'run'}")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr == f"error: {out.stderr[7:].strip()}\n" and message in out.stderr
+    assert list(tmp_path.iterdir()) == []  # no job's run_dir (run-j0, ...)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "message"),
@@ -242,6 +265,8 @@ def test_ctrl_c_while_importing_is_one_sentence_and_exit_130(tmp_path, script):
         (["loop.prefill_steps=1000"], "the run would end before its first update"),
         # a 46-line traceback from the allocator (1.3 TB of conv weights)
         (["agent.world_model.depth=100000"], "the agent's networks do not fit in"),
+        # the kernel's out-of-memory kill, exit 137, while the weights were initialised
+        (["agent.world_model.hidden=10000000"], "do not fit in RAM at these sizes: 10,3"),
         # was a ~930-character list of every task
         (
             ["env.task=walker-fly"],
@@ -320,16 +345,16 @@ def test_a_run_dir_with_an_earlier_runs_logs_but_no_checkpoint_is_refused(tmp_pa
         script.run_configuration(cfg)
 
 
-def test_each_job_of_a_sweep_gets_its_own_default_run_dir(tmp_path):
+def test_each_job_of_a_sweep_gets_its_own_run_dir(tmp_path):
     """Hydra resolves ${now:} once per process: the jobs of a -m sweep over a key the default
-    path does not name shared one run_dir, and every job after the first was refused. Each job
-    now appends its number; a run_dir given on the command line is kept."""
+    path does not name shared one run_dir, and every job after the first was refused (so did
+    those of a sweep given one run_dir). Each job now appends its number."""
     script = _train_script()
     default = "runs/walker-walk/dreamer-aef/s0-20261206-054823"
     assert script.sweep_job_run_dir(default, None) == default  # no Hydra (tests, library use)
     assert script.sweep_job_run_dir(default, (False, 0, ["seed=1"])) == default  # a single run
     assert script.sweep_job_run_dir(default, (True, 3, ["loop.train_ratio=64"])) == default + "-j3"
-    assert script.sweep_job_run_dir("mine", (True, 3, ["run_dir=mine"])) == "mine"
+    assert script.sweep_job_run_dir("mine", (True, 3, ["run_dir=mine"])) == "mine-j3"
     # A real sweep, run where its default runs/ folder lands (the working directory); -m
     # after an override (Hydra's parser wants it first: its usage block, exit 2).
     out = subprocess.run(

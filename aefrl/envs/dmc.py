@@ -104,6 +104,15 @@ def _check_int(name: str, value, low: int, high: int | None = None) -> None:
         raise ValueError(f"{name} must be an integer {accepted}, got {value!r}.")
 
 
+def check_env_args(
+    task, image_size=64, action_repeat=2, seed=0, render="faithful", num_envs=1, time_limit=None
+) -> None:
+    """:func:`make_dmc_env`'s checks of its arguments, without building anything: a
+    one-sentence ValueError for the first bad one (the task last)."""
+    _check_args(image_size, action_repeat, seed, render, num_envs, time_limit)
+    _parse_task(task)  # fail here, not in a worker
+
+
 def _check_args(image_size, action_repeat, seed, render, num_envs=1, time_limit=None) -> None:
     """Raise a one-sentence ValueError for the first bad argument."""
     _check_int("image_size", image_size, 8, 1024)
@@ -493,8 +502,7 @@ def make_dmc_env(
         mp_start_method: how workers start. ``"spawn"`` (default) is safe even when this process
             already holds a GL context; ``"fork"`` starts faster but hangs in that case (Mesa EGL).
     """
-    _check_args(image_size, action_repeat, seed, render, num_envs, time_limit)
-    _parse_task(task)  # fail here, not in a worker
+    check_env_args(task, image_size, action_repeat, seed, render, num_envs, time_limit)
     kwargs = dict(
         image_size=image_size,
         action_repeat=action_repeat,

@@ -218,10 +218,12 @@ class AEFPartitionObservationModel(AffineFlowModel):
                 f"aef_partition needs latent_dim < the observation size {self.num_dims}, "
                 f"got {self.latent_dim}"
             )
-        if core_indices is None:
-            idx = spiral_core_indices(self.obs_shape, self.latent_dim)
-        else:
-            idx = torch.as_tensor(list(core_indices), dtype=torch.long)
+        with torch.device("cpu"):  # index values, also when the model is built on "meta"
+            if core_indices is None:
+                idx = spiral_core_indices(self.obs_shape, self.latent_dim)
+            else:
+                idx = torch.as_tensor(list(core_indices), dtype=torch.long)
+            shell = torch.ones(self.num_dims)
         if (
             idx.shape != (self.latent_dim,)
             or idx.unique().numel() != self.latent_dim
@@ -232,7 +234,6 @@ class AEFPartitionObservationModel(AffineFlowModel):
                 f"core_indices must be {self.latent_dim} distinct indices in [0, {self.num_dims})"
             )
         self.register_buffer("core_idx", idx)
-        shell = torch.ones(self.num_dims)
         shell[idx] = 0.0
         self.register_buffer("shell_mask", shell.view(self.obs_shape))
         self.num_scored = self.num_dims - self.latent_dim  # the shell (idx are distinct)

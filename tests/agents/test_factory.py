@@ -137,3 +137,26 @@ def test_name_keys_leaves_values_ambiguous_words_and_accepted_lists_alone():
         "unknown option(s) ['x'] for obs model 'aef'; accepted: sigma_x, hidden",
     ]:
         assert name_keys(message, sections) == message
+
+
+@pytest.mark.parametrize("agent", ["dreamer", "planner"])
+@pytest.mark.parametrize("kind", ["aef", "aef_partition", "vae"])
+@pytest.mark.parametrize("exp", ["exp=smoke", "exp=default"])
+def test_every_agent_builds_on_the_meta_device_as_it_builds_for_real(agent, kind, exp):
+    """train.py checks every job's networks on the meta device (no memory) before the first
+    job starts: a constructor that needs real values there (aef_partition's index checks did)
+    would stop every run. The meta agent has the real one's parameters, shape for shape."""
+    import torch
+
+    agent_conf, obs_conf = config(f"agent={agent}", f"obs_model={kind}", exp)
+    with torch.device("meta"):
+        meta = build_agent(agent_conf, obs_conf, (3, 64, 64), 6)
+    real = build_agent(agent_conf, obs_conf, (3, 64, 64), 6)
+
+    def shapes(module):
+        return {k: t.shape for k, t in [*module.named_parameters(), *module.named_buffers()]}
+
+    assert shapes(meta) == shapes(real)
+    assert all(p.is_meta for p in meta.parameters())
+    if kind == "aef_partition":  # index values survive a meta build: they are checked there
+        assert torch.equal(meta.world_model.obs_model.core_idx, real.world_model.obs_model.core_idx)
