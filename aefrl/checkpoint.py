@@ -64,11 +64,16 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as exc:  # a full disk, a quota, a vanished mount: one sentence, no debris
+    except (OSError, RuntimeError) as exc:  # a full disk, a quota, a vanished mount: one
+        # sentence, no debris. torch's zip writer reports a failed write as a RuntimeError
+        # ("[enforce fail at inline_container.cc] unexpected pos"), not an OSError.
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            reason = exc.strerror or str(exc)
+        else:
+            reason = "torch could not write it (is the disk full?)"
         raise CheckpointError(
-            f"could not write the checkpoint {path}: {exc.strerror or exc}; the previous one, if "
-            "any, is intact"
+            f"could not write the checkpoint {path}: {reason}; the previous one, if any, is intact"
         ) from None
     except BaseException:  # a kill signal turned into an exception: no debris either
         tmp.unlink(missing_ok=True)

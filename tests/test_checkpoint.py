@@ -121,6 +121,21 @@ def test_a_full_disk_is_one_sentence_and_keeps_the_previous_checkpoint(tmp_path,
     )
     assert load_checkpoint(path)["v"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+    # torch's zip writer reports a disk that fills mid-write as a RuntimeError (seen on a 3 MB
+    # tmpfs), which was a traceback and exit 1
+    monkeypatch.setattr(torch, "save", lambda *a, **k: _raise(RuntimeError(ZIP_WRITE_FAILED)))
+    with pytest.raises(CheckpointError, match=r"torch could not write it \(is the disk full\?\)"):
+        save_checkpoint(path, {"format": 1, "v": 3})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["v"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+ZIP_WRITE_FAILED = "[enforce fail at inline_container.cc:672] . unexpected pos 1024 vs 960"
+
+
+def _raise(exc: BaseException):
+    raise exc
 
 
 def test_contents_are_checked_against_this_versions_format_and_keys():
