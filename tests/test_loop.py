@@ -734,3 +734,126 @@ def test_a_finished_run_logs_the_updates_since_its_last_log(tmp_path):
     assert end % 100  # 240 and a few: between two scheduled logs
     assert [step for step, _ in _scalars(tmp_path)["train/loss_obs"]] == [100, 200, end]
     assert not load_checkpoint(tmp_path)["pending_metrics"]
+
+
+class ScriptedAgent(EchoAgent):
+    """EchoAgent with known outputs for the loop to log: update ``n`` returns ``x = n²`` (noting
+    the frame count it ran at), its critic values every state at ``critic_value``, and
+    ``report`` returns fixed per-horizon curves whose MSE and SSIM differ everywhere."""
+
+    critic_value = 7.0
+    horizons = 45
+
+    def __init__(self):
+        super().__init__()
+        self.trainer = None
+        self.updates_at = []  # (frames, x) of every update
+        self.actor_loss = SimpleNamespace(gamma=0.9)
+
+    def train_step(self, batch) -> dict:
+        super().train_step(batch)
+        x = float(self.updates**2)
+        self.updates_at.append((self.trainer.counters["frames"], x))
+        return {"x": torch.tensor(x)}
+
+    def critic(self, feat):
+        return SimpleNamespace(mean=torch.full(feat.shape[:-1], self.critic_value))
+
+    def report(self, batch, num_samples):
+        h = torch.arange(1, self.horizons + 1, dtype=torch.float32)
+        video = torch.zeros(1, 6, 3, 4, 4, dtype=torch.uint8)
+        return {
+            "context": 2,
+            "video_real": video,
+            "video_pred": video,
+            "open_loop_mse": 0.01 * h,
+            "open_loop_ssim": 1.0 - 0.02 * h,
+            "open_loop_sharpness": 0.5,
+            "bits_per_dim": 3.25,
+        }
+
+
+def _scripted_trainer(tmp_path, eval_env=None, **schedule) -> Trainer:
+    agent = ScriptedAgent()
+    config = dict(total_frames=60, prefill_steps=5, train_ratio=6.0, batch_size=1, seq_len=2)
+    config.update(checkpoint_every=0, eval_video=False, log_every=0, eval_every=0)
+    config.update(report_every=0, eval_episodes=1)
+    trainer = Trainer(
+        agent,
+        EchoEnv(5),
+        SequenceReplay(1000, 1, 2, 1, seed=0),
+        RunLogger("tb", log_dir=str(tmp_path)),
+        tmp_path,
+        LoopConfig(**{**config, **schedule}),
+        make_eval_env=eval_env,
+        action_dim=1,
+    )
+    agent.trainer = trainer
+    return trainer
+
+
+def test_train_metrics_are_the_mean_of_the_updates_since_the_last_log(tmp_path):
+    """Each ``train/*`` point is the mean of the values the updates since the previous log
+    returned (several per period here, all different), recomputed from the frame count each
+    update ran at: fails if a log shows the period's last (or first) update instead."""
+    trainer = _scripted_trainer(tmp_path, log_every=10)
+    trainer.run(progress=False)
+    trainer.env.close()
+    trainer.logger.close()
+    logged = _scalars(tmp_path)["train/x"]
+    steps = [s for s, _ in logged]
+    assert steps[:3] == [20, 30, 40] and steps[-1] == trainer.counters["frames"]
+    updates = trainer.agent.updates_at
+    previous = 0
+    for step, value in logged:
+        period = [x for f, x in updates if previous < f <= step]
+        assert len(period) > 1 and len(set(period)) > 1
+        assert value == pytest.approx(sum(period) / len(period), rel=1e-6)
+        previous = step
+    assert previous >= updates[-1][0]  # every update was logged
+
+
+def test_report_logs_mse_and_ssim_at_their_own_horizons(tmp_path):
+    """The report's scalars are the agent's report's entries: ``open_loop_mse_h{h}`` and
+    ``open_loop_ssim_h{h}`` the h-th value of each curve (h = 1, 10, 25, 45), their means, the
+    sharpness and the bits/dim; fails if one curve is logged under the other's name."""
+    trainer = _scripted_trainer(tmp_path, total_frames=30, report_every=30)
+    trainer.run(progress=False)
+    trainer.env.close()
+    trainer.logger.close()
+    logged = {
+        tag: values for tag, values in _scalars(tmp_path).items() if tag.startswith("replay/")
+    }
+    h = torch.arange(1, 46, dtype=torch.float64)
+    mse, ssim = 0.01 * h, 1.0 - 0.02 * h
+    want = {"bits_per_dim": 3.25, "open_loop_sharpness": 0.5}
+    want.update(open_loop_mse_mean=float(mse.mean()), open_loop_ssim_mean=float(ssim.mean()))
+    for k in (1, 10, 25, 45):
+        want[f"open_loop_mse_h{k}"] = float(mse[k - 1])
+        want[f"open_loop_ssim_h{k}"] = float(ssim[k - 1])
+    assert set(logged) == {f"replay/{name}" for name in want}
+    for name, value in want.items():
+        assert logged[f"replay/{name}"] == [(30, pytest.approx(value, rel=1e-6))], name
+
+
+def test_evaluation_logs_the_critics_value_and_the_return_to_go(tmp_path):
+    """``eval/critic_value`` is the critic's mean value over the first quarter of the evaluation
+    episode (7 at every state here) and ``eval/critic_return_to_go`` the discounted return the
+    policy then collected there, recomputed from the actions the eval env received (its reward
+    echoes them): fails if the two are swapped or one is logged for the other."""
+    received = []
+    trainer = _scripted_trainer(tmp_path, eval_env=lambda i: EchoEnv(8, received=received))
+    result = trainer.evaluate()
+    trainer.env.close()
+    trainer.logger.close()
+    rewards = torch.cat(received).double()  # r_1 .. r_8
+    assert len(rewards) == 8
+    gamma = trainer.agent.actor_loss.gamma
+    to_go = [sum(gamma**k * float(r) for k, r in enumerate(rewards[t:])) for t in range(8)]
+    first = max(1, int(8 * 0.25))
+    want_to_go = sum(to_go[:first]) / first
+    assert abs(want_to_go - ScriptedAgent.critic_value) > 1
+    logged = _scalars(tmp_path)
+    assert logged["eval/critic_value"] == [(0, pytest.approx(ScriptedAgent.critic_value))]
+    assert logged["eval/critic_return_to_go"] == [(0, pytest.approx(want_to_go, rel=1e-5))]
+    assert result["critic_value"] == pytest.approx(ScriptedAgent.critic_value)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from aefrl.world_model.evaluation import open_loop_prediction, sequence_bits_per_dim
 from agents.base import shared_entries
 from agents.dreamer import DreamerAgent
 from tests.agents.round_trip import assert_reloaded_agent_trains_identically
@@ -226,6 +227,30 @@ def test_report_gives_video_and_bits_per_dim(kind):
     assert out["video_pred"].shape == (2, 12, *OBS) and out["video_pred"].dtype == torch.uint8
     assert out["open_loop_mse"].shape == (7,)
     assert 0 < float(out["bits_per_dim"]) < 16
+
+
+def test_report_scalars_are_the_evaluation_functions_results(kind):
+    """``report`` against ``open_loop_prediction`` (5 context frames) and the mean of
+    ``sequence_bits_per_dim`` over the batch's sequences, run in the same order from the same
+    seed: fails if a scalar is taken from the wrong entry (MSE from SSIM) or the bits/dim are
+    not the mean over sequences (e.g. their max)."""
+    torch.manual_seed(0)
+    agent = tiny_agent(kind)
+    batch = random_batch(3, 9)
+    torch.manual_seed(5)
+    out = agent.report(batch, num_samples=2)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        pred = open_loop_prediction(agent.world_model, batch, context=5)
+        bpd = sequence_bits_per_dim(agent.world_model, batch, 2)
+    assert out["context"] == 5
+    assert not torch.allclose(pred["mse"], pred["ssim"]) and bpd.max() > bpd.mean()
+    torch.testing.assert_close(out["open_loop_mse"], pred["mse"], equal_nan=True)
+    torch.testing.assert_close(out["open_loop_ssim"], pred["ssim"], equal_nan=True)
+    torch.testing.assert_close(out["open_loop_sharpness"], pred["sharpness"], equal_nan=True)
+    torch.testing.assert_close(out["bits_per_dim"], bpd.mean())
+    assert torch.equal(out["video_real"], pred["real"])
+    assert torch.equal(out["video_pred"], pred["pred"])
 
 
 def test_train_step_runs_under_bf16_autocast(kind):

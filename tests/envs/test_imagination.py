@@ -74,6 +74,22 @@ def test_step_is_the_prior_step_and_reward_the_reward_heads_mean(kind):
     assert not torch.equal(again[keys.STATE], out[keys.STATE])
 
 
+def test_reset_observes_the_continue_probability_of_the_start_state(kind):
+    """``pred_continue`` after a reset is the continue head's probability at the state reset
+    to, given or the RSSM's initial one, as after a step; fails if reset writes a constant."""
+    wm = _trained_heads(tiny_world_model(kind))
+    env = ImaginationEnv(wm, predict_continue=True)
+    start = _latent(4, seed=2)
+    td = env.reset(start.clone(), set_state=True)
+    with torch.no_grad():
+        given = torch.cat([start[keys.BELIEF], start[keys.STATE]], -1)
+        want = wm.continue_head(given).probs.unsqueeze(-1)
+        zeros = wm.continue_head(torch.zeros(3, H + D)).probs.unsqueeze(-1)
+    assert (want < 0.95).all() and want.std() > 0.01  # neither 1 nor one value
+    torch.testing.assert_close(td[keys.PRED_CONTINUE], want)
+    torch.testing.assert_close(env.reset(TensorDict({}, [3]))[keys.PRED_CONTINUE], zeros)
+
+
 def test_reset_without_state_starts_from_zeros_and_refuses_missing_state():
     env = ImaginationEnv(tiny_world_model("aef"))
     td = env.reset(TensorDict({}, [2, 3]))

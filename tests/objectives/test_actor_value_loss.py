@@ -132,6 +132,43 @@ def test_actor_loss_matches_the_spec_in_value_and_gradient(actor_dist, bootstrap
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("bootstrap", ["slow", "fast"])
+def test_actor_loss_diagnostics_are_the_means_they_name(bootstrap):
+    """``actor_entropy``, ``imag_reward``, ``imag_value`` and ``imag_return`` against the
+    entropy, rewards, slow-critic values and λ-returns of the same imagination (seed 3),
+    recomputed step by step: each a mean over ``[N, K]``. Fails if one logs a max, or the value
+    logs the returns."""
+    wm, actor, critic, slow, start = _setup()
+    loss = DreamerActorLoss(
+        wm, actor, slow, ReturnNormalizer(), horizon=HORIZON, gamma=GAMMA, lmbda=LMBDA,
+        entropy_coef=ETA, bootstrap=bootstrap, critic=critic,
+    )  # fmt: skip
+    torch.manual_seed(3)
+    out = loss(start)
+    torch.manual_seed(3)  # the same action and prior noise
+    state = RSSMState(start[keys.BELIEF], start[keys.STATE])
+    feats, log_probs = [state.feat], []
+    with torch.no_grad():
+        for _ in range(HORIZON):
+            action, log_prob = actor(state.feat).rsample_and_log_prob()
+            state = wm.rssm.img_step(state, action)
+            feats.append(state.feat)
+            log_probs.append(log_prob)
+        feat = torch.stack(feats, 1)
+        entropy = -torch.stack(log_probs, 1)  # [N, K]
+        reward = wm.reward_head(feat[:, 1:]).mean  # r(s_1) .. r(s_K)
+        value = slow(feat[:, :-1]).mean  # the slow critic at s_0 .. s_{K-1}
+    torch.manual_seed(3)
+    returns = _reference(wm, actor, slow, start, critic if bootstrap == "fast" else slow)[1]
+    for x in (entropy, reward, value):  # a max would differ from the mean
+        assert x.max() > x.mean() + 0.1
+    torch.testing.assert_close(out["actor_entropy"], entropy.mean())
+    torch.testing.assert_close(out["imag_reward"], reward.mean())
+    torch.testing.assert_close(out["imag_value"], value.mean())
+    assert not torch.isclose(value.mean(), returns.mean())
+    torch.testing.assert_close(out["imag_return"], returns.detach().mean())
+
+
 def test_fast_and_slow_bootstraps_differ_and_checkpoints_do_not():
     """The two bootstraps give different returns here (the critics differ), and the loss's
     state_dict is the same either way (the agent saves the critic, not the loss)."""

@@ -239,3 +239,38 @@ def test_recon_bpd_in_float32_accounts_for_the_noise_width():
     assert w_term > 2e-5
     # float32 rounding of the ~8 bits/dim result is ~1e-6 (seen: up to 8e-7); the term is 2.2e-5.
     torch.testing.assert_close(got.double(), want, rtol=0, atol=w_term / 4)
+
+
+def test_logged_diagnostics_are_the_statistics_they_name(kind):
+    """Each diagnostic against its own recomputation from the same forward (seed 0): σ_q's
+    mean, min and max over the posterior, the prior's mean σ, the reward head's mean absolute
+    error and σ_x's mean. Fails if one is computed from the wrong tensor or statistic (a min
+    from the mean, the prior's σ from σ_q, a signed error, σ_x's max)."""
+    torch.manual_seed(6)
+    wm = tiny_world_model(kind, dtype=torch.float64, obs_options={"sigma_x": "head"})
+    # Small predictions and rewards of both signs: a signed error would partly cancel.
+    torch.nn.init.normal_(wm.reward_head.net[-1].weight, std=0.01)
+    batch = random_batch(2, 4, first_at=(0, 2), dtype=torch.float64)
+    batch["reward"] = batch["reward"] * 4 - 2
+    torch.manual_seed(0)
+    out = WorldModelLoss(wm)(batch)
+    filt = _per_step(wm, batch, None)  # seed 0: the loss's own draws
+    obs = filt.observed
+    sigma_q, sigma_p = obs.sigma_q.detach(), obs.sigma_p.detach()
+    assert sigma_q.min() < sigma_q.mean() < sigma_q.max()  # the statistics differ here
+    torch.testing.assert_close(out["sigma_q_mean"], sigma_q.mean())
+    torch.testing.assert_close(out["sigma_q_min"], sigma_q.min())
+    torch.testing.assert_close(out["sigma_q_max"], sigma_q.max())
+    assert not torch.isclose(sigma_p.mean(), sigma_q.mean())
+    torch.testing.assert_close(out["prior_std_mean"], sigma_p.mean())
+    # The reward head's expected reward per step against the batch's rewards.
+    feat = torch.cat([obs.state.h, obs.state.z], -1).detach()
+    pred = wm.reward_head(feat).mean.detach()
+    err = pred - batch["reward"].squeeze(-1)
+    assert (err > 0).any() and (err < 0).any()
+    torch.testing.assert_close(out["reward_mae"], err.abs().mean())
+    # σ_x from the decoder's σ head, per pixel of every step.
+    _, sigma_x = wm.obs_model.decoder_params(obs.state.z.flatten(0, 1), obs.state.h.flatten(0, 1))
+    sigma_x = sigma_x.detach()
+    assert sigma_x.mean() < sigma_x.max()
+    torch.testing.assert_close(out["sigma_x_mean"], sigma_x.mean())

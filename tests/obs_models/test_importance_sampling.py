@@ -160,3 +160,65 @@ def test_proposal_log_q_is_the_proposed_latents_density(kind):
     torch.testing.assert_close(log_q, expected, rtol=1e-5, atol=1e-4)
     partition = make_obs_model("aef_partition", (3, 4, 4), 5, 2)
     assert partition.proposal(coords, xi)[0] is coords  # exact: the posterior's own z
+
+
+@pytest.mark.parametrize("kind", ["vae", "aef"])
+def test_chunked_estimator_draws_exactly_the_samples_it_averages(kind, monkeypatch):
+    """With ``chunk_size`` splitting K = 5 samples of B = 3 rows into chunks of 2, 2 and 1, the
+    decoder scores exactly K·B proposals, never more than a chunk at once: a last chunk padded
+    to full size would average 6 weights while dividing by 5 (a bias of log 6/5 per row at
+    equal weights), and the estimate is the one of the same draws unchunked."""
+    model = _two_dim_model(kind)
+    y = torch.randn(3, 2, dtype=torch.float64)
+    rows = []
+    decoder_log_px = model.decoder_log_px
+
+    def counting(y_, z, context):
+        rows.append(z.shape[:-1].numel())
+        return decoder_log_px(y_, z, context)
+
+    monkeypatch.setattr(model, "decoder_log_px", counting)
+    torch.manual_seed(4)
+    chunked = model.log_likelihood(y, num_samples=5, chunk_size=6)
+    assert rows == [2 * 3, 2 * 3, 1 * 3]
+    rows.clear()
+    # The same 5 draws per row in one pass: the proposal noise, drawn chunk by chunk above.
+    draws = []
+    proposal = model.proposal
+
+    def recording(coords, xi):
+        draws.append(xi)
+        return proposal(coords, xi)
+
+    monkeypatch.setattr(model, "proposal", recording)
+    torch.manual_seed(4)
+    model.log_likelihood(y, num_samples=5, chunk_size=6)
+    xi = torch.cat(draws, 0)
+    assert xi.shape[0] == 5
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: xi.clone())
+    whole = model.log_likelihood(y, num_samples=5, chunk_size=10_000)
+    assert rows[-1] == 5 * 3
+    torch.testing.assert_close(chunked, whole)
+
+
+def test_proposal_scale_search_scores_every_scale_on_the_same_draws(monkeypatch):
+    """Common random numbers (SPEC §6, ``search_proposal_scale``): every candidate s sees the
+    same standard-normal draws, so the grid is compared on the proposals' widths alone, not on
+    the luck of each scale's draws. Fails if each scale draws afresh."""
+    model = _two_dim_model("aef")
+    y = torch.randn(4, 2, dtype=torch.float64)
+    draws = {}
+    proposal = model.proposal
+
+    def recording(coords, xi):
+        draws.setdefault(model.proposal_scale, []).append(xi.clone())
+        return proposal(coords, xi)
+
+    monkeypatch.setattr(model, "proposal", recording)
+    scales = (0.3, 1.0, 3.0)
+    model.tune_proposal_scale(y, scales=scales, num_samples=6)
+    assert sorted(draws) == list(scales)
+    first = torch.cat(draws[scales[0]])
+    assert first.shape[0] == 6 and first.std() > 0.1
+    for s in scales[1:]:
+        assert torch.equal(torch.cat(draws[s]), first), s
