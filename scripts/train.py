@@ -198,6 +198,11 @@ def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
         run_dir = new_run_dir(cfg)
         if run_dir.exists() and not run_dir.is_dir():
             raise UserError(f"run_dir {run_dir} is a file; run_dir takes a directory")
+        if run_dir_in_use(run_dir):  # its files are a live run's, not leftovers to delete
+            raise UserError(
+                f"run_dir {run_dir} is in use by another training process; wait for it to "
+                "finish or choose another run_dir"
+            )
         if (run_dir / CHECKPOINT_NAME).exists():  # a new run would overwrite it
             raise UserError(
                 f"run_dir {run_dir} already holds a run ({CHECKPOINT_NAME}); continue it with "
@@ -288,6 +293,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def run_dir_in_use(run_dir: Path) -> bool:
+    """Whether another process holds ``run_dir``'s lock (:func:`lock_run_dir`): it is training
+    there, and the files it has written are not an earlier run's leftovers."""
+    try:
+        with open(run_dir / RUN_LOCK) as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released on close
+    except BlockingIOError:
+        return True
+    except OSError:  # no lock file: no run has held it
+        return False
+    return False
+
+
 def lock_run_dir(run_dir: Path, new_run: bool):
     """Hold an exclusive lock on ``run_dir`` for as long as the returned file stays open (the
     process's lifetime: the kernel drops it when the process dies, so no lock goes stale).
@@ -296,7 +314,10 @@ def lock_run_dir(run_dir: Path, new_run: bool):
     checks of :func:`run_configuration` before either wrote, and one would overwrite the other.
     The second now stops here; a new run also re-checks the directory under the lock.
     """
-    handle = open(run_dir / RUN_LOCK, "a")  # noqa: SIM115 (kept open: it holds the lock)
+    try:
+        handle = open(run_dir / RUN_LOCK, "a")  # noqa: SIM115 (kept open: it holds the lock)
+    except OSError as exc:  # a read-only directory (or mount)
+        raise UserError(f"cannot write in run_dir {run_dir}: {exc.strerror}") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

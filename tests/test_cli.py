@@ -663,6 +663,41 @@ def test_two_processes_cannot_train_in_one_run_dir(tmp_path):
     script.lock_run_dir(tmp_path, new_run=False).close()  # a resume of it may take the dir
 
 
+def test_a_run_dir_in_use_is_not_called_an_earlier_runs_leftovers(tmp_path):
+    """A second run on a live run's run_dir was told to delete that run's files (its
+    run_config.yaml and tb, "but no checkpoint.pt"), which would wipe the live run."""
+    from omegaconf import OmegaConf
+
+    script = _train_script()
+    assert not script.run_dir_in_use(tmp_path)  # no lock file
+    held = script.lock_run_dir(tmp_path, new_run=True)
+    (tmp_path / "run_config.yaml").write_text("seed: 0\n")
+    (tmp_path / "tb").mkdir()
+    assert script.run_dir_in_use(tmp_path)
+    cfg = OmegaConf.create({"resume": None, "run_dir": str(tmp_path)})
+    with pytest.raises(script.UserError, match="is in use by another training process; wait"):
+        script.run_configuration(cfg)
+    held.close()  # it stopped before its first checkpoint: now they are leftovers
+    assert not script.run_dir_in_use(tmp_path)
+    with pytest.raises(script.UserError, match=r"holds an earlier run's run_config\.yaml and tb"):
+        script.run_configuration(cfg)
+
+
+def test_a_read_only_run_dir_is_one_sentence(tmp_path):
+    """Opening the lock file in a read-only run_dir was an OSError traceback, exit 1."""
+    script = _train_script()
+    tmp_path.chmod(0o555)
+    try:
+        if os.access(tmp_path, os.W_OK):  # root ignores the mode bits: a file in its place
+            tmp_path.chmod(0o755)
+            (tmp_path / ".lock").mkdir()  # open(..., "a") on a directory fails the same way
+        message = re.escape(f"cannot write in run_dir {tmp_path}: ")
+        with pytest.raises(script.UserError, match=message):
+            script.lock_run_dir(tmp_path, new_run=False)
+    finally:
+        tmp_path.chmod(0o755)
+
+
 def test_help_says_what_the_script_does_and_lists_the_groups():
     out = train("--help", timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
