@@ -678,16 +678,30 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
 
 def run_cli(cfg: DictConfig) -> int:
     """:func:`train` with the command line's exit codes: 0, 2 for bad input (one sentence), 130
-    for a Ctrl-C outside the loop's own handling (during setup, or a second one that aborts)."""
+    for a Ctrl-C outside the loop's own handling (during setup, or a second one that aborts),
+    143 for a SIGTERM there."""
     try:
         _, stop_signal = train(cfg)
     except (UserError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated) outside the loop
         print(interrupted_message(cfg), file=sys.stderr)
-        return 130
+        return 128 + getattr(exc, "signum", signal.SIGINT)
     return 0 if stop_signal is None else 128 + stop_signal  # the shell's code for that signal
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop's own handler (setup, the checks before Hydra): it
+    stops the process as a Ctrl-C does, so a new run removes what its setup wrote, where the
+    default action killed it with its run_config.yaml and records left behind, and the same
+    command then refused the directory. Exit code 143."""
+
+    signum = signal.SIGTERM
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
 
 
 def interrupted_message(cfg: DictConfig) -> str:
@@ -728,9 +742,13 @@ if __name__ == "__main__":
         sys.exit(0)
     # Hydra reads -m only before the overrides (after them: its usage block); anywhere works.
     sys.argv[1:] = sorted(sys.argv[1:], key=lambda arg: arg not in MULTIRUN_FLAGS)
+    signal.signal(signal.SIGTERM, _raise_terminated)  # the loop installs its own while it runs
     try:  # Hydra's own reports of a bad override are multi-line; ours are one sentence
         check_overrides(CONFIG_DIR, "config", sys.argv[1:], check_job)
     except OverrideError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as exc:  # before Hydra and the run: nothing was written
+        print("interrupted while starting: nothing was written", file=sys.stderr)
+        sys.exit(128 + getattr(exc, "signum", signal.SIGINT))
     main()

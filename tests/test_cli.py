@@ -529,6 +529,31 @@ def test_ctrl_c_outside_the_loop_is_one_sentence_and_exit_130(monkeypatch, capsy
     assert script.run_cli(cfg) == 2
 
 
+@pytest.mark.slow
+def test_sigterm_in_setup_removes_what_setup_wrote_and_exits_143(tmp_path):
+    """SIGTERM between setup's first file (run_config.yaml) and the loop's own handler killed
+    the process with its run_config.yaml, provenance.jsonl and .lock left behind, and the same
+    command then refused the run_dir. Sent as soon as the file appears: in setup (everything
+    removed) or, if the loop got there first, in the loop (a checkpoint); either way 143."""
+    run_dir = tmp_path / "run"
+    args = ["exp=smoke", f"run_dir={run_dir}", "loop.total_frames=100000"]
+    proc = subprocess.Popen(
+        [sys.executable, "scripts/train.py", *args],
+        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while not (run_dir / "run_config.yaml").exists() and time.time() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err
+    if not (run_dir / "checkpoint.pt").exists():
+        assert sorted(p.name for p in run_dir.iterdir()) == [], err[-2000:]
+        out = train(*args, "loop.total_frames=300")  # the run_dir is not refused
+        assert out.returncode == 0, out.stderr[-2000:]
+
+
 def test_a_run_stopped_before_its_first_checkpoint_leaves_nothing_behind(
     tmp_path, capsys, monkeypatch
 ):
