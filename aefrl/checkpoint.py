@@ -70,8 +70,10 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
             reason = exc.strerror or str(exc)
-        else:
+        elif any(m in str(exc) for m in ("inline_container", "PytorchStreamWriter")):
             reason = "torch could not write it (is the disk full?)"
+        else:
+            reason = str(exc).strip().splitlines()[0]
         raise CheckpointError(
             f"could not write the checkpoint {path}: {reason}; the previous one, if any, is intact"
         ) from None

@@ -37,6 +37,11 @@ def resolve_device(name: str, option: str = "device=") -> torch.device:
         raise UserError(f"{option}{name} is not supported: use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"{option}{name} was asked for but CUDA is not available; use cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(
+            f"{option}{name} names a GPU this machine does not have: it has "
+            f"{torch.cuda.device_count()} (cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+        )
     return device
 
 

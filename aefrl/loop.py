@@ -171,6 +171,7 @@ class Trainer:
         self.stop_signal: int | None = None  # the signal that stopped run() early, if any
         self._saving = False
         self._abort_after_save = False
+        self._abort_signal = signal.SIGINT
         # Update metrics waiting for the next train/* log; checkpointed, so that the first point
         # after a resume averages the same updates as an uninterrupted run's.
         self._pending: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -200,7 +201,7 @@ class Trainer:
         finally:
             self._saving = False
         if self._abort_after_save:
-            raise KeyboardInterrupt
+            raise self._abort()
 
     def _write_checkpoint(self) -> None:
         save_checkpoint(
@@ -267,10 +268,18 @@ class Trainer:
         """Finish the current iteration, checkpoint and return from :meth:`run`."""
         self._stop_requested = True
 
+    def _abort(self) -> KeyboardInterrupt:
+        """The exception of a second interrupt, carrying its ``signum`` (the script's exit code
+        is 128 + signum: 130 for Ctrl-C, 143 for SIGTERM)."""
+        exc = KeyboardInterrupt()
+        exc.signum = self._abort_signal
+        return exc
+
     def _on_signal(self, signum, frame) -> None:
         if self._stop_requested:
+            self._abort_signal = signum
             if not self._saving:
-                raise KeyboardInterrupt
+                raise self._abort()
             # An exception raised inside torch.save leaves a half-written temp file (and turns
             # into a RuntimeError there): let the write finish, then abort (save() raises).
             tqdm.write("interrupt: aborting once the checkpoint is written", file=sys.stderr)

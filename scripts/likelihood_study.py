@@ -60,9 +60,9 @@ QUICK = {
     "out": "runs/likelihood_study_quick",
     "logdir": "runs/likelihood_study_quick/tb",
 }
-#: Options that choose what an invocation (re)computes; every other one is a setting the stored
-#: numbers depend on.
-PER_RUN = ("out", "evaluate_only", "models", "retrain")
+#: Options that choose what an invocation (re)computes, and where it keeps files; every other
+#: one is a setting the stored numbers depend on.
+PER_RUN = ("out", "evaluate_only", "models", "retrain", "logdir", "data_dir")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -108,8 +108,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="tiny data and K for a smoke run (options given on the command line keep their "
         "values)",
     )
-    p.add_argument("--out", default="docs/results/likelihood_study")
-    p.add_argument("--logdir", default="runs/likelihood_study")
+    p.add_argument(
+        "--out",
+        default="docs/results/likelihood_study",
+        help="results folder (default: %(default)s; with --quick, runs/likelihood_study_quick)",
+    )
+    p.add_argument(
+        "--logdir",
+        default="runs/likelihood_study",
+        help="TensorBoard curves and models (default: %(default)s; with --quick, "
+        "runs/likelihood_study_quick/tb)",
+    )
     p.add_argument("--data-dir", default="data")
     p.add_argument(
         "--models",

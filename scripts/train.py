@@ -65,6 +65,7 @@ from aefrl.resume_overrides import (
     overridable_given,
 )
 from aefrl.seeding import stream_seed
+from agents.base import shared_entries
 from agents.factory import build_agent, check_read_settings, name_keys
 
 imports_done()  # KeyboardInterrupt again
@@ -496,6 +497,7 @@ class CheckedSettings(NamedTuple):
     image_size: int
     loop: LoopConfig
     storage: str  # replay.storage with auto decided
+    agent: torch.nn.Module  # built on the meta device: its parameters' shapes, no memory
 
 
 def check_settings(conf: dict, updates_done: int = 0) -> CheckedSettings:
@@ -526,7 +528,7 @@ def check_settings(conf: dict, updates_done: int = 0) -> CheckedSettings:
     check_run_env(conf["env"])  # the task, the renderer, num_envs, ...
     size = int(conf["env"]["image_size"])
     action_dim = _task_action_dim(conf["env"]["task"])
-    check_networks(conf, (3, size, size), action_dim, device)
+    agent = check_networks(conf, (3, size, size), action_dim, device)
     rep = conf["replay"]
     try:
         loop_conf = LoopConfig(
@@ -560,14 +562,17 @@ def check_settings(conf: dict, updates_done: int = 0) -> CheckedSettings:
     if storage == "auto":
         storage = "disk" if pixel_bytes > 2**31 else "memory"
     check_replay_fits(storage, pixel_bytes, capacity, device)
-    return CheckedSettings(int(seed), int(threads), device, size, loop_conf, storage)
+    return CheckedSettings(int(seed), int(threads), device, size, loop_conf, storage, agent)
 
 
-def check_networks(conf: dict, obs_shape: tuple, action_dim: int, device: torch.device) -> None:
-    """Build the run's agent on the meta device (no memory, milliseconds): its ValueErrors name
-    a wrong setting, and networks whose weights, gradients and Adam's two moments alone exceed
-    the device's memory are refused (building them for real was not an allocation error but
-    the kernel's out-of-memory kill, exit 137, once the weights were initialised)."""
+def check_networks(
+    conf: dict, obs_shape: tuple, action_dim: int, device: torch.device
+) -> torch.nn.Module:
+    """Build the run's agent on the meta device (no memory, milliseconds) and return it: its
+    ValueErrors name a wrong setting, and networks whose weights, gradients and Adam's two
+    moments alone exceed the device's memory are refused (building them for real was not an
+    allocation error but the kernel's out-of-memory kill, exit 137, once the weights were
+    initialised)."""
     with torch.device("meta"):
         agent = build_agent(conf["agent"], conf["obs_model"], obs_shape, action_dim)
     tensors = [*agent.parameters(), *agent.buffers()]
@@ -575,11 +580,40 @@ def check_networks(conf: dict, obs_shape: tuple, action_dim: int, device: torch.
     where, total = device_memory(device)
     if need > total:
         count = sum(p.numel() for p in agent.parameters())
+        sizes = "agent.world_model or obs_model.latent_dim"  # the planner's own networks
+        if conf["agent"]["name"] == "dreamer":
+            sizes = "agent.world_model, agent.actor, agent.critic or obs_model.latent_dim"
         raise UserError(
             f"the agent's networks do not fit in {where} at these sizes: {count:,} parameters, "
             f"{need / 2**30:,.1f} GiB with their gradients and optimiser states, more than the "
-            f"{total / 2**30:.0f} GiB there; lower agent.world_model, agent.actor, agent.critic "
-            "or obs_model.latent_dim"
+            f"{total / 2**30:.0f} GiB there; lower {sizes}"
+        )
+    return agent
+
+
+def check_weights(agent: torch.nn.Module, saved: dict, path: Path) -> None:
+    """Refuse a checkpoint whose weights (``saved``: its ``agent`` entry) do not have the shapes
+    of the networks its own run configuration builds (``agent``, e.g. the meta-device one of
+    :func:`check_settings`): a checkpoint edited or copied in from another run failed deep in
+    ``load_state_dict`` with a traceback, after the run had appended its records and logs."""
+    modules = saved.get("modules", {}) if isinstance(saved, dict) else {}
+    expected = agent.state_dict()["modules"]
+    aliases = shared_entries(agent)  # checkpoints from before listed them too
+    wrong = [
+        f"{key} is there, and not in the configured model"
+        for key in modules
+        if key not in expected and key not in aliases
+    ]
+    for key, tensor in expected.items():
+        found = modules.get(key)
+        if not isinstance(found, torch.Tensor) or found.shape != tensor.shape:
+            there = "missing" if found is None else f"{tuple(getattr(found, 'shape', ()))}"
+            wrong.append(f"{key} is {there} there, {tuple(tensor.shape)} in the configured model")
+    if wrong:
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise CheckpointError(
+            f"{path} does not hold the networks of its own run configuration: {wrong[0]}{more}; "
+            "it was not written by this run"
         )
 
 
@@ -603,6 +637,8 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
             raise NothingToTrain(dict(resume_state["counters"]))
     updates_done = 0 if resume_state is None else resume_state["counters"]["updates"]
     checked = check_settings(conf, updates_done)
+    if resume_state is not None:  # before anything is written
+        check_weights(checked.agent, resume_state["agent"], run_dir / CHECKPOINT_NAME)
     if checked.threads:
         torch.set_num_threads(checked.threads)
     tune_malloc()  # CPU updates otherwise re-fault their working set every time (allocator.py)
@@ -751,4 +787,8 @@ if __name__ == "__main__":
     except KeyboardInterrupt as exc:  # before Hydra and the run: nothing was written
         print("interrupted while starting: nothing was written", file=sys.stderr)
         sys.exit(128 + getattr(exc, "signum", signal.SIGINT))
-    main()
+    try:
+        main()
+    except KeyboardInterrupt as exc:  # in Hydra's own code, or between a sweep's jobs
+        print("interrupted", file=sys.stderr)
+        sys.exit(128 + getattr(exc, "signum", signal.SIGINT))

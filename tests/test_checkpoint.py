@@ -129,6 +129,10 @@ def test_a_full_disk_is_one_sentence_and_keeps_the_previous_checkpoint(tmp_path,
     monkeypatch.undo()
     assert load_checkpoint(path)["v"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+    # any other RuntimeError keeps its own first line (a CUDA error is no full disk)
+    monkeypatch.setattr(torch, "save", lambda *a, **k: _raise(RuntimeError("CUDA error: x\nmore")))
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pt: CUDA error: x; the previous"):
+        save_checkpoint(path, {"format": 1, "v": 3})
 
 
 ZIP_WRITE_FAILED = "[enforce fail at inline_container.cc:672] . unexpected pos 1024 vs 960"

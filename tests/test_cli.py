@@ -182,10 +182,11 @@ def test_ctrl_c_while_importing_is_one_sentence_and_exit_130(tmp_path, script):
         (["env.task=walker-walk,walker-wlk"], "env.task 'walker-wlk' is not a DMC task"),
         (["agent.actor_loss.gamma=0.9,1.5"], "agent.actor_loss.gamma must lie in (0, 1], got 1.5"),
         (["env.render=fast,pretty"], "env.render must be one of faithful, fast, got 'pretty'"),
-        # only the combination of the two sweeps' last values is too short to update
+        # only the combination of the two sweeps' last values is too short to update (each
+        # value with the other sweep's first passes)
         (
-            ["loop.train_ratio=64,0.01", "loop.total_frames=3000,300"],
-            "loop.train_ratio=0.01 makes 0.000156 updates per agent step",
+            ["loop.train_ratio=64,1", "loop.total_frames=3000,200"],
+            "loop.train_ratio=1 makes 0.0156 updates per agent step",
         ),
     ],
 )
@@ -729,3 +730,32 @@ def test_help_says_what_the_script_does_and_lists_the_groups():
     assert out.stdout.startswith("train.py: train a Dreamer-style agent")
     assert "obs_model: aef, aef_partition, vae" in out.stdout
     assert "agent/planner_exp is chosen by exp" in out.stdout
+
+
+def test_a_checkpoint_without_its_own_configurations_networks_is_refused(tmp_path):
+    """A checkpoint whose weights are not the networks its run configuration builds (edited, or
+    copied in from another run) failed in load_state_dict with a traceback, after the resume
+    had appended its records and event files."""
+    import torch
+
+    from agents.factory import build_agent
+    from tests.tiny_run import OBS, write_tiny_dreamer_run
+
+    script = _train_script()
+    conf = write_tiny_dreamer_run(tmp_path)
+    state = script.load_checkpoint(tmp_path)
+    with torch.device("meta"):
+        agent = build_agent(conf["agent"], conf["obs_model"], OBS, 1)
+    script.check_weights(agent, state["agent"], tmp_path / "checkpoint.pt")  # its own: passes
+    conf["obs_model"]["latent_dim"] = 4  # the configuration says otherwise
+    with torch.device("meta"):
+        other = build_agent(conf["agent"], conf["obs_model"], OBS, 1)
+    with pytest.raises(script.CheckpointError, match=r"does not hold the networks of its own run"):
+        script.check_weights(other, state["agent"], tmp_path / "checkpoint.pt")
+    state["agent"]["modules"]["actor.extra.weight"] = torch.zeros(1)  # load_state_dict's error
+    with pytest.raises(script.CheckpointError, match=r"actor\.extra\.weight is there, and not"):
+        script.check_weights(agent, state["agent"], tmp_path / "checkpoint.pt")
+    del state["agent"]["modules"]["actor.extra.weight"]
+    del state["agent"]["modules"]["actor.net.0.weight"]
+    with pytest.raises(script.CheckpointError, match=r"actor\.net\.0\.weight is missing there"):
+        script.check_weights(agent, state["agent"], tmp_path / "checkpoint.pt")

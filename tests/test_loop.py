@@ -857,3 +857,17 @@ def test_evaluation_logs_the_critics_value_and_the_return_to_go(tmp_path):
     assert logged["eval/critic_value"] == [(0, pytest.approx(ScriptedAgent.critic_value))]
     assert logged["eval/critic_return_to_go"] == [(0, pytest.approx(want_to_go, rel=1e-5))]
     assert result["critic_value"] == pytest.approx(ScriptedAgent.critic_value)
+
+
+def test_a_second_sigterm_aborts_with_its_own_signal(tmp_path):
+    """The abort raised a plain KeyboardInterrupt, so train.py exited 130 for a second SIGTERM
+    (128 + the exception's signum: 143)."""
+    import signal
+
+    trainer = build(tmp_path)
+    trainer._on_signal(signal.SIGTERM, None)  # the first: finish the step, save, return
+    assert trainer._stop_requested and trainer.stop_signal == signal.SIGTERM
+    with pytest.raises(KeyboardInterrupt) as info:
+        trainer._on_signal(signal.SIGTERM, None)
+    assert info.value.signum == signal.SIGTERM
+    trainer.logger.close()

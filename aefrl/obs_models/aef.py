@@ -233,9 +233,10 @@ class AEFPartitionObservationModel(AffineFlowModel):
             raise ValueError(
                 f"core_indices must be {self.latent_dim} distinct indices in [0, {self.num_dims})"
             )
-        self.register_buffer("core_idx", idx)
         shell[idx] = 0.0
-        self.register_buffer("shell_mask", shell.view(self.obs_shape))
+        here = torch.empty(0).device  # the default device: the weights' (meta, cuda, ...)
+        self.register_buffer("core_idx", idx.to(here))
+        self.register_buffer("shell_mask", shell.view(self.obs_shape).to(here))
         self.num_scored = self.num_dims - self.latent_dim  # the shell (idx are distinct)
 
     def encoder_input(self, y):
