@@ -73,7 +73,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
         elif any(m in str(exc) for m in ("inline_container", "PytorchStreamWriter")):
             reason = "torch could not write it (is the disk full?)"
         else:
-            reason = str(exc).strip().splitlines()[0]
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(
             f"could not write the checkpoint {path}: {reason}; the previous one, if any, is intact"
         ) from None

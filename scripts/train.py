@@ -193,7 +193,8 @@ def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
     """The configuration this run uses, its directory, and the checkpoint it resumes (if any).
 
     A resumed run takes its configuration from its checkpoint; only the keys of
-    ``RESUME_OVERRIDABLE`` (when to stop, how often to save) may be changed on the command line.
+    ``RESUME_OVERRIDABLE`` (when to stop, how often to save, threads, the evaluation GIFs) may be
+    changed on the command line.
     """
     if cfg.resume is None:
         run_dir = new_run_dir(cfg)
@@ -302,8 +303,12 @@ def run_dir_in_use(run_dir: Path) -> bool:
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released on close
     except BlockingIOError:
         return True
-    except OSError:  # no lock file: no run has held it
+    except FileNotFoundError:  # no run has held it
         return False
+    except OSError as exc:  # unreadable: "leftovers, delete them" could be a live run's files
+        raise UserError(
+            f"cannot tell whether run_dir {run_dir} is in use: {run_dir / RUN_LOCK}: {exc.strerror}"
+        ) from None
     return False
 
 
@@ -318,11 +323,17 @@ def lock_run_dir(run_dir: Path, new_run: bool):
     try:
         handle = open(run_dir / RUN_LOCK, "a")  # noqa: SIM115 (kept open: it holds the lock)
     except OSError as exc:  # a read-only directory (or mount)
-        raise UserError(f"cannot write in run_dir {run_dir}: {exc.strerror}") from None
+        raise UserError(
+            f"cannot write in run_dir {run_dir}: {run_dir / RUN_LOCK}: {exc.strerror}"
+        ) from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except OSError as exc:
         handle.close()
+        if not isinstance(exc, BlockingIOError):  # no locks here (NFS without lockd, ...)
+            raise UserError(
+                f"cannot lock run_dir {run_dir} ({run_dir / RUN_LOCK}): {exc.strerror}"
+            ) from None
         if not new_run:  # a resume: the process training this run is still at it
             raise UserError(
                 f"cannot resume {run_dir}: another training process is running it; wait for "
@@ -580,13 +591,10 @@ def check_networks(
     where, total = device_memory(device)
     if need > total:
         count = sum(p.numel() for p in agent.parameters())
-        sizes = "agent.world_model or obs_model.latent_dim"  # the planner's own networks
-        if conf["agent"]["name"] == "dreamer":
-            sizes = "agent.world_model, agent.actor, agent.critic or obs_model.latent_dim"
         raise UserError(
             f"the agent's networks do not fit in {where} at these sizes: {count:,} parameters, "
             f"{need / 2**30:,.1f} GiB with their gradients and optimiser states, more than the "
-            f"{total / 2**30:.0f} GiB there; lower {sizes}"
+            f"{total / 2**30:.0f} GiB there; lower {network_sizes(conf)}"
         )
     return agent
 
@@ -596,7 +604,8 @@ def check_weights(agent: torch.nn.Module, saved: dict, path: Path) -> None:
     of the networks its own run configuration builds (``agent``, e.g. the meta-device one of
     :func:`check_settings`): a checkpoint edited or copied in from another run failed deep in
     ``load_state_dict`` with a traceback, after the run had appended its records and logs."""
-    modules = saved.get("modules", {}) if isinstance(saved, dict) else {}
+    modules = saved.get("modules") if isinstance(saved, dict) else None
+    modules = modules if isinstance(modules, dict) else {}
     expected = agent.state_dict()["modules"]
     aliases = shared_entries(agent)  # checkpoints from before listed them too
     wrong = [
@@ -604,17 +613,28 @@ def check_weights(agent: torch.nn.Module, saved: dict, path: Path) -> None:
         for key in modules
         if key not in expected and key not in aliases
     ]
-    for key, tensor in expected.items():
+    # an alias's stored tensor is loaded as it is (agents/base.py): its shape matters as well
+    checked = {**expected, **{a: expected[n] for a, n in aliases.items() if a in modules}}
+    for key, tensor in checked.items():
         found = modules.get(key)
         if not isinstance(found, torch.Tensor) or found.shape != tensor.shape:
-            there = "missing" if found is None else f"{tuple(getattr(found, 'shape', ()))}"
+            there = "missing" if found is None else "not a tensor"
+            if isinstance(found, torch.Tensor):
+                there = f"{tuple(found.shape)}"
             wrong.append(f"{key} is {there} there, {tuple(tensor.shape)} in the configured model")
     if wrong:
         more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
         raise CheckpointError(
             f"{path} does not hold the networks of its own run configuration: {wrong[0]}{more}; "
-            "it was not written by this run"
+            "it was written by another run, edited, or by an aefrl version with other networks"
         )
+
+
+def network_sizes(conf: dict) -> str:
+    """The settings that size the run's agent's networks (the planner has no actor-critic)."""
+    if conf["agent"]["name"] == "dreamer":
+        return "agent.world_model, agent.actor, agent.critic or obs_model.latent_dim"
+    return "agent.world_model or obs_model.latent_dim"
 
 
 def device_memory(device: torch.device) -> tuple[str, int]:
@@ -654,8 +674,8 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
             raise
         env.close()
         raise UserError(
-            f"the agent's networks do not fit in {device} memory at these sizes (agent.world_model"
-            ", agent.actor, agent.critic, obs_model.latent_dim): lower them"
+            f"the agent's networks do not fit in {device} memory at these sizes: lower "
+            f"{network_sizes(conf)}"
         ) from None
     rep, storage, loop_conf = conf["replay"], checked.storage, checked.loop
     try:
@@ -728,10 +748,10 @@ def run_cli(cfg: DictConfig) -> int:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM outside the training loop's own handler (setup, the checks before Hydra): it
-    stops the process as a Ctrl-C does, so a new run removes what its setup wrote, where the
-    default action killed it with its run_config.yaml and records left behind, and the same
-    command then refused the directory. Exit code 143."""
+    """SIGTERM outside the training loop's own handler (the checks before Hydra, Hydra's own
+    code, setup, between a sweep's jobs): it stops the process as a Ctrl-C does, so a new run
+    removes what its setup wrote, where the default action killed it with its run_config.yaml
+    and records left behind, and the same command then refused the directory. Exit code 143."""
 
     signum = signal.SIGTERM
 

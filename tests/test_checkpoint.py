@@ -133,6 +133,9 @@ def test_a_full_disk_is_one_sentence_and_keeps_the_previous_checkpoint(tmp_path,
     monkeypatch.setattr(torch, "save", lambda *a, **k: _raise(RuntimeError("CUDA error: x\nmore")))
     with pytest.raises(CheckpointError, match=r"checkpoint\.pt: CUDA error: x; the previous"):
         save_checkpoint(path, {"format": 1, "v": 3})
+    monkeypatch.setattr(torch, "save", lambda *a, **k: _raise(RuntimeError(" ")))  # no message
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pt: RuntimeError; the previous"):
+        save_checkpoint(path, {"format": 1, "v": 3})
 
 
 ZIP_WRITE_FAILED = "[enforce fail at inline_container.cc:672] . unexpected pos 1024 vs 960"

@@ -696,6 +696,10 @@ def test_a_run_dir_in_use_is_not_called_an_earlier_runs_leftovers(tmp_path):
 
     script = _train_script()
     assert not script.run_dir_in_use(tmp_path)  # no lock file
+    (tmp_path / ".lock").mkdir()  # unreadable as a lock: not taken for "not in use"
+    with pytest.raises(script.UserError, match="cannot tell whether run_dir"):
+        script.run_dir_in_use(tmp_path)
+    (tmp_path / ".lock").rmdir()
     held = script.lock_run_dir(tmp_path, new_run=True)
     (tmp_path / "run_config.yaml").write_text("seed: 0\n")
     (tmp_path / "tb").mkdir()
@@ -759,3 +763,6 @@ def test_a_checkpoint_without_its_own_configurations_networks_is_refused(tmp_pat
     del state["agent"]["modules"]["actor.net.0.weight"]
     with pytest.raises(script.CheckpointError, match=r"actor\.net\.0\.weight is missing there"):
         script.check_weights(agent, state["agent"], tmp_path / "checkpoint.pt")
+    for broken in (None, {"modules": 5}):  # not a module dict at all: one sentence too
+        with pytest.raises(script.CheckpointError, match="is missing there"):
+            script.check_weights(agent, broken, tmp_path / "checkpoint.pt")
