@@ -25,13 +25,24 @@ class Parser(argparse.ArgumentParser):
     def add_argument(self, *args, **kwargs) -> argparse.Action:
         """As argparse's, with ``(default: ...)`` appended to an option's help unless it names
         its default itself or has none to show (None, a flag's False)."""
-        action = super().add_argument(*args, **kwargs)
-        default, text = action.default, action.help or ""
-        shown = default is None or default is False or default is argparse.SUPPRESS
-        named = text is argparse.SUPPRESS or "(default" in text
-        if action.option_strings and not shown and not named:
-            action.help = f"{text} (default: %(default)s)".lstrip()
-        return action
+        return _show_default(super().add_argument(*args, **kwargs))
+
+    def add_argument_group(self, *args, **kwargs):
+        """As argparse's; its options' help names their defaults too."""
+        group = super().add_argument_group(*args, **kwargs)
+        plain = group.add_argument
+        group.add_argument = lambda *a, **k: _show_default(plain(*a, **k))
+        return group
+
+
+def _show_default(action: argparse.Action) -> argparse.Action:
+    """``action`` with ``(default: ...)`` appended to its help (see :meth:`Parser.add_argument`)."""
+    default, text = action.default, action.help or ""
+    shown = default is None or default is False or default is argparse.SUPPRESS
+    named = text is argparse.SUPPRESS or "(default" in text
+    if action.option_strings and not shown and not named:
+        action.help = f"{text} (default: %(default)s)".lstrip()
+    return action
 
     def error(self, message: str):
         self.exit(2, f"error: {message}\n")

@@ -101,7 +101,14 @@ def check_overrides(
     args = [a for a in args if not a.startswith("-")]
     parsed = _parse(args)
     if flags:
-        for variant in _sweep_variants(parsed, config_groups(config_dir)):
+        variants = _sweep_variants(parsed, config_groups(config_dir))
+        resumes = [o.value() for v in variants for o in _parse(v) if o.key_or_group == "resume"]
+        if any(r is not None for r in resumes) and len(set(map(str, resumes))) < len(variants):
+            raise OverrideError(  # job 0 trained on before job 1 was refused the same run
+                "a -m sweep resumes the same run in several of its jobs; resume each job's "
+                "run_dir on its own (or sweep resume=<dir>,<dir> alone)"
+            )
+        for variant in variants:
             _check(config_dir, config_name, variant, _parse(variant), check_job)
         return
     _check(config_dir, config_name, args, parsed, check_job)

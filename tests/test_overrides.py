@@ -37,6 +37,7 @@ def test_groups_are_the_config_directories():
         ("-m", "seed=0,1,2", "obs_model=vae,aef", "loop.train_ratio=range(8,64,8)"),
         ("seed=0,1", "--multirun", "agent.compile=false,true"),
         ("-m", "obs_model=glob(*)"),  # expanded against configs/obs_model/
+        ("-m", "resume=runs/a,runs/b"),  # each job its own run
     ],
 )
 def test_valid_overrides_pass(args):
@@ -135,6 +136,9 @@ def test_boolean_keys_take_booleans():
         (("-m", "loop.total_frames=abc"), "loop.total_frames takes a number"),
         (("--multirun", "loop.total_frame=400,800"), "did you mean loop.total_frames?"),
         (("-m", "exp=smoke", "loop=5"), "loop is a group of settings, not a value"),
+        # job 0 resumed and trained, then job 1 was refused the run job 0 held
+        (("-m", "seed=0,1", "resume=runs/x"), "resumes the same run in several of its jobs"),
+        (("-m", "resume=runs/a,runs/b", "seed=0,1"), "resumes the same run in several"),
         # the other sweeps at their first value: agent=planner's own key is checked under it
         (("-m", "agent=dreamer,planner", "agent.planner.candidates=5"), "only agent=planner"),
     ],

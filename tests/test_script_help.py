@@ -122,11 +122,13 @@ def test_help_names_every_default_the_option_has():
     parser.add_argument("--out", default=None, help="where")  # nothing to show
     parser.add_argument("--quick", action="store_true", help="fewer")
     parser.add_argument("--render", default="x", help="how (default: the run's own)")
+    parser.add_argument_group("planner").add_argument("--top-k", type=int, default=7, help="k")
     text = " ".join(parser.format_help().split())
     assert "--reps REPS (default: 0)" in text
     assert "sizes (default: [1, 2])" in text
     assert "where --quick fewer --render" in text  # None and a flag's False: no default shown
-    assert text.count("(default") == 3  # the render option's own wording is kept
+    assert "--top-k TOP_K k (default: 7)" in text  # in an argument group too
+    assert text.count("(default") == 4  # the render option's own wording is kept
 
 
 @pytest.mark.parametrize(
