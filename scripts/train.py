@@ -303,7 +303,7 @@ def run_dir_in_use(run_dir: Path) -> bool:
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released on close
     except BlockingIOError:
         return True
-    except FileNotFoundError:  # no run has held it
+    except (FileNotFoundError, NotADirectoryError):  # no run has held it (or no such dir)
         return False
     except OSError as exc:  # unreadable: "leftovers, delete them" could be a live run's files
         raise UserError(
