@@ -34,6 +34,9 @@ class Parser(argparse.ArgumentParser):
         group.add_argument = lambda *a, **k: _show_default(plain(*a, **k))
         return group
 
+    def error(self, message: str):
+        self.exit(2, f"error: {message}\n")
+
 
 def _show_default(action: argparse.Action) -> argparse.Action:
     """``action`` with ``(default: ...)`` appended to its help (see :meth:`Parser.add_argument`)."""
@@ -43,9 +46,6 @@ def _show_default(action: argparse.Action) -> argparse.Action:
     if action.option_strings and not shown and not named:
         action.help = f"{text} (default: %(default)s)".lstrip()
     return action
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message}\n")
 
 
 def _number(text: str, cast, valid, expected: str):
