@@ -51,6 +51,31 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def check_replay_sizes(capacity: int, num_envs: int, seq_len: int, batch_size: int) -> None:
+    """:class:`SequenceReplay`'s checks of its sizes, allocating nothing: a one-sentence
+    ValueError for the first bad one."""
+    for name, value in [
+        ("capacity", capacity),
+        ("num_envs", num_envs),
+        ("seq_len", seq_len),
+        ("batch_size", batch_size),
+    ]:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    if seq_len < 2:
+        # A one-step window holds no transition: the recurrent weights get no gradient.
+        raise ValueError(
+            f"seq_len must be at least 2 (a window of one step has no transition for the "
+            f"recurrent world model to learn from), got {seq_len}."
+        )
+    if capacity // num_envs < seq_len:
+        raise ValueError(
+            f"capacity={capacity} gives each of the {num_envs} env streams "
+            f"{capacity // num_envs} rows, fewer than seq_len={seq_len}; "
+            f"capacity must be at least num_envs * seq_len = {num_envs * seq_len}."
+        )
+
+
 class SequenceReplay:
     """Ring-buffer replay of ``num_envs`` parallel streams that samples ``[B, T]`` windows.
 
@@ -82,26 +107,7 @@ class SequenceReplay:
         device: str | torch.device = "cpu",
         seed: int | None = None,
     ) -> None:
-        for name, value in [
-            ("capacity", capacity),
-            ("num_envs", num_envs),
-            ("seq_len", seq_len),
-            ("batch_size", batch_size),
-        ]:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}.")
-        if seq_len < 2:
-            # A one-step window holds no transition: the recurrent weights get no gradient.
-            raise ValueError(
-                f"seq_len must be at least 2 (a window of one step has no transition for the "
-                f"recurrent world model to learn from), got {seq_len}."
-            )
-        if capacity // num_envs < seq_len:
-            raise ValueError(
-                f"capacity={capacity} gives each of the {num_envs} env streams "
-                f"{capacity // num_envs} rows, fewer than seq_len={seq_len}; "
-                f"capacity must be at least num_envs * seq_len = {num_envs * seq_len}."
-            )
+        check_replay_sizes(capacity, num_envs, seq_len, batch_size)
         if storage not in STORAGES:
             raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}.")
         if storage == "disk" and path is None:

@@ -55,7 +55,7 @@ from aefrl.loop import LoopConfig, Trainer
 from aefrl.nn import conv_stages
 from aefrl.overrides import MULTIRUN_FLAGS, OverrideError, check_overrides
 from aefrl.provenance import RUN_RECORDS, append_run_record, command_line
-from aefrl.replay import STORAGES, SequenceReplay
+from aefrl.replay import STORAGES, SequenceReplay, check_replay_sizes
 from aefrl.resume_overrides import (
     CHOICES_KEY,
     command_line_conflicts,
@@ -66,7 +66,7 @@ from aefrl.resume_overrides import (
 )
 from aefrl.seeding import stream_seed
 from agents.base import shared_entries
-from agents.factory import build_agent, check_read_settings, name_keys
+from agents.factory import IGNORED, build_agent, check_read_settings, name_keys
 
 imports_done()  # KeyboardInterrupt again
 
@@ -555,15 +555,11 @@ def check_settings(conf: dict, updates_done: int = 0) -> CheckedSettings:
     except ValueError as exc:  # "name must ...": name the configuration key instead
         name, _, rest = str(exc).partition(" ")
         raise UserError(f"{LOOP_FIELD_KEYS.get(name, f'loop.{name}')} {rest}") from None
-    num_envs, capacity, seq_len = (
-        int(x) for x in (conf["env"]["num_envs"], rep["capacity"], rep["seq_len"])
-    )
-    if capacity // num_envs < seq_len:  # the replay's own check, in the configuration's words
-        raise UserError(
-            f"replay.capacity={capacity} gives each of the {num_envs} env streams "
-            f"{capacity // num_envs} rows, fewer than replay.seq_len={seq_len}; replay.capacity "
-            f"must be at least env.num_envs * replay.seq_len = {num_envs * seq_len}"
-        )
+    num_envs, capacity = int(conf["env"]["num_envs"]), int(rep["capacity"])
+    try:  # the replay's own checks, in the configuration's words
+        check_replay_sizes(capacity, num_envs, int(rep["seq_len"]), int(rep["batch_size"]))
+    except ValueError as exc:
+        raise UserError(name_keys(str(exc), replay_sections(conf))) from None
     check_trains(loop_conf, num_envs, updates_done)
     storage = rep["storage"]
     if storage not in ("auto", *STORAGES):
@@ -630,11 +626,17 @@ def check_weights(agent: torch.nn.Module, saved: dict, path: Path) -> None:
         )
 
 
+def replay_sections(conf: dict) -> dict:
+    """The configuration sections :class:`SequenceReplay`'s arguments come from (``name_keys``
+    turns ``capacity`` into ``replay.capacity``, ``num_envs`` into ``env.num_envs``)."""
+    return {"replay": conf["replay"], "env": {"num_envs": conf["env"]["num_envs"]}}
+
+
 def network_sizes(conf: dict) -> str:
-    """The settings that size the run's agent's networks (the planner has no actor-critic)."""
-    if conf["agent"]["name"] == "dreamer":
-        return "agent.world_model, agent.actor, agent.critic or obs_model.latent_dim"
-    return "agent.world_model or obs_model.latent_dim"
+    """The settings that size the run's agent's networks (those of the sections it reads)."""
+    ignored = IGNORED[conf["agent"]["name"]]  # the planner has no actor-critic
+    sizes = [f"agent.{k}" for k in ("world_model", "actor", "critic") if k not in ignored]
+    return ", ".join(sizes) + " or obs_model.latent_dim"
 
 
 def device_memory(device: torch.device) -> tuple[str, int]:
@@ -689,9 +691,8 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
             device=device,
             seed=stream_seed(seed, "replay"),  # not the prefill generator's stream
         )
-    except ValueError as exc:  # "capacity=10 gives ...": name the configuration keys
-        sections = {"replay": rep, "env": {"num_envs": conf["env"]["num_envs"]}}
-        raise UserError(name_keys(str(exc), sections)) from None
+    except ValueError as exc:  # "storage must be ...": name the configuration keys
+        raise UserError(name_keys(str(exc), replay_sections(conf))) from None
     # Everything above validates the configuration; only now does the run leave files (a bad
     # input must not leave a run_config.yaml that makes the corrected command refuse the dir).
     try:
