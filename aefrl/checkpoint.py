@@ -83,6 +83,19 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
     fsync_path(path.parent)  # make the rename itself durable
 
 
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """``Path(path).write_text(text)`` that a crash cannot leave half-written (temp file in the
+    same folder, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def fsync_path(path: str | os.PathLike) -> None:
     """Write a file's dirty pages (also those written through a memory mapping), or a
     directory's entries, to disk."""

@@ -38,10 +38,12 @@ from aefrl import keys
 from aefrl.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
+    CheckpointError,
     check_contents,
     load_checkpoint,
     rng_state,
     save_checkpoint,
+    write_text_atomically,
 )
 from aefrl.checkpoint import set_rng_state as restore_rng
 from aefrl.collect import Collector
@@ -128,6 +130,9 @@ class Trainer:
         make_eval_env: ``seed -> env`` building a fresh single evaluation env; a new env per
             evaluation (seeded by the evaluation's index) keeps resumed runs exact.
         run_config: the resolved run configuration, stored in checkpoints and logged once.
+        run_config_file: where a YAML copy of ``run_config`` is rewritten after every
+            checkpoint, so that it always shows what the checkpoint resumes with (a resume
+            interrupted before its first checkpoint leaves the file as that checkpoint's).
         device: where the agent lives.
         seed: seeds the random prefill policy, and the streams of evaluations and reports.
     """
@@ -143,6 +148,7 @@ class Trainer:
         *,
         make_eval_env: Callable[[int], object] | None = None,
         run_config: dict | None = None,
+        run_config_file: str | Path | None = None,
         device="cpu",
         seed: int = 0,
         action_dim: int,
@@ -152,6 +158,7 @@ class Trainer:
         self.config = config
         self.make_eval_env = make_eval_env
         self.run_config = run_config or {}
+        self.run_config_file = None if run_config_file is None else Path(run_config_file)
         self.device = torch.device(device)
         self.action_dim = action_dim
         self.seed = int(seed)
@@ -198,6 +205,8 @@ class Trainer:
         try:
             self._write_checkpoint()
             self._saved_at = self.counters["frames"]
+            if self.run_config_file is not None:
+                self._write_run_config()
         finally:
             self._saving = False
         if self._abort_after_save:
@@ -227,6 +236,18 @@ class Trainer:
                 "seed": self.seed,  # of the evaluation and report streams
             },
         )
+
+    def _write_run_config(self) -> None:
+        from omegaconf import OmegaConf  # only runs that keep the file need it
+
+        text = OmegaConf.to_yaml(OmegaConf.create(self.run_config))
+        try:
+            write_text_atomically(self.run_config_file, text)
+        except OSError as exc:
+            raise CheckpointError(
+                f"could not write {self.run_config_file}: {exc.strerror or exc}; the checkpoint "
+                "was written"
+            ) from None
 
     def load(self, path: str | Path | None = None, state: dict | None = None) -> None:
         """Restore everything from a checkpoint (default: this run's), or from its already

@@ -32,7 +32,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torchrl.data import LazyMemmapStorage, LazyTensorStorage
 
-from aefrl.checkpoint import fsync_path
+from aefrl.checkpoint import fsync_path, write_text_atomically
 from aefrl.devices import canonical_device
 
 STORAGES = ("memory", "device", "disk")
@@ -42,13 +42,6 @@ STEP_STAMP = "_replay_step"
 # block, every row of the capacity; still loaded).
 _STATE_VERSION = 2
 _READABLE_VERSIONS = (1, 2)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """``path.write_text(text)`` that a crash cannot leave half-written (temp file, rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def check_replay_sizes(capacity: int, num_envs: int, seq_len: int, batch_size: int) -> None:
@@ -465,7 +458,7 @@ class SequenceReplay:
                     "its state_dict was taken next to; pass that directory as path."
                 )
             for name, text in (state.get("disk_metadata") or {}).items():
-                _write_atomically(self.path / name, text)
+                write_text_atomically(self.path / name, text)
             self._storage.loads(self.path)
         self._steps = steps
         self._schema = schema

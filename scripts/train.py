@@ -40,7 +40,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from aefrl.allocator import tune_malloc
 from aefrl.arguments import VERSION
-from aefrl.checkpoint import CHECKPOINT_NAME, CheckpointError, check_contents, load_checkpoint
+from aefrl.checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    check_contents,
+    load_checkpoint,
+    write_text_atomically,
+)
 from aefrl.cli import (
     RUN_CONFIG,
     RUN_LOCK,
@@ -700,11 +706,9 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
     except OSError as exc:
         raise UserError(f"cannot create run_dir {run_dir}: {exc.strerror}") from None
     _HELD_LOCKS[run_dir] = lock_run_dir(run_dir, new_run=resume_state is None)
-    resumed_changed = resume_state is not None and conf != resume_state["run_config"]
-    if resume_state is None or resumed_changed:  # the file says what the run now runs with
-        tmp = run_dir / f".{RUN_CONFIG}.tmp"
-        tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(conf)))
-        tmp.replace(run_dir / RUN_CONFIG)
+    if resume_state is None:  # the Trainer rewrites it with every checkpoint (a resume's
+        # changed settings reach it with its first: until then the file is the checkpoint's)
+        write_text_atomically(run_dir / RUN_CONFIG, OmegaConf.to_yaml(OmegaConf.create(conf)))
     start = 0 if resume_state is None else int(resume_state["counters"]["frames"])
     append_run_record(run_dir, start, command_line("scripts/train.py"))
     # A resumed run drops what a killed run logged after its checkpoint (it logs it again).
@@ -721,6 +725,7 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
             conf["env"], stream_seed(seed, "eval_env", index), num_envs=1
         ),
         run_config=conf,
+        run_config_file=run_dir / RUN_CONFIG,
         device=device,
         seed=seed,
         action_dim=action_dim,
@@ -728,7 +733,7 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
     _COUNTERS[run_dir] = trainer.counters  # updated in place by the loop
     if resume_state is not None:
         trainer.load(state=resume_state)
-        if resumed_changed:
+        if conf != resume_state["run_config"]:
             logger.log_config(conf, step=start)
     return trainer, env, run_dir, resume_state is not None
 

@@ -18,7 +18,7 @@ from torchrl.envs import ExcludeTransform, SerialEnv, TransformedEnv
 
 from aefrl import keys
 from aefrl.bench.subjects import Sizes, random_batch
-from aefrl.checkpoint import load_checkpoint
+from aefrl.checkpoint import CheckpointError, load_checkpoint
 from aefrl.envs import make_dmc_env
 from aefrl.logging import RunLogger
 from aefrl.loop import LoopConfig, Trainer
@@ -353,6 +353,37 @@ def test_a_second_ctrl_c_during_the_checkpoint_write_aborts_after_it(tmp_path):
     trainer._stop_requested = True  # outside a write, a second Ctrl-C aborts at once
     with pytest.raises(KeyboardInterrupt):
         trainer._on_signal(signal.SIGINT, None)
+
+
+def test_the_run_config_file_is_rewritten_with_every_checkpoint(tmp_path):
+    """run_config.yaml shows what the checkpoint resumes with: it is written with the
+    checkpoint, never before it (a resume interrupted in its setup left the file with its new
+    settings next to a checkpoint holding the old), and a failed write is one sentence."""
+    from omegaconf import OmegaConf
+
+    trainer = build(tmp_path)
+    trainer.run_config = {"loop": {"total_frames": 123}, "seed": 4}
+    trainer.run_config_file = tmp_path / "run_config.yaml"
+    trainer.run_config_file.write_text("loop:\n  total_frames: 100\n")  # the previous start's
+    trainer.config.total_frames = 60
+
+    def before_the_first_checkpoint(t):
+        if t._saved_at is None:
+            assert OmegaConf.load(t.run_config_file).loop.total_frames == 100
+
+    trainer.run(progress=False, on_iteration=before_the_first_checkpoint)
+    assert load_checkpoint(tmp_path)["run_config"] == trainer.run_config
+    assert OmegaConf.to_container(OmegaConf.load(trainer.run_config_file)) == trainer.run_config
+    assert not list(tmp_path.glob(".*.tmp"))
+
+    trainer.run_config_file.unlink()
+    trainer.run_config_file.mkdir()  # a directory in the way: the write fails
+    trainer.run_config["seed"] = 5
+    with pytest.raises(
+        CheckpointError, match=r"could not write .*run_config\.yaml: .*checkpoint was"
+    ):
+        trainer.save()
+    assert load_checkpoint(tmp_path)["run_config"]["seed"] == 5
 
 
 def _quiet_config(**schedule) -> LoopConfig:
