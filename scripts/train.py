@@ -424,6 +424,10 @@ def setup_and_run(cfg: DictConfig) -> tuple[dict, int | None]:
         raise UserError(str(exc)) from None
     except NothingToTrain as done:
         return done.args[0], None
+    if _SETUP_SIGNAL["signum"] is not None:  # its exception was dropped inside setup
+        trainer.logger.close()
+        env.close()
+        raise Terminated() if _SETUP_SIGNAL["signum"] == signal.SIGTERM else KeyboardInterrupt()
     if resumed:
         print(f"resumed {run_dir} at {trainer.counters['frames']} frames")
     print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir.parent})")
@@ -762,8 +766,17 @@ class Terminated(KeyboardInterrupt):
     signum = signal.SIGTERM
 
 
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated
+_SETUP_SIGNAL: dict = {"signum": None}  # the last signal _on_signal raised for
+
+
+def _on_signal(signum, frame) -> None:
+    """SIGINT and SIGTERM outside the loop's own handler: raise (KeyboardInterrupt,
+    :class:`Terminated`), as Python's default handler does for SIGINT, and remember the signal.
+    Python drops an exception raised while it runs certain callbacks (an import lock's, a
+    weakref's): about one Ctrl-C in 55 during setup was lost so, and the run trained on.
+    :func:`setup_and_run` stops a run whose setup finished after such a signal."""
+    _SETUP_SIGNAL["signum"] = signum
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def interrupted_message(cfg: DictConfig) -> str:
@@ -804,7 +817,8 @@ if __name__ == "__main__":
         sys.exit(0)
     # Hydra reads -m only before the overrides (after them: its usage block); anywhere works.
     sys.argv[1:] = sorted(sys.argv[1:], key=lambda arg: arg not in MULTIRUN_FLAGS)
-    signal.signal(signal.SIGTERM, _raise_terminated)  # the loop installs its own while it runs
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the loop installs its own while it runs
+        signal.signal(sig, _on_signal)
     try:  # Hydra's own reports of a bad override are multi-line; ours are one sentence
         check_overrides(CONFIG_DIR, "config", sys.argv[1:], check_job)
     except OverrideError as exc:

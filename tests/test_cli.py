@@ -1,5 +1,6 @@
 """End-to-end through the real CLI (scripts/train.py) on a real DMC task, exp=smoke."""
 
+import contextlib
 import json
 import math
 import os
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from omegaconf import OmegaConf
@@ -637,6 +639,43 @@ def test_a_run_stopped_before_its_first_checkpoint_leaves_nothing_behind(
     with pytest.raises(script.UserError):
         script.train(OmegaConf.create({"resume": None, "run_dir": str(other)}))
     assert sorted(p.name for p in other.iterdir()) == ["run_config.yaml", "tb"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_whose_exception_setup_dropped_still_stops_the_run(tmp_path, monkeypatch, signum):
+    """Python drops an exception raised inside some callbacks (an import lock's): one Ctrl-C
+    in ~55 during setup was lost so, and the run trained on. The handler remembers the signal;
+    a setup that finishes after one stops there, as if it had been interrupted."""
+    script = _train_script()
+    monkeypatch.setitem(script._SETUP_SIGNAL, "signum", None)
+    closed, ran = [], []
+    env = SimpleNamespace(close=lambda: closed.append("env"))
+    trainer = SimpleNamespace(
+        logger=SimpleNamespace(close=lambda: closed.append("logger")),
+        run=lambda: ran.append(True),
+        counters={"iterations": 0},
+    )
+
+    def setup_with_a_dropped_signal(cfg):
+        run_dir = Path(cfg.run_dir)
+        (run_dir / "tb").mkdir(parents=True)
+        script._HELD_LOCKS[run_dir] = script.lock_run_dir(run_dir, new_run=True)
+        (run_dir / "run_config.yaml").write_text("seed: 0\n")
+        with contextlib.suppress(KeyboardInterrupt):  # as Python inside an import lock's callback
+            script._on_signal(signum, None)
+        return trainer, env, run_dir, False
+
+    monkeypatch.setattr(script, "build_run", setup_with_a_dropped_signal)
+    cfg = OmegaConf.create({"resume": None, "run_dir": str(tmp_path / "run")})
+    assert script.run_cli(cfg) == 128 + signum
+    assert not ran and sorted(closed) == ["env", "logger"]
+    assert not list((tmp_path / "run").iterdir())  # the unstarted run removed, as on Ctrl-C
+
+    monkeypatch.setitem(script._SETUP_SIGNAL, "signum", None)  # no signal: the run trains
+    monkeypatch.setattr(script, "build_run", lambda cfg: (trainer, env, tmp_path, False))
+    trainer.run = lambda: ran.append(True) or {"frames": 1}
+    trainer.stop_signal = None
+    assert script.run_cli(cfg) == 0 and ran == [True]
 
 
 @pytest.mark.parametrize(
