@@ -24,6 +24,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Glob
 from hydra.errors import HydraException, OverrideParseException
 from omegaconf import OmegaConf
+from tqdm import tqdm
 
 from aefrl.resume_overrides import leaves
 
@@ -101,15 +102,30 @@ def check_overrides(
     args = [a for a in args if not a.startswith("-")]
     parsed = _parse(args)
     if flags:
-        variants = _sweep_variants(parsed, config_groups(config_dir))
+        try:
+            variants = _sweep_variants(parsed, config_groups(config_dir))
+        except _Unexpandable as exc:
+            if any(o.key_or_group.startswith(("hydra/sweeper", "hydra.sweeper")) for o in parsed):
+                return  # a sweeper plugin's sweep (interval for Optuna's): left to it
+            raise OverrideError(
+                f"{exc.args[0]}: Hydra's basic sweeper, the one configured, runs lists of "
+                "values, range(...) and glob(...) only; give the values as a list (a,b,c) or "
+                "choose a sweeper plugin that takes this sweep (hydra/sweeper=...)"
+            ) from None
         resumes = [o.value() for v in variants for o in _parse(v) if o.key_or_group == "resume"]
         if any(r is not None for r in resumes) and len(set(map(str, resumes))) < len(variants):
             raise OverrideError(  # job 0 trained on before job 1 was refused the same run
                 "a -m sweep resumes the same run in several of its jobs; resume each job's "
                 "run_dir on its own (or sweep resume=<dir>,<dir> alone)"
             )
-        for variant in variants:
-            _check(config_dir, config_name, variant, _parse(variant), check_job)
+        # ~0.15 s a job with train.py's checks: a bar, so that a large grid is not silent
+        # None: tqdm's "only on a terminal" (in a log its lines would stay before an error)
+        quiet = True if check_job is None or len(variants) < 2 else None
+        with tqdm(
+            variants, "checking the sweep's jobs", unit="job", leave=False, disable=quiet
+        ) as bar:
+            for variant in bar:  # closed (the line cleared) before an error is printed
+                _check(config_dir, config_name, variant, _parse(variant), check_job)
         return
     _check(config_dir, config_name, args, parsed, check_job)
 
@@ -122,11 +138,15 @@ def _parse(args: list[str]) -> list:
         raise OverrideError(f"cannot parse the command line {' '.join(args)!r}: {first}") from None
 
 
+class _Unexpandable(Exception):  # noqa: N818 (not an error of its own: see check_overrides)
+    """A sweep override only a sweeper plugin can expand; its argument is the override."""
+
+
 def _sweep_variants(parsed: list, groups: dict[str, list[str]]) -> list[list[str]]:
     """The single-run command lines of a sweep's jobs, every combination of its values, as
     Hydra's basic sweeper runs them (a check can depend on several settings together). A
-    ``glob(...)`` over a group's choices is expanded against ``groups``; none (unchecked, left
-    to Hydra) when a sweep only Hydra can expand is on the line."""
+    ``glob(...)`` over a group's choices is expanded against ``groups``; :class:`_Unexpandable`
+    names a sweep the basic sweeper cannot run (``interval(...)``)."""
     values = []
     for o in parsed:
         if not o.is_sweep_override():
@@ -138,7 +158,7 @@ def _sweep_variants(parsed: list, groups: dict[str, list[str]]) -> list[list[str
             else:
                 swept = list(o.sweep_string_iterator())
         except HydraException:
-            return []
+            raise _Unexpandable(o.input_line) from None
         values.append([f"{o.get_key_element()}={v}" for v in swept] or [o.input_line])
     return [list(job) for job in itertools.product(*values)]
 

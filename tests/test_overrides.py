@@ -38,6 +38,9 @@ def test_groups_are_the_config_directories():
         ("seed=0,1", "--multirun", "agent.compile=false,true"),
         ("-m", "obs_model=glob(*)"),  # expanded against configs/obs_model/
         ("-m", "resume=runs/a,runs/b"),  # each job its own run
+        ("-m", "seed=tag(a,range(0,3))", "loop.train_ratio=shuffle(8,16)"),
+        # a sweeper plugin's own sweep is left to it (interval: Optuna's)
+        ("-m", "hydra/sweeper=optuna", "loop.train_ratio=interval(1,64)"),
     ],
 )
 def test_valid_overrides_pass(args):
@@ -139,6 +142,8 @@ def test_boolean_keys_take_booleans():
         # job 0 resumed and trained, then job 1 was refused the run job 0 held
         (("-m", "seed=0,1", "resume=runs/x"), "resumes the same run in several of its jobs"),
         (("-m", "resume=runs/a,runs/b", "seed=0,1"), "resumes the same run in several"),
+        # Hydra's basic sweeper runs no interval: its traceback came after the checks passed
+        (("-m", "loop.train_ratio=interval(1,64)"), "loop.train_ratio=interval(1,64): Hydra's"),
         # the other sweeps at their first value: agent=planner's own key is checked under it
         (("-m", "agent=dreamer,planner", "agent.planner.candidates=5"), "only agent=planner"),
     ],
