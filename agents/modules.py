@@ -170,7 +170,9 @@ def agent_from_checkpoint(state: dict, action_dim: int | None = None) -> nn.Modu
     """The agent of a loaded checkpoint (:func:`~aefrl.checkpoint.load_checkpoint`), in eval
     mode on the CPU. Its action size is read off the weights; ``action_dim``, when given (the
     env's), must agree. One-sentence :class:`~aefrl.checkpoint.CheckpointError` otherwise."""
-    acts = stored_action_dim(state, action_dim)  # also checks the checkpoint's layout
+    # The task's action size is compared last: a checkpoint whose weights are not its
+    # configuration's reads a wrong size off them, and was refused for the task's actions.
+    acts = stored_action_dim(state)  # also checks the checkpoint's layout
     try:
         conf = state["run_config"]
         agent_conf, obs_conf = conf["agent"], conf["obs_model"]
@@ -195,6 +197,7 @@ def agent_from_checkpoint(state: dict, action_dim: int | None = None) -> nn.Modu
             f"the checkpoint's optimiser states do not match its agent ({type(exc).__name__}: "
             f"{exc})"
         ) from None
+    stored_action_dim(state, action_dim)
     return agent.eval()
 
 

@@ -162,8 +162,8 @@ def build_planner_agent(state: dict, args, action_dim: int) -> PlannerAgent:
     """A planner on the checkpoint's world model; its settings: the run's (if a planner run),
     overridden by the command line."""
     conf = state["run_config"]
+    world_model = world_model_from_checkpoint(state)  # its weights first: agent_from_checkpoint
     stored_action_dim(state, action_dim)  # one sentence if the task's actions differ
-    world_model = world_model_from_checkpoint(state)
     run_planner = conf["agent"].get("planner", {}) if conf["agent"]["name"] == "planner" else {}
     options = dict(run_planner)
     for option, field in PLANNER_OPTIONS.items():

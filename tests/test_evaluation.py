@@ -134,23 +134,32 @@ def test_eval_summary_names_the_agent_and_counts_episodes_in_english(
     assert re.match(line.format(r"\d+\.\d ± \d+\.\d"), first), first
 
 
-@pytest.mark.parametrize("script_name", ["eval", "world_model_report"])
+@pytest.mark.parametrize(
+    ("script_name", "planner"), [("eval", False), ("eval", True), ("world_model_report", False)]
+)
+@pytest.mark.parametrize("edit", ["hidden", "latent_dim"])
 def test_weights_that_do_not_fit_the_runs_configuration_are_one_sentence(
-    tmp_path, script_name, capsys
+    tmp_path, script_name, planner, edit, capsys
 ):
     """A checkpoint whose weights do not fit its run_config (a hand-edited size) used to end in
-    load_state_dict's multi-line traceback, one line per key."""
+    load_state_dict's multi-line traceback, one line per key; an edited latent size was
+    refused for the task's actions (the size read off the weights: "takes 3-d actions")."""
     from aefrl.checkpoint import load_checkpoint, save_checkpoint
 
     write_tiny_dreamer_run(tmp_path)
     state = load_checkpoint(tmp_path)
-    state["run_config"]["agent"]["world_model"]["hidden"] = 24
+    if edit == "hidden":
+        state["run_config"]["agent"]["world_model"]["hidden"] = 24
+    else:
+        state["run_config"]["obs_model"]["latent_dim"] = 1
     save_checkpoint(tmp_path / "checkpoint.pt", state)
     args = [str(tmp_path), "--episodes", "1", "--render", "fast"]
+    args += ["--agent", "planner"] if planner else []
     assert load_script(script_name).main(args) == 2
     err = capsys.readouterr().err
+    what = "world model" if planner else "weights"
     assert err.count("\n") == 1 and err.startswith(
-        "error: the checkpoint's weights do not match its configuration: "
+        f"error: the checkpoint's {what} do{'es' if planner else ''} not match its configuration: "
     ), err
 
 

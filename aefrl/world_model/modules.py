@@ -229,6 +229,12 @@ def stored_action_dim(state: dict, expected: int | None = None) -> int:
             f"not an aefrl training checkpoint ({type(exc).__name__}: {exc}); expected one "
             "written by scripts/train.py"
         ) from None
+    if acts < 1:  # the layer reads [z, a]: fewer inputs than the configured latents
+        raise CheckpointError(
+            f"the checkpoint's weights do not match its configuration: {key} reads "
+            f"{acts + int(conf['obs_model']['latent_dim'])} inputs, fewer than obs_model."
+            f"latent_dim={conf['obs_model']['latent_dim']} plus one action"
+        )
     if expected is not None and acts != expected:
         raise CheckpointError(
             f"the checkpoint's agent takes {acts}-d actions, its task "

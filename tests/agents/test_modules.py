@@ -94,6 +94,15 @@ def test_load_agent_says_in_one_line_what_does_not_fit(tmp_path):
     state["run_config"] = conf
     with pytest.raises(CheckpointError, match="takes 1-d actions, its task 'cartpole-swingup'"):
         agent_from_checkpoint(state, action_dim=6)
+    # Weights that are not the configuration's read a wrong action size off the RSSM's input
+    # layer; they were refused for the task's actions ("takes 3-d actions").
+    edited = {**state, "run_config": {**conf, "obs_model": {**conf["obs_model"], "latent_dim": 1}}}
+    for action_dim in (1, None):
+        with pytest.raises(CheckpointError, match="weights do not match its configuration: "):
+            agent_from_checkpoint(edited, action_dim=action_dim)
+    edited["run_config"]["obs_model"]["latent_dim"] = 9
+    with pytest.raises(CheckpointError, match=r"img_in.0.weight reads 4 inputs, fewer than obs_"):
+        agent_from_checkpoint(edited, action_dim=1)
     del state["agent"]["modules"]["world_model.rssm.img_in.0.weight"]
     with pytest.raises(CheckpointError, match=r"holds no world model \(no world_model\.\*\)"):
         agent_from_checkpoint(state)
