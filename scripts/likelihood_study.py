@@ -63,6 +63,10 @@ QUICK = {
 #: Options that choose what an invocation (re)computes, and where it keeps files; every other
 #: one is a setting the stored numbers depend on.
 PER_RUN = ("out", "evaluate_only", "models", "retrain", "logdir", "data_dir")
+#: The settings a saved model's weights depend on (its frames and its training), stored with
+#: them: --evaluate-only may change the others (the estimator's samples, the frames scored).
+TRAINED_WITH = ("tasks", "episodes", "heldout", "episode_steps", "steps", "batch", "lr", "depth",
+                "seed", "render")  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -146,7 +150,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("need --heldout >= 2 and --episodes > --heldout")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         p.error(f"--out takes a folder, and {args.out} is a file")
-    grid = [f"{kind}_d{d}" for d in args.latents for kind in args.kinds]
+    grid = [name for name, _, _ in model_grid(args)]
     unknown = sorted(set(args.models or []) - set(grid))
     if unknown:
         p.error(f"unknown --models {', '.join(unknown)}: the grid has {', '.join(grid)}")
@@ -167,6 +171,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                 "use the same settings, or another --out"
             )
     return args
+
+
+def model_grid(args: argparse.Namespace) -> list[tuple[str, str, int]]:
+    """(name, kind, latent size) of every model of the grid, in the order they are trained."""
+    return [(f"{kind}_d{d}", kind, d) for d in args.latents for kind in args.kinds]
 
 
 def settings(args: argparse.Namespace) -> dict:
@@ -250,6 +259,47 @@ def train(model, pre, train_frames, args, logger, name):
                 prefix="train",
             )
             bar.set_postfix(objective_bpd=f"{obj_bpd:.3f}")
+
+
+def trained_with(args: argparse.Namespace) -> dict:
+    """The :data:`TRAINED_WITH` settings of this invocation."""
+    return {k: v for k, v in settings(args).items() if k in TRAINED_WITH}
+
+
+def save_model(path: Path, model: torch.nn.Module, args: argparse.Namespace) -> None:
+    """The weights with the settings that trained them (:func:`check_saved_models`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"weights": model.state_dict(), "trained_with": trained_with(args)}, tmp)
+    tmp.replace(path)
+
+
+def saved_weights(path: Path) -> tuple[dict, dict | None]:
+    """A saved model's weights and the settings that trained them (None for a file from before
+    they were stored: its weights alone)."""
+    stored = torch.load(path, weights_only=True)
+    if set(stored) == {"weights", "trained_with"}:
+        return stored["weights"], stored["trained_with"]
+    return stored, None
+
+
+def check_saved_models(args: argparse.Namespace, names: list[str]) -> str | None:
+    """For --evaluate-only: the reason not to score the saved models ``names`` under these
+    settings (one trained with others, e.g. another study's under the same --logdir), or None."""
+    for name in names:
+        path = Path(args.logdir) / name / "model.pt"
+        stored = saved_weights(path)[1] if path.exists() else None
+        if stored is None:
+            continue
+        ours = trained_with(args)
+        changed = sorted(k for k in ours if stored.get(k) != ours[k])
+        if changed:
+            flags = ", ".join(f"--{k.replace('_', '-')} {stored.get(k)}" for k in changed)
+            return (
+                f"{path} was trained with other settings than these ({flags}): evaluate it "
+                "with those, or pass the --logdir of the models these settings trained"
+            )
+    return None
 
 
 # --- evaluation ----------------------------------------------------------------------------------
@@ -391,6 +441,11 @@ def save_model_result(path: Path, results: dict, name: str, result: dict) -> dic
 def main(argv=None) -> int:
     args = parse_args(argv)
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
+    selected = [(n, k, d) for n, k, d in model_grid(args) if not args.models or n in args.models]
+    problem = check_saved_models(args, [n for n, _, _ in selected]) if args.evaluate_only else None
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
@@ -410,39 +465,34 @@ def main(argv=None) -> int:
         "tasks": args.tasks,
     }
     pre = Preprocess((3, 64, 64), alpha=0.05)
-    for d in args.latents:
-        for kind in args.kinds:
-            name = f"{kind}_d{d}"
-            if args.models and name not in args.models:
+    for name, kind, d in selected:
+        done = results["models"].get(name)
+        if done is not None and not (args.evaluate_only or args.retrain):
+            print(f"{name}: done already, skipping")
+            continue
+        torch.manual_seed(args.seed)
+        model = make_obs_model(kind, (3, 64, 64), d, depth=args.depth)
+        logger = RunLogger(name, log_dir=args.logdir)
+        saved = Path(args.logdir) / name / "model.pt"
+        if args.evaluate_only:
+            if not saved.exists():
+                print(f"{name}: no saved model at {saved}, skipping")
                 continue
-            done = results["models"].get(name)
-            if done is not None and not (args.evaluate_only or args.retrain):
-                print(f"{name}: done already, skipping")
-                continue
-            torch.manual_seed(args.seed)
-            model = make_obs_model(kind, (3, 64, 64), d, depth=args.depth)
-            logger = RunLogger(name, log_dir=args.logdir)
-            saved = Path(args.logdir) / name / "model.pt"
-            if args.evaluate_only:
-                if not saved.exists():
-                    print(f"{name}: no saved model at {saved}, skipping")
-                    continue
-                model.load_state_dict(torch.load(saved, weights_only=True))
-                seconds = done["train_seconds"] if done else float("nan")
-            else:
-                logger.log_config({"model": name, **results["args"]})
-                start = time.time()
-                train(model, pre, train_frames, args, logger, name)
-                seconds = time.time() - start
-                saved.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(model.state_dict(), saved)
-            model.eval()
-            result = evaluate(model, pre, tune_frames, eval_frames, args, logger, name)
-            result["train_seconds"] = seconds
-            logger.close()
-            results = save_model_result(results_path, results, name, result)
-            write_table(results, args, command)
-            print(f"{name}: {result['bpd']:.3f} bits/dim ({result['estimator']})")
+            model.load_state_dict(saved_weights(saved)[0])
+            seconds = done["train_seconds"] if done else float("nan")
+        else:
+            logger.log_config({"model": name, **results["args"]})
+            start = time.time()
+            train(model, pre, train_frames, args, logger, name)
+            seconds = time.time() - start
+            save_model(saved, model, args)
+        model.eval()
+        result = evaluate(model, pre, tune_frames, eval_frames, args, logger, name)
+        result["train_seconds"] = seconds
+        logger.close()
+        results = save_model_result(results_path, results, name, result)
+        write_table(results, args, command)
+        print(f"{name}: {result['bpd']:.3f} bits/dim ({result['estimator']})")
     print((out / "table.md").read_text())
     return 0
 

@@ -64,6 +64,21 @@ def test_study_writes_table_grids_models_and_reruns_selectively(tmp_path):
         assert "holds results of other settings (lr): use the same" in mixed.stderr
     assert json.loads((tmp_path / "out/results.json").read_text())["models"] == after
 
+    # --evaluate-only into another --out scored the models under --logdir whatever trained
+    # them (another study's); now the settings stored with the weights must be these, but
+    # for the evaluation's own (--num-samples here).
+    other = study(tmp_path, "--evaluate-only", "--lr", "0.1", "--out", str(tmp_path / "other"))
+    assert other.returncode == 2, other.stderr[-2000:]
+    assert "vae_d2/model.pt was trained with other settings than these (--lr 0.0005)" in (
+        other.stderr
+    )
+    assert not (tmp_path / "other").exists()
+    fewer = tmp_path / "fewer"
+    again = study(tmp_path, "--evaluate-only", "--num-samples", "4", "--models", "vae_d2",
+                  "--out", str(fewer))  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert list(json.loads((fewer / "results.json").read_text())["models"]) == ["vae_d2"]
+
 
 def test_results_of_side_by_side_invocations_are_merged(tmp_path):
     spec = importlib.util.spec_from_file_location("study", ROOT / "scripts/likelihood_study.py")
