@@ -103,14 +103,24 @@ def check_overrides(
     parsed = _parse(args)
     if flags:
         try:
-            variants = _sweep_variants(parsed, config_groups(config_dir))
+            groups = config_groups(config_dir)
+            variants = _sweep_variants(parsed, groups)
         except _Unexpandable as exc:
-            if any(o.key_or_group.startswith(("hydra/sweeper", "hydra.sweeper")) for o in parsed):
+            sweeper = [o.value() for o in parsed if o.key_or_group == "hydra/sweeper"]
+            if sweeper and sweeper[-1] != "basic":
                 return  # a sweeper plugin's sweep (interval for Optuna's): left to it
+            (o,) = exc.args
+            if isinstance(o.value(), Glob):  # Hydra would launch no job at all
+                raise OverrideError(
+                    f"{o.input_line}: glob(...) picks among a config group's options "
+                    f"({', '.join(sorted(groups))}), and {o.key_or_group} is not a group; give "
+                    "its values as a list (a,b,c) or range(...)"
+                ) from None
             raise OverrideError(
-                f"{exc.args[0]}: Hydra's basic sweeper, the one configured, runs lists of "
-                "values, range(...) and glob(...) only; give the values as a list (a,b,c) or "
-                "choose a sweeper plugin that takes this sweep (hydra/sweeper=...)"
+                f"{o.input_line}: Hydra's basic sweeper, the one configured, cannot run this "
+                "sweep (it runs lists of values, range(...) and glob(...) over a group); give "
+                "the values as a list (a,b,c), or choose a sweeper plugin that runs it "
+                "(hydra/sweeper=...)"
             ) from None
         resumes = [o.value() for v in variants for o in _parse(v) if o.key_or_group == "resume"]
         if any(r is not None for r in resumes) and len(set(map(str, resumes))) < len(variants):
@@ -139,7 +149,7 @@ def _parse(args: list[str]) -> list:
 
 
 class _Unexpandable(Exception):  # noqa: N818 (not an error of its own: see check_overrides)
-    """A sweep override only a sweeper plugin can expand; its argument is the override."""
+    """A sweep override Hydra's basic sweeper cannot expand; its argument is the override."""
 
 
 def _sweep_variants(parsed: list, groups: dict[str, list[str]]) -> list[list[str]]:
@@ -158,7 +168,7 @@ def _sweep_variants(parsed: list, groups: dict[str, list[str]]) -> list[list[str
             else:
                 swept = list(o.sweep_string_iterator())
         except HydraException:
-            raise _Unexpandable(o.input_line) from None
+            raise _Unexpandable(o) from None
         values.append([f"{o.get_key_element()}={v}" for v in swept] or [o.input_line])
     return [list(job) for job in itertools.product(*values)]
 

@@ -144,6 +144,10 @@ def test_boolean_keys_take_booleans():
         (("-m", "resume=runs/a,runs/b", "seed=0,1"), "resumes the same run in several"),
         # Hydra's basic sweeper runs no interval: its traceback came after the checks passed
         (("-m", "loop.train_ratio=interval(1,64)"), "loop.train_ratio=interval(1,64): Hydra's"),
+        (("-m", "hydra/sweeper=basic", "seed=interval(0,3)"), "basic sweeper, the one config"),
+        (("-m", "hydra.sweeper.max_batch_size=2", "seed=interval(0,3)"), "cannot run this sw"),
+        # over a setting, not a group: Hydra launched no job at all
+        (("-m", "seed=glob(*)"), "seed=glob(*): glob(...) picks among a config group's options"),
         # the other sweeps at their first value: agent=planner's own key is checked under it
         (("-m", "agent=dreamer,planner", "agent.planner.candidates=5"), "only agent=planner"),
     ],
@@ -194,3 +198,11 @@ def test_a_sweep_refuses_a_setting_one_of_its_jobs_never_reads():
     check("-m", "seed=0,1", "obs_model=vae", "agent.wm_loss.free_nats=2")
     # A resume repeating its (vae) run's own value: the defaults' obs_model is not the run's.
     check("resume=runs/x", "agent.wm_loss.free_nats=2")
+
+
+def test_the_sweeps_progress_bar_stays_out_of_logs(capsys):
+    """The per-job checks show a bar on a terminal only: in a log (here, captured output) its
+    lines would stay above an error's one sentence."""
+    jobs = []
+    check_overrides(CONFIGS, "config", ["-m", "seed=0,1,2"], lambda conf, o: jobs.append(o))
+    assert len(jobs) == 3 and capsys.readouterr().err == ""
