@@ -283,6 +283,11 @@ def saved_weights(path: Path) -> tuple[dict, dict | None]:
     return stored, None
 
 
+def _flag_value(value) -> str:
+    """A setting as the command line gives it (``--tasks a b``, not ``['a', 'b']``)."""
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def check_saved_models(args: argparse.Namespace, names: list[str]) -> str | None:
     """For --evaluate-only: the reason not to score the saved models ``names`` under these
     settings (one trained with others, e.g. another study's under the same --logdir), or None."""
@@ -294,7 +299,9 @@ def check_saved_models(args: argparse.Namespace, names: list[str]) -> str | None
         ours = trained_with(args)
         changed = sorted(k for k in ours if stored.get(k) != ours[k])
         if changed:
-            flags = ", ".join(f"--{k.replace('_', '-')} {stored.get(k)}" for k in changed)
+            flags = ", ".join(
+                f"--{k.replace('_', '-')} {_flag_value(stored.get(k))}" for k in changed
+            )
             return (
                 f"{path} was trained with other settings than these ({flags}): evaluate it "
                 "with those, or pass the --logdir of the models these settings trained"

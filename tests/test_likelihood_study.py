@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,6 +106,30 @@ def _module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_saved_models_carry_their_training_settings_and_older_files_still_load(tmp_path):
+    module = _module()
+    args = module.parse_args(["--quick", "--logdir", str(tmp_path), "--out", str(tmp_path / "o")])
+    weights = {"w": torch.arange(3.0)}
+    old = tmp_path / "vae_d2" / "model.pt"  # written before the settings were stored with it
+    old.parent.mkdir()
+    torch.save(weights, old)
+    assert module.saved_weights(old)[1] is None
+    assert torch.equal(module.saved_weights(old)[0]["w"], weights["w"])
+    assert module.check_saved_models(args, ["vae_d2", "aef_d2"]) is None  # aef_d2: none saved
+
+    model = torch.nn.Linear(2, 1)
+    module.save_model(tmp_path / "aef_d2" / "model.pt", model, args)
+    stored, trained_with = module.saved_weights(tmp_path / "aef_d2" / "model.pt")
+    assert torch.equal(stored["weight"], model.weight) and trained_with["steps"] == args.steps
+    assert module.check_saved_models(args, ["aef_d2"]) is None
+    args.num_samples += 1  # an evaluation setting: may differ
+    assert module.check_saved_models(args, ["aef_d2"]) is None
+    args.tasks = list(reversed(args.tasks))  # the frames' order changes the training batches
+    problem = module.check_saved_models(args, ["vae_d2", "aef_d2"])
+    assert problem is not None and "trained with other settings than these (--tasks " in problem
+    assert f"(--tasks {' '.join(reversed(args.tasks))}):" in problem
 
 
 def test_block_standard_error_is_batch_means_stratified_by_episode():
