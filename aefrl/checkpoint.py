@@ -84,13 +84,17 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> None:
-    """``Path(path).write_text(text)`` that a crash cannot leave half-written (temp file in the
-    same folder, then rename)."""
+    """``Path(path).write_text(text)`` that neither a crash nor a power cut can leave
+    half-written or empty (temp file in the same folder, fsync, rename, fsync of the folder)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(text)
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_path(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
