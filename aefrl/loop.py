@@ -21,6 +21,7 @@ often leaves the training run as it was, so they are neutral settings in an abla
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import signal
 import sys
@@ -185,6 +186,7 @@ class Trainer:
         self._phase_seconds: dict[str, float] = defaultdict(float)  # since the last log
         self._update = None  # the agent's train_step, or its CUDA graph (built on first use)
         self._saved_at: int | None = None  # the frame count of the last checkpoint written
+        self._saved_config: dict | None = None  # run_config of the checkpoint loaded or written
         self._schedules()
 
     def _schedules(self) -> None:
@@ -207,6 +209,10 @@ class Trainer:
             self._saved_at = self.counters["frames"]
             if self.run_config_file is not None:
                 self._write_run_config()
+            if self._saved_config is not None and self._saved_config != self.run_config:
+                # a resume's changed settings: recorded where its first checkpoint holds them
+                self.logger.log_config(self.run_config, step=self.counters["frames"])
+            self._saved_config = copy.deepcopy(self.run_config)
         finally:
             self._saving = False
         if self._abort_after_save:
@@ -245,8 +251,8 @@ class Trainer:
             write_text_atomically(self.run_config_file, text)
         except OSError as exc:
             raise CheckpointError(
-                f"could not write {self.run_config_file}: {exc.strerror or exc}; the checkpoint "
-                "was written"
+                f"could not write {self.run_config_file}: {exc.strerror or exc}; the run stopped "
+                f"after writing its checkpoint (resume={self.run_dir} continues it)"
             ) from None
 
     def load(self, path: str | Path | None = None, state: dict | None = None) -> None:
@@ -257,6 +263,7 @@ class Trainer:
             state = load_checkpoint(path)
         check_contents(state, path or "(given state)")
         self.agent.load_state_dict(state["agent"])
+        self._saved_config = copy.deepcopy(state["run_config"])
         # A captured CUDA-graph update keeps writing the optimiser state tensors it was captured
         # with, and load_state_dict replaces them: capture again on the next update.
         self._update = None
@@ -285,8 +292,15 @@ class Trainer:
         self._report.last = done.get("report", self._report.last)
 
     # --- interrupts ------------------------------------------------------------------------------
-    def request_stop(self) -> None:
-        """Finish the current iteration, checkpoint and return from :meth:`run`."""
+    def request_stop(self, signum: int | None = None) -> None:
+        """Finish the current iteration, checkpoint and return from :meth:`run`; for a signal
+        (``signum``: a first Ctrl-C or SIGTERM) say so, and keep it in :attr:`stop_signal`."""
+        if signum is not None:
+            tqdm.write(
+                "interrupt: finishing this step and saving a checkpoint (again to abort)",
+                file=sys.stderr,
+            )
+            self.stop_signal = signum
         self._stop_requested = True
 
     def _abort(self) -> KeyboardInterrupt:
@@ -306,12 +320,7 @@ class Trainer:
             tqdm.write("interrupt: aborting once the checkpoint is written", file=sys.stderr)
             self._abort_after_save = True
             return
-        tqdm.write(
-            "interrupt: finishing this step and saving a checkpoint (again to abort)",
-            file=sys.stderr,
-        )
-        self._stop_requested = True
-        self.stop_signal = signum
+        self.request_stop(signum)
 
     # --- the loop --------------------------------------------------------------------------------
     def run(self, progress: bool = True, on_iteration: Callable | None = None) -> dict:

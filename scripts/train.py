@@ -431,8 +431,14 @@ def setup_and_run(cfg: DictConfig) -> tuple[dict, int | None]:
     if resumed:
         print(f"resumed {run_dir} at {trainer.counters['frames']} frames")
     print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir.parent})")
+
+    def stop_if_signalled(trainer: Trainer) -> None:  # one that came after the check above,
+        # before the loop's own handler, and was dropped too: the loop stops as on Ctrl-C
+        if _SETUP_SIGNAL["signum"] is not None and trainer.stop_signal is None:
+            trainer.request_stop(_SETUP_SIGNAL["signum"])
+
     try:
-        counters = trainer.run()
+        counters = trainer.run(on_iteration=stop_if_signalled)
     finally:
         trainer.logger.close()
         env.close()
@@ -735,10 +741,8 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
         action_dim=action_dim,
     )
     _COUNTERS[run_dir] = trainer.counters  # updated in place by the loop
-    if resume_state is not None:
+    if resume_state is not None:  # changed settings reach the logs with its first checkpoint
         trainer.load(state=resume_state)
-        if conf != resume_state["run_config"]:
-            logger.log_config(conf, step=start)
     return trainer, env, run_dir, resume_state is not None
 
 
@@ -804,6 +808,12 @@ def check_job(composed: DictConfig, overrides: list[str]) -> None:
         raise ValueError(str(exc)) from None
 
 
+def handle_signals_in_setup() -> None:
+    """:func:`_on_signal` for SIGINT and SIGTERM (the loop installs its own while it runs)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _on_signal)
+
+
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     code = run_cli(cfg)
@@ -817,8 +827,7 @@ if __name__ == "__main__":
         sys.exit(0)
     # Hydra reads -m only before the overrides (after them: its usage block); anywhere works.
     sys.argv[1:] = sorted(sys.argv[1:], key=lambda arg: arg not in MULTIRUN_FLAGS)
-    for sig in (signal.SIGINT, signal.SIGTERM):  # the loop installs its own while it runs
-        signal.signal(sig, _on_signal)
+    handle_signals_in_setup()
     try:  # Hydra's own reports of a bad override are multi-line; ours are one sentence
         check_overrides(CONFIG_DIR, "config", sys.argv[1:], check_job)
     except OverrideError as exc:

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from aefrl.checkpoint import load_checkpoint
@@ -71,8 +72,34 @@ def test_smoke_run_writes_events_and_checkpoint(tmp_path, obs_model):
     assert (run_dir / "eval.gif").stat().st_size > 0
 
 
+def _resume_interrupted_in_setup(monkeypatch, run_dir: Path, *overrides: str) -> None:
+    """``train.py resume=run_dir *overrides`` in this process, with a Ctrl-C in its setup once
+    the run directory is locked (when it appends its provenance record)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    script = _train_script()
+    line = [f"resume={run_dir}", *overrides]
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=line, return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+
+        def ctrl_c(*args):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(script, "append_run_record", ctrl_c)
+        threads = torch.get_num_threads()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                script.train(cfg)
+        finally:
+            torch.set_num_threads(threads)  # the run's setting, not this process's
+            script._HELD_LOCKS.pop(run_dir).close()  # as this process's exit would
+            HydraConfig.instance().cfg = None  # no Hydra job for the tests after this one
+
+
 @pytest.mark.slow
-def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
         [
@@ -102,6 +129,12 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
     frames = load_checkpoint(run_dir)["counters"]["frames"]
     assert 0 < frames < 100000
 
+    # A resume that changes loop.total_frames, interrupted in its setup, leaves the run as its
+    # checkpoint has it: run_config.yaml kept the new value, which the next resume did not use.
+    saved_config = (run_dir / "run_config.yaml").read_text()
+    _resume_interrupted_in_setup(monkeypatch, run_dir, f"loop.total_frames={frames + 100}")
+    assert (run_dir / "run_config.yaml").read_text() == saved_config
+
     out = train(
         f"resume={run_dir / 'checkpoint.pt'}",  # the run's checkpoint stands for its directory
         f"loop.total_frames={frames + 100}",
@@ -124,8 +157,10 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
 
     events = EventAccumulator(str(run_dir / "tb"), size_guidance={"tensors": 0})
     events.Reload()
-    texts = events.Tensors("config/text_summary")  # at the start, and where the keys changed
-    assert [t.step for t in texts] == [0, frames]
+    texts = events.Tensors("config/text_summary")  # at the start, and with the first
+    # checkpoint that holds the changed keys
+    assert len(texts) == 2 and texts[0].step == 0
+    assert frames < texts[1].step <= state["counters"]["frames"]
     assert f'"total_frames": {frames + 100}' in texts[1].tensor_proto.string_val[0].decode()
     first, resumed = read_run_records(run_dir)  # one record per start, resumes included
     assert first["frames"] == 0 and resumed["frames"] == frames
@@ -439,7 +474,7 @@ def test_value_errors_are_user_errors_in_setup_only(monkeypatch, tmp_path):
             self.counters = {"frames": 0}
             self.logger = type("L", (), {"close": lambda self: None})()
 
-        def run(self):
+        def run(self, **kwargs):
             raise ValueError("Expected parameter loc to satisfy the constraint Real()")
 
     env = type("E", (), {"close": lambda self: None})()
@@ -461,7 +496,7 @@ def test_a_crash_in_the_loop_keeps_the_logs_that_explain_it(tmp_path, capsys, mo
             self.counters = {"frames": 0, "iterations": iterations}
             self.logger = type("L", (), {"close": lambda self: None})()
 
-        def run(self):
+        def run(self, **kwargs):
             raise RuntimeError("loss is nan")
 
     env = type("E", (), {"close": lambda self: None})()
@@ -572,7 +607,7 @@ def test_a_run_stopped_before_its_first_checkpoint_leaves_nothing_behind(
             self.counters = {"frames": 0}
             self.logger = type("L", (), {"close": lambda self: None})()
 
-        def run(self):
+        def run(self, **kwargs):
             raise KeyboardInterrupt
 
     env = type("E", (), {"close": lambda self: None})()
@@ -652,7 +687,7 @@ def test_a_signal_whose_exception_setup_dropped_still_stops_the_run(tmp_path, mo
     env = SimpleNamespace(close=lambda: closed.append("env"))
     trainer = SimpleNamespace(
         logger=SimpleNamespace(close=lambda: closed.append("logger")),
-        run=lambda: ran.append(True),
+        run=lambda **kwargs: ran.append(True),
         counters={"iterations": 0},
     )
 
@@ -673,9 +708,34 @@ def test_a_signal_whose_exception_setup_dropped_still_stops_the_run(tmp_path, mo
 
     monkeypatch.setitem(script._SETUP_SIGNAL, "signum", None)  # no signal: the run trains
     monkeypatch.setattr(script, "build_run", lambda cfg: (trainer, env, tmp_path, False))
-    trainer.run = lambda: ran.append(True) or {"frames": 1}
+    trainer.run = lambda **kwargs: ran.append(True) or {"frames": 1}
     trainer.stop_signal = None
     assert script.run_cli(cfg) == 0 and ran == [True]
+
+    # One dropped after that check, before the loop's own handler: the loop stops as on Ctrl-C.
+    def run(on_iteration):
+        script._SETUP_SIGNAL["signum"] = signum
+        for _ in range(3):
+            on_iteration(trainer)
+        return {"frames": 1}
+
+    stops = []
+    trainer.run = run
+    trainer.request_stop = lambda s: stops.append(s) or setattr(trainer, "stop_signal", s)
+    assert script.run_cli(cfg) == 128 + signum and stops == [signum]
+
+
+def test_setup_handles_both_signals():
+    """__main__ installed its remembering handler for SIGTERM only before."""
+    script = _train_script()
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        script.handle_signals_in_setup()
+        assert signal.getsignal(signal.SIGINT) is script._on_signal
+        assert signal.getsignal(signal.SIGTERM) is script._on_signal
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 @pytest.mark.parametrize(

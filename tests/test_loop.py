@@ -376,12 +376,36 @@ def test_the_run_config_file_is_rewritten_with_every_checkpoint(tmp_path):
     assert OmegaConf.to_container(OmegaConf.load(trainer.run_config_file)) == trainer.run_config
     assert not list(tmp_path.glob(".*.tmp"))
 
+    # Only after the checkpoint: a checkpoint that could not be written leaves the file as is.
+    write = trainer._write_checkpoint
+    trainer._write_checkpoint = lambda: (_ for _ in ()).throw(CheckpointError("disk full"))
+    trainer.run_config["seed"] = 6
+    with pytest.raises(CheckpointError, match="disk full"):
+        trainer.save()
+    assert OmegaConf.load(trainer.run_config_file).seed == 4
+    trainer._write_checkpoint = write
+
+    # TensorBoard's config text: at the start, then at the checkpoint that first holds a change
+    # (a resume logged it at its start, where an interrupted setup left it ahead of the run).
+    logged = []
+    trainer.logger.log_config = lambda conf, step=0: logged.append((step, dict(conf)))
+    trainer.save()  # changed since the last checkpoint (seed 6)
+    trainer.save()  # unchanged
+    assert logged == [(trainer.counters["frames"], trainer.run_config)]
+    resumed = build(tmp_path / "resumed")
+    resumed.logger.log_config = lambda conf, step=0: logged.append((step, dict(conf)))
+    resumed.load(tmp_path / "checkpoint.pt")
+    resumed.run_config = dict(trainer.run_config)  # what train.py gives a resume: the run's
+    resumed.save()
+    assert len(logged) == 1  # the checkpoint's own settings: nothing to record
+    resumed.run_config = {**resumed.run_config, "seed": 7}
+    resumed.save()
+    assert logged[1] == (resumed.counters["frames"], {**trainer.run_config, "seed": 7})
+
     trainer.run_config_file.unlink()
     trainer.run_config_file.mkdir()  # a directory in the way: the write fails
     trainer.run_config["seed"] = 5
-    with pytest.raises(
-        CheckpointError, match=r"could not write .*run_config\.yaml: .*checkpoint was"
-    ):
+    with pytest.raises(CheckpointError, match=r"could not write .*run_config\.yaml: .*run stopp"):
         trainer.save()
     assert load_checkpoint(tmp_path)["run_config"]["seed"] == 5
 
