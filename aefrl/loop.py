@@ -207,12 +207,14 @@ class Trainer:
         try:
             self._write_checkpoint()
             self._saved_at = self.counters["frames"]
+            if self._saved_config is not None and self._saved_config != self.run_config:
+                # A resume's changed settings, recorded where its first checkpoint holds them;
+                # flushed, as the next resume (from this checkpoint) will not log them again.
+                self.logger.log_config(self.run_config, step=self.counters["frames"])
+                self.logger.flush()
+            self._saved_config = copy.deepcopy(self.run_config)
             if self.run_config_file is not None:
                 self._write_run_config()
-            if self._saved_config is not None and self._saved_config != self.run_config:
-                # a resume's changed settings: recorded where its first checkpoint holds them
-                self.logger.log_config(self.run_config, step=self.counters["frames"])
-            self._saved_config = copy.deepcopy(self.run_config)
         finally:
             self._saving = False
         if self._abort_after_save:
@@ -250,9 +252,14 @@ class Trainer:
         try:
             write_text_atomically(self.run_config_file, text)
         except OSError as exc:
+            after = (
+                f"resume={self.run_dir} continues it"
+                if self.counters["frames"] < self.config.total_frames
+                else "its final evaluation did not run (scripts/eval.py evaluates the checkpoint)"
+            )
             raise CheckpointError(
                 f"could not write {self.run_config_file}: {exc.strerror or exc}; the run stopped "
-                f"after writing its checkpoint (resume={self.run_dir} continues it)"
+                f"after writing its checkpoint, and {after}"
             ) from None
 
     def load(self, path: str | Path | None = None, state: dict | None = None) -> None:

@@ -110,6 +110,10 @@ def check_overrides(
             if sweeper and sweeper[-1] != "basic":
                 return  # a sweeper plugin's sweep (interval for Optuna's): left to it
             (o,) = exc.args
+            if o.key_or_group.startswith("hydra"):
+                raise OverrideError(
+                    f"{o.input_line}: a sweep over Hydra's own configuration is not supported"
+                ) from None
             if isinstance(o.value(), Glob):  # Hydra would launch no job at all
                 raise OverrideError(
                     f"{o.input_line}: glob(...) picks among a config group's options "

@@ -73,28 +73,40 @@ def test_smoke_run_writes_events_and_checkpoint(tmp_path, obs_model):
 
 
 def _resume_interrupted_in_setup(monkeypatch, run_dir: Path, *overrides: str) -> None:
-    """``train.py resume=run_dir *overrides`` in this process, with a Ctrl-C in its setup once
-    the run directory is locked (when it appends its provenance record)."""
+    """``train.py resume=run_dir *overrides`` in this process, with a Ctrl-C in its setup whose
+    exception Python dropped (when it appends its provenance record, which it then skips): the
+    setup runs to its end (logger, trainer, checkpoint loaded) and the run stops before its
+    loop."""
+    import random
+
+    import numpy as np
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
     script = _train_script()
+    monkeypatch.setitem(script._SETUP_SIGNAL, "signum", None)
+
+    def dropped_ctrl_c(*args):
+        script._SETUP_SIGNAL["signum"] = signal.SIGINT
+
+    monkeypatch.setattr(script, "append_run_record", dropped_ctrl_c)
     line = [f"resume={run_dir}", *overrides]
+    # the run's own settings and seeds, not this process's
+    saved = torch.get_num_threads(), random.getstate(), np.random.get_state(), torch.get_rng_state()
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("config", overrides=line, return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)
-
-        def ctrl_c(*args):
-            raise KeyboardInterrupt
-
-        monkeypatch.setattr(script, "append_run_record", ctrl_c)
-        threads = torch.get_num_threads()
         try:
             with pytest.raises(KeyboardInterrupt):
                 script.train(cfg)
         finally:
-            torch.set_num_threads(threads)  # the run's setting, not this process's
-            script._HELD_LOCKS.pop(run_dir).close()  # as this process's exit would
+            torch.set_num_threads(saved[0])
+            random.setstate(saved[1])
+            np.random.set_state(saved[2])
+            torch.set_rng_state(saved[3])
+            lock = script._HELD_LOCKS.pop(run_dir, None)
+            if lock is not None:
+                lock.close()  # as this process's exit would
             HydraConfig.instance().cfg = None  # no Hydra job for the tests after this one
 
 
@@ -130,7 +142,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, monkeypatch):
     assert 0 < frames < 100000
 
     # A resume that changes loop.total_frames, interrupted in its setup, leaves the run as its
-    # checkpoint has it: run_config.yaml kept the new value, which the next resume did not use.
+    # checkpoint has it: run_config.yaml kept the new value, which the next resume did not use,
+    # and TensorBoard a config text with it at the resume's start (counted below).
     saved_config = (run_dir / "run_config.yaml").read_text()
     _resume_interrupted_in_setup(monkeypatch, run_dir, f"loop.total_frames={frames + 100}")
     assert (run_dir / "run_config.yaml").read_text() == saved_config
@@ -726,7 +739,7 @@ def test_a_signal_whose_exception_setup_dropped_still_stops_the_run(tmp_path, mo
 
 
 def test_setup_handles_both_signals():
-    """__main__ installed its remembering handler for SIGTERM only before."""
+    """The handler __main__ installs before Hydra runs: the remembering one, for both."""
     script = _train_script()
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

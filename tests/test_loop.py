@@ -371,7 +371,12 @@ def test_the_run_config_file_is_rewritten_with_every_checkpoint(tmp_path):
         if t._saved_at is None:
             assert OmegaConf.load(t.run_config_file).loop.total_frames == 100
 
+    # TensorBoard's config text: at the start, then at the checkpoint that first holds a change
+    # (a resume logged it at its start, where an interrupted setup left it ahead of the run).
+    logged = []
+    trainer.logger.log_config = lambda conf, step=0: logged.append((step, dict(conf)))
     trainer.run(progress=False, on_iteration=before_the_first_checkpoint)
+    assert logged == [(0, trainer.run_config)]  # a new run: once, at its start
     assert load_checkpoint(tmp_path)["run_config"] == trainer.run_config
     assert OmegaConf.to_container(OmegaConf.load(trainer.run_config_file)) == trainer.run_config
     assert not list(tmp_path.glob(".*.tmp"))
@@ -385,27 +390,27 @@ def test_the_run_config_file_is_rewritten_with_every_checkpoint(tmp_path):
     assert OmegaConf.load(trainer.run_config_file).seed == 4
     trainer._write_checkpoint = write
 
-    # TensorBoard's config text: at the start, then at the checkpoint that first holds a change
-    # (a resume logged it at its start, where an interrupted setup left it ahead of the run).
-    logged = []
-    trainer.logger.log_config = lambda conf, step=0: logged.append((step, dict(conf)))
     trainer.save()  # changed since the last checkpoint (seed 6)
     trainer.save()  # unchanged
-    assert logged == [(trainer.counters["frames"], trainer.run_config)]
-    resumed = build(tmp_path / "resumed")
-    resumed.logger.log_config = lambda conf, step=0: logged.append((step, dict(conf)))
-    resumed.load(tmp_path / "checkpoint.pt")
-    resumed.run_config = dict(trainer.run_config)  # what train.py gives a resume: the run's
-    resumed.save()
-    assert len(logged) == 1  # the checkpoint's own settings: nothing to record
-    resumed.run_config = {**resumed.run_config, "seed": 7}
-    resumed.save()
-    assert logged[1] == (resumed.counters["frames"], {**trainer.run_config, "seed": 7})
+    assert logged[1:] == [(trainer.counters["frames"], trainer.run_config)]
+    for change in ({}, {"seed": 7}):  # a resume given the run's settings, or a changed one
+        logged.clear()
+        resumed = build(tmp_path / "resumed")
+        resumed.logger.log_config = lambda conf, step=0: logged.append((step, dict(conf)))
+        resumed.load(tmp_path / "checkpoint.pt")
+        resumed.run_config = {**trainer.run_config, **change}  # what train.py gives a resume
+        resumed.save()
+        expected = [(resumed.counters["frames"], resumed.run_config)] if change else []
+        assert logged == expected
 
     trainer.run_config_file.unlink()
     trainer.run_config_file.mkdir()  # a directory in the way: the write fails
     trainer.run_config["seed"] = 5
-    with pytest.raises(CheckpointError, match=r"could not write .*run_config\.yaml: .*run stopp"):
+    stopped = r"could not write .*run_config\.yaml: Is a directory; the run stopped after writing"
+    with pytest.raises(CheckpointError, match=stopped + r" its checkpoint, and its final eval"):
+        trainer.save()  # the run's last (frames = total_frames): no resume continues it
+    trainer.config.total_frames = 1000
+    with pytest.raises(CheckpointError, match=stopped + r" its checkpoint, and resume=\S+ cont"):
         trainer.save()
     assert load_checkpoint(tmp_path)["run_config"]["seed"] == 5
 

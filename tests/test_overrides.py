@@ -148,6 +148,7 @@ def test_boolean_keys_take_booleans():
         (("-m", "hydra.sweeper.max_batch_size=2", "seed=interval(0,3)"), "cannot run this sw"),
         # over a setting, not a group: Hydra launched no job at all
         (("-m", "seed=glob(*)"), "seed=glob(*): glob(...) picks among a config group's options"),
+        (("-m", "hydra/job_logging=glob(*)"), "a sweep over Hydra's own configuration is not"),
         # the other sweeps at their first value: agent=planner's own key is checked under it
         (("-m", "agent=dreamer,planner", "agent.planner.candidates=5"), "only agent=planner"),
     ],
