@@ -313,7 +313,8 @@ def run_dir_in_use(run_dir: Path) -> bool:
         return False
     except OSError as exc:  # unreadable: "leftovers, delete them" could be a live run's files
         raise UserError(
-            f"cannot tell whether run_dir {run_dir} is in use: {run_dir / RUN_LOCK}: {exc.strerror}"
+            f"cannot tell whether run_dir {run_dir} is in use: {run_dir / RUN_LOCK}: "
+            f"{exc.strerror} (another user's run?); choose another run_dir"
         ) from None
     return False
 

@@ -809,7 +809,7 @@ def test_a_run_dir_in_use_is_not_called_an_earlier_runs_leftovers(tmp_path):
     script = _train_script()
     assert not script.run_dir_in_use(tmp_path)  # no lock file
     (tmp_path / ".lock").mkdir()  # unreadable as a lock: not taken for "not in use"
-    with pytest.raises(script.UserError, match="cannot tell whether run_dir"):
+    with pytest.raises(script.UserError, match=r"cannot tell whether run_dir .*; choose another"):
         script.run_dir_in_use(tmp_path)
     (tmp_path / ".lock").rmdir()
     held = script.lock_run_dir(tmp_path, new_run=True)
