@@ -109,23 +109,7 @@ def check_overrides(
             sweeper = [o.value() for o in parsed if o.key_or_group == "hydra/sweeper"]
             if sweeper and sweeper[-1] != "basic":
                 return  # a sweeper plugin's sweep (interval for Optuna's): left to it
-            (o,) = exc.args
-            if o.key_or_group.startswith("hydra"):
-                raise OverrideError(
-                    f"{o.input_line}: a sweep over Hydra's own configuration is not supported"
-                ) from None
-            if isinstance(o.value(), Glob):  # Hydra would launch no job at all
-                raise OverrideError(
-                    f"{o.input_line}: glob(...) picks among a config group's options "
-                    f"({', '.join(sorted(groups))}), and {o.key_or_group} is not a group; give "
-                    "its values as a list (a,b,c) or range(...)"
-                ) from None
-            raise OverrideError(
-                f"{o.input_line}: Hydra's basic sweeper, the one configured, cannot run this "
-                "sweep (it runs lists of values, range(...) and glob(...) over a group); give "
-                "the values as a list (a,b,c), or choose a sweeper plugin that runs it "
-                "(hydra/sweeper=...)"
-            ) from None
+            raise _unexpandable_refusal(exc.args[0], groups) from None
         resumes = [o.value() for v in variants for o in _parse(v) if o.key_or_group == "resume"]
         if any(r is not None for r in resumes) and len(set(map(str, resumes))) < len(variants):
             raise OverrideError(  # job 0 trained on before job 1 was refused the same run
@@ -154,6 +138,26 @@ def _parse(args: list[str]) -> list:
 
 class _Unexpandable(Exception):  # noqa: N818 (not an error of its own: see check_overrides)
     """A sweep override Hydra's basic sweeper cannot expand; its argument is the override."""
+
+
+def _unexpandable_refusal(o, groups: dict[str, list[str]]) -> OverrideError:
+    """The refusal of a sweep override ``o`` Hydra's basic sweeper cannot expand."""
+    if o.key_or_group.startswith("hydra"):
+        return OverrideError(
+            f"{o.input_line}: a sweep over Hydra's own configuration is not supported"
+        )
+    if isinstance(o.value(), Glob):  # Hydra would launch no job at all
+        return OverrideError(
+            f"{o.input_line}: glob(...) picks among a config group's options "
+            f"({', '.join(sorted(groups))}), and {o.key_or_group} is not a group; give "
+            "its values as a list (a,b,c) or range(...)"
+        )
+    return OverrideError(
+        f"{o.input_line}: Hydra's basic sweeper, the one configured, cannot run this "
+        "sweep (it runs lists of values, range(...) and glob(...) over a group); give "
+        "the values as a list (a,b,c), or choose a sweeper plugin that runs it "
+        "(hydra/sweeper=...)"
+    )
 
 
 def _sweep_variants(parsed: list, groups: dict[str, list[str]]) -> list[list[str]]:

@@ -428,7 +428,7 @@ def setup_and_run(cfg: DictConfig) -> tuple[dict, int | None]:
     if _SETUP_SIGNAL["signum"] is not None:  # its exception was dropped inside setup
         trainer.logger.close()
         env.close()
-        raise Terminated() if _SETUP_SIGNAL["signum"] == signal.SIGTERM else KeyboardInterrupt()
+        raise _interrupt(_SETUP_SIGNAL["signum"])
     if resumed:
         print(f"resumed {run_dir} at {trainer.counters['frames']} frames")
     print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir.parent})")
@@ -781,7 +781,12 @@ def _on_signal(signum, frame) -> None:
     weakref's): about one Ctrl-C in 55 during setup was lost so, and the run trained on.
     :func:`setup_and_run` stops a run whose setup finished after such a signal."""
     _SETUP_SIGNAL["signum"] = signum
-    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    raise _interrupt(signum)
+
+
+def _interrupt(signum: int) -> KeyboardInterrupt:
+    """The exception that stops setup for ``signum``: :class:`Terminated` for SIGTERM."""
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def interrupted_message(cfg: DictConfig) -> str:
