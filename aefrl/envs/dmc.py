@@ -239,7 +239,19 @@ class DMCPixelEnv(DMControlWrapper):
         return TensorDict(out, batch_size=self.batch_size, device=self.device)
 
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
-        action = tensordict.get(keys.ACTION).detach().to("cpu", torch.float64).numpy()
+        action = tensordict.get(keys.ACTION, None)
+        if action is None or action.shape != self.action_spec.shape:
+            # dm_control broadcasts: a 1-d action would drive every one of walker's 6 actuators.
+            got = (
+                f"no {keys.ACTION!r} entry"
+                if action is None
+                else f"shape {list(action.shape)} (an agent trained on another task?)"
+            )
+            raise ValueError(
+                f"{self.task_name} takes actions of shape {list(self.action_spec.shape)} under "
+                f"{keys.ACTION!r}, got {got}"
+            )
+        action = action.detach().to("cpu", torch.float64).numpy()
         if self._rescale_actions:
             action = self._action_low + (action + 1.0) * self._action_half_range
         if self._env._reset_next_step:

@@ -411,3 +411,18 @@ def test_an_unclosed_parallel_env_does_not_block_the_exit():
         [sys.executable, "-c", _UNCLOSED], capture_output=True, text=True, timeout=240
     )
     assert out.returncode == 3 and "started" in out.stdout, out.stderr[-2000:]
+
+
+def test_an_action_of_another_size_is_refused_not_broadcast():
+    """dm_control broadcasts the action into the actuators: a cartpole agent's 1-d action drove
+    all 6 of walker's, and its run went on without a word."""
+    env = make_dmc_env("walker-walk", image_size=16, render="fast")
+    env.reset()
+    before = env._env.physics.data.time
+    for action, got in ((torch.zeros(1), "got shape \\[1\\]"), (torch.zeros(2, 6), "\\[2, 6\\]")):
+        with pytest.raises(ValueError, match=f"walker-walk takes actions of shape \\[6\\].*{got}"):
+            _step(env, action)
+    with pytest.raises(ValueError, match="got no 'action' entry"):
+        env.step(TensorDict({}, batch_size=[]))
+    assert env._env.physics.data.time == before  # nothing was simulated
+    assert _step(env, torch.zeros(6))["pixels"].shape == (3, 16, 16)
