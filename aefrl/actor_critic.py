@@ -83,11 +83,17 @@ class Actor(nn.Module):
             loc, std, upscale=5.0, tanh_loc=True, low=self.action_low, high=self.action_high
         )
 
-    def act(self, feat: torch.Tensor, explore: bool) -> torch.Tensor:
+    def act(self, feat: torch.Tensor, explore: bool, reparameterize: bool = False) -> torch.Tensor:
         """The action to execute, ``[..., A]`` in ``[-1, 1]``: a sample (``explore``) or the
-        distribution's mode. Clipping changes nothing for ``tanh_normal``."""
+        distribution's mode. ``reparameterize``: the sample as ``rsample`` draws it, carrying the
+        gradient to ``feat`` and the weights (a loss that backpropagates through actions, e.g.
+        torchrl's ``DreamerActorLoss``); acting has no use for it. Clipping changes nothing for
+        ``tanh_normal``."""
         dist = self(feat)
-        action = dist.sample() if explore else dist.deterministic_sample
+        if explore:
+            action = dist.rsample() if reparameterize else dist.sample()
+        else:
+            action = dist.deterministic_sample
         return action.clamp(self.action_low, self.action_high)
 
     def extra_repr(self) -> str:

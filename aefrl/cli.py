@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from aefrl.checkpoint import CHECKPOINT_NAME
+from aefrl.devices import usable_device
 from aefrl.envs import make_dmc_env
 from aefrl.envs.dmc import check_env_args
 from aefrl.provenance import RUN_RECORDS
@@ -23,26 +24,12 @@ class UserError(Exception):
 
 def resolve_device(name: str, option: str = "device=") -> torch.device:
     """``auto`` (CUDA if available), ``cpu``, ``cuda`` or ``cuda:N``; ``option`` names the
-    setting in the message (``device=`` for Hydra, ``--device `` for argparse)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    setting in the message (``device=`` for Hydra, ``--device `` for argparse). A
+    :class:`UserError` when this machine cannot use it (:func:`aefrl.devices.usable_device`)."""
     try:
-        if not isinstance(name, str):  # device=null, device=0: torch takes 0 as cuda:0
-            raise RuntimeError
-        device = torch.device(name)
-    except RuntimeError:
-        shown = "null" if name is None else name  # as the configuration spells it
-        raise UserError(f"{option}{shown} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"{option}{name} is not supported: use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"{option}{name} was asked for but CUDA is not available; use cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(
-            f"{option}{name} names a GPU this machine does not have: it has "
-            f"{torch.cuda.device_count()} (cuda:0 to cuda:{torch.cuda.device_count() - 1})"
-        )
-    return device
+        return usable_device(name, option)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 # make_dmc_env's arguments that come from the configuration's env section (seed is the run's

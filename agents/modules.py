@@ -27,7 +27,7 @@ leaves the action as the next step's ``prev_action``, which is what :meth:`Dream
 does with its carry. In a torchrl rollout that carry travels in the tensordict:
 :func:`policy_transforms` gives the env an ``InitTracker`` (episode starts, ``is_init``) and a
 ``TensorDictPrimer`` that creates ``belief``, ``state`` and ``prev_action`` at every reset and
-copies them from each step to the next; without the primer a rollout stops at its second step
+copies them from each step to the next; without the primer a rollout stops at its first step
 with a KeyError. The policy runs without autograd. The env must hand over pixels on the agent's
 device (a torchrl env's ``device``) and of the run's size (``env.image_size`` of its
 ``run_config``); :func:`policy_transforms` takes the agent's device for the carry, so move the
@@ -49,6 +49,7 @@ from torchrl.envs.utils import ExplorationType, exploration_type
 from aefrl import keys
 from aefrl.actor_critic import Actor, Critic
 from aefrl.checkpoint import CheckpointError, load_checkpoint, load_error_summary
+from aefrl.devices import usable_device
 from aefrl.world_model.modules import posterior_module, stored_action_dim
 from agents.dreamer import DreamerAgent
 from agents.factory import build_agent
@@ -61,7 +62,9 @@ class ActorAction(nn.Module):
     """``(belief [*B, H], state [*B, d]) -> action [*B, A]``: a sample when ``explore`` is True,
     the mode when it is False; with ``explore=None``, as torchrl's exploration type says at the
     call (a sample under ``ExplorationType.RANDOM``, which torchrl's collectors set while they
-    collect; the mode under any other type or none, as in a plain ``env.rollout``)."""
+    collect; the mode under any other type or none, as in a plain ``env.rollout``). With
+    autograd on, a sample is reparameterised (``rsample``): torchrl's ``DreamerActorLoss``
+    samples under RANDOM and backpropagates its returns through the actions into the actor."""
 
     def __init__(self, actor: Actor, explore: bool | None = None) -> None:
         super().__init__()
@@ -71,7 +74,8 @@ class ActorAction(nn.Module):
         explore = self.explore
         if explore is None:
             explore = exploration_type() == ExplorationType.RANDOM
-        return self.actor.act(torch.cat([belief, state], -1), explore=explore)
+        feat = torch.cat([belief, state], -1)
+        return self.actor.act(feat, explore=explore, reparameterize=torch.is_grad_enabled())
 
 
 class CriticValue(nn.Module):
@@ -154,28 +158,36 @@ def policy_transforms(agent: DreamerAgent) -> Compose:
     return Compose(InitTracker(init_key=IS_INIT), primer)
 
 
-def load_agent(path: str | os.PathLike, map_location="cpu") -> nn.Module:
+def load_agent(path: str | os.PathLike, map_location="cpu", compile: bool = False) -> nn.Module:
     """The agent of a run directory or ``checkpoint.pt`` written by ``scripts/train.py``
     (a :class:`DreamerAgent`, or the planner of an ``agent=planner`` run), built from the run's
-    configuration with its trained weights, in eval mode, on the device ``map_location`` names.
-    Raises :class:`~aefrl.checkpoint.CheckpointError` with one sentence when it can't."""
+    configuration with its trained weights, in eval mode, on the device ``map_location`` names
+    (checked first: :func:`aefrl.devices.usable_device`, a ValueError for a device this machine
+    lacks). ``compile``: torch.compile its RSSM steps and heads, whatever the run trained with
+    (compiling costs seconds to minutes at the first calls; ``agent.compile`` is a training
+    choice). Raises :class:`~aefrl.checkpoint.CheckpointError` with one sentence when the
+    checkpoint can't give one."""
     if not isinstance(map_location, str | torch.device):  # torch.load's dict / callable forms
-        return agent_from_checkpoint(load_checkpoint(Path(path), map_location=map_location))
-    device = torch.device(map_location)
+        state = load_checkpoint(Path(path), map_location=map_location)
+        return agent_from_checkpoint(state, compile=compile)
+    device = usable_device(map_location, "map_location=", other_types=True)
     state = load_checkpoint(Path(path), map_location="cpu")  # replay and all: keep it off the GPU
-    return agent_from_checkpoint(state).to(device)
+    return agent_from_checkpoint(state, compile=compile).to(device)
 
 
-def agent_from_checkpoint(state: dict, action_dim: int | None = None) -> nn.Module:
+def agent_from_checkpoint(
+    state: dict, action_dim: int | None = None, compile: bool = False
+) -> nn.Module:
     """The agent of a loaded checkpoint (:func:`~aefrl.checkpoint.load_checkpoint`), in eval
     mode on the CPU. Its action size is read off the weights; ``action_dim``, when given (the
-    env's), must agree. One-sentence :class:`~aefrl.checkpoint.CheckpointError` otherwise."""
+    env's), must agree. ``compile`` as :func:`load_agent`'s (the run's own setting is not
+    used). One-sentence :class:`~aefrl.checkpoint.CheckpointError` otherwise."""
     # The task's action size is compared last: a checkpoint whose weights are not its
     # configuration's reads a wrong size off them, and was refused for the task's actions.
     acts = stored_action_dim(state)  # also checks the checkpoint's layout
     try:
         conf = state["run_config"]
-        agent_conf, obs_conf = conf["agent"], conf["obs_model"]
+        agent_conf, obs_conf = {**conf["agent"], "compile": compile}, conf["obs_model"]
         size = int(conf["env"]["image_size"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(

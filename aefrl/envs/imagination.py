@@ -37,7 +37,12 @@ from torchrl.envs.model_based import ModelBasedEnvBase
 
 from aefrl import keys
 from aefrl.devices import canonical_device
-from aefrl.world_model.modules import continue_module, prior_module, reward_module
+from aefrl.world_model.modules import (
+    check_step_inputs,
+    continue_module,
+    prior_module,
+    reward_module,
+)
 from aefrl.world_model.world_model import WorldModel
 
 
@@ -103,6 +108,7 @@ class ImaginationEnv(ModelBasedEnvBase):
                 )
             # On the env's device (a user's CPU tensors for a CUDA env).
             out = tensordict.select(*self._latent_sizes).to(self.device)
+            check_step_inputs(self._prior.rssm, out[keys.BELIEF], out[keys.STATE])
         else:
             out = TensorDict(
                 {

@@ -40,6 +40,7 @@ from torch import nn
 
 from aefrl import keys
 from aefrl.checkpoint import CheckpointError, load_checkpoint, load_error_summary
+from aefrl.devices import usable_device
 from aefrl.world_model.rssm import RSSMState
 from aefrl.world_model.world_model import WorldModel
 
@@ -49,6 +50,30 @@ WEIGHTS_PREFIX = "world_model."  # of the world model's entries in an agent's st
 def _flat(x: torch.Tensor, lead: torch.Size, event_dims: int) -> torch.Tensor:
     """``[*lead, *event] -> [N, *event]``: the GRU cell and conv trunks take one batch axis."""
     return x.reshape(lead.numel(), *x.shape[x.dim() - event_dims :])
+
+
+def check_step_inputs(rssm, belief, state, **extra) -> None:
+    """One sentence (a ValueError) for inputs a step of ``rssm`` cannot take, before they fail
+    deep inside torch: ``belief`` ``[*B, H]`` and ``state`` ``[*B, d]`` in the model's dtype,
+    and each of ``extra`` (name: ``(tensor, size)``) ``[*B, size]``; a missing one (None, e.g.
+    a tensordict without the key) is named as such. Shapes only: no values are read."""
+    lead = None
+    dtype = rssm.gru.weight_hh.dtype
+    wanted = {"belief": (belief, rssm.deter), "state": (state, rssm.latent_dim), **extra}
+    for name, (x, size) in wanted.items():
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} is missing: the step needs a tensor [*B, {size}]")
+        if x.dim() < 1 or x.shape[-1] != size:
+            raise ValueError(f"{name} must be [*B, {size}], got shape {list(x.shape)}")
+        if lead is None:
+            lead = x.shape[:-1]
+        elif x.shape[:-1] != lead:
+            raise ValueError(
+                f"{name} has batch shape {list(x.shape[:-1])}, belief {list(lead)}: each input "
+                f"is [*B, size] with the same *B"
+            )
+        if name in ("belief", "state") and x.dtype != dtype:
+            raise ValueError(f"{name} must be {dtype} (the world model's dtype), got {x.dtype}")
 
 
 def filter_step(
@@ -83,6 +108,11 @@ class PosteriorStep(nn.Module):
         self.world_model = world_model
 
     def forward(self, pixels, prev_action, is_first, belief, state, noise=None):
+        rssm = self.world_model.rssm
+        extra = {"prev_action": (prev_action, rssm.action_dim), "is_first": (is_first, 1)}
+        if noise is not None:
+            extra["noise"] = (noise, rssm.latent_dim)
+        check_step_inputs(rssm, belief, state, **extra)
         lead = belief.shape[:-1]
         post, mu_q, sigma_q = filter_step(
             self.world_model,
@@ -105,6 +135,10 @@ class PriorStep(nn.Module):
         self.rssm = world_model.rssm
 
     def forward(self, belief, state, action, noise=None):
+        extra = {"action": (action, self.rssm.action_dim)}
+        if noise is not None:
+            extra["noise"] = (noise, self.rssm.latent_dim)
+        check_step_inputs(self.rssm, belief, state, **extra)
         lead = belief.shape[:-1]
         prev = RSSMState(_flat(belief, lead, 1), _flat(state, lead, 1))
         noise = None if noise is None else _flat(noise, lead, 1)
@@ -260,7 +294,11 @@ def world_model_from_checkpoint(state: dict) -> WorldModel:
     weights = {
         k[len(WEIGHTS_PREFIX) :]: v for k, v in modules.items() if k.startswith(WEIGHTS_PREFIX)
     }
-    world_model = WorldModel((3, size, size), stored_action_dim(state), **kwargs)
+    acts = stored_action_dim(state)
+    try:  # an option another version wrote (TypeError), a kind this one lacks (ValueError)
+        world_model = WorldModel((3, size, size), acts, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"the checkpoint's configuration is not valid: {exc}") from None
     try:
         world_model.load_state_dict(weights)
     except RuntimeError as exc:
@@ -274,11 +312,13 @@ def world_model_from_checkpoint(state: dict) -> WorldModel:
 def load_world_model(path: str | os.PathLike, map_location="cpu") -> WorldModel:
     """The world model of a run directory or ``checkpoint.pt`` written by ``scripts/train.py``
     (Dreamer or planner runs, any observation model), on the device ``map_location`` names
-    (a device or its name; torch.load's dict and callable forms place the loaded tensors).
-    Raises :class:`~aefrl.checkpoint.CheckpointError` with one clear sentence when it can't."""
+    (a device or its name, checked first: :func:`aefrl.devices.usable_device`, whose ValueError
+    names a device this machine lacks; torch.load's dict and callable forms place the loaded
+    tensors). Raises :class:`~aefrl.checkpoint.CheckpointError` with one clear sentence when the
+    checkpoint can't give one."""
     if not isinstance(map_location, str | torch.device):
         return world_model_from_checkpoint(load_checkpoint(Path(path), map_location=map_location))
-    device = torch.device(map_location)
+    device = usable_device(map_location, "map_location=", other_types=True)
     # Read onto the CPU: the file also holds the replay, optimiser states and held-out data,
     # which must not land on the GPU only to be dropped.
     state = load_checkpoint(Path(path), map_location="cpu")

@@ -12,6 +12,7 @@ from aefrl import keys
 from aefrl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from aefrl.envs import ImaginationEnv, make_dmc_env
 from aefrl.world_model import modules as wm_modules
+from agents import modules as modules_module
 from agents.dreamer import DreamerAgent
 from agents.factory import build_agent
 from agents.modules import (
@@ -237,3 +238,58 @@ def test_actor_module_explores_by_sampling_and_otherwise_takes_the_mode(tiny_run
         torch.testing.assert_close(fixed, mode, rtol=0, atol=0)
     assert sample.shape == (64, 1) and sample.abs().max() <= 1
     assert not torch.allclose(sample, mode)
+
+
+def test_torchrl_dreamer_actor_loss_trains_the_actor_module(tiny_run):
+    """torchrl's DreamerActorLoss samples under RANDOM and backpropagates its returns through
+    the actions: the actor's samples were drawn without a gradient (``sample``), and its
+    backward failed with "element 0 of tensors does not require grad"."""
+    from torchrl.objectives import DreamerActorLoss
+
+    _, agent = tiny_run
+    rssm = agent.world_model.rssm
+    start = TensorDict(
+        {
+            keys.BELIEF: torch.randn(4, rssm.deter),
+            keys.STATE: torch.randn(4, rssm.latent_dim),
+            keys.REWARD: torch.zeros(4, 1),
+            keys.DONE: torch.zeros(4, 1, dtype=torch.bool),
+            keys.TERMINATED: torch.zeros(4, 1, dtype=torch.bool),
+        },
+        [4],
+    )
+    loss = DreamerActorLoss(
+        actor_module(agent.actor),
+        critic_module(agent.critic),
+        ImaginationEnv(agent.world_model),
+        imagination_horizon=3,
+    )
+    torch.manual_seed(0)
+    out, _ = loss(start)
+    out["loss_actor"].backward()
+    grads = [p.grad for p in agent.actor.parameters()]
+    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+    with torch.no_grad():  # acting draws as before, without a graph
+        action = actor_module(agent.actor, explore=True)(start.clone())[keys.ACTION]
+    assert not action.requires_grad
+
+
+def test_load_agent_compiles_only_when_asked_and_checks_the_device_first(tiny_run, monkeypatch):
+    """A run trained with agent.compile=true was compiled whenever it was loaded (13 s before a
+    6-step CPU rollout's first action), with no way to turn it off; a device this machine lacks
+    was a deep torch error after the whole checkpoint had been read."""
+    run_dir, _ = tiny_run
+    state = load_checkpoint(run_dir)
+    state["run_config"]["agent"]["compile"] = True
+    save_checkpoint(run_dir / "checkpoint.pt", state)
+    eager, compiled = load_agent(run_dir), load_agent(run_dir, compile=True)
+    # compile_steps replaces the RSSM's step methods on the instance (aefrl/compiled.py)
+    assert "filter_step" not in vars(eager.world_model.rssm)
+    assert "filter_step" in vars(compiled.world_model.rssm)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the checkpoint was read before the device was checked")
+
+    monkeypatch.setattr(modules_module, "load_checkpoint", never)
+    with pytest.raises(ValueError, match="map_location=gpu is not a device: use auto, cpu, cuda"):
+        load_agent(run_dir, map_location="gpu")

@@ -12,6 +12,7 @@ from aefrl import keys
 from aefrl.checkpoint import CheckpointError, save_checkpoint
 from aefrl.envs import ImaginationEnv
 from aefrl.world_model import RSSMState
+from aefrl.world_model import modules as wm_modules
 from aefrl.world_model.modules import filter_step, load_world_model, world_model_modules
 from agents.dreamer import DreamerAgent
 from tests.world_model.conftest import ACTIONS, OBS, tiny_world_model
@@ -230,3 +231,79 @@ def test_load_world_model_says_what_is_wrong(tmp_path):
     save_checkpoint(tmp_path / "checkpoint.pt", {"format": 1, "weights": {}})
     with pytest.raises(CheckpointError, match="not an aefrl training checkpoint"):
         load_world_model(tmp_path / "checkpoint.pt")
+
+
+def test_inputs_the_model_cannot_take_are_named_in_one_sentence():
+    """They failed deep in torch (the GRU's "inconsistent hidden_size", a dtype mismatch in a
+    matmul, an AttributeError on a missing action), or at the step after a reset took them."""
+    wm = tiny_world_model("aef")
+    env = ImaginationEnv(wm)
+    wide = TensorDict({keys.BELIEF: torch.zeros(2, H + 1), keys.STATE: torch.zeros(2, D)}, [2])
+    with pytest.raises(ValueError, match=f"belief must be \\[\\*B, {H}\\], got shape \\[2, 9\\]"):
+        env.reset(wide, set_state=True)
+    double = _latent(2).update({keys.STATE: torch.zeros(2, D, dtype=torch.float64)})
+    with pytest.raises(ValueError, match=r"state must be torch.float32 .*got torch.float64"):
+        env.reset(double, set_state=True)
+    td = env.reset(_latent(2), set_state=True)
+    with pytest.raises(ValueError, match="action is missing"):
+        env.step(td.clone())
+    td[keys.ACTION] = torch.zeros(2, ACTIONS + 1)
+    with pytest.raises(ValueError, match=f"action must be \\[\\*B, {ACTIONS}\\], got shape"):
+        env.step(td.clone())
+    td[keys.ACTION] = torch.zeros(2, ACTIONS)
+    assert env.step(td)["next", keys.BELIEF].shape == (2, H)
+    prior = world_model_modules(wm)["prior"].module  # plain tensors: no tensordict to check
+    with pytest.raises(ValueError, match=r"action has batch shape \[3\], belief \[2\]"):
+        prior(torch.zeros(2, H), torch.zeros(2, D), torch.zeros(3, ACTIONS))
+
+
+def test_posterior_refuses_an_episode_start_flag_without_its_last_axis():
+    wm = tiny_world_model("aef")
+    posterior = world_model_modules(wm)["posterior"]
+    td = _latent(4).update(
+        {
+            keys.PIXELS: torch.zeros(4, *OBS, dtype=torch.uint8),
+            keys.PREV_ACTION: torch.zeros(4, ACTIONS),
+            keys.IS_FIRST: torch.ones(4, dtype=torch.bool),
+        }
+    )
+    with pytest.raises(ValueError, match="is_first must be \\[\\*B, 1\\], got shape \\[4\\]"):
+        posterior(td.clone())
+    td[keys.IS_FIRST] = td[keys.IS_FIRST].unsqueeze(-1)
+    assert posterior(td)[keys.BELIEF].shape == (4, H)
+
+
+def test_load_world_model_says_what_is_wrong_with_the_configuration_or_the_device(
+    tmp_path, monkeypatch
+):
+    """A configuration option another version wrote (TypeError) or a kind this one lacks
+    (ValueError) escaped as such, past the example script and scripts/eval.py's handlers; a
+    device this machine lacks was found only after reading the whole checkpoint."""
+    conf = _run_config("aef")
+    wm_kwargs = dict(conf["agent"]["world_model"], obs_model="aef", latent_dim=D)
+    agent = DreamerAgent(OBS, ACTIONS, world_model=wm_kwargs, actor={"hidden": 16, "layers": 1})
+    weights = agent.state_dict()
+
+    def save():
+        save_checkpoint(
+            tmp_path / "checkpoint.pt", {"format": 1, "run_config": conf, "agent": weights}
+        )
+
+    conf["agent"]["world_model"]["new_option"] = 1
+    save()
+    with pytest.raises(CheckpointError, match=r"configuration is not valid: .*new_option"):
+        load_world_model(tmp_path)
+    del conf["agent"]["world_model"]["new_option"]
+    conf["obs_model"]["kind"] = "flow"
+    save()
+    with pytest.raises(CheckpointError, match=r"configuration is not valid: .*'flow'"):
+        load_world_model(tmp_path)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the checkpoint was read before the device was checked")
+
+    monkeypatch.setattr(wm_modules, "load_checkpoint", never)
+    with pytest.raises(ValueError, match="map_location=gpu is not a device: use auto, cpu, cuda"):
+        load_world_model(tmp_path, map_location="gpu")
+    with pytest.raises(ValueError, match="map_location=cuda:99 "):  # no CUDA, or no 100th GPU
+        load_world_model(tmp_path, map_location=torch.device("cuda", 99))
