@@ -15,6 +15,7 @@ from aefrl.nn import check_size
 from aefrl.objectives.world_model import VAE_ONLY
 from aefrl.obs_models import OBS_MODELS, accepted_options
 from aefrl.resume_overrides import typed_leaves
+from aefrl.world_model.modules import world_model_kwargs
 from agents.dreamer import DreamerAgent
 from agents.planner import DREAMER_ONLY, build_planner
 
@@ -138,12 +139,7 @@ def build_dreamer(agent: dict, obs_model: dict, obs_shape, action_dim: int) -> D
     """A :class:`~agents.dreamer.DreamerAgent`; ``obs_model`` supplies the one switch
     (``kind``), ``latent_dim`` and the observation-model options."""
     kwargs = {k: v for k, v in agent.items() if k != "name"}
-    kwargs["world_model"] = {
-        **(kwargs.get("world_model") or {}),
-        "obs_model": obs_model["kind"],
-        "latent_dim": obs_model["latent_dim"],
-        "obs_options": dict(obs_model.get("options") or {}),
-    }
+    kwargs["world_model"] = world_model_kwargs(agent, obs_model)
     return DreamerAgent(obs_shape, action_dim, **kwargs)
 
 
