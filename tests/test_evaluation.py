@@ -174,3 +174,29 @@ def test_a_video_path_that_is_not_a_gif_is_refused_before_anything_runs(tmp_path
         "error: argument --video: expected a path ending in .gif (or '' for none), got 'x.mp4'\n"
     )
     assert not (tmp_path / "eval.json").exists()
+
+
+def test_evaluation_acts_by_the_policys_mode_whatever_torchs_generator_holds():
+    """An evaluation that sampled its actions would pass every other test here (they check the
+    critic's value of the first state, which no action changes, or use a scripted agent)."""
+    torch.manual_seed(0)
+    agent = DreamerAgent((3, 64, 64), 1, **{k: dict(v) for k, v in TINY.items()})  # aef
+    torch.nn.init.normal_(agent.actor.net[-1].weight)  # a spread that sampling would show
+
+    def actions(seed: int) -> torch.Tensor:
+        env = make_dmc_env("cartpole-swingup", render="fast", time_limit=0.25, seed=3)
+        torch.manual_seed(seed)
+        out = run_episodes(env, agent, 1, "cpu", 1, keep_first=True)
+        env.close()
+        return out.first_episode[keys.PREV_ACTION][1:]  # a_0 .. a_{T-1}
+
+    first, second = actions(1), actions(2)
+    assert first.shape == (13, 1) and first.abs().sum() > 0
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    # The same agent exploring would not repeat itself: the comparison above can fail.
+    feat = torch.zeros(1, agent.world_model.feat_dim)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        a = agent.actor.act(feat, explore=True)
+        torch.manual_seed(2)
+        assert not torch.equal(a, agent.actor.act(feat, explore=True))

@@ -239,18 +239,7 @@ class DMCPixelEnv(DMControlWrapper):
         return TensorDict(out, batch_size=self.batch_size, device=self.device)
 
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
-        action = tensordict.get(keys.ACTION, None)
-        if action is None or action.shape != self.action_spec.shape:
-            # dm_control broadcasts: a 1-d action would drive every one of walker's 6 actuators.
-            got = (
-                f"no {keys.ACTION!r} entry"
-                if action is None
-                else f"shape {list(action.shape)} (an agent trained on another task?)"
-            )
-            raise ValueError(
-                f"{self.task_name} takes actions of shape {list(self.action_spec.shape)} under "
-                f"{keys.ACTION!r}, got {got}"
-            )
+        action = _checked_action(tensordict, self.action_spec.shape, self.task_name)
         action = action.detach().to("cpu", torch.float64).numpy()
         if self._rescale_actions:
             action = self._action_low + (action + 1.0) * self._action_half_range
@@ -375,6 +364,23 @@ def _exit_code(process) -> int | None:
         return None
 
 
+def _checked_action(tensordict: TensorDictBase, shape: torch.Size, what: str) -> torch.Tensor:
+    """``tensordict``'s action, refused in one sentence unless it has the spec's ``shape``:
+    dm_control broadcasts it into the actuators (a cartpole agent's 1-d action drove all six of
+    walker's), and so does a parallel env's copy into its shared ``[N, A]`` buffer."""
+    action = tensordict.get(keys.ACTION, None)
+    if action is None or action.shape != shape:
+        got = (
+            f"no {keys.ACTION!r} entry"
+            if action is None
+            else f"shape {list(action.shape)} (an agent trained on another task?)"
+        )
+        raise ValueError(
+            f"{what} takes actions of shape {list(shape)} under {keys.ACTION!r}, got {got}"
+        )
+    return action
+
+
 class DMCParallelEnv(ParallelEnv):
     """torchrl's ParallelEnv whose workers never outlive it.
 
@@ -443,11 +449,17 @@ class DMCParallelEnv(ParallelEnv):
 
     def _step(self, tensordict):
         self._check_workers()
+        _checked_action(tensordict, self.action_spec.shape, self._what)
         return super()._step(tensordict)
 
     def step_and_maybe_reset(self, tensordict):
         self._check_workers()
+        _checked_action(tensordict, self.action_spec.shape, self._what)
         return super().step_and_maybe_reset(tensordict)
+
+    @property
+    def _what(self) -> str:
+        return f"{getattr(self, 'task_name', 'this')} with {self.num_workers} envs"
 
     def set_seed(self, *args, **kwargs):
         self._check_workers()
@@ -531,4 +543,6 @@ def make_dmc_env(
         )
         for i in range(num_envs)
     ]
-    return DMCParallelEnv(num_envs, makers, mp_start_method=mp_start_method, device=device)
+    env = DMCParallelEnv(num_envs, makers, mp_start_method=mp_start_method, device=device)
+    env.task_name = task  # for its messages (the workers' envs have their own)
+    return env

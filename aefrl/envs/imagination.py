@@ -108,7 +108,8 @@ class ImaginationEnv(ModelBasedEnvBase):
                 )
             # On the env's device (a user's CPU tensors for a CUDA env).
             out = tensordict.select(*self._latent_sizes).to(self.device)
-            check_step_inputs(self._prior.rssm, out[keys.BELIEF], out[keys.STATE])
+            sizes = self._latent_sizes.items()
+            check_step_inputs(self._prior.rssm, {k: (out[k], n) for k, n in sizes})
         else:
             out = TensorDict(
                 {

@@ -52,27 +52,33 @@ def _flat(x: torch.Tensor, lead: torch.Size, event_dims: int) -> torch.Tensor:
     return x.reshape(lead.numel(), *x.shape[x.dim() - event_dims :])
 
 
-def check_step_inputs(rssm, belief, state, **extra) -> None:
-    """One sentence (a ValueError) for inputs a step of ``rssm`` cannot take, before they fail
-    deep inside torch: ``belief`` ``[*B, H]`` and ``state`` ``[*B, d]`` in the model's dtype,
-    and each of ``extra`` (name: ``(tensor, size)``) ``[*B, size]``; a missing one (None, e.g.
-    a tensordict without the key) is named as such. Shapes only: no values are read."""
-    lead = None
+def check_step_inputs(rssm, inputs: dict) -> None:
+    """Refuse in one sentence inputs a step of ``rssm`` cannot take, before they fail deep in
+    torch. ``inputs``: key -> ``(tensor or None, size of its last axis)``, every one
+    ``[*B, size]`` with the first one's ``*B`` (size None: only its presence is checked);
+    ``belief`` and ``state`` in the model's dtype (any, under autocast: its steps hand back
+    lower-precision states). A KeyError names every missing one (None: a tensordict without
+    the key), a ValueError a wrong shape or dtype. Shapes and dtypes only: no values are read,
+    nothing waits for a device."""
+    missing = [name for name, (x, _) in inputs.items() if not isinstance(x, torch.Tensor)]
+    if missing:
+        raise KeyError(f"the step needs {missing} (a tensordict without them?)")
+    lead = first = None
     dtype = rssm.gru.weight_hh.dtype
-    wanted = {"belief": (belief, rssm.deter), "state": (state, rssm.latent_dim), **extra}
-    for name, (x, size) in wanted.items():
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name} is missing: the step needs a tensor [*B, {size}]")
+    for name, (x, size) in inputs.items():
+        if size is None:
+            continue
         if x.dim() < 1 or x.shape[-1] != size:
             raise ValueError(f"{name} must be [*B, {size}], got shape {list(x.shape)}")
         if lead is None:
-            lead = x.shape[:-1]
+            lead, first = x.shape[:-1], name
         elif x.shape[:-1] != lead:
             raise ValueError(
-                f"{name} has batch shape {list(x.shape[:-1])}, belief {list(lead)}: each input "
-                f"is [*B, size] with the same *B"
+                f"{name} has batch shape {list(x.shape[:-1])}, {first} {list(lead)}: each "
+                "input is [*B, size] with the same *B"
             )
-        if name in ("belief", "state") and x.dtype != dtype:
+        latent = name in (keys.BELIEF, keys.STATE)
+        if latent and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
             raise ValueError(f"{name} must be {dtype} (the world model's dtype), got {x.dtype}")
 
 
@@ -103,16 +109,23 @@ class PosteriorStep(nn.Module):
     state [*B, d], noise [*B, d] | None) -> (belief, state, μ_q, σ_q)``.
     """
 
-    def __init__(self, world_model: WorldModel) -> None:
+    def __init__(self, world_model: WorldModel, is_first_key: str = keys.IS_FIRST) -> None:
         super().__init__()
         self.world_model = world_model
+        self.is_first_key = is_first_key  # what its messages call the flag
 
     def forward(self, pixels, prev_action, is_first, belief, state, noise=None):
         rssm = self.world_model.rssm
-        extra = {"prev_action": (prev_action, rssm.action_dim), "is_first": (is_first, 1)}
+        inputs = {
+            keys.BELIEF: (belief, rssm.deter),
+            keys.STATE: (state, rssm.latent_dim),
+            keys.PREV_ACTION: (prev_action, rssm.action_dim),
+            self.is_first_key: (is_first, 1),
+            keys.PIXELS: (pixels, None),  # its shape is the preprocessing's to check
+        }
         if noise is not None:
-            extra["noise"] = (noise, rssm.latent_dim)
-        check_step_inputs(rssm, belief, state, **extra)
+            inputs["noise"] = (noise, rssm.latent_dim)
+        check_step_inputs(rssm, inputs)
         lead = belief.shape[:-1]
         post, mu_q, sigma_q = filter_step(
             self.world_model,
@@ -135,10 +148,15 @@ class PriorStep(nn.Module):
         self.rssm = world_model.rssm
 
     def forward(self, belief, state, action, noise=None):
-        extra = {"action": (action, self.rssm.action_dim)}
+        rssm = self.rssm
+        inputs = {
+            keys.BELIEF: (belief, rssm.deter),
+            keys.STATE: (state, rssm.latent_dim),
+            keys.ACTION: (action, rssm.action_dim),
+        }
         if noise is not None:
-            extra["noise"] = (noise, self.rssm.latent_dim)
-        check_step_inputs(self.rssm, belief, state, **extra)
+            inputs["noise"] = (noise, rssm.latent_dim)
+        check_step_inputs(rssm, inputs)
         lead = belief.shape[:-1]
         prev = RSSMState(_flat(belief, lead, 1), _flat(state, lead, 1))
         noise = None if noise is None else _flat(noise, lead, 1)
@@ -187,7 +205,7 @@ def posterior_module(world_model: WorldModel, is_first_key=keys.IS_FIRST) -> Ten
     flag: torchrl's ``InitTracker`` writes ``"is_init"``, so a tensordict from a torchrl
     pipeline is read with ``is_first_key="is_init"``."""
     return TensorDictModule(
-        PosteriorStep(world_model),
+        PosteriorStep(world_model, is_first_key),
         in_keys=[keys.PIXELS, keys.PREV_ACTION, is_first_key, *_LATENT],
         out_keys=[*_LATENT, keys.POSTERIOR_MEAN, keys.POSTERIOR_STD],
     )

@@ -253,6 +253,21 @@ def test_parallel_env_two_workers():
         env.close()
 
 
+def test_a_parallel_env_refuses_an_action_of_another_size_too():
+    """The parent's copy into its shared [2, 6] buffer broadcast a cartpole agent's [2, 1]
+    actions to all six of walker's actuators, before any worker's own check could see them."""
+    env = make_dmc_env("walker-walk", num_envs=2, image_size=16, render="fast")
+    try:
+        td = env.reset()
+        refused = r"walker-walk with 2 envs takes actions of shape \[2, 6\] .*got shape \[2, 1\]"
+        for step in (env.step, env.step_and_maybe_reset):
+            with pytest.raises(ValueError, match=refused):
+                step(td.clone().set("action", torch.zeros(2, 1)))
+        assert env.step(td.set("action", torch.zeros(2, 6)))["next", "pixels"].shape[0] == 2
+    finally:
+        env.close()
+
+
 def test_gl_backend_respects_user_choice(monkeypatch):
     monkeypatch.setenv("MUJOCO_GL", "osmesa")
     monkeypatch.setattr(gl, "_probe", lambda backend: pytest.fail("probed"))

@@ -245,7 +245,7 @@ def test_inputs_the_model_cannot_take_are_named_in_one_sentence():
     with pytest.raises(ValueError, match=r"state must be torch.float32 .*got torch.float64"):
         env.reset(double, set_state=True)
     td = env.reset(_latent(2), set_state=True)
-    with pytest.raises(ValueError, match="action is missing"):
+    with pytest.raises(KeyError, match=r"the step needs \['action'\]"):
         env.step(td.clone())
     td[keys.ACTION] = torch.zeros(2, ACTIONS + 1)
     with pytest.raises(ValueError, match=f"action must be \\[\\*B, {ACTIONS}\\], got shape"):
@@ -255,6 +255,10 @@ def test_inputs_the_model_cannot_take_are_named_in_one_sentence():
     prior = world_model_modules(wm)["prior"].module  # plain tensors: no tensordict to check
     with pytest.raises(ValueError, match=r"action has batch shape \[3\], belief \[2\]"):
         prior(torch.zeros(2, H), torch.zeros(2, D), torch.zeros(3, ACTIONS))
+    # Under autocast the step hands back a bf16 state, which the next step must take.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rollout = env.rollout(3, auto_reset=False, tensordict=td.clone())
+    assert rollout["next", keys.STATE].dtype == torch.bfloat16
 
 
 def test_posterior_refuses_an_episode_start_flag_without_its_last_axis():
@@ -270,7 +274,10 @@ def test_posterior_refuses_an_episode_start_flag_without_its_last_axis():
     with pytest.raises(ValueError, match="is_first must be \\[\\*B, 1\\], got shape \\[4\\]"):
         posterior(td.clone())
     td[keys.IS_FIRST] = td[keys.IS_FIRST].unsqueeze(-1)
-    assert posterior(td)[keys.BELIEF].shape == (4, H)
+    assert posterior(td.clone())[keys.BELIEF].shape == (4, H)
+    # Read under torchrl's key, the messages name that key; every missing input is named.
+    with pytest.raises(KeyError, match=r"the step needs \['prev_action', 'is_init'\]"):
+        world_model_modules(wm, is_first_key="is_init")["posterior"](td.exclude("prev_action"))
 
 
 def test_load_world_model_says_what_is_wrong_with_the_configuration_or_the_device(
