@@ -143,11 +143,24 @@ def subpixel_weight(w: torch.Tensor) -> torch.Tensor:
     return out.reshape(4 * c_out, c_in, 3, 3)
 
 
+def phase_weight(w: torch.Tensor) -> torch.Tensor:
+    """A ``ConvTranspose2d(k=4, s=2, p=1)`` weight ``[C_in, C_out, 4, 4]`` as the weight of a
+    2 x 2 convolution to ``4 C_out`` channels ``[4 C_out, C_in, 2, 2]`` over the input padded by
+    one: window ``s`` (unpadded rows ``s - 1, s``) gives output rows ``2s - 1`` (taps 2, 0) and
+    ``2s`` (taps 3, 1), so pixel_shuffle(2) of it, cropped by one pixel on every side, is the
+    transposed convolution at 1.06x its multiply-adds ((side + 1)² windows, not 2.25x)."""
+    c_in, c_out = w.shape[:2]
+    taps = torch.tensor([[2, 0], [3, 1]])  # [output phase, window position] -> kernel tap
+    w = w[:, :, taps][:, :, :, :, taps]  # [C_in, C_out, phase_y, pos_y, phase_x, pos_x]
+    return w.permute(1, 2, 4, 0, 3, 5).reshape(4 * c_out, c_in, 2, 2)
+
+
 def last_decoder_layer(reps: int, frames: int, c_in: int = 32, side: int = 32) -> list[dict]:
     """The decoder's last layer (``ConvTranspose2d(32, 3, 4, 2, 1)`` to 64 x 64 at depth 32):
     three output channels leave oneDNN's kernels idle (its forward runs at a fraction of the
     other layers' GFLOP/s). Equivalent forms, checked against it, then timed: the sub-pixel
-    3 x 3 convolution (2.25x the multiply-adds), and the output channels padded to 8."""
+    3 x 3 convolution (2.25x the multiply-adds), its 2 x 2 form over the padded input (1.06x),
+    and the output channels padded to 8."""
     x = torch.randn(frames, c_in, side, side).contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
     w = torch.randn(c_in, 3, 4, 4, requires_grad=True)
@@ -162,6 +175,9 @@ def last_decoder_layer(reps: int, frames: int, c_in: int = 32, side: int = 32) -
         "sub-pixel 3x3 conv + pixel_shuffle": lambda: F.pixel_shuffle(
             F.conv2d(x, subpixel_weight(w), bias.repeat_interleave(4), padding=1), 2
         ),
+        "sub-pixel 2x2 conv on the padded input + pixel_shuffle, cropped": lambda: F.pixel_shuffle(
+            F.conv2d(F.pad(x, (1, 1, 1, 1)), phase_weight(w), bias.repeat_interleave(4)), 2
+        )[:, :, 1:-1, 1:-1],
         "output channels padded to 8": lambda: F.conv_transpose2d(
             x, torch.cat([w, w.new_zeros(c_in, 5, 4, 4)], 1), F.pad(bias, (0, 5)), 2, 1
         )[:, :3],

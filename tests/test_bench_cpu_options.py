@@ -18,7 +18,7 @@ def test_toy_run_writes_every_measurement(tmp_path):
     assert r["norm_act"][0]["map"] == "2x256x4x4"
     assert r["norm_act"][0]["eager_ms"] > 0 and r["norm_act"][0]["compiled_ms"] > 0
     assert r["rssm_scan"]["steps"] == 4 and r["rssm_scan"]["compiled_ms"] > 0
-    assert len(r["last_decoder_layer"]) == 4  # each form checked equal to the layer first
+    assert len(r["last_decoder_layer"]) == 5  # each form checked equal to the layer first
     assert all(row["fwd_bwd_ms"] > 0 for row in r["last_decoder_layer"])
     (row,) = r["update_precision"]
     assert row["none_s"] > 0 and row["bf16_s"] > 0 and row["speedup"] > 0
@@ -45,4 +45,17 @@ def test_the_subpixel_weight_is_the_transposed_convolution():
     x, w = torch.randn(2, 5, 6, 7, dtype=torch.float64), torch.randn(5, 3, 4, 4).double()
     want = F.conv_transpose2d(x, w, stride=2, padding=1)
     got = F.pixel_shuffle(F.conv2d(x, bench_cpu_options.subpixel_weight(w), padding=1), 2)
+    torch.testing.assert_close(got, want)
+
+
+def test_the_phase_weight_is_the_transposed_convolution():
+    """The 2 x 2 form over the padded input, cropped, against conv_transpose2d in float64."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 5, 6, 7, dtype=torch.float64), torch.randn(5, 3, 4, 4).double()
+    want = F.conv_transpose2d(x, w, stride=2, padding=1)
+    padded = F.pad(x, (1, 1, 1, 1))
+    got = F.pixel_shuffle(F.conv2d(padded, bench_cpu_options.phase_weight(w)), 2)[..., 1:-1, 1:-1]
     torch.testing.assert_close(got, want)
