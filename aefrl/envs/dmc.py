@@ -459,7 +459,8 @@ class DMCParallelEnv(ParallelEnv):
 
     @property
     def _what(self) -> str:
-        return f"{getattr(self, 'task_name', 'this')} with {self.num_workers} envs"
+        # Not getattr: torchrl's ParallelEnv answers missing attributes from its workers.
+        return f"{self.__dict__.get('task_name', 'this env')} with {self.num_workers} envs"
 
     def set_seed(self, *args, **kwargs):
         self._check_workers()

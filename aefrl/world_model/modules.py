@@ -56,8 +56,8 @@ def check_step_inputs(rssm, inputs: dict) -> None:
     """Refuse in one sentence inputs a step of ``rssm`` cannot take, before they fail deep in
     torch. ``inputs``: key -> ``(tensor or None, size of its last axis)``, every one
     ``[*B, size]`` with the first one's ``*B`` (size None: only its presence is checked);
-    ``belief`` and ``state`` in the model's dtype (any, under autocast: its steps hand back
-    lower-precision states). A KeyError names every missing one (None: a tensordict without
+    ``belief`` and ``state`` in the model's dtype (or autocast's, where it is on: its steps hand
+    back lower-precision states). A KeyError names every missing one (None: a tensordict without
     the key), a ValueError a wrong shape or dtype. Shapes and dtypes only: no values are read,
     nothing waits for a device."""
     missing = [name for name, (x, _) in inputs.items() if not isinstance(x, torch.Tensor)]
@@ -77,9 +77,19 @@ def check_step_inputs(rssm, inputs: dict) -> None:
                 f"{name} has batch shape {list(x.shape[:-1])}, {first} {list(lead)}: each "
                 "input is [*B, size] with the same *B"
             )
-        latent = name in (keys.BELIEF, keys.STATE)
-        if latent and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        if name in (keys.BELIEF, keys.STATE) and x.dtype not in _step_dtypes(dtype, x.device):
             raise ValueError(f"{name} must be {dtype} (the world model's dtype), got {x.dtype}")
+
+
+def _step_dtypes(dtype: torch.dtype, device: torch.device) -> tuple[torch.dtype, ...]:
+    """The latent dtypes a step takes: the model's, and autocast's where it is on for
+    ``device`` (whose steps hand back its lower-precision states)."""
+    try:
+        if torch.is_autocast_enabled(device.type):
+            return dtype, torch.get_autocast_dtype(device.type)
+    except RuntimeError:  # a device type autocast does not know (meta)
+        pass
+    return (dtype,)
 
 
 def filter_step(

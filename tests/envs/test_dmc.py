@@ -266,6 +266,16 @@ def test_a_parallel_env_refuses_an_action_of_another_size_too():
         assert env.step(td.set("action", torch.zeros(2, 6)))["next", "pixels"].shape[0] == 2
     finally:
         env.close()
+    # One built without make_dmc_env has no task name: torchrl's ParallelEnv answers a missing
+    # attribute from its workers (a dispatcher object in the message, or starting them).
+    import functools
+
+    from aefrl.envs.dmc import DMCParallelEnv
+
+    make = functools.partial(DMCPixelEnv, "walker-walk", image_size=16, render="fast")
+    bare = DMCParallelEnv(2, [make, make], mp_start_method="spawn")
+    assert bare._what == "this env with 2 envs" and bare.is_closed  # nothing started
+    bare.close()
 
 
 def test_gl_backend_respects_user_choice(monkeypatch):

@@ -258,6 +258,9 @@ def test_inputs_the_model_cannot_take_are_named_in_one_sentence():
     # Under autocast the step hands back a bf16 state, which the next step must take.
     with torch.autocast("cpu", dtype=torch.bfloat16):
         rollout = env.rollout(3, auto_reset=False, tensordict=td.clone())
+        # ... and no other: a float64 state is still refused in one sentence.
+        with pytest.raises(ValueError, match=r"state must be torch.float32 .*got torch.float64"):
+            prior(torch.zeros(2, H), torch.zeros(2, D, dtype=torch.float64), td[keys.ACTION])
     assert rollout["next", keys.STATE].dtype == torch.bfloat16
 
 
