@@ -203,7 +203,10 @@ def report(agent, episodes, num_samples: int) -> tuple[dict, dict]:
         "sequences": len(batch),
         "bits_per_dim": float(bpd.mean()),
         # None (JSON null) for one sequence: a standard error needs two (NaN is not JSON).
+        # Over sequences, it understates the error: those of one episode are correlated. The
+        # episodes' own means show the spread between independent pieces of data.
         "bits_per_dim_sem": float(bpd.std() / len(bpd) ** 0.5) if len(bpd) > 1 else None,
+        "bits_per_dim_by_episode": [float(x) for x in bpd.view(len(episodes), -1).mean(1)],
         "estimator": estimator,
         "open_loop_mse": [float(x) for x in pred["mse"]],
         "open_loop_ssim": [float(x) for x in pred["ssim"]],

@@ -30,6 +30,9 @@ def test_report_on_fresh_episodes(tmp_path):
     assert 20 <= steps <= 21 and len(result["open_loop_ssim"]) == len(result["open_loop_mse"])
     assert all(m > 0 for m in result["open_loop_mse"])
     assert result["bits_per_dim_sem"] > 0
+    by_episode = result["bits_per_dim_by_episode"]  # one sequence each here: their own values
+    assert len(by_episode) == 2 and by_episode[0] != by_episode[1]
+    assert math.isclose(sum(by_episode) / 2, result["bits_per_dim"], rel_tol=1e-6)
     # One sequence has no standard error: null, not NaN (which no JSON parser accepts).
     assert script.main([*args[:2], "1", *args[3:]]) == 0
     text = (tmp_path / "world_model_report.json").read_text()
