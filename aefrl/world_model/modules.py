@@ -77,19 +77,20 @@ def check_step_inputs(rssm, inputs: dict) -> None:
                 f"{name} has batch shape {list(x.shape[:-1])}, {first} {list(lead)}: each "
                 "input is [*B, size] with the same *B"
             )
-        if name in (keys.BELIEF, keys.STATE) and x.dtype not in _step_dtypes(dtype, x.device):
+        latent = name in (keys.BELIEF, keys.STATE)
+        if latent and x.dtype != dtype and x.dtype != _autocast_dtype(x.device):
             raise ValueError(f"{name} must be {dtype} (the world model's dtype), got {x.dtype}")
 
 
-def _step_dtypes(dtype: torch.dtype, device: torch.device) -> tuple[torch.dtype, ...]:
-    """The latent dtypes a step takes: the model's, and autocast's where it is on for
-    ``device`` (whose steps hand back its lower-precision states)."""
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """Autocast's dtype where it is on for ``device`` (a step under it hands back states in that
+    dtype), else None. Asked only on a mismatch: the model's own dtype needs no query."""
     try:
         if torch.is_autocast_enabled(device.type):
-            return dtype, torch.get_autocast_dtype(device.type)
+            return torch.get_autocast_dtype(device.type)
     except RuntimeError:  # a device type autocast does not know (meta)
         pass
-    return (dtype,)
+    return None
 
 
 def filter_step(
