@@ -7,6 +7,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributions.utils import _sum_rightmost
 from torchrl.modules import IndependentNormal, TanhNormal
 from torchrl.objectives.value.functional import td_lambda_return_estimate
 
@@ -33,6 +34,28 @@ class BoundedNormal(IndependentNormal):
         the interface of torchrl's ``TanhNormal``."""
         action = self.rsample()
         return action, self.log_prob(action)
+
+
+def sample_from_noise(
+    dist: TanhNormal | BoundedNormal, noise: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sample ``[..., A]`` that ``dist.rsample()`` draws when its standard-normal draw is
+    ``noise [..., A]`` (reparameterised: the gradient reaches the distribution's parameters),
+    and its log-density ``[...]``. A tanh-normal is scored at the exact pre-tanh value, as
+    torchrl's ``TanhNormal.rsample_and_log_prob`` does (inverting a saturated tanh is not)."""
+    if noise.shape != dist.batch_shape + dist.event_shape:
+        raise ValueError(
+            f"noise must have the sample's shape {tuple(dist.batch_shape + dist.event_shape)}, "
+            f"got {tuple(noise.shape)}"
+        )
+    if isinstance(dist, BoundedNormal):
+        action = dist.mean + dist.stddev * noise
+        return action, dist.log_prob(action)
+    base, (transform,) = dist.base_dist, dist.transforms
+    preimage = base.mean + base.stddev * noise
+    action = transform(preimage)
+    ladj = transform.log_abs_det_jacobian(preimage, action)
+    return action, base.log_prob(preimage) - _sum_rightmost(ladj, len(dist.event_shape))
 
 
 class Actor(nn.Module):
@@ -83,17 +106,27 @@ class Actor(nn.Module):
             loc, std, upscale=5.0, tanh_loc=True, low=self.action_low, high=self.action_high
         )
 
-    def act(self, feat: torch.Tensor, explore: bool, reparameterize: bool = False) -> torch.Tensor:
+    def act(
+        self,
+        feat: torch.Tensor,
+        explore: bool,
+        reparameterize: bool = False,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The action to execute, ``[..., A]`` in ``[-1, 1]``: a sample (``explore``) or the
         distribution's mode. ``reparameterize``: the sample as ``rsample`` draws it, carrying the
         gradient to ``feat`` and the weights (a loss that backpropagates through actions, e.g.
-        torchrl's ``DreamerActorLoss``); acting has no use for it. Clipping changes nothing for
-        ``tanh_normal``."""
+        torchrl's ``DreamerActorLoss``); acting has no use for it. ``noise [..., A]``: the
+        sample's standard-normal draw (drawn when omitted; given, the sample is the
+        reparameterised one whatever ``reparameterize`` says, and ignored when not
+        ``explore``). Clipping changes nothing for ``tanh_normal``."""
         dist = self(feat)
-        if explore:
-            action = dist.rsample() if reparameterize else dist.sample()
-        else:
+        if not explore:
             action = dist.deterministic_sample
+        elif noise is not None:
+            action = sample_from_noise(dist, noise)[0]
+        else:
+            action = dist.rsample() if reparameterize else dist.sample()
         return action.clamp(self.action_low, self.action_high)
 
     def extra_repr(self) -> str:
@@ -192,7 +225,12 @@ class ReturnNormalizer(nn.Module):
 
 
 def imagine(
-    rssm: RSSM, actor: Actor, start: RSSMState, horizon: int, input_grad: bool = False
+    rssm: RSSM,
+    actor: Actor,
+    start: RSSMState,
+    horizon: int,
+    input_grad: bool = False,
+    noise: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[RSSMState, torch.Tensor, torch.Tensor]:
     """Roll the prior forward ``horizon`` = K steps from ``start`` (RSSMState ``[N, ...]``) with
     actions from ``actor`` (reparameterised, so returns are differentiable w.r.t. the actor).
@@ -208,18 +246,27 @@ def imagine(
     model is never asked about actions it has not seen, and the gradient of an action beyond a
     bound is zero, as the environment's is. The log-probability stays the unclipped sample's.
 
+    ``noise``: the standard-normal draws ``(actions [N, K, A], states [N, K, d])`` of the
+    actions' and the prior states' samples (drawn when omitted: deterministic tests).
+
     Returns ``(states [N, K+1, ...], actions [N, K, A], log_probs [N, K])``: action k (as the
     dynamics took it) is taken in state k and leads to state k + 1.
     """
     hs, zs, actions, log_probs = [start.h], [start.z], [], []
     state = start
     clip = actor.dist == "bounded_normal"  # a tanh-normal's samples are inside already
-    for _ in range(horizon):
+    for k in range(horizon):
         feat = state.feat if input_grad else state.feat.detach()
-        action, log_prob = actor(feat).rsample_and_log_prob()
+        if noise is None:
+            action, log_prob = actor(feat).rsample_and_log_prob()
+        else:
+            action, log_prob = sample_from_noise(actor(feat), noise[0][:, k])
         if clip:
             action = action.clamp(actor.action_low, actor.action_high)
-        state = rssm.img_step(state, action)
+        if noise is None:
+            state = rssm.img_step(state, action)
+        else:
+            state = rssm.img_step(state, action, noise[1][:, k])
         hs.append(state.h)
         zs.append(state.z)
         actions.append(action)

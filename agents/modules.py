@@ -64,18 +64,23 @@ class ActorAction(nn.Module):
     call (a sample under ``ExplorationType.RANDOM``, which torchrl's collectors set while they
     collect; the mode under any other type or none, as in a plain ``env.rollout``). With
     autograd on, a sample is reparameterised (``rsample``): torchrl's ``DreamerActorLoss``
-    samples under RANDOM and backpropagates its returns through the actions into the actor."""
+    samples under RANDOM and backpropagates its returns through the actions into the actor.
+    ``noise [*B, A]``, optional: the sample's standard-normal draw (:meth:`Actor.act`)."""
 
     def __init__(self, actor: Actor, explore: bool | None = None) -> None:
         super().__init__()
         self.actor, self.explore = actor, explore
 
-    def forward(self, belief: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, belief: torch.Tensor, state: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
         explore = self.explore
         if explore is None:
             explore = exploration_type() == ExplorationType.RANDOM
         feat = torch.cat([belief, state], -1)
-        return self.actor.act(feat, explore=explore, reparameterize=torch.is_grad_enabled())
+        return self.actor.act(
+            feat, explore=explore, reparameterize=torch.is_grad_enabled(), noise=noise
+        )
 
 
 class CriticValue(nn.Module):

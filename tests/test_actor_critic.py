@@ -185,3 +185,81 @@ def test_frozen_passes_gradients_through_but_not_into_the_module():
     assert all(p.grad is None for p in model.parameters())
     assert head.weight.grad is not None
     assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("dist", ["tanh_normal", "bounded_normal"])
+def test_sample_from_noise_is_the_rsample_of_that_draw(dist):
+    """Given the standard-normal draw ``rsample`` would take, ``sample_from_noise`` returns the
+    same action, log-density and gradients (float64; means far in tanh's tail included, where
+    scoring a tanh-normal by inverting the action would be wrong)."""
+    from aefrl.actor_critic import sample_from_noise
+
+    torch.manual_seed(0)
+    actor = Actor(4, 3, hidden=16, layers=1, dist=dist).double()
+    feat = torch.randn(64, 4, dtype=torch.float64)
+    with torch.no_grad():
+        actor.net[-1].bias[:3] = torch.tensor([0.0, 8.0, -12.0])
+    torch.manual_seed(1)
+    want, want_lp = actor(feat).rsample_and_log_prob()
+    torch.manual_seed(1)
+    noise = torch.randn(64, 3, dtype=torch.float64)
+    got, got_lp = sample_from_noise(actor(feat), noise)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got_lp, want_lp, rtol=1e-12, atol=1e-10)
+    params = list(actor.parameters())
+    g_want = torch.autograd.grad((want.sum() + want_lp.sum()), params)
+    g_got = torch.autograd.grad((got.sum() + got_lp.sum()), params)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match=r"noise must have the sample's shape \(64, 3\)"):
+        sample_from_noise(actor(feat), noise[:, :2])
+
+
+@pytest.mark.parametrize("dist", ["tanh_normal", "bounded_normal"])
+def test_actor_act_takes_its_noise_as_an_argument(dist):
+    """With its draw given, exploring is deterministic whatever the global RNG does, and the
+    action is that draw's sample, clipped; the mode ignores the noise."""
+    from aefrl.actor_critic import sample_from_noise
+
+    torch.manual_seed(0)
+    actor = Actor(4, 2, hidden=16, layers=1, dist=dist)
+    feat, noise = torch.randn(32, 4), 2 * torch.randn(32, 2)
+    torch.manual_seed(1)
+    a1 = actor.act(feat, explore=True, noise=noise)
+    torch.manual_seed(2)
+    a2 = actor.act(feat, explore=True, noise=noise)
+    assert torch.equal(a1, a2)
+    want = sample_from_noise(actor(feat), noise)[0].clamp(-1, 1)
+    torch.testing.assert_close(a1, want, rtol=0, atol=0)
+    assert not torch.equal(a1, actor.act(feat, explore=True, noise=-noise))
+    assert torch.equal(actor.act(feat, explore=False, noise=noise), actor.act(feat, explore=False))
+
+
+def test_imagine_with_given_noise_repeats_imagine_on_the_same_draws():
+    """``imagine(noise=...)`` draws nothing: it equals the sampling rollout whose RNG produced
+    the same draws, in the order the rollout takes them (an action, then a prior state, per
+    step), and a second call with other global RNG state gives the same result."""
+    from aefrl.actor_critic import imagine
+    from tests.world_model.conftest import ACTIONS, tiny_world_model
+
+    torch.manual_seed(0)
+    wm = tiny_world_model("aef", torch.float64)
+    actor = Actor(8 + 3, ACTIONS, hidden=16, layers=1).double()
+    start = wm.rssm.initial(5)
+    start = type(start)(torch.randn_like(start.h), torch.randn_like(start.z))
+    horizon = 4
+    torch.manual_seed(3)
+    want = imagine(wm.rssm, actor, start, horizon)
+    torch.manual_seed(3)
+    a_noise = torch.empty(5, horizon, ACTIONS, dtype=torch.float64)
+    z_noise = torch.empty(5, horizon, 3, dtype=torch.float64)
+    for k in range(horizon):
+        a_noise[:, k] = torch.randn(5, ACTIONS, dtype=torch.float64)
+        z_noise[:, k] = torch.randn(5, 3, dtype=torch.float64)
+    for seed in (7, 8):
+        torch.manual_seed(seed)
+        got = imagine(wm.rssm, actor, start, horizon, noise=(a_noise, z_noise))
+        torch.testing.assert_close(got[0].h, want[0].h, rtol=0, atol=1e-12)
+        torch.testing.assert_close(got[0].z, want[0].z, rtol=0, atol=1e-12)
+        torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-12)
+        torch.testing.assert_close(got[2], want[2], rtol=0, atol=1e-12)

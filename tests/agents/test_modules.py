@@ -240,6 +240,24 @@ def test_actor_module_explores_by_sampling_and_otherwise_takes_the_mode(tiny_run
     assert not torch.allclose(sample, mode)
 
 
+def test_actor_action_takes_its_noise_as_an_argument(tiny_run):
+    """Given the draw, the plain-tensor actor module is deterministic and acts as
+    ``Actor.act`` does on that draw."""
+    _, agent = tiny_run
+    belief = torch.randn(16, agent.world_model.rssm.deter)
+    state = torch.randn(16, agent.world_model.rssm.latent_dim)
+    noise = torch.randn(16, 1)
+    module = modules_module.ActorAction(agent.actor, explore=True)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        a = module(belief, state, noise)
+        torch.manual_seed(1)
+        b = module(belief, state, noise)
+        want = agent.actor.act(torch.cat([belief, state], -1), explore=True, noise=noise)
+    assert torch.equal(a, b) and torch.equal(a, want)
+    assert not torch.equal(a, module(belief, state, -noise))
+
+
 def test_torchrl_dreamer_actor_loss_trains_the_actor_module(tiny_run):
     """torchrl's DreamerActorLoss samples under RANDOM and backpropagates its returns through
     the actions: the actor's samples were drawn without a gradient (``sample``), and its
