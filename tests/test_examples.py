@@ -12,20 +12,23 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
 
 
-def _reuse_example_return(*args: str) -> float:
-    """Run docs/examples/torchrl_reuse.py; it must exit 0 and print the episode's return."""
+def _reuse_example_episode(*args: str) -> tuple[float, int]:
+    """Run docs/examples/torchrl_reuse.py; it must exit 0 and print the episode's return and
+    its number of agent steps."""
     out = _run_reuse_example(*args)
     assert out.returncode == 0, out.stderr[-2000:]
-    match = re.search(r"^return (-?\d+\.\d+)$", out.stdout, re.MULTILINE)
+    match = re.search(r"^return (-?\d+\.\d+) over (\d+) steps$", out.stdout, re.MULTILINE)
     assert match, out.stdout
-    return float(match.group(1))
+    return float(match.group(1)), int(match.group(2))
 
 
 @pytest.mark.slow
 def test_torchrl_reuse_example_plans_an_episode_without_a_checkpoint():
-    """No checkpoint: it fits a tiny world model and plans one (short) cartpole episode with
-    torchrl's CEMPlanner."""
-    assert 0.0 <= _reuse_example_return() <= 50.0  # at most 1 per physics step: 100 of them
+    """No checkpoint: it fits a tiny world model and plans one cartpole episode of 1 simulated
+    second with torchrl's CEMPlanner: 100 control steps at action repeat 2, 50 plans."""
+    total, steps = _reuse_example_episode()
+    assert steps == 50
+    assert 0.0 <= total <= 100.0  # cartpole's reward is in [0, 1] per control step
 
 
 @pytest.mark.slow
@@ -35,7 +38,8 @@ def test_torchrl_reuse_example_plans_with_a_checkpoint_in_the_runs_episodes(tmp_
     from tests.tiny_run import write_tiny_dreamer_run
 
     write_tiny_dreamer_run(tmp_path, time_limit=0.1)  # cartpole: 10 control steps, 5 plans
-    assert 0.0 <= _reuse_example_return(str(tmp_path)) <= 10.0  # at most 1 per control step
+    total, steps = _reuse_example_episode(str(tmp_path))
+    assert steps == 5 and 0.0 <= total <= 10.0
 
 
 def _run_reuse_example(*args: str) -> subprocess.CompletedProcess:

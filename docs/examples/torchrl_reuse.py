@@ -6,7 +6,8 @@
 The world model filters each real frame with its posterior (a TensorDictModule on the keys
 pixels / prev_action / is_first / belief / state), torchrl's CEMPlanner searches actions in
 imagination (aefrl's ImaginationEnv, a torchrl ModelBasedEnvBase scored by the reward head), and
-the first planned action is executed in the real DMC env. Prints the episode's return.
+the first planned action is executed in the real DMC env. Prints the episode's return and
+length (agent steps).
 See docs/reuse.md.
 """
 
@@ -63,19 +64,19 @@ def main(checkpoint: str | None = None) -> float:
     planner = CEMPlanner(ImaginationEnv(wm), 12, optim_steps=5, num_candidates=300, top_k=30)
     carry = TensorDict(belief=torch.zeros(wm.rssm.deter), state=torch.zeros(wm.rssm.latent_dim))
     carry.update(prev_action=torch.zeros(wm.action_dim), is_first=torch.ones(1, dtype=torch.bool))
-    td, total = env.reset(), 0.0
+    td, total, steps = env.reset(), 0.0, 0
     with torch.no_grad():
         while True:
             carry = posterior(carry.set("pixels", td["pixels"]))
             action = planner(carry.select("belief", "state"))["action"]  # [A] in [-1, 1]
             td = env.step(td.set("action", action))
-            total += td["next", "reward"].item()
+            total, steps = total + td["next", "reward"].item(), steps + 1
             if td["next", "done"].any():
                 break
             td = step_mdp(td)  # the next observation becomes the current one
             carry.update(prev_action=action, is_first=torch.zeros(1, dtype=torch.bool))
     env.close()
-    print(f"return {total:.2f}")
+    print(f"return {total:.2f} over {steps} steps")  # agent steps of action_repeat frames
     return total
 
 
