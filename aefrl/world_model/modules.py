@@ -175,36 +175,53 @@ class PriorStep(nn.Module):
         return nxt.h.reshape(*lead, -1), nxt.z.reshape(*lead, -1)
 
 
-class RewardMean(nn.Module):
+class _LatentHead(nn.Module):
+    """A module of ``(belief [*B, H], state [*B, d])`` whose inputs are checked as the steps'
+    are (:func:`check_step_inputs`): a wrong size or dtype is one sentence naming the key."""
+
+    def __init__(self, world_model: WorldModel) -> None:
+        super().__init__()
+        self._rssm = [world_model.rssm]  # a list: sizes and dtype only, not a submodule
+
+    def _checked_feat(self, belief, state) -> torch.Tensor:
+        rssm = self._rssm[0]
+        check_step_inputs(
+            rssm, {keys.BELIEF: (belief, rssm.deter), keys.STATE: (state, rssm.latent_dim)}
+        )
+        return torch.cat([belief, state], -1)
+
+
+class RewardMean(_LatentHead):
     """``(belief [*B, H], state [*B, d]) -> [*B, 1]``: mean of the symlog two-hot reward head."""
 
     def __init__(self, world_model: WorldModel) -> None:
-        super().__init__()
+        super().__init__(world_model)
         self.head = world_model.reward_head
 
     def forward(self, belief, state):
-        return self.head(torch.cat([belief, state], -1)).mean.unsqueeze(-1)
+        return self.head(self._checked_feat(belief, state)).mean.unsqueeze(-1)
 
 
-class ContinueProb(nn.Module):
+class ContinueProb(_LatentHead):
     """``(belief, state) -> [*B, 1]``: probability that the episode goes on (1 − terminated)."""
 
     def __init__(self, world_model: WorldModel) -> None:
-        super().__init__()
+        super().__init__(world_model)
         self.head = world_model.continue_head
 
     def forward(self, belief, state):
-        return self.head(torch.cat([belief, state], -1)).probs.unsqueeze(-1)
+        return self.head(self._checked_feat(belief, state)).probs.unsqueeze(-1)
 
 
-class DecodePixels(nn.Module):
+class DecodePixels(_LatentHead):
     """``(belief, state) -> uint8 [*B, C, H, W]``: the decoder mean mapped back to pixels."""
 
     def __init__(self, world_model: WorldModel) -> None:
-        super().__init__()
+        super().__init__(world_model)
         self.world_model = world_model
 
     def forward(self, belief, state):
+        self._checked_feat(belief, state)
         return self.world_model.decode_pixels(RSSMState(belief, state))
 
 

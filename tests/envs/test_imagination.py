@@ -264,6 +264,24 @@ def test_inputs_the_model_cannot_take_are_named_in_one_sentence():
     assert rollout["next", keys.STATE].dtype == torch.bfloat16
 
 
+def test_the_heads_and_the_decoder_name_a_latent_they_cannot_take():
+    """The reward, continue and decoder modules check belief and state as the steps do (a
+    wrong size was an error from a matmul deep in the head, a float64 state a dtype error)."""
+    wm = tiny_world_model("aef")
+    mods = world_model_modules(wm)
+    for name in ("reward", "continue", "decoder"):
+        module = mods[name].module
+        assert module(torch.zeros(2, H), torch.zeros(2, D)).shape[0] == 2
+        with pytest.raises(ValueError, match=rf"belief must be \[\*B, {H}\], got shape \[2, 5\]"):
+            module(torch.zeros(2, 5), torch.zeros(2, D))
+        with pytest.raises(ValueError, match=r"state has batch shape \[3\], belief \[2\]"):
+            module(torch.zeros(2, H), torch.zeros(3, D))
+        with pytest.raises(ValueError, match=r"state must be torch.float32 .*got torch.float64"):
+            module(torch.zeros(2, H), torch.zeros(2, D, dtype=torch.float64))
+    # The check keeps the world model out of the heads' own parameters.
+    assert len(list(mods["reward"].module.parameters())) == len(list(wm.reward_head.parameters()))
+
+
 def test_posterior_refuses_an_episode_start_flag_without_its_last_axis():
     wm = tiny_world_model("aef")
     posterior = world_model_modules(wm)["posterior"]
