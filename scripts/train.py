@@ -104,12 +104,15 @@ def resolve_cuda_graph(value, device: torch.device) -> dict:
 
 # Keys a resumed run may change: none touches the learning itself, so the resumed run still
 # follows the uninterrupted one (threads exactly up to float rounding: reductions may split
-# differently). Each with the smallest value it accepts, or bool for a switch.
+# differently; another device only as closely as its kernels agree, and CUDA's RNG state
+# carries over between CUDA devices only). Each with the smallest value it accepts, bool for a
+# switch, or str for a name that check_settings checks as a new run's (the device).
 RESUME_OVERRIDABLE = {
     "loop.total_frames": 1,
     "loop.checkpoint_every": 0,
     "threads": 0,
     "logger.eval_video": bool,
+    "device": str,
 }
 
 
@@ -199,8 +202,8 @@ def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
     """The configuration this run uses, its directory, and the checkpoint it resumes (if any).
 
     A resumed run takes its configuration from its checkpoint; only the keys of
-    ``RESUME_OVERRIDABLE`` (when to stop, how often to save, threads, the evaluation GIFs) may be
-    changed on the command line.
+    ``RESUME_OVERRIDABLE`` (when to stop, how often to save, threads, the evaluation GIFs, the
+    device) may be changed on the command line.
     """
     if cfg.resume is None:
         run_dir = new_run_dir(cfg)
@@ -266,7 +269,7 @@ def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
         if RESUME_OVERRIDABLE[key] is bool:
             if not isinstance(value, bool):
                 raise UserError(f"{key} must be true or false, got {value!r}")
-        else:
+        elif RESUME_OVERRIDABLE[key] is not str:
             check_whole_number(key, value, RESUME_OVERRIDABLE[key])
         section[name] = value
     return conf, run_dir, state

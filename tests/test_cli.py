@@ -148,12 +148,25 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, monkeypatch):
     _resume_interrupted_in_setup(monkeypatch, run_dir, f"loop.total_frames={frames + 100}")
     assert (run_dir / "run_config.yaml").read_text() == saved_config
 
+    # As if it had trained on a GPU: without one it resumes with device=cpu, and says so.
+    from aefrl.checkpoint import save_checkpoint
+
+    state = load_checkpoint(run_dir)
+    state["run_config"]["device"] = "cuda"
+    save_checkpoint(run_dir / "checkpoint.pt", state)
+    out = train(f"resume={run_dir}")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "device=cuda was asked for but CUDA is not available; use cpu" in out.stderr
+    out = train(f"resume={run_dir}", "device=gpu")
+    assert out.returncode == 2 and "device=gpu is not a device" in out.stderr, out.stderr
+
     out = train(
         f"resume={run_dir / 'checkpoint.pt'}",  # the run's checkpoint stands for its directory
         f"loop.total_frames={frames + 100}",
         "loop.checkpoint_every=7",
         "threads=1",
         "logger.eval_video=false",
+        "device=cpu",
         # the rest of the run's own command line, repeated: accepted
         *("exp=smoke", f"run_dir={run_dir}", "loop.eval_every=0", "loop.report_every=0"),
     )
@@ -164,6 +177,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, monkeypatch):
     assert state["run_config"]["loop"]["checkpoint_every"] == 7
     assert state["run_config"]["threads"] == 1
     assert state["run_config"]["logger"]["eval_video"] is False
+    assert state["run_config"]["device"] == "cpu"
     saved = OmegaConf.load(run_dir / "run_config.yaml")  # rewritten with the changed keys
     assert saved.loop.total_frames == frames + 100 and saved.threads == 1
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
