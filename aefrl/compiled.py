@@ -24,6 +24,10 @@ def compile_steps(world_model: nn.Module, *mlp_owners: nn.Module, **options) -> 
     critic, slow critic copy), in place. ``options`` go to ``torch.compile`` (default:
     ``dynamic=False``: the loops call each with one fixed shape)."""
     options = {"dynamic": False, **options}
+    # Every MLP owner's forward is one code object, compiled per owner, shape and grad mode
+    # (training, acting, imagination, reports): a tiny agent's first update, act and report
+    # already made 8 variants of it, dynamo's default limit, past which it runs eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     rssm = world_model.rssm
     rssm.filter_step = torch.compile(rssm.filter_step, **options)
     rssm.img_step = torch.compile(rssm.img_step, **options)

@@ -21,7 +21,6 @@ so the default is ``"none"``.
 from __future__ import annotations
 
 import contextlib
-from contextvars import ContextVar
 
 import torch
 
@@ -30,7 +29,11 @@ AUTOCAST_MODES = ("none", "bf16")
 #: Rows (samples) from which a trunk runs in the reduced precision.
 MIN_ROWS = 256
 
-_TRUNK_DTYPE: ContextVar[torch.dtype | None] = ContextVar("aefrl_trunk_dtype", default=None)
+# The trunks' dtype inside trunk_precision (None: unchanged). A module-level dict, not a
+# ContextVar: torch.compile cannot trace ContextVar.get, which broke every compiled RSSM step
+# into seven graphs (six graph breaks per step); a dict entry it reads and guards on. The
+# updates run on one thread, so nothing needs a per-thread or per-task value.
+_TRUNK = {"dtype": None}
 
 
 def check_autocast(mode) -> str:
@@ -43,18 +46,19 @@ def check_autocast(mode) -> str:
 @contextlib.contextmanager
 def trunk_precision(mode: str):
     """Within the body, :func:`run_trunk` runs trunks in bf16 (``mode="bf16"``) or unchanged."""
-    token = _TRUNK_DTYPE.set(torch.bfloat16 if check_autocast(mode) == "bf16" else None)
+    before = _TRUNK["dtype"]
+    _TRUNK["dtype"] = torch.bfloat16 if check_autocast(mode) == "bf16" else None
     try:
         yield
     finally:
-        _TRUNK_DTYPE.reset(token)
+        _TRUNK["dtype"] = before
 
 
 def run_trunk(forward, x: torch.Tensor, rows: int) -> torch.Tensor:
     """``forward(x)``; inside ``trunk_precision("bf16")`` and for at least :data:`MIN_ROWS`
     ``rows``, under bf16 autocast (without the weight cast cache, which a CUDA-graph capture
     cannot keep) with the result cast back to ``x``'s dtype."""
-    dtype = _TRUNK_DTYPE.get()
+    dtype = _TRUNK["dtype"]
     if dtype is None or rows < MIN_ROWS:
         return forward(x)
     with torch.autocast(x.device.type, dtype=dtype, cache_enabled=False):

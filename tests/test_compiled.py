@@ -37,6 +37,46 @@ def test_compiled_update_matches_eager_and_keeps_parameter_names(monkeypatch):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("mode", ["none", "bf16"])
+def test_the_compiled_steps_are_one_graph_each(mode):
+    """dynamo traces an RSSM step and an MLP whole: the trunks' precision, read from a
+    ContextVar, broke every step into seven graphs (six breaks), each run apart."""
+    import torch._dynamo as dynamo
+
+    from aefrl.nn import MLP
+    from aefrl.precision import trunk_precision
+    from tests.world_model.conftest import ACTIONS, random_batch, tiny_world_model
+
+    wm = tiny_world_model("aef")
+    state, action = wm.rssm.initial(4), torch.zeros(4, ACTIONS)
+    batch = random_batch(4, 2)
+    embed, coords = wm.obs_model.embed(wm.encode_pixels(batch["pixels"][:, 0])[0])
+    weights = wm.obs_model.posterior_weights()
+    projected = wm.obs_model.project_embed(embed, weights)
+    first = batch["is_first"][:, 0]
+    mlp = MLP(8, 4, 16, 2)
+    with trunk_precision(mode):
+        for fn, args in (
+            (wm.rssm.img_step, (state, action)),
+            (wm.rssm.filter_step, (state, action, projected, coords, first, None, weights)),
+            (mlp, (torch.randn(300, 8),)),  # above MIN_ROWS: bf16 in that mode
+        ):
+            explained = dynamo.explain(fn)(*args)
+            assert explained.graph_break_count == 0, explained.break_reasons
+            assert explained.graph_count == 1
+
+
+def test_compiling_raises_dynamos_recompile_limit(monkeypatch):
+    """The MLPs' shared forward is compiled per owner, shape and grad mode: more variants than
+    dynamo's default limit of 8, past which it would run eagerly without a word."""
+    from aefrl.compiled import compile_steps
+    from tests.world_model.conftest import tiny_world_model
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    compile_steps(tiny_world_model("aef"))
+    assert torch._dynamo.config.recompile_limit >= 64
+
+
 def test_planner_compiles_its_world_model_steps():
     from agents.planner import PlannerAgent
 
