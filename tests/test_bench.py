@@ -85,6 +85,12 @@ def test_toy_run_writes_every_key(bench, tmp_path):
     assert "### Work per update" in md and "GFLOP/s" in md
     sizes = ident["sizes"]  # the RSSM's MLPs as wide as the belief, recorded and shown
     assert sizes["rssm_hidden"] == sizes["deter"] and f"(its MLPs {sizes['deter']} wide)" in md
+    from aefrl.bench.report import markdown  # a GPU's memory is max allocated, not RSS
+
+    gpu_md = markdown({**result, "device": "cuda"})
+    assert "peak RSS MiB" in md and "peak RSS MiB" not in gpu_md
+    assert gpu_md.count("max allocated MiB") == md.count("peak RSS MiB")
+    assert "peak RSS of the process" not in gpu_md and "Peak RSS as above" not in gpu_md
 
 
 def test_only_e2e_writes_the_end_to_end_run_alone(bench, tmp_path):
@@ -219,3 +225,36 @@ def test_time_interleaved_rotates_and_measures_memory_in_a_round_of_its_own(monk
     log.clear()
     timing.time_interleaved(calls, torch.device("cpu"), reps=1, warmup=0, memory=False)
     assert "".join(log) == "abc"
+
+
+def test_a_gpu_profile_counts_each_kernel_once_under_its_operator_and_phase():
+    """On a GPU the profiler lists the CPU-side operators, whose self device time holds the
+    kernels they launched, and the kernels again as events of their own (no parent, so no
+    phase): the summary counted each kernel twice, its second copy as "forward"."""
+    from types import SimpleNamespace as Event
+
+    from torch.autograd import DeviceType
+
+    from aefrl.bench.timing import self_times
+
+    engine = Event(name="autograd::engine::evaluate_function: MmBackward0", cpu_parent=None)
+    ops = [
+        Event(name="aten::mm", cpu_parent=None, device_type=DeviceType.CPU,
+              self_device_time_total=30.0, self_cpu_time_total=5.0),
+        Event(name="aten::mm", cpu_parent=engine, device_type=DeviceType.CPU,
+              self_device_time_total=50.0, self_cpu_time_total=7.0),
+    ]  # fmt: skip
+    kernels = [
+        Event(name="sm90_xmma_gemm", cpu_parent=None, device_type=DeviceType.CUDA,
+              self_device_time_total=t, self_cpu_time_total=0.0)
+        for t in (30.0, 50.0)
+    ]  # fmt: skip
+    groups, phases, by_op = self_times(ops + kernels, cuda=True)
+    assert phases == {"forward": 30.0, "backward": 50.0, "optimizer": 0.0}
+    assert groups == {"matmul / linear": 80.0}
+    assert by_op == {
+        ("aten::mm", "forward"): [30.0, 1, "matmul / linear"],
+        ("aten::mm", "backward"): [50.0, 1, "matmul / linear"],
+    }
+    _, cpu_phases, _ = self_times(ops, cuda=False)  # the CPU clock: self CPU times
+    assert cpu_phases == {"forward": 5.0, "backward": 7.0, "optimizer": 0.0}

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.autograd import DeviceType
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 MIB = 2**20
@@ -208,6 +209,31 @@ def _phase_and_group(event) -> tuple[str, str]:
     return phase, group
 
 
+def self_times(events, cuda: bool) -> tuple[dict, dict, dict]:
+    """``(family -> µs, phase -> µs, (op, phase) -> [µs, calls, family])`` of profiler
+    ``events``: self CPU time, or on a GPU (``cuda``) the self device time of the CPU-side
+    operators. A GPU profile also lists the kernels as events of their own, whose time their
+    launching operator's self device time already holds (and which have no parent to give
+    their phase): counting them too counted every kernel twice."""
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    groups: dict[str, float] = {}
+    phases: dict[str, float] = dict.fromkeys(PHASES, 0.0)
+    ops: dict[tuple, list] = {}
+    for e in events:
+        if cuda and e.device_type != DeviceType.CPU:
+            continue
+        t = getattr(e, attr)
+        if t <= 0:
+            continue
+        phase, group = _phase_and_group(e)
+        groups[group] = groups.get(group, 0.0) + t
+        phases[phase] += t
+        rec = ops.setdefault((e.name, phase), [0.0, 0, group])
+        rec[0] += t
+        rec[1] += 1
+    return groups, phases, ops
+
+
 def profile_summary(fn: Callable[[], object], device: torch.device, top: int = 15) -> dict:
     """Run ``fn`` once under ``torch.profiler``; returns the total self time, the top ``top``
     operators by self time (CPU, or CUDA kernels on a GPU), the time per :data:`OP_GROUPS`
@@ -224,20 +250,7 @@ def profile_summary(fn: Callable[[], object], device: torch.device, top: int = 1
         fn()
         sync(device)
     wall = time.perf_counter() - start
-    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    groups: dict[str, float] = {}
-    phases: dict[str, float] = dict.fromkeys(PHASES, 0.0)
-    ops: dict[str, list] = {}
-    for e in prof.events():
-        t = getattr(e, attr)
-        if t <= 0:
-            continue
-        phase, group = _phase_and_group(e)
-        groups[group] = groups.get(group, 0.0) + t
-        phases[phase] += t
-        rec = ops.setdefault((e.name, phase), [0.0, 0, group])
-        rec[0] += t
-        rec[1] += 1
+    groups, phases, ops = self_times(prof.events(), device.type == "cuda")
     total = sum(groups.values()) or 1.0
     ranked = sorted(ops.items(), key=lambda kv: -kv[1][0])
 
