@@ -20,6 +20,7 @@ import torch
 import torchrl.modules.distributions.continuous as tanh_normal_module
 from tensordict import TensorDict
 
+from aefrl import precision
 from aefrl.bench.subjects import Sizes, ours_agent_kwargs, random_batch
 from aefrl.cuda_graph import CudaGraphed, _Snapshot, graph_train_step, make_capturable
 from agents.factory import build_agent
@@ -313,13 +314,18 @@ def test_warm_up_and_capture_run_on_the_batch_device(monkeypatch):
     # meta-device test cannot autocast), so the first GPU session runs them here.
     [("aef", "none", False), ("vae", "none", False), ("aef", "bf16", False), ("aef", "none", True)],
 )
-def test_graphed_update_matches_the_eager_update(kind, autocast, compile):
+def test_graphed_update_matches_the_eager_update(kind, autocast, compile, monkeypatch):
     """Same start, same batches: the warm-up leaves the weights as they were, and graph replays
     train like eager calls (losses agree up to sampling noise; parameters move alike)."""
     torch.manual_seed(0)
+    # This batch gives every trunk fewer rows than MIN_ROWS, which would keep them all float32.
+    monkeypatch.setattr(precision, "MIN_ROWS", 1)
     eager = small_agent(kind, autocast=autocast, compile=compile).cuda()
     graphed = small_agent(kind, autocast=autocast, compile=compile).cuda()
     graphed.load_state_dict(eager.state_dict())
+    dtypes = set()  # what the world model's first product ran in, while captured
+    first_linear = next(m for m in graphed.modules() if isinstance(m, torch.nn.Linear))
+    first_linear.register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
     batches = [random_batch(SIZES, seed=i, device="cuda") for i in range(20)]
     before = _agent_tensors(graphed)
     step = CudaGraphed(
@@ -344,6 +350,7 @@ def test_graphed_update_matches_the_eager_update(kind, autocast, compile):
         if (pe - p0).norm() > 1e-6
     ]
     assert 0.5 < sum(drift) / len(drift) < 2.0
+    assert dtypes == ({torch.bfloat16} if autocast == "bf16" else {torch.float32})
 
 
 def test_a_failed_capture_puts_back_stream_weights_and_optimiser_settings(monkeypatch):
