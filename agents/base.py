@@ -104,6 +104,12 @@ class WorldModelAgent(nn.Module):
             name: torch.optim.Adam(module.parameters(), lr=lr[name], eps=adam_eps)
             for name, module in groups.items()
         }
+        # How they step eagerly: a checkpoint taken while CUDA graphs ran holds the graph's
+        # settings (capturable, fused), which load_state_dict would otherwise adopt.
+        self._optimizer_flags = {
+            name: {k: opt.param_groups[0][k] for k in _OPTIMIZER_FLAGS}
+            for name, opt in self.optimizers.items()
+        }
 
     # --- acting ----------------------------------------------------------------------------------
     def initial_carry(self, num_envs: int) -> Carry:
@@ -169,4 +175,26 @@ class WorldModelAgent(nn.Module):
         result = super().load_state_dict(modules, strict=strict)
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
+            _restore_flags(opt, self._optimizer_flags[name])
         return result
+
+
+#: Adam's settings that CUDA-graph capture changes (aefrl.cuda_graph.make_capturable).
+_OPTIMIZER_FLAGS = ("capturable", "fused", "foreach")
+
+
+def _restore_flags(optimizer: torch.optim.Optimizer, flags: dict) -> None:
+    """Give every param group of ``optimizer`` the eager ``flags`` again, with the step counters
+    where torch keeps them for those: on the CPU unless capturable or fused (a device counter
+    would be read back with ``.item()`` at every eager step)."""
+    on_device = bool(flags.get("capturable") or flags.get("fused"))
+    for group in optimizer.param_groups:
+        group.update(flags)
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state and torch.is_tensor(state.get("step")):
+                step = state["step"]
+                if on_device:
+                    state["step"] = step.to(p.device, torch.float32)
+                else:
+                    state["step"] = step.to("cpu", torch.get_default_dtype())

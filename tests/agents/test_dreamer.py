@@ -340,3 +340,44 @@ def test_settings_that_would_silently_stop_learning_are_refused():
             DreamerAgent(OBS, ACTIONS, **cfg)
     with pytest.raises(ValueError, match=r"grad_clip\.model must be > 0"):
         PlannerAgent(OBS, ACTIONS, world_model=TINY["world_model"], grad_clip={"model": 0})
+
+
+def test_a_checkpoint_taken_under_cuda_graphs_loads_with_the_eager_optimiser_settings():
+    """Capture switches Adam to capturable fused steps with device step counters, and a
+    checkpoint taken then holds those settings; loading it adopted them, so a resume without
+    graphs (or on another device) stepped with the graph's settings. The agent's own come back,
+    with CPU step counters: it trains on exactly as the same checkpoint taken eagerly does."""
+    from aefrl.cuda_graph import make_capturable
+
+    torch.manual_seed(0)
+    saved = tiny_agent("aef")
+    saved.train_step(random_batch(3, 8))
+    eager_state = saved.state_dict()
+    eager_flags = {k: saved.optimizers["model"].param_groups[0][k] for k in ("capturable", "fused")}
+    for opt in saved.optimizers.values():
+        make_capturable(opt)  # what a capture leaves (on the CPU the fused kernel runs too)
+    state = saved.state_dict()
+    assert state["optimizers"]["model"]["param_groups"][0]["capturable"] is True
+    loaded, reference = tiny_agent("aef"), tiny_agent("aef")
+    loaded.load_state_dict(_through_bytes(state))  # as from a file: no tensor shared with
+    reference.load_state_dict(_through_bytes(eager_state))  # saved's live optimiser states
+    for opt in loaded.optimizers.values():
+        for group in opt.param_groups:
+            assert {k: group[k] for k in eager_flags} == eager_flags
+            for p in group["params"]:
+                assert opt.state[p]["step"].device.type == "cpu"
+    batch = random_batch(3, 8)
+    for agent in (loaded, reference):
+        torch.manual_seed(5)
+        agent.train_step(batch)
+    for a, b in zip(loaded.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _through_bytes(state: dict) -> dict:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
