@@ -73,6 +73,15 @@ def _refuse_host_data(monkeypatch) -> None:
 
     for name in ("tensor", "as_tensor"):
         monkeypatch.setattr(torch, name, refusing(name, getattr(torch, name)))
+    # torch.device(...) contexts recognise factories by a cached set of the functions: one
+    # filled in while the wrappers stand in would leave the real torch.tensor out of it after
+    # the test (later tests' torch.tensor(...) under torch.device("meta") stayed on the CPU).
+    # A fresh cache for the test; the original comes back with the rest.
+    device_module = torch.utils._device
+    constructors = device_module._device_constructors
+    monkeypatch.setattr(
+        device_module, "_device_constructors", functools.cache(constructors.__wrapped__)
+    )
 
 
 def test_the_host_data_check_catches_copies_to_the_device(monkeypatch):
