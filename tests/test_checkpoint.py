@@ -154,3 +154,16 @@ def test_contents_are_checked_against_this_versions_format_and_keys():
         check_contents(full | {"format": 99}, "ck.pt")
     check_contents({"format": CHECKPOINT_FORMAT, "run_config": {}, "agent": {}}, "ck.pt",
                    required=("run_config", "agent"))  # fmt: skip
+
+
+def test_cuda_rng_states_of_more_gpus_than_this_machine_has_restore_those_it_has(monkeypatch):
+    """A run saved on a 2-GPU machine resumed on a 1-GPU one: set_rng_state_all raised an
+    IndexError traceback for the second GPU. Each GPU this machine has gets its own state."""
+    restored, state = [], rng_state()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: restored.append((s, i)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", None)  # it must not be called
+    gpu0, gpu1 = torch.ByteTensor([0, 1]), torch.ByteTensor([2, 3])
+    set_rng_state({**state, "cuda": [gpu0, gpu1]})
+    assert restored == [(gpu0, 0)]
