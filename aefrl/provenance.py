@@ -36,7 +36,11 @@ def git_commit() -> str:
     package = Path(__file__).resolve().parent  # not the working directory: runs start anywhere
 
     def git(*args: str) -> str:
-        run = subprocess.run(["git", *args], capture_output=True, text=True, cwd=package)
+        # --no-optional-locks: status would take the index lock, which a commit running at
+        # the same time (a run started from a working checkout) then failed to take.
+        run = subprocess.run(
+            ["git", "--no-optional-locks", *args], capture_output=True, text=True, cwd=package
+        )
         if run.returncode != 0:
             raise OSError(run.stderr)
         return run.stdout.strip()
