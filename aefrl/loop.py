@@ -60,6 +60,10 @@ __all__ = ["CHECKPOINT_FORMAT", "LoopConfig", "Trainer"]
 PHASES = ("collect", "update", "eval", "report", "checkpoint")
 
 
+#: The slowest video frame rate our GIFs can hold (Pillow writes frames of at most 327.67 s).
+MIN_VIDEO_FPS = 0.004
+
+
 @dataclass
 class LoopConfig:
     """Schedule of a run; every ``*_every`` is in environment frames (0 disables)."""
@@ -98,9 +102,13 @@ class LoopConfig:
         for name in periods:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("train_ratio", "video_fps"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.train_ratio > 0:
+            raise ValueError(f"train_ratio must be > 0, got {self.train_ratio}")
+        if not self.video_fps >= MIN_VIDEO_FPS:  # a slower GIF crashed the first evaluation
+            raise ValueError(
+                f"video_fps must be >= {MIN_VIDEO_FPS} (a GIF frame lasts at most 327 s), "
+                f"got {self.video_fps}"
+            )
         if not isinstance(self.eval_video, bool):  # bool("false") would be True
             raise ValueError(f"eval_video must be true or false, got {self.eval_video!r}")
 
@@ -205,6 +213,9 @@ class Trainer:
         """Write the checkpoint; a second Ctrl-C during the write aborts once it is complete."""
         self._saving = True
         try:
+            # The logs up to this frame first: a resume purges the steps after its checkpoint
+            # and never writes the earlier ones again, so they must be on disk before it is.
+            self.logger.flush()
             self._write_checkpoint()
             self._saved_at = self.counters["frames"]
             if self._saved_config is not None and self._saved_config != self.run_config:

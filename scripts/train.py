@@ -104,15 +104,22 @@ def resolve_cuda_graph(value, device: torch.device) -> dict:
 
 # Keys a resumed run may change: none touches the learning itself, so the resumed run still
 # follows the uninterrupted one (threads exactly up to float rounding: reductions may split
-# differently; another device only as closely as its kernels agree, and CUDA's RNG state
-# carries over between CUDA devices only). Each with the smallest value it accepts, bool for a
-# switch, or str for a name that check_settings checks as a new run's (the device).
+# differently; another device or CUDA graphs on or off only as closely as their kernels
+# agree, and CUDA's RNG state carries over between CUDA devices only). Each with the smallest
+# value it accepts, bool for a switch, or None where check_settings checks the value as it
+# checks a new run's (the device; loop.cuda_graph, which a GPU run moved to the CPU must turn
+# off when it was true).
+#: What a run writes in its directory besides its checkpoint and lock: its configuration, logs,
+#: records, the replay's files (``replay.storage=disk``) and a checkpoint write cut short.
+RUN_FILES = (RUN_CONFIG, "tb", RUN_RECORDS, "replay", f".{CHECKPOINT_NAME}.tmp")
+
 RESUME_OVERRIDABLE = {
     "loop.total_frames": 1,
     "loop.checkpoint_every": 0,
     "threads": 0,
     "logger.eval_video": bool,
-    "device": str,
+    "device": None,
+    "loop.cuda_graph": None,
 }
 
 
@@ -203,7 +210,7 @@ def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
 
     A resumed run takes its configuration from its checkpoint; only the keys of
     ``RESUME_OVERRIDABLE`` (when to stop, how often to save, threads, the evaluation GIFs, the
-    device) may be changed on the command line.
+    device and CUDA graphs) may be changed on the command line.
     """
     if cfg.resume is None:
         run_dir = new_run_dir(cfg)
@@ -219,7 +226,7 @@ def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
                 f"run_dir {run_dir} already holds a run ({CHECKPOINT_NAME}); continue it with "
                 f"resume={run_dir}, or choose another run_dir"
             )
-        leftovers = [name for name in (RUN_CONFIG, "tb", RUN_RECORDS) if (run_dir / name).exists()]
+        leftovers = [name for name in RUN_FILES if (run_dir / name).exists()]
         if leftovers:  # a run that stopped before its first checkpoint: its logs would mix in
             raise UserError(
                 f"run_dir {run_dir} holds an earlier run's {' and '.join(leftovers)} but no "
@@ -269,7 +276,7 @@ def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
         if RESUME_OVERRIDABLE[key] is bool:
             if not isinstance(value, bool):
                 raise UserError(f"{key} must be true or false, got {value!r}")
-        elif RESUME_OVERRIDABLE[key] is not str:
+        elif RESUME_OVERRIDABLE[key] is not None:
             check_whole_number(key, value, RESUME_OVERRIDABLE[key])
         section[name] = value
     return conf, run_dir, state
@@ -369,7 +376,7 @@ def discard_unstarted_run(run_dir: Path) -> None:
     directory."""
     if (run_dir / CHECKPOINT_NAME).exists():
         return
-    removed = [n for n in (RUN_CONFIG, "tb", "replay", RUN_RECORDS) if (run_dir / n).exists()]
+    removed = [n for n in RUN_FILES if (run_dir / n).exists()]
     for name in removed:
         path = run_dir / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -659,6 +666,20 @@ def network_sizes(conf: dict) -> str:
     return ", ".join(sizes) + " or obs_model.latent_dim"
 
 
+def check_disk_replay(storage: str, replay_state: dict, run_dir: Path) -> None:
+    """A resumed run's disk replay lives in ``run_dir/replay``, not in its checkpoint: refuse,
+    before anything is written, a run directory copied or moved without it (the replay found
+    out only after the run had appended its records and opened a new log)."""
+    if storage != "disk" or int(replay_state.get("steps", 0)) == 0:
+        return
+    if not any((run_dir / "replay").glob("*.memmap")):
+        raise UserError(
+            f"cannot resume {run_dir}: its replay (replay.storage=disk) is kept in "
+            f"{run_dir / 'replay'}, not in {CHECKPOINT_NAME}, and is missing there; copy the "
+            "run's replay folder back with it"
+        )
+
+
 def device_memory(device: torch.device) -> tuple[str, int]:
     """``(what to call it, bytes)`` of the memory tensors on ``device`` live in."""
     if device.type == "cuda":
@@ -681,6 +702,7 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
     checked = check_settings(conf, updates_done)
     if resume_state is not None:  # before anything is written
         check_weights(checked.agent, resume_state["agent"], run_dir / CHECKPOINT_NAME)
+        check_disk_replay(checked.storage, resume_state["replay"], run_dir)
     if checked.threads:
         torch.set_num_threads(checked.threads)
     tune_malloc()  # CPU updates otherwise re-fault their working set every time (allocator.py)

@@ -148,15 +148,20 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, monkeypatch):
     _resume_interrupted_in_setup(monkeypatch, run_dir, f"loop.total_frames={frames + 100}")
     assert (run_dir / "run_config.yaml").read_text() == saved_config
 
-    # As if it had trained on a GPU: without one it resumes with device=cpu, and says so.
+    # As if it had trained on a GPU with CUDA graphs: without one it resumes with device=cpu
+    # and graphs off (auto), and says so.
     from aefrl.checkpoint import save_checkpoint
 
     state = load_checkpoint(run_dir)
     state["run_config"]["device"] = "cuda"
+    state["run_config"]["loop"]["cuda_graph"] = True
     save_checkpoint(run_dir / "checkpoint.pt", state)
     out = train(f"resume={run_dir}")
     assert out.returncode == 2, out.stderr[-2000:]
     assert "device=cuda was asked for but CUDA is not available; use cpu" in out.stderr
+    out = train(f"resume={run_dir}", "device=cpu")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "loop.cuda_graph=true needs a CUDA device, but device is cpu" in out.stderr
     out = train(f"resume={run_dir}", "device=gpu")
     assert out.returncode == 2 and "device=gpu is not a device" in out.stderr, out.stderr
 
@@ -167,6 +172,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, monkeypatch):
         "threads=1",
         "logger.eval_video=false",
         "device=cpu",
+        "loop.cuda_graph=auto",
         # the rest of the run's own command line, repeated: accepted
         *("exp=smoke", f"run_dir={run_dir}", "loop.eval_every=0", "loop.report_every=0"),
     )
@@ -178,6 +184,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, monkeypatch):
     assert state["run_config"]["threads"] == 1
     assert state["run_config"]["logger"]["eval_video"] is False
     assert state["run_config"]["device"] == "cpu"
+    assert state["run_config"]["loop"]["cuda_graph"] == "auto"
     saved = OmegaConf.load(run_dir / "run_config.yaml")  # rewritten with the changed keys
     assert saved.loop.total_frames == frames + 100 and saved.threads == 1
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -280,7 +287,7 @@ def test_a_sweep_checks_every_jobs_values_before_the_first_trains(args, message,
         (["loop.total_frames=abc"], "loop.total_frames takes a number"),
         (["loop.total_frame=100"], "did you mean loop.total_frames?"),
         # checked in setup, before they crashed the first report or silently went wrong
-        (["logger.video_fps=0"], "logger.video_fps must be > 0, got 0"),
+        (["logger.video_fps=0.001"], "logger.video_fps must be >= 0.004 (a GIF frame lasts"),
         (["logger.eval_video=maybe"], "logger.eval_video takes true or false"),
         (["threads=1.5"], "threads must be a whole number >= 0"),
         (["replay.batch_size=2.5"], "replay.batch_size must be a whole number, got 2.5"),
@@ -407,6 +414,14 @@ def test_a_run_dir_with_an_earlier_runs_logs_but_no_checkpoint_is_refused(tmp_pa
     assert script.run_configuration(cfg)[1] == tmp_path  # an empty directory is fine
     (tmp_path / "tb").mkdir()
     with pytest.raises(script.UserError, match="holds an earlier run's tb but no checkpoint"):
+        script.run_configuration(cfg)
+    # A disk replay's files alone (a run killed before its first checkpoint, its logs deleted
+    # as the message said): the new run's replay refused them with a traceback in its loop.
+    (tmp_path / "tb").rmdir()
+    (tmp_path / "replay").mkdir()
+    (tmp_path / ".checkpoint.pt.tmp").write_bytes(b"")  # a first save cut short
+    message = "holds an earlier run's replay and .checkpoint.pt.tmp but no checkpoint"
+    with pytest.raises(script.UserError, match=re.escape(message)):
         script.run_configuration(cfg)
 
 
@@ -892,3 +907,19 @@ def test_a_checkpoint_without_its_own_configurations_networks_is_refused(tmp_pat
     for broken in (None, {"modules": 5}):  # not a module dict at all: one sentence too
         with pytest.raises(script.CheckpointError, match="is missing there"):
             script.check_weights(agent, broken, tmp_path / "checkpoint.pt")
+
+
+def test_a_resume_without_its_disk_replay_is_refused_before_anything_is_written(tmp_path):
+    """A run directory copied without its multi-GB replay/ folder: the replay found out only
+    after the resume had appended its provenance record and opened a new event file, in words
+    meant for the Python API ("pass that directory as path")."""
+    script = _train_script()
+    state = {"steps": 120}
+    with pytest.raises(script.UserError, match=r"its replay \(replay.storage=disk\) is kept in"):
+        script.check_disk_replay("disk", state, tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    (tmp_path / "replay").mkdir()
+    (tmp_path / "replay" / "pixels.memmap").write_bytes(b"")
+    script.check_disk_replay("disk", state, tmp_path)
+    script.check_disk_replay("memory", state, tmp_path / "elsewhere")  # in the checkpoint
+    script.check_disk_replay("disk", {"steps": 0}, tmp_path / "elsewhere")  # nothing stored yet

@@ -311,8 +311,10 @@ def test_loop_config_refuses_what_would_crash_at_the_first_report():
         LoopConfig(eval_video="no")
     with pytest.raises(ValueError, match="report_samples must be >= 1, got 0"):
         LoopConfig(report_samples=0)
-    with pytest.raises(ValueError, match="video_fps must be > 0, got 0"):
-        LoopConfig(video_fps=0)
+    for fps in (0, 0.001):  # GIF frames last at most 327 s: 0.001 crashed the first eval
+        with pytest.raises(ValueError, match=rf"video_fps must be >= 0.004 .*got {fps}"):
+            LoopConfig(video_fps=fps)
+    LoopConfig(video_fps=0.004)
 
 
 def test_with_logging_off_update_metrics_are_not_kept(tmp_path):
@@ -736,8 +738,9 @@ def test_a_signal_during_an_evaluation_stops_it_and_leaves_it_and_the_report_to_
     saved = load_checkpoint(tmp_path / "part")
     assert saved["counters"]["frames"] == stopped_at and saved["heldout"] is None
     assert saved["schedules"] == {"eval": 0, "report": 0}  # both still due
-    tags = EventAccumulator(str(tmp_path / "part")).Reload().Tags()["scalars"]
-    assert not [t for t in tags if t.startswith(("eval/", "heldout/"))]
+    # (the event files are under tb/: read at the run directory, the tags were always empty)
+    tags = EventAccumulator(str(tmp_path / "part" / "tb")).Reload().Tags()["scalars"]
+    assert tags and not [t for t in tags if t.startswith(("eval/", "heldout/"))]
 
     resumed = build(tmp_path / "part", seed=5)
     resumed.load()
@@ -931,3 +934,16 @@ def test_a_second_sigterm_aborts_with_its_own_signal(tmp_path):
         trainer._on_signal(signal.SIGTERM, None)
     assert info.value.signum == signal.SIGTERM
     trainer.logger.close()
+
+
+def test_the_logs_are_flushed_before_the_checkpoint_is_written(tmp_path):
+    """A resume purges the steps after its checkpoint and never logs the earlier ones again:
+    events still in the writer's buffer when the checkpoint landed were lost to a crash."""
+    trainer = build(tmp_path)
+    order = []
+    flush, write = trainer.logger.flush, trainer._write_checkpoint
+    trainer.logger.flush = lambda: order.append("flush") or flush()
+    trainer._write_checkpoint = lambda: order.append("checkpoint") or write()
+    trainer.save()
+    trainer.env.close()
+    assert order[:2] == ["flush", "checkpoint"]
