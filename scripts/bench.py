@@ -157,10 +157,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--task", default="walker-walk", help="DMC task of the end-to-end run")
     p.add_argument("--skip-e2e", action="store_true", help="no end-to-end run (no GL needed)")
     p.add_argument(
+        "--skip-e2e-torchrl",
+        action="store_true",
+        help="end to end: ours only, not torchrl's Dreamer loop "
+        "(aefrl/bench/torchrl_end_to_end.py)",
+    )
+    p.add_argument(
         "--only-e2e",
         action="store_true",
-        help="only the end-to-end run (ours, aef, identical sizes); JSON only, default --out "
-        "docs/results/e2e_<device>.json",
+        help="only the end-to-end runs (ours, aef, and torchrl's, identical sizes); JSON "
+        "only, default --out docs/results/e2e_<device>.json",
     )
     p.add_argument("--collect", action="store_true", help="rerun scripts/bench_collect.py")
     p.add_argument("--out", type=Path, help="JSON path (the .md goes next to it)")
@@ -227,6 +233,7 @@ class Plan:
     default_reps: int
     default_warmup: int
     e2e_steps: int  # timed agent steps of the end-to-end loop
+    e2e_train_ratio: float = 512.0  # the issue's; the toy plan's loops train at 16
 
 
 def plan(quick: bool) -> Plan:
@@ -253,7 +260,7 @@ def toy_plan() -> Plan:
     return Plan(
         toy, toy.with_batch(2, 5), reps=1, warmup=0, vae_full_update=True, conv_detail=True,
         scaling=((3, 4),), image_sizes=(32,), scaling_reps=1, scaling_warmup=0, default_reps=1,
-        default_warmup=0, e2e_steps=2,
+        default_warmup=0, e2e_steps=2, e2e_train_ratio=16.0,
     )  # fmt: skip
 
 
@@ -572,11 +579,40 @@ def measure_end_to_end(args) -> dict:
         seq=s.seq,
         prefill=(s.seq + 4) * args.num_envs,
         steps=args.e2e_steps or args.plan.e2e_steps,
+        train_ratio=args.plan.e2e_train_ratio,
         device=args.device,
         num_envs=args.num_envs,
         cuda_graph=args.graph,
         replay_storage=args.replay_storage,
     )
+
+
+def measure_end_to_end_torchrl(args) -> dict | None:
+    """torchrl's Dreamer (its env pipeline, collector, replay buffer and policy around the
+    peer's update) at identical sizes, as :func:`measure_end_to_end` runs ours; None with
+    ``--skip-e2e-torchrl``."""
+    if args.skip_e2e_torchrl:
+        return None
+    from aefrl.bench.torchrl_end_to_end import torchrl_agent_steps_per_second
+
+    log("end-to-end loop: torchrl")
+    torch.manual_seed(0)
+    s = args.plan.identical
+    return torchrl_agent_steps_per_second(
+        s,
+        task=args.task,
+        prefill=s.seq + 4,
+        steps=args.e2e_steps or args.plan.e2e_steps,
+        train_ratio=args.plan.e2e_train_ratio,
+        device=args.device,
+    )
+
+
+def e2e_speedup(ours: dict | None, theirs: dict | None) -> float | None:
+    """Our end-to-end agent steps/s over torchrl's (None where either did not run)."""
+    if not ours or not theirs:
+        return None
+    return round(ours["agent_steps_per_s"] / theirs["agent_steps_per_s"], 3)
 
 
 def collection_summary(args) -> dict | None:
@@ -686,6 +722,10 @@ def main(argv=None) -> dict:
     log(f"start: {result['command']}")
     if args.only_e2e:
         result["end_to_end"] = measure_end_to_end(args)
+        result["end_to_end_torchrl"] = measure_end_to_end_torchrl(args)
+        result["e2e_speedup_vs_torchrl"] = e2e_speedup(
+            result["end_to_end"], result["end_to_end_torchrl"]
+        )
         result["load_average"]["end"] = load_average()
         result["wall_s"] = round(time.time() - t0, 1)
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -693,7 +733,8 @@ def main(argv=None) -> dict:
         e = result["end_to_end"]
         log(
             f"done: {e['agent_steps_per_s']} agent steps/s ({e['timed_agent_steps']} steps, "
-            f"{e['updates_in_timed_steps']} updates, {e['seconds']} s) -> {args.out}"
+            f"{e['updates_in_timed_steps']} updates, {e['seconds']} s); ours / torchrl "
+            f"{result['e2e_speedup_vs_torchrl']} -> {args.out}"
         )
         return result
     kinds = ["aef", "vae", "aef_v1"] + (["aef_partition"] if args.partition else [])
@@ -708,10 +749,14 @@ def main(argv=None) -> dict:
     del subjects  # the end-to-end run and the image sides build their own
     result["image_scaling"] = measure_image_scaling(args, ident)
     if args.skip_e2e:
-        result["end_to_end"] = None
+        result["end_to_end"] = result["end_to_end_torchrl"] = None
     else:
         log("end-to-end loop")
         result["end_to_end"] = measure_end_to_end(args)
+        result["end_to_end_torchrl"] = measure_end_to_end_torchrl(args)
+    result["e2e_speedup_vs_torchrl"] = e2e_speedup(
+        result["end_to_end"], result["end_to_end_torchrl"]
+    )
     result["default_sizes"] = measure_default_sizes(args)
     result["collection"] = collection_summary(args)
     result["architecture_notes"] = ARCHITECTURE_NOTES

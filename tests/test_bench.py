@@ -28,6 +28,8 @@ TOP_LEVEL = (
     "image_scaling",
     "default_sizes",
     "end_to_end",
+    "end_to_end_torchrl",
+    "e2e_speedup_vs_torchrl",
 )
 
 
@@ -97,10 +99,20 @@ def test_only_e2e_writes_the_end_to_end_run_alone(bench, tmp_path):
     out = tmp_path / "e2e.json"
     bench.main(["--toy", "--only-e2e", "--task", "cartpole-swingup", "--out", str(out)])
     result = json.loads(out.read_text())
-    e = result["end_to_end"]
+    e, t = result["end_to_end"], result["end_to_end_torchrl"]
     assert e["task"] == "cartpole-swingup" and e["agent_steps_per_s"] > 0
     assert e["timed_agent_steps"] >= 2 and e["updates_in_timed_steps"] >= 1
     assert "identical_sizes" not in result and result["machine"]["OMP_WAIT_POLICY"]
+    # torchrl's Dreamer loop at the same sizes, ratio and task, and ours over it
+    assert t["impl"] == "torchrl" and t["task"] == "cartpole-swingup"
+    assert (t["train_ratio"], t["batch"]) == (e["train_ratio"], e["batch"])
+    assert t["timed_agent_steps"] >= 2 and t["updates_in_timed_steps"] >= 1
+    speedup = e["agent_steps_per_s"] / t["agent_steps_per_s"]
+    assert result["e2e_speedup_vs_torchrl"] == pytest.approx(speedup, rel=1e-3, abs=1e-3)
+    from aefrl.bench.report import _e2e
+
+    lines = _e2e(result)
+    assert "torchrl's Dreamer" in lines[-1] and str(t["agent_steps_per_s"]) in lines[-1]
 
 
 def test_only_e2e_is_refused_with_skip_e2e(bench, capsys):

@@ -32,3 +32,35 @@ def test_two_envs_device_replay_and_graph_fallback_run_the_loop(capsys):
     assert "cuda_graph: capturing the update failed" in capsys.readouterr().err
     # The result says what ran (the report must not claim graphed updates after a fallback).
     assert out["cuda_graph_requested"] and not out["cuda_graph"]
+
+
+def test_torchrls_loop_trains_at_the_ratio_on_its_replays_float_windows(monkeypatch):
+    """torchrl's Dreamer end to end (aefrl/bench/torchrl_end_to_end.py) at toy sizes: after the
+    prefill every collected batch of 2 agent steps earns train_ratio / (B·T) · 2 = 4 updates,
+    each on a [B, T] sample of its replay buffer with float pixels in [0, 1] (converted from
+    the stored uint8 at sample time) and the actions its policy took, inside [-1, 1]."""
+    from aefrl.bench.subjects import Sizes
+    from aefrl.bench.torchrl_end_to_end import torchrl_agent_steps_per_second
+    from aefrl.bench.torchrl_peer import TorchrlDreamer
+
+    seen = []
+    update = TorchrlDreamer.full_update_sampled
+
+    def recording(self, td):
+        pixels = td["next", "pixels"]
+        seen.append((tuple(td.shape), pixels.dtype, float(pixels.min()), float(pixels.max()),
+                     float(td["action"].abs().max())))  # fmt: skip
+        return update(self, td)
+
+    monkeypatch.setattr(TorchrlDreamer, "full_update_sampled", recording)
+    torch.manual_seed(0)
+    toy = Sizes(latent=3, deter=8, hidden=16, depth=4, batch=2, seq=4, horizon=3)
+    out = torchrl_agent_steps_per_second(
+        toy, task="cartpole-swingup", train_ratio=16, prefill=8, steps=4, frames_per_batch=2
+    )
+    assert out["timed_agent_steps"] == 4 and out["updates_in_timed_steps"] == 8
+    assert out["agent_steps_per_s"] > 0 and out["impl"] == "torchrl"
+    assert len(seen) == 4 + 8  # the untimed first training batch, then the timed ones
+    for shape, dtype, low, high, action in seen:
+        assert shape == (2, 4) and dtype == torch.float32
+        assert 0.0 <= low < high <= 1.0 and action <= 1.0

@@ -401,6 +401,25 @@ def _e2e(r: dict) -> list[str]:
         f"{e['prefill_steps']} prefill steps: **{e['agent_steps_per_s']} agent steps/s** "
         f"({e['env_frames_per_s']} env frames/s; {e['timed_agent_steps']} agent steps with "
         f"{e['updates_in_timed_steps']} full updates in {e['seconds']} s).",
+        *_e2e_torchrl(r),
+    ]
+
+
+def _e2e_torchrl(r: dict) -> list[str]:
+    t = r.get("end_to_end_torchrl")
+    if not t:  # --skip-e2e-torchrl, or results from before it was measured
+        return ["", "torchrl's Dreamer loop: not run."]
+    return [
+        "",
+        f"torchrl's Dreamer (its env pipeline, collector, replay buffer and acting policy around "
+        f"the same update as the headline's; `aefrl/bench/torchrl_end_to_end.py`) on "
+        f"{t['task']} ({t['render']}), train ratio {t['train_ratio']:g} at batch {t['batch']}, "
+        f"after {t['prefill_steps']} prefill steps, collecting {t['frames_per_batch']} agent "
+        f"steps between trainings: **{t['agent_steps_per_s']} agent steps/s** "
+        f"({t['timed_agent_steps']} agent steps with {t['updates_in_timed_steps']} full updates "
+        f"in {t['seconds']} s). **End-to-end speedup (ours / torchrl): "
+        f"{r['e2e_speedup_vs_torchrl']}** (the two loops ran one after the other, not "
+        "interleaved).",
     ]
 
 

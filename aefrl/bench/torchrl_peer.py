@@ -149,6 +149,7 @@ class TorchrlDreamer:
             activation_class=nn.ELU,
             device=device,
         )
+        self.actor_module = actor_module  # also the acting policy's (torchrl_end_to_end)
         self.actor = self._actor_sim(actor_module)
         self.value_model = ProbabilisticTensorDictSequential(
             TensorDictModule(
@@ -320,9 +321,10 @@ class TorchrlDreamer:
         nn.utils.clip_grad_norm_(self.groups[name].parameters(), GRAD_CLIP)
         opt.step()
 
-    def _wm(self, td: TensorDict) -> TensorDict:
-        td = td.copy()
-        td.set(("next", "pixels"), td.get(("next", "pixels")).float().div(255))
+    def _wm(self, td: TensorDict, uint8_pixels: bool = True) -> TensorDict:
+        if uint8_pixels:
+            td = td.copy()
+            td.set(("next", "pixels"), td.get(("next", "pixels")).float().div(255))
         loss_td, sampled = self.wm_loss(td)
         loss = loss_td["loss_model_kl"] + loss_td["loss_model_reco"] + loss_td["loss_model_reward"]
         self._step("world_model", loss.squeeze())
@@ -331,12 +333,17 @@ class TorchrlDreamer:
     def wm_update(self, td: TensorDict) -> None:
         self._wm(td)
 
-    def full_update(self, td: TensorDict) -> None:
-        sampled = self._wm(td)
+    def full_update(self, td: TensorDict, uint8_pixels: bool = True) -> None:
+        sampled = self._wm(td, uint8_pixels)
         actor_td, fake = self.actor_loss(sampled.reshape(-1))
         self._step("actor", actor_td["loss_actor"])
         value_td, _ = self.value_loss(fake)
         self._step("value", value_td["loss_value"])
+
+    def full_update_sampled(self, td: TensorDict) -> None:
+        """:meth:`full_update` on a ``[B, T]`` sample of torchrl's replay buffer, whose pixels
+        are floats in [0, 1] already (its ``ToTensorImage`` at sample time)."""
+        self.full_update(td, uint8_pixels=False)
 
     @torch.no_grad()
     def imagination_start(self, td: TensorDict) -> TensorDict:
