@@ -36,7 +36,8 @@ ALIGN_ROWS = 256
 class Linear(nn.Linear):
     """``nn.Linear`` that runs feature counts that are not a multiple of :data:`ALIGN` zero-padded.
 
-    On the CPU a product whose result has a column count that is not a multiple of 8 runs at
+    On the CPU (and only there: other devices run it as ``nn.Linear``) a product whose result
+    has a column count that is not a multiple of 8 runs at
     ~60 % of the rate of the next multiple (MKL: ``[12000, 400] @ [400, 255]`` 25 ms against
     15 ms for 256 columns; docs/benchmarks.md, finding 12). In the update that is the 255-bin
     two-hot output layers, and, in the actor's backward, the input gradient of every head that
@@ -52,7 +53,9 @@ class Linear(nn.Linear):
         out_pad = -self.out_features % ALIGN
         grad_in = torch.is_grad_enabled() and x.requires_grad
         in_pad = -self.in_features % ALIGN if grad_in else 0
-        if not (out_pad or in_pad) or x.numel() < ALIGN_ROWS * self.in_features:
+        small = x.numel() < ALIGN_ROWS * self.in_features
+        # MKL's rates (measured on the CPU only); elsewhere the pads would be copies for nothing
+        if not (out_pad or in_pad) or small or x.device.type != "cpu":
             return F.linear(x, self.weight, self.bias)
         weight = F.pad(self.weight, (0, in_pad, 0, out_pad))
         bias = None if self.bias is None else F.pad(self.bias, (0, out_pad))

@@ -113,4 +113,5 @@ def test_aligned_linear_pads_only_what_pays():
         with torch.no_grad():
             lin(torch.randn(ALIGN_ROWS, 230, requires_grad=True))
         Linear(256, 64)(torch.randn(ALIGN_ROWS, 256, requires_grad=True))
-    assert mode.shapes == [(255, 230), (256, 230), (256, 232), (256, 230), (64, 256)]
+        Linear(230, 255, device="meta")(torch.randn(ALIGN_ROWS, 230, device="meta"))  # not CPU
+    assert mode.shapes == [(255, 230), (256, 230), (256, 232), (256, 230), (64, 256), (255, 230)]
