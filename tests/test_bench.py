@@ -157,6 +157,13 @@ def test_gpu_matrix_refuses_to_run_without_cuda(tmp_path):
     )
     assert out.returncode == 2 and "no CUDA device" in out.stderr
     assert not list(tmp_path.glob("*.json"))
+    out = subprocess.run(  # a stage it does not have, before anything runs
+        ["bash", str(root / "scripts/bench_gpu.sh"), str(tmp_path), "everything"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "stage must be quick or full, got everything" in out.stderr
 
 
 def test_call_flops_counts_a_linear_layer_forward_and_backward():
