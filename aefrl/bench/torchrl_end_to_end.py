@@ -36,7 +36,7 @@ import torch
 
 from aefrl.bench.subjects import Sizes
 from aefrl.bench.timing import sync
-from aefrl.bench.torchrl_peer import TorchrlDreamer
+from aefrl.bench.torchrl_peer import TorchrlDreamer, actor_head
 
 #: torchrl's Dreamer exploration noise (its ``networks.exploration_noise``).
 EXPLORATION_STD = 0.3
@@ -86,38 +86,14 @@ def torchrl_env(task: str, sizes: Sizes, action_repeat: int, seed: int):
 def torchrl_policy(peer: TorchrlDreamer, action_spec):
     """``_dreamer_make_actor_real`` over the peer's networks, with its exploration noise."""
     from tensordict.nn import InteractionType, TensorDictSequential
-    from torchrl.data import Composite, Unbounded
-    from torchrl.modules import (
-        AdditiveGaussianModule,
-        SafeModule,
-        SafeProbabilisticModule,
-        SafeProbabilisticTensorDictSequential,
-        SafeSequential,
-        TanhNormal,
-    )
+    from torchrl.modules import AdditiveGaussianModule, SafeModule, SafeSequential
 
-    shape = action_spec.shape
     real = SafeSequential(
         SafeModule(peer.encoder, in_keys=["pixels"], out_keys=["encoded_latents"]),
         SafeModule(
             peer.rssm_posterior, in_keys=["belief", "encoded_latents"], out_keys=["_", "_", "state"]
         ),
-        SafeProbabilisticTensorDictSequential(
-            SafeModule(
-                peer.actor_module,
-                in_keys=["state", "belief"],
-                out_keys=["loc", "scale"],
-                spec=Composite(loc=Unbounded(shape), scale=Unbounded(shape)),
-            ),
-            SafeProbabilisticModule(
-                in_keys=["loc", "scale"],
-                out_keys=["action"],
-                default_interaction_type=InteractionType.DETERMINISTIC,
-                distribution_class=TanhNormal,
-                distribution_kwargs={"tanh_loc": True},
-                spec=Composite(action=action_spec),
-            ),
-        ),
+        actor_head(peer.actor_module, action_spec, InteractionType.DETERMINISTIC),
         SafeModule(
             peer.rssm_prior,
             in_keys=["state", "belief", "action"],

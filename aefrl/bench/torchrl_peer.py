@@ -109,6 +109,31 @@ def _elu_mlp(sizes: Sizes, depth: int, device) -> MLP:
     )
 
 
+def actor_head(actor_module: DreamerActor, action_spec, interaction: InteractionType):
+    """``(state, belief) -> action``: the ``DreamerActor``'s TanhNormal, as dreamer_utils
+    builds it for imagination (``InteractionType.RANDOM``) and for acting (``DETERMINISTIC``,
+    before the exploration noise)."""
+    shape, device = action_spec.shape, action_spec.device
+    return SafeProbabilisticTensorDictSequential(
+        SafeModule(
+            actor_module,
+            in_keys=["state", "belief"],
+            out_keys=["loc", "scale"],
+            spec=Composite(
+                loc=Unbounded(shape, device=device), scale=Unbounded(shape, device=device)
+            ),
+        ),
+        SafeProbabilisticModule(
+            in_keys=["loc", "scale"],
+            out_keys=["action"],
+            default_interaction_type=interaction,
+            distribution_class=TanhNormal,
+            distribution_kwargs={"tanh_loc": True},
+            spec=Composite(action=action_spec),
+        ),
+    )
+
+
 class TorchrlDreamer:
     """torchrl's DreamerV1 update at ``sizes`` (see the module docstring)."""
 
@@ -273,26 +298,8 @@ class TorchrlDreamer:
         return env.to(self.device)
 
     def _actor_sim(self, actor_module: DreamerActor):
-        action_spec = self.model_based_env.action_spec_unbatched
-        return SafeProbabilisticTensorDictSequential(
-            SafeModule(
-                actor_module,
-                in_keys=["state", "belief"],
-                out_keys=["loc", "scale"],
-                spec=Composite(
-                    loc=Unbounded(action_spec.shape, device=action_spec.device),
-                    scale=Unbounded(action_spec.shape, device=action_spec.device),
-                ),
-            ),
-            SafeProbabilisticModule(
-                in_keys=["loc", "scale"],
-                out_keys=["action"],
-                default_interaction_type=InteractionType.RANDOM,
-                distribution_class=TanhNormal,
-                distribution_kwargs={"tanh_loc": True},
-                spec=Composite(action=action_spec),
-            ),
-        )
+        spec = self.model_based_env.action_spec_unbatched
+        return actor_head(actor_module, spec, InteractionType.RANDOM)
 
     # --- the subject interface --------------------------------------------------------------------
     def prepare(self, batch: TensorDict) -> TensorDict:
