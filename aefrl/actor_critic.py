@@ -247,11 +247,17 @@ def imagine(
     bound is zero, as the environment's is. The log-probability stays the unclipped sample's.
 
     ``noise``: the standard-normal draws ``(actions [N, K, A], states [N, K, d])`` of the
-    actions' and the prior states' samples (drawn when omitted: deterministic tests).
+    actions' and the prior states' samples, for deterministic tests (drawn when omitted).
 
     Returns ``(states [N, K+1, ...], actions [N, K, A], log_probs [N, K])``: action k (as the
     dynamics took it) is taken in state k and leads to state k + 1.
     """
+    if noise is not None:
+        n = start.h.shape[0]
+        shapes = ((n, horizon, rssm.action_dim), (n, horizon, start.z.shape[-1]))
+        got = tuple(tuple(x.shape) for x in noise)
+        if got != shapes:
+            raise ValueError(f"noise must be shaped {shapes} (actions, states), got {got}")
     hs, zs, actions, log_probs = [start.h], [start.z], [], []
     state = start
     clip = actor.dist == "bounded_normal"  # a tanh-normal's samples are inside already

@@ -32,7 +32,8 @@ from torch import nn
 Update = Callable[[TensorDictBase], dict[str, torch.Tensor]]
 
 
-_GROUP_FLAGS = ("capturable", "fused", "foreach")
+#: The param-group settings of an optimiser that capture changes (and loading restores).
+GROUP_FLAGS = ("capturable", "fused", "foreach")
 
 
 def make_capturable(optimizer: torch.optim.Optimizer, fused: bool = True) -> Callable[[], None]:
@@ -48,7 +49,7 @@ def make_capturable(optimizer: torch.optim.Optimizer, fused: bool = True) -> Cal
             f"{type(optimizer).__name__} cannot be captured in a CUDA graph (no 'capturable' "
             "option); use torch.optim.Adam or AdamW."
         )
-    groups = [{k: group[k] for k in _GROUP_FLAGS if k in group} for group in optimizer.param_groups]
+    groups = [{k: group[k] for k in GROUP_FLAGS if k in group} for group in optimizer.param_groups]
     steps = {}
     use_fused = fused and "fused" in optimizer.defaults
     for group in optimizer.param_groups:

@@ -17,6 +17,7 @@ import torch
 from tensordict import TensorDictBase
 from torch import nn
 
+from aefrl.cuda_graph import GROUP_FLAGS as _OPTIMIZER_FLAGS  # what capture changes
 from aefrl.precision import trunk_precision
 from aefrl.world_model import RSSMState, WorldModel
 from aefrl.world_model.evaluation import open_loop_prediction, sequence_bits_per_dim
@@ -177,10 +178,6 @@ class WorldModelAgent(nn.Module):
             opt.load_state_dict(state["optimizers"][name])
             _restore_flags(opt, self._optimizer_flags[name])
         return result
-
-
-#: Adam's settings that CUDA-graph capture changes (aefrl.cuda_graph.make_capturable).
-_OPTIMIZER_FLAGS = ("capturable", "fused", "foreach")
 
 
 def _restore_flags(optimizer: torch.optim.Optimizer, flags: dict) -> None:

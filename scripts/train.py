@@ -102,6 +102,10 @@ def resolve_cuda_graph(value, device: torch.device) -> dict:
     return {"cuda_graph": value, "cuda_graph_fallback": False}
 
 
+#: What a run writes in its directory besides its checkpoint and lock: its configuration, logs,
+#: the replay's files (``replay.storage=disk``), records and a checkpoint write cut short.
+RUN_FILES = (RUN_CONFIG, "tb", "replay", RUN_RECORDS, f".{CHECKPOINT_NAME}.tmp")
+
 # Keys a resumed run may change: none touches the learning itself, so the resumed run still
 # follows the uninterrupted one (threads exactly up to float rounding: reductions may split
 # differently; another device or CUDA graphs on or off only as closely as their kernels
@@ -109,10 +113,6 @@ def resolve_cuda_graph(value, device: torch.device) -> dict:
 # value it accepts, bool for a switch, or None where check_settings checks the value as it
 # checks a new run's (the device; loop.cuda_graph, which a GPU run moved to the CPU must turn
 # off when it was true).
-#: What a run writes in its directory besides its checkpoint and lock: its configuration, logs,
-#: records, the replay's files (``replay.storage=disk``) and a checkpoint write cut short.
-RUN_FILES = (RUN_CONFIG, "tb", RUN_RECORDS, "replay", f".{CHECKPOINT_NAME}.tmp")
-
 RESUME_OVERRIDABLE = {
     "loop.total_frames": 1,
     "loop.checkpoint_every": 0,
@@ -722,6 +722,15 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
             f"{network_sizes(conf)}"
         ) from None
     rep, storage, loop_conf = conf["replay"], checked.storage, checked.loop
+    # Everything above validates the configuration; only now does the run leave files (a bad
+    # input must not leave a run_config.yaml that makes the corrected command refuse the dir),
+    # its directory and lock first: a disk replay creates its folder, which must be a file of
+    # the run that holds the directory (check_settings has checked the replay's sizes).
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create run_dir {run_dir}: {exc.strerror}") from None
+    _HELD_LOCKS[run_dir] = lock_run_dir(run_dir, new_run=resume_state is None)
     try:
         replay = SequenceReplay(
             int(rep["capacity"]),
@@ -735,13 +744,6 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
         )
     except ValueError as exc:  # "storage must be ...": name the configuration keys
         raise UserError(name_keys(str(exc), replay_sections(conf))) from None
-    # Everything above validates the configuration; only now does the run leave files (a bad
-    # input must not leave a run_config.yaml that makes the corrected command refuse the dir).
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create run_dir {run_dir}: {exc.strerror}") from None
-    _HELD_LOCKS[run_dir] = lock_run_dir(run_dir, new_run=resume_state is None)
     if resume_state is None:  # the Trainer rewrites it with every checkpoint (a resume's
         # changed settings reach it with its first: until then the file is the checkpoint's)
         write_text_atomically(run_dir / RUN_CONFIG, OmegaConf.to_yaml(OmegaConf.create(conf)))

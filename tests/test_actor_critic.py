@@ -213,6 +213,16 @@ def test_sample_from_noise_is_the_rsample_of_that_draw(dist):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match=r"noise must have the sample's shape \(64, 3\)"):
         sample_from_noise(actor(feat), noise[:, :2])
+    if dist == "tanh_normal":  # draws deep in tanh's tails, against the density written out
+        far = torch.tensor([40.0, -40.0, 30.0], dtype=torch.float64).expand(64, 3)
+        d = actor(feat)
+        pre = d.base_dist.mean + d.base_dist.stddev * far
+        gauss = torch.distributions.Normal(d.base_dist.mean, d.base_dist.stddev)
+        # log(1 − tanh²(x)) = 2·(log 2 − x − softplus(−2x)), exact where 1 − tanh² underflows
+        log_jac = 2 * (math.log(2.0) - pre - torch.nn.functional.softplus(-2 * pre))
+        want_far = (gauss.log_prob(pre) - log_jac).sum(-1)
+        assert pre.abs().max() > 15  # where scoring by inverting the action is far off
+        torch.testing.assert_close(sample_from_noise(d, far)[1], want_far, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("dist", ["tanh_normal", "bounded_normal"])
@@ -263,3 +273,7 @@ def test_imagine_with_given_noise_repeats_imagine_on_the_same_draws():
         torch.testing.assert_close(got[0].z, want[0].z, rtol=0, atol=1e-12)
         torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-12)
         torch.testing.assert_close(got[2], want[2], rtol=0, atol=1e-12)
+    # A state draw of one dimension broadcast silently; a longer one was cut without a word.
+    for bad in ((a_noise, z_noise[..., :1]), (a_noise[:, :3], z_noise[:, :3])):
+        with pytest.raises(ValueError, match=r"noise must be shaped \(\(5, 4, 2\), \(5, 4, 3\)\)"):
+            imagine(wm.rssm, actor, start, horizon, noise=bad)

@@ -23,11 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
 
 
-def train(*args, timeout=300):
+def train(*args, timeout=300, env=ENV):
     return subprocess.run(
         [sys.executable, "scripts/train.py", *args],
         cwd=ROOT,
-        env=ENV,
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -156,10 +156,11 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, monkeypatch):
     state["run_config"]["device"] = "cuda"
     state["run_config"]["loop"]["cuda_graph"] = True
     save_checkpoint(run_dir / "checkpoint.pt", state)
-    out = train(f"resume={run_dir}")
+    no_gpu = {**ENV, "CUDA_VISIBLE_DEVICES": ""}  # also where the suite runs on a GPU machine
+    out = train(f"resume={run_dir}", env=no_gpu)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "device=cuda was asked for but CUDA is not available; use cpu" in out.stderr
-    out = train(f"resume={run_dir}", "device=cpu")
+    out = train(f"resume={run_dir}", "device=cpu", env=no_gpu)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "loop.cuda_graph=true needs a CUDA device, but device is cpu" in out.stderr
     out = train(f"resume={run_dir}", "device=gpu")

@@ -236,7 +236,8 @@ def self_times(events, cuda: bool) -> tuple[dict, dict, dict]:
 
 def profile_summary(fn: Callable[[], object], device: torch.device, top: int = 15) -> dict:
     """Run ``fn`` once under ``torch.profiler``; returns the total self time, the top ``top``
-    operators by self time (CPU, or CUDA kernels on a GPU), the time per :data:`OP_GROUPS`
+    operators by self time (CPU time, or on a GPU the device time of the kernels each
+    launched: :func:`self_times`), the time per :data:`OP_GROUPS`
     family and per phase (forward, backward, optimizer step; grad-norm clipping counts as
     optimizer by its operators, the rest of the code between backward and step as forward)."""
     from torch.profiler import ProfilerActivity, profile

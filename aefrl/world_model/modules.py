@@ -183,11 +183,14 @@ class _LatentHead(nn.Module):
         super().__init__()
         self._rssm = [world_model.rssm]  # a list: sizes and dtype only, not a submodule
 
-    def _checked_feat(self, belief, state) -> torch.Tensor:
+    def _check(self, belief, state) -> None:
         rssm = self._rssm[0]
         check_step_inputs(
             rssm, {keys.BELIEF: (belief, rssm.deter), keys.STATE: (state, rssm.latent_dim)}
         )
+
+    def _checked_feat(self, belief, state) -> torch.Tensor:
+        self._check(belief, state)
         return torch.cat([belief, state], -1)
 
 
@@ -221,7 +224,7 @@ class DecodePixels(_LatentHead):
         self.world_model = world_model
 
     def forward(self, belief, state):
-        self._checked_feat(belief, state)
+        self._check(belief, state)
         return self.world_model.decode_pixels(RSSMState(belief, state))
 
 
