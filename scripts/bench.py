@@ -608,9 +608,11 @@ def measure_end_to_end_torchrl(args) -> dict | None:
     )
 
 
-def e2e_speedup(ours: dict | None, theirs: dict | None) -> float | None:
-    """Our end-to-end agent steps/s over torchrl's (None where either did not run)."""
-    if not ours or not theirs:
+def e2e_speedup(ours: dict | None, theirs: dict | None, args) -> float | None:
+    """Our end-to-end agent steps/s over torchrl's; None where either did not run, or where
+    they differ: torchrl's loop runs one env in float32, ours with ``--num-envs`` and
+    ``--autocast`` as given."""
+    if not ours or not theirs or args.num_envs != 1 or args.autocast != "none":
         return None
     return round(ours["agent_steps_per_s"] / theirs["agent_steps_per_s"], 3)
 
@@ -724,7 +726,7 @@ def main(argv=None) -> dict:
         result["end_to_end"] = measure_end_to_end(args)
         result["end_to_end_torchrl"] = measure_end_to_end_torchrl(args)
         result["e2e_speedup_vs_torchrl"] = e2e_speedup(
-            result["end_to_end"], result["end_to_end_torchrl"]
+            result["end_to_end"], result["end_to_end_torchrl"], args
         )
         result["load_average"]["end"] = load_average()
         result["wall_s"] = round(time.time() - t0, 1)
@@ -755,7 +757,7 @@ def main(argv=None) -> dict:
         result["end_to_end"] = measure_end_to_end(args)
         result["end_to_end_torchrl"] = measure_end_to_end_torchrl(args)
     result["e2e_speedup_vs_torchrl"] = e2e_speedup(
-        result["end_to_end"], result["end_to_end_torchrl"]
+        result["end_to_end"], result["end_to_end_torchrl"], args
     )
     result["default_sizes"] = measure_default_sizes(args)
     result["collection"] = collection_summary(args)

@@ -277,3 +277,16 @@ def test_a_gpu_profile_counts_each_kernel_once_under_its_operator_and_phase():
     }
     _, cpu_phases, _ = self_times(ops, cuda=False)  # the CPU clock: self CPU times
     assert cpu_phases == {"forward": 5.0, "backward": 7.0, "optimizer": 0.0}
+
+
+def test_e2e_speedup_only_compares_like_with_like(bench):
+    """torchrl's loop runs one env in float32: ours with more envs or bf16 trunks is not a
+    speedup over it."""
+    from types import SimpleNamespace
+
+    ours, theirs = {"agent_steps_per_s": 0.6}, {"agent_steps_per_s": 0.5}
+    like = SimpleNamespace(num_envs=1, autocast="none")
+    assert bench.e2e_speedup(ours, theirs, like) == 1.2
+    assert bench.e2e_speedup(ours, None, like) is None
+    for other in ({"num_envs": 4}, {"autocast": "bf16"}):
+        assert bench.e2e_speedup(ours, theirs, SimpleNamespace(**{**vars(like), **other})) is None

@@ -64,3 +64,33 @@ def test_torchrls_loop_trains_at_the_ratio_on_its_replays_float_windows(monkeypa
     for shape, dtype, low, high, action in seen:
         assert shape == (2, 4) and dtype == torch.float32
         assert 0.0 <= low < high <= 1.0 and action <= 1.0
+
+
+def test_torchrls_replay_samples_whole_windows_within_one_trajectory(tmp_path):
+    """After an episode's end the newest trajectory is shorter than a window; with torchrl's
+    script's strict_length=False its short slices made samples of fewer than B·T rows, which
+    the loop's reshape refused (a run past an episode's end crashed)."""
+    from tensordict import TensorDict
+
+    from aefrl.bench.torchrl_end_to_end import torchrl_replay
+
+    n = 23  # a 20-step trajectory, then the first 3 steps of the next
+    frames = torch.zeros(n, 4, 4, 3, dtype=torch.uint8)
+    data = TensorDict(
+        {
+            "pixels_int": frames, ("next", "pixels_int"): frames.clone(),
+            "step": torch.arange(n), ("collector", "traj_ids"): torch.tensor([0] * 20 + [1] * 3),
+            ("next", "done"): torch.zeros(n, 1, dtype=torch.bool),
+        },
+        [n],
+    )  # fmt: skip
+    replay = torchrl_replay(100, seq=4, batch=2, scratch_dir=str(tmp_path))
+    replay.extend(data)
+    try:
+        for _ in range(50):
+            sample = replay.sample().reshape(2, 4)
+            assert (sample["step"].diff(dim=1) == 1).all()  # consecutive steps
+            assert (sample["step"] < 20).all()  # not the 3-step trajectory's
+            assert sample["next", "pixels"].dtype == torch.float32
+    finally:
+        replay.shutdown()

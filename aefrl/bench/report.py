@@ -417,9 +417,13 @@ def _e2e_torchrl(r: dict) -> list[str]:
         f"after {t['prefill_steps']} prefill steps, collecting {t['frames_per_batch']} agent "
         f"steps between trainings: **{t['agent_steps_per_s']} agent steps/s** "
         f"({t['timed_agent_steps']} agent steps with {t['updates_in_timed_steps']} full updates "
-        f"in {t['seconds']} s). **End-to-end speedup (ours / torchrl): "
-        f"{r['e2e_speedup_vs_torchrl']}** (the two loops ran one after the other, not "
-        "interleaved).",
+        f"in {t['seconds']} s). "
+        + (
+            f"**End-to-end speedup (ours / torchrl): {r['e2e_speedup_vs_torchrl']}** (the two "
+            "loops ran one after the other, not interleaved)."
+            if r.get("e2e_speedup_vs_torchrl") is not None
+            else "No speedup: ours ran with other envs or precision than torchrl's loop."
+        ),
     ]
 
 

@@ -13,11 +13,16 @@ batch, extend the buffer, then train), from the blocks of the installed torchrl:
   64 x 64 directly (``render_kwargs``), where torchrl's script renders dm_control's 240 x 320
   and resizes with torchvision's ``Resize`` (not installed here) after every step and again at
   every sample.
-* policy: ``ObsEncoder`` -> ``RSSMPosterior`` -> ``DreamerActor`` (mode) -> ``RSSMPrior`` (the
-  next belief), then ``AdditiveGaussianModule`` (σ 0.3, torchrl's ``exploration_noise``).
+* policy: ``ObsEncoder`` -> ``RSSMPosterior`` -> ``DreamerActor`` -> ``RSSMPrior`` (the next
+  belief, from the action before the noise, as torchrl's script has it), then
+  ``AdditiveGaussianModule`` (σ 0.3, torchrl's ``exploration_noise``). The actor's head defaults
+  to its mode, but the collector sets torchrl's RANDOM exploration type, so it samples, as in
+  torchrl's script.
 * ``Collector`` (torchrl's ``SyncDataCollector``) with ``init_random_frames`` as the prefill;
   ``TensorDictReplayBuffer`` over ``LazyMemmapStorage`` with a ``SliceSampler`` (windows of
-  ``seq`` steps within a trajectory, ``strict_length=False``, cached trajectory bounds) that
+  ``seq`` steps within a trajectory, cached trajectory bounds; ``strict_length=True`` where
+  torchrl's script has False, whose short windows after an episode start make a sample its
+  ``reshape`` then refuses: the loop crashed once a run passed an episode's end) that
   stores ``pixels_int`` only and converts at sample time, with 3 batches prefetched in a
   thread, as torchrl's script builds it (without its ``compile=True`` sampler: compiling on the
   CPU takes minutes).
@@ -122,7 +127,7 @@ def torchrl_replay(capacity: int, seq: int, batch: int, scratch_dir: str):
         storage=LazyMemmapStorage(capacity, scratch_dir=scratch_dir, device="cpu"),
         sampler=SliceSampler(
             slice_len=seq,
-            strict_length=False,
+            strict_length=True,
             traj_key=("collector", "traj_ids"),
             cache_values=True,
         ),
