@@ -64,22 +64,34 @@ def make_capturable(optimizer: torch.optim.Optimizer, fused: bool = True) -> Cal
                 state["step"] = state["step"].to(p.device, torch.float32)
 
     def undo() -> None:
-        for group, flags in zip(optimizer.param_groups, groups):
-            group.update(flags)
-            # State made since (the warm-up's first steps) goes where torch keeps it for these
-            # flags: on the CPU unless capturable or fused (a device step would be read back
-            # with .item() on every eager step).
-            eager = not flags.get("capturable") and not flags.get("fused")
-            for p in group["params"]:
-                state = optimizer.state.get(p)
-                if not (state and torch.is_tensor(state.get("step"))):
-                    continue
-                if p in steps:
-                    state["step"] = state["step"].to(*steps[p])
-                elif eager:
-                    state["step"] = state["step"].to("cpu", torch.get_default_dtype())
+        restore_flags(optimizer, groups, steps)
 
     return undo
+
+
+def restore_flags(
+    optimizer: torch.optim.Optimizer,
+    flags: list[dict],
+    steps: dict[torch.Tensor, tuple[torch.device, torch.dtype]] | None = None,
+) -> None:
+    """Give each param group of ``optimizer`` its ``flags`` (one dict of :data:`GROUP_FLAGS`
+    per group) again, with the step counters where torch keeps them for those: the device and
+    dtype recorded in ``steps`` for a parameter listed there, else on the CPU unless capturable
+    or fused (a device counter would be read back with ``.item()`` at every eager step)."""
+    steps = steps or {}
+    for group, group_flags in zip(optimizer.param_groups, flags, strict=True):
+        group.update(group_flags)
+        on_device = bool(group_flags.get("capturable") or group_flags.get("fused"))
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if not (state and torch.is_tensor(state.get("step"))):
+                continue
+            if p in steps:
+                state["step"] = state["step"].to(*steps[p])
+            elif on_device:
+                state["step"] = state["step"].to(p.device, torch.float32)
+            else:
+                state["step"] = state["step"].to("cpu", torch.get_default_dtype())
 
 
 class _Snapshot:

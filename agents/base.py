@@ -18,6 +18,7 @@ from tensordict import TensorDictBase
 from torch import nn
 
 from aefrl.cuda_graph import GROUP_FLAGS as _OPTIMIZER_FLAGS  # what capture changes
+from aefrl.cuda_graph import restore_flags
 from aefrl.precision import trunk_precision
 from aefrl.world_model import RSSMState, WorldModel
 from aefrl.world_model.evaluation import open_loop_prediction, sequence_bits_per_dim
@@ -176,22 +177,5 @@ class WorldModelAgent(nn.Module):
         result = super().load_state_dict(modules, strict=strict)
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
-            _restore_flags(opt, self._optimizer_flags[name])
+            restore_flags(opt, [self._optimizer_flags[name]] * len(opt.param_groups))
         return result
-
-
-def _restore_flags(optimizer: torch.optim.Optimizer, flags: dict) -> None:
-    """Give every param group of ``optimizer`` the eager ``flags`` again, with the step counters
-    where torch keeps them for those: on the CPU unless capturable or fused (a device counter
-    would be read back with ``.item()`` at every eager step)."""
-    on_device = bool(flags.get("capturable") or flags.get("fused"))
-    for group in optimizer.param_groups:
-        group.update(flags)
-        for p in group["params"]:
-            state = optimizer.state.get(p)
-            if state and torch.is_tensor(state.get("step")):
-                step = state["step"]
-                if on_device:
-                    state["step"] = step.to(p.device, torch.float32)
-                else:
-                    state["step"] = step.to("cpu", torch.get_default_dtype())
