@@ -131,9 +131,11 @@ class ImaginationEnv(ModelBasedEnvBase):
         belief, state = self._prior(
             tensordict.get(keys.BELIEF), tensordict.get(keys.STATE), tensordict.get(keys.ACTION)
         )
-        out = {keys.BELIEF: belief, keys.STATE: state, keys.REWARD: self._reward(belief, state)}
+        # The prior checked its inputs; the heads read what it returned, so unchecked.
+        reward = self._reward.unchecked(belief, state)
+        out = {keys.BELIEF: belief, keys.STATE: state, keys.REWARD: reward}
         if self._continue is not None:
-            out[keys.PRED_CONTINUE] = self._continue(belief, state)
+            out[keys.PRED_CONTINUE] = self._continue.unchecked(belief, state)
         return TensorDict(out, tensordict.batch_size, device=self.device)
 
     # Imagination never terminates (done is always False), so torchrl's per-step done checks and

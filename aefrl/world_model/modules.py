@@ -52,19 +52,20 @@ def _flat(x: torch.Tensor, lead: torch.Size, event_dims: int) -> torch.Tensor:
     return x.reshape(lead.numel(), *x.shape[x.dim() - event_dims :])
 
 
-def check_step_inputs(rssm, inputs: dict) -> None:
+def check_step_inputs(rssm, inputs: dict, dtype: torch.dtype | None = None) -> None:
     """Refuse in one sentence inputs a step of ``rssm`` cannot take, before they fail deep in
     torch. ``inputs``: key -> ``(tensor or None, size of its last axis)``, every one
     ``[*B, size]`` with the first one's ``*B`` (size None: only its presence is checked);
     ``belief`` and ``state`` in the model's dtype (or autocast's, where it is on: its steps hand
-    back lower-precision states). A KeyError names every missing one (None: a tensordict without
+    back lower-precision states; ``dtype`` overrides the model's, for a module converted on its
+    own). A KeyError names every missing one (None: a tensordict without
     the key), a ValueError a wrong shape or dtype. Shapes and dtypes only: no values are read,
     nothing waits for a device."""
     missing = [name for name, (x, _) in inputs.items() if not isinstance(x, torch.Tensor)]
     if missing:
         raise KeyError(f"the step needs {missing} (a tensordict without them?)")
     lead = first = None
-    dtype = rssm.gru.weight_hh.dtype
+    dtype = dtype or rssm.gru.weight_hh.dtype
     for name, (x, size) in inputs.items():
         if size is None:
             continue
@@ -79,7 +80,7 @@ def check_step_inputs(rssm, inputs: dict) -> None:
             )
         latent = name in (keys.BELIEF, keys.STATE)
         if latent and x.dtype != dtype and x.dtype != _autocast_dtype(x.device):
-            raise ValueError(f"{name} must be {dtype} (the world model's dtype), got {x.dtype}")
+            raise ValueError(f"{name} must be {dtype} (the model's dtype), got {x.dtype}")
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -183,15 +184,18 @@ class _LatentHead(nn.Module):
         super().__init__()
         self._rssm = [world_model.rssm]  # a list: sizes and dtype only, not a submodule
 
-    def _check(self, belief, state) -> None:
+    def forward(self, belief, state):
         rssm = self._rssm[0]
-        check_step_inputs(
-            rssm, {keys.BELIEF: (belief, rssm.deter), keys.STATE: (state, rssm.latent_dim)}
-        )
+        # The head's own dtype: `reward_module(wm).double()` converts it, not the RSSM.
+        dtype = next(self.parameters()).dtype
+        sizes = {keys.BELIEF: (belief, rssm.deter), keys.STATE: (state, rssm.latent_dim)}
+        check_step_inputs(rssm, sizes, dtype)
+        return self.unchecked(belief, state)
 
-    def _checked_feat(self, belief, state) -> torch.Tensor:
-        self._check(belief, state)
-        return torch.cat([belief, state], -1)
+    def unchecked(self, belief, state):
+        """The forward without the input checks, for callers whose inputs come from the model's
+        own steps (imagination runs it at every step of every planner rollout)."""
+        raise NotImplementedError
 
 
 class RewardMean(_LatentHead):
@@ -201,8 +205,8 @@ class RewardMean(_LatentHead):
         super().__init__(world_model)
         self.head = world_model.reward_head
 
-    def forward(self, belief, state):
-        return self.head(self._checked_feat(belief, state)).mean.unsqueeze(-1)
+    def unchecked(self, belief, state):
+        return self.head(torch.cat([belief, state], -1)).mean.unsqueeze(-1)
 
 
 class ContinueProb(_LatentHead):
@@ -212,8 +216,8 @@ class ContinueProb(_LatentHead):
         super().__init__(world_model)
         self.head = world_model.continue_head
 
-    def forward(self, belief, state):
-        return self.head(self._checked_feat(belief, state)).probs.unsqueeze(-1)
+    def unchecked(self, belief, state):
+        return self.head(torch.cat([belief, state], -1)).probs.unsqueeze(-1)
 
 
 class DecodePixels(_LatentHead):
@@ -223,8 +227,7 @@ class DecodePixels(_LatentHead):
         super().__init__(world_model)
         self.world_model = world_model
 
-    def forward(self, belief, state):
-        self._check(belief, state)
+    def unchecked(self, belief, state):
         return self.world_model.decode_pixels(RSSMState(belief, state))
 
 

@@ -282,6 +282,40 @@ def test_the_heads_and_the_decoder_name_a_latent_they_cannot_take():
     assert len(list(mods["reward"].module.parameters())) == len(list(wm.reward_head.parameters()))
 
 
+def test_a_head_converted_on_its_own_checks_against_its_own_dtype():
+    """``reward_module.double()`` converts the head, not the RSSM it reads sizes from: it takes
+    float64 states (the check compared with the RSSM's float32 and refused them) and computes
+    in float64, and refuses the float32 states it can no longer take."""
+    wm = _trained_heads(tiny_world_model("aef"))
+    mods = world_model_modules(wm)
+    for name, head, stat in (
+        ("reward", wm.reward_head, "mean"),
+        ("continue", wm.continue_head, "probs"),
+    ):
+        module = mods[name].module.double()
+        h, z = torch.randn(2, H, dtype=torch.float64), torch.randn(2, D, dtype=torch.float64)
+        out = module(h, z)
+        assert out.dtype == torch.float64
+        expected = getattr(head(torch.cat([h, z], -1)), stat).unsqueeze(-1)
+        torch.testing.assert_close(out, expected)
+        with pytest.raises(ValueError, match=r"belief must be torch.float64 .*got torch.float32"):
+            module(h.float(), z.float())
+    assert wm.rssm.gru.weight_hh.dtype == torch.float32
+
+
+def test_imagined_steps_check_their_inputs_once_not_again_in_the_heads(monkeypatch):
+    """A step checks the state it is given (in the prior); the reward and continue heads read
+    what the prior returned and skip the check, on the planner's hot path."""
+    env = ImaginationEnv(_trained_heads(tiny_world_model("aef")), predict_continue=True)
+    td = env.reset(_latent(4), set_state=True)
+    calls = []
+    real = wm_modules.check_step_inputs
+    monkeypatch.setattr(wm_modules, "check_step_inputs", lambda *a: calls.append(a) or real(*a))
+    env.rollout(3, auto_reset=False, tensordict=td)
+    assert len(calls) == 3  # one per step: the prior's
+    assert all(keys.ACTION in inputs for _, inputs, *_ in calls)
+
+
 def test_posterior_refuses_an_episode_start_flag_without_its_last_axis():
     wm = tiny_world_model("aef")
     posterior = world_model_modules(wm)["posterior"]
