@@ -112,7 +112,8 @@ RUN_FILES = (RUN_CONFIG, "tb", "replay", RUN_RECORDS, f".{CHECKPOINT_NAME}.tmp")
 # agree, and CUDA's RNG state carries over between CUDA devices only). Each with the smallest
 # value it accepts, bool for a switch, or None where check_settings checks the value as it
 # checks a new run's (the device; loop.cuda_graph, which a GPU run moved to the CPU must turn
-# off when it was true).
+# off when it was true; the GIFs' frame rate, refused below LoopConfig's minimum, which a run
+# from before that minimum may have to change to resume at all).
 RESUME_OVERRIDABLE = {
     "loop.total_frames": 1,
     "loop.checkpoint_every": 0,
@@ -120,6 +121,7 @@ RESUME_OVERRIDABLE = {
     "logger.eval_video": bool,
     "device": None,
     "loop.cuda_graph": None,
+    "logger.video_fps": None,
 }
 
 
@@ -209,8 +211,8 @@ def run_configuration(cfg: DictConfig) -> tuple[dict, Path, dict | None]:
     """The configuration this run uses, its directory, and the checkpoint it resumes (if any).
 
     A resumed run takes its configuration from its checkpoint; only the keys of
-    ``RESUME_OVERRIDABLE`` (when to stop, how often to save, threads, the evaluation GIFs, the
-    device and CUDA graphs) may be changed on the command line.
+    ``RESUME_OVERRIDABLE`` (when to stop, how often to save, threads, the evaluation GIFs and
+    the GIFs' frame rate, the device and CUDA graphs) may be changed on the command line.
     """
     if cfg.resume is None:
         run_dir = new_run_dir(cfg)

@@ -174,6 +174,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, monkeypatch):
         "logger.eval_video=false",
         "device=cpu",
         "loop.cuda_graph=auto",
+        "logger.video_fps=7",
         # the rest of the run's own command line, repeated: accepted
         *("exp=smoke", f"run_dir={run_dir}", "loop.eval_every=0", "loop.report_every=0"),
     )
@@ -186,6 +187,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, monkeypatch):
     assert state["run_config"]["logger"]["eval_video"] is False
     assert state["run_config"]["device"] == "cpu"
     assert state["run_config"]["loop"]["cuda_graph"] == "auto"
+    assert state["run_config"]["logger"]["video_fps"] == 7
     saved = OmegaConf.load(run_dir / "run_config.yaml")  # rewritten with the changed keys
     assert saved.loop.total_frames == frames + 100 and saved.threads == 1
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -213,6 +215,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, monkeypatch):
         assert out.returncode == 2 and "must be a whole number" in out.stderr, out.stderr[-2000:]
     out = train(f"resume={run_dir}", "logger.eval_video=2")
     assert out.returncode == 2 and "eval_video" in out.stderr, out.stderr[-2000:]
+    out = train(f"resume={run_dir}", "logger.video_fps=0.001", "loop.total_frames=100000")
+    assert out.returncode == 2 and "video_fps must be >= 0.004" in out.stderr, out.stderr[-2000:]
     # Other settings cannot change: a resume would have dropped them (it used to, with a line).
     out = train(f"resume={run_dir}", "seed=5", "obs_model=vae", "loop.eval_every=0")
     assert out.returncode == 2, out.stderr[-2000:]
