@@ -285,6 +285,8 @@ class Trainer:
         # A captured CUDA-graph update keeps writing the optimiser state tensors it was captured
         # with, and load_state_dict replaces them: capture again on the next update.
         self._update = None
+        # A stop request belongs to the run() it ended: the loaded run starts with none.
+        self._stop_requested, self.stop_signal = False, None
         self.replay.load_state_dict(state["replay"])
         self.counters.update(state["counters"])
         self.train_credit = state["train_credit"]

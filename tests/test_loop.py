@@ -93,6 +93,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
     assert part._update is not None
     part.load()  # a loaded checkpoint drops the update built on the old optimiser state
     assert part._update is None
+    assert not part._stop_requested  # and the stop request: its run() would end at once
     part.env.close()
     resumed = build(tmp_path / "part", seed=123)  # different init and RNG: all must be restored
     resumed.load()
