@@ -17,21 +17,31 @@ actor      belief [*B, H], state [*B, d]          action [*B, A] in [-1, 1] (a s
                                                   torchrl's RANDOM exploration type, as its
                                                   collectors set; the mode otherwise)
 critic     belief, state                          state_value [*B, 1] (the two-hot head's mean)
-policy     pixels uint8 [*B, C, H, W], is_init,   belief, state, posterior_mean / _std, action,
-           prev_action, belief, state             prev_action (= action, for the next step)
+policy     pixels uint8 [*B, C, H, W], is_init,   ("next", belief), ("next", state) (h_t, z_t),
+           prev_action, belief, state             posterior_mean / _std, action, ("next",
+           (a_{t-1}, h_{t-1}, z_{t-1})            prev_action) (= action)
+value      pixels, prev_action, belief, state     state_value (the critic at the filtered state)
 =========  =====================================  ===============================================
 
 The policy is the posterior (:func:`aefrl.world_model.modules.posterior_module`) followed by the
 actor: it filters the frame o_t with h_{t-1}, z_{t-1} and a_{t-1}, acts on the new state and
-leaves the action as the next step's ``prev_action``, which is what :meth:`DreamerAgent.act`
-does with its carry. In a torchrl rollout that carry travels in the tensordict:
+keeps the action as the next step's ``prev_action``, which is what :meth:`DreamerAgent.act`
+does with its carry. In a torchrl rollout that carry travels in the tensordict, in torchrl's
+layout for recurrent modules: the policy reads it at the root and writes the new one under
+``"next"``, so a row keeps its inputs and ``rollout["next", k][t]`` is ``rollout[k][t + 1]``
+within an episode (the state that filtered o_t is ``rollout["next", "belief"][t]``).
 :func:`policy_transforms` gives the env an ``InitTracker`` (episode starts, ``is_init``) and a
-``TensorDictPrimer`` that creates ``belief``, ``state`` and ``prev_action`` at every reset and
-copies them from each step to the next; without the primer a rollout stops at its first step
-with a KeyError. The policy runs without autograd. The env must hand over pixels on the agent's
-device (a torchrl env's ``device``) and of the run's size (``env.image_size`` of its
-``run_config``); :func:`policy_transforms` takes the agent's device for the carry, so move the
-agent first.
+``TensorDictPrimer`` that creates ``belief``, ``state`` and ``prev_action`` at every reset;
+without the primer a rollout stops at its first step with a KeyError. The policy runs without
+autograd. The env must hand over pixels on the agent's device (a torchrl env's ``device``) and
+of the run's size (``env.image_size`` of its ``run_config``); :func:`policy_transforms` takes
+the agent's device for the carry, so move the agent first.
+
+On a real rollout the value of a row's frame needs that frame filtered: :func:`value_module`
+(posterior, then critic) gives it for the root (o_t) and for ``"next"`` (o_{t+1}, with the
+carry the policy left there), as torchrl's value estimators call it (with
+``deactivate_vmap=True``). :func:`critic_module`
+reads a state as it is, for imagined rollouts, whose rows hold their states.
 """
 
 from __future__ import annotations
@@ -50,12 +60,13 @@ from aefrl import keys
 from aefrl.actor_critic import Actor, Critic
 from aefrl.checkpoint import CheckpointError, load_checkpoint, load_error_summary
 from aefrl.devices import usable_device
-from aefrl.world_model.modules import posterior_module, stored_action_dim
+from aefrl.world_model.modules import PosteriorStep, posterior_in_keys, stored_action_dim
 from agents.dreamer import DreamerAgent
 from agents.factory import build_agent
 
 IS_INIT = keys.IS_INIT  # the episode-start flag torchrl's InitTracker writes; the policy's
 _LATENT = [keys.BELIEF, keys.STATE]
+_NEXT_LATENT = [("next", keys.BELIEF), ("next", keys.STATE)]  # the carry the policy leaves
 
 
 class ActorAction(nn.Module):
@@ -120,15 +131,71 @@ def policy_module(
     agent: DreamerAgent, explore: bool | None = None, is_first_key: str = IS_INIT
 ) -> TensorDictSequential:
     """The agent's whole policy from pixels (module docstring): posterior, actor (``explore``
-    as :func:`actor_module`'s), and the action kept as ``prev_action``. ``is_first_key`` names
-    the episode-start flag (torchrl's ``InitTracker`` writes ``"is_init"``; aefrl's replay rows
-    hold ``"is_first"``)."""
+    as :func:`actor_module`'s), and the action kept as the next step's ``prev_action``; the new
+    carry goes under ``"next"``. ``is_first_key`` names the episode-start flag (torchrl's
+    ``InitTracker`` writes ``"is_init"``; aefrl's replay rows hold ``"is_first"``)."""
     _require_dreamer(agent)
+    posterior = PosteriorStep(agent.world_model, is_first_key)
     return _Acting(
-        posterior_module(agent.world_model, is_first_key),
-        actor_module(agent.actor, explore),
-        TensorDictModule(_PrevAction(), in_keys=[keys.ACTION], out_keys=[keys.PREV_ACTION]),
+        TensorDictModule(
+            posterior,
+            in_keys=posterior_in_keys(is_first_key),
+            out_keys=[*_NEXT_LATENT, keys.POSTERIOR_MEAN, keys.POSTERIOR_STD],
+        ),
+        TensorDictModule(
+            ActorAction(agent.actor, explore), in_keys=_NEXT_LATENT, out_keys=[keys.ACTION]
+        ),
+        TensorDictModule(
+            _PrevAction(), in_keys=[keys.ACTION], out_keys=[("next", keys.PREV_ACTION)]
+        ),
     )
+
+
+def value_module(agent: DreamerAgent) -> TensorDictModule:
+    """``state_value [*B, 1]`` of the frame a real rollout's row holds (:class:`FilteredValue`:
+    the posterior filters ``pixels`` with the carry beside it, the critic reads the filtered
+    state; nothing else is written). Given a rollout of :func:`policy_module`, torchrl's value
+    estimators get V(s_t) at the root and V(s_{t+1}) under ``"next"``; build them with
+    ``deactivate_vmap=True`` (``TDLambdaEstimator(..., value_network=value_module(agent),
+    deactivate_vmap=True)``): the filter writes in place, which ``torch.vmap`` refuses."""
+    _require_dreamer(agent)
+    return TensorDictModule(
+        FilteredValue(agent),
+        in_keys=[keys.PIXELS, keys.PREV_ACTION, *_LATENT],
+        out_keys=[keys.STATE_VALUE],
+    )
+
+
+class FilteredValue(nn.Module):
+    """``(pixels [*B, C, H, W] uint8, prev_action [*B, A], belief [*B, H], state [*B, d]) ->
+    value [*B, 1]``: the critic's mean at the posterior state that filters the frame with the
+    given carry (h_{t-1}, z_{t-1}, a_{t-1}). No episode-start flag: at a start the carry is the
+    primer's zeros, which is what the flag would make of it (torchrl's estimators also mark the
+    ``"next"`` row after a start as one, for sequence RNNs, which would zero a real carry). The
+    VAE posterior samples z; with autograd on, gradients reach the world model too."""
+
+    def __init__(self, agent: DreamerAgent) -> None:
+        super().__init__()
+        self.posterior = PosteriorStep(agent.world_model)
+        self.value = CriticValue(agent.critic)
+
+    def forward(self, pixels, prev_action, belief, state):
+        if _in_vmap(pixels):
+            raise RuntimeError(
+                "value_module cannot run under torch.vmap (its filter writes in place); build "
+                "torchrl's value estimator with deactivate_vmap=True"
+            )
+        first = torch.zeros(*belief.shape[:-1], 1, dtype=torch.bool, device=belief.device)
+        h, z, _, _ = self.posterior(pixels, prev_action, first, belief, state)
+        return self.value(h, z)
+
+
+def _in_vmap(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a tensor batched by ``torch.vmap`` (torch has no public query)."""
+    try:
+        return bool(torch._C._functorch.is_batchedtensor(x))
+    except AttributeError:  # a torch without the query: the in-place error stands
+        return False
 
 
 class _Acting(TensorDictSequential):
@@ -143,7 +210,9 @@ class _Acting(TensorDictSequential):
 def policy_transforms(agent: DreamerAgent) -> Compose:
     """The transforms a torchrl env needs to run :func:`policy_module` in ``env.rollout``: an
     ``InitTracker`` and a primer of the recurrent carry (zeros at every reset; the posterior
-    zeroes it at ``is_init`` anyway). The agent's parameters give the carry's device and dtype."""
+    zeroes it at ``is_init`` anyway; between resets the policy writes it under ``"next"``,
+    which torchrl moves to the next step's root). The agent's parameters give the carry's
+    device and dtype."""
     _require_dreamer(agent)
     p = next(agent.parameters())
     rssm = agent.world_model.rssm

@@ -234,13 +234,18 @@ class DecodePixels(_LatentHead):
 _LATENT = [keys.BELIEF, keys.STATE]
 
 
+def posterior_in_keys(is_first_key: str = keys.IS_FIRST) -> list:
+    """The posterior step's in_keys, in :class:`PosteriorStep`'s argument order."""
+    return [keys.PIXELS, keys.PREV_ACTION, is_first_key, *_LATENT]
+
+
 def posterior_module(world_model: WorldModel, is_first_key=keys.IS_FIRST) -> TensorDictModule:
     """Filtering step; keys in the module docstring. ``is_first_key`` names the episode-start
     flag: torchrl's ``InitTracker`` writes ``"is_init"``, so a tensordict from a torchrl
     pipeline is read with ``is_first_key="is_init"``."""
     return TensorDictModule(
         PosteriorStep(world_model, is_first_key),
-        in_keys=[keys.PIXELS, keys.PREV_ACTION, is_first_key, *_LATENT],
+        in_keys=posterior_in_keys(is_first_key),
         out_keys=[*_LATENT, keys.POSTERIOR_MEAN, keys.POSTERIOR_STD],
     )
 

@@ -23,6 +23,7 @@ from agents.modules import (
     load_agent,
     policy_module,
     policy_transforms,
+    value_module,
 )
 from agents.planner import PlannerAgent
 from tests.tiny_run import write_tiny_dreamer_run
@@ -155,7 +156,7 @@ def test_policy_rollout_acts_exactly_as_the_agent_across_episode_ends(
     torch.manual_seed(3)
     rollout = env.rollout(13, policy_module(agent, explore=explore), break_when_any_done=False)
     env.close()
-    assert not rollout[keys.BELIEF].requires_grad and not rollout[keys.ACTION].requires_grad
+    assert not rollout["next", keys.BELIEF].requires_grad and not rollout[keys.ACTION].requires_grad
     rows = rollout if num_envs > 1 else rollout.unsqueeze(0)  # [N, T]
     starts = rows[IS_INIT][0].flatten().nonzero().flatten().tolist()
     assert starts == [0, 5, 10]  # three episodes: the carry is reset twice on the way
@@ -164,11 +165,67 @@ def test_policy_rollout_acts_exactly_as_the_agent_across_episode_ends(
     mode = "explore" if explore else "eval"
     for t in range(rows.shape[1]):
         step = rows[:, t]
+        # The row keeps the carry it was filtered with (torchrl's recurrent layout) ...
+        assert torch.equal(carry.state.h, step[keys.BELIEF]) or t in starts, t
+        assert torch.equal(carry.prev_action, step[keys.PREV_ACTION]) or t in starts, t
         action, carry = agent.act(step[keys.PIXELS], step[IS_INIT], carry, mode)
         assert torch.equal(action, step[keys.ACTION]), t
-        assert torch.equal(carry.state.h, step[keys.BELIEF]), t
-        assert torch.equal(carry.state.z, step[keys.STATE]), t
+        # ... and the new one is under "next", where torchrl takes the next row's from.
+        assert torch.equal(carry.state.h, step["next", keys.BELIEF]), t
+        assert torch.equal(carry.state.z, step["next", keys.STATE]), t
+        assert torch.equal(action, step["next", keys.PREV_ACTION]), t
+    for t in set(range(rows.shape[1] - 1)) - {s - 1 for s in starts}:  # within episodes
+        for key in (keys.BELIEF, keys.STATE, keys.PREV_ACTION):
+            assert torch.equal(rows["next", key][:, t], rows[key][:, t + 1]), (key, t)
     assert rows[keys.ACTION].std() > 0  # the actions depend on the frames
+
+
+def test_value_module_gives_torchrl_td_lambda_the_values_of_the_filtered_frames(tmp_path):
+    """On a real rollout of policy_module, TDLambdaEstimator with value_module gives the
+    λ-returns of an independent recursion on V(s_t) = critic(h_t, z_t), the states
+    DreamerAgent.act filters frame by frame (the last bootstrap from the final next frame);
+    value_module writes nothing but the value. Under vmap (the estimator's default) it says
+    what to change."""
+    write_tiny_dreamer_run(tmp_path, time_limit=0.1)
+    state = load_checkpoint(tmp_path)
+    conf = state["run_config"]
+    agent = build_agent(conf["agent"], conf["obs_model"], OBS, 1)
+    _randomise(agent, seed=2)
+    agent.eval()
+    env = TransformedEnv(
+        make_dmc_env("cartpole-swingup", image_size=OBS[-1], render="fast", time_limit=1.0),
+        policy_transforms(agent),
+    )
+    rollout = env.rollout(9, policy_module(agent, explore=False))
+    env.close()
+    before = set(rollout.keys(True))
+    gamma, lmbda = 0.9, 0.8
+    with torch.no_grad():
+        value = value_module(agent)
+        estimator = TDLambdaEstimator(
+            gamma=gamma, lmbda=lmbda, value_network=value, deactivate_vmap=True
+        )
+        target = estimator(rollout.clone())["value_target"].squeeze(-1).double()  # [T]
+        with pytest.raises(RuntimeError, match="build torchrl's value estimator with deactivate"):
+            TDLambdaEstimator(gamma=gamma, lmbda=lmbda, value_network=value)(rollout.clone())
+        frames = torch.cat([rollout[keys.PIXELS], rollout["next", keys.PIXELS][-1:]])
+        carry, values = agent.initial_carry(1), []
+        for t, frame in enumerate(frames):
+            _, carry = agent.act(frame[None], torch.tensor([[t == 0]]), carry, "eval")
+            feat = torch.cat([carry.state.h, carry.state.z], -1)
+            values.append(agent.critic(feat).mean.double().squeeze(0))
+    values = torch.stack(values)  # V(s_0) .. V(s_T)
+    assert values.std() > 0
+    reward = rollout["next", keys.REWARD].squeeze(-1).double()
+    assert not rollout["next", keys.DONE].any()
+    expected, ret = torch.empty_like(reward), values[-1]
+    for t in reversed(range(len(reward))):
+        ret = reward[t] + gamma * ((1 - lmbda) * values[t + 1] + lmbda * ret)
+        expected[t] = ret
+    torch.testing.assert_close(target, expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        out = value_module(agent)(rollout.clone())
+    assert set(out.keys(True)) == before | {keys.STATE_VALUE}
 
 
 def test_critic_module_gives_torchrl_td_lambda_the_critics_values(tiny_run):
