@@ -41,6 +41,9 @@ class DreamerAgent(WorldModelAgent):
         compile: ``torch.compile`` the RSSM steps and MLP heads (:mod:`aefrl.compiled`).
         autocast: ``"none"`` or ``"bf16"``: the MLPs and conv trunks of the updates in bf16,
             the rest in float32 (:mod:`aefrl.precision`).
+        explore_noise: std of Gaussian noise added to the actor's sampled actions while
+            collecting (``"explore"`` mode; clipped to [-1, 1]): DreamerV1's 0.3; 0 (the
+            default, DreamerV3's) collects with the actor's own samples.
     """
 
     def __init__(
@@ -60,9 +63,13 @@ class DreamerAgent(WorldModelAgent):
         adam_eps: float = 1e-6,
         compile: bool = False,
         autocast: str = "none",
+        explore_noise: float = 0.0,
     ) -> None:
         super().__init__()
         self.autocast = check_autocast(autocast)
+        if not explore_noise >= 0:  # also refuses nan
+            raise ValueError(f"explore_noise must be >= 0, got {explore_noise}")
+        self.explore_noise = float(explore_noise)
         self.world_model = WorldModel(tuple(obs_shape), action_dim, **(world_model or {}))
         feat = self.world_model.feat_dim
         self.actor = Actor(feat, action_dim, **(actor or {}))
@@ -99,8 +106,9 @@ class DreamerAgent(WorldModelAgent):
         """One policy step. ``pixels`` uint8 ``[N, C, H, W]`` (o_t), ``is_first`` ``[N, 1]``.
 
         Filters o_t with the posterior (sampled in VAE mode, deterministic in AEF modes), then
-        samples ``a_t ~ π(feat_t)`` (``"explore"``) or takes its mode (``"eval"``); ``"random"``
-        skips the actor and returns zeros for the caller to replace (see :data:`ACT_MODES`).
+        samples ``a_t ~ π(feat_t)``, plus ``N(0, explore_noise²)`` clipped to [-1, 1]
+        (``"explore"``), or takes its mode (``"eval"``); ``"random"`` skips the actor and
+        returns zeros for the caller to replace (see :data:`ACT_MODES`).
         Returns ``a_t [N, A]`` and the new carry.
         """
         if mode not in ACT_MODES:
@@ -112,6 +120,8 @@ class DreamerAgent(WorldModelAgent):
             action = placeholder_action(carry)
             return action, Carry(state, action)
         action = self.actor.act(state.feat, explore=mode == "explore")
+        if mode == "explore" and self.explore_noise > 0:
+            action = (action + self.explore_noise * torch.randn_like(action)).clamp(-1.0, 1.0)
         return action, Carry(state, action)
 
     # --- training --------------------------------------------------------------------------------

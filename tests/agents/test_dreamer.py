@@ -64,6 +64,31 @@ def test_bounded_normal_acts_in_bounds_and_feeds_the_executed_action_back():
     )
 
 
+def test_explore_noise_adds_clipped_gaussian_noise_to_collected_actions_only():
+    """``explore_noise``: the actor's sample plus N(0, σ²) from the same torch stream, clipped to
+    [-1, 1] and fed back as the next step's action; evaluation takes the mode without it."""
+    agent = tiny_agent("aef")
+    noisy = tiny_agent("aef")
+    noisy.load_state_dict(agent.state_dict())
+    noisy.explore_noise = 0.5
+    pixels = torch.randint(0, 256, (256, *OBS), dtype=torch.uint8)
+    first = torch.ones(256, 1, dtype=torch.bool)
+    torch.manual_seed(4)
+    plain, _ = agent.act(pixels, first, agent.initial_carry(256), "explore")
+    torch.manual_seed(4)
+    action, carry = noisy.act(pixels, first, noisy.initial_carry(256), "explore")
+    torch.manual_seed(4)
+    agent.act(pixels, first, agent.initial_carry(256), "explore")  # the same draws consumed
+    expected = (plain + 0.5 * torch.randn_like(plain)).clamp(-1, 1)
+    torch.testing.assert_close(action, expected)
+    assert torch.equal(carry.prev_action, action) and (action.abs() == 1).any()
+    eval_noisy, _ = noisy.act(pixels, first, noisy.initial_carry(256), "eval")
+    eval_plain, _ = agent.act(pixels, first, agent.initial_carry(256), "eval")
+    assert torch.equal(eval_noisy, eval_plain)
+    with pytest.raises(ValueError, match=r"explore_noise must be >= 0, got -0\.1"):
+        DreamerAgent(OBS, ACTIONS, **TINY, explore_noise=-0.1)
+
+
 def test_acting_leaves_actnorm_to_the_first_training_batch():
     """ActNorm's data-dependent init belongs to the first training batch, not to the first
     frame the agent acts on (one frame, dequantised at the bin centre); the agent stays in

@@ -99,6 +99,7 @@ def test_rssm_hidden_null_is_hidden_and_a_number_sets_the_rssm():
         ),
         (["agent=planner", "agent.planner.method=grid"], "agent.planner.method must be one of"),
         (["agent=planner", "agent.explore_noise=-1"], "agent.explore_noise must be >= 0"),
+        (["agent.explore_noise=-1"], "agent.explore_noise must be >= 0"),
         # a group of settings given a value: was "'int' object is not a mapping"
         (["agent.world_model=5"], "agent.world_model is a group of settings, not a value"),
         (["agent.lr=0.1"], r"agent.lr is a group of settings, not a value: set its keys"),
