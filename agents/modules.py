@@ -85,6 +85,7 @@ class ActorAction(nn.Module):
     def forward(
         self, belief: torch.Tensor, state: torch.Tensor, noise: torch.Tensor | None = None
     ) -> torch.Tensor:
+        check_latent(belief, state, self.actor, "actor")
         explore = self.explore
         if explore is None:
             explore = exploration_type() == ExplorationType.RANDOM
@@ -103,7 +104,33 @@ class CriticValue(nn.Module):
         self.critic = critic
 
     def forward(self, belief: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        check_latent(belief, state, self.critic, "critic")
         return self.critic(torch.cat([belief, state], -1)).mean.unsqueeze(-1)
+
+
+def check_latent(belief: torch.Tensor, state: torch.Tensor, net: nn.Module, name: str) -> None:
+    """Refuse in one sentence a ``(belief [*B, H], state [*B, d])`` pair ``net`` cannot read
+    (its first weight gives H + d and the dtype), before it fails deep in a matmul. Shapes and
+    dtypes only: no values are read."""
+    weight = next(p for p in net.parameters() if p.dim() == 2)
+    features = weight.shape[1]
+    for key, x in ((keys.BELIEF, belief), (keys.STATE, state)):
+        if not isinstance(x, torch.Tensor) or x.dim() < 1:
+            raise ValueError(f"{key} must be a [*B, size] tensor, got {type(x).__name__}")
+    if belief.shape[:-1] != state.shape[:-1]:
+        raise ValueError(
+            f"belief and state must share their batch shape, got {list(belief.shape[:-1])} "
+            f"and {list(state.shape[:-1])}"
+        )
+    if belief.shape[-1] + state.shape[-1] != features:
+        raise ValueError(
+            f"the {name} reads belief and state of {features} features together (the model's "
+            f"H + d), got {belief.shape[-1]} + {state.shape[-1]}"
+        )
+    autocast = torch.is_autocast_enabled(weight.device.type)
+    for key, x in ((keys.BELIEF, belief), (keys.STATE, state)):
+        if x.dtype != weight.dtype and not autocast:
+            raise ValueError(f"{key} must be {weight.dtype} (the {name}'s dtype), got {x.dtype}")
 
 
 class _PrevAction(nn.Module):

@@ -97,6 +97,15 @@ class ImaginationEnv(ModelBasedEnvBase):
         self._latent_sizes = {keys.BELIEF: rssm.deter, keys.STATE: rssm.latent_dim}
         self._dtype = dtype
 
+    def reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
+        """torchrl's reset, from a tensordict without dimension names: start states taken from
+        a rollout (``rollout["next"].select("belief", "state")``) keep its ``"time"`` name, and
+        a rollout from them would stack a second ``"time"`` dimension, which torchrl refuses."""
+        if tensordict is not None and any(name is not None for name in tensordict.names):
+            tensordict = tensordict.clone(False)  # the caller's keeps its names
+            tensordict.names = None
+        return super().reset(tensordict, **kwargs)
+
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
         shape = tensordict.batch_size if tensordict is not None else self.batch_size
         if kwargs.get("set_state"):

@@ -139,6 +139,11 @@ class PosteriorStep(nn.Module):
             inputs["noise"] = (noise, rssm.latent_dim)
         check_step_inputs(rssm, inputs)
         lead = belief.shape[:-1]
+        if pixels.dim() < 3 or pixels.shape[:-3] != lead:  # a reshape would mix frames up
+            raise ValueError(
+                f"pixels must be [*B, C, H, W] with belief's *B {list(lead)}, got shape "
+                f"{list(pixels.shape)}"
+            )
         post, mu_q, sigma_q = filter_step(
             self.world_model,
             RSSMState(_flat(belief, lead, 1), _flat(state, lead, 1)),
@@ -328,8 +333,8 @@ def stored_action_dim(state: dict, expected: int | None = None) -> int:
         )
     if expected is not None and acts != expected:
         raise CheckpointError(
-            f"the checkpoint's agent takes {acts}-d actions, its task "
-            f"{conf['env'].get('task')!r} has {expected}"
+            f"the checkpoint's agent (trained on {conf['env'].get('task')!r}) takes {acts}-d "
+            f"actions, the environment given has {expected}"
         )
     return acts
 

@@ -94,7 +94,8 @@ def test_load_agent_says_in_one_line_what_does_not_fit(tmp_path):
 
     state = load_checkpoint(tmp_path)
     state["run_config"] = conf
-    with pytest.raises(CheckpointError, match="takes 1-d actions, its task 'cartpole-swingup'"):
+    message = r"\(trained on 'cartpole-swingup'\) takes 1-d actions, the environment given has 6"
+    with pytest.raises(CheckpointError, match=message):
         agent_from_checkpoint(state, action_dim=6)
     # Weights that are not the configuration's read a wrong action size off the RSSM's input
     # layer; they were refused for the task's actions ("takes 3-d actions").
@@ -368,3 +369,29 @@ def test_load_agent_compiles_only_when_asked_and_checks_the_device_first(tiny_ru
     monkeypatch.setattr(modules_module, "load_checkpoint", never)
     with pytest.raises(ValueError, match="map_location=gpu is not a device: use auto, cpu, cuda"):
         load_agent(run_dir, map_location="gpu")
+
+
+def test_the_actor_and_critic_modules_name_a_latent_they_cannot_take(tiny_run):
+    """A wrong size, batch shape or dtype is one sentence (it was a matmul error from deep in
+    the MLP); a valid pair passes."""
+    _, agent = tiny_run
+    rssm = agent.world_model.rssm
+    h, z = torch.zeros(2, rssm.deter), torch.zeros(2, rssm.latent_dim)
+    features = rssm.deter + rssm.latent_dim
+    for name, module in (
+        ("actor", actor_module(agent.actor)),
+        ("critic", critic_module(agent.critic)),
+    ):
+        plain = module.module
+        assert plain(h, z).shape[0] == 2
+        size = rf"the {name} reads belief and state of {features} features together"
+        with pytest.raises(
+            ValueError, match=size + rf".*got {rssm.deter + 1} \+ {rssm.latent_dim}"
+        ):
+            plain(torch.zeros(2, rssm.deter + 1), z)
+        with pytest.raises(ValueError, match=r"share their batch shape, got \[2\] and \[3\]"):
+            plain(h, torch.zeros(3, rssm.latent_dim))
+        with pytest.raises(
+            ValueError, match=rf"state must be torch.float32 \(the {name}'s dtype\)"
+        ):
+            plain(h, z.double())

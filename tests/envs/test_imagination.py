@@ -91,6 +91,18 @@ def test_reset_observes_the_continue_probability_of_the_start_state(kind):
     torch.testing.assert_close(env.reset(TensorDict({}, [3]))[keys.PRED_CONTINUE], zeros)
 
 
+def test_states_from_a_rollout_with_a_time_dimension_start_a_rollout():
+    """Start states selected from a rollout keep its "time" dimension name; a rollout from
+    them stacked a second "time" and torchrl refused it. The caller's tensordict keeps its
+    names."""
+    env = ImaginationEnv(tiny_world_model("aef"))
+    start = _latent(5)
+    start.names = ["time"]
+    rollout = env.rollout(3, auto_reset=False, tensordict=env.reset(start, set_state=True))
+    assert rollout.shape == (5, 3) and rollout.names == [None, "time"]
+    assert start.names == ["time"]
+
+
 def test_reset_without_state_starts_from_zeros_and_refuses_missing_state():
     env = ImaginationEnv(tiny_world_model("aef"))
     td = env.reset(TensorDict({}, [2, 3]))
@@ -255,6 +267,15 @@ def test_inputs_the_model_cannot_take_are_named_in_one_sentence():
     prior = world_model_modules(wm)["prior"].module  # plain tensors: no tensordict to check
     with pytest.raises(ValueError, match=r"action has batch shape \[3\], belief \[2\]"):
         prior(torch.zeros(2, H), torch.zeros(2, D), torch.zeros(3, ACTIONS))
+    # The posterior compares the frames' batch shape too: [3] frames for [2] states failed in
+    # a reshape, and [2, 3] frames for [6] states were flattened into them without a word.
+    posterior = world_model_modules(wm)["posterior"].module
+    frames = torch.zeros(6, *OBS, dtype=torch.uint8)
+    carry = (torch.zeros(6, ACTIONS), torch.zeros(6, 1, dtype=torch.bool), *_latent(6).values())
+    assert posterior(frames, *carry)[0].shape == (6, H)
+    for bad in (frames[:3], frames.view(2, 3, *OBS)):
+        with pytest.raises(ValueError, match=r"pixels must be \[\*B, C, H, W\] with belief's"):
+            posterior(bad, *carry)
     # Under autocast the step hands back a bf16 state, which the next step must take.
     with torch.autocast("cpu", dtype=torch.bfloat16):
         rollout = env.rollout(3, auto_reset=False, tensordict=td.clone())
