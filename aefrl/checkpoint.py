@@ -120,6 +120,11 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
             f"no checkpoint at {path} (expected a run directory holding {CHECKPOINT_NAME}, "
             "or the file itself)"
         )
+    if path.suffix in (".yaml", ".yml", ".jsonl", ".json"):  # a run's other files
+        raise CheckpointError(
+            f"{path} is a run's {path.suffix[1:]} file, not a checkpoint; pass the run "
+            f"directory ({path.parent}) or its {CHECKPOINT_NAME}"
+        )
     bad = _failed_checksum(path)
     if bad is not None:
         raise CheckpointError(

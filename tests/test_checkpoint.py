@@ -46,6 +46,10 @@ def test_missing_and_corrupt_checkpoints_raise_one_clear_error(tmp_path):
     torch.save({"x": 1}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not an aefrl checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
+    # A run's configuration given for its checkpoint: said, not "unreadable: IndexError".
+    (tmp_path / "run_config.yaml").write_text("seed: 0\n")
+    with pytest.raises(CheckpointError, match=r"run_config.yaml is a run's yaml file, not a"):
+        load_checkpoint(tmp_path / "run_config.yaml")
 
 
 def test_a_zeroed_block_inside_a_record_is_refused(tmp_path):

@@ -63,7 +63,13 @@ def check_step_inputs(rssm, inputs: dict, dtype: torch.dtype | None = None) -> N
     nothing waits for a device."""
     missing = [name for name, (x, _) in inputs.items() if not isinstance(x, torch.Tensor)]
     if missing:
-        raise KeyError(f"the step needs {missing} (a tensordict without them?)")
+        hint = (
+            f' (torchrl\'s InitTracker writes "{keys.IS_INIT}": is_first_key="{keys.IS_INIT}" '
+            "reads it)"
+            if keys.IS_FIRST in missing
+            else " (a tensordict without them?)"
+        )
+        raise KeyError(f"the step needs {missing}{hint}")
     lead = first = None
     dtype = dtype or rssm.gru.weight_hh.dtype
     for name, (x, size) in inputs.items():

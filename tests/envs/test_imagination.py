@@ -267,6 +267,17 @@ def test_inputs_the_model_cannot_take_are_named_in_one_sentence():
     prior = world_model_modules(wm)["prior"].module  # plain tensors: no tensordict to check
     with pytest.raises(ValueError, match=r"action has batch shape \[3\], belief \[2\]"):
         prior(torch.zeros(2, H), torch.zeros(2, D), torch.zeros(3, ACTIONS))
+    # A torchrl pipeline's tensordict holds "is_init", not "is_first": the error says which
+    # key reads it.
+    td_init = _latent(6).update(
+        {
+            keys.PIXELS: torch.zeros(6, *OBS, dtype=torch.uint8),
+            keys.PREV_ACTION: torch.zeros(6, ACTIONS),
+        }
+    )
+    td_init[keys.IS_INIT] = torch.ones(6, 1, dtype=torch.bool)
+    with pytest.raises(KeyError, match=r"is_first_key=\"is_init\" reads it"):
+        world_model_modules(wm)["posterior"](td_init)
     # The posterior compares the frames' batch shape too: [3] frames for [2] states failed in
     # a reshape, and [2, 3] frames for [6] states were flattened into them without a word.
     posterior = world_model_modules(wm)["posterior"].module
