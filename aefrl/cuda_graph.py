@@ -79,7 +79,7 @@ def restore_flags(
     dtype recorded in ``steps`` for a parameter listed there, else on the CPU unless capturable
     or fused (a device counter would be read back with ``.item()`` at every eager step)."""
     steps = steps or {}
-    for group, group_flags in zip(optimizer.param_groups, flags, strict=True):
+    for group, group_flags in zip(optimizer.param_groups, flags):  # groups added later: kept
         group.update(group_flags)
         on_device = bool(group_flags.get("capturable") or group_flags.get("fused"))
         for p in group["params"]:

@@ -60,7 +60,12 @@ from aefrl import keys
 from aefrl.actor_critic import Actor, Critic
 from aefrl.checkpoint import CheckpointError, load_checkpoint, load_error_summary
 from aefrl.devices import usable_device
-from aefrl.world_model.modules import PosteriorStep, posterior_in_keys, stored_action_dim
+from aefrl.world_model.modules import (
+    PosteriorStep,
+    autocast_dtype,
+    posterior_in_keys,
+    stored_action_dim,
+)
 from agents.dreamer import DreamerAgent
 from agents.factory import build_agent
 
@@ -76,11 +81,16 @@ class ActorAction(nn.Module):
     collect; the mode under any other type or none, as in a plain ``env.rollout``). With
     autograd on, a sample is reparameterised (``rsample``): torchrl's ``DreamerActorLoss``
     samples under RANDOM and backpropagates its returns through the actions into the actor.
-    ``noise [*B, A]``, optional: the sample's standard-normal draw (:meth:`Actor.act`)."""
+    ``noise [*B, A]``, optional: the sample's standard-normal draw (:meth:`Actor.act`).
+    ``collect_noise``: std of the Gaussian noise added to a sample and clipped, as
+    :meth:`DreamerAgent.act` does with ``explore_noise`` (acting only: refused with autograd
+    on, where the loss would differentiate through a clipped action)."""
 
-    def __init__(self, actor: Actor, explore: bool | None = None) -> None:
+    def __init__(
+        self, actor: Actor, explore: bool | None = None, collect_noise: float = 0.0
+    ) -> None:
         super().__init__()
-        self.actor, self.explore = actor, explore
+        self.actor, self.explore, self.collect_noise = actor, explore, float(collect_noise)
 
     def forward(
         self, belief: torch.Tensor, state: torch.Tensor, noise: torch.Tensor | None = None
@@ -90,9 +100,13 @@ class ActorAction(nn.Module):
         if explore is None:
             explore = exploration_type() == ExplorationType.RANDOM
         feat = torch.cat([belief, state], -1)
-        return self.actor.act(
-            feat, explore=explore, reparameterize=torch.is_grad_enabled(), noise=noise
-        )
+        grad = torch.is_grad_enabled()
+        action = self.actor.act(feat, explore=explore, reparameterize=grad, noise=noise)
+        if explore and self.collect_noise > 0:
+            if grad:
+                raise RuntimeError("collect_noise is for acting: run the actor without autograd")
+            action = (action + self.collect_noise * torch.randn_like(action)).clamp(-1.0, 1.0)
+        return action
 
 
 class CriticValue(nn.Module):
@@ -108,12 +122,11 @@ class CriticValue(nn.Module):
         return self.critic(torch.cat([belief, state], -1)).mean.unsqueeze(-1)
 
 
-def check_latent(belief: torch.Tensor, state: torch.Tensor, net: nn.Module, name: str) -> None:
-    """Refuse in one sentence a ``(belief [*B, H], state [*B, d])`` pair ``net`` cannot read
-    (its first weight gives H + d and the dtype), before it fails deep in a matmul. Shapes and
-    dtypes only: no values are read."""
-    weight = next(p for p in net.parameters() if p.dim() == 2)
-    features = weight.shape[1]
+def check_latent(belief: torch.Tensor, state: torch.Tensor, head: nn.Module, name: str) -> None:
+    """Refuse in one sentence a ``(belief [*B, H], state [*B, d])`` pair ``head`` (an actor or
+    critic: its MLP ``net`` reads H + d features) cannot read, before it fails deep in a matmul.
+    Shapes and dtypes only: no values are read."""
+    features = head.net.in_dim
     for key, x in ((keys.BELIEF, belief), (keys.STATE, state)):
         if not isinstance(x, torch.Tensor) or x.dim() < 1:
             raise ValueError(f"{key} must be a [*B, size] tensor, got {type(x).__name__}")
@@ -127,10 +140,11 @@ def check_latent(belief: torch.Tensor, state: torch.Tensor, net: nn.Module, name
             f"the {name} reads belief and state of {features} features together (the model's "
             f"H + d), got {belief.shape[-1]} + {state.shape[-1]}"
         )
-    autocast = torch.is_autocast_enabled(weight.device.type)
+    dtype = next(head.parameters()).dtype
     for key, x in ((keys.BELIEF, belief), (keys.STATE, state)):
-        if x.dtype != weight.dtype and not autocast:
-            raise ValueError(f"{key} must be {weight.dtype} (the {name}'s dtype), got {x.dtype}")
+        # autocast asked only on a mismatch: it knows no meta device
+        if x.dtype != dtype and x.dtype != autocast_dtype(x.device):
+            raise ValueError(f"{key} must be {dtype} (the {name}'s dtype), got {x.dtype}")
 
 
 class _PrevAction(nn.Module):
@@ -170,7 +184,9 @@ def policy_module(
             out_keys=[*_NEXT_LATENT, keys.POSTERIOR_MEAN, keys.POSTERIOR_STD],
         ),
         TensorDictModule(
-            ActorAction(agent.actor, explore), in_keys=_NEXT_LATENT, out_keys=[keys.ACTION]
+            ActorAction(agent.actor, explore, agent.explore_noise),
+            in_keys=_NEXT_LATENT,
+            out_keys=[keys.ACTION],
         ),
         TensorDictModule(
             _PrevAction(), in_keys=[keys.ACTION], out_keys=[("next", keys.PREV_ACTION)]

@@ -85,11 +85,11 @@ def check_step_inputs(rssm, inputs: dict, dtype: torch.dtype | None = None) -> N
                 "input is [*B, size] with the same *B"
             )
         latent = name in (keys.BELIEF, keys.STATE)
-        if latent and x.dtype != dtype and x.dtype != _autocast_dtype(x.device):
+        if latent and x.dtype != dtype and x.dtype != autocast_dtype(x.device):
             raise ValueError(f"{name} must be {dtype} (the model's dtype), got {x.dtype}")
 
 
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """Autocast's dtype where it is on for ``device`` (a step under it hands back states in that
     dtype), else None. Asked only on a mismatch: the model's own dtype needs no query."""
     try:

@@ -1,6 +1,8 @@
 """A trained agent from torchrl code: load_agent, the actor / critic modules, and the whole policy
 in torchrl's env.rollout (agents/modules.py)."""
 
+import copy
+
 import pytest
 import torch
 from tensordict import TensorDict
@@ -17,6 +19,7 @@ from agents.dreamer import DreamerAgent
 from agents.factory import build_agent
 from agents.modules import (
     IS_INIT,
+    ActorAction,
     actor_module,
     agent_from_checkpoint,
     critic_module,
@@ -136,8 +139,10 @@ def test_policy_rollout_acts_exactly_as_the_agent_across_episode_ends(
 ):
     """torchrl's env.rollout with policy_module / policy_transforms takes the actions and
     filters the states DreamerAgent.act takes on the same frames, resets included: for the
-    deterministic and the sampling posterior, acting by the mode or by samples (the same
-    draws), on one env and on a batch of two; and it builds no autograd graph."""
+    deterministic and the sampling posterior, acting by the mode or by samples with the run's
+    explore_noise (the same draws), on one env and on a batch of two whose episodes end at
+    different steps (partial resets); rows keep the carry they were filtered with (zeros at a
+    start) and the new one is under "next"; and it builds no autograd graph."""
     from torchrl.envs import SerialEnv
 
     write_tiny_dreamer_run(tmp_path, time_limit=0.1, obs_model=obs_model)
@@ -148,37 +153,46 @@ def test_policy_rollout_acts_exactly_as_the_agent_across_episode_ends(
     state["agent"] = agent.state_dict()
     save_checkpoint(tmp_path / "checkpoint.pt", state)
     agent = load_agent(tmp_path)
+    agent.explore_noise = 0.3 if explore else 0.0  # collected as DreamerAgent.act collects
 
-    def make():
-        return make_dmc_env("cartpole-swingup", image_size=OBS[-1], render="fast", time_limit=0.1)
+    def make(limit):
+        return lambda: make_dmc_env(
+            "cartpole-swingup", image_size=OBS[-1], render="fast", time_limit=limit
+        )
 
-    base = make() if num_envs == 1 else SerialEnv(num_envs, make)
+    base = make(0.1)() if num_envs == 1 else SerialEnv(2, [make(0.1), make(0.16)])
     env = TransformedEnv(base, policy_transforms(agent))
     torch.manual_seed(3)
     rollout = env.rollout(13, policy_module(agent, explore=explore), break_when_any_done=False)
     env.close()
     assert not rollout["next", keys.BELIEF].requires_grad and not rollout[keys.ACTION].requires_grad
     rows = rollout if num_envs > 1 else rollout.unsqueeze(0)  # [N, T]
-    starts = rows[IS_INIT][0].flatten().nonzero().flatten().tolist()
-    assert starts == [0, 5, 10]  # three episodes: the carry is reset twice on the way
+    starts = [r.flatten().nonzero().flatten().tolist() for r in rows[IS_INIT]]
+    assert starts[0] == [0, 5, 10]  # three episodes: the carry is reset twice on the way
+    assert num_envs == 1 or starts[1] == [0, 8]  # the second env's reset is a partial one
     torch.manual_seed(3)
     carry = agent.initial_carry(num_envs)
     mode = "explore" if explore else "eval"
     for t in range(rows.shape[1]):
         step = rows[:, t]
-        # The row keeps the carry it was filtered with (torchrl's recurrent layout) ...
-        assert torch.equal(carry.state.h, step[keys.BELIEF]) or t in starts, t
-        assert torch.equal(carry.prev_action, step[keys.PREV_ACTION]) or t in starts, t
-        action, carry = agent.act(step[keys.PIXELS], step[IS_INIT], carry, mode)
+        first = step[IS_INIT]  # [N, 1]
+        # The row keeps the carry it was filtered with: the last step's, the primer's zeros at
+        # a start (torchrl's recurrent layout) ...
+        assert torch.equal(step[keys.BELIEF], torch.where(first, 0.0, carry.state.h)), t
+        assert torch.equal(step[keys.STATE], torch.where(first, 0.0, carry.state.z)), t
+        assert torch.equal(step[keys.PREV_ACTION], torch.where(first, 0.0, carry.prev_action)), t
+        action, carry = agent.act(step[keys.PIXELS], first, carry, mode)
         assert torch.equal(action, step[keys.ACTION]), t
         # ... and the new one is under "next", where torchrl takes the next row's from.
         assert torch.equal(carry.state.h, step["next", keys.BELIEF]), t
         assert torch.equal(carry.state.z, step["next", keys.STATE]), t
         assert torch.equal(action, step["next", keys.PREV_ACTION]), t
-    for t in set(range(rows.shape[1] - 1)) - {s - 1 for s in starts}:  # within episodes
+    for t in range(rows.shape[1] - 1):  # within episodes, "next" is the next row
+        goes_on = ~rows[IS_INIT][:, t + 1].squeeze(-1)
         for key in (keys.BELIEF, keys.STATE, keys.PREV_ACTION):
-            assert torch.equal(rows["next", key][:, t], rows[key][:, t + 1]), (key, t)
+            assert torch.equal(rows["next", key][goes_on, t], rows[key][goes_on, t + 1]), (key, t)
     assert rows[keys.ACTION].std() > 0  # the actions depend on the frames
+    assert (rows[keys.ACTION].abs() == 1).any() == explore  # the noise's clipping
 
 
 def test_value_module_gives_torchrl_td_lambda_the_values_of_the_filtered_frames(tmp_path):
@@ -206,7 +220,9 @@ def test_value_module_gives_torchrl_td_lambda_the_values_of_the_filtered_frames(
         estimator = TDLambdaEstimator(
             gamma=gamma, lmbda=lmbda, value_network=value, deactivate_vmap=True
         )
-        target = estimator(rollout.clone())["value_target"].squeeze(-1).double()  # [T]
+        estimated = estimator(rollout.clone())
+        target = estimated["value_target"].squeeze(-1).double()  # [T]
+        advantage = estimated["advantage"].squeeze(-1).double()
         with pytest.raises(RuntimeError, match="build torchrl's value estimator with deactivate"):
             TDLambdaEstimator(gamma=gamma, lmbda=lmbda, value_network=value)(rollout.clone())
         frames = torch.cat([rollout[keys.PIXELS], rollout["next", keys.PIXELS][-1:]])
@@ -224,6 +240,8 @@ def test_value_module_gives_torchrl_td_lambda_the_values_of_the_filtered_frames(
         ret = reward[t] + gamma * ((1 - lmbda) * values[t + 1] + lmbda * ret)
         expected[t] = ret
     torch.testing.assert_close(target, expected, rtol=1e-5, atol=1e-5)
+    # The advantage reads the root's values: V(s_t), frame t filtered with the row's carry.
+    torch.testing.assert_close(advantage, expected - values[:-1], rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         out = value_module(agent)(rollout.clone())
     assert set(out.keys(True)) == before | {keys.STATE_VALUE}
@@ -395,3 +413,12 @@ def test_the_actor_and_critic_modules_name_a_latent_they_cannot_take(tiny_run):
             ValueError, match=rf"state must be torch.float32 \(the {name}'s dtype\)"
         ):
             plain(h, z.double())
+    # The collection noise is for acting: a loss would differentiate through clipped actions.
+    noisy = ActorAction(agent.actor, explore=True, collect_noise=0.3)
+    with pytest.raises(RuntimeError, match="collect_noise is for acting"):
+        noisy(h, z)
+    with torch.no_grad():
+        assert noisy(h, z).abs().max() <= 1
+    # Checks read shapes and dtypes only: meta tensors (shape inference) pass.
+    meta = critic_module(copy.deepcopy(agent.critic).to("meta")).module
+    assert meta(h.to("meta"), z.to("meta")).shape == (2, 1)
