@@ -18,8 +18,9 @@ actor      belief [*B, H], state [*B, d]          action [*B, A] in [-1, 1] (a s
                                                   collectors set; the mode otherwise)
 critic     belief, state                          state_value [*B, 1] (the two-hot head's mean)
 policy     pixels uint8 [*B, C, H, W], is_init,   ("next", belief), ("next", state) (h_t, z_t),
-           prev_action, belief, state             posterior_mean / _std, action, ("next",
-           (a_{t-1}, h_{t-1}, z_{t-1})            prev_action) (= action)
+           prev_action, belief, state             posterior_mean / _std, action (a sample plus
+           (a_{t-1}, h_{t-1}, z_{t-1})            the run's explore_noise, or the mode), ("next",
+                                                  prev_action) (= action)
 value      pixels, prev_action, belief, state     state_value (the critic at the filtered state)
 =========  =====================================  ===============================================
 
@@ -60,6 +61,7 @@ from aefrl import keys
 from aefrl.actor_critic import Actor, Critic
 from aefrl.checkpoint import CheckpointError, load_checkpoint, load_error_summary
 from aefrl.devices import usable_device
+from aefrl.nn import MLP
 from aefrl.world_model.modules import (
     PosteriorStep,
     autocast_dtype,
@@ -126,7 +128,8 @@ def check_latent(belief: torch.Tensor, state: torch.Tensor, head: nn.Module, nam
     """Refuse in one sentence a ``(belief [*B, H], state [*B, d])`` pair ``head`` (an actor or
     critic: its MLP ``net`` reads H + d features) cannot read, before it fails deep in a matmul.
     Shapes and dtypes only: no values are read."""
-    features = head.net.in_dim
+    mlp = next((m for m in head.modules() if isinstance(m, MLP)), None)  # a SlowCopy's too
+    features = None if mlp is None else mlp.in_dim
     for key, x in ((keys.BELIEF, belief), (keys.STATE, state)):
         if not isinstance(x, torch.Tensor) or x.dim() < 1:
             raise ValueError(f"{key} must be a [*B, size] tensor, got {type(x).__name__}")
@@ -135,7 +138,7 @@ def check_latent(belief: torch.Tensor, state: torch.Tensor, head: nn.Module, nam
             f"belief and state must share their batch shape, got {list(belief.shape[:-1])} "
             f"and {list(state.shape[:-1])}"
         )
-    if belief.shape[-1] + state.shape[-1] != features:
+    if features is not None and belief.shape[-1] + state.shape[-1] != features:
         raise ValueError(
             f"the {name} reads belief and state of {features} features together (the model's "
             f"H + d), got {belief.shape[-1]} + {state.shape[-1]}"
@@ -172,9 +175,11 @@ def policy_module(
     agent: DreamerAgent, explore: bool | None = None, is_first_key: str = IS_INIT
 ) -> TensorDictSequential:
     """The agent's whole policy from pixels (module docstring): posterior, actor (``explore``
-    as :func:`actor_module`'s), and the action kept as the next step's ``prev_action``; the new
-    carry goes under ``"next"``. ``is_first_key`` names the episode-start flag (torchrl's
-    ``InitTracker`` writes ``"is_init"``; aefrl's replay rows hold ``"is_first"``)."""
+    as :func:`actor_module`'s; a sample gets ``agent.explore_noise``, read when the policy is
+    built, added and clipped, as :meth:`DreamerAgent.act` collects), and the action kept as the
+    next step's ``prev_action``; the new carry goes under ``"next"``. ``is_first_key`` names
+    the episode-start flag (torchrl's ``InitTracker`` writes ``"is_init"``; aefrl's replay rows
+    hold ``"is_first"``)."""
     _require_dreamer(agent)
     posterior = PosteriorStep(agent.world_model, is_first_key)
     return _Acting(

@@ -180,8 +180,12 @@ def test_make_capturable_switches_adam_and_refuses_others():
     # The warm-up's state: a capturable step, on the GPU (here a float64 stands for "not
     # where eager Adam keeps it", which is a CPU float32)
     adam.state[q]["step"] = torch.tensor(1.0, dtype=torch.float64)
+    late = torch.nn.Parameter(torch.ones(4))  # a group added after the switch: left as it is
+    adam.add_param_group({"params": [late]})
+    late_flags = {k: adam.param_groups[2][k] for k in ("capturable", "fused", "foreach")}
     undo()  # what a failed capture does before the eager fallback (and its checkpoints)
     assert adam.param_groups[0] == before
+    assert {k: adam.param_groups[2][k] for k in late_flags} == late_flags
     assert adam.state[p]["step"].dtype == torch.float64 and adam.state[p]["step"] == 1
     step = adam.state[q]["step"]
     assert step.device.type == "cpu" and step.dtype == torch.float32 and step == 1
