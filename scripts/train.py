@@ -125,6 +125,16 @@ RESUME_OVERRIDABLE = {
 }
 
 
+def resume_hint(message: str) -> str:
+    """A resumed run's settings error, with the way out when the key it names (its first word,
+    ``key`` or ``key=value``) is one a resume may change: a run whose saved value a later check
+    refuses could otherwise read as impossible to resume."""
+    key = message.split(" ", 1)[0].split("=", 1)[0]
+    if key in RESUME_OVERRIDABLE:
+        return f"{message} (a resume may set {key} on the command line)"
+    return message
+
+
 def check_whole_number(key: str, value, minimum: int | None = None) -> None:
     """Refuse ``value`` unless it is a whole number (>= ``minimum``, if given): int() would
     truncate 2.5 without a word. Whole floats (``1e6`` from the command line) pass."""
@@ -701,7 +711,12 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
             )
             raise NothingToTrain(dict(resume_state["counters"]))
     updates_done = 0 if resume_state is None else resume_state["counters"]["updates"]
-    checked = check_settings(conf, updates_done)
+    try:
+        checked = check_settings(conf, updates_done)
+    except (UserError, ValueError) as exc:
+        if resume_state is None:
+            raise
+        raise UserError(resume_hint(str(exc))) from None
     if resume_state is not None:  # before anything is written
         check_weights(checked.agent, resume_state["agent"], run_dir / CHECKPOINT_NAME)
         check_disk_replay(checked.storage, resume_state["replay"], run_dir)

@@ -163,6 +163,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, monkeypatch):
     out = train(f"resume={run_dir}", "device=cpu", env=no_gpu)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "loop.cuda_graph=true needs a CUDA device, but device is cpu" in out.stderr
+    assert "(a resume may set loop.cuda_graph on the command line)" in out.stderr
     out = train(f"resume={run_dir}", "device=gpu")
     assert out.returncode == 2 and "device=gpu is not a device" in out.stderr, out.stderr
 
@@ -928,3 +929,19 @@ def test_a_resume_without_its_disk_replay_is_refused_before_anything_is_written(
     script.check_disk_replay("disk", state, tmp_path)
     script.check_disk_replay("memory", state, tmp_path / "elsewhere")  # in the checkpoint
     script.check_disk_replay("disk", {"steps": 0}, tmp_path / "elsewhere")  # nothing stored yet
+
+
+def test_a_resumes_settings_error_says_when_the_resume_may_change_the_key():
+    """A saved value that a later check refuses (a run from before logger.video_fps had a
+    minimum) read as a run that cannot be resumed; the keys a resume may change say so."""
+    script = _train_script()
+    fps = "logger.video_fps must be >= 0.004 (a GIF frame lasts at most 327 s), got 0.001"
+    assert (
+        script.resume_hint(fps) == f"{fps} (a resume may set logger.video_fps on the command line)"
+    )
+    graphs = "loop.cuda_graph=true needs a CUDA device, but device is cpu"
+    assert script.resume_hint(graphs).endswith(
+        "(a resume may set loop.cuda_graph on the command line)"
+    )
+    seed = "seed must be a whole number in [0, 2**32 - 1], got -1"
+    assert script.resume_hint(seed) == seed  # not a key a resume may change: no way out offered
