@@ -65,6 +65,21 @@ def shared_entries(module: nn.Module) -> dict[str, str]:
     return aliases
 
 
+def check_explore_noise(std: float) -> float:
+    """``std`` of the collection noise as a float; a ValueError below 0 (or nan)."""
+    if not std >= 0:
+        raise ValueError(f"explore_noise must be >= 0, got {std}")
+    return float(std)
+
+
+def add_explore_noise(action: torch.Tensor, std: float) -> torch.Tensor:
+    """``action [N, A]`` plus N(0, std²), clipped to [-1, 1]: the collection noise of DreamerV1
+    and PlaNet (``explore`` mode only). ``std`` 0 returns ``action`` and draws nothing."""
+    if std <= 0:
+        return action
+    return (action + std * torch.randn_like(action)).clamp(-1.0, 1.0)
+
+
 def placeholder_action(carry: Carry) -> torch.Tensor:
     """The zero action ``[N, A]`` of ``act(..., mode="random")``."""
     return torch.zeros_like(carry.prev_action)

@@ -19,7 +19,15 @@ from aefrl.objectives import DreamerActorLoss, DreamerValueLoss, WorldModelLoss
 from aefrl.precision import check_autocast
 from aefrl.world_model import WorldModel
 from aefrl.world_model.modules import filter_step
-from agents.base import ACT_MODES, Carry, WorldModelAgent, loss_scalars, placeholder_action
+from agents.base import (
+    ACT_MODES,
+    Carry,
+    WorldModelAgent,
+    add_explore_noise,
+    check_explore_noise,
+    loss_scalars,
+    placeholder_action,
+)
 
 
 class DreamerAgent(WorldModelAgent):
@@ -67,9 +75,7 @@ class DreamerAgent(WorldModelAgent):
     ) -> None:
         super().__init__()
         self.autocast = check_autocast(autocast)
-        if not explore_noise >= 0:  # also refuses nan
-            raise ValueError(f"explore_noise must be >= 0, got {explore_noise}")
-        self.explore_noise = float(explore_noise)
+        self.explore_noise = check_explore_noise(explore_noise)
         self.world_model = WorldModel(tuple(obs_shape), action_dim, **(world_model or {}))
         feat = self.world_model.feat_dim
         self.actor = Actor(feat, action_dim, **(actor or {}))
@@ -120,8 +126,8 @@ class DreamerAgent(WorldModelAgent):
             action = placeholder_action(carry)
             return action, Carry(state, action)
         action = self.actor.act(state.feat, explore=mode == "explore")
-        if mode == "explore" and self.explore_noise > 0:
-            action = (action + self.explore_noise * torch.randn_like(action)).clamp(-1.0, 1.0)
+        if mode == "explore":
+            action = add_explore_noise(action, self.explore_noise)
         return action, Carry(state, action)
 
     # --- training --------------------------------------------------------------------------------

@@ -68,6 +68,7 @@ from aefrl.world_model.modules import (
     posterior_in_keys,
     stored_action_dim,
 )
+from agents.base import add_explore_noise
 from agents.dreamer import DreamerAgent
 from agents.factory import build_agent
 
@@ -107,7 +108,7 @@ class ActorAction(nn.Module):
         if explore and self.collect_noise > 0:
             if grad:
                 raise RuntimeError("collect_noise is for acting: run the actor without autograd")
-            action = (action + self.collect_noise * torch.randn_like(action)).clamp(-1.0, 1.0)
+            action = add_explore_noise(action, self.collect_noise)
         return action
 
 

@@ -32,7 +32,15 @@ from aefrl.objectives import WorldModelLoss
 from aefrl.precision import check_autocast
 from aefrl.world_model import WorldModel
 from aefrl.world_model.modules import WEIGHTS_PREFIX, filter_step, world_model_kwargs
-from agents.base import ACT_MODES, Carry, WorldModelAgent, loss_scalars, placeholder_action
+from agents.base import (
+    ACT_MODES,
+    Carry,
+    WorldModelAgent,
+    add_explore_noise,
+    check_explore_noise,
+    loss_scalars,
+    placeholder_action,
+)
 
 PLANNERS = ("cem", "mppi")
 # Sections of an agent configuration that only Dreamer reads: configs/agent/planner.yaml inherits
@@ -166,9 +174,7 @@ class PlannerAgent(WorldModelAgent):
             self.world_model = WorldModel(tuple(obs_shape), action_dim, **(world_model or {}))
         self.wm_loss = WorldModelLoss(self.world_model, **(wm_loss or {}))
         self.planning = PlanningConfig(**(planner or {}))
-        if explore_noise < 0:
-            raise ValueError(f"explore_noise must be >= 0, got {explore_noise}")
-        self.explore_noise = float(explore_noise)
+        self.explore_noise = check_explore_noise(explore_noise)
         self._init_optimizers(
             {"model": self.world_model},
             {"model": 3e-4, **(lr or {})},
@@ -220,8 +226,8 @@ class PlannerAgent(WorldModelAgent):
             action = placeholder_action(carry)
             return action, Carry(state, action)
         action = self.plan(state.h, state.z)
-        if mode == "explore" and self.explore_noise > 0:
-            action = (action + self.explore_noise * torch.randn_like(action)).clamp(-1.0, 1.0)
+        if mode == "explore":
+            action = add_explore_noise(action, self.explore_noise)
         return action, Carry(state, action)
 
     # --- training --------------------------------------------------------------------------------
