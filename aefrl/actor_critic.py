@@ -134,7 +134,8 @@ class Actor(nn.Module):
 
 
 class Critic(TwoHotHead):
-    """State value ``v(feat)`` as a symlog two-hot distribution (output layer zero-initialised)."""
+    """State value ``v(feat)`` as a two-hot distribution, ``twohot="symlog"`` or ``"symexp"``
+    (:class:`~aefrl.world_model.heads.TwoHotHead`; output layer zero-initialised)."""
 
 
 class SlowCopy(nn.Module):

@@ -1,11 +1,21 @@
 """RSSM world model whose observation model is a VAE or an AEF."""
 
-from aefrl.world_model.heads import BernoulliHead, TwoHot, TwoHotHead, symexp, symlog, two_hot
+from aefrl.world_model.heads import (
+    TWOHOT,
+    BernoulliHead,
+    TwoHot,
+    TwoHotHead,
+    symexp,
+    symlog,
+    two_hot,
+    twohot_bins,
+)
 from aefrl.world_model.rssm import RSSM, Observed, RSSMState
 from aefrl.world_model.world_model import Filtered, WorldModel
 
 __all__ = [
     "RSSM",
+    "TWOHOT",
     "BernoulliHead",
     "Filtered",
     "Observed",
@@ -16,4 +26,5 @@ __all__ = [
     "symexp",
     "symlog",
     "two_hot",
+    "twohot_bins",
 ]

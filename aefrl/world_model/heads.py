@@ -1,7 +1,14 @@
 """Prediction heads that return distributions with the same methods (``mean``, ``log_prob``).
 
-The agent never special-cases a head: reward and critic are symlog two-hot categoricals
-(DreamerV3), the continue flag is a Bernoulli. Every head is trained on ``−log_prob(target)``.
+The agent never special-cases a head: reward and critic are two-hot categoricals (DreamerV3),
+the continue flag is a Bernoulli. Every head is trained on ``−log_prob(target)``.
+
+Two two-hot forms (``TWOHOT``), both DreamerV3's: ``symlog`` (its 2023 code) spaces the bins
+evenly in symlog space and averages there, ``symexp(Σ p_k b_k)``; ``symexp`` (its current
+``symexp_twohot``) spaces them by ``symexp`` and averages in real space, ``Σ p_k b_k``. The
+symlog average is biased towards zero when the prediction is spread over bins of different
+magnitudes (two equally likely targets {0, 20} predict 3.2, not 10); the real-space one is the
+distribution's mean.
 """
 
 from __future__ import annotations
@@ -24,16 +31,36 @@ def symexp(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * torch.expm1(x.abs())
 
 
-class TwoHot:
-    """Categorical over fixed bins in symlog space, scored on real targets by two-hot encoding.
+TWOHOT = ("symlog", "symexp")
 
-    ``logits [..., K]``, ``bins [K]`` (increasing, symlog space). ``mean`` and ``log_prob`` take
-    and return real values with shape ``[...]``.
+
+def twohot_bins(count: int, limit: float, twohot: str = "symlog") -> torch.Tensor:
+    """``[count]`` increasing bins spanning ``symexp(±limit)``: ``linspace(-limit, limit)`` in
+    symlog space (``symlog``), or those points mapped by ``symexp`` (``symexp``), built as a
+    negative half and its exact negation so that uniform probabilities average to exactly 0 (in
+    float32 the bins reach ±4.9e8 at limit 20: a plain sum left residues of that order times
+    the rounding error). Even counts have no bin at 0."""
+    if twohot not in TWOHOT:
+        raise ValueError(f"twohot must be one of {', '.join(TWOHOT)}, got {twohot!r}")
+    if twohot == "symlog":
+        return torch.linspace(-limit, limit, count)
+    half = symexp(torch.linspace(-limit, 0.0, count // 2 + 1))  # ends at 0
+    negative = half[:-1] if count % 2 == 0 else half  # odd counts keep the 0 as the middle bin
+    return torch.cat([negative, -half[:-1].flip(0)])
+
+
+class TwoHot:
+    """Categorical over fixed bins, scored on real targets by two-hot encoding.
+
+    ``logits [..., K]``, ``bins [K]`` (increasing; symlog space for ``twohot="symlog"``, real
+    values, antisymmetric as :func:`twohot_bins` builds them, for ``"symexp"``). ``mean`` and
+    ``log_prob`` take and return real values with shape ``[...]``.
     """
 
-    def __init__(self, logits: torch.Tensor, bins: torch.Tensor) -> None:
+    def __init__(self, logits: torch.Tensor, bins: torch.Tensor, twohot: str = "symlog") -> None:
         self.logits = logits
         self.bins = bins
+        self.twohot = twohot
 
     @property
     def probs(self) -> torch.Tensor:
@@ -41,12 +68,21 @@ class TwoHot:
 
     @property
     def mean(self) -> torch.Tensor:
-        """``symexp(Σ_k p_k b_k)``, ``[...]``."""
-        return symexp((self.probs * self.bins).sum(-1))
+        """``symexp(Σ_k p_k b_k)`` (symlog) or ``Σ_k p_k b_k`` (symexp), ``[...]``."""
+        probs = self.probs
+        if self.twohot == "symlog":
+            return symexp((probs * self.bins).sum(-1))
+        # Σ p_k b_k over the bins paired with their negations, b_{K-1-k} = -b_k: the sum of
+        # (p_k - p_{K-1-k})·b_k over the positive half is exactly 0 for uniform probabilities
+        # (the zero-initialised heads' first predictions), which a plain sum is not.
+        half = probs.shape[-1] // 2
+        upper = probs[..., probs.shape[-1] - half :]
+        return ((upper - probs[..., :half].flip(-1)) * self.bins[-half:]).sum(-1)
 
     def log_prob(self, target: torch.Tensor) -> torch.Tensor:
-        """``Σ_k twohot(symlog(target))_k · log p_k``, ``[...]``."""
-        return (two_hot(symlog(target), self.bins) * self.logits.log_softmax(-1)).sum(-1)
+        """``Σ_k twohot(f(target))_k · log p_k``, ``[...]``: f = symlog (symlog) or identity."""
+        value = symlog(target) if self.twohot == "symlog" else target
+        return (two_hot(value, self.bins) * self.logits.log_softmax(-1)).sum(-1)
 
 
 def two_hot(x: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
@@ -66,23 +102,50 @@ def two_hot(x: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
 
 
 class TwoHotHead(nn.Module):
-    """``feat [..., F] -> TwoHot`` over ``bins`` bins in ``[-limit, limit]`` (symlog space).
+    """``feat [..., F] -> TwoHot`` over ``bins`` bins spanning ``symexp(±limit)`` in the form
+    ``twohot`` (``TWOHOT``; :func:`twohot_bins`).
 
     The output layer starts at zero, so initial predictions are exactly 0 (DreamerV3).
     """
 
     def __init__(
-        self, in_dim: int, hidden: int = 256, layers: int = 2, bins: int = 255, limit: float = 20.0
+        self,
+        in_dim: int,
+        hidden: int = 256,
+        layers: int = 2,
+        bins: int = 255,
+        limit: float = 20.0,
+        twohot: str = "symlog",
     ) -> None:
         super().__init__()
         bins = check_size("bins", bins, 2)
+        self.twohot = twohot
+        self.register_buffer("bins", twohot_bins(bins, limit, twohot))
         self.net = MLP(in_dim, bins, hidden, layers)
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
-        self.register_buffer("bins", torch.linspace(-limit, limit, bins))
 
     def forward(self, feat: torch.Tensor) -> TwoHot:
-        return TwoHot(self.net(feat), self.bins)
+        return TwoHot(self.net(feat), self.bins, self.twohot)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # The bins are a buffer: a checkpoint of the other form would load its bins into this
+        # head and its predictions would be read in the wrong space, without an error.
+        saved = state_dict.get(prefix + "bins")
+        if (
+            saved is not None
+            and saved.shape == self.bins.shape
+            and not torch.allclose(saved.to(self.bins), self.bins, rtol=1e-5, atol=1e-6)
+        ):
+            other = next(t for t in TWOHOT if t != self.twohot)
+            raise ValueError(
+                f"the checkpoint's {prefix}bins are not this head's {self.twohot!r} two-hot "
+                f"bins (a {other!r} head's?): build the model with the run's own twohot setting"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"twohot={self.twohot!r}"
 
 
 class Bernoulli(D.Bernoulli):

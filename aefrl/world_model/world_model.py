@@ -15,7 +15,7 @@ from torch import nn
 from aefrl import keys
 from aefrl.obs_models import make_obs_model
 from aefrl.preprocess import Preprocess
-from aefrl.world_model.heads import BernoulliHead, TwoHotHead
+from aefrl.world_model.heads import TWOHOT, BernoulliHead, TwoHotHead
 from aefrl.world_model.rssm import RSSM, Observed, RSSMState
 
 
@@ -48,6 +48,8 @@ class WorldModel(nn.Module):
         conv_style, conv_norm: conv trunk geometry (``"v3"`` / ``"v1"``) and norms.
         prior_std_min: lower bound of the prior std.
         alpha, actnorm: pre-processing (see :class:`~aefrl.preprocess.Preprocess`).
+        reward_bins, reward_twohot: the reward head's bin count and two-hot form (``"symlog"``
+            or ``"symexp"``: :mod:`aefrl.world_model.heads`).
         obs_options: extra options for :func:`~aefrl.obs_models.make_obs_model`.
     """
 
@@ -68,9 +70,14 @@ class WorldModel(nn.Module):
         alpha: float = 0.05,
         actnorm: bool = False,
         reward_bins: int = 255,
+        reward_twohot: str = "symlog",
         obs_options: dict | None = None,
     ) -> None:
         super().__init__()
+        if reward_twohot not in TWOHOT:  # named here: the head's own message says "twohot"
+            raise ValueError(
+                f"reward_twohot must be one of {', '.join(TWOHOT)}, got {reward_twohot!r}"
+            )
         self.obs_shape = tuple(obs_shape)
         self.action_dim = int(action_dim)
         self.preprocess = Preprocess(self.obs_shape, alpha=alpha, actnorm=actnorm)
@@ -95,7 +102,7 @@ class WorldModel(nn.Module):
         self.obs_model = make_obs_model(obs_model, self.obs_shape, latent_dim, deter, **options)
         self.rssm = RSSM(self.obs_model, action_dim, deter, rssm_width, prior_std_min)
         feat = self.rssm.feat_dim
-        self.reward_head = TwoHotHead(feat, hidden, layers, reward_bins)
+        self.reward_head = TwoHotHead(feat, hidden, layers, reward_bins, twohot=reward_twohot)
         self.continue_head = BernoulliHead(feat, hidden, layers)
 
     @property

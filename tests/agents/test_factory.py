@@ -35,6 +35,8 @@ def config(*overrides):
         (["+obs_model.options.hidden=1.5"], "obs_model.options.hidden must be an integer >= 1"),
         (["agent.world_model.rssm_hidden=0"], "agent.world_model.rssm_hidden must be an integer"),
         (["agent.world_model.rssm_hidden=2.5"], "agent.world_model.rssm_hidden must be an int"),
+        (["agent.critic.twohot=real"], "agent.critic.twohot must be one of symlog, symexp"),
+        (["agent.world_model.reward_twohot=x"], "agent.world_model.reward_twohot must be one of"),
     ],
 )
 def test_bad_sizes_name_their_key(overrides, message):
@@ -160,3 +162,14 @@ def test_every_agent_builds_on_the_meta_device_as_it_builds_for_real(agent, kind
 
     assert shapes(meta) == shapes(real)
     assert all(t.is_meta for t in [*meta.parameters(), *meta.buffers()])
+
+
+def test_twohot_sets_the_reward_heads_and_the_critics_bins_apart():
+    agent, obs_model = config("agent.world_model.reward_twohot=symexp")
+    built = build_agent(agent, obs_model, (3, 64, 64), 2)
+    assert built.world_model.reward_head.twohot == "symexp" and built.critic.twohot == "symlog"
+    assert built.world_model.reward_head.bins[-1] > 4e8 and built.critic.bins[-1] == 20
+    agent, obs_model = config("agent.critic.twohot=symexp")
+    built = build_agent(agent, obs_model, (3, 64, 64), 2)
+    assert built.critic.twohot == built.slow_critic.copy.twohot == "symexp"
+    assert built.world_model.reward_head.twohot == "symlog"

@@ -1,10 +1,19 @@
 """Symlog two-hot and Bernoulli heads."""
 
+import pytest
 import torch
 from torch import distributions as D
 
 from aefrl.actor_critic import Critic
-from aefrl.world_model import BernoulliHead, TwoHot, TwoHotHead, symexp, symlog, two_hot
+from aefrl.world_model import (
+    BernoulliHead,
+    TwoHot,
+    TwoHotHead,
+    symexp,
+    symlog,
+    two_hot,
+    twohot_bins,
+)
 from tests.world_model.conftest import tiny_world_model
 
 
@@ -72,3 +81,62 @@ def test_reward_and_critic_bins_span_symlog_pm20_so_large_targets_are_not_clippe
         # And a head whose logits put the two-hot weights on those bins predicts the target.
         dist = TwoHot(torch.log(w.float() + 1e-30), head.bins)
         torch.testing.assert_close(dist.mean.double(), targets, rtol=1e-4, atol=0)
+
+
+def test_symexp_bins_are_dreamerv3s_and_exactly_antisymmetric():
+    """DreamerV3's symexp_twohot: symexp of linspace(−20, 20) for an odd count, as its code
+    builds them (a negative half and its negation), so Σ p b is 0 for uniform p."""
+    bins = twohot_bins(255, 20.0, "symexp").double()
+    x = torch.linspace(-20, 20, 255, dtype=torch.float64)
+    torch.testing.assert_close(bins, torch.sign(x) * torch.expm1(x.abs()), rtol=1e-6, atol=1e-6)
+    for count in (2, 3, 4, 255, 256):
+        b = twohot_bins(count, 20.0, "symexp")
+        assert b.shape == (count,) and (b.diff() > 0).all()
+        assert torch.equal(b, -b.flip(0))  # exact, not close
+    assert twohot_bins(5, 20.0, "symexp")[2] == 0 and 0 not in twohot_bins(4, 20.0, "symexp")
+
+
+def test_symexp_two_hot_mean_and_log_prob_against_float64_sums():
+    torch.manual_seed(0)
+    bins = twohot_bins(255, 20.0, "symexp")
+    logits = 3 * torch.randn(6, 255)
+    dist = TwoHot(logits, bins, "symexp")
+    p = logits.double().softmax(-1)
+    torch.testing.assert_close(dist.mean.double(), p @ bins.double(), rtol=1e-5, atol=1e-3)
+    # log_prob: the real target split linearly between its two neighbouring real-valued bins.
+    target = torch.tensor([0.3, -7.0, 80.0, 1234.5, 0.0, -2e5])
+    logp = logits.double().log_softmax(-1)
+    b = bins.double()
+    for i, y in enumerate(target.double()):
+        k = int((b <= y).sum()) - 1
+        w_hi = (y - b[k]) / (b[k + 1] - b[k])
+        want = (1 - w_hi) * logp[i, k] + w_hi * logp[i, k + 1]
+        torch.testing.assert_close(dist.log_prob(target)[i].double(), want, rtol=1e-5, atol=1e-5)
+    # Uniform probabilities (a zero-initialised head) average to exactly 0 in float32.
+    head = TwoHotHead(5, hidden=8, layers=1, twohot="symexp")
+    assert torch.equal(head(torch.randn(4, 5)).mean, torch.zeros(4))
+
+
+def test_a_two_target_fit_averages_in_symlog_space_or_in_real_space():
+    """The cross-entropy optimum over targets {0, 20} (half each) is the average two-hot
+    encoding; its prediction is the targets' mean (10) for symexp bins and symexp of their
+    symlogs' mean, √21 − 1 ≈ 3.58, for symlog bins (the bias towards zero the docs name)."""
+    targets = torch.tensor([0.0, 20.0], dtype=torch.float64)
+    for twohot, want in (("symexp", 10.0), ("symlog", 21**0.5 - 1)):
+        bins = twohot_bins(255, 20.0, twohot).double()
+        enc = two_hot(targets if twohot == "symexp" else symlog(targets), bins).mean(0)
+        dist = TwoHot(torch.log(enc + 1e-300), bins, twohot)
+        torch.testing.assert_close(dist.mean, torch.tensor(want, dtype=torch.float64))
+        # and no nearby distribution scores the two targets better
+        other = TwoHot(torch.log(enc.roll(1) + 1e-300), bins, twohot)
+        assert dist.log_prob(targets).sum() > other.log_prob(targets).sum()
+
+
+def test_a_head_refuses_the_other_forms_bins_from_a_checkpoint():
+    symexp_head = TwoHotHead(5, hidden=8, layers=1, twohot="symexp")
+    symlog_head = TwoHotHead(5, hidden=8, layers=1)
+    with pytest.raises(ValueError, match="not this head's 'symlog' two-hot bins"):
+        symlog_head.load_state_dict(symexp_head.state_dict())
+    symexp_head.load_state_dict(TwoHotHead(5, hidden=8, layers=1, twohot="symexp").state_dict())
+    with pytest.raises(ValueError, match="twohot must be one of symlog, symexp, got 'real'"):
+        TwoHotHead(5, twohot="real")
