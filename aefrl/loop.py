@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import signal
 import sys
@@ -53,11 +54,36 @@ from aefrl.evaluation import critic_calibration, run_episodes
 from aefrl.logging import RunLogger, open_loop_video
 from aefrl.seeding import forked_torch_rng, stream_seed
 
-__all__ = ["CHECKPOINT_FORMAT", "LoopConfig", "Trainer"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "FINAL_EVALUATION",
+    "LoopConfig",
+    "Trainer",
+    "final_evaluation_pending",
+]
 
 
 #: The loop's phases, timed for ``perf/time_<phase>``: their shares of the time between logs.
 PHASES = ("collect", "update", "eval", "report", "checkpoint")
+
+
+#: Written in the run directory once a complete run's final evaluation (and report) is logged:
+#: ``{"frames": N}``, the frame count it was made at.
+FINAL_EVALUATION = "final_evaluation.json"
+
+
+def final_evaluation_pending(state: dict, run_dir: str | Path) -> bool:
+    """Whether the run whose checkpoint holds ``state`` reached its ``total_frames`` and was
+    stopped (killed, or interrupted twice) before its final evaluation was logged: its resume
+    has that evaluation to make, not "nothing to train". False for checkpoints from before the
+    key existed."""
+    if not state.get("final_evaluation_due"):
+        return False
+    try:
+        made = json.loads((Path(run_dir) / FINAL_EVALUATION).read_text())["frames"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return True
+    return made != state["counters"]["frames"]
 
 
 #: The slowest video frame rate our GIFs can hold (Pillow writes frames of at most 327.67 s).
@@ -252,6 +278,9 @@ class Trainer:
                 # Frames of the last evaluation and report: one that fell due in the iteration
                 # a stop request ended is still due after the resume.
                 "schedules": {"eval": self._eval.last, "report": self._report.last},
+                # A complete run whose last frame still owes its evaluation (or report), made
+                # after this write: a resume from here makes it if it did not finish.
+                "final_evaluation_due": any(self._final_due()),
                 "seed": self.seed,  # of the evaluation and report streams
             },
         )
@@ -434,18 +463,33 @@ class Trainer:
             maxinterval=10.0 if sys.stderr.isatty() else 30.0,  # its monitor's forced redraws
         )
 
+    def _final_due(self) -> tuple[bool, bool]:
+        """``(evaluate, report)``: what a run at ``total_frames`` still owes its last frame."""
+        frames, c = self.counters["frames"], self.config
+        if frames < c.total_frames:
+            return False, False
+        evaluate = bool(c.eval_every and self._eval.last != frames and self.make_eval_env)
+        return evaluate, bool(c.report_every and self._report.last != frames)
+
     def _final_evaluation(self) -> None:
         """A run that reached ``total_frames`` between two evaluations (or reports) evaluates
         (and reports) once more at its last frame, so its curves end where training did. After
         the final checkpoint: a resume that raises ``total_frames`` continues from the state the
         periodic schedule left, as the uninterrupted run would (only this extra point in the
-        logs tells them apart). A run stopped by a signal before ``total_frames`` skips it."""
-        frames = self.counters["frames"]
-        if self.config.eval_every and self._eval.last != frames and self.make_eval_env:
+        logs tells them apart). A run stopped by a signal before ``total_frames`` skips it.
+
+        The checkpoint says the evaluation is due (``final_evaluation_due``) and
+        ``final_evaluation.json`` says it was made: a run killed during it resumes to make it
+        (:func:`final_evaluation_pending`) instead of finding nothing to train."""
+        evaluate, report = self._final_due()
+        if evaluate:
             self.evaluate()
-        if self.config.report_every and self._report.last != frames:
+        if report:
             self.report()
         self.logger.flush()
+        if evaluate or report:
+            frames = self.counters["frames"]
+            write_text_atomically(self.run_dir / FINAL_EVALUATION, f'{{"frames": {frames}}}\n')
 
     def _iteration(self, updates_per_step: float) -> None:
         c = self.config

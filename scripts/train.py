@@ -57,7 +57,7 @@ from aefrl.cli import (
 )
 from aefrl.envs.dmc import task_action_dim
 from aefrl.logging import RunLogger
-from aefrl.loop import LoopConfig, Trainer
+from aefrl.loop import LoopConfig, Trainer, final_evaluation_pending
 from aefrl.nn import conv_stages
 from aefrl.overrides import MULTIRUN_FLAGS, OverrideError, check_overrides
 from aefrl.provenance import RUN_RECORDS, append_run_record, command_line
@@ -704,7 +704,9 @@ def build_run(cfg: DictConfig) -> tuple[Trainer, object, Path, bool]:
     conf, run_dir, resume_state = run_configuration(cfg)
     if resume_state is not None:  # checked before anything is written (logs, records, files)
         frames, total = resume_state["counters"]["frames"], conf["loop"]["total_frames"]
-        if frames >= total:
+        if frames >= total and final_evaluation_pending(resume_state, run_dir):
+            print(f"{run_dir} stopped during its final evaluation at {frames} frames; making it")
+        elif frames >= total:
             print(
                 f"nothing to train: {run_dir} is at {frames} frames >= loop.total_frames={total}; "
                 "raise it to continue (nothing was written)"

@@ -21,7 +21,7 @@ from aefrl.bench.subjects import Sizes, random_batch
 from aefrl.checkpoint import CheckpointError, load_checkpoint
 from aefrl.envs import make_dmc_env
 from aefrl.logging import RunLogger
-from aefrl.loop import LoopConfig, Trainer
+from aefrl.loop import FINAL_EVALUATION, LoopConfig, Trainer, final_evaluation_pending
 from aefrl.replay import SequenceReplay
 from tests.agents.test_dreamer import TINY
 from tests.test_collect import EchoAgent, EchoEnv
@@ -142,6 +142,9 @@ def test_loop_writes_evaluations_reports_and_a_final_checkpoint(tmp_path):
     assert counters["updates"] > 0 and counters["episodes"] >= 5
     state = load_checkpoint(tmp_path)  # written before the final evaluation, which it lacks
     assert state["counters"] == {**counters, "evals": 2}
+    # ... and says it was due; the run directory says it was made
+    assert state["final_evaluation_due"] and not final_evaluation_pending(state, tmp_path)
+    assert (tmp_path / FINAL_EVALUATION).read_text() == f'{{"frames": {end}}}\n'
     acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     tags = acc.Tags()
@@ -948,3 +951,48 @@ def test_the_logs_are_flushed_before_the_checkpoint_is_written(tmp_path):
     trainer.save()
     trainer.env.close()
     assert order[:2] == ["flush", "checkpoint"]
+
+
+@pytest.mark.slow
+def test_a_run_killed_in_its_final_evaluation_makes_it_when_resumed(tmp_path):
+    """The final evaluation comes after the final checkpoint: a run killed during it (SIGKILL,
+    or a second Ctrl-C) resumed to "nothing to train" and its curves ended an evaluation short.
+    The resume now makes it, with the evaluation stream the uninterrupted run used."""
+    full = build(tmp_path / "full")
+    full.run(progress=False)
+    full.env.close()
+    full.logger.close()
+
+    trainer = build(tmp_path / "killed")
+    evaluate = trainer.evaluate
+
+    def killed_at_the_end(stoppable=False):
+        if trainer.counters["frames"] >= SCHEDULE["total_frames"]:
+            raise KeyboardInterrupt
+        return evaluate(stoppable)
+
+    trainer.evaluate = killed_at_the_end
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(progress=False)
+    trainer.env.close()
+    trainer.logger.close()
+    state = load_checkpoint(tmp_path / "killed")
+    end = state["counters"]["frames"]
+    assert end >= SCHEDULE["total_frames"] and state["counters"]["evals"] == 2
+    assert final_evaluation_pending(state, tmp_path / "killed")
+    # A marker from an earlier, shorter schedule's end does not count for this frame.
+    (tmp_path / "killed" / FINAL_EVALUATION).write_text('{"frames": 100}')
+    assert final_evaluation_pending(state, tmp_path / "killed")
+
+    resumed = build(tmp_path / "killed", seed=7)
+    resumed.load()
+    counters = resumed.run(progress=False)
+    resumed.env.close()
+    resumed.logger.close()
+    assert counters == {**state["counters"], "evals": 3}  # no frame, step or update more
+    assert not final_evaluation_pending(load_checkpoint(tmp_path / "killed"), tmp_path / "killed")
+    made = dict(_scalars(tmp_path / "killed")["eval/episode_return"])
+    want = dict(_scalars(tmp_path / "full")["eval/episode_return"])
+    assert sorted(made) == sorted(want) == [100, 200, end] and made == want
+    # Checkpoints from before the key existed keep "nothing to train".
+    assert not final_evaluation_pending({"counters": {"frames": end}}, tmp_path / "nowhere")
