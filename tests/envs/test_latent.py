@@ -1,0 +1,139 @@
+"""LatentObservation: a world model's filtered latents as a real torchrl env's observations."""
+
+import pytest
+import torch
+from tensordict.nn import NormalParamExtractor, TensorDictModule
+from torchrl.envs import CatTensors, Compose, InitTracker, SerialEnv, TransformedEnv
+from torchrl.envs.utils import check_env_specs, step_mdp
+from torchrl.modules import MLP, ProbabilisticActor, TanhNormal, ValueOperator
+from torchrl.objectives import SACLoss, SoftUpdate
+
+from aefrl import keys
+from aefrl.envs import LatentObservation, make_dmc_env
+from aefrl.world_model import WorldModel
+from aefrl.world_model.modules import filter_step
+
+IS_INIT = "is_init"
+
+
+def tiny_model(kind="aef", seed=0) -> WorldModel:
+    torch.manual_seed(seed)
+    wm = WorldModel((3, 64, 64), 1, kind, latent_dim=3, deter=8, hidden=16, layers=1, depth=4)
+    for p in wm.parameters():  # away from the initialisation, so that h and z vary with inputs
+        p.data.add_(0.1 * torch.randn_like(p))
+    return wm
+
+
+def make(limit):
+    return lambda: make_dmc_env("cartpole-swingup", render="fast", time_limit=limit)
+
+
+def latent_env(wm, num_envs=1):
+    base = make(0.1)() if num_envs == 1 else SerialEnv(2, [make(0.1), make(0.16)])
+    return TransformedEnv(base, Compose(InitTracker(init_key=IS_INIT), LatentObservation(wm)))
+
+
+@pytest.mark.parametrize("num_envs", [1, 2])
+def test_latents_are_the_acting_agents_filtered_states_across_resets(num_envs):
+    """Each row holds h_t, z_t of its own frame, filtered from the previous row's state with the
+    action executed there (zeros at a start), as the Dreamer agent filters when it acts
+    (filter_step); "next" holds the next frame's. Two envs whose episodes end at different
+    steps reset one at a time, and the other keeps its carry."""
+    wm = tiny_model()
+    env = latent_env(wm, num_envs)
+    torch.manual_seed(1)
+    rollout = env.rollout(13, break_when_any_done=False)  # uniform random actions
+    env.close()
+    rows = rollout if num_envs > 1 else rollout.unsqueeze(0)  # [N, T]
+    starts = [r.flatten().nonzero().flatten().tolist() for r in rows[IS_INIT]]
+    assert starts[0] == [0, 5, 10]
+    assert num_envs == 1 or starts[1] == [0, 8]  # a partial reset
+    state = wm.rssm.initial(num_envs)
+    prev_action = torch.zeros(num_envs, 1)
+    with torch.no_grad():
+        for t in range(rows.shape[1]):
+            step = rows[:, t]
+            first = step[IS_INIT]
+            state, _, _ = filter_step(wm, state, prev_action, step[keys.PIXELS], first)
+            assert torch.equal(step[keys.BELIEF], state.h), t
+            assert torch.equal(step[keys.STATE], state.z), t
+            following, _, _ = filter_step(
+                wm, state, step[keys.ACTION], step["next", keys.PIXELS], torch.zeros_like(first)
+            )
+            assert torch.equal(step["next", keys.BELIEF], following.h), t
+            assert torch.equal(step["next", keys.STATE], following.z), t
+            prev_action = step[keys.ACTION]
+    assert rows[keys.STATE].std(dim=(0, 1)).min() > 0  # the states follow the frames
+    assert not rows[keys.BELIEF].requires_grad
+
+
+def test_a_partial_reset_called_directly_keeps_the_other_envs_carry():
+    env = latent_env(tiny_model(), 2)
+    td = env.reset()
+    for _ in range(3):
+        td = step_mdp(env.step(env.rand_action(td)))
+    before = td.select(keys.BELIEF, keys.STATE).clone()
+    out = env.reset(td.set("_reset", torch.tensor([[False], [True]])))
+    env.close()
+    assert out[IS_INIT].flatten().tolist() == [False, True]
+    for key in (keys.BELIEF, keys.STATE):
+        assert torch.equal(out[key][0], before[key][0]), key
+    assert not torch.equal(out[keys.STATE][1], before[keys.STATE][1])
+
+
+@pytest.mark.parametrize("kind", ["aef", "vae"])
+def test_specs_hold_and_torchrls_sac_learns_on_the_latents(kind):
+    """check_env_specs passes for one env and for a SerialEnv; torchrl's SACLoss, with actor
+    and Q-networks on the concatenated latents, gives finite losses whose gradients reach its
+    networks and not the frozen world model."""
+    wm = tiny_model(kind)
+    for num_envs in (1, 2):
+        env = latent_env(wm, num_envs)
+        check_env_specs(env, seed=0)
+        env.close()
+    env = latent_env(wm)
+    env.append_transform(CatTensors([keys.BELIEF, keys.STATE], "observation", del_keys=False))
+    features = env.observation_spec["observation"].shape[-1]
+    assert features == wm.rssm.deter + wm.rssm.latent_dim
+    actor = ProbabilisticActor(
+        TensorDictModule(
+            torch.nn.Sequential(
+                MLP(in_features=features, out_features=2, num_cells=[32]), NormalParamExtractor()
+            ),
+            in_keys=["observation"],
+            out_keys=["loc", "scale"],
+        ),
+        in_keys=["loc", "scale"],
+        spec=env.action_spec,
+        distribution_class=TanhNormal,
+    )
+    qvalue = ValueOperator(
+        MLP(in_features=features + 1, out_features=1, num_cells=[32]),
+        in_keys=["observation", "action"],
+    )
+    rollout = env.rollout(8, actor, break_when_any_done=False)
+    env.close()
+    loss = SACLoss(actor, qvalue, action_spec=env.action_spec)
+    SoftUpdate(loss, eps=0.995)  # the target networks' updater, as a SAC script makes one
+    out = loss(rollout)
+    total = out["loss_actor"] + out["loss_qvalue"] + out["loss_alpha"]
+    assert torch.isfinite(total)
+    total.backward()
+    assert all(p.grad is not None for p in actor.parameters())
+    assert all(p.grad is None for p in wm.parameters())
+
+
+def test_bad_input_is_one_sentence():
+    with pytest.raises(TypeError, match=r"takes an aefrl WorldModel .* got Linear"):
+        LatentObservation(torch.nn.Linear(2, 2))
+    transform = LatentObservation(tiny_model())
+    with pytest.raises(RuntimeError, match=r"inside an env .* posterior_module"):
+        transform(latent_env(tiny_model()).reset())
+    small = TransformedEnv(
+        make_dmc_env("cartpole-swingup", image_size=32, render="fast"), transform
+    )
+    with pytest.raises(ValueError, match=r"pixels are \[3, 32, 32\], the world model's \[3, 64"):
+        small.reset()
+    with pytest.raises(ValueError, match=r"build the env with its run's env\.image_size"):
+        small.observation_spec  # noqa: B018 (the spec is what is checked)
+    small.close()
