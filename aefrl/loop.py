@@ -387,7 +387,8 @@ class Trainer:
         bar = self._progress_bar(phase, progress)
         t_start, f_start = time.time(), self.counters["frames"]
         since_log = (t_start, f_start)  # perf/fps_interval: frames/s since the last log
-        if self.counters["iterations"] == 0:
+        if self._saved_config is None:  # a run that neither loaded nor wrote a checkpoint yet:
+            # one stopped before its first iteration had logged these before its checkpoint
             self.logger.log_config(self.run_config)
             self.logger.log_hparams(self.run_config)
         try:

@@ -996,3 +996,25 @@ def test_a_run_killed_in_its_final_evaluation_makes_it_when_resumed(tmp_path):
     assert sorted(made) == sorted(want) == [100, 200, end] and made == want
     # Checkpoints from before the key existed keep "nothing to train".
     assert not final_evaluation_pending({"counters": {"frames": end}}, tmp_path / "nowhere")
+
+
+def test_a_run_stopped_before_its_first_iteration_logs_its_config_once(tmp_path):
+    """A checkpoint written before the first iteration (a stop already requested) is at
+    iteration 0: its resume logged the config text and hyperparameters a second time."""
+    trainer = build(tmp_path)
+    trainer.run_config = {"seed": 0}
+    trainer.request_stop()
+    assert trainer.run(progress=False)["iterations"] == 0
+    trainer.env.close()
+    trainer.logger.close()
+    resumed = build(tmp_path)
+    resumed.run_config = {"seed": 0}
+    resumed.load()
+    resumed.config = LoopConfig(**{**SCHEDULE, "total_frames": 20, "eval_every": 0})
+    resumed._schedules()
+    assert resumed.run(progress=False)["iterations"] > 0
+    resumed.env.close()
+    resumed.logger.close()
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Tensors("config/text_summary")] == [0]
