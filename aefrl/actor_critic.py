@@ -162,20 +162,31 @@ class SlowCopy(nn.Module):
 
 
 def lambda_returns(
-    reward: torch.Tensor, value: torch.Tensor, discount: torch.Tensor, lmbda: float
+    reward: torch.Tensor,
+    value: torch.Tensor,
+    discount: torch.Tensor,
+    lmbda: float,
+    done: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """TD(λ) returns of an imagined trajectory, by torchrl's ``td_lambda_return_estimate``.
+    """TD(λ) returns of a trajectory, by torchrl's ``td_lambda_return_estimate``.
 
     With states ``s_0..s_K``, ``reward[k] = r(s_{k+1})``, ``value[k] = v(s_{k+1})`` and
     ``discount[k] = γ·c(s_{k+1})`` (all ``[N, K]``, K the horizon)::
 
         R_k = reward[k] + discount[k]·((1 − λ)·value[k] + λ·R_{k+1}),   with R_K = value[K−1]
 
-    Returns ``[N, K]``: ``R_k`` is the return from ``s_k``.
+    where ``done[k]`` (bool ``[N, K]``, optional: a trajectory cut after ``s_{k+1}``) replaces
+    ``R_{k+1}`` by ``value[k]``. Returns ``[N, K]``: ``R_k`` is the return from ``s_k``.
     """
-    done = torch.zeros_like(reward, dtype=torch.bool).unsqueeze(-1)
+    if done is None:
+        done = torch.zeros_like(reward, dtype=torch.bool)
     return td_lambda_return_estimate(
-        discount.unsqueeze(-1), lmbda, value.unsqueeze(-1), reward.unsqueeze(-1), done
+        discount.unsqueeze(-1),
+        lmbda,
+        value.unsqueeze(-1),
+        reward.unsqueeze(-1),
+        done.bool().unsqueeze(-1),
+        terminated=torch.zeros_like(done, dtype=torch.bool).unsqueeze(-1),
     ).squeeze(-1)
 
 

@@ -15,7 +15,7 @@ from tensordict import TensorDict, TensorDictBase
 from aefrl import keys
 from aefrl.actor_critic import Actor, Critic, ReturnNormalizer, SlowCopy
 from aefrl.compiled import compile_steps
-from aefrl.objectives import DreamerActorLoss, DreamerValueLoss, WorldModelLoss
+from aefrl.objectives import DreamerActorLoss, DreamerValueLoss, ReplayValueLoss, WorldModelLoss
 from aefrl.precision import check_autocast
 from aefrl.world_model import WorldModel
 from aefrl.world_model.modules import filter_step
@@ -41,7 +41,8 @@ class DreamerAgent(WorldModelAgent):
         critic: kwargs of :class:`~aefrl.actor_critic.Critic` (besides dims).
         wm_loss: kwargs of :class:`~aefrl.objectives.WorldModelLoss`.
         actor_loss: kwargs of :class:`~aefrl.objectives.DreamerActorLoss`.
-        value_loss: kwargs of :class:`~aefrl.objectives.DreamerValueLoss`.
+        value_loss: kwargs of :class:`~aefrl.objectives.DreamerValueLoss`, and ``repval``: the
+            scale of :class:`~aefrl.objectives.value.ReplayValueLoss` in the critic's loss.
         slow_critic_tau: EMA rate of the slow critic.
         lr: learning rates ``{"model", "actor", "critic"}``.
         grad_clip: max grad norms ``{"model", "actor", "critic"}``.
@@ -93,7 +94,21 @@ class DreamerAgent(WorldModelAgent):
             critic=self.critic,
             **(actor_loss or {}),
         )
-        self.value_loss = DreamerValueLoss(self.critic, **(value_loss or {}))
+        value_loss = dict(value_loss or {})
+        repval = value_loss.pop("repval", 0.0)
+        if not repval >= 0:
+            raise ValueError(f"repval must be >= 0, got {repval}")
+        self.value_loss = DreamerValueLoss(self.critic, **value_loss)
+        # DreamerV3's replay value loss, scaled by repval (0: the critic learns in imagination
+        # only); its returns use the imagined returns' γ and λ.
+        self.repval = float(repval)
+        self.replay_value_loss = ReplayValueLoss(
+            self.critic,
+            self.slow_critic,
+            gamma=self.actor_loss.gamma,
+            lmbda=self.actor_loss.lmbda,
+            slow_reg=self.value_loss.slow_reg,
+        )
         self._init_optimizers(
             {"model": self.world_model, "actor": self.actor, "critic": self.critic},
             {"model": 3e-4, "actor": 8e-5, "critic": 8e-5, **(lr or {})},
@@ -148,19 +163,38 @@ class DreamerAgent(WorldModelAgent):
             },
             batch_size=[],
         )
-        metrics.update(self.train_actor_critic(start))
+        replay = None
+        if self.repval:  # the window itself, for the critic's replay loss
+            replay = batch.select(keys.REWARD, keys.IS_FIRST, keys.TERMINATED).update(
+                {keys.BELIEF: wm_out[keys.BELIEF], keys.STATE: wm_out[keys.STATE]}
+            )
+        metrics.update(self.train_actor_critic(start, replay))
         return metrics
 
-    def train_actor_critic(self, start: TensorDictBase) -> dict[str, torch.Tensor]:
+    def train_actor_critic(
+        self, start: TensorDictBase, replay: TensorDictBase | None = None
+    ) -> dict[str, torch.Tensor]:
         """The second half of :meth:`train_step`: one actor and one critic update in imagination
         from ``start`` (posterior states ``belief [N, H]``, ``state [N, d]`` and ``terminated
-        [N, 1]`` of their rows), then the slow critic's step. Returns detached scalar metrics."""
+        [N, 1]`` of their rows), then the slow critic's step. Returns detached scalar metrics.
+
+        With ``agent.value_loss.repval`` > 0, ``replay`` is the ``[B, T]`` window ``start``
+        came from (``belief``, ``state``, ``reward``, ``is_first``, ``terminated``; N = B·T in
+        its order): the critic's loss adds ``repval`` times :class:`ReplayValueLoss`'s."""
         with self.precision():  # it only sets the trunks' forward precision
             actor_out = self.actor_loss(start)
             metrics = self._step("actor", actor_out["loss_actor"])
             value_out = self.value_loss(actor_out)
-            metrics.update(self._step("critic", value_out["loss_value"]))
+            loss = value_out["loss_value"]
+            outs = [actor_out, value_out]
+            if self.repval:
+                if replay is None:
+                    raise ValueError("repval > 0 needs the replay window the starts came from")
+                boot = actor_out["lambda_return"][:, 0].reshape(replay.shape)
+                outs.append(self.replay_value_loss(replay.set("imag_return", boot)))
+                loss = loss + self.repval * outs[-1]["loss_repval"]
+            metrics.update(self._step("critic", loss))
         self.slow_critic.update()
-        for out in (actor_out, value_out):
+        for out in outs:
             metrics.update(loss_scalars(out))
         return metrics

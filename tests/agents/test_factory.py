@@ -37,6 +37,7 @@ def config(*overrides):
         (["agent.world_model.rssm_hidden=2.5"], "agent.world_model.rssm_hidden must be an int"),
         (["agent.critic.twohot=real"], "agent.critic.twohot must be one of symlog, symexp"),
         (["agent.world_model.reward_twohot=x"], "agent.world_model.reward_twohot must be one of"),
+        (["agent.value_loss.repval=-1"], "agent.value_loss.repval must be >= 0, got -1"),
     ],
 )
 def test_bad_sizes_name_their_key(overrides, message):
