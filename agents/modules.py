@@ -33,7 +33,9 @@ layout for recurrent modules: the policy reads it at the root and writes the new
 within an episode (the state that filtered o_t is ``rollout["next", "belief"][t]``).
 :func:`policy_transforms` gives the env an ``InitTracker`` (episode starts, ``is_init``) and a
 ``TensorDictPrimer`` that creates ``belief``, ``state`` and ``prev_action`` at every reset;
-without the primer a rollout stops at its first step with a KeyError. The policy runs without
+without the primer a rollout stops at its first step with a KeyError (torchrl's collectors add
+both themselves with ``auto_register_policy_transforms=True``: the policy's
+``make_tensordict_primer()``). The policy runs without
 autograd. The env must hand over pixels on the agent's device (a torchrl env's ``device``) and
 of the run's size (``env.image_size`` of its ``run_config``); :func:`policy_transforms` takes
 the agent's device for the carry, so move the agent first.
@@ -183,7 +185,7 @@ def policy_module(
     hold ``"is_first"``)."""
     _require_dreamer(agent)
     posterior = PosteriorStep(agent.world_model, is_first_key)
-    return _Acting(
+    policy = _Acting(
         TensorDictModule(
             posterior,
             in_keys=posterior_in_keys(is_first_key),
@@ -198,6 +200,8 @@ def policy_module(
             _PrevAction(), in_keys=[keys.ACTION], out_keys=[("next", keys.PREV_ACTION)]
         ),
     )
+    policy.carry_primer = lambda: carry_primer(agent)  # not a submodule: no second agent copy
+    return policy
 
 
 def value_module(agent: DreamerAgent) -> TensorDictModule:
@@ -249,19 +253,27 @@ def _in_vmap(x: torch.Tensor) -> bool:
 
 class _Acting(TensorDictSequential):
     """A policy that acts: no autograd graph (the carried belief would otherwise chain every
-    step's graph, encoder included, to the next for the whole rollout)."""
+    step's graph, encoder included, to the next for the whole rollout).
+
+    ``make_tensordict_primer()`` is torchrl's hook for recurrent modules: its collectors (with
+    ``auto_register_policy_transforms=True``, the default from torchrl 0.15) and
+    ``torchrl.modules.utils.get_env_transforms_from_module`` find it and give the env an
+    ``InitTracker`` and this primer, as :func:`policy_transforms` does."""
+
+    carry_primer = None  # set by policy_module
 
     @torch.no_grad()
     def forward(self, *args, **kwargs):
         return super().forward(*args, **kwargs)
 
+    def make_tensordict_primer(self) -> TensorDictPrimer:
+        return self.carry_primer()
 
-def policy_transforms(agent: DreamerAgent) -> Compose:
-    """The transforms a torchrl env needs to run :func:`policy_module` in ``env.rollout``: an
-    ``InitTracker`` and a primer of the recurrent carry (zeros at every reset; the posterior
-    zeroes it at ``is_init`` anyway; between resets the policy writes it under ``"next"``,
-    which torchrl moves to the next step's root). The agent's parameters give the carry's
-    device and dtype."""
+
+def carry_primer(agent: DreamerAgent) -> TensorDictPrimer:
+    """A primer of the policy's recurrent carry, ``belief``, ``state`` and ``prev_action``:
+    zeros at every reset, expanded to the env's batch (one carry per env of a batched env), on
+    the agent's device and in its dtype (read when it is built)."""
     _require_dreamer(agent)
     p = next(agent.parameters())
     rssm = agent.world_model.rssm
@@ -269,16 +281,24 @@ def policy_transforms(agent: DreamerAgent) -> Compose:
     def spec(size: int) -> Unbounded:
         return Unbounded((size,), device=p.device, dtype=p.dtype)
 
-    primer = TensorDictPrimer(
+    return TensorDictPrimer(
         {
             keys.BELIEF: spec(rssm.deter),
             keys.STATE: spec(rssm.latent_dim),
             keys.PREV_ACTION: spec(agent.action_dim),
         },
         default_value=0.0,
-        expand_specs=True,  # to the env's batch: one carry per env of a batched env
+        expand_specs=True,
     )
-    return Compose(InitTracker(init_key=IS_INIT), primer)
+
+
+def policy_transforms(agent: DreamerAgent) -> Compose:
+    """The transforms a torchrl env needs to run :func:`policy_module` in ``env.rollout``: an
+    ``InitTracker`` and :func:`carry_primer` (the posterior zeroes the carry at ``is_init``
+    anyway; between resets the policy writes it under ``"next"``, which torchrl moves to the
+    next step's root). torchrl's collectors can add them themselves
+    (``auto_register_policy_transforms=True``; :class:`_Acting`)."""
+    return Compose(InitTracker(init_key=IS_INIT), carry_primer(agent))
 
 
 def load_agent(path: str | os.PathLike, map_location="cpu", compile: bool = False) -> nn.Module:

@@ -7,7 +7,9 @@ import pytest
 import torch
 from tensordict import TensorDict
 from torch import nn
-from torchrl.envs import TransformedEnv
+from torchrl.collectors import Collector
+from torchrl.envs import InitTracker, TensorDictPrimer, TransformedEnv
+from torchrl.modules.utils import get_env_transforms_from_module
 from torchrl.objectives.value import TDLambdaEstimator
 
 from aefrl import keys
@@ -427,3 +429,36 @@ def test_the_actor_and_critic_modules_name_a_latent_they_cannot_take(tiny_run):
     # Checks read shapes and dtypes only: meta tensors (shape inference) pass.
     meta = critic_module(copy.deepcopy(agent.critic).to("meta")).module
     assert meta(h.to("meta"), z.to("meta")).shape == (2, 1)
+
+
+def test_torchrls_collector_finds_the_policys_carry_primer_itself():
+    """torchrl's hook for recurrent policies: get_env_transforms_from_module finds
+    make_tensordict_primer on the policy, and a Collector on a bare env registers InitTracker
+    and the primer itself (auto_register_policy_transforms), collecting what env.rollout with
+    policy_transforms collects on the same episodes (mode actions, aef: deterministic)."""
+    torch.manual_seed(0)
+    agent = DreamerAgent(
+        OBS, 1, world_model=dict(latent_dim=3, deter=8, hidden=16, layers=1, depth=4)
+    )
+    _randomise(agent, seed=4)
+    policy = policy_module(agent, explore=False)
+    tracker, primer = get_env_transforms_from_module(policy)
+    assert isinstance(tracker, InitTracker) and isinstance(primer, TensorDictPrimer)
+    assert set(primer.primers.keys()) == {keys.BELIEF, keys.STATE, keys.PREV_ACTION}
+
+    def env():
+        return make_dmc_env(
+            "cartpole-swingup", image_size=OBS[-1], render="fast", time_limit=0.1, seed=3
+        )
+
+    collector = Collector(
+        env(), policy, frames_per_batch=13, total_frames=13, auto_register_policy_transforms=True
+    )
+    collected = next(iter(collector))
+    collector.shutdown()
+    rollout = TransformedEnv(env(), policy_transforms(agent)).rollout(
+        13, policy, break_when_any_done=False
+    )
+    assert collected[IS_INIT].flatten().nonzero().flatten().tolist() == [0, 5, 10]
+    for key in (keys.PIXELS, keys.ACTION, keys.BELIEF, ("next", keys.BELIEF), ("next", keys.STATE)):
+        assert torch.equal(collected[key], rollout[key]), key
