@@ -176,7 +176,7 @@ _SIZE_MISMATCH = re.compile(
 def load_error_summary(exc: RuntimeError) -> str:
     """One line from ``load_state_dict``'s multi-line report (which lists every key): how many
     keys are missing, unexpected or of another shape, and the first of each."""
-    parts, shapes = [], []
+    parts, shapes, others = [], [], []
     for line in str(exc).splitlines()[1:]:
         line = line.strip().rstrip(".").strip()
         if line.startswith(("Missing key(s)", "Unexpected key(s)")):
@@ -186,8 +186,11 @@ def load_error_summary(exc: RuntimeError) -> str:
             parts.append(f"{len(names)} {kind} key(s), first {names[0]}")
         elif m := _SIZE_MISMATCH.match(line):
             shapes.append(f"{m[1]} is [{m[2]}] in the checkpoint, [{m[3]}] in the model")
+        elif line:  # a module's own message (e.g. a two-hot head's bins)
+            others.append(line)
     if shapes:  # the first is enough to see that the sizes differ
         parts.append(shapes[0] + (f" ({len(shapes) - 1} more shapes differ)" if shapes[1:] else ""))
+    parts += others[:1]
     if not parts:
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return "; ".join(parts)

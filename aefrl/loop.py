@@ -67,23 +67,30 @@ __all__ = [
 PHASES = ("collect", "update", "eval", "report", "checkpoint")
 
 
-#: Written in the run directory once a complete run's final evaluation (and report) is logged:
-#: ``{"frames": N}``, the frame count it was made at.
+#: Written in the run directory as a complete run's final evaluation and report are logged:
+#: ``{"frames": N, "made": ["eval", "report"]}``, the frame count and the parts made.
 FINAL_EVALUATION = "final_evaluation.json"
 
 
 def final_evaluation_pending(state: dict, run_dir: str | Path) -> bool:
     """Whether the run whose checkpoint holds ``state`` reached its ``total_frames`` and was
-    stopped (killed, or interrupted twice) before its final evaluation was logged: its resume
-    has that evaluation to make, not "nothing to train". False for checkpoints from before the
+    stopped (killed, or interrupted twice) before its final evaluation and report were logged:
+    its resume has them to make, not "nothing to train". False for checkpoints from before the
     key existed."""
-    if not state.get("final_evaluation_due"):
+    due = state.get("final_evaluation_due")
+    if not due:
         return False
+    return not set(due) <= final_evaluation_made(run_dir, state["counters"]["frames"])
+
+
+def final_evaluation_made(run_dir: str | Path, frames: int) -> set[str]:
+    """The parts (``"eval"``, ``"report"``) of the final evaluation at ``frames`` that
+    ``FINAL_EVALUATION`` in ``run_dir`` records as logged."""
     try:
-        made = json.loads((Path(run_dir) / FINAL_EVALUATION).read_text())["frames"]
+        record = json.loads((Path(run_dir) / FINAL_EVALUATION).read_text())
+        return set(record["made"]) if record["frames"] == frames else set()
     except (OSError, ValueError, KeyError, TypeError):
-        return True
-    return made != state["counters"]["frames"]
+        return set()
 
 
 #: The slowest video frame rate our GIFs can hold (Pillow writes frames of at most 327.67 s).
@@ -280,7 +287,9 @@ class Trainer:
                 "schedules": {"eval": self._eval.last, "report": self._report.last},
                 # A complete run whose last frame still owes its evaluation (or report), made
                 # after this write: a resume from here makes it if it did not finish.
-                "final_evaluation_due": any(self._final_due()),
+                "final_evaluation_due": [
+                    part for part, due in zip(("eval", "report"), self._final_due()) if due
+                ],
                 "seed": self.seed,  # of the evaluation and report streams
             },
         )
@@ -483,14 +492,24 @@ class Trainer:
         ``final_evaluation.json`` says it was made: a run killed during it resumes to make it
         (:func:`final_evaluation_pending`) instead of finding nothing to train."""
         evaluate, report = self._final_due()
+        frames = self.counters["frames"]
+        made = final_evaluation_made(self.run_dir, frames)
         if evaluate:
-            self.evaluate()
-        if report:
+            # Its episode is the report's held-out data: a resume that finds the evaluation
+            # logged and the report not makes it again (the same stream) without logging it.
+            self.evaluate(log="eval" not in made)
+            made.add("eval")
+            self._record_final(frames, made)
+        if report and "report" not in made:
             self.report()
+            made.add("report")
+            self._record_final(frames, made)
         self.logger.flush()
-        if evaluate or report:
-            frames = self.counters["frames"]
-            write_text_atomically(self.run_dir / FINAL_EVALUATION, f'{{"frames": {frames}}}\n')
+
+    def _record_final(self, frames: int, made: set[str]) -> None:
+        self.logger.flush()  # what the record says is logged must be on disk first
+        record = json.dumps({"frames": frames, "made": sorted(made)})
+        write_text_atomically(self.run_dir / FINAL_EVALUATION, record + "\n")
 
     def _iteration(self, updates_per_step: float) -> None:
         c = self.config
@@ -615,11 +634,12 @@ class Trainer:
         return forked_torch_rng(stream_seed(self.seed, stream, index), devices)
 
     @torch.no_grad()
-    def evaluate(self, stoppable: bool = False) -> dict | None:
+    def evaluate(self, stoppable: bool = False, log: bool = True) -> dict | None:
         """``eval_episodes`` episodes with the deterministic policy on a fresh env; keeps the
         first episode's rows as held-out data for :meth:`report`. With ``stoppable``, a stop
         request (a signal) ends it midway: nothing is logged or kept, the count of evaluations
-        stays, and None is returned (the resumed run evaluates with the same index's stream)."""
+        stays, and None is returned (the resumed run evaluates with the same index's stream).
+        ``log=False`` makes it without logging (one logged before a resume)."""
         index = self.counters["evals"]
         env = self.make_eval_env(index)
         stop = (lambda: self._stop_requested) if stoppable else None
@@ -644,6 +664,8 @@ class Trainer:
             cal = critic_calibration(episodes.values, episodes.rewards, gamma)
             result["critic_value"] = cal["value_mean"]
             result["critic_return_to_go"] = cal["return_to_go_mean"]
+        if not log:
+            return result
         self.logger.log_scalars(result, self.counters["frames"], "eval")
         if self.config.eval_video:  # what the policy did, as the agent saw it (~1.3 MB/500 steps)
             pixels = self.heldout[keys.PIXELS][0]  # [T, C, H, W] uint8

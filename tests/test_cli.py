@@ -72,6 +72,25 @@ def test_smoke_run_writes_events_and_checkpoint(tmp_path, obs_model):
     assert (run_dir / "eval.gif").stat().st_size > 0
 
 
+@pytest.mark.slow
+def test_a_resume_makes_a_final_evaluation_the_run_did_not_record(tmp_path):
+    """Through the CLI: a run whose final evaluation is not recorded (as if killed during it)
+    is resumed to make it, not to "nothing to train"; once recorded, nothing is left."""
+    run_dir = tmp_path / "run"
+    out = train("exp=smoke", "loop.total_frames=430", f"run_dir={run_dir}")  # ends between evals
+    assert out.returncode == 0, out.stderr[-2000:]
+    record = run_dir / "final_evaluation.json"
+    assert json.loads(record.read_text()) == {"frames": 430, "made": ["eval", "report"]}
+    record.unlink()
+    out = train(f"resume={run_dir}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "stopped during its final evaluation at 430 frames; making it" in out.stdout
+    assert json.loads(record.read_text())["made"] == ["eval", "report"]
+    assert load_checkpoint(run_dir)["counters"]["frames"] == 430  # nothing trained
+    out = train(f"resume={run_dir}")
+    assert out.returncode == 0 and "nothing to train" in out.stdout, out.stderr[-2000:]
+
+
 def _resume_interrupted_in_setup(monkeypatch, run_dir: Path, *overrides: str) -> None:
     """``train.py resume=run_dir *overrides`` in this process, with a Ctrl-C in its setup whose
     exception Python dropped (when it appends its provenance record, which it then skips): the

@@ -143,8 +143,10 @@ def test_loop_writes_evaluations_reports_and_a_final_checkpoint(tmp_path):
     state = load_checkpoint(tmp_path)  # written before the final evaluation, which it lacks
     assert state["counters"] == {**counters, "evals": 2}
     # ... and says it was due; the run directory says it was made
-    assert state["final_evaluation_due"] and not final_evaluation_pending(state, tmp_path)
-    assert (tmp_path / FINAL_EVALUATION).read_text() == f'{{"frames": {end}}}\n'
+    assert state["final_evaluation_due"] == ["eval", "report"]
+    assert not final_evaluation_pending(state, tmp_path)
+    made = f'{{"frames": {end}, "made": ["eval", "report"]}}\n'
+    assert (tmp_path / FINAL_EVALUATION).read_text() == made
     acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     tags = acc.Tags()
@@ -966,10 +968,10 @@ def test_a_run_killed_in_its_final_evaluation_makes_it_when_resumed(tmp_path):
     trainer = build(tmp_path / "killed")
     evaluate = trainer.evaluate
 
-    def killed_at_the_end(stoppable=False):
+    def killed_at_the_end(stoppable=False, log=True):
         if trainer.counters["frames"] >= SCHEDULE["total_frames"]:
             raise KeyboardInterrupt
-        return evaluate(stoppable)
+        return evaluate(stoppable, log)
 
     trainer.evaluate = killed_at_the_end
     with pytest.raises(KeyboardInterrupt):
@@ -980,8 +982,8 @@ def test_a_run_killed_in_its_final_evaluation_makes_it_when_resumed(tmp_path):
     end = state["counters"]["frames"]
     assert end >= SCHEDULE["total_frames"] and state["counters"]["evals"] == 2
     assert final_evaluation_pending(state, tmp_path / "killed")
-    # A marker from an earlier, shorter schedule's end does not count for this frame.
-    (tmp_path / "killed" / FINAL_EVALUATION).write_text('{"frames": 100}')
+    # A record from an earlier, shorter schedule's end does not count for this frame.
+    (tmp_path / "killed" / FINAL_EVALUATION).write_text('{"frames": 100, "made": ["eval"]}')
     assert final_evaluation_pending(state, tmp_path / "killed")
 
     resumed = build(tmp_path / "killed", seed=7)
@@ -991,9 +993,11 @@ def test_a_run_killed_in_its_final_evaluation_makes_it_when_resumed(tmp_path):
     resumed.logger.close()
     assert counters == {**state["counters"], "evals": 3}  # no frame, step or update more
     assert not final_evaluation_pending(load_checkpoint(tmp_path / "killed"), tmp_path / "killed")
-    made = dict(_scalars(tmp_path / "killed")["eval/episode_return"])
-    want = dict(_scalars(tmp_path / "full")["eval/episode_return"])
-    assert sorted(made) == sorted(want) == [100, 200, end] and made == want
+    made = _scalars(tmp_path / "killed")["eval/episode_return"]
+    want = _scalars(tmp_path / "full")["eval/episode_return"]
+    assert [step for step, _ in made] == [100, 200, end] and made == want
+    reports = _scalars(tmp_path / "killed")["heldout/bits_per_dim"]
+    assert reports == _scalars(tmp_path / "full")["heldout/bits_per_dim"]
     # Checkpoints from before the key existed keep "nothing to train".
     assert not final_evaluation_pending({"counters": {"frames": end}}, tmp_path / "nowhere")
 
@@ -1018,3 +1022,39 @@ def test_a_run_stopped_before_its_first_iteration_logs_its_config_once(tmp_path)
     acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0})
     acc.Reload()
     assert [e.step for e in acc.Tensors("config/text_summary")] == [0]
+
+
+@pytest.mark.slow
+def test_a_run_killed_in_its_final_report_logs_its_final_evaluation_once(tmp_path):
+    """Killed after the final evaluation was logged, during the report: the resume makes the
+    evaluation again for the report's held-out episode (the same stream, so the same episode)
+    without logging it a second time, then the report, as the uninterrupted run did."""
+    full = build(tmp_path / "full")
+    full.run(progress=False)
+    full.env.close()
+    full.logger.close()
+
+    trainer = build(tmp_path / "killed")
+    report = trainer.report
+
+    def killed_at_the_end():
+        if trainer.counters["frames"] >= SCHEDULE["total_frames"]:
+            raise KeyboardInterrupt
+        return report()
+
+    trainer.report = killed_at_the_end
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(progress=False)
+    trainer.env.close()
+    trainer.logger.close()
+    state = load_checkpoint(tmp_path / "killed")
+    assert final_evaluation_pending(state, tmp_path / "killed")
+    resumed = build(tmp_path / "killed", seed=7)
+    resumed.load()
+    resumed.run(progress=False)
+    resumed.env.close()
+    resumed.logger.close()
+    assert not final_evaluation_pending(state, tmp_path / "killed")
+    for tag in ("eval/episode_return", "heldout/bits_per_dim", "heldout/open_loop_mse_h1"):
+        made, want = (_scalars(tmp_path / d)[tag] for d in ("killed", "full"))
+        assert made == want, tag  # one point per step, the uninterrupted run's values

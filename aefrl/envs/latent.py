@@ -23,7 +23,10 @@ step       belief, state (h_t, z_t), action [*B, A],   ("next", belief), ("next"
 
 The carry travels in the env's own observations, so every frame is filtered with the action the
 env executed, whoever chose it: a torchrl ``Collector``'s random ``init_random_frames`` too,
-which :func:`agents.modules.policy_module`, a policy, does not see. Batched envs
+which :func:`agents.modules.policy_module`, a policy, does not see. The action is read as
+the policy wrote it, before the inverse of any action transform: transforms that map actions
+(a rescaling) belong in the env below this one, so that what it reads is what the model was
+trained on (the DMC env's own [-1, 1]). Batched envs
 (``SerialEnv``, ``ParallelEnv``, ``make_dmc_env(num_envs=N)``) reset per env: an env that is not
 reset keeps its carry. The AEF posterior is deterministic (dequantised at the bin centre), the
 VAE's samples z from torch's global generator. No autograd: the features are the frozen world
@@ -31,6 +34,8 @@ model's; training it further is the Dreamer loop's work.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from tensordict import TensorDictBase
@@ -48,8 +53,10 @@ class LatentObservation(Transform):
 
     Args:
         world_model: a trained :class:`~aefrl.world_model.WorldModel`, e.g. from
-            :func:`~aefrl.world_model.modules.load_world_model`; put in eval mode. It becomes
-            part of the transform: ``env.to(device)`` moves it with the env.
+            :func:`~aefrl.world_model.modules.load_world_model` or ``agent.world_model``. The
+            transform keeps a frozen copy (eval mode, no gradients; the model given is left as
+            it is, so an agent can go on training it: the copy does not follow), which
+            ``env.to(device)`` moves with the env.
         pixels_key, action_key: where the env keeps its frames and executed actions.
         out_keys: the names of h_t and z_t.
     """
@@ -70,7 +77,8 @@ class LatentObservation(Transform):
             raise ValueError(f"out_keys names belief and state (two keys), got {out_keys!r}")
         super().__init__(in_keys=[pixels_key], out_keys=list(out_keys))
         self.action_key = action_key
-        self.posterior = PosteriorStep(world_model.eval().requires_grad_(False))
+        frozen = copy.deepcopy(world_model).eval().requires_grad_(False)
+        self.posterior = PosteriorStep(frozen)
 
     @property
     def world_model(self) -> WorldModel:
@@ -123,7 +131,13 @@ class LatentObservation(Transform):
         action = tensordict.get(self.action_key)
         # The replay the model trained on holds actions clipped to the env's [-1, 1].
         action = action.to(self.world_model.dtype).clamp(-1, 1)
-        carry = (tensordict.get(self.out_keys[0]), tensordict.get(self.out_keys[1]))
+        carry = tuple(tensordict.get(k, None) for k in self.out_keys)
+        if carry[0] is None or carry[1] is None:
+            raise KeyError(
+                f"LatentObservation steps from the {self.out_keys[0]!r} and {self.out_keys[1]!r} "
+                "it wrote, and the tensordict has none: a later transform removed them (keep "
+                "them, e.g. CatTensors(..., del_keys=False))"
+            )
         first = torch.zeros(*next_tensordict.batch_size, 1, dtype=torch.bool)
         h, z = self._filter(pixels, action, first.to(pixels.device), carry)
         next_tensordict.set(self.out_keys[0], h)

@@ -7,7 +7,8 @@ Two two-hot forms (``TWOHOT``), both DreamerV3's: ``symlog`` (its 2023 code) spa
 evenly in symlog space and averages there, ``symexp(Σ p_k b_k)``; ``symexp`` (its current
 ``symexp_twohot``) spaces them by ``symexp`` and averages in real space, ``Σ p_k b_k``. The
 symlog average is biased towards zero when the prediction is spread over bins of different
-magnitudes (two equally likely targets {0, 20} predict 3.2, not 10); the real-space one is the
+magnitudes (two equally likely targets {0, 20} predict √21 − 1 ≈ 3.58 at the cross-entropy's
+optimum, not 10); the real-space one is the
 distribution's mean.
 """
 
@@ -39,7 +40,7 @@ def twohot_bins(count: int, limit: float, twohot: str = "symlog") -> torch.Tenso
     symlog space (``symlog``), or those points mapped by ``symexp`` (``symexp``), built as a
     negative half and its exact negation so that uniform probabilities average to exactly 0 (in
     float32 the bins reach ±4.9e8 at limit 20: a plain sum left residues of that order times
-    the rounding error). Even counts have no bin at 0."""
+    the rounding error). Even counts have no bin at 0 (DreamerV3's even form repeats it)."""
     if twohot not in TWOHOT:
         raise ValueError(f"twohot must be one of {', '.join(TWOHOT)}, got {twohot!r}")
     if twohot == "symlog":
@@ -128,7 +129,9 @@ class TwoHotHead(nn.Module):
     def forward(self, feat: torch.Tensor) -> TwoHot:
         return TwoHot(self.net(feat), self.bins, self.twohot)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
         # The bins are a buffer: a checkpoint of the other form would load its bins into this
         # head and its predictions would be read in the wrong space, without an error.
         saved = state_dict.get(prefix + "bins")
@@ -138,11 +141,15 @@ class TwoHotHead(nn.Module):
             and not torch.allclose(saved.to(self.bins), self.bins, rtol=1e-5, atol=1e-6)
         ):
             other = next(t for t in TWOHOT if t != self.twohot)
-            raise ValueError(
+            # Reported as torch reports a mismatch: load_state_dict raises a RuntimeError,
+            # which the checkpoint loaders turn into their one-sentence CheckpointError.
+            error_msgs.append(
                 f"the checkpoint's {prefix}bins are not this head's {self.twohot!r} two-hot "
                 f"bins (a {other!r} head's?): build the model with the run's own twohot setting"
             )
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
         return f"twohot={self.twohot!r}"

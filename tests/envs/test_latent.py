@@ -137,3 +137,21 @@ def test_bad_input_is_one_sentence():
     with pytest.raises(ValueError, match=r"build the env with its run's env\.image_size"):
         small.observation_spec  # noqa: B018 (the spec is what is checked)
     small.close()
+    # The carry is the transform's own observation: a transform that drops it is named.
+    env = latent_env(tiny_model())
+    env.append_transform(CatTensors([keys.BELIEF, keys.STATE], "observation"))  # del_keys
+    with pytest.raises(KeyError, match=r"a later transform removed them"):
+        env.rollout(2)
+    env.close()
+
+
+def test_the_transform_freezes_a_copy_and_leaves_the_model_given_trainable():
+    """agent.world_model handed over goes on training (it used to be frozen in place, and the
+    agent's next update failed); the transform's copy stays as it was."""
+    wm = tiny_model()
+    transform = LatentObservation(wm)
+    assert all(p.requires_grad for p in wm.parameters()) and wm.training
+    assert not any(p.requires_grad for p in transform.world_model.parameters())
+    with torch.no_grad():
+        next(wm.parameters()).add_(1.0)
+    assert not torch.equal(next(wm.parameters()), next(transform.world_model.parameters()))

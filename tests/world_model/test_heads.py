@@ -135,8 +135,22 @@ def test_a_two_target_fit_averages_in_symlog_space_or_in_real_space():
 def test_a_head_refuses_the_other_forms_bins_from_a_checkpoint():
     symexp_head = TwoHotHead(5, hidden=8, layers=1, twohot="symexp")
     symlog_head = TwoHotHead(5, hidden=8, layers=1)
-    with pytest.raises(ValueError, match="not this head's 'symlog' two-hot bins"):
+    with pytest.raises(RuntimeError, match="not this head's 'symlog' two-hot bins"):
         symlog_head.load_state_dict(symexp_head.state_dict())
     symexp_head.load_state_dict(TwoHotHead(5, hidden=8, layers=1, twohot="symexp").state_dict())
     with pytest.raises(ValueError, match="twohot must be one of symlog, symexp, got 'real'"):
         TwoHotHead(5, twohot="real")
+
+
+def test_a_checkpoint_of_the_other_two_hot_form_is_one_sentence(tmp_path):
+    """A world model whose configuration says symexp, loaded from symlog weights (an edited
+    configuration): a CheckpointError naming the bins, not torch's multi-line report."""
+    from aefrl.checkpoint import CheckpointError, load_checkpoint
+    from aefrl.world_model.modules import world_model_from_checkpoint
+    from tests.tiny_run import write_tiny_dreamer_run
+
+    write_tiny_dreamer_run(tmp_path, time_limit=0.1)
+    state = load_checkpoint(tmp_path)
+    state["run_config"]["agent"]["world_model"]["reward_twohot"] = "symexp"
+    with pytest.raises(CheckpointError, match=r"reward_head\.bins are not this head's 'symexp'"):
+        world_model_from_checkpoint(state)
