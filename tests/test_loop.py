@@ -955,49 +955,63 @@ def test_the_logs_are_flushed_before_the_checkpoint_is_written(tmp_path):
     assert order[:2] == ["flush", "checkpoint"]
 
 
+FINAL_TAGS = ("eval/episode_return", "heldout/bits_per_dim", "heldout/open_loop_mse_h1")
+
+
+@pytest.fixture(scope="module")
+def finished_run_logs(tmp_path_factory):
+    """The final points of an uninterrupted run (evaluation and report at its last frame)."""
+    run_dir = tmp_path_factory.mktemp("finished")
+    trainer = build(run_dir)
+    trainer.run(progress=False)
+    trainer.env.close()
+    trainer.logger.close()
+    logged = _scalars(run_dir)
+    return {tag: logged[tag] for tag in FINAL_TAGS}
+
+
 @pytest.mark.slow
-def test_a_run_killed_in_its_final_evaluation_makes_it_when_resumed(tmp_path):
-    """The final evaluation comes after the final checkpoint: a run killed during it (SIGKILL,
-    or a second Ctrl-C) resumed to "nothing to train" and its curves ended an evaluation short.
-    The resume now makes it, with the evaluation stream the uninterrupted run used."""
-    full = build(tmp_path / "full")
-    full.run(progress=False)
-    full.env.close()
-    full.logger.close()
+@pytest.mark.parametrize("killed_in", ["evaluate", "report"])
+def test_a_run_killed_in_its_final_evaluation_makes_it_when_resumed(
+    tmp_path, finished_run_logs, killed_in
+):
+    """The final evaluation and report come after the final checkpoint: a run killed during
+    them (SIGKILL, or a second Ctrl-C) resumed to "nothing to train" and its curves ended a
+    point short. The resume now makes what is missing with the streams the uninterrupted run
+    used; killed during the report, it makes the evaluation again for the report's held-out
+    episode without logging it a second time."""
+    trainer = build(tmp_path)
+    made = getattr(trainer, killed_in)
 
-    trainer = build(tmp_path / "killed")
-    evaluate = trainer.evaluate
-
-    def killed_at_the_end(stoppable=False, log=True):
+    def killed_at_the_end(*args, **kwargs):
         if trainer.counters["frames"] >= SCHEDULE["total_frames"]:
             raise KeyboardInterrupt
-        return evaluate(stoppable, log)
+        return made(*args, **kwargs)
 
-    trainer.evaluate = killed_at_the_end
+    setattr(trainer, killed_in, killed_at_the_end)
     with pytest.raises(KeyboardInterrupt):
         trainer.run(progress=False)
     trainer.env.close()
     trainer.logger.close()
-    state = load_checkpoint(tmp_path / "killed")
+    state = load_checkpoint(tmp_path)
     end = state["counters"]["frames"]
     assert end >= SCHEDULE["total_frames"] and state["counters"]["evals"] == 2
-    assert final_evaluation_pending(state, tmp_path / "killed")
-    # A record from an earlier, shorter schedule's end does not count for this frame.
-    (tmp_path / "killed" / FINAL_EVALUATION).write_text('{"frames": 100, "made": ["eval"]}')
-    assert final_evaluation_pending(state, tmp_path / "killed")
+    assert final_evaluation_pending(state, tmp_path)
+    if killed_in == "evaluate":  # a record from an earlier, shorter schedule does not count
+        (tmp_path / FINAL_EVALUATION).write_text('{"frames": 100, "made": ["eval"]}')
+        assert final_evaluation_pending(state, tmp_path)
 
-    resumed = build(tmp_path / "killed", seed=7)
+    resumed = build(tmp_path, seed=7)
     resumed.load()
     counters = resumed.run(progress=False)
     resumed.env.close()
     resumed.logger.close()
     assert counters == {**state["counters"], "evals": 3}  # no frame, step or update more
-    assert not final_evaluation_pending(load_checkpoint(tmp_path / "killed"), tmp_path / "killed")
-    made = _scalars(tmp_path / "killed")["eval/episode_return"]
-    want = _scalars(tmp_path / "full")["eval/episode_return"]
-    assert [step for step, _ in made] == [100, 200, end] and made == want
-    reports = _scalars(tmp_path / "killed")["heldout/bits_per_dim"]
-    assert reports == _scalars(tmp_path / "full")["heldout/bits_per_dim"]
+    assert not final_evaluation_pending(load_checkpoint(tmp_path), tmp_path)
+    logged = _scalars(tmp_path)
+    assert [step for step, _ in logged["eval/episode_return"]] == [100, 200, end]
+    for tag in FINAL_TAGS:  # one point per step, the uninterrupted run's values
+        assert logged[tag] == finished_run_logs[tag], tag
     # Checkpoints from before the key existed keep "nothing to train".
     assert not final_evaluation_pending({"counters": {"frames": end}}, tmp_path / "nowhere")
 
@@ -1022,39 +1036,3 @@ def test_a_run_stopped_before_its_first_iteration_logs_its_config_once(tmp_path)
     acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0})
     acc.Reload()
     assert [e.step for e in acc.Tensors("config/text_summary")] == [0]
-
-
-@pytest.mark.slow
-def test_a_run_killed_in_its_final_report_logs_its_final_evaluation_once(tmp_path):
-    """Killed after the final evaluation was logged, during the report: the resume makes the
-    evaluation again for the report's held-out episode (the same stream, so the same episode)
-    without logging it a second time, then the report, as the uninterrupted run did."""
-    full = build(tmp_path / "full")
-    full.run(progress=False)
-    full.env.close()
-    full.logger.close()
-
-    trainer = build(tmp_path / "killed")
-    report = trainer.report
-
-    def killed_at_the_end():
-        if trainer.counters["frames"] >= SCHEDULE["total_frames"]:
-            raise KeyboardInterrupt
-        return report()
-
-    trainer.report = killed_at_the_end
-    with pytest.raises(KeyboardInterrupt):
-        trainer.run(progress=False)
-    trainer.env.close()
-    trainer.logger.close()
-    state = load_checkpoint(tmp_path / "killed")
-    assert final_evaluation_pending(state, tmp_path / "killed")
-    resumed = build(tmp_path / "killed", seed=7)
-    resumed.load()
-    resumed.run(progress=False)
-    resumed.env.close()
-    resumed.logger.close()
-    assert not final_evaluation_pending(state, tmp_path / "killed")
-    for tag in ("eval/episode_return", "heldout/bits_per_dim", "heldout/open_loop_mse_h1"):
-        made, want = (_scalars(tmp_path / d)[tag] for d in ("killed", "full"))
-        assert made == want, tag  # one point per step, the uninterrupted run's values
