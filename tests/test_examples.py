@@ -101,3 +101,29 @@ def test_plan_cost_writes_its_tables(tmp_path, monkeypatch):
     }
     assert result["machine"]["cores"] >= 1 and result["load_average"]["end"]
     assert "| smoke | CEM tiny |" in out.with_suffix(".md").read_text()
+
+
+def _latent_sac(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "docs/examples/latent_sac.py", *args],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_latent_sac_example_trains_torchrls_sac_on_the_latents(tmp_path):
+    """docs/examples/latent_sac.py: torchrl's Collector, replay and SACLoss on
+    LatentObservation's features, without a checkpoint (an untrained tiny model, 50-step
+    episodes) and with a run's (its own 5-step episodes); prints the returns it got."""
+    from tests.tiny_run import write_tiny_dreamer_run
+
+    out = _latent_sac("--steps", "150")  # three collections of 64 steps, updates after one
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert re.search(r"^train return \d+\.\d+ over 3 episodes$", out.stdout, re.MULTILINE)
+    assert re.search(r"^eval return \d+\.\d+ over 50 steps$", out.stdout, re.MULTILINE)
+    write_tiny_dreamer_run(tmp_path, time_limit=0.1)
+    out = _latent_sac(str(tmp_path), "--steps", "64")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert re.search(r"^eval return \d+\.\d+ over 5 steps$", out.stdout, re.MULTILINE)
+    out = _latent_sac(str(tmp_path / "none"))
+    assert out.returncode == 2 and out.stderr.startswith("error: no checkpoint at "), out.stderr
