@@ -111,8 +111,10 @@ def main(checkpoint: str | None, steps: int, seed: int = 0) -> None:
     with set_exploration_type(ExplorationType.DETERMINISTIC), torch.no_grad():
         episode = env.rollout(10_000, actor)  # to the episode's end
     env.close()
-    mean = sum(returns) / len(returns) if returns else float("nan")
-    print(f"train return {mean:.2f} over {len(returns)} episodes")
+    if returns:
+        print(f"train return {sum(returns) / len(returns):.2f} over {len(returns)} episodes")
+    else:
+        print(f"no training episode finished in {collector.total_frames} steps")
     print(f"eval return {episode['next', 'reward'].sum().item():.2f} over {len(episode)} steps")
 
 
