@@ -80,6 +80,8 @@ def final_evaluation_pending(state: dict, run_dir: str | Path) -> bool:
     due = state.get("final_evaluation_due")
     if not due:
         return False
+    if due is True:  # checkpoints of 2026-12-07's first form: one flag for both parts
+        due = ["eval", "report"]
     return not set(due) <= final_evaluation_made(run_dir, state["counters"]["frames"])
 
 
@@ -88,8 +90,11 @@ def final_evaluation_made(run_dir: str | Path, frames: int) -> set[str]:
     ``FINAL_EVALUATION`` in ``run_dir`` records as logged."""
     try:
         record = json.loads((Path(run_dir) / FINAL_EVALUATION).read_text())
-        return set(record["made"]) if record["frames"] == frames else set()
-    except (OSError, ValueError, KeyError, TypeError):
+        if record["frames"] != frames:
+            return set()
+        # The first form, {"frames": N}, was written once both parts were logged.
+        return set(record.get("made", ("eval", "report")))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return set()
 
 
@@ -639,15 +644,16 @@ class Trainer:
         first episode's rows as held-out data for :meth:`report`. With ``stoppable``, a stop
         request (a signal) ends it midway: nothing is logged or kept, the count of evaluations
         stays, and None is returned (the resumed run evaluates with the same index's stream).
-        ``log=False`` makes it without logging (one logged before a resume)."""
+        ``log=False`` makes its first episode only, the held-out data, without logging (an
+        evaluation logged before a resume: its first episode comes from the same stream)."""
         index = self.counters["evals"]
         env = self.make_eval_env(index)
         stop = (lambda: self._stop_requested) if stoppable else None
         try:
             with self._own_stream("eval", index):  # e.g. the VAE posterior samples
                 episodes = run_episodes(
-                    env, self.agent, self.action_dim, self.device, self.config.eval_episodes,
-                    True, should_stop=stop,
+                    env, self.agent, self.action_dim, self.device,
+                    self.config.eval_episodes if log else 1, True, should_stop=stop,
                 )  # fmt: skip
         finally:
             env.close()

@@ -200,7 +200,10 @@ def policy_module(
             _PrevAction(), in_keys=[keys.ACTION], out_keys=[("next", keys.PREV_ACTION)]
         ),
     )
-    policy.carry_primer = lambda: carry_primer(agent)  # not a submodule: no second agent copy
+    # Sizes only (plain ints): the policy pickles for torchrl's multi-process collectors, and a
+    # copy converted to another dtype or device makes its primer in its own.
+    rssm = agent.world_model.rssm
+    policy.carry_sizes = (rssm.deter, rssm.latent_dim, agent.action_dim)
     return policy
 
 
@@ -260,14 +263,16 @@ class _Acting(TensorDictSequential):
     ``torchrl.modules.utils.get_env_transforms_from_module`` find it and give the env an
     ``InitTracker`` and this primer, as :func:`policy_transforms` does."""
 
-    carry_primer = None  # set by policy_module
+    carry_sizes: tuple[int, int, int] | None = None  # (H, d, A), set by policy_module
 
     @torch.no_grad()
     def forward(self, *args, **kwargs):
         return super().forward(*args, **kwargs)
 
     def make_tensordict_primer(self) -> TensorDictPrimer:
-        return self.carry_primer()
+        if self.carry_sizes is None:
+            raise RuntimeError("this policy was not built by policy_module: it has no carry")
+        return _carry_primer(self.carry_sizes, next(self.parameters()))
 
 
 def carry_primer(agent: DreamerAgent) -> TensorDictPrimer:
@@ -275,21 +280,18 @@ def carry_primer(agent: DreamerAgent) -> TensorDictPrimer:
     zeros at every reset, expanded to the env's batch (one carry per env of a batched env), on
     the agent's device and in its dtype (read when it is built)."""
     _require_dreamer(agent)
-    p = next(agent.parameters())
     rssm = agent.world_model.rssm
+    sizes = (rssm.deter, rssm.latent_dim, agent.action_dim)
+    return _carry_primer(sizes, next(agent.parameters()))
 
-    def spec(size: int) -> Unbounded:
-        return Unbounded((size,), device=p.device, dtype=p.dtype)
 
-    return TensorDictPrimer(
-        {
-            keys.BELIEF: spec(rssm.deter),
-            keys.STATE: spec(rssm.latent_dim),
-            keys.PREV_ACTION: spec(agent.action_dim),
-        },
-        default_value=0.0,
-        expand_specs=True,
-    )
+def _carry_primer(sizes: tuple[int, int, int], like: torch.Tensor) -> TensorDictPrimer:
+    names = (keys.BELIEF, keys.STATE, keys.PREV_ACTION)
+    specs = {
+        name: Unbounded((size,), device=like.device, dtype=like.dtype)
+        for name, size in zip(names, sizes, strict=True)
+    }
+    return TensorDictPrimer(specs, default_value=0.0, expand_specs=True)
 
 
 def policy_transforms(agent: DreamerAgent) -> Compose:

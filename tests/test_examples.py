@@ -106,7 +106,7 @@ def test_plan_cost_writes_its_tables(tmp_path, monkeypatch):
 def _latent_sac(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "docs/examples/latent_sac.py", *args],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
 
 
@@ -119,6 +119,7 @@ def test_latent_sac_example_trains_torchrls_sac_on_the_latents(tmp_path):
 
     out = _latent_sac("--steps", "150")  # three collections of 64 steps, updates after one
     assert out.returncode == 0, out.stderr[-2000:]
+    assert re.search(r"^192 steps, 128 SAC updates$", out.stdout, re.MULTILINE), out.stdout
     assert re.search(r"^train return \d+\.\d+ over 3 episodes$", out.stdout, re.MULTILINE)
     assert re.search(r"^eval return \d+\.\d+ over 50 steps$", out.stdout, re.MULTILINE)
     write_tiny_dreamer_run(tmp_path, time_limit=0.1)

@@ -17,11 +17,18 @@ from tensordict import TensorDict
 from torchrl.envs import ExcludeTransform, SerialEnv, TransformedEnv
 
 from aefrl import keys
+from aefrl import loop as loop_module
 from aefrl.bench.subjects import Sizes, random_batch
 from aefrl.checkpoint import CheckpointError, load_checkpoint
 from aefrl.envs import make_dmc_env
 from aefrl.logging import RunLogger
-from aefrl.loop import FINAL_EVALUATION, LoopConfig, Trainer, final_evaluation_pending
+from aefrl.loop import (
+    FINAL_EVALUATION,
+    LoopConfig,
+    Trainer,
+    final_evaluation_made,
+    final_evaluation_pending,
+)
 from aefrl.replay import SequenceReplay
 from tests.agents.test_dreamer import TINY
 from tests.test_collect import EchoAgent, EchoEnv
@@ -1036,3 +1043,29 @@ def test_a_run_stopped_before_its_first_iteration_logs_its_config_once(tmp_path)
     acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0})
     acc.Reload()
     assert [e.step for e in acc.Tensors("config/text_summary")] == [0]
+
+
+def test_the_logs_are_flushed_before_the_final_evaluation_is_recorded(tmp_path, monkeypatch):
+    """The record says the points are logged: they must be on disk before it is."""
+    trainer = build(tmp_path)
+    order = []
+    flush = trainer.logger.flush
+    trainer.logger.flush = lambda: order.append("flush") or flush()
+    write = loop_module.write_text_atomically
+    monkeypatch.setattr(
+        loop_module, "write_text_atomically", lambda *a: order.append("record") or write(*a)
+    )
+    trainer._record_final(240, {"eval"})
+    trainer.env.close()
+    assert order == ["flush", "record"]
+    assert final_evaluation_made(tmp_path, 240) == {"eval"}
+
+
+def test_the_first_forms_final_evaluation_keys_still_read(tmp_path):
+    """Checkpoints and records written by the first version of the record (one flag; a record
+    written once both parts were logged) neither crash a resume nor repeat the evaluation."""
+    state = {"final_evaluation_due": True, "counters": {"frames": 430}}
+    assert final_evaluation_pending(state, tmp_path)
+    (tmp_path / FINAL_EVALUATION).write_text('{"frames": 430}\n')
+    assert final_evaluation_made(tmp_path, 430) == {"eval", "report"}
+    assert not final_evaluation_pending(state, tmp_path)

@@ -147,6 +147,7 @@ class TwoHotHead(nn.Module):
                 f"the checkpoint's {prefix}bins are not this head's {self.twohot!r} two-hot "
                 f"bins (a {other!r} head's?): build the model with the run's own twohot setting"
             )
+            return  # nothing of it loaded: a caller that goes on keeps this head's own bins
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

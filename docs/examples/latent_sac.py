@@ -92,7 +92,7 @@ def main(checkpoint: str | None, steps: int, seed: int = 0) -> None:
     )
     # Only the latents go to the replay: the frames have done their work.
     replay = ReplayBuffer(storage=LazyTensorStorage(100_000), batch_size=256)
-    returns = []
+    returns, updates = [], 0
     for data in collector:
         data = data.reshape(-1).exclude("pixels", ("next", "pixels"))
         replay.extend(data)
@@ -107,14 +107,16 @@ def main(checkpoint: str | None, steps: int, seed: int = 0) -> None:
             total.backward()
             optimiser.step()
             target.step()
-    collector.shutdown()
+            updates += 1
+    collector.shutdown(close_env=False)  # the evaluation below runs on it
     with set_exploration_type(ExplorationType.DETERMINISTIC), torch.no_grad():
         episode = env.rollout(10_000, actor)  # to the episode's end
     env.close()
+    print(f"{collector.total_frames} steps, {updates} SAC updates")
     if returns:
         print(f"train return {sum(returns) / len(returns):.2f} over {len(returns)} episodes")
     else:
-        print(f"no training episode finished in {collector.total_frames} steps")
+        print("no training episode finished")
     print(f"eval return {episode['next', 'reward'].sum().item():.2f} over {len(episode)} steps")
 
 

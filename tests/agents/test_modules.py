@@ -2,6 +2,7 @@
 in torchrl's env.rollout (agents/modules.py)."""
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -445,6 +446,12 @@ def test_torchrls_collector_finds_the_policys_carry_primer_itself():
     tracker, primer = get_env_transforms_from_module(policy)
     assert isinstance(tracker, InitTracker) and isinstance(primer, TensorDictPrimer)
     assert set(primer.primers.keys()) == {keys.BELIEF, keys.STATE, keys.PREV_ACTION}
+    # It pickles (torchrl's multi-process collectors send the policy to their workers), and a
+    # copy in float64 makes a float64 carry.
+    assert pickle.loads(pickle.dumps(policy)).make_tensordict_primer().primers.shape == ()
+    double = copy.deepcopy(policy).double().make_tensordict_primer()
+    assert double.primers[keys.BELIEF].dtype == torch.float64
+    assert primer.primers[keys.BELIEF].dtype == torch.float32
 
     def env():
         return make_dmc_env(

@@ -135,8 +135,10 @@ def test_a_two_target_fit_averages_in_symlog_space_or_in_real_space():
 def test_a_head_refuses_the_other_forms_bins_from_a_checkpoint():
     symexp_head = TwoHotHead(5, hidden=8, layers=1, twohot="symexp")
     symlog_head = TwoHotHead(5, hidden=8, layers=1)
+    own = symlog_head.bins.clone()
     with pytest.raises(RuntimeError, match="not this head's 'symlog' two-hot bins"):
         symlog_head.load_state_dict(symexp_head.state_dict())
+    assert torch.equal(symlog_head.bins, own)  # refused, and not loaded either
     symexp_head.load_state_dict(TwoHotHead(5, hidden=8, layers=1, twohot="symexp").state_dict())
     with pytest.raises(ValueError, match="twohot must be one of symlog, symexp, got 'real'"):
         TwoHotHead(5, twohot="real")
