@@ -117,9 +117,11 @@ def test_latent_sac_example_trains_torchrls_sac_on_the_latents(tmp_path):
     episodes) and with a run's (its own 5-step episodes); prints the returns it got."""
     from tests.tiny_run import write_tiny_dreamer_run
 
-    out = _latent_sac("--steps", "150")  # three collections of 64 steps, updates after one
+    # Three collections of 64 steps, the first of uniform random actions; 64 updates after
+    # each, once the replay holds those 64 rows.
+    out = _latent_sac("--steps", "150")
     assert out.returncode == 0, out.stderr[-2000:]
-    assert re.search(r"^192 steps, 128 SAC updates$", out.stdout, re.MULTILINE), out.stdout
+    assert re.search(r"^192 steps, 192 SAC updates$", out.stdout, re.MULTILINE), out.stdout
     assert re.search(r"^train return \d+\.\d+ over 3 episodes$", out.stdout, re.MULTILINE)
     assert re.search(r"^eval return \d+\.\d+ over 50 steps$", out.stdout, re.MULTILINE)
     write_tiny_dreamer_run(tmp_path, time_limit=0.1)
