@@ -20,6 +20,7 @@ from torchrl.modules import CEMPlanner
 
 from aefrl.checkpoint import CheckpointError, load_checkpoint
 from aefrl.envs import ImaginationEnv, make_dmc_env
+from aefrl.layout import arrival_rows
 from aefrl.objectives import WorldModelLoss
 from aefrl.world_model import WorldModel
 from aefrl.world_model.modules import world_model_from_checkpoint, world_model_modules
@@ -28,17 +29,7 @@ from aefrl.world_model.modules import world_model_from_checkpoint, world_model_m
 def tiny_world_model(env, updates: int = 30) -> WorldModel:
     """Fit a tiny AEF world model to one random episode: enough to run, not to plan well."""
     ep = env.rollout(10_000)  # random actions until the episode ends; torchrl's step layout
-
-    def shift(x):  # to aefrl's arrival layout: row t holds o_t, a_{t-1}, r_t
-        return torch.cat([torch.zeros_like(x[:1]), x])
-
-    batch = TensorDict(
-        pixels=torch.cat([ep["pixels"][:1], ep["next", "pixels"]]),
-        prev_action=shift(ep["action"]),
-        reward=shift(ep["next", "reward"]),
-        terminated=shift(ep["next", "terminated"]),
-        is_first=torch.arange(len(ep) + 1)[:, None] == 0,
-    ).auto_batch_size_(1)[None]  # [B=1, T]
+    batch = arrival_rows(ep).unsqueeze(0)  # aefrl's arrival layout, [B=1, T + 1]
     wm = WorldModel((3, 64, 64), ep["action"].shape[-1], latent_dim=4, deter=32, hidden=32, depth=8)
     loss, opt = WorldModelLoss(wm), torch.optim.Adam(wm.parameters(), lr=3e-3)
     for _ in range(updates):
