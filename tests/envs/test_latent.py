@@ -1,12 +1,13 @@
 """LatentObservation: a world model's filtered latents as a real torchrl env's observations."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
-from tensordict.nn import NormalParamExtractor, TensorDictModule
 from torchrl.envs import CatTensors, Compose, InitTracker, SerialEnv, TransformedEnv
 from torchrl.envs.utils import check_env_specs, step_mdp
-from torchrl.modules import MLP, ProbabilisticActor, TanhNormal, ValueOperator
-from torchrl.objectives import SACLoss, SoftUpdate
+from torchrl.objectives import SoftUpdate
 
 from aefrl import keys
 from aefrl.envs import LatentObservation, make_dmc_env
@@ -95,25 +96,9 @@ def test_specs_hold_and_torchrls_sac_learns_on_the_latents(kind):
     env.append_transform(CatTensors([keys.BELIEF, keys.STATE], "observation", del_keys=False))
     features = env.observation_spec["observation"].shape[-1]
     assert features == wm.rssm.deter + wm.rssm.latent_dim
-    actor = ProbabilisticActor(
-        TensorDictModule(
-            torch.nn.Sequential(
-                MLP(in_features=features, out_features=2, num_cells=[32]), NormalParamExtractor()
-            ),
-            in_keys=["observation"],
-            out_keys=["loc", "scale"],
-        ),
-        in_keys=["loc", "scale"],
-        spec=env.action_spec,
-        distribution_class=TanhNormal,
-    )
-    qvalue = ValueOperator(
-        MLP(in_features=features + 1, out_features=1, num_cells=[32]),
-        in_keys=["observation", "action"],
-    )
+    actor, loss = _latent_sac_example().sac(features, env, hidden=32)  # the example's SAC
     rollout = env.rollout(8, actor, break_when_any_done=False)
     env.close()
-    loss = SACLoss(actor, qvalue, action_spec=env.action_spec)
     SoftUpdate(loss, eps=0.995)  # the target networks' updater, as a SAC script makes one
     out = loss(rollout)
     total = out["loss_actor"] + out["loss_qvalue"] + out["loss_alpha"]
@@ -121,6 +106,15 @@ def test_specs_hold_and_torchrls_sac_learns_on_the_latents(kind):
     total.backward()
     assert all(p.grad is not None for p in actor.parameters())
     assert all(p.grad is None for p in wm.parameters())
+
+
+def _latent_sac_example():
+    """docs/examples/latent_sac.py as a module (its SAC networks and loss)."""
+    path = Path(__file__).resolve().parents[2] / "docs" / "examples" / "latent_sac.py"
+    spec = importlib.util.spec_from_file_location("latent_sac", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_bad_input_is_one_sentence():
