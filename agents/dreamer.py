@@ -100,7 +100,8 @@ class DreamerAgent(WorldModelAgent):
             raise ValueError(f"repval must be >= 0, got {repval}")
         self.value_loss = DreamerValueLoss(self.critic, **value_loss)
         # DreamerV3's replay value loss, scaled by repval (0: the critic learns in imagination
-        # only); its returns use the imagined returns' γ and λ.
+        # only); its returns take the imagined returns' γ and λ as configured here (a later
+        # actor_loss.make_value_estimator does not reach them).
         self.repval = float(repval)
         self.replay_value_loss = ReplayValueLoss(
             self.critic,
