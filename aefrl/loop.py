@@ -644,8 +644,9 @@ class Trainer:
         first episode's rows as held-out data for :meth:`report`. With ``stoppable``, a stop
         request (a signal) ends it midway: nothing is logged or kept, the count of evaluations
         stays, and None is returned (the resumed run evaluates with the same index's stream).
-        ``log=False`` makes its first episode only, the held-out data, without logging (an
-        evaluation logged before a resume: its first episode comes from the same stream)."""
+        ``log=False`` makes its first episode only, the held-out data, without logging or
+        statistics (an evaluation logged before a resume: its first episode comes from the same
+        stream), and returns ``{}``."""
         index = self.counters["evals"]
         env = self.make_eval_env(index)
         stop = (lambda: self._stop_requested) if stoppable else None
@@ -661,6 +662,8 @@ class Trainer:
             return None
         self.heldout = episodes.first_episode.exclude(keys.DONE).unsqueeze(0)
         self.counters["evals"] += 1
+        if not log:  # the held-out episode was what it was made for: nothing to report
+            return {}
         r = torch.tensor(episodes.returns, dtype=torch.float64)
         result = {"episode_return": float(r.mean())}
         if len(r) > 1:  # one episode has no spread to show (0 would read as none)
@@ -670,8 +673,6 @@ class Trainer:
             cal = critic_calibration(episodes.values, episodes.rewards, gamma)
             result["critic_value"] = cal["value_mean"]
             result["critic_return_to_go"] = cal["return_to_go_mean"]
-        if not log:
-            return result
         self.logger.log_scalars(result, self.counters["frames"], "eval")
         if self.config.eval_video:  # what the policy did, as the agent saw it (~1.3 MB/500 steps)
             pixels = self.heldout[keys.PIXELS][0]  # [T, C, H, W] uint8

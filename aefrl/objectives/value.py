@@ -12,6 +12,7 @@ from torchrl.objectives import LossModule
 
 from aefrl import keys
 from aefrl.actor_critic import Critic, lambda_returns
+from aefrl.objectives.actor import check_returns
 
 
 class DreamerValueLoss(LossModule):
@@ -102,8 +103,6 @@ class ReplayValueLoss(LossModule):
         slow_reg: float = 1.0,
     ) -> None:
         super().__init__()
-        from aefrl.objectives.actor import check_returns  # the actor loss's own check
-
         check_returns(gamma, lmbda)
         if not slow_reg >= 0:
             raise ValueError(f"slow_reg must be >= 0, got {slow_reg}")

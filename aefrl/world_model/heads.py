@@ -8,8 +8,7 @@ evenly in symlog space and averages there, ``symexp(Σ p_k b_k)``; ``symexp`` (i
 ``symexp_twohot``) spaces them by ``symexp`` and averages in real space, ``Σ p_k b_k``. The
 symlog average is biased towards zero when the prediction is spread over bins of different
 magnitudes (two equally likely targets {0, 20} predict √21 − 1 ≈ 3.58 at the cross-entropy's
-optimum, not 10); the real-space one is the
-distribution's mean.
+optimum, not 10); the real-space one is the distribution's mean.
 """
 
 from __future__ import annotations
