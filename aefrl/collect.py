@@ -6,6 +6,10 @@ An env whose observation ended its episode is reset on the *next* call instead o
 (torchrl's partial ``_reset`` / ``_step``), so the terminal row — with the last reward and the
 terminal flag the continue head learns from — is stored like any other, and the replay receives
 exactly one row per env per call.
+
+With ``context=True`` each row also carries the policy's filtered latent of the row before it,
+``context_belief`` h_{t-1} and ``context_state`` z_{t-1} (zeros on a first row): where a replayed
+window starting at that row begins (``agent.replay_context``, :mod:`aefrl.keys`).
 """
 
 from __future__ import annotations
@@ -42,10 +46,15 @@ class Collector:
         action_dim: A.
         device: where the agent runs; rows are returned on the CPU.
         generator: RNG for random actions (the prefill policy), so it doesn't touch global RNGs.
+        context: also return each row's context, the latent the agent's carry held before the
+            row arrived (its ``state``'s ``h`` and ``z``, float32 ``[N, H]`` and ``[N, d]``).
     """
 
-    def __init__(self, env, agent, action_dim: int, device="cpu", generator=None) -> None:
+    def __init__(
+        self, env, agent, action_dim: int, device="cpu", generator=None, context: bool = False
+    ) -> None:
         self.env = env
+        self.context = bool(context)
         self.agent = agent
         self.action_dim = int(action_dim)
         self.device = torch.device(device)
@@ -77,7 +86,7 @@ class Collector:
     # --- rows ------------------------------------------------------------------------------------
     def _first_rows(self, pixels: torch.Tensor) -> TensorDict:
         n = pixels.shape[0]
-        return TensorDict(
+        rows = TensorDict(
             {
                 keys.PIXELS: pixels,
                 keys.PREV_ACTION: torch.zeros(n, self.action_dim),
@@ -88,6 +97,21 @@ class Collector:
             },
             [n],
         )
+        if self.context:  # nothing came before a first row
+            state = self.carry.state
+            rows.set(keys.CONTEXT_BELIEF, torch.zeros(n, state.h.shape[-1]))
+            rows.set(keys.CONTEXT_STATE, torch.zeros(n, state.z.shape[-1]))
+        return rows
+
+    def _context(self, envs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The carry's latent of the envs ``envs [N]`` (bool) as their next rows' context
+        (float32, on the CPU)."""
+        state = self.carry.state
+        envs = envs.to(state.h.device)
+        return {
+            keys.CONTEXT_BELIEF: state.h[envs].float().cpu(),
+            keys.CONTEXT_STATE: state.z[envs].float().cpu(),
+        }
 
     def step(self, mode: str = "explore") -> tuple[TensorDict, EpisodeStats, int]:
         """Advance every env by one row. Returns ``(rows [N], finished episodes, envs stepped)``;
@@ -97,8 +121,8 @@ class Collector:
         stats = EpisodeStats()
         if self.obs is None:  # the very first call: reset everything
             everyone = torch.ones(self.num_envs, dtype=torch.bool)
-            self.obs = self._first_rows(self._reset(everyone)[keys.PIXELS])
             self.carry = self.agent.initial_carry(self.num_envs)
+            self.obs = self._first_rows(self._reset(everyone)[keys.PIXELS])
             return self.obs.clone(), stats, 0
 
         obs = self.obs
@@ -119,17 +143,17 @@ class Collector:
             nxt = self._step(action, stepped)
             frames = nxt.get(keys.FRAMES, None)
             stats.frames = None if frames is None else int(frames[stepped].sum())
-            rows[stepped] = TensorDict(
-                {
-                    keys.PIXELS: nxt[keys.PIXELS][stepped],
-                    keys.PREV_ACTION: action[stepped].to(torch.float32),
-                    keys.REWARD: nxt[keys.REWARD][stepped].to(torch.float32),
-                    keys.IS_FIRST: torch.zeros(int(stepped.sum()), 1, dtype=torch.bool),
-                    keys.TERMINATED: nxt[keys.TERMINATED][stepped],
-                    keys.DONE: nxt[keys.DONE][stepped],
-                },
-                [int(stepped.sum())],
-            )
+            new = {
+                keys.PIXELS: nxt[keys.PIXELS][stepped],
+                keys.PREV_ACTION: action[stepped].to(torch.float32),
+                keys.REWARD: nxt[keys.REWARD][stepped].to(torch.float32),
+                keys.IS_FIRST: torch.zeros(int(stepped.sum()), 1, dtype=torch.bool),
+                keys.TERMINATED: nxt[keys.TERMINATED][stepped],
+                keys.DONE: nxt[keys.DONE][stepped],
+            }
+            if self.context:  # the latent the agent just filtered o_t into: h_t, z_t
+                new.update(self._context(stepped))
+            rows[stepped] = TensorDict(new, [int(stepped.sum())])
             self.ep_return[stepped] += rows[keys.REWARD][stepped].squeeze(-1).double()
             self.ep_length[stepped] += 1
         if bool(reset.any()):

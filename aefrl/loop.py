@@ -209,12 +209,16 @@ class Trainer:
         self.device = torch.device(device)
         self.action_dim = action_dim
         self.seed = int(seed)
+        # agent.replay_context: the rows carry their context latents and every update's
+        # posteriors are written back to the rows it filtered (DreamerV3's replay_context)
+        self.replay_context = bool(getattr(agent, "replay_context", False))
         self.collector = Collector(
             env,
             agent,
             action_dim,
             device,
             torch.Generator().manual_seed(stream_seed(seed, "prefill")),  # not torch's global one
+            context=self.replay_context,
         )
         names = ("frames", "agent_steps", "updates", "episodes", "evals", "iterations")
         self.counters = dict.fromkeys(names, 0)
@@ -543,10 +547,13 @@ class Trainer:
         self.train_credit += stepped * updates_per_step
         with self._timed("update"):
             while self.train_credit >= 1.0:
-                batch = self.replay.sample()
+                batch = self.replay.sample(ids=self.replay_context)
                 if self._update is None:
                     self._update = self._make_update(batch)
                 out = self._update(batch)
+                if self.replay_context:  # row t's posterior is row t+1's new context
+                    news = {k: out.pop(k) for k in keys.CONTEXT_KEYS}
+                    self.replay.write(batch[keys.REPLAY_ID][:, 1:], news)
                 if c.log_every:  # with logging off they would pile up, in memory and checkpoints
                     for key, value in out.items():
                         self._pending[key].append(value)

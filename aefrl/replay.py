@@ -32,6 +32,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torchrl.data import LazyMemmapStorage, LazyTensorStorage
 
+from aefrl import keys
 from aefrl.checkpoint import fsync_path, write_text_atomically
 from aefrl.devices import canonical_device
 
@@ -247,7 +248,11 @@ class SequenceReplay:
 
     # --- sampling -------------------------------------------------------------------------------
     def sample(
-        self, out: TensorDictBase | None = None, generator: torch.Generator | None = None
+        self,
+        out: TensorDictBase | None = None,
+        generator: torch.Generator | None = None,
+        *,
+        ids: bool = False,
     ) -> TensorDictBase:
         """Draw ``batch_size`` windows uniformly over all valid (stream, start) pairs.
 
@@ -259,6 +264,8 @@ class SequenceReplay:
             generator: draw the windows from this CPU generator instead of the replay's own
                 (whose state is checkpointed): a report's batch then leaves the training
                 batches as they would have been.
+            ids: also return each row's identity under ``replay_id`` (int64 ``[B, T]``,
+                ``step * num_envs + env``), for :meth:`write` to put values back.
 
         Returns:
             TensorDict with batch ``[batch_size, seq_len]`` on ``device`` (``out`` if given); every
@@ -272,7 +279,7 @@ class SequenceReplay:
                 f"{self.seq_len - self.valid_rows_per_env} more times (check `ready` first)."
             )
         if out is not None:
-            self._check_out(out)
+            self._check_out(out, ids)
         windows_per_env = self.valid_rows_per_env - self.seq_len + 1
         pick = torch.randint(
             self.num_envs * windows_per_env,
@@ -292,6 +299,12 @@ class SequenceReplay:
 
         pin = self.device.type == "cuda" and self.storage_device.type == "cpu"
         result = TensorDict(batch_size=[self.batch_size, self.seq_len], device=self.device)
+        if ids:
+            row_ids = (steps * self.num_envs + env[:, None]).to(self.device)
+            if out is not None:
+                out.get(keys.REPLAY_ID).copy_(row_ids)
+            else:
+                result.set(keys.REPLAY_ID, row_ids)
         for key, source in self._flat.items():
             if key == STEP_STAMP:
                 continue
@@ -311,24 +324,94 @@ class SequenceReplay:
                 result.set(key, batch.to(self.device, non_blocking=pin))
         return result if out is None else out
 
-    def _check_out(self, out: TensorDictBase) -> None:
-        for key, source in self._flat.items():
-            if key == STEP_STAMP:
-                continue
-            want = (self.batch_size, self.seq_len, *source.shape[1:])
+    def _check_out(self, out: TensorDictBase, ids: bool) -> None:
+        entries = [(k, v.shape[1:], v.dtype) for k, v in self._flat.items() if k != STEP_STAMP]
+        if ids:
+            entries.append((keys.REPLAY_ID, (), torch.int64))
+        for key, shape, dtype in entries:
+            want = (self.batch_size, self.seq_len, *shape)
             dest = out.get(key, None) if isinstance(out, TensorDictBase) else None
             if (
                 dest is None
                 or tuple(dest.shape) != want
-                or dest.dtype != source.dtype
+                or dest.dtype != dtype
                 or dest.device != self.device
                 or not dest.is_contiguous()
             ):
                 raise ValueError(
                     f"out must be a batch returned by an earlier sample() of this replay; its "
-                    f"{key!r} entry should be a contiguous {source.dtype} tensor of shape "
+                    f"{key!r} entry should be a contiguous {dtype} tensor of shape "
                     f"{list(want)} on {self.device}."
                 )
+
+    # --- writing back ---------------------------------------------------------------------------
+    def write(self, ids: torch.Tensor, values: TensorDictBase | dict[str, torch.Tensor]) -> int:
+        """Overwrite stored entries of the rows named by ``ids`` (DreamerV3's ``replay.update``:
+        an update puts back what it computed about the rows it trained on, e.g. their latents).
+
+        Args:
+            ids: int64 ``[*S]`` row identities from :meth:`sample` with ``ids=True``.
+            values: ``{key: [*S, *shape]}``, keys the replay already stores, with their stored
+                trailing shape (cast to the stored dtype).
+
+        Rows written over by :meth:`extend` since they were sampled (their step stamp differs)
+        or not yet written are skipped. Returns how many of ``ids`` named a stored row. Where
+        ``ids`` names a row twice (overlapping windows), one of its values is kept.
+        """
+        if not self._flat:
+            raise RuntimeError("the replay holds no rows yet: nothing to write to.")
+        ids = torch.as_tensor(ids)
+        if ids.dtype != torch.int64:
+            raise ValueError(f"ids must be int64 row ids from sample(ids=True), got {ids.dtype}.")
+        lead = tuple(ids.shape)
+        for key, value in values.items():
+            stored = self._flat.get(key)
+            if stored is None or key == STEP_STAMP:
+                raise ValueError(
+                    f"write got key {key!r}, which the replay does not store; it stores "
+                    f"{sorted(str(k) for k in self._flat if k != STEP_STAMP)}."
+                )
+            if tuple(value.shape) != lead + tuple(stored.shape[1:]):
+                raise ValueError(
+                    f"write got {key!r} of shape {list(value.shape)} for ids of shape "
+                    f"{list(lead)}; expected {list(lead + tuple(stored.shape[1:]))}."
+                )
+        flat, live = self._locate(ids)
+        where = flat[live]
+        for key, value in values.items():
+            stored = self._flat[key]
+            rows = value.reshape(-1, *stored.shape[1:]).to(self.storage_device, stored.dtype)
+            stored.index_copy_(0, where, rows[live])
+        return int(where.numel())
+
+    def read(self, ids: torch.Tensor) -> TensorDict:
+        """The stored rows named by ``ids`` (int64 ``[*S]`` from :meth:`sample` with
+        ``ids=True``), every key, as a TensorDict ``[*S]`` on ``device``; a ValueError if one of
+        them has been written over since (or was never written)."""
+        ids = torch.as_tensor(ids)
+        if not self._flat or ids.dtype != torch.int64:
+            raise ValueError("read takes int64 row ids from sample(ids=True) of a filled replay.")
+        flat, live = self._locate(ids)
+        if not bool(live.all()):
+            raise ValueError(
+                f"{int((~live).sum())} of the {live.numel()} rows asked for are no longer stored."
+            )
+        out = TensorDict(batch_size=ids.shape, device=self.device)
+        for key, stored in self._flat.items():
+            if key != STEP_STAMP:
+                rows = stored.index_select(0, flat)
+                out.set(key, rows.view(*ids.shape, *stored.shape[1:]).to(self.device))
+        return out
+
+    def _locate(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat storage positions ``[n]`` of the rows ``ids [*S]``, and whether each still
+        holds that row (written, in the sampled range, its stamp unchanged)."""
+        ids = ids.reshape(-1).to(self.storage_device)
+        step, env = ids.div(self.num_envs, rounding_mode="floor"), ids % self.num_envs
+        flat = (step % self.rows_per_env) * self.num_envs + env
+        live = (step >= self._oldest()) & (step < self._steps) & (ids >= 0)
+        live &= self._flat[STEP_STAMP].index_select(0, flat) == step
+        return flat, live
 
     # --- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import torch
 from tensordict import TensorDictBase
 from torch import nn
 
+from aefrl import keys
 from aefrl.cuda_graph import GROUP_FLAGS as _OPTIMIZER_FLAGS  # what capture changes
 from aefrl.cuda_graph import restore_flags
 from aefrl.precision import trunk_precision
@@ -78,6 +79,26 @@ def add_explore_noise(action: torch.Tensor, std: float) -> torch.Tensor:
     if std <= 0:
         return action
     return (action + std * torch.randn_like(action)).clamp(-1.0, 1.0)
+
+
+def check_replay_context(value) -> bool:
+    """``agent.replay_context`` as a bool; a ValueError for anything but true or false."""
+    if not isinstance(value, bool):
+        raise ValueError(f"replay_context must be true or false, got {value!r}")
+    return value
+
+
+def context_updates(batch: TensorDictBase, wm_out: TensorDictBase) -> dict[str, torch.Tensor]:
+    """What an update learned about its window's rows for ``agent.replay_context``: row t's
+    posterior ``(h_t, z_t)`` as the context of row t+1, ``context_belief [B, T-1, H]`` and
+    ``context_state [B, T-1, d]`` for rows 1..T-1 of the window (zeros where a row is an
+    episode's first); the loop writes them back to the replay under the batch's ``replay_id``
+    ``[:, 1:]``."""
+    keep = ~batch[keys.IS_FIRST][:, 1:].bool()  # [B, T-1, 1]
+    return {
+        keys.CONTEXT_BELIEF: wm_out[keys.BELIEF][:, :-1].where(keep, 0.0),
+        keys.CONTEXT_STATE: wm_out[keys.STATE][:, :-1].where(keep, 0.0),
+    }
 
 
 def placeholder_action(carry: Carry) -> torch.Tensor:

@@ -25,6 +25,8 @@ from agents.base import (
     WorldModelAgent,
     add_explore_noise,
     check_explore_noise,
+    check_replay_context,
+    context_updates,
     loss_scalars,
     placeholder_action,
 )
@@ -53,6 +55,10 @@ class DreamerAgent(WorldModelAgent):
         explore_noise: std of Gaussian noise added to the actor's sampled actions while
             collecting (``"explore"`` mode; clipped to [-1, 1]): DreamerV1's 0.3; 0 (the
             default, DreamerV3's) collects with the actor's own samples.
+        replay_context: start each replayed window from the latent stored with its first row
+            instead of zeros (DreamerV3's ``replay_context``): the collector stores the policy's
+            latents, and :meth:`train_step` returns its posteriors for the loop to write back
+            (:func:`~agents.base.context_updates`).
     """
 
     def __init__(
@@ -73,10 +79,12 @@ class DreamerAgent(WorldModelAgent):
         compile: bool = False,
         autocast: str = "none",
         explore_noise: float = 0.0,
+        replay_context: bool = False,
     ) -> None:
         super().__init__()
         self.autocast = check_autocast(autocast)
         self.explore_noise = check_explore_noise(explore_noise)
+        self.replay_context = check_replay_context(replay_context)
         self.world_model = WorldModel(tuple(obs_shape), action_dim, **(world_model or {}))
         feat = self.world_model.feat_dim
         self.actor = Actor(feat, action_dim, **(actor or {}))
@@ -150,12 +158,15 @@ class DreamerAgent(WorldModelAgent):
     def train_step(self, batch: TensorDictBase) -> dict[str, torch.Tensor]:
         """One update of world model, actor and critic on a ``[B, T]`` replay batch.
 
-        Returns detached scalar metrics (losses, diagnostics, grad norms and clipping).
+        Returns detached scalar metrics (losses, diagnostics, grad norms and clipping), and with
+        ``replay_context`` the rows' new contexts (:func:`~agents.base.context_updates`).
         """
         with self.precision():
             wm_out = self.wm_loss(batch)
         metrics = self._step("model", self.wm_loss.total(wm_out))
         metrics.update(loss_scalars(wm_out))
+        if self.replay_context:
+            metrics.update(context_updates(batch, wm_out))
         start = TensorDict(
             {
                 keys.BELIEF: wm_out[keys.BELIEF].flatten(0, 1),

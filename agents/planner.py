@@ -38,6 +38,8 @@ from agents.base import (
     WorldModelAgent,
     add_explore_noise,
     check_explore_noise,
+    check_replay_context,
+    context_updates,
     loss_scalars,
     placeholder_action,
 )
@@ -149,6 +151,7 @@ class PlannerAgent(WorldModelAgent):
             (:func:`aefrl.compiled.compile_steps`).
         autocast: ``"none"`` or ``"bf16"``: the MLPs and conv trunks of the world-model update
             in bf16, the rest in float32 (:mod:`aefrl.precision`), as Dreamer's.
+        replay_context: start replayed windows from their stored latents, as Dreamer's.
     """
 
     def __init__(
@@ -165,9 +168,11 @@ class PlannerAgent(WorldModelAgent):
         adam_eps: float = 1e-6,
         compile: bool = False,
         autocast: str = "none",
+        replay_context: bool = False,
     ) -> None:
         super().__init__()
         self.autocast = check_autocast(autocast)
+        self.replay_context = check_replay_context(replay_context)
         if isinstance(world_model, WorldModel):
             self.world_model = world_model
         else:
@@ -234,12 +239,15 @@ class PlannerAgent(WorldModelAgent):
     def train_step(self, batch: TensorDictBase) -> dict[str, torch.Tensor]:
         """One world-model update on a ``[B, T]`` replay batch (PlaNet trains nothing else).
 
-        Returns detached scalar metrics (losses, diagnostics, the gradient norm).
+        Returns detached scalar metrics (losses, diagnostics, the gradient norm), and with
+        ``replay_context`` the rows' new contexts (:func:`~agents.base.context_updates`).
         """
         with self.precision():
             out = self.wm_loss(batch)
         metrics = self._step("model", self.wm_loss.total(out))
         metrics.update(loss_scalars(out))
+        if self.replay_context:
+            metrics.update(context_updates(batch, out))
         return metrics
 
     # --- checkpoints -----------------------------------------------------------------------------

@@ -14,6 +14,10 @@ Both modes return the same four terms, so loss scales are configured the same wa
 
 Each is a mean over the ``[B, T]`` batch of per-step sums. Diagnostics (not differentiated) are
 returned next to the losses; the posterior states are returned for imagination.
+
+A batch with ``context_belief`` and ``context_state`` entries (``agent.replay_context``) starts
+each window's scan from its first row's context instead of zeros (DreamerV3's ``replay_context``;
+the scan still resets where ``is_first`` is set).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from torch import distributions as D
 from torchrl.objectives import LossModule
 
 from aefrl import keys
-from aefrl.world_model import WorldModel
+from aefrl.world_model import RSSMState, WorldModel
 
 
 def _kl(mu_a, sigma_a, mu_b, sigma_b) -> torch.Tensor:
@@ -58,6 +62,8 @@ class WorldModelLoss(LossModule):
         reward: str = keys.REWARD
         is_first: str = keys.IS_FIRST
         terminated: str = keys.TERMINATED
+        context_belief: str = keys.CONTEXT_BELIEF
+        context_state: str = keys.CONTEXT_STATE
 
     default_keys = _AcceptedKeys
 
@@ -103,7 +109,8 @@ class WorldModelLoss(LossModule):
                 keys.PIXELS: batch[k.pixels],
                 keys.PREV_ACTION: batch[k.prev_action],
                 keys.IS_FIRST: batch[k.is_first],
-            }
+            },
+            self._start(batch),
         )
         obs = filt.observed
         h, z = obs.state.h, obs.state.z
@@ -148,6 +155,21 @@ class WorldModelLoss(LossModule):
         td.set(keys.BELIEF, h.detach(), non_blocking=True)
         td.set(keys.STATE, z.detach(), non_blocking=True)
         return td
+
+    def _start(self, batch: TensorDictBase) -> RSSMState | None:
+        """The first row's stored context ``(h [B, H], z [B, d])`` where the batch has one, else
+        None (the scan starts from zeros)."""
+        h = batch.get(self.tensor_keys.context_belief, None)
+        z = batch.get(self.tensor_keys.context_state, None)
+        if h is None and z is None:
+            return None
+        if h is None or z is None:
+            raise ValueError(
+                "a replay context needs both context_belief and context_state; the batch has "
+                f"only {'context_belief' if z is None else 'context_state'}"
+            )
+        dtype = self.world_model.dtype
+        return RSSMState(h[:, 0].to(dtype), z[:, 0].to(dtype))
 
     def _bpd(self, log_px: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
         """The decoder term ``log p(y | h, z)`` in bits/dim (a diagnostic, not a likelihood: for
