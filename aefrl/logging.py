@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torchrl.record.loggers import TensorboardLogger
 
+from aefrl.checkpoint import fsync_path
 from aefrl.resume_overrides import leaves
 
 
@@ -182,7 +183,14 @@ class RunLogger(TensorboardLogger):
             writer.add_summary(summary)
 
     def flush(self) -> None:
+        """Write the pending events to the run's event files, and those to disk (fsync): the
+        loop flushes before each checkpoint, which a resume trusts to have every earlier step's
+        logs behind it (it purges the later ones), and the checkpoint itself is fsynced."""
         self.experiment.flush()
+        log_dir = self.experiment.get_logdir()
+        for name in sorted(os.listdir(log_dir)):
+            if name.startswith("events.out.tfevents."):  # earlier runs' files: nothing dirty
+                fsync_path(os.path.join(log_dir, name))
 
     def close(self) -> None:
         self.experiment.close()

@@ -1,12 +1,14 @@
 """TensorBoard logging: scalars, images, GIF videos and config text land in the event file."""
 
 import io
+import os
 
 import numpy as np
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from aefrl import logging as logging_module
 from aefrl.logging import RunLogger, encode_gif, image_grid
 
 
@@ -94,3 +96,22 @@ def test_gif_frame_durations_round_to_the_nearest_centisecond():
     frames = [np.full((4, 4, 3), i * 40, np.uint8) for i in range(3)]
     for fps, ms in ((15, 70), (10, 100), (30, 30), (200, 20)):
         assert Image.open(io.BytesIO(encode_gif(frames, fps=fps))).info["duration"] == ms
+
+
+def test_flush_puts_the_events_on_disk_before_it_returns(tmp_path, monkeypatch):
+    """The loop flushes before each checkpoint, which is fsynced: the logs it vouches for must
+    be too (a power loss could otherwise keep the checkpoint and lose their events)."""
+    synced = []
+
+    def record(path):  # what the file holds when its fsync comes
+        synced.append((os.path.basename(path), os.path.getsize(path)))
+
+    monkeypatch.setattr(logging_module, "fsync_path", record)
+    logger = RunLogger("run", log_dir=str(tmp_path))
+    logger.log_scalars({"loss": 1.0}, step=3, prefix="train")
+    logger.flush()
+    (name,) = os.listdir(tmp_path / "run")
+    size = os.path.getsize(tmp_path / "run" / name)
+    assert synced == [(name, size)]
+    logger.close()
+    assert _events(tmp_path / "run").Scalars("train/loss")[0].step == 3
