@@ -40,8 +40,8 @@ BELIEF = "belief"  # h_t, float [..., H]
 # --- replay context (``agent.replay_context``, DreamerV3's ``replay_context``) -------------------
 # Row t's context: the filtered latent of the row before, (h_{t-1}, z_{t-1}), from which a window
 # starting at row t begins its scan instead of zeros; zeros on a first row (the scan resets there).
-# Written by the collector from the policy's carry, refreshed by every update that filters the row
-# before (SequenceReplay.write).
+# Written by the collector from the policy's carry, refreshed by every update whose window holds
+# both rows (SequenceReplay.write).
 CONTEXT_BELIEF = "context_belief"  # float [..., H]
 CONTEXT_STATE = "context_state"  # float [..., d]
 CONTEXT_KEYS = (CONTEXT_BELIEF, CONTEXT_STATE)

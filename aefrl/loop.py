@@ -552,8 +552,10 @@ class Trainer:
                     self._update = self._make_update(batch)
                 out = self._update(batch)
                 if self.replay_context:  # row t's posterior is row t+1's new context
-                    news = {k: out.pop(k) for k in keys.CONTEXT_KEYS}
-                    self.replay.write(batch[keys.REPLAY_ID][:, 1:], news)
+                    # Position-major: where windows overlap, the posterior that filtered the
+                    # most rows of its window before the row comes last and is kept.
+                    news = {k: out.pop(k).transpose(0, 1) for k in keys.CONTEXT_KEYS}
+                    self.replay.write(batch[keys.REPLAY_ID][:, 1:].T, news)
                 if c.log_every:  # with logging off they would pile up, in memory and checkpoints
                     for key, value in out.items():
                         self._pending[key].append(value)

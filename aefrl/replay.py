@@ -356,7 +356,12 @@ class SequenceReplay:
 
         Rows written over by :meth:`extend` since they were sampled (their step stamp differs)
         or not yet written are skipped. Returns how many of ``ids`` named a stored row. Where
-        ``ids`` names a row twice (overlapping windows), one of its values is kept.
+        ``ids`` names a row more than once (overlapping windows), the value that comes last in
+        ``ids``' flattened order is kept, on every device (``index_copy_`` alone keeps an
+        arbitrary one on a GPU).
+
+        On a disk replay the values go into the files in place: a run killed without a
+        checkpoint (SIGKILL, power loss) resumes with the values written after its last one.
         """
         if not self._flat:
             raise RuntimeError("the replay holds no rows yet: nothing to write to.")
@@ -377,12 +382,17 @@ class SequenceReplay:
                     f"{list(lead)}; expected {list(lead + tuple(stored.shape[1:]))}."
                 )
         flat, live = self._locate(ids)
-        where = flat[live]
+        # The last occurrence of each row: a stable sort keeps equal positions in ids' order.
+        pick = live.nonzero().squeeze(-1)
+        where, order = torch.sort(flat[pick], stable=True)
+        last = torch.ones_like(where, dtype=torch.bool)
+        last[:-1] = where[1:] != where[:-1]
+        where, pick = where[last], pick[order[last]]
         for key, value in values.items():
             stored = self._flat[key]
             rows = value.reshape(-1, *stored.shape[1:]).to(self.storage_device, stored.dtype)
-            stored.index_copy_(0, where, rows[live])
-        return int(where.numel())
+            stored.index_copy_(0, where, rows[pick])
+        return int(live.sum())
 
     def read(self, ids: torch.Tensor) -> TensorDict:
         """The stored rows named by ``ids`` (int64 ``[*S]`` from :meth:`sample` with

@@ -20,7 +20,7 @@ import torch
 import torchrl.modules.distributions.continuous as tanh_normal_module
 from tensordict import TensorDict
 
-from aefrl import precision
+from aefrl import keys, precision
 from aefrl.bench.subjects import Sizes, ours_agent_kwargs, random_batch
 from aefrl.cuda_graph import CudaGraphed, _Snapshot, graph_train_step, make_capturable
 from agents.factory import build_agent
@@ -117,6 +117,26 @@ def test_train_step_never_synchronises_with_the_host(kind, actnorm, actor_dist, 
     for _ in range(2):  # the second call takes the initialised branches (return scale, Adam)
         metrics = agent.train_step(batch)
     assert metrics["loss_actor"].device.type == "meta"
+
+
+def test_the_replay_context_path_never_synchronises_with_the_host(monkeypatch):
+    """agent.replay_context: the stored start, the returned contexts and the batch's int64
+    row ids stay on the device too."""
+    monkeypatch.setattr(tanh_normal_module, "safe_is_current_stream_capturing", lambda: True)
+    _refuse_host_data(monkeypatch)
+    torch.manual_seed(0)
+    agent = small_agent("vae", device="meta")
+    agent.replay_context = True
+    batch = random_batch(SIZES)
+    b, t = batch.shape
+    batch[keys.CONTEXT_BELIEF] = torch.randn(b, t, agent.world_model.rssm.deter)
+    batch[keys.CONTEXT_STATE] = torch.randn(b, t, agent.world_model.rssm.latent_dim)
+    batch[keys.REPLAY_ID] = torch.arange(b * t).view(b, t)
+    batch = batch.to("meta")
+    for _ in range(2):
+        out = agent.train_step(batch)
+    assert out[keys.CONTEXT_BELIEF].shape == (b, t - 1, agent.world_model.rssm.deter)
+    assert out[keys.CONTEXT_STATE].device.type == "meta"
 
 
 def _agent_tensors(agent):

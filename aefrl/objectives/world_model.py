@@ -30,7 +30,8 @@ from torch import distributions as D
 from torchrl.objectives import LossModule
 
 from aefrl import keys
-from aefrl.world_model import RSSMState, WorldModel
+from aefrl.world_model import WorldModel
+from aefrl.world_model.world_model import stored_start
 
 
 def _kl(mu_a, sigma_a, mu_b, sigma_b) -> torch.Tensor:
@@ -110,7 +111,7 @@ class WorldModelLoss(LossModule):
                 keys.PREV_ACTION: batch[k.prev_action],
                 keys.IS_FIRST: batch[k.is_first],
             },
-            self._start(batch),
+            stored_start(batch, k.context_belief, k.context_state, wm.dtype),
         )
         obs = filt.observed
         h, z = obs.state.h, obs.state.z
@@ -155,21 +156,6 @@ class WorldModelLoss(LossModule):
         td.set(keys.BELIEF, h.detach(), non_blocking=True)
         td.set(keys.STATE, z.detach(), non_blocking=True)
         return td
-
-    def _start(self, batch: TensorDictBase) -> RSSMState | None:
-        """The first row's stored context ``(h [B, H], z [B, d])`` where the batch has one, else
-        None (the scan starts from zeros)."""
-        h = batch.get(self.tensor_keys.context_belief, None)
-        z = batch.get(self.tensor_keys.context_state, None)
-        if h is None and z is None:
-            return None
-        if h is None or z is None:
-            raise ValueError(
-                "a replay context needs both context_belief and context_state; the batch has "
-                f"only {'context_belief' if z is None else 'context_state'}"
-            )
-        dtype = self.world_model.dtype
-        return RSSMState(h[:, 0].to(dtype), z[:, 0].to(dtype))
 
     def _bpd(self, log_px: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
         """The decoder term ``log p(y | h, z)`` in bits/dim (a diagnostic, not a likelihood: for

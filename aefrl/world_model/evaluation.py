@@ -23,7 +23,7 @@ from tensordict import TensorDictBase
 from aefrl import keys
 from aefrl.metrics import mse, sharpness_ratio, ssim
 from aefrl.obs_models.aef import PROPOSAL_SCALES
-from aefrl.world_model.world_model import WorldModel
+from aefrl.world_model.world_model import WorldModel, stored_start
 
 
 def _repeat(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -37,6 +37,8 @@ def sequence_log_likelihood(
     """``(log p(y_{1:T} | a), Σ_t ℓ_P)`` per sequence, each ``[B]`` (nats).
 
     ``batch`` is a ``[B, T]`` replay batch; the dequantisation noise is drawn once per sequence.
+    The scan starts from zeros even where the batch stores contexts (``agent.replay_context``),
+    so that runs with and without them score the same quantity.
     """
     wm = world_model
     om = wm.obs_model
@@ -121,7 +123,8 @@ def open_loop_prediction(
     """
     wm = world_model
     ctx = {k: batch[k][:, :context] for k in (keys.PIXELS, keys.PREV_ACTION, keys.IS_FIRST)}
-    filt = wm.filter(ctx)  # any mapping of [B, T] entries
+    # A replay batch with stored contexts (agent.replay_context) starts where training does.
+    filt = wm.filter(ctx, stored_start(batch, dtype=wm.dtype))  # any mapping of [B, T] entries
     recon = wm.decode_pixels(filt.observed.state)
     future_actions = batch[keys.PREV_ACTION][:, context:].to(filt.y.dtype)
     imagined = wm.rssm.imagine(filt.observed.last, future_actions)

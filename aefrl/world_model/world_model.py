@@ -28,6 +28,23 @@ class Filtered:
     observed: Observed  # posterior / prior parameters and states
 
 
+def stored_start(
+    batch, belief: str = keys.CONTEXT_BELIEF, state: str = keys.CONTEXT_STATE, dtype=None
+) -> RSSMState | None:
+    """The state a ``[B, T]`` window's scan starts from: its first row's stored context
+    ``(h [B, H], z [B, d])`` (``agent.replay_context``, :mod:`aefrl.keys`), or None (zeros)
+    when the batch has none. ``belief`` / ``state``: the keys; ``dtype``: the model's."""
+    h, z = batch.get(belief, None), batch.get(state, None)
+    if h is None and z is None:
+        return None
+    if h is None or z is None:
+        raise ValueError(
+            f"a replay context needs both {belief} and {state}; the batch has only "
+            f"{belief if z is None else state}"
+        )
+    return RSSMState(h[:, 0].to(dtype), z[:, 0].to(dtype))
+
+
 class WorldModel(nn.Module):
     """Composition of the world-model pieces (SPEC §1–4).
 
