@@ -191,6 +191,7 @@ class RunLogger(TensorboardLogger):
         for name in sorted(os.listdir(log_dir)):
             if name.startswith("events.out.tfevents."):  # earlier runs' files: nothing dirty
                 fsync_path(os.path.join(log_dir, name))
+        fsync_path(log_dir)  # a new file's directory entry (each resume starts one)
 
     def close(self) -> None:
         self.experiment.close()

@@ -72,6 +72,17 @@ PHASES = ("collect", "update", "eval", "report", "checkpoint")
 FINAL_EVALUATION = "final_evaluation.json"
 
 
+def write_back_contexts(replay, ids: torch.Tensor, out: dict) -> int:
+    """Pop an update's new contexts from its outputs ``out`` (``context_belief`` /
+    ``context_state`` ``[B, T-1, ·]``: row t's posterior for row t+1) and write them to the
+    window's rows 1..T-1, ``ids [B, T]`` from ``replay.sample(ids=True)``. Position-major:
+    where windows overlap, the posterior that filtered the most rows of its window before the
+    row comes last, and :meth:`~aefrl.replay.SequenceReplay.write` keeps it. Returns the
+    number of rows written."""
+    news = {k: out.pop(k).transpose(0, 1) for k in keys.CONTEXT_KEYS}
+    return replay.write(ids[:, 1:].T, news)
+
+
 def final_evaluation_pending(state: dict, run_dir: str | Path) -> bool:
     """Whether the run whose checkpoint holds ``state`` reached its ``total_frames`` and was
     stopped (killed, or interrupted twice) before its final evaluation and report were logged:
@@ -551,11 +562,8 @@ class Trainer:
                 if self._update is None:
                     self._update = self._make_update(batch)
                 out = self._update(batch)
-                if self.replay_context:  # row t's posterior is row t+1's new context
-                    # Position-major: where windows overlap, the posterior that filtered the
-                    # most rows of its window before the row comes last and is kept.
-                    news = {k: out.pop(k).transpose(0, 1) for k in keys.CONTEXT_KEYS}
-                    self.replay.write(batch[keys.REPLAY_ID][:, 1:].T, news)
+                if self.replay_context:
+                    write_back_contexts(self.replay, batch[keys.REPLAY_ID], out)
                 if c.log_every:  # with logging off they would pile up, in memory and checkpoints
                     for key, value in out.items():
                         self._pending[key].append(value)

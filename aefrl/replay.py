@@ -357,8 +357,8 @@ class SequenceReplay:
         Rows written over by :meth:`extend` since they were sampled (their step stamp differs)
         or not yet written are skipped. Returns how many of ``ids`` named a stored row. Where
         ``ids`` names a row more than once (overlapping windows), the value that comes last in
-        ``ids``' flattened order is kept, on every device (``index_copy_`` alone keeps an
-        arbitrary one on a GPU).
+        ``ids``' flattened order is kept (``index_copy_`` alone keeps an arbitrary one, on the
+        CPU too at an update's sizes).
 
         On a disk replay the values go into the files in place: a run killed without a
         checkpoint (SIGKILL, power loss) resumes with the values written after its last one.

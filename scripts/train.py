@@ -518,19 +518,20 @@ def check_trains(loop: LoopConfig, num_envs: int, updates_done: int = 0) -> None
         )
 
 
-def check_replay_fits(storage: str, pixel_bytes: int, capacity: int, device) -> None:
+def check_replay_fits(storage: str, replay_bytes: int, capacity: int, device) -> None:
     """Refuse an in-memory replay larger than the memory that would hold it (the allocation
-    would fail at the first row, after the run's files were written); disk files are sparse."""
+    would fail at the first row, after the run's files were written); disk files are sparse.
+    ``replay_bytes``: its rows' pixels (and stored contexts)."""
     if storage == "memory":
         where, total = device_memory(torch.device("cpu"))
     elif storage == "device":
         where, total = device_memory(device)
     else:
         return
-    if pixel_bytes > total:
+    if replay_bytes > total:
         raise UserError(
-            f"replay.capacity={capacity} needs {pixel_bytes / 2**30:.0f} GiB of {where} for its "
-            f"pixels, more than the {total / 2**30:.0f} GiB there; lower replay.capacity or use "
+            f"replay.capacity={capacity} needs {replay_bytes / 2**30:.0f} GiB of {where} for its "
+            f"rows, more than the {total / 2**30:.0f} GiB there; lower replay.capacity or use "
             "replay.storage=disk"
         )
 
@@ -604,10 +605,13 @@ def check_settings(conf: dict, updates_done: int = 0) -> CheckedSettings:
     if storage not in ("auto", *STORAGES):
         accepted = ", ".join(("auto", *STORAGES))
         raise UserError(f"replay.storage must be one of {accepted}, got {storage!r}")
-    pixel_bytes = capacity * 3 * size * size  # the pixels dominate a row
+    row_bytes = 3 * size * size  # the pixels dominate a row
+    if getattr(agent, "replay_context", False):  # and its context: float32 h and z
+        row_bytes += 4 * (agent.world_model.rssm.deter + agent.world_model.rssm.latent_dim)
+    replay_bytes = capacity * row_bytes
     if storage == "auto":
-        storage = "disk" if pixel_bytes > 2**31 else "memory"
-    check_replay_fits(storage, pixel_bytes, capacity, device)
+        storage = "disk" if replay_bytes > 2**31 else "memory"
+    check_replay_fits(storage, replay_bytes, capacity, device)
     return CheckedSettings(int(seed), int(threads), device, size, loop_conf, storage, agent)
 
 

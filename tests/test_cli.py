@@ -964,3 +964,22 @@ def test_a_resumes_settings_error_says_when_the_resume_may_change_the_key():
     )
     seed = "seed must be a whole number in [0, 2**32 - 1], got -1"
     assert script.resume_hint(seed) == seed  # not a key a resume may change: no way out offered
+
+
+def test_auto_storage_counts_the_stored_contexts(tmp_path):
+    """With agent.replay_context each row also stores float32 h and z (1152 bytes beside
+    12288 of pixels at the defaults): a capacity whose pixels alone stay under auto's 2 GiB
+    goes to disk with them."""
+    from hydra import compose, initialize_config_dir
+
+    script = _train_script()
+    capacity = 2**31 // (3 * 64 * 64) - 1000  # pixels: 2.135e9 bytes; with contexts 2.335e9
+    line = [f"replay.capacity={capacity}", f"run_dir={tmp_path}"]
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        plain = compose("config", overrides=line)
+        with_context = compose("config", overrides=[*line, "agent.replay_context=true"])
+    storages = [
+        script.check_settings(OmegaConf.to_container(cfg, resolve=True)).storage
+        for cfg in (plain, with_context)
+    ]
+    assert storages == ["memory", "disk"]

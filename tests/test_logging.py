@@ -112,6 +112,6 @@ def test_flush_puts_the_events_on_disk_before_it_returns(tmp_path, monkeypatch):
     logger.flush()
     (name,) = os.listdir(tmp_path / "run")
     size = os.path.getsize(tmp_path / "run" / name)
-    assert synced == [(name, size)]
+    assert synced == [(name, size), ("run", os.path.getsize(tmp_path / "run"))]
     logger.close()
     assert _events(tmp_path / "run").Scalars("train/loss")[0].step == 3

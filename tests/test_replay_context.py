@@ -16,7 +16,7 @@ from aefrl import keys
 from aefrl.collect import Collector
 from aefrl.envs import make_dmc_env
 from aefrl.logging import RunLogger
-from aefrl.loop import LoopConfig, Trainer
+from aefrl.loop import LoopConfig, Trainer, write_back_contexts
 from aefrl.replay import SequenceReplay
 from aefrl.world_model import RSSMState
 from aefrl.world_model.evaluation import open_loop_prediction
@@ -100,16 +100,42 @@ def test_rows_written_over_since_the_sample_are_skipped():
 
 
 def test_a_row_named_twice_keeps_the_value_that_comes_last():
+    """At an update's sizes: index_copy_ alone keeps an arbitrary one of the duplicates on
+    the CPU too (here it did not keep the last)."""
+    replay = SequenceReplay(64, 1, 4, 2, seed=0)
+    for step in range(64):
+        rows = make_rows(1, step)
+        rows.set("wide", torch.zeros(1, 512))
+        replay.extend(rows)
+    ids = torch.randint(0, 64, (1008,), generator=torch.Generator().manual_seed(0))
+    values = torch.arange(1008.0)[:, None].expand(1008, 512)
+    assert replay.write(ids, {"wide": values}) == 1008
+    rows = ids.unique()
+    last = torch.tensor([float((ids == i).nonzero().max()) for i in rows])
+    stored = replay.read(rows)["wide"]
+    assert torch.equal(stored, last[:, None].expand(-1, 512))
+
+
+def test_overlapping_windows_keep_the_posterior_with_the_longest_history():
+    """The loop's write-back: row t+1 gets row t's posterior; where two windows of a batch
+    hold the same row, the one at the later position of its window (more rows filtered before
+    it) is kept, whichever window comes first in the batch."""
     replay = SequenceReplay(20, 1, 4, 2, seed=0)
-    _with_value(replay, 10)
-    ids = torch.tensor([[4, 5, 6], [5, 6, 7]])  # two overlapping windows' rows
-    values = torch.arange(6.0).view(2, 3, 1).expand(2, 3, 2)
-    assert replay.write(ids, {"value": values}) == 6
-    stored = replay.read(torch.tensor([4, 5, 6, 7]))["value"][:, 0]
-    assert stored.tolist() == [0.0, 3.0, 4.0, 5.0]  # 5 and 6: the second window's
-    assert replay.write(ids.T, {"value": values.transpose(0, 1)}) == 6  # position-major
-    stored = replay.read(torch.tensor([4, 5, 6, 7]))["value"][:, 0]
-    assert stored.tolist() == [0.0, 1.0, 2.0, 5.0]  # 5 and 6: the later position's
+    for step in range(10):
+        rows = make_rows(1, step)
+        rows.update({keys.CONTEXT_BELIEF: torch.zeros(1, 2), keys.CONTEXT_STATE: torch.zeros(1, 1)})
+        replay.extend(rows)
+    for order in ([0, 1], [1, 0]):
+        ids = torch.tensor([[3, 4, 5, 6], [4, 5, 6, 7]])[order]  # windows from rows 3 and 4
+        h = torch.tensor([[[1.0], [2], [3]], [[10], [20], [30]]])[order].expand(2, 3, 2)
+        out = {keys.CONTEXT_BELIEF: h, keys.CONTEXT_STATE: -h[..., :1], "loss": torch.ones(())}
+        assert write_back_contexts(replay, ids, out) == 6
+        assert set(out) == {"loss"}  # popped: not logged as metrics
+        stored = replay.read(torch.tensor([4, 5, 6, 7]))
+        # row 4: window 3-6's alone; row 5: window 3-6's posterior of row 4 (its second row)
+        # over window 4-7's (its first), 2 not 10; row 6: 3 not 20; row 7: window 4-7's alone
+        assert stored[keys.CONTEXT_BELIEF][:, 0].tolist() == [1.0, 2.0, 3.0, 30.0], order
+        assert stored[keys.CONTEXT_STATE][:, 0].tolist() == [-1.0, -2.0, -3.0, -30.0]
 
 
 def test_a_disk_replay_resumed_from_before_a_write_keeps_the_written_values(tmp_path):

@@ -109,13 +109,18 @@ def test_reward_and_continue_terms_and_gradients(kind):
 
 
 def test_renamed_keys_are_read_under_their_new_names(kind):
-    """set_keys renames every input the loss reads, the filter's three included (it read the
-    default names before); the result is the default-named batch's, key for key."""
+    """set_keys renames every input the loss reads, the filter's three and the stored context
+    included (it read the default names before); the result is the default-named batch's, key
+    for key."""
     torch.manual_seed(3)
     wm = tiny_world_model(kind)
     batch = random_batch(2, 5, first_at=(0, 3))
+    batch["is_first"][0, 0] = False  # window 0 starts mid-episode: its context counts
+    batch["context_belief"] = torch.randn(2, 5, wm.rssm.deter)
+    batch["context_state"] = torch.randn(2, 5, wm.rssm.latent_dim)
     names = {"pixels": "obs", "prev_action": "act_prev", "is_first": "is_init",
-             "reward": "r", "terminated": "term"}  # fmt: skip
+             "reward": "r", "terminated": "term", "context_belief": "ctx_h",
+             "context_state": "ctx_z"}  # fmt: skip
     renamed = batch.clone()
     for old, new in names.items():
         renamed.rename_key_(old, new)
