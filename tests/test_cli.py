@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from aefrl.checkpoint import load_checkpoint
 from aefrl.provenance import cpu_model, read_run_records
+from tests.forked_script import ForkedScript
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
@@ -32,6 +33,16 @@ def train(*args, timeout=300, env=ENV):
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture(scope="module")
+def forked_train():
+    """``train`` for command lines that stop before training: each runs in a process forked
+    from one that imported scripts/train.py once (tests/forked_script.py), ~4 s of imports
+    saved per line; ``test_forked_and_fresh_processes_report_bad_input_alike`` checks it."""
+    server = ForkedScript("scripts/train.py", env=ENV)
+    yield server.run
+    server.close()
 
 
 @pytest.mark.slow
@@ -130,7 +141,7 @@ def _resume_interrupted_in_setup(monkeypatch, run_dir: Path, *overrides: str) ->
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, monkeypatch):
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, monkeypatch, forked_train):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
         [
@@ -176,14 +187,14 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, monkeypatch):
     state["run_config"]["loop"]["cuda_graph"] = True
     save_checkpoint(run_dir / "checkpoint.pt", state)
     no_gpu = {**ENV, "CUDA_VISIBLE_DEVICES": ""}  # also where the suite runs on a GPU machine
-    out = train(f"resume={run_dir}", env=no_gpu)
+    out = forked_train(f"resume={run_dir}", env=no_gpu)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "device=cuda was asked for but CUDA is not available; use cpu" in out.stderr
-    out = train(f"resume={run_dir}", "device=cpu", env=no_gpu)
+    out = forked_train(f"resume={run_dir}", "device=cpu", env=no_gpu)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "loop.cuda_graph=true needs a CUDA device, but device is cpu" in out.stderr
     assert "(a resume may set loop.cuda_graph on the command line)" in out.stderr
-    out = train(f"resume={run_dir}", "device=gpu")
+    out = forked_train(f"resume={run_dir}", "device=gpu")
     assert out.returncode == 2 and "device=gpu is not a device" in out.stderr, out.stderr
 
     out = train(
@@ -226,30 +237,30 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, monkeypatch):
     # A resume with nothing left to train says so and writes nothing: no record, no event
     # file, the checkpoint untouched.
     files = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
-    out = train(f"resume={run_dir}")
+    out = forked_train(f"resume={run_dir}")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "nothing to train" in out.stdout and "nothing was written" in out.stdout
     # The keys a resume may change are checked first: -1 frames was "nothing to train", exit 0.
     for bad in ("loop.total_frames=-1", "loop.checkpoint_every=2.5", "threads=1.5"):
-        out = train(f"resume={run_dir}", bad)
+        out = forked_train(f"resume={run_dir}", bad)
         assert out.returncode == 2 and "must be a whole number" in out.stderr, out.stderr[-2000:]
-    out = train(f"resume={run_dir}", "logger.eval_video=2")
+    out = forked_train(f"resume={run_dir}", "logger.eval_video=2")
     assert out.returncode == 2 and "eval_video" in out.stderr, out.stderr[-2000:]
-    out = train(f"resume={run_dir}", "logger.video_fps=0.001", "loop.total_frames=100000")
+    out = forked_train(f"resume={run_dir}", "logger.video_fps=0.001", "loop.total_frames=100000")
     assert out.returncode == 2 and "video_fps must be >= 0.004" in out.stderr, out.stderr[-2000:]
     # Other settings cannot change: a resume would have dropped them (it used to, with a line).
-    out = train(f"resume={run_dir}", "seed=5", "obs_model=vae", "loop.eval_every=0")
+    out = forked_train(f"resume={run_dir}", "seed=5", "obs_model=vae", "loop.eval_every=0")
     assert out.returncode == 2, out.stderr[-2000:]
     assert "seed=5 (the run's: 0)" in out.stderr and "obs_model=vae (the run's: aef)" in out.stderr
     # loop.eval_every=0 is the run's own value: only the others are named
     assert sorted(re.findall(r"(\S+)=\S+ \(the run's", out.stderr)) == ["obs_model", "seed"]
     # a preset set back to the default is a change too; the run's own preset is not
-    out = train(f"resume={run_dir}", "exp=default")
+    out = forked_train(f"resume={run_dir}", "exp=default")
     assert out.returncode == 2 and "exp=default (the run's: smoke)" in out.stderr, out.stderr
-    out = train(f"resume={run_dir}", "exp=smoke")
+    out = forked_train(f"resume={run_dir}", "exp=smoke")
     assert out.returncode == 0 and "nothing to train" in out.stdout, out.stderr[-2000:]
     # a resumable key inside a dict is applied, not dropped ("nothing to train" said 400)
-    out = train(f"resume={run_dir}", "loop={total_frames: 1, eval_every: 0}")
+    out = forked_train(f"resume={run_dir}", "loop={total_frames: 1, eval_every: 0}")
     assert out.returncode == 0 and "loop.total_frames=1;" in out.stdout, out.stdout[-2000:]
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == files
 
@@ -286,11 +297,13 @@ def test_ctrl_c_while_importing_is_one_sentence_and_exit_130(tmp_path, script):
         ),
     ],
 )
-def test_a_sweep_checks_every_jobs_values_before_the_first_trains(args, message, tmp_path):
+def test_a_sweep_checks_every_jobs_values_before_the_first_trains(
+    args, message, tmp_path, forked_train
+):
     """Only unknown keys, kinds and unread settings were checked for every job: job 0 trained
     to the end, then job 1 stopped on its unknown task (README: "before the first one
     trains")."""
-    out = train("-m", "exp=smoke", *args, f"run_dir={tmp_path / 'run'}")
+    out = forked_train("-m", "exp=smoke", *args, f"run_dir={tmp_path / 'run'}")
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr == f"error: {out.stderr[7:].strip()}\n" and message in out.stderr
     assert list(tmp_path.iterdir()) == []  # no job's run_dir (run-j0, ...)
@@ -372,9 +385,9 @@ def test_a_sweep_checks_every_jobs_values_before_the_first_trains(args, message,
         ),
     ],
 )
-def test_bad_input_is_one_sentence_and_exit_code_2(args, message, tmp_path):
+def test_bad_input_is_one_sentence_and_exit_code_2(args, message, tmp_path, forked_train):
     run_dir = tmp_path / "never-created"
-    out = train("exp=smoke", *args, f"run_dir={run_dir}")
+    out = forked_train("exp=smoke", *args, f"run_dir={run_dir}")
     assert out.returncode == 2
     assert message in out.stderr
     assert "Traceback" not in out.stderr
@@ -383,20 +396,44 @@ def test_bad_input_is_one_sentence_and_exit_code_2(args, message, tmp_path):
 
 
 @pytest.mark.slow
-def test_corrupt_checkpoint_and_occupied_run_dir_are_refused(tmp_path):
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["obs_model=flow"],  # refused before Hydra composes
+        ["replay.batch_size=2.5"],  # in the run's setup
+        ["-m", "seed=0,1", "agent.actor_loss.gamma=0.9,1.5"],  # a sweep's second job
+        ["--version"],  # no error: the script's own answer, exit 0
+    ],
+)
+def test_forked_and_fresh_processes_report_bad_input_alike(args, tmp_path, forked_train):
+    """The bad-input tests run their command lines in forked processes (tests/forked_script.py);
+    a fresh interpreter gives the same exit code, stdout and stderr."""
+    line = ["exp=smoke", *args, f"run_dir={tmp_path / 'run'}"]
+    fresh, forked = train(*line), forked_train(*line)
+    assert (forked.returncode, forked.stdout, forked.stderr) == (
+        fresh.returncode,
+        fresh.stdout,
+        fresh.stderr,
+    )
+    assert fresh.returncode == (0 if args == ["--version"] else 2), fresh.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoint_and_occupied_run_dir_are_refused(tmp_path, forked_train):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    out = train(f"resume={run_dir}")
+    out = forked_train(f"resume={run_dir}")
     assert out.returncode == 2 and "unreadable" in out.stderr and "Traceback" not in out.stderr
-    out = train("exp=smoke", f"run_dir={run_dir}")  # a new run there would overwrite it
+    out = forked_train("exp=smoke", f"run_dir={run_dir}")  # a new run there would overwrite it
     assert out.returncode == 2 and f"run_dir {run_dir} already holds a run" in out.stderr
     assert (run_dir / "checkpoint.pt").read_bytes() == b"not a checkpoint"
     for bad, message in [
         (run_dir / "checkpoint.pt", "is a file; run_dir takes a directory"),
         (run_dir / "checkpoint.pt" / "sub", "cannot create run_dir"),
     ]:
-        out = train("exp=smoke", f"run_dir={bad}")
+        out = forked_train("exp=smoke", f"run_dir={bad}")
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
 
 
