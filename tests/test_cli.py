@@ -395,14 +395,15 @@ def test_bad_input_is_one_sentence_and_exit_code_2(args, message, tmp_path, fork
     assert not run_dir.exists()  # else the corrected command would find a run's leftovers
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "args",
     [
-        ["obs_model=flow"],  # refused before Hydra composes
-        ["replay.batch_size=2.5"],  # in the run's setup
-        ["-m", "seed=0,1", "agent.actor_loss.gamma=0.9,1.5"],  # a sweep's second job
-        ["--version"],  # no error: the script's own answer, exit 0
+        ["obs_model=flow"],  # refused before Hydra composes; not slow: fast runs check it too
+        pytest.param(["replay.batch_size=2.5"], marks=pytest.mark.slow),  # in the run's setup
+        pytest.param(  # a sweep's second job
+            ["-m", "seed=0,1", "agent.actor_loss.gamma=0.9,1.5"], marks=pytest.mark.slow
+        ),
+        pytest.param(["--version"], marks=pytest.mark.slow),  # the script's own answer, exit 0
     ],
 )
 def test_forked_and_fresh_processes_report_bad_input_alike(args, tmp_path, forked_train):
@@ -416,7 +417,44 @@ def test_forked_and_fresh_processes_report_bad_input_alike(args, tmp_path, forke
         fresh.stderr,
     )
     assert fresh.returncode == (0 if args == ["--version"] else 2), fresh.stderr[-2000:]
-    assert not (tmp_path / "run").exists()
+    assert list(tmp_path.iterdir()) == []  # no run_dir, nor a sweep job's run-j<N>
+
+
+def test_a_forked_command_line_that_outlives_its_timeout_raises_and_is_killed(tmp_path):
+    """As ``subprocess.run``: TimeoutExpired; and what the child started dies with it."""
+    script = tmp_path / "sleeper.py"
+    pid_file = tmp_path / "grandchild.pid"
+    script.write_text(
+        "import subprocess, sys, time\n"
+        "if sys.argv[1:] == ['quick']:\n"
+        "    print('quick')\n"
+        "    sys.exit(3)\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "print('started', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+
+    def running(pid: int) -> bool:  # a zombie left for init to reap counts as dead
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+
+    server = ForkedScript(str(script), env=ENV)
+    try:
+        with pytest.raises(subprocess.TimeoutExpired) as info:
+            server.run(timeout=3)
+        assert info.value.stdout == "started\n"
+        grandchild = int(pid_file.read_text())
+        deadline = time.monotonic() + 10
+        while running(grandchild) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not running(grandchild)
+        out = server.run("quick")  # and the server goes on serving
+        assert (out.returncode, out.stdout) == (3, "quick\n")
+    finally:
+        server.close()
 
 
 @pytest.mark.slow
