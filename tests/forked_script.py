@@ -15,10 +15,15 @@ Where a child differs from a fresh interpreter: output the imports wrote went to
 stderr, once (the equivalence test compares stderr exactly, so new import-time output fails
 it); interpreter finalisation is reduced to joining non-daemon threads and the atexit
 functions; environment variables read while importing (``OMP_*``, ``MUJOCO_GL``) keep the
-server's values. Fork copies only the calling thread: the server refuses to serve with a Python
-thread besides its main one, or with CUDA initialised (its device count would stay fixed in
-every child); native pools such as OpenBLAS's shut themselves down around a fork. Each child is
-its own process group, killed whole on a timeout.
+server's values (a request may change only those it names as read later); every child starts
+from the server's hash seed and RNG states, where fresh processes draw their own; output of
+native code still in C stdio buffers at exit is lost; a ``TimeoutExpired`` holds str, not bytes.
+Fork copies only the calling thread: the server refuses to serve with a Python thread besides
+its main one, or with CUDA initialised by the imports (a child would keep its device count; on
+a GPU machine where torch counts devices without NVML the imports initialise the driver without
+``is_initialized`` saying so); native pools such as OpenBLAS's shut themselves down around a
+fork. Each child is its own process group, killed whole on a timeout or a Ctrl-C of the
+server, and dies with the server (Linux).
 
 Run as a script, this file is the server: ``python tests/forked_script.py scripts/train.py``
 reads one JSON request per line on stdin (``{"args": [...], "timeout": s, "env": {...}}``) and
@@ -49,8 +54,17 @@ class ForkedScript:
     returns what ``subprocess.run(..., capture_output=True, text=True)`` would: an object with
     ``returncode``, ``stdout`` and ``stderr``, or raises ``subprocess.TimeoutExpired``."""
 
-    def __init__(self, script: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        script: str,
+        env: dict[str, str] | None = None,
+        late_env: tuple[str, ...] = ("CUDA_VISIBLE_DEVICES",),
+    ) -> None:
+        """``late_env``: the variables a request's ``env`` may change, those the script
+        reads only after its imports (the others were read in the server, once)."""
         self.script = script
+        self.env = dict(os.environ if env is None else env)
+        self.late_env = late_env
         # A file, not a pipe: nobody reads the server's stderr while it runs, and a full pipe
         # would block it.
         self._log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by close())
@@ -63,16 +77,27 @@ class ForkedScript:
             stderr=self._log,
             text=True,
         )
-        hello = self._reply(timeout=300)
-        refusal = hello.get("refusal")
-        if refusal:
+        try:
+            refusal = self._reply(timeout=300).get("refusal")
+            if refusal:
+                raise RuntimeError(f"the fork server cannot fork safely: {refusal}")
+        except BaseException:
             self.close()
-            raise RuntimeError(f"the fork server cannot fork safely: {refusal}")
+            raise
 
     def run(self, *args: str, timeout: float = 300, env: dict | None = None) -> SimpleNamespace:
-        """``env``: the child's whole environment (default: the server's), plus what the
-        server's imports set in theirs, as a fresh process's imports would."""
-        request = {"args": list(args), "timeout": timeout, "env": env}
+        """``env``: the child's whole environment (default: the server's); it may differ from
+        the server's in ``late_env`` only, and the variables the imports set keep their values
+        unless it sets them."""
+        changes = None
+        if env is not None:
+            keys = {k for k in {*env, *self.env} if env.get(k) != self.env.get(k)}
+            early = sorted(keys - set(self.late_env))
+            if early:
+                raise ValueError(f"{early} are read while the script imports; the server read "
+                                 "its own values once: use a fresh process")  # fmt: skip
+            changes = {k: env.get(k) for k in keys}
+        request = {"args": list(args), "timeout": timeout, "env": changes}
         try:
             self._proc.stdin.write(json.dumps(request) + "\n")
             self._proc.stdin.flush()
@@ -99,8 +124,9 @@ class ForkedScript:
         return self._log.read()[-2000:]
 
     def close(self) -> None:
-        if self._proc.poll() is None:
+        with contextlib.suppress(OSError):
             self._proc.stdin.close()
+        if self._proc.poll() is None:
             try:
                 self._proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -117,28 +143,38 @@ def _run_as_main(script: Path) -> None:
     path)."""
     import builtins
     import types
+    from importlib.machinery import SourceFileLoader
 
     main = types.ModuleType("__main__")
     main.__dict__.update(__file__=str(script), __builtins__=builtins, __cached__=None)
+    main.__loader__ = SourceFileLoader("__main__", str(script))
     sys.modules["__main__"] = main
     exec(compile(script.read_bytes(), str(script), "exec"), main.__dict__)
 
 
-def _child(script: Path, request: dict, env_added: dict, out: str, err: str) -> None:
+def _child(script: Path, given: str, request: dict, reply, out: str, err: str) -> None:
     """Run ``script`` as ``__main__`` with the request's ``args`` in this (forked) process and
     exit with its status: ``SystemExit``'s code (a non-int one printed, status 1), an uncaught
     exception through ``sys.excepthook`` with status 1, an uncaught ``KeyboardInterrupt`` by
-    SIGINT; then non-daemon threads are joined and the atexit functions run."""
+    SIGINT (both with their traceback, less this file's frames); then non-daemon threads are
+    joined and the atexit functions run."""
     code = 1
     try:
+        reply.close()
         os.setpgid(0, 0)  # its own group: a timeout kills what it started too
+        with contextlib.suppress(Exception):  # and it dies with the server (Linux)
+            import ctypes
+
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
         for fd, path in ((1, out), (2, err)):
             os.dup2(os.open(path, os.O_WRONLY | os.O_TRUNC), fd)
-        if request["env"] is not None:
-            os.environ.clear()
-            os.environ.update({**request["env"], **env_added})
-        sys.argv = [os.path.relpath(script, ROOT), *request["args"]]
+        for key, value in (request["env"] or {}).items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        sys.argv = [given, *request["args"]]
         interrupted = False
         try:
             _run_as_main(script)
@@ -150,10 +186,14 @@ def _child(script: Path, request: dict, env_added: dict, out: str, err: str) -> 
             elif not isinstance(code, int):
                 print(code, file=sys.stderr)
                 code = 1
-        except KeyboardInterrupt:
-            interrupted = True
-        except BaseException:
-            sys.excepthook(*sys.exc_info())
+            elif not -(2**63) <= code < 2**63:  # the interpreter's C long overflows: -1
+                code = -1
+        except BaseException as exc:
+            tb = exc.__traceback__
+            for _ in range(2):  # this file's frames: _child, _run_as_main
+                tb = tb.tb_next if tb is not None and tb.tb_next is not None else tb
+            sys.excepthook(type(exc), exc.with_traceback(tb), tb)  # it prints __traceback__
+            interrupted = isinstance(exc, KeyboardInterrupt)
             code = 1
         import atexit
         import threading
@@ -184,26 +224,24 @@ def _refusal() -> str | None:
     return None
 
 
-def _serve(script: Path) -> None:
+def _serve(script: Path, given: str) -> None:
     import threading
 
     sys.path[0] = str(script.parent)  # as `python scripts/<name>.py` has it
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    env_before = dict(os.environ)
     # Replies go to a copy of stdout; whatever the imports print goes to stderr (a file).
     reply = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     # The imports, and the module code; its `if __name__ == "__main__"` part does not run. An
     # error here is left to the children, which run the module code again and report it.
-    with contextlib.suppress(BaseException):
-        sys.argv = [os.path.relpath(script, ROOT)]
+    with contextlib.suppress(Exception, SystemExit):  # a Ctrl-C stops the server
+        sys.argv = [given]
         import runpy
 
         runpy.run_path(str(script), run_name="__forked_script_preload__")
     sys.stdout.flush()
     for sig, handler in handlers.items():  # the preload set its own; the child sets them again
         signal.signal(sig, handler)
-    env_added = {k: v for k, v in os.environ.items() if env_before.get(k) != v}
     reply.write(json.dumps({"refusal": _refusal(), "threads": threading.active_count()}) + "\n")
     reply.flush()
     # mkdtemp, not TemporaryDirectory: a child runs the atexit functions it inherits, and
@@ -221,24 +259,27 @@ def _serve(script: Path) -> None:
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
-                reply.close()
-                _child(script, request, env_added, out, err)
+                _child(script, given, request, reply, out, err)
             with contextlib.suppress(OSError):  # here too: the child may not have run yet
                 os.setpgid(pid, pid)
             deadline = time.monotonic() + request["timeout"]
             timed_out = False
-            while True:
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    break
-                if time.monotonic() > deadline:
-                    timed_out = True
-                    for kill in (os.killpg, os.kill):
-                        with contextlib.suppress(ProcessLookupError):
-                            kill(pid, signal.SIGKILL)
-                    _, status = os.waitpid(pid, 0)
-                    break
-                time.sleep(0.01)
+            try:
+                while True:
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                    if done:
+                        break
+                    if time.monotonic() > deadline:
+                        timed_out = True
+                        raise TimeoutError
+                    time.sleep(0.01)
+            except BaseException as exc:  # the timeout, or a Ctrl-C: the child's group goes too
+                for kill in (os.killpg, os.kill):
+                    with contextlib.suppress(ProcessLookupError):
+                        kill(pid, signal.SIGKILL)
+                _, status = os.waitpid(pid, 0)
+                if not isinstance(exc, TimeoutError):
+                    raise
             result = {
                 "returncode": os.waitstatus_to_exitcode(status),
                 "stdout": Path(out).read_text(errors="replace"),
@@ -254,4 +295,6 @@ def _serve(script: Path) -> None:
 
 
 if __name__ == "__main__":
-    _serve((ROOT / sys.argv[1]).resolve())
+    # As the interpreter makes a script's path absolute: joined to the working directory, not
+    # resolved; argv[0] stays as given.
+    _serve(Path(os.path.join(os.getcwd(), sys.argv[1])), sys.argv[1])
