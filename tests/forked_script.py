@@ -225,8 +225,6 @@ def _refusal() -> str | None:
 
 
 def _serve(script: Path, given: str) -> None:
-    import threading
-
     sys.path[0] = str(script.parent)  # as `python scripts/<name>.py` has it
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     # Replies go to a copy of stdout; whatever the imports print goes to stderr (a file).
@@ -242,7 +240,7 @@ def _serve(script: Path, given: str) -> None:
     sys.stdout.flush()
     for sig, handler in handlers.items():  # the preload set its own; the child sets them again
         signal.signal(sig, handler)
-    reply.write(json.dumps({"refusal": _refusal(), "threads": threading.active_count()}) + "\n")
+    reply.write(json.dumps({"refusal": _refusal()}) + "\n")
     reply.flush()
     # mkdtemp, not TemporaryDirectory: a child runs the atexit functions it inherits, and
     # TemporaryDirectory's would delete the folder under the server.
@@ -263,16 +261,12 @@ def _serve(script: Path, given: str) -> None:
             with contextlib.suppress(OSError):  # here too: the child may not have run yet
                 os.setpgid(pid, pid)
             deadline = time.monotonic() + request["timeout"]
-            timed_out = False
             try:
-                while True:
-                    done, status = os.waitpid(pid, os.WNOHANG)
-                    if done:
-                        break
+                while not (status := os.waitpid(pid, os.WNOHANG))[0]:
                     if time.monotonic() > deadline:
-                        timed_out = True
                         raise TimeoutError
                     time.sleep(0.01)
+                timed_out, status = False, status[1]
             except BaseException as exc:  # the timeout, or a Ctrl-C: the child's group goes too
                 for kill in (os.killpg, os.kill):
                     with contextlib.suppress(ProcessLookupError):
@@ -280,6 +274,7 @@ def _serve(script: Path, given: str) -> None:
                 _, status = os.waitpid(pid, 0)
                 if not isinstance(exc, TimeoutError):
                     raise
+                timed_out = True
             result = {
                 "returncode": os.waitstatus_to_exitcode(status),
                 "stdout": Path(out).read_text(errors="replace"),
