@@ -80,7 +80,7 @@ def make_run_env(env: dict, seed: int, num_envs: int | None = None, render: str 
 RUN_CONFIG = "run_config.yaml"
 RUN_LOCK = ".lock"  # flock'ed while a process trains in the run directory
 RUN_FILES = (CHECKPOINT_NAME, RUN_CONFIG, RUN_RECORDS, RUN_LOCK)
-RUN_FOLDERS = ("tb", "replay")
+RUN_FOLDERS = ("tb", "replay")  # TensorBoard logs, a disk replay's files (aefrl.run_dir)
 
 
 def output_path(

@@ -843,93 +843,30 @@ def test_setup_handles_both_signals():
             signal.signal(sig, handler)
 
 
-@pytest.mark.parametrize(
-    ("settings", "message"),
-    [
-        ({"prefill_steps": 1000}, "loop.prefill_steps=1000 random steps fill the whole run"),
-        ({"total_frames": 100}, "loop.prefill_steps=60 random steps fill the whole run"),
-        ({"seq_len": 500}, "replay.seq_len=500 needs that many agent steps in each of the 1"),
-        ({"train_ratio": 0.001}, "0.00 over the loop.total_frames=400 (200 agent steps"),
-        # 140 steps after the prefill at 64 replayed steps per update: 0.9 updates
-        ({"train_ratio": 64 / 140 * 0.9}, "0.90 over the loop.total_frames=400"),
-    ],
-)
-def test_a_new_run_that_would_never_update_is_refused(settings, message):
-    """Each of these ran to the end with 0 updates and exit 0, logging an untrained agent."""
-    script = _train_script()
-    smoke = OmegaConf.load(ROOT / "configs/exp/smoke.yaml")
-    loop = {k: v for k, v in smoke.loop.items()}
-    loop.update(batch_size=smoke.replay.batch_size, seq_len=smoke.replay.seq_len)
-    script.check_trains(script.LoopConfig(**loop), num_envs=1)  # smoke trains: 70 updates
-    script.check_trains(script.LoopConfig(**{**loop, "train_ratio": 64 / 140}), num_envs=1)
-    with pytest.raises(script.UserError, match="the run would end before its first update") as e:
-        script.check_trains(script.LoopConfig(**{**loop, **settings}), num_envs=1)
-    assert message in str(e.value)
-    # More envs need more steps before every stream holds a window: 16 x 16 = 256 > 200 here.
-    with pytest.raises(script.UserError, match="each of the 16 env stream"):
-        script.check_trains(script.LoopConfig(**loop), num_envs=16)
-    # A resume of a run stopped in its prefill is a run from 0 updates: lowering its
-    # total_frames below the prefill trained nothing and exited 0. One that has updated may
-    # stop where its new total_frames says.
-    short = script.LoopConfig(**{**loop, "total_frames": 100})
-    with pytest.raises(script.UserError, match="fill the whole run"):
-        script.check_trains(short, num_envs=1, updates_done=0)
-    script.check_trains(short, num_envs=1, updates_done=3)
-
-
-def test_two_processes_cannot_train_in_one_run_dir(tmp_path):
-    """Two runs started in the same second share the default run_dir: the second stops with one
-    sentence instead of overwriting the first (flock; released when its holder closes or dies)."""
-    script = _train_script()
-    held = script.lock_run_dir(tmp_path, new_run=True)
-    with pytest.raises(script.UserError, match="in use by another training process"):
-        script.lock_run_dir(tmp_path, new_run=True)  # another open file: flock conflicts
-    with pytest.raises(script.UserError, match="another training process is running it; wait"):
-        script.lock_run_dir(tmp_path, new_run=False)  # a resume: no other run_dir to choose
-    (tmp_path / "run_config.yaml").write_text("seed: 0\n")  # the first run's files
-    held.close()
-    with pytest.raises(script.UserError, match="was taken by another run"):
-        script.lock_run_dir(tmp_path, new_run=True)  # it got in first, and finished
-    script.lock_run_dir(tmp_path, new_run=False).close()  # a resume of it may take the dir
-
-
 def test_a_run_dir_in_use_is_not_called_an_earlier_runs_leftovers(tmp_path):
     """A second run on a live run's run_dir was told to delete that run's files (its
     run_config.yaml and tb, "but no checkpoint.pt"), which would wipe the live run."""
     from omegaconf import OmegaConf
 
+    from aefrl.run_dir import lock_run_dir, run_dir_in_use
+
     script = _train_script()
-    assert not script.run_dir_in_use(tmp_path)  # no lock file
+    assert not run_dir_in_use(tmp_path)  # no lock file
     (tmp_path / ".lock").mkdir()  # unreadable as a lock: not taken for "not in use"
     with pytest.raises(script.UserError, match=r"cannot tell whether run_dir .*; choose another"):
-        script.run_dir_in_use(tmp_path)
+        run_dir_in_use(tmp_path)
     (tmp_path / ".lock").rmdir()
-    held = script.lock_run_dir(tmp_path, new_run=True)
+    held = lock_run_dir(tmp_path, new_run=True)
     (tmp_path / "run_config.yaml").write_text("seed: 0\n")
     (tmp_path / "tb").mkdir()
-    assert script.run_dir_in_use(tmp_path)
+    assert run_dir_in_use(tmp_path)
     cfg = OmegaConf.create({"resume": None, "run_dir": str(tmp_path)})
     with pytest.raises(script.UserError, match="is in use by another training process; wait"):
         script.run_configuration(cfg)
     held.close()  # it stopped before its first checkpoint: now they are leftovers
-    assert not script.run_dir_in_use(tmp_path)
+    assert not run_dir_in_use(tmp_path)
     with pytest.raises(script.UserError, match=r"holds an earlier run's run_config\.yaml and tb"):
         script.run_configuration(cfg)
-
-
-def test_a_read_only_run_dir_is_one_sentence(tmp_path):
-    """Opening the lock file in a read-only run_dir was an OSError traceback, exit 1."""
-    script = _train_script()
-    tmp_path.chmod(0o555)
-    try:
-        if os.access(tmp_path, os.W_OK):  # root ignores the mode bits: a file in its place
-            tmp_path.chmod(0o755)
-            (tmp_path / ".lock").mkdir()  # open(..., "a") on a directory fails the same way
-        message = re.escape(f"cannot write in run_dir {tmp_path}: ")
-        with pytest.raises(script.UserError, match=message):
-            script.lock_run_dir(tmp_path, new_run=False)
-    finally:
-        tmp_path.chmod(0o755)
 
 
 def test_help_says_what_the_script_does_and_lists_the_groups():
@@ -938,54 +875,6 @@ def test_help_says_what_the_script_does_and_lists_the_groups():
     assert out.stdout.startswith("train.py: train a Dreamer-style agent")
     assert "obs_model: aef, aef_partition, vae" in out.stdout
     assert "agent/planner_exp is chosen by exp" in out.stdout
-
-
-def test_a_checkpoint_without_its_own_configurations_networks_is_refused(tmp_path):
-    """A checkpoint whose weights are not the networks its run configuration builds (edited, or
-    copied in from another run) failed in load_state_dict with a traceback, after the resume
-    had appended its records and event files."""
-    import torch
-
-    from agents.factory import build_agent
-    from tests.tiny_run import OBS, write_tiny_dreamer_run
-
-    script = _train_script()
-    conf = write_tiny_dreamer_run(tmp_path)
-    state = script.load_checkpoint(tmp_path)
-    with torch.device("meta"):
-        agent = build_agent(conf["agent"], conf["obs_model"], OBS, 1)
-    script.check_weights(agent, state["agent"], tmp_path / "checkpoint.pt")  # its own: passes
-    conf["obs_model"]["latent_dim"] = 4  # the configuration says otherwise
-    with torch.device("meta"):
-        other = build_agent(conf["agent"], conf["obs_model"], OBS, 1)
-    with pytest.raises(script.CheckpointError, match=r"does not hold the networks of its own run"):
-        script.check_weights(other, state["agent"], tmp_path / "checkpoint.pt")
-    state["agent"]["modules"]["actor.extra.weight"] = torch.zeros(1)  # load_state_dict's error
-    with pytest.raises(script.CheckpointError, match=r"actor\.extra\.weight is there, and not"):
-        script.check_weights(agent, state["agent"], tmp_path / "checkpoint.pt")
-    del state["agent"]["modules"]["actor.extra.weight"]
-    del state["agent"]["modules"]["actor.net.0.weight"]
-    with pytest.raises(script.CheckpointError, match=r"actor\.net\.0\.weight is missing there"):
-        script.check_weights(agent, state["agent"], tmp_path / "checkpoint.pt")
-    for broken in (None, {"modules": 5}):  # not a module dict at all: one sentence too
-        with pytest.raises(script.CheckpointError, match="is missing there"):
-            script.check_weights(agent, broken, tmp_path / "checkpoint.pt")
-
-
-def test_a_resume_without_its_disk_replay_is_refused_before_anything_is_written(tmp_path):
-    """A run directory copied without its multi-GB replay/ folder: the replay found out only
-    after the resume had appended its provenance record and opened a new event file, in words
-    meant for the Python API ("pass that directory as path")."""
-    script = _train_script()
-    state = {"steps": 120}
-    with pytest.raises(script.UserError, match=r"its replay \(replay.storage=disk\) is kept in"):
-        script.check_disk_replay("disk", state, tmp_path)
-    assert list(tmp_path.iterdir()) == []  # nothing written
-    (tmp_path / "replay").mkdir()
-    (tmp_path / "replay" / "pixels.memmap").write_bytes(b"")
-    script.check_disk_replay("disk", state, tmp_path)
-    script.check_disk_replay("memory", state, tmp_path / "elsewhere")  # in the checkpoint
-    script.check_disk_replay("disk", {"steps": 0}, tmp_path / "elsewhere")  # nothing stored yet
 
 
 def test_a_resumes_settings_error_says_when_the_resume_may_change_the_key():
@@ -1002,22 +891,3 @@ def test_a_resumes_settings_error_says_when_the_resume_may_change_the_key():
     )
     seed = "seed must be a whole number in [0, 2**32 - 1], got -1"
     assert script.resume_hint(seed) == seed  # not a key a resume may change: no way out offered
-
-
-def test_auto_storage_counts_the_stored_contexts(tmp_path):
-    """With agent.replay_context each row also stores float32 h and z (1152 bytes beside
-    12288 of pixels at the defaults): a capacity whose pixels alone stay under auto's 2 GiB
-    goes to disk with them."""
-    from hydra import compose, initialize_config_dir
-
-    script = _train_script()
-    capacity = 2**31 // (3 * 64 * 64) - 1000  # pixels: 2.135e9 bytes; with contexts 2.335e9
-    line = [f"replay.capacity={capacity}", f"run_dir={tmp_path}"]
-    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        plain = compose("config", overrides=line)
-        with_context = compose("config", overrides=[*line, "agent.replay_context=true"])
-    storages = [
-        script.check_settings(OmegaConf.to_container(cfg, resolve=True)).storage
-        for cfg in (plain, with_context)
-    ]
-    assert storages == ["memory", "disk"]
