@@ -58,6 +58,19 @@ def sample_from_noise(
     return action, base.log_prob(preimage) - _sum_rightmost(ladj, len(dist.event_shape))
 
 
+def score_log_prob(dist: TanhNormal | BoundedNormal, noise: torch.Tensor) -> torch.Tensor:
+    """``log π(sg(a)) [...]`` of the sample ``a`` that ``noise [..., A]`` draws
+    (:func:`sample_from_noise`), differentiable in the distribution's parameters only: the
+    score function ``∇ log π(a)`` of the REINFORCE gradient, where the sample is a constant.
+    A tanh-normal is scored at its pre-tanh value (its log-Jacobian there is a constant)."""
+    if isinstance(dist, BoundedNormal):
+        return dist.log_prob((dist.mean + dist.stddev * noise).detach())
+    base, (transform,) = dist.base_dist, dist.transforms
+    preimage = (base.mean + base.stddev * noise).detach()
+    ladj = transform.log_abs_det_jacobian(preimage, transform(preimage))
+    return base.log_prob(preimage) - _sum_rightmost(ladj, len(dist.event_shape))
+
+
 class Actor(nn.Module):
     """``feat [..., F] ->`` a distribution over actions in ``[-1, 1]^A``.
 

@@ -15,7 +15,10 @@ Three measurements, each eager float32 against the alternative in the same run:
    identical sizes of scripts/bench.py and at the ``exp=cpu`` sizes of the learning runs;
 5. the world-model and the full update (aef) at identical sizes with the RSSM's MLPs as wide as
    the heads (``world_model.rssm_hidden`` = hidden, 400: the bench's mapping before 2026-12-06)
-   and as the belief (= deter, 200: torchrl's, the bench's since), alternating call by call.
+   and as the belief (= deter, 200: torchrl's, the bench's since), alternating call by call;
+6. the actor-critic half (``train_actor_critic`` from one batch's posteriors) and the full
+   update (aef) with ``agent.actor_loss.gradient`` backprop and reinforce (no backward through
+   imagination), alternating call by call, at identical sizes and at the ``exp=cpu`` sizes.
 
     OMP_WAIT_POLICY=PASSIVE python scripts/bench_cpu_options.py   # ~3 min on 2 cores
 
@@ -297,6 +300,51 @@ def rssm_width(reps: int, sizes: Sizes) -> list[dict]:
     return out
 
 
+def actor_gradient(reps: int, sizes: Sizes, label: str, batch: int, seq: int) -> dict:
+    """Median seconds of the actor-critic half and of the full update (aef) with each
+    ``agent.actor_loss.gradient``, the agents alternating call by call."""
+    from tensordict import TensorDict
+
+    import scripts.bench as bench
+    from aefrl.bench.subjects import ours_agent_kwargs
+    from aefrl.objectives.actor import GRADIENTS
+    from agents.factory import build_agent
+
+    agents, starts = {}, {}
+    data = random_batch(sizes.with_batch(batch, seq))
+    for gradient in GRADIENTS:
+        torch.manual_seed(0)
+        agent, obs = ours_agent_kwargs(sizes, "aef", *bench.load_config("aef"))
+        agent["actor_loss"]["gradient"] = gradient
+        agents[gradient] = build_agent(agent, obs, (3, sizes.image, sizes.image), sizes.action_dim)
+        with torch.no_grad():  # the imagination starts train_step takes from its world model
+            post = agents[gradient].wm_loss(data)
+        starts[gradient] = TensorDict(
+            {
+                keys.BELIEF: post[keys.BELIEF].flatten(0, 1),
+                keys.STATE: post[keys.STATE].flatten(0, 1),
+                keys.TERMINATED: data[keys.TERMINATED].flatten(0, 1),
+            },
+            batch_size=[],
+        )
+    out = {"sizes": label}
+    for part, call in (
+        ("actor_critic", lambda g: agents[g].train_actor_critic(starts[g])),
+        ("full", lambda g: agents[g].train_step(data)),
+    ):
+        timed = time_interleaved(
+            {g: (lambda g=g, call=call: call(g)) for g in GRADIENTS},
+            torch.device("cpu"),
+            reps,
+            warmup=1,
+            memory=False,
+        )
+        for g in GRADIENTS:
+            out[f"{part}_{g}_s"] = round(timed[g]["median_s"], 3)
+        out[f"{part}_speedup"] = round(out[f"{part}_backprop_s"] / out[f"{part}_reinforce_s"], 2)
+    return out
+
+
 def markdown(r: dict) -> str:
     m = r["machine"]
     lines = [
@@ -363,14 +411,29 @@ def markdown(r: dict) -> str:
                 f"{x['speedup']}x |"
                 for x in r["rssm_width"]
             ],
+            "",
+        ]
+    if "actor_gradient" in r:
+        lines += [
+            "| agent.actor_loss.gradient (aef), alternating | actor-critic half: backprop s | "
+            "reinforce s | speedup | full update: backprop s | reinforce s | speedup |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+            *[
+                f"| {x['sizes']} | {x['actor_critic_backprop_s']} | "
+                f"{x['actor_critic_reinforce_s']} | {x['actor_critic_speedup']}x | "
+                f"{x['full_backprop_s']} | {x['full_reinforce_s']} | {x['full_speedup']}x |"
+                for x in r["actor_gradient"]
+            ],
         ]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
 SECTIONS = (
     *("matmul", "norm_act", "last_decoder_layer", "rssm_scan", "update_precision"),
-    "rssm_width",
+    *("rssm_width", "actor_gradient"),
 )
+#: exp=cpu (configs/exp/cpu.yaml): RSSM and MLPs 200 wide, depth 16, batches of 16 x 32
+CPU_SIZES = Sizes(latent=32, deter=200, hidden=200, depth=16, reward_layers=2, ac_layers=2)
 
 
 def main(argv=None) -> dict:
@@ -401,18 +464,19 @@ def main(argv=None) -> dict:
             if args.toy
             else [
                 update_precision(args.reps, Sizes(), "identical sizes, 16 x 50", 16, 50),
-                # exp=cpu (configs/exp/cpu.yaml): RSSM and MLPs 200 wide, depth 16, 16 x 32
-                update_precision(
-                    args.reps,
-                    Sizes(latent=32, deter=200, hidden=200, depth=16, reward_layers=2, ac_layers=2),
-                    "exp=cpu, 16 x 32",
-                    16,
-                    32,
-                ),
+                update_precision(args.reps, CPU_SIZES, "exp=cpu, 16 x 32", 16, 32),
             ]
         ),
         "rssm_width": lambda: rssm_width(
             1 if args.toy else args.reps, toy if args.toy else Sizes()
+        ),
+        "actor_gradient": lambda: (
+            [actor_gradient(1, toy, "toy", 2, 4)]
+            if args.toy
+            else [
+                actor_gradient(args.reps, Sizes(), "identical sizes, 16 x 50", 16, 50),
+                actor_gradient(args.reps, CPU_SIZES, "exp=cpu, 16 x 32", 16, 32),
+            ]
         ),
     }
     result = {

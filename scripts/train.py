@@ -23,10 +23,40 @@ from aefrl.gl_backend import exit_if_user_backend_broken
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: docs/benchmarks.md, finding 8
 exit_if_user_backend_broken()  # before torchrl imports mujoco, which reads MUJOCO_GL
 
+from pathlib import Path
+
+from aefrl.arguments import VERSION
+from aefrl.overrides import MULTIRUN_FLAGS, OverrideError, check_overrides
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def check_command_line(check_job=None) -> None:
+    """:func:`aefrl.overrides.check_overrides` on this process's command line, with
+    ``check_job`` for each job of a new run; a refusal is one sentence and exit code 2 (Hydra's
+    own reports of a bad override are multi-line)."""
+    try:
+        check_overrides(CONFIG_DIR, "config", sys.argv[1:], check_job)
+    except OverrideError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    if "--version" in sys.argv[1:]:  # ours, not Hydra's
+        print(VERSION)
+        sys.exit(0)
+    # Hydra reads -m only before the overrides (after them: its usage block); anywhere works.
+    sys.argv[1:] = sorted(sys.argv[1:], key=lambda arg: arg not in MULTIRUN_FLAGS)
+    # A single run's settings, names and kinds, before the ~4 s of importing torch, torchrl and
+    # dm-control, so that a mistyped key is refused at once; the values' checks (check_job)
+    # need those imports. A -m sweep's jobs are checked once, after them (~0.08 s a job).
+    if not any(arg in MULTIRUN_FLAGS for arg in sys.argv[1:]):
+        check_command_line()
+
 import copy
 import json
 import random
-from pathlib import Path
 
 import hydra
 import numpy as np
@@ -34,7 +64,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from aefrl.allocator import tune_malloc
-from aefrl.arguments import VERSION
 from aefrl.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
@@ -45,7 +74,6 @@ from aefrl.checkpoint import (
 from aefrl.cli import RUN_CONFIG, UserError, make_run_env
 from aefrl.logging import RunLogger
 from aefrl.loop import Trainer, final_evaluation_pending
-from aefrl.overrides import MULTIRUN_FLAGS, OverrideError, check_overrides
 from aefrl.provenance import append_run_record, command_line
 from aefrl.replay import SequenceReplay
 from aefrl.resume_overrides import (
@@ -77,7 +105,6 @@ from agents.run_settings import (
 
 imports_done()  # KeyboardInterrupt again
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 _HELD_LOCKS: dict = {}  # run_dir -> its open lock file; closing it (or exiting) releases it
 _COUNTERS: dict = {}  # run_dir -> its Trainer's counters, once built (did its loop run?)
 
@@ -482,17 +509,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    if "--version" in sys.argv[1:]:  # ours, not Hydra's
-        print(VERSION)
-        sys.exit(0)
-    # Hydra reads -m only before the overrides (after them: its usage block); anywhere works.
-    sys.argv[1:] = sorted(sys.argv[1:], key=lambda arg: arg not in MULTIRUN_FLAGS)
     handle_signals_in_setup()
-    try:  # Hydra's own reports of a bad override are multi-line; ours are one sentence
-        check_overrides(CONFIG_DIR, "config", sys.argv[1:], check_job)
-    except OverrideError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    try:
+        check_command_line(check_job)
     except KeyboardInterrupt as exc:  # before Hydra and the run: nothing was written
         print("interrupted while starting: nothing was written", file=sys.stderr)
         sys.exit(128 + getattr(exc, "signum", signal.SIGINT))

@@ -1,15 +1,16 @@
 """Run a script's command lines as processes forked from one that already imported it.
 
-``python scripts/train.py <bad override>`` spends ~4 s of a quiet 2-core machine (~20 s
-beside other work) importing torch, tensordict, torchrl and dm-control before its checks
-refuse the override in a fraction of a second; the CLI's bad-input tests are dozens of such
-command lines. :class:`ForkedScript` starts one server process that imports the script's
-modules once (the script's module code, run under another name than ``__main__``), then forks
-a child per command line that runs the script as ``__main__`` with that ``argv``: a process of
-its own, with its own exit code, stdout, stderr, signal handlers and Hydra state, as a fresh
-``python scripts/<name>.py ...`` would have, minus the import time. ``tests/test_cli.py``
-checks that both give the same result on representative lines; what a fresh interpreter does
-in its imports (a Ctrl-C there) is tested with real subprocesses.
+``python scripts/train.py <bad value>`` spends ~4 s of a quiet 2-core machine (~20 s beside
+other work) importing torch, tensordict, torchrl and dm-control before its checks refuse the
+value in a fraction of a second (a mistyped key of a single run is refused before the imports);
+the CLI's bad-input tests are dozens of such command lines. :class:`ForkedScript` starts one
+server process that imports the script's modules once (the script's module code, run under
+another name than ``__main__``), then forks a child per command line that runs the script as
+``__main__`` with that ``argv``: a process of its own, with its own exit code, stdout, stderr,
+signal handlers and Hydra state, as a fresh ``python scripts/<name>.py ...`` would have, minus
+the import time. ``tests/test_cli.py`` checks that both give the same result on representative
+lines; what a fresh interpreter does in its imports (a Ctrl-C there) is tested with real
+subprocesses.
 
 Where a child differs from a fresh interpreter: output the imports wrote went to the server's
 stderr, once (the equivalence test compares stderr exactly, so new import-time output fails

@@ -9,6 +9,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench_cpu_options  # noqa: E402
 
+from aefrl.objectives.actor import GRADIENTS  # noqa: E402
+
 
 def test_toy_run_writes_every_measurement(tmp_path):
     out = tmp_path / "opts.json"
@@ -28,6 +30,10 @@ def test_toy_run_writes_every_measurement(tmp_path):
     assert (wm["update"], full["update"]) == ("wm_update", "full_update")
     assert wm["widths"] == [16, 8] and min(wm["wide_s"], wm["narrow_s"], full["narrow_s"]) > 0
     assert "RSSM MLPs 16 wide" in out.with_suffix(".md").read_text()
+    (row,) = r["actor_gradient"]
+    times = [row[f"{part}_{g}_s"] for part in ("actor_critic", "full") for g in GRADIENTS]
+    assert min(times) > 0 and row["full_speedup"] > 0
+    assert "agent.actor_loss.gradient" in out.with_suffix(".md").read_text()
     # --only runs the sections named, and the report has only those
     bench_cpu_options.main(["--toy", "--reps", "1", "--frames", "2", "--out", str(out), "--only",
                             "last_decoder_layer"])  # fmt: skip

@@ -356,6 +356,10 @@ def test_a_sweep_checks_every_jobs_values_before_the_first_trains(
         (["env.render=pretty"], "env.render must be one of faithful, fast, got 'pretty'."),
         (["agent.autocast=fp16"], "agent.autocast must be one of none, bf16, got 'fp16'"),
         (
+            ["agent.actor_loss.gradient=sgd"],
+            "agent.actor_loss.gradient must be one of backprop, reinforce, got 'sgd'",
+        ),
+        (
             ["obs_model.options.sigma_x=foo"],
             "obs_model.options.sigma_x must be one of learned, head, fixed, got 'foo'",
         ),
@@ -418,6 +422,57 @@ def test_forked_and_fresh_processes_report_bad_input_alike(args, tmp_path, forke
     )
     assert fresh.returncode == (0 if args == ["--version"] else 2), fresh.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []  # no run_dir, nor a sweep job's run-j<N>
+
+
+# The script run as __main__ with torch's import refused: what it does before the heavy imports.
+_WITHOUT_TORCH = """
+import runpy, sys
+
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch imported")
+
+sys.meta_path.insert(0, NoTorch())
+sys.argv = ["scripts/train.py", *sys.argv[1:]]
+runpy.run_path("scripts/train.py", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "stream", "expected"),
+    [
+        (["sed=1"], 2, "stderr", "error: sed is not a setting: no such key in configs/; did you"),
+        (["obs_model=vea"], 2, "stderr", "error: obs_model=vea is not a choice"),
+        (["seed=zero"], 2, "stderr", "error: seed takes a number (default 0), got 'zero'"),
+        (["--version"], 0, "stdout", "aefrl "),
+    ],
+)
+def test_a_single_runs_mistyped_setting_is_refused_before_torch_is_imported(
+    args, code, stream, expected
+):
+    """A typo waited ~4 s for torch, torchrl and dm-control to import before its one sentence.
+    Sweeps (-m) are checked after the imports, with their values."""
+    out = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TORCH, *args],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == code, out.stderr[-2000:]
+    assert getattr(out, stream).startswith(expected), out.stderr[-2000:]
+    # A good command line goes on to the imports, which the blocker refuses here.
+    out = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TORCH, "seed=1"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0 and "torch imported" in out.stderr
 
 
 @pytest.mark.slow

@@ -18,10 +18,13 @@ TINY = dict(
 )
 
 
-def tiny_agent(kind: str, actor_dist: str = "tanh_normal") -> DreamerAgent:
+def tiny_agent(
+    kind: str, actor_dist: str = "tanh_normal", gradient: str = "backprop"
+) -> DreamerAgent:
     cfg = {k: dict(v) for k, v in TINY.items()}
     cfg["world_model"]["obs_model"] = kind
     cfg["actor"]["dist"] = actor_dist
+    cfg["actor_loss"]["gradient"] = gradient
     return DreamerAgent(OBS, ACTIONS, **cfg)
 
 
@@ -106,9 +109,10 @@ def test_acting_leaves_actnorm_to_the_first_training_batch():
     assert pre.an_initialized
 
 
-def test_train_step_updates_every_module_and_reports_finite_metrics(kind):
+@pytest.mark.parametrize("gradient", ["backprop", "reinforce"])
+def test_train_step_updates_every_module_and_reports_finite_metrics(kind, gradient):
     torch.manual_seed(0)
-    agent = tiny_agent(kind)
+    agent = tiny_agent(kind, gradient=gradient)
     before = {k: v.clone() for k, v in agent.state_dict()["modules"].items()}
     batch = random_batch(3, 8, first_at=(0, 5))
     for _ in range(2):  # the second step also moves the zero-initialised output layers' inputs
