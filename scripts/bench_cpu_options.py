@@ -436,6 +436,17 @@ SECTIONS = (
 CPU_SIZES = Sizes(latent=32, deter=200, hidden=200, depth=16, reward_layers=2, ac_layers=2)
 
 
+def at_both_sizes(measure, reps: int, toy_sizes: Sizes, toy: bool) -> list[dict]:
+    """``measure(reps, sizes, label, batch, seq)`` at the identical sizes of scripts/bench.py
+    and at the ``exp=cpu`` sizes of the learning runs; once at ``toy_sizes`` with ``toy``."""
+    if toy:
+        return [measure(1, toy_sizes, "toy", 2, 4)]
+    return [
+        measure(reps, Sizes(), "identical sizes, 16 x 50", 16, 50),
+        measure(reps, CPU_SIZES, "exp=cpu, 16 x 32", 16, 32),
+    ]
+
+
 def main(argv=None) -> dict:
     p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=5)
@@ -459,25 +470,11 @@ def main(argv=None) -> dict:
         "norm_act": lambda: norm_act(args.reps, args.frames, MAPS[-1:] if args.toy else MAPS),
         "last_decoder_layer": lambda: last_decoder_layer(args.reps, args.frames, side=side),
         "rssm_scan": lambda: rssm_scan(args.reps, toy if args.toy else Sizes()),
-        "update_precision": lambda: (
-            [update_precision(1, toy, "toy", 2, 4)]
-            if args.toy
-            else [
-                update_precision(args.reps, Sizes(), "identical sizes, 16 x 50", 16, 50),
-                update_precision(args.reps, CPU_SIZES, "exp=cpu, 16 x 32", 16, 32),
-            ]
-        ),
+        "update_precision": lambda: at_both_sizes(update_precision, args.reps, toy, args.toy),
         "rssm_width": lambda: rssm_width(
             1 if args.toy else args.reps, toy if args.toy else Sizes()
         ),
-        "actor_gradient": lambda: (
-            [actor_gradient(1, toy, "toy", 2, 4)]
-            if args.toy
-            else [
-                actor_gradient(args.reps, Sizes(), "identical sizes, 16 x 50", 16, 50),
-                actor_gradient(args.reps, CPU_SIZES, "exp=cpu, 16 x 32", 16, 32),
-            ]
-        ),
+        "actor_gradient": lambda: at_both_sizes(actor_gradient, args.reps, toy, args.toy),
     }
     result = {
         "command": command_line("scripts/bench_cpu_options.py", argv),
