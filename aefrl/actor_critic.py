@@ -272,7 +272,8 @@ def imagine(
     bound is zero, as the environment's is. The log-probability stays the unclipped sample's.
 
     ``noise``: the standard-normal draws ``(actions [N, K, A], states [N, K, d])`` of the
-    actions' and the prior states' samples, for deterministic tests (drawn when omitted).
+    actions' and the prior states' samples (drawn when omitted): for deterministic tests, and
+    for the REINFORCE actor loss, which evaluates the actor again at the samples they drew.
 
     Returns ``(states [N, K+1, ...], actions [N, K, A], log_probs [N, K])``: action k (as the
     dynamics took it) is taken in state k and leads to state k + 1.

@@ -22,7 +22,8 @@ def compile_steps(world_model: nn.Module, *mlp_owners: nn.Module, **options) -> 
     """Compile ``world_model.rssm``'s ``filter_step`` and ``img_step`` and the ``net`` MLP of the
     world model's reward and continue heads and of every module in ``mlp_owners`` (actor,
     critic, slow critic copy), in place. ``options`` go to ``torch.compile`` (default:
-    ``dynamic=False``: the loops call each with one fixed shape)."""
+    ``dynamic=False``: the loops call each with one fixed shape; the REINFORCE actor loss adds
+    one, the actor batched over all imagined states)."""
     options = {"dynamic": False, **options}
     # Every MLP owner's forward is one code object, compiled per owner, shape and grad mode
     # (training, acting, imagination, reports): a tiny agent's first update, act and report

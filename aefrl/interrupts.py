@@ -1,8 +1,9 @@
-"""Ctrl-C while a script is still importing (stdlib only, importable before torch).
+"""Ctrl-C (or SIGTERM) while a script is still importing (stdlib only, importable before torch).
 
 The imports take seconds (torch, torchrl, mujoco); a Ctrl-C among them surfaced as a
-``KeyboardInterrupt`` (or an ``ImportError`` from inside mujoco) traceback of dozens of frames.
-Nothing has been written by then, so the scripts leave at once with one line.
+``KeyboardInterrupt`` (or an ``ImportError`` from inside mujoco) traceback of dozens of frames,
+and a SIGTERM killed the process without a word. Nothing has been written by then, so the
+scripts leave at once with one line and the shell's code for the signal (130, 143).
 
 The handlers are installed even in a process started with Ctrl-C ignored (a background job of
 a non-interactive shell): a Ctrl-C then stops the training runs of such a loop cleanly, each
@@ -22,11 +23,12 @@ def _interrupted_while_starting(signum, frame) -> None:
     os._exit(128 + signum)
 
 
-_state = {"worker": False}
+_state = {"worker": False, "sigterm": None}  # SIGTERM's handler before ours, to restore
 
 
 def quiet_ctrl_c_while_starting(module_name: str = "__main__") -> None:
-    """Until :func:`imports_done`, a Ctrl-C exits with one line and the shell's code (130).
+    """Until :func:`imports_done`, a Ctrl-C or SIGTERM exits with one line and the shell's
+    code (130, 143).
 
     ``module_name`` is the calling script's ``__name__``. A parallel env's worker process
     (``multiprocessing``'s spawn) runs the script's module code again, as ``"__mp_main__"``,
@@ -42,10 +44,15 @@ def quiet_ctrl_c_while_starting(module_name: str = "__main__") -> None:
             signal.signal(sig, signal.SIG_IGN)
         return
     signal.signal(signal.SIGINT, _interrupted_while_starting)
+    _state["sigterm"] = signal.signal(signal.SIGTERM, _interrupted_while_starting)
 
 
 def imports_done() -> None:
-    """Ctrl-C raises ``KeyboardInterrupt`` again, for the script's own handling (not in a
-    worker, which keeps ignoring it: see :func:`quiet_ctrl_c_while_starting`)."""
+    """Ctrl-C raises ``KeyboardInterrupt`` again, for the script's own handling, and SIGTERM
+    gets back the handler it had (not in a worker, which keeps ignoring both: see
+    :func:`quiet_ctrl_c_while_starting`)."""
     if not _state["worker"]:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        if _state["sigterm"] is not None:
+            signal.signal(signal.SIGTERM, _state["sigterm"])
+            _state["sigterm"] = None

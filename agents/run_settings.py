@@ -3,9 +3,10 @@ env, the networks (built on the meta device: their shapes, no memory), the loop 
 replay, each refusal one sentence naming the configuration key; and a checkpoint's weights
 against the networks its own configuration builds.
 
-``scripts/train.py`` runs :func:`check_settings` before a run starts (for every job of a
-``-m`` sweep before the first trains) and again on a resume with the checkpoint's
-configuration. ``conf`` is always the resolved configuration as plain dicts.
+``scripts/train.py`` runs :func:`check_settings` on every job of a new run before Hydra starts
+the first (its ``check_job``), and on the configuration a run trains with when it builds it
+(``build_run``: a new run's again, a resume's on its checkpoint's configuration). ``conf`` is
+always the resolved configuration as plain dicts.
 """
 
 from __future__ import annotations
@@ -152,10 +153,11 @@ class CheckedSettings(NamedTuple):
 
 def check_settings(conf: dict, updates_done: int = 0) -> CheckedSettings:
     """Every check of a run's configuration ``conf`` (resolved) that needs no environment, no
-    files and no memory; a :class:`UserError` or ValueError names the key. :func:`build_run`
-    runs it first, and :func:`check_job` before Hydra for every job of a ``-m`` sweep, where a
-    bad value in a later job (an unknown task, γ > 1, a run too short to update) stopped the
-    sweep only after the jobs before it had trained. ``updates_done``: a resumed run's."""
+    files and no memory; a :class:`UserError` or ValueError names the key. scripts/train.py's
+    ``build_run`` runs it first, and its ``check_job`` before Hydra for every job of a ``-m``
+    sweep, where a bad value in a later job (an unknown task, γ > 1, a run too short to update)
+    stopped the sweep only after the jobs before it had trained. ``updates_done``: a resumed
+    run's."""
     for key, value in non_finite_keys(conf):
         raise UserError(f"{key} must be a finite number, got {value}")
     threads = conf["threads"] or 0  # 0 and null: torch's default

@@ -1,6 +1,7 @@
-"""What bf16 and torch.compile would buy a CPU update, measured on the update's own shapes.
+"""What CPU options and alternative forms would buy an update, measured on the update's own shapes.
 
-Three measurements, each eager float32 against the alternative in the same run:
+Seven measurements, each the current form against the alternative in the same run (``--only``
+picks some):
 
 1. matmul throughput (GFLOP/s) in float32 and bfloat16 at the shapes of the actor-critic half
    (800 imagination starts x 400) and of the heads over all imagined states (12800 x 400), and
@@ -8,19 +9,22 @@ Three measurements, each eager float32 against the alternative in the same run:
    them to (the 255-bin two-hot outputs, the 230-d feature gradients; 12000 imagined states);
 2. ChannelNorm + SiLU forward + backward (the conv trunks' memory-bound part) at the encoder's
    four feature-map sizes for a 16 x 50 batch, eager and ``torch.compile``-d;
-3. the RSSM filtering scan (``RSSM.observe``, 50 steps of batch 16) forward + backward at the
+3. the decoder's last layer (``ConvTranspose2d`` to 3 channels) against equivalent forms
+   (sub-pixel convolutions, NCHW, padded outputs), each checked equal to it first;
+4. the RSSM filtering scan (``RSSM.observe``, 50 steps of batch 16) forward + backward at the
    identical sizes of scripts/bench.py, eager and with its step (``filter_step``) compiled;
-4. one whole update (``DreamerAgent.train_step``, aef) with ``agent.autocast`` none and bf16
+5. one whole update (``DreamerAgent.train_step``, aef) with ``agent.autocast`` none and bf16
    (:mod:`aefrl.precision`: trunks in bf16), the two agents alternating call by call, at the
    identical sizes of scripts/bench.py and at the ``exp=cpu`` sizes of the learning runs;
-5. the world-model and the full update (aef) at identical sizes with the RSSM's MLPs as wide as
+6. the world-model and the full update (aef) at identical sizes with the RSSM's MLPs as wide as
    the heads (``world_model.rssm_hidden`` = hidden, 400: the bench's mapping before 2026-12-06)
    and as the belief (= deter, 200: torchrl's, the bench's since), alternating call by call;
-6. the actor-critic half (``train_actor_critic`` from one batch's posteriors) and the full
+7. the actor-critic half (``train_actor_critic`` from one batch's posteriors) and the full
    update (aef) with ``agent.actor_loss.gradient`` backprop and reinforce (no backward through
    imagination), alternating call by call, at identical sizes and at the ``exp=cpu`` sizes.
 
-    OMP_WAIT_POLICY=PASSIVE python scripts/bench_cpu_options.py   # ~3 min on 2 cores
+    OMP_WAIT_POLICY=PASSIVE python scripts/bench_cpu_options.py
+    OMP_WAIT_POLICY=PASSIVE python scripts/bench_cpu_options.py --only actor_gradient --reps 9
 
 Writes docs/results/cpu_options.json and .md (``--out`` to change).
 """

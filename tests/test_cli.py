@@ -266,19 +266,27 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, monkeypatch, f
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["train", "eval", "world_model_report"])
-def test_ctrl_c_while_importing_is_one_sentence_and_exit_130(tmp_path, script):
+@pytest.mark.parametrize(
+    ("script", "signum"),
+    [
+        ("train", signal.SIGINT),
+        ("eval", signal.SIGINT),
+        ("world_model_report", signal.SIGINT),
+        ("train", signal.SIGTERM),
+    ],
+)
+def test_ctrl_c_while_importing_is_one_sentence_and_exit_130(tmp_path, script, signum):
     """The imports take seconds (torch, torchrl, mujoco); a Ctrl-C there was an ImportError or
-    KeyboardInterrupt traceback of dozens of frames."""
+    KeyboardInterrupt traceback of dozens of frames, a SIGTERM a silent death (exit -15)."""
     args = [f"run_dir={tmp_path / 'run'}", "exp=smoke"] if script == "train" else [str(tmp_path)]
     proc = subprocess.Popen(
         [sys.executable, f"scripts/{script}.py", *args],
         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     time.sleep(1.0)  # past the interpreter's start, well inside the imports
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.returncode == 128 + signum, err[-2000:]
     assert err.strip() == "interrupted while starting: nothing was written"
     assert not (tmp_path / "run").exists()
 

@@ -15,9 +15,11 @@ SIZES = Sizes(batch=2, seq=4, action_dim=2)
 
 
 @pytest.mark.slow
-def test_compiled_update_matches_eager_and_keeps_parameter_names(monkeypatch):
+@pytest.mark.parametrize("gradient", ["backprop", "reinforce"])  # reinforce: the actor batched
+def test_compiled_update_matches_eager_and_keeps_parameter_names(monkeypatch, gradient):
     monkeypatch.setattr(inductor_config, "fallback_random", True)
     cfg = {k: dict(v) for k, v in TINY.items()}
+    cfg["actor_loss"]["gradient"] = gradient
     torch.manual_seed(0)
     eager = DreamerAgent((3, 64, 64), SIZES.action_dim, **cfg)
     compiled = DreamerAgent((3, 64, 64), SIZES.action_dim, compile=True, **cfg)

@@ -36,10 +36,12 @@ def small_agent(
     actor_dist="tanh_normal",
     autocast: str = "none",
     compile: bool = False,
+    gradient: str = "backprop",
 ):
     agent, obs = ours_agent_kwargs(SIZES, kind, *load_config(kind))
     agent["world_model"]["actnorm"] = actnorm
     agent["actor"]["dist"] = actor_dist
+    agent["actor_loss"]["gradient"] = gradient
     agent["autocast"], agent["compile"] = autocast, compile
     # Built on the CPU, then moved (the optimisers keep the same Parameter objects).
     return build_agent(agent, obs, (3, 64, 64), SIZES.action_dim).to(device)
@@ -97,22 +99,28 @@ def test_the_host_data_check_catches_copies_to_the_device(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("kind", "actnorm", "actor_dist"),
+    ("kind", "actnorm", "actor_dist", "gradient"),
     [
-        ("aef", False, "tanh_normal"),
-        ("vae", False, "tanh_normal"),
-        ("aef_partition", False, "tanh_normal"),
-        ("aef", True, "tanh_normal"),
-        ("aef", False, "bounded_normal"),
+        ("aef", False, "tanh_normal", "backprop"),
+        ("vae", False, "tanh_normal", "backprop"),
+        ("aef_partition", False, "tanh_normal", "backprop"),
+        ("aef", True, "tanh_normal", "backprop"),
+        ("aef", False, "bounded_normal", "backprop"),
+        ("aef", False, "tanh_normal", "reinforce"),
+        ("aef", False, "bounded_normal", "reinforce"),
     ],
 )
-def test_train_step_never_synchronises_with_the_host(kind, actnorm, actor_dist, monkeypatch):
+def test_train_step_never_synchronises_with_the_host(
+    kind, actnorm, actor_dist, gradient, monkeypatch
+):
     # torchrl's TanhNormal skips its argument checks (which read values) while a stream is
     # capturing; tell it so, as a real capture would.
     monkeypatch.setattr(tanh_normal_module, "safe_is_current_stream_capturing", lambda: True)
     _refuse_host_data(monkeypatch)
     torch.manual_seed(0)
-    agent = small_agent(kind, device="meta", actnorm=actnorm, actor_dist=actor_dist)
+    agent = small_agent(
+        kind, device="meta", actnorm=actnorm, actor_dist=actor_dist, gradient=gradient
+    )
     batch = random_batch(SIZES).to("meta")
     for _ in range(2):  # the second call takes the initialised branches (return scale, Adam)
         metrics = agent.train_step(batch)

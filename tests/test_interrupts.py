@@ -97,6 +97,7 @@ def test_the_script_itself_keeps_its_ctrl_c_handling():
         for name in ("__main__", "train_script"):
             interrupts.quiet_ctrl_c_while_starting(name)
             assert signal.getsignal(signal.SIGINT) is interrupts._interrupted_while_starting
+            assert signal.getsignal(signal.SIGTERM) is interrupts._interrupted_while_starting
             interrupts.imports_done()
             assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
             assert signal.getsignal(signal.SIGTERM) is saved[signal.SIGTERM]

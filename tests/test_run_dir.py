@@ -86,6 +86,9 @@ def test_a_new_run_dir_is_refused_for_each_kind_of_earlier_content(tmp_path):
         (run_dir / name).write_text("x")
         with pytest.raises(UserError, match=rf"holds an earlier run's {re.escape(name)} but no"):
             check_new_run_dir(run_dir)
+    # A finished run has its logs beside its checkpoint: "delete them" would destroy a run that
+    # can be resumed, so the checkpoint is named first.
+    _leftovers(tmp_path)
     (tmp_path / "checkpoint.pt").write_text("x")
     with pytest.raises(UserError, match=f"already holds a run .*resume={re.escape(str(tmp_path))}"):
         check_new_run_dir(tmp_path)

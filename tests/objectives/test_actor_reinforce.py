@@ -170,3 +170,24 @@ def test_reinforce_refuses_the_actor_input_gradient():
         )
     with pytest.raises(ValueError, match="gradient must be one of backprop, reinforce, got 'sgd'"):
         DreamerActorLoss(wm, actor, slow, ReturnNormalizer(), gradient="sgd")
+
+
+@pytest.mark.parametrize("gradient", ["backprop", "reinforce"])
+def test_each_forward_folds_its_returns_into_the_scale_once(gradient):
+    """S = EMA(P95 − P5) with decay 0.99: after two forwards, lerp(S_1, S_2, 0.01) of the two
+    batches' spreads; a second update per forward would move it twice."""
+    wm, actor, _, slow, start = _setup()
+    loss = DreamerActorLoss(
+        wm, actor, slow, ReturnNormalizer(), horizon=HORIZON, gamma=GAMMA, lmbda=LMBDA,
+        entropy_coef=ETA, gradient=gradient,
+    )  # fmt: skip
+    spreads = []
+    for shift in (0.0, 2.0):  # two different batches of starts
+        moved = start.clone()
+        moved[keys.BELIEF] = moved[keys.BELIEF] + shift
+        out = loss(moved)
+        flat = out["lambda_return"].flatten()
+        spreads.append(torch.quantile(flat, 0.95) - torch.quantile(flat, 0.05))
+    assert not torch.isclose(spreads[0], spreads[1])
+    want = torch.lerp(spreads[0], spreads[1], 0.01)
+    torch.testing.assert_close(out["return_scale"].double(), want, rtol=1e-5, atol=1e-6)
