@@ -15,20 +15,24 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
+
+_MESSAGE = b"interrupted while starting: nothing was written\n"
 
 
 def _interrupted_while_starting(signum, frame) -> None:
-    print("interrupted while starting: nothing was written", file=sys.stderr)
+    # os.write, not print: a signal that lands while the main thread writes to stderr would
+    # make print fail ("reentrant call") before the exit.
+    os.write(2, _MESSAGE)
     os._exit(128 + signum)
 
 
-_state = {"worker": False, "sigterm": None}  # SIGTERM's handler before ours, to restore
+_UNSET = object()
+_state = {"worker": False, "sigterm": _UNSET}  # SIGTERM's handler before ours, to restore
 
 
 def quiet_ctrl_c_while_starting(module_name: str = "__main__") -> None:
     """Until :func:`imports_done`, a Ctrl-C or SIGTERM exits with one line and the shell's
-    code (130, 143).
+    code (130, 143). A SIGTERM the process was started ignoring stays ignored.
 
     ``module_name`` is the calling script's ``__name__``. A parallel env's worker process
     (``multiprocessing``'s spawn) runs the script's module code again, as ``"__mp_main__"``,
@@ -44,15 +48,23 @@ def quiet_ctrl_c_while_starting(module_name: str = "__main__") -> None:
             signal.signal(sig, signal.SIG_IGN)
         return
     signal.signal(signal.SIGINT, _interrupted_while_starting)
-    _state["sigterm"] = signal.signal(signal.SIGTERM, _interrupted_while_starting)
+    before = signal.getsignal(signal.SIGTERM)
+    if before is signal.SIG_IGN:
+        return
+    if before is not _interrupted_while_starting:  # a second call keeps the first one's
+        _state["sigterm"] = before
+    signal.signal(signal.SIGTERM, _interrupted_while_starting)
 
 
 def imports_done() -> None:
     """Ctrl-C raises ``KeyboardInterrupt`` again, for the script's own handling, and SIGTERM
     gets back the handler it had (not in a worker, which keeps ignoring both: see
     :func:`quiet_ctrl_c_while_starting`)."""
-    if not _state["worker"]:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        if _state["sigterm"] is not None:
-            signal.signal(signal.SIGTERM, _state["sigterm"])
-            _state["sigterm"] = None
+    if _state["worker"]:
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if _state["sigterm"] is not _UNSET:
+        # None: a handler installed outside Python, which Python cannot reinstall; the default.
+        before = _state["sigterm"]
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
+        _state["sigterm"] = _UNSET

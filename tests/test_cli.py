@@ -21,7 +21,14 @@ from aefrl.provenance import cpu_model, read_run_records
 from tests.forked_script import ForkedScript
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
+# PYTHONPATH: the scripts import this tree's aefrl even where another tree is installed
+# editable (a copy of the repository under test).
+ENV = {
+    **os.environ,
+    "OMP_WAIT_POLICY": "PASSIVE",
+    "PYTHONUNBUFFERED": "1",
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+}
 
 
 def train(*args, timeout=300, env=ENV):
@@ -275,7 +282,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, monkeypatch, f
         ("train", signal.SIGTERM),
     ],
 )
-def test_ctrl_c_while_importing_is_one_sentence_and_exit_130(tmp_path, script, signum):
+def test_a_signal_while_importing_is_one_sentence_and_the_shells_code(tmp_path, script, signum):
     """The imports take seconds (torch, torchrl, mujoco); a Ctrl-C there was an ImportError or
     KeyboardInterrupt traceback of dozens of frames, a SIGTERM a silent death (exit -15)."""
     args = [f"run_dir={tmp_path / 'run'}", "exp=smoke"] if script == "train" else [str(tmp_path)]

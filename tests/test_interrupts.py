@@ -1,4 +1,5 @@
-"""aefrl.interrupts: a Ctrl-C during the imports is one line, then a KeyboardInterrupt."""
+"""aefrl.interrupts: a Ctrl-C or SIGTERM during the imports is one line and the shell's code;
+after them a Ctrl-C is a KeyboardInterrupt and SIGTERM has its own handler back."""
 
 import signal
 import subprocess
@@ -92,15 +93,31 @@ def test_the_script_itself_keeps_its_ctrl_c_handling():
     under another name) gets the one-line exit, then KeyboardInterrupt."""
     from aefrl import interrupts
 
+    def own(signum, frame):  # the SIGTERM handler the process had before: it must come back
+        pass
+
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        signal.signal(signal.SIGTERM, own)
         for name in ("__main__", "train_script"):
             interrupts.quiet_ctrl_c_while_starting(name)
             assert signal.getsignal(signal.SIGINT) is interrupts._interrupted_while_starting
             assert signal.getsignal(signal.SIGTERM) is interrupts._interrupted_while_starting
             interrupts.imports_done()
             assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-            assert signal.getsignal(signal.SIGTERM) is saved[signal.SIGTERM]
+            assert signal.getsignal(signal.SIGTERM) is own
+        # Called twice before its imports are done (a module loaded again after a failed
+        # load): the handler from before the first call still comes back.
+        interrupts.quiet_ctrl_c_while_starting("train_script")
+        interrupts.quiet_ctrl_c_while_starting("train_script")
+        interrupts.imports_done()
+        assert signal.getsignal(signal.SIGTERM) is own
+        # A process started with SIGTERM ignored (nohup-like launchers) keeps ignoring it.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        interrupts.quiet_ctrl_c_while_starting("__main__")
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        interrupts.imports_done()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
