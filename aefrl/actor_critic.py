@@ -48,14 +48,7 @@ def sample_from_noise(
             f"noise must have the sample's shape {tuple(dist.batch_shape + dist.event_shape)}, "
             f"got {tuple(noise.shape)}"
         )
-    if isinstance(dist, BoundedNormal):
-        action = dist.mean + dist.stddev * noise
-        return action, dist.log_prob(action)
-    base, (transform,) = dist.base_dist, dist.transforms
-    preimage = base.mean + base.stddev * noise
-    action = transform(preimage)
-    ladj = transform.log_abs_det_jacobian(preimage, action)
-    return action, base.log_prob(preimage) - _sum_rightmost(ladj, len(dist.event_shape))
+    return _draw(dist, noise, constant=False)
 
 
 def score_log_prob(dist: TanhNormal | BoundedNormal, noise: torch.Tensor) -> torch.Tensor:
@@ -63,12 +56,25 @@ def score_log_prob(dist: TanhNormal | BoundedNormal, noise: torch.Tensor) -> tor
     (:func:`sample_from_noise`), differentiable in the distribution's parameters only: the
     score function ``∇ log π(a)`` of the REINFORCE gradient, where the sample is a constant.
     A tanh-normal is scored at its pre-tanh value (its log-Jacobian there is a constant)."""
+    return _draw(dist, noise, constant=True)[1]
+
+
+def _draw(
+    dist: TanhNormal | BoundedNormal, noise: torch.Tensor, constant: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sample ``noise`` draws and its log-density; ``constant``: the sample (a
+    tanh-normal's pre-tanh value) detached, so that only the density's parameters carry a
+    gradient."""
     if isinstance(dist, BoundedNormal):
-        return dist.log_prob((dist.mean + dist.stddev * noise).detach())
+        action = dist.mean + dist.stddev * noise
+        action = action.detach() if constant else action
+        return action, dist.log_prob(action)
     base, (transform,) = dist.base_dist, dist.transforms
-    preimage = (base.mean + base.stddev * noise).detach()
-    ladj = transform.log_abs_det_jacobian(preimage, transform(preimage))
-    return base.log_prob(preimage) - _sum_rightmost(ladj, len(dist.event_shape))
+    preimage = base.mean + base.stddev * noise
+    preimage = preimage.detach() if constant else preimage
+    action = transform(preimage)
+    ladj = transform.log_abs_det_jacobian(preimage, action)
+    return action, base.log_prob(preimage) - _sum_rightmost(ladj, len(dist.event_shape))
 
 
 class Actor(nn.Module):
