@@ -95,9 +95,10 @@ def context_updates(batch: TensorDictBase, wm_out: TensorDictBase) -> dict[str, 
     episode's first); the loop writes them back to the replay under the batch's ``replay_id``
     ``[:, 1:]``."""
     keep = ~batch[keys.IS_FIRST][:, 1:].bool()  # [B, T-1, 1]
+    # Detached: with repval_grad the posteriors carry the world model's graph.
     return {
-        keys.CONTEXT_BELIEF: wm_out[keys.BELIEF][:, :-1].where(keep, 0.0),
-        keys.CONTEXT_STATE: wm_out[keys.STATE][:, :-1].where(keep, 0.0),
+        keys.CONTEXT_BELIEF: wm_out[keys.BELIEF][:, :-1].detach().where(keep, 0.0),
+        keys.CONTEXT_STATE: wm_out[keys.STATE][:, :-1].detach().where(keep, 0.0),
     }
 
 
@@ -163,17 +164,25 @@ class WorldModelAgent(nn.Module):
         (:mod:`aefrl.precision`)."""
         return trunk_precision(self.autocast)
 
-    def _step(self, name: str, loss: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Backward, clip and step of the ``name`` optimiser. Returns the gradient norm before
-        clipping and 1.0 if it was clipped (its mean over a log period: the share of updates
-        clipped; a tensor comparison, so a captured update needs no host synchronisation)."""
-        opt = self.optimizers[name]
-        opt.zero_grad(set_to_none=True)
+    def _step(self, names: str | tuple[str, ...], loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Backward of ``loss``, then clip and step of the optimiser ``names`` (one name, or
+        several whose parameters one loss trains together: one backward, each group clipped on
+        its own norm). Returns per group the gradient norm before clipping and 1.0 if it was
+        clipped (its mean over a log period: the share of updates clipped; a tensor comparison,
+        so a captured update needs no host synchronisation)."""
+        names = (names,) if isinstance(names, str) else tuple(names)
+        for name in names:
+            self.optimizers[name].zero_grad(set_to_none=True)
         loss.backward()
-        clip = self.grad_clip[name]
-        norm = nn.utils.clip_grad_norm_(self._groups[name].parameters(), clip)
-        opt.step()
-        return {f"grad_norm_{name}": norm, f"grad_clipped_{name}": (norm > clip).float()}
+        metrics = {}
+        for name in names:
+            clip = self.grad_clip[name]
+            norm = nn.utils.clip_grad_norm_(self._groups[name].parameters(), clip)
+            self.optimizers[name].step()
+            metrics.update(
+                {f"grad_norm_{name}": norm, f"grad_clipped_{name}": (norm > clip).float()}
+            )
+        return metrics
 
     # --- reporting -------------------------------------------------------------------------------
     @torch.no_grad()

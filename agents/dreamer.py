@@ -44,7 +44,11 @@ class DreamerAgent(WorldModelAgent):
         wm_loss: kwargs of :class:`~aefrl.objectives.WorldModelLoss`.
         actor_loss: kwargs of :class:`~aefrl.objectives.DreamerActorLoss`.
         value_loss: kwargs of :class:`~aefrl.objectives.DreamerValueLoss`, and ``repval``: the
-            scale of :class:`~aefrl.objectives.value.ReplayValueLoss` in the critic's loss.
+            scale of :class:`~aefrl.objectives.value.ReplayValueLoss` in the critic's loss, and
+            ``repval_grad``: that loss trains the world model through its posteriors too
+            (DreamerV3's ``repval_grad``; needs ``repval`` > 0). The world model then steps
+            after imagination, on one backward with the critic's loss, so that imagination
+            starts from the model before this update's step, as in DreamerV3's single loss.
         slow_critic_tau: EMA rate of the slow critic.
         lr: learning rates ``{"model", "actor", "critic"}``.
         grad_clip: max grad norms ``{"model", "actor", "critic"}``.
@@ -104,20 +108,32 @@ class DreamerAgent(WorldModelAgent):
         )
         value_loss = dict(value_loss or {})
         repval = value_loss.pop("repval", 0.0)
+        repval_grad = value_loss.pop("repval_grad", False)
         if not repval >= 0:
             raise ValueError(f"repval must be >= 0, got {repval}")
+        if not isinstance(repval_grad, bool):
+            raise ValueError(f"repval_grad must be true or false, got {repval_grad!r}")
+        if repval_grad and not repval:
+            raise ValueError(
+                "repval_grad=true trains the world model through the replay value loss, which "
+                "repval=0 turns off; set repval > 0 (DreamerV3: 0.3) or repval_grad=false"
+            )
         self.value_loss = DreamerValueLoss(self.critic, **value_loss)
         # DreamerV3's replay value loss, scaled by repval (0: the critic learns in imagination
         # only); its returns take the imagined returns' γ and λ as configured here (a later
         # actor_loss.make_value_estimator does not reach them).
         self.repval = float(repval)
+        self.repval_grad = repval_grad
         self.replay_value_loss = ReplayValueLoss(
             self.critic,
             self.slow_critic,
             gamma=self.actor_loss.gamma,
             lmbda=self.actor_loss.lmbda,
             slow_reg=self.value_loss.slow_reg,
+            state_grad=repval_grad,
         )
+        # With repval_grad the world-model loss hands its posteriors over with their graph.
+        self.wm_loss.state_grad = repval_grad
         self._init_optimizers(
             {"model": self.world_model, "actor": self.actor, "critic": self.critic},
             {"model": 3e-4, "actor": 8e-5, "critic": 8e-5, **(lr or {})},
@@ -163,14 +179,19 @@ class DreamerAgent(WorldModelAgent):
         """
         with self.precision():
             wm_out = self.wm_loss(batch)
-        metrics = self._step("model", self.wm_loss.total(wm_out))
+        model_loss = self.wm_loss.total(wm_out)
+        if self.repval_grad:  # the world model steps with the critic, after imagination
+            metrics = {}
+        else:
+            metrics, model_loss = self._step("model", model_loss), None
         metrics.update(loss_scalars(wm_out))
         if self.replay_context:
             metrics.update(context_updates(batch, wm_out))
+        belief, state = wm_out[keys.BELIEF], wm_out[keys.STATE]  # with their graph: repval_grad
         start = TensorDict(
             {
-                keys.BELIEF: wm_out[keys.BELIEF].flatten(0, 1),
-                keys.STATE: wm_out[keys.STATE].flatten(0, 1),
+                keys.BELIEF: belief.detach().flatten(0, 1),
+                keys.STATE: state.detach().flatten(0, 1),
                 keys.TERMINATED: batch[keys.TERMINATED].flatten(0, 1),
             },
             batch_size=[],
@@ -178,13 +199,16 @@ class DreamerAgent(WorldModelAgent):
         replay = None
         if self.repval:  # the window itself, for the critic's replay loss
             replay = batch.select(keys.REWARD, keys.IS_FIRST, keys.TERMINATED).update(
-                {keys.BELIEF: wm_out[keys.BELIEF], keys.STATE: wm_out[keys.STATE]}
+                {keys.BELIEF: belief, keys.STATE: state}
             )
-        metrics.update(self.train_actor_critic(start, replay))
+        metrics.update(self.train_actor_critic(start, replay, model_loss))
         return metrics
 
     def train_actor_critic(
-        self, start: TensorDictBase, replay: TensorDictBase | None = None
+        self,
+        start: TensorDictBase,
+        replay: TensorDictBase | None = None,
+        model_loss: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The second half of :meth:`train_step`: one actor and one critic update in imagination
         from ``start`` (posterior states ``belief [N, H]``, ``state [N, d]`` and ``terminated
@@ -192,7 +216,12 @@ class DreamerAgent(WorldModelAgent):
 
         With ``agent.value_loss.repval`` > 0, ``replay`` is the ``[B, T]`` window ``start``
         came from (``belief``, ``state``, ``reward``, ``is_first``, ``terminated``; N = B·T in
-        its order): the critic's loss adds ``repval`` times :class:`ReplayValueLoss`'s."""
+        its order): the critic's loss adds ``repval`` times :class:`ReplayValueLoss`'s. With
+        ``repval_grad``, ``model_loss`` is the world model's loss not yet stepped (and
+        ``replay``'s states carry its graph): one backward of the two losses steps the world
+        model and the critic."""
+        if self.repval_grad and (model_loss is None or replay is None):
+            raise ValueError("repval_grad needs the world model's loss and the replay window")
         with self.precision():  # it only sets the trunks' forward precision
             actor_out = self.actor_loss(start)
             metrics = self._step("actor", actor_out["loss_actor"])
@@ -205,7 +234,10 @@ class DreamerAgent(WorldModelAgent):
                 boot = actor_out["lambda_return"][:, 0].reshape(replay.shape)
                 outs.append(self.replay_value_loss(replay.set("imag_return", boot)))
                 loss = loss + self.repval * outs[-1]["loss_repval"]
-            metrics.update(self._step("critic", loss))
+            if self.repval_grad:
+                metrics.update(self._step(("model", "critic"), model_loss + loss))
+            else:
+                metrics.update(self._step("critic", loss))
         self.slow_critic.update()
         for out in outs:
             metrics.update(loss_scalars(out))

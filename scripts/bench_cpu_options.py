@@ -1,6 +1,6 @@
 """What CPU options and alternative forms would buy an update, measured on the update's own shapes.
 
-Seven measurements, each the current form against the alternative in the same run (``--only``
+Eight measurements, each the current form against the alternative in the same run (``--only``
 picks some):
 
 1. matmul throughput (GFLOP/s) in float32 and bfloat16 at the shapes of the actor-critic half
@@ -21,10 +21,15 @@ picks some):
    and as the belief (= deter, 200: torchrl's, the bench's since), alternating call by call;
 7. the actor-critic half (``train_actor_critic`` from one batch's posteriors) and the full
    update (aef) with ``agent.actor_loss.gradient`` backprop and reinforce (no backward through
-   imagination), alternating call by call, at identical sizes and at the ``exp=cpu`` sizes.
+   imagination), alternating call by call, at identical sizes and at the ``exp=cpu`` sizes;
+8. the full update (aef) without DreamerV3's replay value loss, with it (``repval=0.3``) and
+   with its gradient into the world model too (``repval_grad``: the world model's graph kept
+   through imagination, its step taken with the critic's), alternating call by call, with the
+   peak memory of each, at identical sizes and at the ``exp=cpu`` sizes.
 
     OMP_WAIT_POLICY=PASSIVE python scripts/bench_cpu_options.py
     OMP_WAIT_POLICY=PASSIVE python scripts/bench_cpu_options.py --only actor_gradient --reps 9
+    OMP_WAIT_POLICY=PASSIVE python scripts/bench_cpu_options.py --only replay_value --reps 7
 
 Writes docs/results/cpu_options.json and .md (``--out`` to change).
 """
@@ -349,6 +354,43 @@ def actor_gradient(reps: int, sizes: Sizes, label: str, batch: int, seq: int) ->
     return out
 
 
+#: agent.value_loss settings of the replay_value measurement, by label
+REPLAY_VALUE = {
+    "none": {"repval": 0.0},
+    "repval": {"repval": 0.3},
+    "repval_grad": {"repval": 0.3, "repval_grad": True},
+}
+
+
+def replay_value(reps: int, sizes: Sizes, label: str, batch: int, seq: int) -> dict:
+    """Median seconds and peak RSS (growth over the call) of the full update (aef) with each
+    :data:`REPLAY_VALUE` setting, the agents alternating call by call."""
+    import scripts.bench as bench
+    from aefrl.bench.subjects import ours_agent_kwargs
+    from agents.factory import build_agent
+
+    agents = {}
+    for name, value_loss in REPLAY_VALUE.items():
+        torch.manual_seed(0)
+        agent, obs = ours_agent_kwargs(sizes, "aef", *bench.load_config("aef"))
+        agent["value_loss"].update(value_loss)
+        agents[name] = build_agent(agent, obs, (3, sizes.image, sizes.image), sizes.action_dim)
+    data = random_batch(sizes.with_batch(batch, seq))
+    timed = time_interleaved(
+        {n: (lambda a=a: a.train_step(data)) for n, a in agents.items()},
+        torch.device("cpu"),
+        reps,
+        warmup=1,
+    )
+    out = {"sizes": label}
+    for name in REPLAY_VALUE:
+        out[f"{name}_s"] = round(timed[name]["median_s"], 3)
+        out[f"{name}_delta_mib"] = timed[name]["delta_mib"]
+    for name in ("repval", "repval_grad"):
+        out[f"{name}_cost"] = round(out[f"{name}_s"] / out["none_s"], 2)
+    return out
+
+
 def markdown(r: dict) -> str:
     m = r["machine"]
     lines = [
@@ -428,13 +470,26 @@ def markdown(r: dict) -> str:
                 f"{x['full_backprop_s']} | {x['full_reinforce_s']} | {x['full_speedup']}x |"
                 for x in r["actor_gradient"]
             ],
+            "",
+        ]
+    if "replay_value" in r:
+        lines += [
+            "| full update (aef), alternating | no repval s | repval=0.3 s | + repval_grad s "
+            "| time over no repval: repval / + grad | RSS growth MiB: none / repval / + grad |",
+            "|---|---:|---:|---:|---:|---:|",
+            *[
+                f"| {x['sizes']} | {x['none_s']} | {x['repval_s']} | {x['repval_grad_s']} | "
+                f"{x['repval_cost']}x / {x['repval_grad_cost']}x | {x['none_delta_mib']} / "
+                f"{x['repval_delta_mib']} / {x['repval_grad_delta_mib']} |"
+                for x in r["replay_value"]
+            ],
         ]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
 SECTIONS = (
     *("matmul", "norm_act", "last_decoder_layer", "rssm_scan", "update_precision"),
-    *("rssm_width", "actor_gradient"),
+    *("rssm_width", "actor_gradient", "replay_value"),
 )
 #: exp=cpu (configs/exp/cpu.yaml): RSSM and MLPs 200 wide, depth 16, batches of 16 x 32
 CPU_SIZES = Sizes(latent=32, deter=200, hidden=200, depth=16, reward_layers=2, ac_layers=2)
@@ -479,6 +534,7 @@ def main(argv=None) -> dict:
             1 if args.toy else args.reps, toy if args.toy else Sizes()
         ),
         "actor_gradient": lambda: at_both_sizes(actor_gradient, args.reps, toy, args.toy),
+        "replay_value": lambda: at_both_sizes(replay_value, args.reps, toy, args.toy),
     }
     result = {
         "command": command_line("scripts/bench_cpu_options.py", argv),

@@ -34,6 +34,10 @@ def test_toy_run_writes_every_measurement(tmp_path):
     times = [row[f"{part}_{g}_s"] for part in ("actor_critic", "full") for g in GRADIENTS]
     assert min(times) > 0 and row["full_speedup"] > 0
     assert "agent.actor_loss.gradient" in out.with_suffix(".md").read_text()
+    (row,) = r["replay_value"]
+    assert min(row[f"{n}_s"] for n in bench_cpu_options.REPLAY_VALUE) > 0
+    assert row["repval_grad_cost"] > 0 and "repval_grad_delta_mib" in row
+    assert "+ repval_grad s" in out.with_suffix(".md").read_text()
     # --only runs the sections named, and the report has only those
     bench_cpu_options.main(["--toy", "--reps", "1", "--frames", "2", "--out", str(out), "--only",
                             "last_decoder_layer"])  # fmt: skip

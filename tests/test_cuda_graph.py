@@ -37,8 +37,10 @@ def small_agent(
     autocast: str = "none",
     compile: bool = False,
     gradient: str = "backprop",
+    value_loss: dict | None = None,
 ):
     agent, obs = ours_agent_kwargs(SIZES, kind, *load_config(kind))
+    agent["value_loss"].update(value_loss or {})
     agent["world_model"]["actnorm"] = actnorm
     agent["actor"]["dist"] = actor_dist
     agent["actor_loss"]["gradient"] = gradient
@@ -125,6 +127,22 @@ def test_train_step_never_synchronises_with_the_host(
     for _ in range(2):  # the second call takes the initialised branches (return scale, Adam)
         metrics = agent.train_step(batch)
     assert metrics["loss_actor"].device.type == "meta"
+
+
+@pytest.mark.parametrize("repval_grad", [False, True])
+def test_the_replay_value_paths_never_synchronise_with_the_host(repval_grad, monkeypatch):
+    """agent.value_loss.repval (the critic's loss on the replayed window) and repval_grad (its
+    gradient into the world model, which then steps with the critic)."""
+    monkeypatch.setattr(tanh_normal_module, "safe_is_current_stream_capturing", lambda: True)
+    _refuse_host_data(monkeypatch)
+    torch.manual_seed(0)
+    value_loss = {"repval": 0.3, "repval_grad": repval_grad}
+    agent = small_agent("aef", device="meta", value_loss=value_loss)
+    batch = random_batch(SIZES).to("meta")
+    for _ in range(2):
+        metrics = agent.train_step(batch)
+    assert metrics["loss_repval"].device.type == "meta"
+    assert metrics["grad_norm_model"].device.type == "meta"
 
 
 def test_the_replay_context_path_never_synchronises_with_the_host(monkeypatch):

@@ -74,9 +74,11 @@ class ReplayValueLoss(LossModule):
 
     and ``w_t = 0`` for a row that ends its episode (the next row is another episode's start),
     else 1. Rewards arrive with their frame (``r_{t+1}`` with ``o_{t+1}``: the replay's arrival
-    layout), as in DreamerV3's replay. The states are detached: the world model learns from its
-    own loss only (DreamerV3's ``repval_grad`` sends this gradient into it too; its single
-    optimiser makes that a choice, our separate ones do not).
+    layout), as in DreamerV3's replay. The states are detached (the world model learns from its
+    own loss only) unless ``state_grad``: then this loss's gradient also reaches whatever
+    computed ``belief`` and ``state`` (DreamerV3's ``repval_grad``; the agent then steps the
+    world model after this loss, :class:`~agents.dreamer.DreamerAgent`). The slow critic's
+    target carries no gradient either way.
 
     Reads ``belief [B, T, H]``, ``state [B, T, d]``, ``reward``, ``is_first``, ``terminated``
     ``[B, T, 1]`` and ``imag_return [B, T]``.
@@ -101,12 +103,14 @@ class ReplayValueLoss(LossModule):
         gamma: float = 0.997,
         lmbda: float = 0.95,
         slow_reg: float = 1.0,
+        state_grad: bool = False,
     ) -> None:
         super().__init__()
         check_returns(gamma, lmbda)
         if not slow_reg >= 0:
             raise ValueError(f"slow_reg must be >= 0, got {slow_reg}")
         self.critic = critic
+        self.state_grad = bool(state_grad)
         self.slow_ref = [slow_critic]  # the agent owns and saves it
         self.gamma, self.lmbda, self.slow_reg = float(gamma), float(lmbda), float(slow_reg)
 
@@ -130,7 +134,9 @@ class ReplayValueLoss(LossModule):
     def forward(self, replay: TensorDictBase) -> TensorDict:
         k = self.tensor_keys
         returns, weight = self.returns(replay)
-        feat = torch.cat([replay[k.belief][:, :-1], replay[k.state][:, :-1]], -1).detach()
+        feat = torch.cat([replay[k.belief][:, :-1], replay[k.state][:, :-1]], -1)
+        if not self.state_grad:
+            feat = feat.detach()
         dist = self.critic(feat)
         with torch.no_grad():
             slow_value = self.slow_ref[0](feat).mean

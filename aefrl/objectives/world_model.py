@@ -54,6 +54,9 @@ class WorldModelLoss(LossModule):
         kl_dyn_scale, kl_rep_scale: VAE only; KL balancing (DreamerV3: 0.5 and 0.1).
         loss_scales: multipliers for ``obs``, ``latent``, ``reward``, ``continue`` applied in
             :meth:`total`.
+        state_grad: the returned posteriors ``belief [B, T, H]`` and ``state [B, T, d]`` keep
+            their graph, for a loss that trains the world model through them too (DreamerV3's
+            ``repval_grad``); ``False`` (the default) returns them detached.
     """
 
     @dataclass
@@ -76,9 +79,11 @@ class WorldModelLoss(LossModule):
         kl_dyn_scale: float = 0.5,
         kl_rep_scale: float = 0.1,
         loss_scales: dict[str, float] | None = None,
+        state_grad: bool = False,
     ) -> None:
         super().__init__()
         self.world_model = world_model
+        self.state_grad = bool(state_grad)
         self.free_nats = float(free_nats)
         self.kl_dyn_scale = float(kl_dyn_scale)
         self.kl_rep_scale = float(kl_rep_scale)
@@ -153,8 +158,10 @@ class WorldModelLoss(LossModule):
             recon_bpd=self._bpd(log_px.detach(), filt.logdet),
         )
         td = TensorDict(out, batch_size=[])
-        td.set(keys.BELIEF, h.detach(), non_blocking=True)
-        td.set(keys.STATE, z.detach(), non_blocking=True)
+        if not self.state_grad:
+            h, z = h.detach(), z.detach()
+        td.set(keys.BELIEF, h, non_blocking=True)
+        td.set(keys.STATE, z, non_blocking=True)
         return td
 
     def _bpd(self, log_px: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,11 @@ def config(*overrides):
         (["agent.critic.twohot=real"], "agent.critic.twohot must be one of symlog, symexp"),
         (["agent.world_model.reward_twohot=x"], "agent.world_model.reward_twohot must be one of"),
         (["agent.value_loss.repval=-1"], "agent.value_loss.repval must be >= 0, got -1"),
+        (
+            ["agent.value_loss.repval_grad=true"],
+            "agent.value_loss.repval_grad=true trains the world model through the replay value "
+            r"loss, which agent.value_loss.repval=0 turns off; set repval > 0 \(DreamerV3: 0.3\)",
+        ),
     ],
 )
 def test_bad_sizes_name_their_key(overrides, message):

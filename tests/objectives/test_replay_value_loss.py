@@ -93,10 +93,18 @@ def test_replay_returns_are_dreamerv3s_and_the_loss_its_weighted_two_terms():
     assert all(p.grad is None for p in slow.copy.parameters())
 
 
-def _agent(repval):
+def _agent(repval, repval_grad=False, kind="aef"):
     torch.manual_seed(0)
-    value_loss = {"repval": repval}
-    return DreamerAgent(OBS, ACTIONS, **TINY, value_loss=value_loss)
+    value_loss = {"repval": repval, "repval_grad": repval_grad}
+    world_model = {**TINY["world_model"], "obs_model": kind}
+    big = {"model": 1e9, "actor": 1e9, "critic": 1e9}  # no clipping: the gradients as computed
+    return DreamerAgent(
+        OBS,
+        ACTIONS,
+        **{**TINY, "world_model": world_model},
+        value_loss=value_loss,
+        grad_clip=big,
+    )
 
 
 def test_repval_changes_the_critics_update_only():
@@ -124,3 +132,112 @@ def test_repval_changes_the_critics_update_only():
 def test_a_negative_repval_is_refused():
     with pytest.raises(ValueError, match=r"repval must be >= 0, got -0\.1"):
         _agent(-0.1)
+
+
+def _frozen_steps(agent):
+    """Optimiser steps that change nothing: every loss of an update then sees the parameters
+    the update started from, and each parameter's ``.grad`` is left as computed."""
+    for opt in agent.optimizers.values():
+        opt.step = lambda *args, **kwargs: None
+
+
+@pytest.mark.parametrize("kind", ["aef", "vae"])
+def test_repval_grad_adds_the_replay_losss_gradient_to_the_world_models(kind):
+    """With the steps frozen, repval_grad's world-model gradient less plain repval's is
+    repval times the replay loss's gradient through the posteriors, computed here on its own
+    (the same draws: the update's noise comes from the same seed in the same order); actor and
+    critic gradients do not change."""
+    batch = random_batch(3, 8, first_at=(0, 5))
+    agents = {g: _agent(0.3, g, kind) for g in (False, True)}
+    fresh = _agent(0.3, True, kind)  # the same agent, whose slow critic no update has moved
+    for agent in (*agents.values(), fresh):
+        _frozen_steps(agent)
+        # The critic's zero-initialised output layer (DreamerV3's) has no input gradient yet.
+        out = agent.critic.net[-1].weight
+        with torch.no_grad():
+            out.copy_(torch.randn(out.shape, generator=torch.Generator().manual_seed(2)))
+    for agent in agents.values():
+        torch.manual_seed(5)
+        agent.train_step(batch.clone())
+    plain, joint = (dict(agents[g].named_parameters()) for g in (False, True))
+    for name in (n for n in plain if n.startswith(("actor.", "critic."))):
+        torch.testing.assert_close(joint[name].grad, plain[name].grad, msg=name)
+
+    agent = fresh  # the replay loss on its own, from the parameters both started from
+    torch.manual_seed(5)
+    wm_out = agent.wm_loss(batch.clone())
+    h, z = wm_out[keys.BELIEF], wm_out[keys.STATE]
+    assert h.requires_grad and z.requires_grad
+    start = TensorDict(
+        {
+            keys.BELIEF: h.detach().flatten(0, 1),
+            keys.STATE: z.detach().flatten(0, 1),
+            keys.TERMINATED: batch[keys.TERMINATED].flatten(0, 1),
+        },
+        [],
+    )
+    boot = agent.actor_loss(start)["lambda_return"][:, 0].reshape(batch.shape)
+    replay = batch.select(keys.REWARD, keys.IS_FIRST, keys.TERMINATED)
+    replay.update({keys.BELIEF: h, keys.STATE: z, "imag_return": boot})
+    loss = 0.3 * agent.replay_value_loss(replay)["loss_repval"]
+    names = [n for n in plain if n.startswith("world_model.")]
+    params = dict(fresh.named_parameters())
+    want = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+    reached = 0
+    for name, g in zip(names, want):
+        g = torch.zeros_like(params[name]) if g is None else g
+        reached += bool(g.abs().max() > 0)
+        diff = joint[name].grad - plain[name].grad
+        scale = plain[name].grad.abs().max().item() + g.abs().max().item()
+        torch.testing.assert_close(
+            diff, g, rtol=1e-3, atol=1e-5 * scale + 1e-7, msg=lambda m, name=name: f"{name}: {m}"
+        )
+    # The encoder, the RSSM and the posterior all feed the replayed states.
+    assert any(n.startswith("world_model.rssm.gru") for n, g in zip(names, want) if g is not None)
+    assert reached > len(names) // 3
+
+
+def test_repval_grad_imagines_with_the_world_model_before_its_step():
+    """DreamerV3 computes every loss from one set of parameters: with repval_grad the world
+    model steps after the actor's loss, which then imagines with the model the update started
+    from; without it, with the model after its step."""
+    batch = random_batch(3, 8, first_at=(0, 5))
+    for grad in (False, True):
+        agent = _agent(0.3, grad)
+        weight = agent.world_model.rssm.gru.weight_hh
+        before, seen = weight.detach().clone(), []
+        agent.actor_loss.register_forward_pre_hook(
+            lambda module, args, weight=weight, seen=seen: seen.append(weight.detach().clone())
+        )
+        torch.manual_seed(5)
+        agent.train_step(batch.clone())
+        assert torch.equal(seen[0], before) == grad
+        assert not torch.equal(weight, before)  # the world model did step
+
+
+def test_repval_grad_reports_both_norms_and_keeps_the_contexts_detached():
+    batch = random_batch(3, 8, first_at=(0, 5))
+    b, t = batch.shape
+    agent = _agent(0.3, True)
+    agent.replay_context = True
+    batch[keys.CONTEXT_BELIEF] = torch.randn(b, t, agent.world_model.rssm.deter)
+    batch[keys.CONTEXT_STATE] = torch.randn(b, t, agent.world_model.rssm.latent_dim)
+    torch.manual_seed(5)
+    metrics = agent.train_step(batch)
+    for name in ("model", "actor", "critic"):
+        assert torch.isfinite(metrics[f"grad_norm_{name}"]) and metrics[f"grad_norm_{name}"] > 0
+    assert not metrics[keys.CONTEXT_BELIEF].requires_grad
+    assert not metrics[keys.CONTEXT_STATE].requires_grad
+    assert all(not v.requires_grad for v in metrics.values())
+
+
+@pytest.mark.parametrize(
+    ("repval", "repval_grad", "message"),
+    [
+        (0.0, True, "repval_grad=true trains the world model .* which repval=0 turns off"),
+        (0.3, 1, "repval_grad must be true or false, got 1"),
+    ],
+)
+def test_bad_repval_grad_settings_are_refused(repval, repval_grad, message):
+    with pytest.raises(ValueError, match=message):
+        _agent(repval, repval_grad)
