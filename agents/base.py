@@ -102,6 +102,20 @@ def context_updates(batch: TensorDictBase, wm_out: TensorDictBase) -> dict[str, 
     }
 
 
+def check_wm_loss(wm_loss: dict | None) -> dict:
+    """The ``wm_loss`` kwargs of an agent, refusing ``state_grad``: whether the world-model
+    loss hands its posteriors over with their graph is the agent's to decide (the Dreamer's
+    ``value_loss.repval_grad``); a setting of its own would do nothing or keep a graph for
+    nothing."""
+    wm_loss = dict(wm_loss or {})
+    if "state_grad" in wm_loss:
+        raise ValueError(
+            "wm_loss.state_grad is not a setting; the Dreamer agent's "
+            "value_loss.repval_grad=true sends a loss's gradient through the posteriors"
+        )
+    return wm_loss
+
+
 def placeholder_action(carry: Carry) -> torch.Tensor:
     """The zero action ``[N, A]`` of ``act(..., mode="random")``."""
     return torch.zeros_like(carry.prev_action)

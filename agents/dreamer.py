@@ -26,6 +26,7 @@ from agents.base import (
     add_explore_noise,
     check_explore_noise,
     check_replay_context,
+    check_wm_loss,
     context_updates,
     loss_scalars,
     placeholder_action,
@@ -97,7 +98,7 @@ class DreamerAgent(WorldModelAgent):
             raise ValueError(f"slow_critic_tau must lie in (0, 1], got {slow_critic_tau}")
         self.slow_critic = SlowCopy(self.critic, slow_critic_tau)
         self.return_norm = ReturnNormalizer()
-        self.wm_loss = WorldModelLoss(self.world_model, **(wm_loss or {}))
+        self.wm_loss = WorldModelLoss(self.world_model, **check_wm_loss(wm_loss))
         self.actor_loss = DreamerActorLoss(
             self.world_model,
             self.actor,
@@ -222,6 +223,11 @@ class DreamerAgent(WorldModelAgent):
         model and the critic."""
         if self.repval_grad and (model_loss is None or replay is None):
             raise ValueError("repval_grad needs the world model's loss and the replay window")
+        if model_loss is not None and not self.repval_grad:
+            raise ValueError(
+                "model_loss is stepped here with repval_grad only; without it train_step "
+                "steps the world model before imagination"
+            )
         with self.precision():  # it only sets the trunks' forward precision
             actor_out = self.actor_loss(start)
             metrics = self._step("actor", actor_out["loss_actor"])

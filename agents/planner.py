@@ -39,6 +39,7 @@ from agents.base import (
     add_explore_noise,
     check_explore_noise,
     check_replay_context,
+    check_wm_loss,
     context_updates,
     loss_scalars,
     placeholder_action,
@@ -177,7 +178,7 @@ class PlannerAgent(WorldModelAgent):
             self.world_model = world_model
         else:
             self.world_model = WorldModel(tuple(obs_shape), action_dim, **(world_model or {}))
-        self.wm_loss = WorldModelLoss(self.world_model, **(wm_loss or {}))
+        self.wm_loss = WorldModelLoss(self.world_model, **check_wm_loss(wm_loss))
         self.planning = PlanningConfig(**(planner or {}))
         self.explore_noise = check_explore_noise(explore_noise)
         self._init_optimizers(

@@ -363,8 +363,9 @@ REPLAY_VALUE = {
 
 
 def replay_value(reps: int, sizes: Sizes, label: str, batch: int, seq: int) -> dict:
-    """Median seconds and peak RSS (growth over the call) of the full update (aef) with each
-    :data:`REPLAY_VALUE` setting, the agents alternating call by call."""
+    """Median seconds and the RSS growth over one call (a single sample, each agent's second
+    update) of the full update (aef) with each :data:`REPLAY_VALUE` setting, the agents
+    alternating call by call."""
     import scripts.bench as bench
     from aefrl.bench.subjects import ours_agent_kwargs
     from agents.factory import build_agent
@@ -376,6 +377,8 @@ def replay_value(reps: int, sizes: Sizes, label: str, batch: int, seq: int) -> d
         agent["value_loss"].update(value_loss)
         agents[name] = build_agent(agent, obs, (3, sizes.image, sizes.image), sizes.action_dim)
     data = random_batch(sizes.with_batch(batch, seq))
+    for agent in agents.values():  # Adam's moments exist before the memory is measured
+        agent.train_step(data)
     timed = time_interleaved(
         {n: (lambda a=a: a.train_step(data)) for n, a in agents.items()},
         torch.device("cpu"),
@@ -475,7 +478,8 @@ def markdown(r: dict) -> str:
     if "replay_value" in r:
         lines += [
             "| full update (aef), alternating | no repval s | repval=0.3 s | + repval_grad s "
-            "| time over no repval: repval / + grad | RSS growth MiB: none / repval / + grad |",
+            "| time over no repval: repval / + grad | RSS growth MiB (one call): none / repval / "
+            "+ grad |",
             "|---|---:|---:|---:|---:|---:|",
             *[
                 f"| {x['sizes']} | {x['none_s']} | {x['repval_s']} | {x['repval_grad_s']} | "

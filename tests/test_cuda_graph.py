@@ -368,19 +368,28 @@ def test_warm_up_and_capture_run_on_the_batch_device(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize(
-    ("kind", "autocast", "compile"),
+    ("kind", "autocast", "compile", "repval_grad"),
     # bf16 trunks and compiled steps: nothing has checked their captures for host syncs (the
-    # meta-device test cannot autocast), so the first GPU session runs them here.
-    [("aef", "none", False), ("vae", "none", False), ("aef", "bf16", False), ("aef", "none", True)],
+    # meta-device test cannot autocast), so the first GPU session runs them here; repval_grad
+    # keeps the world model's graph across the actor's captured optimiser step.
+    [
+        ("aef", "none", False, False),
+        ("vae", "none", False, False),
+        ("aef", "bf16", False, False),
+        ("aef", "none", True, False),
+        ("aef", "none", False, True),
+    ],
 )
-def test_graphed_update_matches_the_eager_update(kind, autocast, compile, monkeypatch):
+def test_graphed_update_matches_the_eager_update(kind, autocast, compile, repval_grad, monkeypatch):
     """Same start, same batches: the warm-up leaves the weights as they were, and graph replays
     train like eager calls (losses agree up to sampling noise; parameters move alike)."""
     torch.manual_seed(0)
     # This batch gives every trunk fewer rows than MIN_ROWS, which would keep them all float32.
     monkeypatch.setattr(precision, "MIN_ROWS", 1)
-    eager = small_agent(kind, autocast=autocast, compile=compile).cuda()
-    graphed = small_agent(kind, autocast=autocast, compile=compile).cuda()
+    value_loss = {"repval": 0.3, "repval_grad": True} if repval_grad else None
+    options = dict(autocast=autocast, compile=compile, value_loss=value_loss)
+    eager = small_agent(kind, **options).cuda()
+    graphed = small_agent(kind, **options).cuda()
     graphed.load_state_dict(eager.state_dict())
     dtypes = set()  # what the world model's first product ran in, while captured
     first_linear = next(m for m in graphed.modules() if isinstance(m, torch.nn.Linear))

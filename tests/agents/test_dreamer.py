@@ -195,6 +195,38 @@ def test_each_optimiser_clips_its_own_group_at_its_own_norm(monkeypatch):
         assert [float(metrics[f"grad_clipped_{n}"]) for n in agent.grad_clip] == [flag] * 3
 
 
+def test_one_step_of_several_groups_zeroes_clips_and_steps_each_on_its_own():
+    """``_step(("model", "critic"), loss)`` (repval_grad's joint step): one backward; each
+    named group's stale gradients are dropped first and it is clipped at its own norm; other
+    groups are left alone. The loss's gradient is known: a for the model, b for the critic."""
+    torch.manual_seed(0)
+    agent = tiny_agent("aef")
+    for opt in agent.optimizers.values():
+        opt.step = lambda *args, **kwargs: None  # the gradients stay as clipped
+    model, critic = list(agent.world_model.parameters()), list(agent.critic.parameters())
+    a = [torch.randn_like(p) for p in model]
+    b = [torch.randn_like(p) for p in critic]
+    norm_a = torch.cat([x.flatten() for x in a]).norm()
+    norm_b = torch.cat([x.flatten() for x in b]).norm()
+    agent.grad_clip.update(model=0.5 * float(norm_a), critic=2.0 * float(norm_b))
+    for p in agent.parameters():
+        p.grad = torch.ones_like(p)  # stale: an earlier update's
+    loss = sum((x * p).sum() for x, p in zip(a, model)) + sum(
+        (x * p).sum() for x, p in zip(b, critic)
+    )
+    metrics = agent._step(("model", "critic"), loss)
+    torch.testing.assert_close(metrics["grad_norm_model"], norm_a)
+    torch.testing.assert_close(metrics["grad_norm_critic"], norm_b)
+    assert (
+        float(metrics["grad_clipped_model"]) == 1.0 and float(metrics["grad_clipped_critic"]) == 0
+    )
+    for x, p in zip(a, model):  # scaled to the model's clip, by the model's norm alone
+        torch.testing.assert_close(p.grad, 0.5 * x, rtol=1e-5, atol=1e-7)
+    for x, p in zip(b, critic):
+        torch.testing.assert_close(p.grad, x)
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in agent.actor.parameters())
+
+
 def test_imagination_from_terminal_rows_carries_no_actor_loss():
     """train_step hands the batch's terminated flags to the actor loss: imagination that starts
     from a terminal state has weight 0, so a batch of terminal rows gives a zero actor loss

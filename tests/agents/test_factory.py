@@ -38,6 +38,11 @@ def config(*overrides):
         (["agent.critic.twohot=real"], "agent.critic.twohot must be one of symlog, symexp"),
         (["agent.world_model.reward_twohot=x"], "agent.world_model.reward_twohot must be one of"),
         (["agent.value_loss.repval=-1"], "agent.value_loss.repval must be >= 0, got -1"),
+        (["+agent.wm_loss.state_grad=true"], "agent.wm_loss.state_grad is not a setting"),
+        (
+            ["agent=planner", "+agent.wm_loss.state_grad=true"],
+            "agent.wm_loss.state_grad is not a setting",
+        ),
         (
             ["agent.value_loss.repval_grad=true"],
             "agent.value_loss.repval_grad=true trains the world model through the replay value "

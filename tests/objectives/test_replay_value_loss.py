@@ -93,6 +93,37 @@ def test_replay_returns_are_dreamerv3s_and_the_loss_its_weighted_two_terms():
     assert all(p.grad is None for p in slow.copy.parameters())
 
 
+@pytest.mark.parametrize("state_grad", [False, True])
+def test_state_grad_sends_the_replay_losss_gradient_into_belief_and_state(state_grad):
+    """``state_grad``: the loss's gradient with respect to the window's ``belief`` and
+    ``state`` is that of the loss written out (the slow critic's target a constant); without
+    it neither gets one."""
+    critic, slow = _critics()
+    loss = ReplayValueLoss(
+        critic, slow, gamma=GAMMA, lmbda=LMBDA, slow_reg=SLOW_REG, state_grad=state_grad
+    )
+    window = _window()
+    belief = window[keys.BELIEF].clone().requires_grad_()
+    state = window[keys.STATE].clone().requires_grad_()
+    window[keys.BELIEF], window[keys.STATE] = belief, state
+    out = loss(window)["loss_repval"]
+    if not state_grad:
+        assert torch.autograd.grad(out, [belief, state], allow_unused=True) == (None, None)
+        return
+    got = torch.autograd.grad(out, [belief, state])
+    returns, weight = loss.returns(window)
+    b, s = (x.detach().clone().requires_grad_() for x in (belief, state))
+    feat = torch.cat([b, s], -1)[:, :-1]
+    dist = critic(feat)
+    target = slow(feat.detach()).mean
+    nll = -dist.log_prob(returns) - SLOW_REG * dist.log_prob(target)
+    want = torch.autograd.grad((weight * nll).mean(), [b, s])
+    for g, w, name in zip(got, want, ("belief", "state")):
+        torch.testing.assert_close(g, w, msg=name)
+        assert torch.equal(g[:, :-1].abs().sum(-1) > 0, weight > 0), name  # weighted rows
+        assert not g[:, -1].any(), name  # the last row only bootstraps
+
+
 def _agent(repval, repval_grad=False, kind="aef"):
     torch.manual_seed(0)
     value_loss = {"repval": repval, "repval_grad": repval_grad}
@@ -241,3 +272,24 @@ def test_repval_grad_reports_both_norms_and_keeps_the_contexts_detached():
 def test_bad_repval_grad_settings_are_refused(repval, repval_grad, message):
     with pytest.raises(ValueError, match=message):
         _agent(repval, repval_grad)
+
+
+def test_a_world_model_loss_is_stepped_by_the_actor_critic_half_only_with_repval_grad():
+    """train_actor_critic steps a given model_loss with repval_grad only (the world model
+    would otherwise silently never step on it), and repval_grad needs both."""
+    batch = random_batch(3, 8, first_at=(0, 5))
+    for grad in (False, True):
+        agent = _agent(0.3, grad)
+        wm_out = agent.wm_loss(batch)
+        start = TensorDict(
+            {
+                keys.BELIEF: wm_out[keys.BELIEF].detach().flatten(0, 1),
+                keys.STATE: wm_out[keys.STATE].detach().flatten(0, 1),
+                keys.TERMINATED: batch[keys.TERMINATED].flatten(0, 1),
+            },
+            [],
+        )
+        model_loss = None if grad else agent.wm_loss.total(wm_out)
+        message = "needs the world model's loss" if grad else "with repval_grad only"
+        with pytest.raises(ValueError, match=message):
+            agent.train_actor_critic(start, None, model_loss)
