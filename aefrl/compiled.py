@@ -14,8 +14,13 @@ Parameter names are unchanged (methods are replaced on the instances, MLPs compi
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
+
+#: The RSSM methods :func:`compile_steps` replaces on the instance.
+COMPILED_METHODS = ("filter_step", "img_step")
 
 
 def compile_steps(world_model: nn.Module, *mlp_owners: nn.Module, **options) -> None:
@@ -30,7 +35,23 @@ def compile_steps(world_model: nn.Module, *mlp_owners: nn.Module, **options) -> 
     # already made 8 variants of it, dynamo's default limit, past which it runs eagerly.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     rssm = world_model.rssm
-    rssm.filter_step = torch.compile(rssm.filter_step, **options)
-    rssm.img_step = torch.compile(rssm.img_step, **options)
+    for name in COMPILED_METHODS:
+        setattr(rssm, name, torch.compile(getattr(rssm, name), **options))
     for owner in (world_model.reward_head, world_model.continue_head, *mlp_owners):
         owner.net.compile(**options)
+
+
+def eager_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` that runs on its own parameters, eagerly.
+
+    ``copy.deepcopy`` of a module :func:`compile_steps` compiled keeps its compiled callables
+    (``nn.Module.compile``'s ``_compiled_call_impl``, the RSSM's compiled methods), and those
+    wrap the *original's* bound methods: the copy would run the original's weights, follow its
+    training and stay on its device. This copy drops them."""
+    dup = copy.deepcopy(module)
+    for sub in dup.modules():
+        if sub.__dict__.get("_compiled_call_impl") is not None:
+            sub._compiled_call_impl = None  # nn.Module's own "not compiled"
+        for name in COMPILED_METHODS:
+            sub.__dict__.pop(name, None)  # the class's method again
+    return dup

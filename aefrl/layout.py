@@ -41,6 +41,15 @@ def arrival_rows(rollout: TensorDictBase) -> TensorDict | list[TensorDict]:
             "arrival_rows takes one env's rollout [T] or a batched env's [N, T], got batch "
             f"shape {list(rollout.batch_size)}"
         )
+    pairs, keep = interleaved_rows(rollout)
+    return pairs[keep]
+
+
+def interleaved_rows(rollout: TensorDictBase) -> tuple[TensorDict, torch.Tensor]:
+    """One env's ``rollout`` ``[T]`` as ``[2T]`` candidate rows, each transition's first-frame
+    row before its arrival row, and the bool mask ``[2T]`` of those :func:`arrival_rows` keeps
+    (a first frame only where an episode starts), on the rollout's device: selecting them is the
+    one step whose output size depends on the data."""
     missing = [
         str(k)
         for k in (keys.PIXELS, keys.ACTION, ("next", keys.PIXELS), ("next", keys.REWARD))
@@ -53,31 +62,35 @@ def arrival_rows(rollout: TensorDictBase) -> TensorDict | list[TensorDict]:
         )
     nxt = rollout["next"]
     length = rollout.shape[0]
-    done = nxt.get(keys.DONE, torch.zeros(length, 1, dtype=torch.bool)).reshape(length)
-    starts = torch.cat([torch.ones(1, dtype=torch.bool), done[:-1]])  # [T]
-    terminated = nxt.get(keys.TERMINATED, torch.zeros(length, 1, dtype=torch.bool))
     action = rollout[keys.ACTION].to(torch.float32)
+    device = action.device  # a Collector(device="cuda") rollout's: every constant goes there
+    flags = {"dtype": torch.bool, "device": device}
+    done = nxt.get(keys.DONE, torch.zeros(length, 1, **flags)).reshape(length)
+    starts = torch.cat([torch.ones(1, **flags), done[:-1]])  # [T]
+    terminated = nxt.get(keys.TERMINATED, torch.zeros(length, 1, **flags))
     arrived = TensorDict(  # the row each transition arrives at
         {
             keys.PIXELS: nxt[keys.PIXELS],
             keys.PREV_ACTION: action,
             keys.REWARD: nxt[keys.REWARD].to(torch.float32).reshape(length, 1),
-            keys.IS_FIRST: torch.zeros(length, 1, dtype=torch.bool),
+            keys.IS_FIRST: torch.zeros(length, 1, **flags),
             keys.TERMINATED: terminated.reshape(length, 1).bool(),
         },
         [length],
+        device=device,
     )
     first = TensorDict(  # an episode's first frame, before any action
         {
             keys.PIXELS: rollout[keys.PIXELS],
             keys.PREV_ACTION: torch.zeros_like(action),
-            keys.REWARD: torch.zeros(length, 1),
-            keys.IS_FIRST: torch.ones(length, 1, dtype=torch.bool),
-            keys.TERMINATED: torch.zeros(length, 1, dtype=torch.bool),
+            keys.REWARD: torch.zeros(length, 1, device=device),
+            keys.IS_FIRST: torch.ones(length, 1, **flags),
+            keys.TERMINATED: torch.zeros(length, 1, **flags),
         },
         [length],
+        device=device,
     )
     # Interleave: row t's first frame (where an episode starts) before its arrival row.
     pairs = torch.stack([first, arrived], 1).reshape(2 * length)  # [first_0, arrived_0, ...]
     keep = torch.stack([starts, torch.ones_like(starts)], 1).reshape(2 * length)
-    return pairs[keep]
+    return pairs, keep

@@ -7,7 +7,7 @@ from torchrl.envs import SerialEnv
 from aefrl import keys
 from aefrl.collect import Collector
 from aefrl.envs import make_dmc_env
-from aefrl.layout import arrival_rows
+from aefrl.layout import arrival_rows, interleaved_rows
 from tests.test_collect import EchoAgent
 
 REPLAY_KEYS = (keys.PIXELS, keys.PREV_ACTION, keys.REWARD, keys.IS_FIRST, keys.TERMINATED)
@@ -59,3 +59,19 @@ def test_a_batched_rollout_gives_one_sequence_per_env_and_bad_input_is_named():
         arrival_rows(rollout[0, 0])
     with pytest.raises(KeyError, match=r"compact_obs=True drops"):
         arrival_rows(rollout[0].exclude(("next", keys.PIXELS)))
+
+
+def test_a_rollout_off_the_cpu_converts_on_its_own_device():
+    """A Collector(device="cuda") rollout: the defaults and the episode-start flags are made
+    on the rollout's device (they were the CPU's, and torch refused to mix them). "meta"
+    stands in for a GPU up to the selection of the rows, which needs the flags' values."""
+    real = env()
+    rollout = real.rollout(7, break_when_any_done=False)
+    real.close()
+    del rollout["next", keys.TERMINATED]  # a default of arrival_rows' own
+    pairs, keep = interleaved_rows(rollout)
+    rows = arrival_rows(rollout)
+    assert all(torch.equal(pairs[keep][k], rows[k]) for k in REPLAY_KEYS)
+    pairs, keep = interleaved_rows(rollout.to("meta"))
+    assert keep.device.type == "meta" and keep.shape == (14,)
+    assert all(pairs[k].device.type == "meta" for k in REPLAY_KEYS)

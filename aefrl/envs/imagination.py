@@ -45,6 +45,12 @@ from aefrl.world_model.modules import (
 )
 from aefrl.world_model.world_model import WorldModel
 
+_MOVE_REFUSED = (
+    "an ImaginationEnv shares its world model and cannot move it to {} (torch would move only "
+    "the pieces the env holds): move the world model (world_model.to(device)) and build a new "
+    "ImaginationEnv, and planner, on it"
+)
+
 
 class ImaginationEnv(ModelBasedEnvBase):
     """Prior rollouts of ``world_model`` as a torchrl env (see the module docstring).
@@ -96,6 +102,23 @@ class ImaginationEnv(ModelBasedEnvBase):
         self._continue = pieces[2].module if self.predict_continue else None
         self._latent_sizes = {keys.BELIEF: rssm.deter, keys.STATE: rssm.latent_dim}
         self._dtype = dtype
+
+    def to(self, device) -> ImaginationEnv:
+        """The env itself on its own device; another is refused (:meth:`_apply`)."""
+        if canonical_device(device) != self.device:
+            raise ValueError(_MOVE_REFUSED.format(device))
+        return self
+
+    def _apply(self, fn, recurse: bool = True):
+        """torch's module moves (``planner.to(device)``, ``.double()``, ``.cuda()``) would move
+        the world-model pieces this env holds, which it shares with its model, and leave the
+        rest of the model, the specs and ``self.device`` where they were: refused, unless the
+        move changes nothing (a planner moved to where it already is)."""
+        probe = torch.empty(0, device=self.device, dtype=self._dtype)
+        moved = fn(probe)
+        if moved.device != probe.device or moved.dtype != probe.dtype:
+            raise ValueError(_MOVE_REFUSED.format(f"{moved.device} / {moved.dtype}"))
+        return super()._apply(fn, recurse)
 
     def reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
         """torchrl's reset, from a tensordict without dimension names: start states taken from

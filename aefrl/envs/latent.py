@@ -23,10 +23,12 @@ step       belief, state (h_t, z_t), action [*B, A],   ("next", belief), ("next"
 
 The carry travels in the env's own observations, so every frame is filtered with the action the
 env executed, whoever chose it: a torchrl ``Collector``'s random ``init_random_frames`` too,
-which :func:`agents.modules.policy_module`, a policy, does not see. The action is read as
-the policy wrote it, before the inverse of any action transform: transforms that map actions
-(a rescaling) belong in the env below this one, so that what it reads is what the model was
-trained on (the DMC env's own [-1, 1]). Batched envs
+which :func:`agents.modules.policy_module`, a policy, does not see. torchrl hands a
+transform's step the action after the inverse of every transform of its ``TransformedEnv``
+(nested ones are merged by default), so an action rescaling anywhere in the stack is undone
+first and the model reads the action the DMC env executed, in its own [-1, 1], as in training
+(tested). Only with ``TransformedEnv(..., auto_unwrap=False)`` does an inner env's rescaling
+come after this transform: put it in the same env or an outer one then. Batched envs
 (``SerialEnv``, ``ParallelEnv``, ``make_dmc_env(num_envs=N)``) reset per env: an env that is not
 reset keeps its carry. The AEF posterior is deterministic (dequantised at the bin centre), the
 VAE's samples z from torch's global generator. No autograd: the features are the frozen world
@@ -35,14 +37,13 @@ model's; training it further is the Dreamer loop's work.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from tensordict import TensorDictBase
 from torchrl.data import Composite, Unbounded
 from torchrl.envs.transforms import Transform
 
 from aefrl import keys
+from aefrl.compiled import eager_copy
 from aefrl.world_model.modules import PosteriorStep
 from aefrl.world_model.world_model import WorldModel
 
@@ -77,7 +78,9 @@ class LatentObservation(Transform):
             raise ValueError(f"out_keys names belief and state (two keys), got {out_keys!r}")
         super().__init__(in_keys=[pixels_key], out_keys=list(out_keys))
         self.action_key = action_key
-        frozen = copy.deepcopy(world_model).eval().requires_grad_(False)
+        # A copy of its own, also of a compiled model (whose compiled steps would run the
+        # original's weights).
+        frozen = eager_copy(world_model).eval().requires_grad_(False)
         self.posterior = PosteriorStep(frozen)
 
     @property
@@ -95,7 +98,10 @@ class LatentObservation(Transform):
     def _filter(self, pixels, prev_action, is_first, carry) -> tuple[torch.Tensor, torch.Tensor]:
         """One filtering step on the model's device; ``(h, z)`` back on the frames' device."""
         self._check_frames(pixels.shape)
-        to = {"device": self.world_model.device, "non_blocking": True}
+        device = self.world_model.device
+        # Asynchronous only towards a GPU: a non-blocking copy from a GPU to the host may not
+        # have landed when the host reads it.
+        to = {"device": device, "non_blocking": device.type == "cuda"}
         with torch.no_grad():
             h, z, _, _ = self.posterior(
                 pixels.to(**to),

@@ -126,6 +126,25 @@ def test_an_env_on_another_device_than_its_model_is_refused():
     assert ImaginationEnv(wm, device="cpu").device == torch.device("cpu")
 
 
+def test_moving_the_env_or_a_planner_holding_it_is_refused_and_moves_nothing():
+    """torch's module moves (env.to, planner.to, .double()) would move only the world-model
+    pieces the env holds (its continue head, the specs and env.device stayed behind)."""
+    from torchrl.modules import CEMPlanner
+
+    wm = tiny_world_model("aef")
+    env = ImaginationEnv(wm, predict_continue=True)
+    planner = CEMPlanner(env, 3, optim_steps=1, num_candidates=4, top_k=2)
+    for move in (lambda: env.to("meta"), lambda: planner.to("meta"), planner.double):
+        with pytest.raises(ValueError, match="shares its world model and cannot move it"):
+            move()
+        assert {p.device.type for p in wm.parameters()} == {"cpu"}
+        assert {p.dtype for p in wm.parameters()} == {torch.float32}
+        assert env.device == torch.device("cpu") and env.action_spec.device.type == "cpu"
+    assert env.to("cpu") is env and planner.to("cpu") is planner  # where it is: fine
+    start = _latent(2).set(keys.ACTION, torch.zeros(2, ACTIONS))
+    assert planner(env.reset(start, set_state=True))[keys.ACTION].shape == (2, ACTIONS)
+
+
 def test_torchrl_td_lambda_runs_on_imagined_rollouts():
     """γ = λ = 1 and V = 0 make TD(λ)'s advantage the reward-to-go: torchrl reads our rewards,
     done flags and time axis as we mean them."""

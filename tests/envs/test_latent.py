@@ -6,12 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 from torchrl.envs import CatTensors, Compose, InitTracker, SerialEnv, TransformedEnv
+from torchrl.envs.transforms import Transform
 from torchrl.envs.utils import check_env_specs, step_mdp
 from torchrl.objectives import SoftUpdate
 
 from aefrl import keys
 from aefrl.envs import LatentObservation, make_dmc_env
-from aefrl.world_model import WorldModel
+from aefrl.world_model import RSSMState, WorldModel
 from aefrl.world_model.modules import filter_step
 
 IS_INIT = "is_init"
@@ -105,7 +106,8 @@ def test_specs_hold_and_torchrls_sac_learns_on_the_latents(kind):
     assert torch.isfinite(total)
     total.backward()
     assert all(p.grad is not None for p in actor.parameters())
-    assert all(p.grad is None for p in wm.parameters())
+    transform = next(t for t in env.transform if isinstance(t, LatentObservation))
+    assert all(p.grad is None for p in transform.world_model.parameters())  # the copy it runs
 
 
 def _latent_sac_example():
@@ -149,3 +151,68 @@ def test_the_transform_freezes_a_copy_and_leaves_the_model_given_trainable():
     with torch.no_grad():
         next(wm.parameters()).add_(1.0)
     assert not torch.equal(next(wm.parameters()), next(transform.world_model.parameters()))
+
+
+def test_the_copy_of_a_compiled_model_runs_its_own_weights():
+    """compile_steps replaces the RSSM's steps and the heads' calls with compiled callables
+    bound to the original: a plain deepcopy ran the original's weights (and followed them)."""
+    import copy
+
+    from aefrl.compiled import compile_steps
+
+    wm = tiny_model()
+    reference = copy.deepcopy(wm)  # the weights the transform is given, uncompiled
+    compile_steps(wm, backend="eager")
+    env = latent_env(wm)
+    transform = next(t for t in env.transform if isinstance(t, LatentObservation))
+    assert transform.world_model.rssm.filter_step.__self__ is transform.world_model.rssm
+    with torch.no_grad():
+        wm.rssm.gru.bias_ih.add_(1.0)  # the original trains on
+    rollout = env.rollout(7, break_when_any_done=False)
+    env.close()
+    state, prev_action = reference.rssm.initial(1), torch.zeros(1, 1)
+    with torch.no_grad():
+        for t in range(rollout.shape[0]):
+            step = rollout[t : t + 1]
+            first = step[IS_INIT]
+            state, _, _ = filter_step(reference, state, prev_action, step[keys.PIXELS], first)
+            assert torch.equal(step[keys.BELIEF], state.h), t
+            prev_action = step[keys.ACTION]
+
+
+class _Halve(Transform):
+    """An action rescaling: the policy's a becomes a / 2 for the env below."""
+
+    def __init__(self):
+        super().__init__(in_keys_inv=[keys.ACTION], out_keys_inv=[keys.ACTION])
+
+    def _inv_apply_transform(self, action):
+        return action * 0.5
+
+    def transform_input_spec(self, input_spec):
+        return input_spec
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_an_action_rescaling_is_undone_before_the_model_reads_the_action(nested):
+    """torchrl hands a transform's step the action after its TransformedEnv's inverse
+    transforms (nested envs are merged): the frame is filtered with the action the DMC env
+    executed, in the same env's Compose or in an env below."""
+    wm = tiny_model()
+    base = make(0.1)()
+    if nested:
+        env = TransformedEnv(TransformedEnv(base, _Halve()), LatentObservation(wm))
+    else:
+        env = TransformedEnv(base, Compose(LatentObservation(wm), _Halve()))
+    td = env.reset()
+    out = env.step(td.set(keys.ACTION, torch.full((1,), 0.8)))
+    env.close()
+    start = RSSMState(td[keys.BELIEF][None], td[keys.STATE][None])
+    nxt = out["next"]
+    filtered = {}
+    with torch.no_grad():
+        for a in (0.8, 0.4):
+            first = torch.zeros(1, 1, dtype=torch.bool)
+            s, _, _ = filter_step(wm, start, torch.full((1, 1), a), nxt[keys.PIXELS][None], first)
+            filtered[a] = torch.equal(s.h[0], nxt[keys.BELIEF])
+    assert filtered == {0.8: False, 0.4: True}
