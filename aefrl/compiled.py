@@ -44,14 +44,12 @@ def compile_steps(world_model: nn.Module, *mlp_owners: nn.Module, **options) -> 
 def eager_copy(module: nn.Module) -> nn.Module:
     """A deep copy of ``module`` that runs on its own parameters, eagerly.
 
-    ``copy.deepcopy`` of a module :func:`compile_steps` compiled keeps its compiled callables
-    (``nn.Module.compile``'s ``_compiled_call_impl``, the RSSM's compiled methods), and those
-    wrap the *original's* bound methods: the copy would run the original's weights, follow its
-    training and stay on its device. This copy drops them."""
+    ``copy.deepcopy`` drops ``nn.Module.compile``'s callable by itself (``Module.__getstate__``)
+    but keeps the RSSM methods :func:`compile_steps` replaced on the instance, and those are
+    bound to the *original*: the copy would filter with the original's weights, follow its
+    training and stay on its device. This copy drops them too."""
     dup = copy.deepcopy(module)
     for sub in dup.modules():
-        if sub.__dict__.get("_compiled_call_impl") is not None:
-            sub._compiled_call_impl = None  # nn.Module's own "not compiled"
         for name in COMPILED_METHODS:
             sub.__dict__.pop(name, None)  # the class's method again
     return dup
