@@ -86,11 +86,16 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
 def write_text_atomically(path: str | os.PathLike, text: str) -> None:
     """``Path(path).write_text(text)`` that neither a crash nor a power cut can leave
     half-written or empty (temp file in the same folder, fsync, rename, fsync of the folder)."""
+    write_bytes_atomically(path, text.encode())
+
+
+def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> None:
+    """``Path(path).write_bytes(data)``, atomically as :func:`write_text_atomically`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

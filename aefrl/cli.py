@@ -79,7 +79,10 @@ def make_run_env(env: dict, seed: int, num_envs: int | None = None, render: str 
 #: What a training run keeps in its directory, beside what a script writes there.
 RUN_CONFIG = "run_config.yaml"
 RUN_LOCK = ".lock"  # flock'ed while a process trains in the run directory
-RUN_FILES = (CHECKPOINT_NAME, RUN_CONFIG, RUN_RECORDS, RUN_LOCK)
+#: Written in the run directory as a complete run's final evaluation and report are logged
+#: (``aefrl.loop``); a resume reads it to know what is left.
+FINAL_EVALUATION = "final_evaluation.json"
+RUN_FILES = (CHECKPOINT_NAME, RUN_CONFIG, RUN_RECORDS, RUN_LOCK, FINAL_EVALUATION)
 RUN_FOLDERS = ("tb", "replay")  # TensorBoard logs, a disk replay's files (aefrl.run_dir)
 
 

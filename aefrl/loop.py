@@ -48,6 +48,7 @@ from aefrl.checkpoint import (
     write_text_atomically,
 )
 from aefrl.checkpoint import set_rng_state as restore_rng
+from aefrl.cli import FINAL_EVALUATION
 from aefrl.collect import Collector
 from aefrl.cuda_graph import CudaGraphed, graph_train_step
 from aefrl.evaluation import critic_calibration, run_episodes
@@ -67,9 +68,8 @@ __all__ = [
 PHASES = ("collect", "update", "eval", "report", "checkpoint")
 
 
-#: Written in the run directory as a complete run's final evaluation and report are logged:
-#: ``{"frames": N, "made": ["eval", "report"]}``, the frame count and the parts made.
-FINAL_EVALUATION = "final_evaluation.json"
+# FINAL_EVALUATION (aefrl.cli, beside the run's other files): ``{"frames": N, "made": ["eval",
+# "report"]}``, the frame count and the parts made.
 
 
 def write_back_contexts(replay, ids: torch.Tensor, out: dict) -> int:

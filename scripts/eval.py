@@ -115,7 +115,14 @@ import torch
 from tqdm import tqdm
 
 from aefrl import keys
-from aefrl.checkpoint import MODEL_KEYS, CheckpointError, check_contents, load_checkpoint
+from aefrl.checkpoint import (
+    MODEL_KEYS,
+    CheckpointError,
+    check_contents,
+    load_checkpoint,
+    write_bytes_atomically,
+    write_text_atomically,
+)
 from aefrl.cli import UserError, make_run_env, output_path, resolve_device
 from aefrl.evaluation import critic_calibration, run_episodes
 from aefrl.logging import encode_gif, to_hwc_uint8
@@ -170,7 +177,7 @@ def build_planner_agent(state: dict, args, action_dim: int) -> PlannerAgent:
         if getattr(args, option) is not None:
             options[field] = getattr(args, option)
     try:
-        return PlannerAgent(
+        agent = PlannerAgent(
             world_model.obs_shape, action_dim, world_model=world_model, planner=options
         )
     except ValueError as exc:  # "top_k (99) must not exceed ...": name the options instead
@@ -182,6 +189,12 @@ def build_planner_agent(state: dict, args, action_dim: int) -> PlannerAgent:
         if unset:
             message += f" ({', '.join(unset)}: the run's or the default value; set it too)"
         raise UserError(message) from None
+    if args.temperature is not None and agent.planning.method != "mppi":
+        raise UserError(
+            f"--temperature is MPPI's inverse temperature, and the planner here is "
+            f"{agent.planning.method}: add --planner mppi, or leave --temperature out"
+        )
+    return agent
 
 
 def option_flag(option: str) -> str:
@@ -286,9 +299,16 @@ def evaluate_checkpoint(args) -> int:
         result["critic"] = critic_calibration(episodes.values, episodes.rewards, gamma)
     if isinstance(agent, PlannerAgent):
         result["trained_by"] = trained_by
-        result["planner"] = agent.planning_options()
+        # How it planned; evaluation adds no exploration noise, so the option is left out.
+        options = agent.planning_options()
+        result["planner"] = {k: v for k, v in options.items() if k != "explore_noise"}
         result["seconds_per_step"] = result["seconds"] / max(sum(lengths), 1)
-    out.write_text(json.dumps(result, indent=2))
+    # Every byte first, then the files, each atomically and the JSON last: a Ctrl-C while the
+    # GIF encodes (seconds) leaves the results of an earlier evaluation as they were.
+    gif = encode_gif([to_hwc_uint8(f) for f in frames], fps=video_fps(conf)) if record else None
+    if record:
+        write_bytes_atomically(video, gif)
+    write_text_atomically(out, json.dumps(result, indent=2))
     print(f"{summary_line(result)}  ->  {out}")
     if "critic" in result:
         c = result["critic"]
@@ -297,9 +317,13 @@ def evaluate_checkpoint(args) -> int:
             f"discounted return collected {c['return_to_go_mean']:.1f} (gamma {c['gamma']})"
         )
     if record:
-        video.write_bytes(encode_gif([to_hwc_uint8(f) for f in frames], fps=15))
         print(f"video (agent view | reconstruction): {video}")
     return 0
+
+
+def video_fps(conf: dict) -> float:
+    """The run's GIF frame rate (``logger.video_fps``), as its training logs and reports use."""
+    return float((conf.get("logger") or {}).get("video_fps", 15))
 
 
 def summary_line(result: dict) -> str:

@@ -122,7 +122,14 @@ import torch
 from tqdm import tqdm
 
 from aefrl import keys
-from aefrl.checkpoint import MODEL_KEYS, CheckpointError, check_contents, load_checkpoint
+from aefrl.checkpoint import (
+    MODEL_KEYS,
+    CheckpointError,
+    check_contents,
+    load_checkpoint,
+    write_bytes_atomically,
+    write_text_atomically,
+)
 from aefrl.cli import UserError, make_run_env, output_path
 from aefrl.collect import Collector
 from aefrl.logging import encode_gif, open_loop_video, to_hwc_uint8
@@ -282,11 +289,12 @@ def write_report(args, argv) -> int:
         proposal["proposal_scale"] = agent.world_model.obs_model.proposal_scale
         proposal["proposal_scale_tuned_on"] = "1 held-out episode, not reported" if tune else None
     numbers, pred = report_from_seed(agent, episodes, args.num_samples, args.seed + 1)
+    gif = None
     if video is not None:
         n = args.video_sequences
         frames = open_loop_video(pred["real"][:n], pred["pred"][:n], CONTEXT)  # [T, C, n·H', 3W]
         fps = float(conf.get("logger", {}).get("video_fps", 15))
-        video.write_bytes(encode_gif([to_hwc_uint8(f) for f in frames], fps=fps))
+        gif = encode_gif([to_hwc_uint8(f) for f in frames], fps=fps)
     result = {
         "run_dir": str(args.run_dir),
         "frames": state["counters"]["frames"],
@@ -300,7 +308,11 @@ def write_report(args, argv) -> int:
         "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
         "machine": machine_info(),
     }
-    out.write_text(json.dumps(result, indent=2))
+    # Every byte first, then the files, each atomically and the JSON last: a Ctrl-C before this
+    # point leaves nothing written, as the interrupt message says.
+    if gif is not None:
+        write_bytes_atomically(video, gif)
+    write_text_atomically(out, json.dumps(result, indent=2))
     mse, r = result["open_loop_mse"], result
     print(
         f"{r['task']} {r['obs_model']} @ {r['frames']} frames: {r['bits_per_dim']:.3f} bits/dim "

@@ -79,7 +79,8 @@ def test_outputs_never_overwrite_the_training_runs_files(tmp_path):
     resumed); world_model_report.py --out x.gif wrote its GIF and then the JSON to one path."""
     run = tmp_path / "run"
     (run / "tb").mkdir(parents=True)
-    for name in ("checkpoint.pt", "run_config.yaml", "provenance.jsonl", ".lock", "tb/events"):
+    own = ("checkpoint.pt", "run_config.yaml", "provenance.jsonl", ".lock", "final_evaluation.json")
+    for name in (*own, "tb/events"):
         with pytest.raises(UserError, match=re.escape(f"it is the training run's own {name}")):
             output_path(str(run / name), run / "d.json", run)
     (tmp_path / "link.pt").symlink_to(run / "checkpoint.pt")

@@ -200,3 +200,52 @@ def test_evaluation_acts_by_the_policys_mode_whatever_torchs_generator_holds():
         a = agent.actor.act(feat, explore=True)
         torch.manual_seed(2)
         assert not torch.equal(a, agent.actor.act(feat, explore=True))
+
+
+@pytest.mark.parametrize(
+    ("script_name", "step"),
+    # the step each script used to take after writing one of its files
+    [("eval", "encode_gif"), ("world_model_report", "machine_info")],
+)
+def test_an_interrupt_before_the_files_are_written_leaves_the_earlier_results(
+    tmp_path, script_name, step, monkeypatch, capsys
+):
+    """eval.py wrote its JSON, then spent seconds encoding the GIF, and a Ctrl-C there left a new
+    JSON beside an old GIF while it said the evaluation had not finished; world_model_report.py
+    wrote its GIF before the rest and then said "nothing was written". Both now build every
+    byte first and write each file atomically."""
+    write_tiny_dreamer_run(tmp_path)
+    out, video = tmp_path / "r.json", tmp_path / "r.gif"
+    out.write_text("earlier")
+    video.write_bytes(b"earlier")
+    script = load_script(script_name)
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(script, step, interrupted)
+    args = [str(tmp_path), "--episodes", "1", "--render", "fast", "--out", str(out)]
+    args += ["--video", str(video)]
+    args += ["--num-samples", "2", "--tune-samples", "2"] if script_name != "eval" else []
+    assert script.main(args) == 130 and calls
+    assert "interrupted" in capsys.readouterr().err
+    assert out.read_text() == "earlier" and video.read_bytes() == b"earlier"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "r.gif", "r.json"]
+
+
+def test_the_eval_gif_runs_at_the_runs_frame_rate(tmp_path, monkeypatch):
+    """eval.py wrote its GIF at 15 frames/s whatever the run's logger.video_fps."""
+    from aefrl.checkpoint import load_checkpoint, save_checkpoint
+
+    write_tiny_dreamer_run(tmp_path)
+    state = load_checkpoint(tmp_path)
+    state["run_config"]["logger"] = {"video_fps": 7}
+    save_checkpoint(tmp_path / "checkpoint.pt", state)
+    script = load_script("eval")
+    seen = []
+    real = script.encode_gif
+    monkeypatch.setattr(script, "encode_gif", lambda f, fps: seen.append(fps) or real(f, fps=fps))
+    assert script.main([str(tmp_path), "--episodes", "1", "--render", "fast"]) == 0
+    assert seen == [7.0]

@@ -44,6 +44,29 @@ def test_report_on_fresh_episodes(tmp_path):
     assert fixed["proposal_scale_tuned_on"] is None and fixed["sequences"] == 2
 
 
+def test_bits_per_dim_by_episode_averages_each_episodes_own_sequences(tmp_path, monkeypatch):
+    """Episodes of 110 steps make two 50-step sequences each; each sequence scored by its
+    position (0, 1 | 2, 3) shows the grouping: the first episode's mean is 0.5, not the
+    mean of the first sequence of every episode."""
+    import torch
+
+    write_tiny_dreamer_run(tmp_path, time_limit=2.2)  # 110-step episodes
+    script = load_script("world_model_report")
+    scored = []
+
+    def by_position(wm, batch, num_samples):
+        start = len(scored)
+        scored.extend(range(start, start + len(batch)))
+        return torch.arange(start, start + len(batch), dtype=torch.float32)
+
+    monkeypatch.setattr(script, "sequence_bits_per_dim", by_position)
+    args = [str(tmp_path), "--episodes", "2", "--render", "fast", "--video", ""]
+    assert script.main([*args, "--proposal-scale", "0.5"]) == 0
+    result = json.loads((tmp_path / "world_model_report.json").read_text())
+    assert result["sequences"] == 4 and scored == [0, 1, 2, 3]
+    assert result["bits_per_dim_by_episode"] == [0.5, 2.5]
+
+
 @pytest.mark.parametrize("value", ["-1", "0", "nan", "wide"])
 def test_a_bad_proposal_scale_is_one_sentence(tmp_path, value, capsys):
     script = load_script("world_model_report")

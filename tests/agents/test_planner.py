@@ -360,6 +360,25 @@ def test_eval_refuses_planner_options_when_the_planner_does_not_act(
     assert not (tmp_path / "eval.json").exists()
 
 
+def test_eval_refuses_a_temperature_the_planner_does_not_use(tmp_path, capsys):
+    """--temperature with the default cem planner changed nothing, and the result file
+    recorded it as if it had planned with it."""
+    write_tiny_dreamer_run(tmp_path)
+    args = [str(tmp_path), "--agent", "planner", "--episodes", "1", "--temperature", "0.01"]
+    assert load_script("eval").main(args) == 2
+    assert capsys.readouterr().err == (
+        "error: --temperature is MPPI's inverse temperature, and the planner here is cem: add "
+        "--planner mppi, or leave --temperature out\n"
+    )
+    assert not (tmp_path / "eval_planner.json").exists()
+    planning = ["--horizon", "2", "--candidates", "8", "--top-k", "2", "--iterations", "1"]
+    mppi = [*args, "--planner", "mppi", "--render", "fast", "--video", "", *planning]
+    assert load_script("eval").main(mppi) == 0
+    result = json.loads((tmp_path / "eval_planner.json").read_text())
+    assert result["planner"]["temperature"] == 0.01 and result["planner"]["method"] == "mppi"
+    assert "explore_noise" not in result["planner"]  # evaluation adds none
+
+
 def test_eval_names_bad_planner_settings_by_their_options(tmp_path, capsys):
     write_tiny_dreamer_run(tmp_path)
     args = [str(tmp_path), "--agent", "planner", "--top-k", "99", "--candidates", "9"]
