@@ -544,6 +544,12 @@ class SequenceReplay:
                 self._storage._storage = block.to(self.storage_device)
         elif steps > 0 and self.path is None:
             self._restore_rows(state["data"]["rows"], steps, schema)
+        elif self.path is not None and steps == 0:
+            # Files here hold rows written after this checkpoint, which held none (a resumed
+            # run that was killed before its next one): start afresh rather than refuse the
+            # first extend forever after.
+            for leftover in (*self.path.glob("*.memmap"), *self.path.glob("*.json")):
+                leftover.unlink()
         elif steps > 0:
             if not any(self.path.glob("*.memmap")):
                 raise ValueError(

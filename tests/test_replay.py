@@ -459,6 +459,23 @@ def test_disk_excludes_rows_written_after_the_checkpoint(tmp_path, monkeypatch, 
     assert_valid_windows(resumed.sample(), lowest=18, highest=27)
 
 
+def test_disk_resumes_a_checkpoint_of_no_rows_after_a_kill(tmp_path):
+    """A checkpoint taken before the first row (a run stopped before its first iteration),
+    then a resumed run that wrote rows and was killed before its next checkpoint: every later
+    resume was refused at its first extend ("already holds replay files"). The rows after the
+    checkpoint are dropped and the replay starts afresh."""
+    path = tmp_path / "replay"
+    first = SequenceReplay(30, 3, 4, 6, storage="disk", path=path, seed=0)
+    state = first.state_dict()
+    fill(first, 7)  # killed before it checkpointed these
+    resumed = SequenceReplay(30, 3, 4, 6, storage="disk", path=path)
+    resumed.load_state_dict(state)
+    assert len(resumed) == 0
+    fill(resumed, 9, start=50)
+    assert len(resumed) == 9 * 3  # rows of the three env streams
+    assert_valid_windows(resumed.sample(), lowest=50, highest=58)
+
+
 def test_disk_refuses_files_of_another_run(tmp_path):
     first = SequenceReplay(30, 3, 4, 6, storage="disk", path=tmp_path / "a", seed=0)
     fill(first, 20)

@@ -37,11 +37,13 @@ RENDER_MODES = ("faithful", "fast")
 TASK_ALIASES = {"cup-catch": "ball_in_cup-catch"}
 # Dreamer renders quadruped from its third camera; every other domain from camera 0.
 CAMERA_IDS = {"quadruped": 2}
-# Model fields that DMC tasks change when an episode starts (found by grepping dm_control/suite):
-# part of the episode's state, so saved with it.
+# Model fields that DMC tasks change when an episode starts: part of the episode's state, so
+# saved with it. Found by grepping dm_control/suite, then checked by resetting every task with
+# two seeds and comparing every MjModel array (manipulator and stacker move bodies through a
+# local alias, which the grep missed: their targets came back at the fresh env's place).
 _TASK_MODEL_FIELDS = (
-    "geom_pos", "geom_size", "geom_rgba", "site_pos", "site_size", "site_rgba", "light_pos",
-    "dof_damping", "wrap_prm", "hfield_data",
+    "body_pos", "body_quat", "geom_pos", "geom_size", "geom_rgba", "site_pos", "site_size",
+    "site_rgba", "light_pos", "dof_damping", "wrap_prm", "hfield_data",
 )  # fmt: skip
 
 

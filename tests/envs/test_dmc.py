@@ -178,7 +178,20 @@ def test_same_seed_same_episode():
     assert not torch.equal(outs[0][0], outs[2][0])
 
 
-@pytest.mark.parametrize("task", ["walker-walk", "reacher-easy"])  # reacher randomises its model
+@pytest.mark.parametrize(
+    "task",
+    # reacher and finger place sites, manipulator and stacker bodies, point_mass and swimmer
+    # geoms or sites at each reset: each needs its own model field restored
+    [
+        "walker-walk",
+        "reacher-easy",
+        "manipulator-bring_ball",
+        "stacker-stack_2",
+        "finger-turn_easy",
+        "point_mass-easy",
+        "swimmer-swimmer6",
+    ],
+)
 def test_get_set_env_state_resumes_exactly(task):
     # 0.5 s = 20 control steps = 10 agent steps: the resumed part also crosses the time limit.
     a = make_dmc_env(task, seed=0, render="fast", time_limit=0.5 if task == "walker-walk" else None)
