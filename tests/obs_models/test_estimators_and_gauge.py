@@ -195,6 +195,45 @@ def test_scale_gauge_raises_objective_by_d_log_k_and_leaves_log_likelihood_uncha
     assert (estimates["base"] - truth).abs().max() < 0.06, estimates["base"] - truth
 
 
+def test_a_second_gauge_shrinks_z_and_the_prior_with_sigma_q_unchanged():
+    """W, b and μ_q divided by k, the prior's mean and std divided by k, the decoder's weights
+    on z multiplied by k: z shrinks by k, σ_q does not move, p(y) is unchanged and J rises by
+    d·log k (the prior's density of a k-times narrower z). Bounding σ_q does not block this
+    direction; in the RSSM the prior's std floor (``prior_std_min``) does, and the input layer's
+    weights on z (``img_in``) take the factor k like the decoder's (docs/math.md §5)."""
+    k, d, s = 10.0, 2, 0.4
+    base = _gauge_model([0.5, 0.7])
+    gauged = _gauge_model([0.5, 0.7])
+    with torch.no_grad():
+        gauged.projection.weight.div_(k)
+        gauged.projection.bias.div_(k)
+        last = gauged.posterior_head[-1]
+        last.weight[:d].div_(k)  # μ_q's rows; σ_q's raw rows (d:) stay
+        last.bias[:d].div_(k)
+        gauged.decoder[0].weight.mul_(k)  # the decoder reads z/k
+    mean = torch.tensor([0.3, -0.2], dtype=F64)
+    std = torch.tensor([1.2, 0.8], dtype=F64)
+
+    def prior(scale):
+        return D.Independent(D.Normal(mean / scale, std / scale), 1)
+
+    torch.manual_seed(1)
+    with torch.no_grad():
+        y = base.sample(4)
+        sigma_base = base.posterior(base.encoder(y))[1]
+        torch.testing.assert_close(gauged.posterior(gauged.encoder(y))[1], sigma_base)
+        torch.testing.assert_close(gauged.encode(y), base.encode(y) / k)
+        shift = torch.full((4,), d * math.log(k), dtype=F64)
+        J = {m: m.objective(y, prior=prior(c)) for m, c in ((base, 1.0), (gauged, k))}
+        torch.testing.assert_close(J[gauged] - J[base], shift)
+        estimates = {}
+        for name, model, scale, c in [("base", base, s, 1.0), ("gauged", gauged, s / k, k)]:
+            model.proposal_scale = scale
+            torch.manual_seed(2)
+            estimates[name] = model.log_likelihood(y, prior=prior(c), num_samples=256)
+    torch.testing.assert_close(estimates["gauged"], estimates["base"])
+
+
 # --- 4. the VAE's single-sample KL ----------------------------------------------------------------
 
 
