@@ -75,10 +75,16 @@ class PlanningConfig:
             setattr(self, name, check_size(name, getattr(self, name)))
         if self.top_k > self.candidates:
             raise ValueError(f"top_k ({self.top_k}) must not exceed candidates ({self.candidates})")
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
+        # torchrl keeps it as a float32 buffer: above float32's largest value it is inf there,
+        # and inf · 0 (the best candidate's shifted return) made NaN actions.
+        in_float32 = float(torch.tensor(self.temperature, dtype=torch.float32))
+        if not (math.isfinite(in_float32) and self.temperature > 0):
             # An inverse temperature: a negative one weights the worst sequences most, and NaN
             # made NaN actions (the physics refused them several frames into an episode).
-            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
+            raise ValueError(
+                f"temperature must be a finite number > 0 (in float32: at most 3.4e38), got "
+                f"{self.temperature}"
+            )
         if self.method == "cem" and self.top_k < 2 and self.iterations > 1:
             # torchrl refits the std of the elites (unbiased): NaN from a single elite, and the
             # next iteration would sample NaN actions.

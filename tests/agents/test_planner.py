@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from aefrl.envs import make_dmc_env
+from aefrl.world_model import RSSMState
 from aefrl.world_model.modules import filter_step
 from agents.dreamer import DreamerAgent
 from agents.factory import build_agent
@@ -187,11 +188,69 @@ def test_act_plans_for_every_env_and_explores_with_noise():
     torch.manual_seed(1)
     a_eval, _ = agent.act(pixels, first, carry, "eval")
     torch.manual_seed(1)
-    a_explore, _ = agent.act(pixels, first, carry, "explore")
+    a_explore, explored = agent.act(pixels, first, carry, "explore")
     assert a_eval.shape == a_explore.shape == (3, ACTIONS)
     assert a_explore.abs().max() <= 1 and not torch.equal(a_eval, a_explore)
+    assert torch.equal(explored.prev_action, a_explore)  # the noisy action the env executes
+    assert not torch.allclose(a_eval[0], a_eval[1])  # each env planned on its own
     with pytest.raises(ValueError, match="mode must be one of"):
         agent.act(pixels, first, carry, "greedy")
+
+
+def _plain_planner(agent, h, z, method, temperature=1.0):
+    """PlaNet's CEM (and MPPI's weighted refit) written out in plain torch: candidates from
+    N(mean, std) clipped to [-1, 1], imagined with the prior, scored by the undiscounted sum of
+    the reward head's means over s_1..s_H, top-k per env, refit, and the refitted mean's first
+    action. The draws are torchrl's, in its order."""
+    wm, c = agent.world_model, agent.planning
+    n, k, horizon, a = h.shape[0], c.candidates, c.horizon, wm.rssm.action_dim
+    mean, std = torch.zeros(n, 1, horizon, a), torch.ones(n, 1, horizon, a)
+    for _ in range(c.iterations):
+        actions = (mean + std * torch.randn(n, k, horizon, a)).clamp(-1, 1)
+        state = RSSMState(
+            h[:, None].expand(n, k, -1).reshape(n * k, -1),
+            z[:, None].expand(n, k, -1).reshape(n * k, -1),
+        )
+        returns = torch.zeros(n * k)
+        for t in range(horizon):
+            state = wm.rssm.img_step(state, actions[:, :, t].reshape(n * k, a))
+            returns = returns + wm.reward_head(state.feat).mean.reshape(-1)
+        returns = returns.view(n, k)
+        best, index = returns.topk(c.top_k, dim=1)
+        elites = actions.gather(1, index[:, :, None, None].expand(n, c.top_k, horizon, a))
+        if method == "cem":
+            mean, std = elites.mean(1, keepdim=True), elites.std(1, keepdim=True)
+        else:
+            w = torch.exp(temperature * (best - returns.amax(1, keepdim=True)))[..., None, None]
+            mean = (w * elites).sum(1, keepdim=True) / w.sum(1, keepdim=True)
+            std = ((w * (elites - mean) ** 2).sum(1, keepdim=True) / w.sum(1, keepdim=True)).sqrt()
+    return mean[:, 0, 0].clamp(-1, 1)
+
+
+@pytest.mark.parametrize("method", ["cem", "mppi"])
+def test_plans_are_planets_written_out_for_each_env(method):
+    """The same draws give the same actions as the plain-torch planner above, for three envs
+    at once with a horizon unlike the iteration count (a swap of the two, a discount, or one
+    env's plan for all went unnoticed by the other tests)."""
+    torch.manual_seed(0)
+    options = dict(horizon=4, candidates=50, top_k=7, iterations=3, temperature=2.0)
+    agent = tiny_planner(method=method, **options)
+    nn.init.normal_(agent.world_model.reward_head.net[-1].weight)  # rewards that differ
+    h, z = torch.randn(3, 8), torch.randn(3, 3)
+    with torch.no_grad():
+        torch.manual_seed(11)
+        planned = agent.plan(h, z)
+        torch.manual_seed(11)
+        written_out = _plain_planner(agent, h, z, method, temperature=2.0)
+    torch.testing.assert_close(planned, written_out, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(planned[0], planned[1])  # each env its own plan
+
+
+def test_a_temperature_beyond_float32_is_refused():
+    """torchrl keeps the temperature in float32: 1e39 became inf there and the actions NaN."""
+    with pytest.raises(ValueError, match=r"in float32: at most 3\.4e38\), got 1e\+39"):
+        tiny_planner(method="mppi", temperature=1e39)
+    assert tiny_planner(method="mppi", temperature=1e38).planning.temperature == 1e38
 
 
 def test_train_step_trains_only_the_world_model_and_round_trips():
