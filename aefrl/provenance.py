@@ -31,8 +31,10 @@ def cpu_model() -> str:
 
 def git_commit() -> str:
     """The short hash of the checkout this package runs from (``-dirty`` with uncommitted
-    changes), wherever the command was started; ``unknown`` when the package is not a git
-    checkout's own (an installed copy)."""
+    changes), wherever the command was started; else ``AEFRL_GIT_COMMIT`` from the environment
+    (a copy of the tree without its .git, as the device tool's GPU machine gets, whose command
+    names the commit), else ``unknown`` (an installed copy)."""
+    fallback = os.environ.get("AEFRL_GIT_COMMIT", "unknown")
     package = Path(__file__).resolve().parent  # not the working directory: runs start anywhere
 
     def git(*args: str) -> str:
@@ -47,12 +49,12 @@ def git_commit() -> str:
 
     try:
         if Path(git("rev-parse", "--show-toplevel")).resolve() != package.parent:
-            return "unknown"  # e.g. site-packages inside some other repository
+            return fallback  # e.g. site-packages inside some other repository
         return git("rev-parse", "--short", "HEAD") + (
             "-dirty" if git("status", "--porcelain") else ""
         )
     except OSError:  # no git, or not a checkout
-        return "unknown"
+        return fallback
 
 
 def machine_info() -> dict:

@@ -1,61 +1,114 @@
 #!/usr/bin/env bash
-# The GPU measurements of docs/benchmarks.md#gpu, on the first CUDA device, in two stages
-# sized for the device time a session gets (15 minutes, 10 per command):
-#   quick (the default, ~10 minutes): the libraries load; the CUDA-only tests (graph against
-#     eager updates in float32, bf16 and compiled, device replay on CUDA); scripts/bench.py
-#     --quick with ours eager and as CUDA graphs beside torchrl in float32; the training loop
-#     end to end (graphed updates, replay on the GPU, one EGL env) beside torchrl's loop.
-#   full (a second session): bench.py with 20 reps in float32, bf16, compiled, and compiled with
-#     bf16 (torchrl as its Dreamer script ships), and the loop with 1, 4 and 8 EGL envs.
-# Every step runs even if an earlier one fails; the exit status says whether all passed.
+# The GPU measurements of docs/benchmarks.md#gpu on the first CUDA device, in stages that each
+# fit one device-tool command (10 minutes; a session has 15 minutes of device time in all):
+#   quick (the default, ~6-8 minutes): the libraries load; the CUDA-only tests (graph against
+#     eager updates in float32, bf16, compiled and with repval_grad; device replay; the reuse env,
+#     the planner, seeding and devices on CUDA); bench.py --quick with ours eager and as CUDA
+#     graphs beside torchrl in float32; the training loop end to end (graphed updates, replay on
+#     the GPU, one EGL env) beside torchrl's loop.
+#   full: bench.py with 10 reps in float32 and in bf16.
+#   compile: bench.py --quick compiled, and compiled with bf16 (torchrl as its Dreamer script
+#     ships: compiled actor / value losses, bf16 autocast).
+#   e2e: the loop with 1, 4 and 8 EGL envs.
+# Every step runs under its own time limit even if an earlier one fails; the exit status says
+# whether all passed.
 #
-#   bash scripts/bench_gpu.sh [results dir, default docs/results] [quick|full]
+# On the device tool's machine (docs/benchmarks.md#gpu): run `bash scripts/gpu_carry.sh` here
+# once, then call the tool with carry [".whl", ".gl"] and the command
+#   AEFRL_GIT_COMMIT=<git rev-parse --short HEAD> bash scripts/bench_gpu.sh "" quick
+# There ($OUT set) the wheels in .whl/ are installed to /tmp/site and the EGL loaders in .gl/
+# unpacked into /, and the results go to a folder of their own and come back as one archive,
+# $OUT/gpu_<stage>.tgz (the tool returns at most 8 files) with the log of every step. Elsewhere
+# (a GPU workstation) it uses the installed packages and writes to docs/results.
+#
+#   bash scripts/bench_gpu.sh [results dir, default $OUT's archive or docs/results] [stage]
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="${1:-docs/results}"
 stage="${2:-quick}"
-case "$stage" in quick | full) ;; *) echo "stage must be quick or full, got $stage" >&2; exit 2 ;; esac
+case "$stage" in quick | full | compile | e2e) ;;
+*) echo "stage must be quick, full, compile or e2e, got $stage" >&2; exit 2 ;; esac
+if [[ -n "${1:-}" ]]; then out="$1"; elif [[ -n "${OUT:-}" ]]; then out=$(mktemp -d); else out=docs/results; fi
 mkdir -p "$out"
-export MUJOCO_GL="${MUJOCO_GL:-egl}" PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"  # the device image's python3 is the one with CUDA torch
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 failed=()
 
-step() {  # step NAME COMMAND...: run, log to $out/NAME.log, remember failures
-    local name="$1"
-    shift
-    echo "== $name: $*"
-    if ! "$@" 2>&1 | tee "$out/$name.log"; then
+pack() {  # the results as one archive under $OUT, whatever happened
+    if [[ -n "${OUT:-}" && "$out" != "$OUT" ]]; then
+        tar czf "$OUT/gpu_$stage.tgz" -C "$out" . && echo "results: \$OUT/gpu_$stage.tgz"
+    fi
+}
+trap pack EXIT
+
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')" || exit 2
+# On the device tool's machine only ($OUT is its mark): the loaders are unpacked into / and the
+# wheels installed beside the image's packages, which a workstation must not get.
+device_tool=false
+[[ -n "${OUT:-}" ]] && device_tool=true
+if $device_tool && [[ -d .gl ]] && compgen -G ".gl/*.deb" >/dev/null; then  # EGL, Vulkan
+    for f in .gl/*.deb; do dpkg -x "$f" /; done
+    ldconfig
+    nvidia=/usr/local/nvidia/share
+    [[ -f $nvidia/glvnd/egl_vendor.d/10_nvidia.json ]] &&
+        export __EGL_VENDOR_LIBRARY_FILENAMES=$nvidia/glvnd/egl_vendor.d/10_nvidia.json
+    [[ -f $nvidia/vulkan/icd.d/nvidia_icd.json ]] &&
+        export VK_DRIVER_FILES=$nvidia/vulkan/icd.d/nvidia_icd.json
+fi
+if $device_tool && [[ -d .whl ]] && compgen -G ".whl/*.whl" >/dev/null; then  # what it lacks
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || { echo "installing .whl failed" >&2; exit 2; }
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+
+step() {  # step NAME SECONDS COMMAND...: run under a time limit, log to $out/NAME.log
+    local name="$1" limit="$2"
+    shift 2
+    echo "== $name (limit ${limit}s): $*"
+    if ! timeout -k 10 "$limit" "$@" 2>&1 | tee "$out/$name.log"; then
         failed+=("$name")
     fi
 }
 
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')" || exit 2
-if [[ "$stage" == quick ]]; then
-    step imports python -c "import torch, torchrl, tensordict, dm_control, mujoco, triton; \
-print(torch.__version__, torch.cuda.get_device_name())"
-    step gpu_tests python -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py \
-        tests/test_replay.py tests/envs/test_imagination.py tests/agents/test_planner.py
-    step bench_cuda_quick python scripts/bench.py --device cuda --graph --quick --skip-e2e \
+# Versions and the commit first: the rest is useless without them.
+step imports 120 "$PY" -c "import torch, torchrl, tensordict, dm_control, mujoco, hydra; \
+from aefrl.provenance import machine_info; import json; print(json.dumps(machine_info()))"
+if [[ " ${failed[*]} " == *" imports "* ]]; then
+    echo "the libraries do not load: run scripts/gpu_carry.sh here and carry .whl and .gl" >&2
+    exit 2
+fi
+case "$stage" in
+quick)
+    step gpu_tests 240 env MUJOCO_GL=egl "$PY" -m pytest -q -p no:cacheprovider \
+        --continue-on-collection-errors tests/test_cuda_graph.py tests/test_replay.py \
+        tests/envs/test_imagination.py tests/agents/test_planner.py tests/test_seeding.py \
+        tests/test_devices.py
+    step bench_cuda_quick 200 "$PY" scripts/bench.py --device cuda --graph --quick --skip-e2e \
         --out "$out/bench_cuda_quick.json"
-    step e2e_cuda_envs1 python scripts/bench.py --device cuda --only-e2e --graph \
-        --replay-storage device --e2e-steps 64 --out "$out/e2e_cuda_envs1.json"
-else
-    step bench_cuda python scripts/bench.py --device cuda --graph --reps 20 --skip-e2e \
+    step e2e_cuda_envs1 150 env MUJOCO_GL=egl "$PY" scripts/bench.py --device cuda --only-e2e \
+        --graph --replay-storage device --e2e-steps 64 --out "$out/e2e_cuda_envs1.json"
+    ;;
+full)
+    step bench_cuda 280 "$PY" scripts/bench.py --device cuda --graph --reps 10 --skip-e2e \
         --out "$out/bench_cuda.json"
-    step bench_cuda_bf16 python scripts/bench.py --device cuda --graph --autocast bf16 \
-        --reps 20 --skip-e2e --out "$out/bench_cuda_bf16.json"
-    step bench_cuda_compile python scripts/bench.py --device cuda --graph --compile --reps 20 \
+    step bench_cuda_bf16 280 "$PY" scripts/bench.py --device cuda --graph --autocast bf16 \
+        --reps 10 --skip-e2e --out "$out/bench_cuda_bf16.json"
+    ;;
+compile)
+    step bench_cuda_compile 280 "$PY" scripts/bench.py --device cuda --graph --compile --quick \
         --skip-e2e --out "$out/bench_cuda_compile.json"
-    # torchrl as its Dreamer script ships (compiled actor / value losses, bf16 autocast)
-    step bench_cuda_compile_bf16 python scripts/bench.py --device cuda --graph --compile \
-        --autocast bf16 --reps 20 --skip-e2e --out "$out/bench_cuda_compile_bf16.json"
+    step bench_cuda_compile_bf16 280 "$PY" scripts/bench.py --device cuda --graph --compile \
+        --autocast bf16 --quick --skip-e2e --out "$out/bench_cuda_compile_bf16.json"
+    ;;
+e2e)
     for n in 1 4 8; do  # torchrl's loop once, beside the first
         peer=()
         ((n > 1)) && peer=(--skip-e2e-torchrl)
-        step "e2e_cuda_envs$n" python scripts/bench.py --device cuda --only-e2e --graph \
-            --replay-storage device --num-envs "$n" --e2e-steps 256 "${peer[@]}" \
-            --out "$out/e2e_cuda_envs$n.json"
+        step "e2e_cuda_envs$n" 170 env MUJOCO_GL=egl "$PY" scripts/bench.py --device cuda \
+            --only-e2e --graph --replay-storage device --num-envs "$n" --e2e-steps 256 \
+            "${peer[@]}" --out "$out/e2e_cuda_envs$n.json"
     done
-fi
+    ;;
+esac
 
 if ((${#failed[@]})); then
     echo "failed: ${failed[*]}" >&2

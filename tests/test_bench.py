@@ -3,6 +3,7 @@ are asserted; a timed test on a shared machine would only test the machine)."""
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -163,7 +164,80 @@ def test_gpu_matrix_refuses_to_run_without_cuda(tmp_path):
         text=True,
         timeout=120,
     )
-    assert out.returncode == 2 and "stage must be quick or full, got everything" in out.stderr
+    assert out.returncode == 2
+    assert "stage must be quick, full, compile or e2e, got everything" in out.stderr
+
+
+def _script_copy(tmp_path):
+    """bench_gpu.sh in a tree of its own: it changes to its repository's root, where a
+    developer's .gl / .whl would otherwise be unpacked into this machine's / by the fake
+    python's "CUDA"."""
+    scripts = tmp_path / "repo" / "scripts"
+    scripts.mkdir(parents=True)
+    root = Path(__file__).resolve().parents[1]
+    (scripts / "bench_gpu.sh").write_text((root / "scripts/bench_gpu.sh").read_text())
+    return scripts / "bench_gpu.sh"
+
+
+def _fake_python(tmp_path, imports_fail=False):
+    """A python3 that has CUDA and records every command it is given (bench_gpu.sh's
+    ``PYTHON``)."""
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "python3"
+    fail = "exit 1" if imports_fail else "true"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        f'echo "$*" >> {log}\n'
+        'if [[ "$*" == *"import torch, torchrl"* ]]; then echo versions; ' + fail + "; fi\n"
+    )
+    fake.chmod(0o755)
+    return fake, log
+
+
+@pytest.mark.parametrize("stage", ["quick", "full", "compile", "e2e"])
+def test_gpu_script_runs_every_step_of_a_stage_and_packs_the_results_into_out(tmp_path, stage):
+    """With $OUT set (the device tool's machine) the results go to a folder of their own and
+    come back as one archive (the tool returns at most 8 files); each step runs under its own
+    time limit; the libraries' versions are logged first."""
+    import subprocess
+    import tarfile
+
+    script = _script_copy(tmp_path)
+    fake, log = _fake_python(tmp_path)
+    back = tmp_path / "out"
+    back.mkdir()
+    env = {**os.environ, "PYTHON": str(fake), "OUT": str(back)}
+    run = subprocess.run(
+        ["bash", str(script), "", stage],
+        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    calls = log.read_text().splitlines()
+    assert "torch.cuda.is_available" in calls[0] and "import torch, torchrl" in calls[1]
+    expected = {"quick": 3, "full": 2, "compile": 2, "e2e": 3}[stage]
+    assert len(calls) == 2 + expected
+    assert [p.name for p in back.iterdir()] == [f"gpu_{stage}.tgz"]
+    with tarfile.open(back / f"gpu_{stage}.tgz") as archive:
+        names = [n for n in archive.getnames() if n.endswith(".log")]
+    assert len(names) == 1 + expected  # the versions' log and every step's
+    assert run.stdout.count("(limit ") == 1 + expected
+
+
+def test_gpu_script_stops_when_the_libraries_do_not_load(tmp_path):
+    import subprocess
+
+    script = _script_copy(tmp_path)
+    fake, log = _fake_python(tmp_path, imports_fail=True)
+    back = tmp_path / "out"
+    back.mkdir()
+    env = {**os.environ, "PYTHON": str(fake), "OUT": str(back)}
+    run = subprocess.run(
+        ["bash", str(script)],
+        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 2 and "scripts/gpu_carry.sh" in run.stderr
+    assert len(log.read_text().splitlines()) == 2  # the CUDA check and the imports: nothing more
+    assert (back / "gpu_quick.tgz").exists()  # the log of what failed still comes back
 
 
 def test_call_flops_counts_a_linear_layer_forward_and_backward():

@@ -4,6 +4,8 @@ import importlib.metadata
 import subprocess
 from pathlib import Path
 
+import pytest
+
 import aefrl
 from aefrl.provenance import (
     append_run_record,
@@ -50,3 +52,20 @@ def test_git_commit_is_the_packages_checkout_wherever_the_run_starts(tmp_path, m
     assert found.removesuffix("-dirty") == expected
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)  # another repository
     assert git_commit() == found
+
+
+def test_a_tree_without_git_takes_the_commit_its_command_names(monkeypatch):
+    """The device tool's GPU machine gets the working tree without .git: its command names
+    the commit (AEFRL_GIT_COMMIT), which result JSONs then record instead of "unknown"."""
+    import aefrl.provenance as provenance
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")  # as subprocess.run raises without the program
+
+    monkeypatch.setattr(provenance.subprocess, "run", no_git)
+    monkeypatch.delenv("AEFRL_GIT_COMMIT", raising=False)
+    with pytest.raises(FileNotFoundError):  # the premise: no git at all
+        provenance.subprocess.run(["git"])
+    assert provenance.git_commit() == "unknown"
+    monkeypatch.setenv("AEFRL_GIT_COMMIT", "abc1234")
+    assert provenance.git_commit() == "abc1234"
