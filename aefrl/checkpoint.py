@@ -90,8 +90,9 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> None:
 
 
 def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> None:
-    """``Path(path).write_bytes(data)``, atomically as :func:`write_text_atomically`."""
-    path = Path(path)
+    """``Path(path).write_bytes(data)``, atomically as :func:`write_text_atomically`. A symlink
+    is followed: its target is replaced, not the link."""
+    path = Path(path).resolve()
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:

@@ -544,11 +544,18 @@ class SequenceReplay:
                 self._storage._storage = block.to(self.storage_device)
         elif steps > 0 and self.path is None:
             self._restore_rows(state["data"]["rows"], steps, schema)
-        elif self.path is not None and steps == 0:
+        elif self.path is not None and steps == 0 and not self._storage.initialized:
             # Files here hold rows written after this checkpoint, which held none (a resumed
             # run that was killed before its next one): start afresh rather than refuse the
-            # first extend forever after.
-            for leftover in (*self.path.glob("*.memmap"), *self.path.glob("*.json")):
+            # first extend forever after. (A replay already writing keeps its open files.)
+            leftovers = [*self.path.glob("*.memmap"), *self.path.glob("*.json")]
+            if leftovers:
+                warnings.warn(
+                    f"the checkpoint's replay held no rows; removing the {len(leftovers)} replay "
+                    f"files written under {self.path} after it",
+                    stacklevel=2,
+                )
+            for leftover in leftovers:
                 leftover.unlink()
         elif steps > 0:
             if not any(self.path.glob("*.memmap")):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModule
@@ -77,12 +78,13 @@ class PlanningConfig:
             raise ValueError(f"top_k ({self.top_k}) must not exceed candidates ({self.candidates})")
         # torchrl keeps it as a float32 buffer: above float32's largest value it is inf there,
         # and inf · 0 (the best candidate's shifted return) made NaN actions.
-        in_float32 = float(torch.tensor(self.temperature, dtype=torch.float32))
-        if not (math.isfinite(in_float32) and self.temperature > 0):
+        with np.errstate(over="ignore", under="ignore"):  # host arithmetic, also on "meta"
+            in_float32 = float(np.float32(self.temperature))
+        if not (math.isfinite(in_float32) and in_float32 > 0):
             # An inverse temperature: a negative one weights the worst sequences most, and NaN
             # made NaN actions (the physics refused them several frames into an episode).
             raise ValueError(
-                f"temperature must be a finite number > 0 (in float32: at most 3.4e38), got "
+                f"temperature must be a finite number > 0 (in float32: 1.2e-38 to 3.4e38), got "
                 f"{self.temperature}"
             )
         if self.method == "cem" and self.top_k < 2 and self.iterations > 1:

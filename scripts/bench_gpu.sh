@@ -14,37 +14,46 @@
 # whether all passed.
 #
 # On the device tool's machine (docs/benchmarks.md#gpu): run `bash scripts/gpu_carry.sh` here
-# once, then call the tool with carry [".whl", ".gl"] and the command
-#   AEFRL_GIT_COMMIT=<git rev-parse --short HEAD> bash scripts/bench_gpu.sh "" quick
-# There ($OUT set) the wheels in .whl/ are installed to /tmp/site and the EGL loaders in .gl/
+# once, then call the tool with carry [".whl", ".gl"], timeout_s 600 and the command
+#   AEFRL_DEVICE_TOOL=1 AEFRL_GIT_COMMIT=<git describe --always --dirty> bash scripts/bench_gpu.sh quick
+# There the wheels in .whl/ are installed to /tmp/site and the EGL loaders in .gl/
 # unpacked into /, and the results go to a folder of their own and come back as one archive,
 # $OUT/gpu_<stage>.tgz (the tool returns at most 8 files) with the log of every step. Elsewhere
-# (a GPU workstation) it uses the installed packages and writes to docs/results.
+# (a GPU workstation) it uses the installed packages and writes to docs/results. Every step
+# ends within AEFRL_GPU_SECONDS (540) of the start, under the tool's 600.
 #
 #   bash scripts/bench_gpu.sh [results dir, default $OUT's archive or docs/results] [stage]
+#   bash scripts/bench_gpu.sh [stage]
 set -uo pipefail
 cd "$(dirname "$0")/.."
+stages="quick full compile e2e"
+if [[ " $stages " == *" ${1:-} "* ]]; then set -- "" "$1"; fi  # a stage given alone
 stage="${2:-quick}"
-case "$stage" in quick | full | compile | e2e) ;;
-*) echo "stage must be quick, full, compile or e2e, got $stage" >&2; exit 2 ;; esac
-if [[ -n "${1:-}" ]]; then out="$1"; elif [[ -n "${OUT:-}" ]]; then out=$(mktemp -d); else out=docs/results; fi
+if [[ " $stages " != *" $stage "* ]]; then
+    echo "stage must be quick, full, compile or e2e, got $stage" >&2
+    exit 2
+fi
+# The device tool's machine (AEFRL_DEVICE_TOOL=1, and its $OUT): the loaders are unpacked into
+# / and the wheels installed beside the image's packages, which a workstation must not get.
+device_tool=false
+[[ "${AEFRL_DEVICE_TOOL:-}" == 1 && -n "${OUT:-}" ]] && device_tool=true
+if [[ -n "${1:-}" ]]; then out="$1"; elif $device_tool; then out=$(mktemp -d); else out=docs/results; fi
+# A command the tool stops at its limit is killed whole, traps included: every step ends by this
+# deadline, and the archive is rewritten after each.
+deadline=$((SECONDS + ${AEFRL_GPU_SECONDS:-540}))
 mkdir -p "$out"
 PY="${PYTHON:-python3}"  # the device image's python3 is the one with CUDA torch
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 failed=()
 
-pack() {  # the results as one archive under $OUT, whatever happened
-    if [[ -n "${OUT:-}" && "$out" != "$OUT" ]]; then
-        tar czf "$OUT/gpu_$stage.tgz" -C "$out" . && echo "results: \$OUT/gpu_$stage.tgz"
+pack() {  # the results so far as one archive under $OUT
+    if $device_tool; then
+        tar czf "$OUT/gpu_$stage.tgz.tmp" -C "$out" . && mv "$OUT/gpu_$stage.tgz.tmp" "$OUT/gpu_$stage.tgz"
     fi
 }
 trap pack EXIT
 
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')" || exit 2
-# On the device tool's machine only ($OUT is its mark): the loaders are unpacked into / and the
-# wheels installed beside the image's packages, which a workstation must not get.
-device_tool=false
-[[ -n "${OUT:-}" ]] && device_tool=true
 if $device_tool && [[ -d .gl ]] && compgen -G ".gl/*.deb" >/dev/null; then  # EGL, Vulkan
     for f in .gl/*.deb; do dpkg -x "$f" /; done
     ldconfig
@@ -55,18 +64,25 @@ if $device_tool && [[ -d .gl ]] && compgen -G ".gl/*.deb" >/dev/null; then  # EG
         export VK_DRIVER_FILES=$nvidia/vulkan/icd.d/nvidia_icd.json
 fi
 if $device_tool && [[ -d .whl ]] && compgen -G ".whl/*.whl" >/dev/null; then  # what it lacks
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || { echo "installing .whl failed" >&2; exit 2; }
+    timeout -k 5 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --upgrade --target /tmp/site .whl/*.whl || { echo "installing .whl failed" >&2; exit 2; }
     export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 
 step() {  # step NAME SECONDS COMMAND...: run under a time limit, log to $out/NAME.log
-    local name="$1" limit="$2"
+    local name="$1" limit="$2" left=$((deadline - SECONDS - 15))
     shift 2
+    ((left < limit)) && limit=$left
+    if ((limit < 20)); then
+        echo "== $name: skipped, no time left" | tee "$out/$name.log"
+        failed+=("$name")
+        return
+    fi
     echo "== $name (limit ${limit}s): $*"
     if ! timeout -k 10 "$limit" "$@" 2>&1 | tee "$out/$name.log"; then
         failed+=("$name")
     fi
+    pack
 }
 
 # Versions and the commit first: the rest is useless without them.
@@ -77,15 +93,15 @@ if [[ " ${failed[*]} " == *" imports "* ]]; then
     exit 2
 fi
 case "$stage" in
-quick)
-    step gpu_tests 240 env MUJOCO_GL=egl "$PY" -m pytest -q -p no:cacheprovider \
-        --continue-on-collection-errors tests/test_cuda_graph.py tests/test_replay.py \
-        tests/envs/test_imagination.py tests/agents/test_planner.py tests/test_seeding.py \
-        tests/test_devices.py
+quick)  # the numbers first, then the tests, in what the deadline leaves
     step bench_cuda_quick 200 "$PY" scripts/bench.py --device cuda --graph --quick --skip-e2e \
         --out "$out/bench_cuda_quick.json"
     step e2e_cuda_envs1 150 env MUJOCO_GL=egl "$PY" scripts/bench.py --device cuda --only-e2e \
         --graph --replay-storage device --e2e-steps 64 --out "$out/e2e_cuda_envs1.json"
+    step gpu_tests 240 env MUJOCO_GL=egl "$PY" -m pytest -q -p no:cacheprovider \
+        --continue-on-collection-errors tests/test_cuda_graph.py tests/test_replay.py \
+        tests/envs/test_imagination.py tests/agents/test_planner.py tests/test_seeding.py \
+        tests/test_devices.py
     ;;
 full)
     step bench_cuda 280 "$PY" scripts/bench.py --device cuda --graph --reps 10 --skip-e2e \

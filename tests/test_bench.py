@@ -206,9 +206,9 @@ def test_gpu_script_runs_every_step_of_a_stage_and_packs_the_results_into_out(tm
     fake, log = _fake_python(tmp_path)
     back = tmp_path / "out"
     back.mkdir()
-    env = {**os.environ, "PYTHON": str(fake), "OUT": str(back)}
+    env = {**os.environ, "PYTHON": str(fake), "OUT": str(back), "AEFRL_DEVICE_TOOL": "1"}
     run = subprocess.run(
-        ["bash", str(script), "", stage],
+        ["bash", str(script), stage],
         capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
@@ -230,7 +230,7 @@ def test_gpu_script_stops_when_the_libraries_do_not_load(tmp_path):
     fake, log = _fake_python(tmp_path, imports_fail=True)
     back = tmp_path / "out"
     back.mkdir()
-    env = {**os.environ, "PYTHON": str(fake), "OUT": str(back)}
+    env = {**os.environ, "PYTHON": str(fake), "OUT": str(back), "AEFRL_DEVICE_TOOL": "1"}
     run = subprocess.run(
         ["bash", str(script)],
         capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
@@ -364,3 +364,47 @@ def test_e2e_speedup_only_compares_like_with_like(bench):
     assert bench.e2e_speedup(ours, None, like) is None
     for other in ({"num_envs": 4}, {"autocast": "bf16"}):
         assert bench.e2e_speedup(ours, theirs, SimpleNamespace(**{**vars(like), **other})) is None
+
+
+def test_gpu_script_ends_every_step_by_its_deadline(tmp_path):
+    """The device tool kills a command at its limit, traps included: steps the deadline leaves
+    no time for are skipped, named and logged, and the archive holds what ran."""
+    import subprocess
+    import tarfile
+
+    script = _script_copy(tmp_path)
+    fake = tmp_path / "python3"
+    fake.write_text('#!/usr/bin/env bash\n[[ "$*" == *bench.py* ]] && sleep 5\nexit 0\n')
+    fake.chmod(0o755)
+    back = tmp_path / "out"
+    back.mkdir()
+    env = {**os.environ, "PYTHON": str(fake), "OUT": str(back), "AEFRL_DEVICE_TOOL": "1"}
+    env["AEFRL_GPU_SECONDS"] = "38"  # 23 s for steps after the 15 s margin: one bench, then none
+    run = subprocess.run(
+        ["bash", str(script), "quick"], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert run.returncode == 1 and "skipped, no time left" in run.stdout
+    assert "failed: e2e_cuda_envs1 gpu_tests" in run.stderr
+    with tarfile.open(back / "gpu_quick.tgz") as archive:
+        assert {"./bench_cuda_quick.log", "./gpu_tests.log"} <= set(archive.getnames())
+
+
+def test_gpu_script_unpacks_nothing_off_the_device_tool(tmp_path):
+    """Without AEFRL_DEVICE_TOOL=1 (a workstation with OUT in its environment) no wheels are
+    installed and no loaders unpacked into /: the fake python would record the pip call."""
+    import subprocess
+
+    script = _script_copy(tmp_path)
+    (script.parent.parent / ".whl").mkdir()
+    (script.parent.parent / ".whl" / "x-1-py3-none-any.whl").write_bytes(b"")
+    fake, log = _fake_python(tmp_path)
+    results = tmp_path / "results"
+    env = {**os.environ, "PYTHON": str(fake), "OUT": str(tmp_path / "out")}
+    env.pop("AEFRL_DEVICE_TOOL", None)
+    run = subprocess.run(
+        ["bash", str(script), str(results), "compile"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert not any("pip install" in line for line in log.read_text().splitlines())
+    assert (results / "imports.log").exists() and not (tmp_path / "out").exists()

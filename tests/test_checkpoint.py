@@ -171,3 +171,18 @@ def test_cuda_rng_states_of_more_gpus_than_this_machine_has_restore_those_it_has
     gpu0, gpu1 = torch.ByteTensor([0, 1]), torch.ByteTensor([2, 3])
     set_rng_state({**state, "cuda": [gpu0, gpu1]})
     assert restored == [(gpu0, 0)]
+
+
+def test_an_atomic_write_through_a_symlink_replaces_its_target(tmp_path):
+    """eval.py --out link.json turned the link into a file of its own and left the target
+    as it was (os.replace renames onto the path given)."""
+    from aefrl.checkpoint import write_text_atomically
+
+    target = tmp_path / "results" / "eval.json"
+    target.parent.mkdir()
+    target.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    write_text_atomically(link, "new")
+    assert link.is_symlink() and target.read_text() == "new"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["eval.json"]  # no temp left

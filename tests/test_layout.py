@@ -72,6 +72,8 @@ def test_a_rollout_off_the_cpu_converts_on_its_own_device():
     pairs, keep = interleaved_rows(rollout)
     rows = arrival_rows(rollout)
     assert all(torch.equal(pairs[keep][k], rows[k]) for k in REPLAY_KEYS)
-    pairs, keep = interleaved_rows(rollout.to("meta"))
-    assert keep.device.type == "meta" and keep.shape == (14,)
-    assert all(pairs[k].device.type == "meta" for k in REPLAY_KEYS)
+    for flags in ([], [keys.DONE]):  # with done, and with its default too
+        meta = rollout.exclude(*[("next", f) for f in flags]).to("meta")
+        pairs, keep = interleaved_rows(meta)
+        assert keep.device.type == "meta" and keep.shape == (14,)
+        assert all(pairs[k].device.type == "meta" for k in REPLAY_KEYS)

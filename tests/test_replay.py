@@ -469,11 +469,17 @@ def test_disk_resumes_a_checkpoint_of_no_rows_after_a_kill(tmp_path):
     state = first.state_dict()
     fill(first, 7)  # killed before it checkpointed these
     resumed = SequenceReplay(30, 3, 4, 6, storage="disk", path=path)
-    resumed.load_state_dict(state)
+    with pytest.warns(UserWarning, match=r"held no rows; removing the \d+ replay files"):
+        resumed.load_state_dict(state)
     assert len(resumed) == 0
     fill(resumed, 9, start=50)
     assert len(resumed) == 9 * 3  # rows of the three env streams
     assert_valid_windows(resumed.sample(), lowest=50, highest=58)
+    # A replay already writing (a trainer that loads an early checkpoint) keeps its open files.
+    resumed.load_state_dict(state)
+    fill(resumed, 6, start=80)
+    resumed.state_dict()  # its files are all there
+    assert_valid_windows(resumed.sample(), lowest=80, highest=85)
 
 
 def test_disk_refuses_files_of_another_run(tmp_path):

@@ -199,8 +199,8 @@ def test_a_second_gauge_shrinks_z_and_the_prior_with_sigma_q_unchanged():
     """W, b and μ_q divided by k, the prior's mean and std divided by k, the decoder's weights
     on z multiplied by k: z shrinks by k, σ_q does not move, p(y) is unchanged and J rises by
     d·log k (the prior's density of a k-times narrower z). Bounding σ_q does not block this
-    direction; in the RSSM the prior's std floor (``prior_std_min``) does, and the input layer's
-    weights on z (``img_in``) take the factor k like the decoder's (docs/math.md §5)."""
+    direction; in the RSSM the prior's std floor (``prior_std_min``) does, and every other weight
+    on z (``img_in``, the heads on feat) takes the factor k like the decoder's (math.md §5)."""
     k, d, s = 10.0, 2, 0.4
     base = _gauge_model([0.5, 0.7])
     gauged = _gauge_model([0.5, 0.7])
