@@ -78,8 +78,11 @@ class PlanningConfig:
             raise ValueError(f"top_k ({self.top_k}) must not exceed candidates ({self.candidates})")
         # torchrl keeps it as a float32 buffer: above float32's largest value it is inf there,
         # and inf · 0 (the best candidate's shifted return) made NaN actions.
+        number = isinstance(self.temperature, int | float) and not isinstance(
+            self.temperature, bool
+        )
         with np.errstate(over="ignore", under="ignore"):  # host arithmetic, also on "meta"
-            in_float32 = float(np.float32(self.temperature))
+            in_float32 = float(np.float32(self.temperature)) if number else math.nan
         if not (math.isfinite(in_float32) and in_float32 > 0):
             # An inverse temperature: a negative one weights the worst sequences most, and NaN
             # made NaN actions (the physics refused them several frames into an episode).

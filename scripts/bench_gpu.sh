@@ -26,11 +26,16 @@
 #   bash scripts/bench_gpu.sh [stage]
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stages="quick full compile e2e"
-if [[ " $stages " == *" ${1:-} "* ]]; then set -- "" "$1"; fi  # a stage given alone
+is_stage() { case "$1" in quick | full | compile | e2e) return 0 ;; *) return 1 ;; esac; }
+if (($# == 1)) && is_stage "$1"; then set -- "" "$1"; fi  # a stage given alone
 stage="${2:-quick}"
-if [[ " $stages " != *" $stage "* ]]; then
+if ! is_stage "$stage"; then
     echo "stage must be quick, full, compile or e2e, got $stage" >&2
+    exit 2
+fi
+seconds="${AEFRL_GPU_SECONDS:-540}"
+if ! [[ "$seconds" =~ ^[0-9]+$ ]]; then
+    echo "AEFRL_GPU_SECONDS must be whole seconds, got $seconds" >&2
     exit 2
 fi
 # The device tool's machine (AEFRL_DEVICE_TOOL=1, and its $OUT): the loaders are unpacked into
@@ -38,9 +43,13 @@ fi
 device_tool=false
 [[ "${AEFRL_DEVICE_TOOL:-}" == 1 && -n "${OUT:-}" ]] && device_tool=true
 if [[ -n "${1:-}" ]]; then out="$1"; elif $device_tool; then out=$(mktemp -d); else out=docs/results; fi
+if $device_tool && [[ -d "$out" && "$out" -ef "$OUT" ]]; then
+    echo "the results folder must not be \$OUT, which gets their archive: leave it \"\"" >&2
+    exit 2
+fi
 # A command the tool stops at its limit is killed whole, traps included: every step ends by this
 # deadline, and the archive is rewritten after each.
-deadline=$((SECONDS + ${AEFRL_GPU_SECONDS:-540}))
+deadline=$((SECONDS + seconds))
 mkdir -p "$out"
 PY="${PYTHON:-python3}"  # the device image's python3 is the one with CUDA torch
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -48,7 +57,8 @@ failed=()
 
 pack() {  # the results so far as one archive under $OUT
     if $device_tool; then
-        tar czf "$OUT/gpu_$stage.tgz.tmp" -C "$out" . && mv "$OUT/gpu_$stage.tgz.tmp" "$OUT/gpu_$stage.tgz"
+        local tmp="$OUT/gpu_$stage.tgz.tmp"
+        { tar czf "$tmp" -C "$out" . && mv "$tmp" "$OUT/gpu_$stage.tgz"; } || rm -f "$tmp"
     fi
 }
 trap pack EXIT

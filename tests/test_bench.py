@@ -216,6 +216,8 @@ def test_gpu_script_runs_every_step_of_a_stage_and_packs_the_results_into_out(tm
     assert "torch.cuda.is_available" in calls[0] and "import torch, torchrl" in calls[1]
     expected = {"quick": 3, "full": 2, "compile": 2, "e2e": 3}[stage]
     assert len(calls) == 2 + expected
+    if stage == "quick":  # the numbers first, the tests in what is left
+        assert "bench.py" in calls[2] and "bench.py" in calls[3] and "pytest" in calls[4]
     assert [p.name for p in back.iterdir()] == [f"gpu_{stage}.tgz"]
     with tarfile.open(back / f"gpu_{stage}.tgz") as archive:
         names = [n for n in archive.getnames() if n.endswith(".log")]
@@ -408,3 +410,59 @@ def test_gpu_script_unpacks_nothing_off_the_device_tool(tmp_path):
     assert run.returncode == 0, run.stderr
     assert not any("pip install" in line for line in log.read_text().splitlines())
     assert (results / "imports.log").exists() and not (tmp_path / "out").exists()
+
+
+def test_gpu_script_packs_after_every_step(tmp_path):
+    """The tool kills a command at its limit with its exit trap: the archive must already hold
+    every finished step's log when the next step runs."""
+    import subprocess
+
+    script = _script_copy(tmp_path)
+    back = tmp_path / "out"
+    back.mkdir()
+    seen = tmp_path / "seen.txt"
+    fake = tmp_path / "python3"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        'if [[ "$*" == *e2e_cuda_envs1* ]]; then '
+        f"tar tzf {back}/gpu_quick.tgz > {seen}; fi\n"
+        "exit 0\n"
+    )
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "OUT": str(back), "AEFRL_DEVICE_TOOL": "1"}
+    run = subprocess.run(
+        ["bash", str(script), "quick"], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert run.returncode == 0, run.stderr
+    assert "./bench_cuda_quick.log" in seen.read_text().split()
+    assert sorted(p.name for p in back.iterdir()) == ["gpu_quick.tgz"]  # no .tmp left
+
+
+@pytest.mark.parametrize(
+    ("args", "extra_env", "message"),
+    [
+        (["quick", "full"], {}, None),  # a results folder named like a stage, then the stage
+        (["results", "full compile"], {}, "stage must be quick, full, compile or e2e"),
+        (["results"], {"AEFRL_GPU_SECONDS": "9.5"}, "AEFRL_GPU_SECONDS must be whole seconds"),
+        (["OUT"], {"AEFRL_DEVICE_TOOL": "1"}, "the results folder must not be $OUT"),
+    ],
+)
+def test_gpu_script_arguments(tmp_path, args, extra_env, message):
+    import subprocess
+
+    script = _script_copy(tmp_path)
+    fake, _ = _fake_python(tmp_path)
+    back = tmp_path / "out"
+    back.mkdir()
+    args = [str(back) if a == "OUT" else a for a in args]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AEFRL_")}
+    env.update(PYTHON=str(fake), OUT=str(back), **extra_env)
+    run = subprocess.run(
+        ["bash", str(script), *args],
+        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    if message is None:  # ran the full stage into ./quick
+        assert run.returncode == 0, run.stderr
+        assert "bench_cuda_bf16" in run.stdout and (script.parent.parent / "quick").is_dir()
+    else:
+        assert run.returncode == 2 and message in run.stderr
