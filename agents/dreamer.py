@@ -98,15 +98,6 @@ class DreamerAgent(WorldModelAgent):
             raise ValueError(f"slow_critic_tau must lie in (0, 1], got {slow_critic_tau}")
         self.slow_critic = SlowCopy(self.critic, slow_critic_tau)
         self.return_norm = ReturnNormalizer()
-        self.wm_loss = WorldModelLoss(self.world_model, **check_wm_loss(wm_loss))
-        self.actor_loss = DreamerActorLoss(
-            self.world_model,
-            self.actor,
-            self.slow_critic,
-            self.return_norm,
-            critic=self.critic,
-            **(actor_loss or {}),
-        )
         value_loss = dict(value_loss or {})
         repval = value_loss.pop("repval", 0.0)
         repval_grad = value_loss.pop("repval_grad", False)
@@ -119,6 +110,18 @@ class DreamerAgent(WorldModelAgent):
                 "repval_grad=true trains the world model through the replay value loss, which "
                 "repval=0 turns off; set repval > 0 (DreamerV3: 0.3) or repval_grad=false"
             )
+        # With repval_grad the world-model loss hands its posteriors over with their graph.
+        self.wm_loss = WorldModelLoss(
+            self.world_model, **check_wm_loss(wm_loss), state_grad=repval_grad
+        )
+        self.actor_loss = DreamerActorLoss(
+            self.world_model,
+            self.actor,
+            self.slow_critic,
+            self.return_norm,
+            critic=self.critic,
+            **(actor_loss or {}),
+        )
         self.value_loss = DreamerValueLoss(self.critic, **value_loss)
         # DreamerV3's replay value loss, scaled by repval (0: the critic learns in imagination
         # only); its returns take the imagined returns' γ and λ as configured here (a later
@@ -133,8 +136,6 @@ class DreamerAgent(WorldModelAgent):
             slow_reg=self.value_loss.slow_reg,
             state_grad=repval_grad,
         )
-        # With repval_grad the world-model loss hands its posteriors over with their graph.
-        self.wm_loss.state_grad = repval_grad
         self._init_optimizers(
             {"model": self.world_model, "actor": self.actor, "critic": self.critic},
             {"model": 3e-4, "actor": 8e-5, "critic": 8e-5, **(lr or {})},
