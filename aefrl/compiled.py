@@ -15,6 +15,9 @@ Parameter names are unchanged (methods are replaced on the instances, MLPs compi
 from __future__ import annotations
 
 import copy
+import logging
+import re
+from collections import Counter
 
 import torch
 from torch import nn
@@ -53,3 +56,63 @@ def eager_copy(module: nn.Module) -> nn.Module:
         for name in COMPILED_METHODS:
             sub.__dict__.pop(name, None)  # the class's method again
     return dup
+
+
+class RecompileLimitWatch(logging.Handler):
+    """Counts dynamo's "hit config.recompile_limit" warnings, per function.
+
+    Past the limit dynamo runs that function eagerly from then on and says so once, in a log line
+    that a benchmark's result file would not show: a compiled timing could then be partly eager
+    and look like a slow compile. :func:`compile_stats` reports the count beside the graph counts.
+    Attach it with :meth:`install` (idempotent; one per process).
+    """
+
+    _LOGGER = "torch._dynamo.convert_frame"
+    _PATTERN = re.compile(r"hit config\.(\w*recompile_limit\w*|cache_size_limit\w*)")
+    _FUNCTION = re.compile(r"function: '([^']+)'")
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.hits: Counter[str] = Counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if self._PATTERN.search(message):
+            name = self._FUNCTION.search(message)
+            self.hits[name.group(1) if name else "?"] += 1
+
+    @classmethod
+    def install(cls) -> RecompileLimitWatch:
+        logger = logging.getLogger(cls._LOGGER)
+        for handler in logger.handlers:
+            if isinstance(handler, cls):
+                return handler
+        handler = cls()
+        logger.addHandler(handler)
+        return handler
+
+
+def compile_stats() -> dict:
+    """What dynamo did in this process so far: ``{"unique_graphs", "graph_breaks",
+    "recompile_limit_hits", "functions_past_limit"}`` (the last two from
+    :class:`RecompileLimitWatch`, zero and empty unless it was installed before compiling).
+
+    A compiled timing is only what it says when ``recompile_limit_hits`` is 0; graph breaks
+    split a compiled function into several graphs with eager code between them."""
+    from torch._dynamo.utils import counters
+
+    watch = next(
+        (
+            h
+            for h in logging.getLogger(RecompileLimitWatch._LOGGER).handlers
+            if isinstance(h, RecompileLimitWatch)
+        ),
+        None,
+    )
+    hits = watch.hits if watch is not None else Counter()
+    return {
+        "unique_graphs": int(counters["stats"]["unique_graphs"]),
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+        "recompile_limit_hits": int(sum(hits.values())),
+        "functions_past_limit": sorted(hits),
+    }

@@ -77,6 +77,7 @@ from aefrl.bench.timing import (  # noqa: E402
 )
 from aefrl.bench.torchrl_peer import TorchrlDreamer  # noqa: E402
 from aefrl.cli import UserError, resolve_device  # noqa: E402
+from aefrl.compiled import RecompileLimitWatch, compile_stats  # noqa: E402
 from aefrl.envs.dmc import task_action_dim  # noqa: E402
 from aefrl.provenance import command_line, machine_info, write_result  # noqa: E402
 from agents.factory import build_agent  # noqa: E402
@@ -683,6 +684,14 @@ def headline(result: dict, kinds) -> None:
     )
 
 
+def finish(result: dict, args, t0: float) -> None:
+    """The closing fields of every result: load, wall time and, compiled, what dynamo did."""
+    result["load_average"]["end"] = load_average()
+    result["wall_s"] = round(time.time() - t0, 1)
+    if args.compile:
+        result["compile_stats"] = compile_stats()
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
@@ -690,6 +699,8 @@ def main(argv=None) -> dict:
     if args.allocator == "tuned":
         tune_malloc()  # as scripts/train.py does, for both implementations (same process)
     settle_allocator()  # first-call memory = warm-process memory (see its docstring)
+    if args.compile:
+        RecompileLimitWatch.install()  # a function past dynamo's limit runs eagerly: count them
     t0 = time.time()
     result: dict = {
         "command": command_line("scripts/bench.py", argv),
@@ -728,8 +739,7 @@ def main(argv=None) -> dict:
         result["e2e_speedup_vs_torchrl"] = e2e_speedup(
             result["end_to_end"], result["end_to_end_torchrl"], args
         )
-        result["load_average"]["end"] = load_average()
-        result["wall_s"] = round(time.time() - t0, 1)
+        finish(result, args, t0)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         e = result["end_to_end"]
@@ -762,8 +772,7 @@ def main(argv=None) -> dict:
     result["default_sizes"] = measure_default_sizes(args)
     result["collection"] = collection_summary(args)
     result["architecture_notes"] = ARCHITECTURE_NOTES
-    result["load_average"]["end"] = load_average()
-    result["wall_s"] = round(time.time() - t0, 1)
+    finish(result, args, t0)
 
     from aefrl.bench.report import markdown, update_docs
 

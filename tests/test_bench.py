@@ -94,6 +94,13 @@ def test_toy_run_writes_every_key(bench, tmp_path):
     assert "peak RSS MiB" in md and "peak RSS MiB" not in gpu_md
     assert gpu_md.count("max allocated MiB") == md.count("peak RSS MiB")
     assert "peak RSS of the process" not in gpu_md and "Peak RSS as above" not in gpu_md
+    # A compiled run says what dynamo did, and a function past its limit marks the times.
+    assert "compile_stats" not in result and "dynamo" not in md
+    stats = {"unique_graphs": 9, "graph_breaks": 0, "recompile_limit_hits": 0}
+    clean = markdown({**result, "compile_stats": {**stats, "functions_past_limit": []}})
+    assert "dynamo made 9 graphs with 0 graph breaks; no function hit" in clean
+    stats.update(recompile_limit_hits=1, functions_past_limit=["forward"])
+    assert "1 functions hit its recompile limit" in markdown({**result, "compile_stats": stats})
 
 
 def test_only_e2e_writes_the_end_to_end_run_alone(bench, tmp_path):

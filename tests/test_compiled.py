@@ -89,3 +89,39 @@ def test_planner_compiles_its_world_model_steps():
     assert agent.world_model.reward_head.net._compiled_call_impl is not None
     eager = PlannerAgent((3, 64, 64), 2, **cfg)
     assert list(agent.state_dict()["modules"]) == list(eager.state_dict()["modules"])
+
+
+def test_compile_stats_count_graphs_and_functions_past_the_recompile_limit(monkeypatch):
+    """Past dynamo's recompile limit a function runs eagerly for good, said only in a log line:
+    the watch counts it (once per function) so a compiled benchmark can say its times are
+    partly eager. The eager backend: dynamo's bookkeeping without inductor's compile time."""
+    import torch._dynamo as dynamo
+
+    from aefrl.compiled import RecompileLimitWatch, compile_stats
+
+    dynamo.reset()
+    monkeypatch.setattr(dynamo.config, "recompile_limit", 2)
+    watch = RecompileLimitWatch.install()
+    assert RecompileLimitWatch.install() is watch  # one per process
+    before = compile_stats()
+
+    def shape_bound(x):
+        return x * 2 + 1
+
+    def fixed(x):
+        return x - 1
+
+    step, other = (torch.compile(f, backend="eager", dynamic=False) for f in (shape_bound, fixed))
+    for n in (2, 3):  # two shapes: within the limit
+        step(torch.ones(n))
+        other(torch.ones(2))
+    mid = compile_stats()
+    assert mid["unique_graphs"] - before["unique_graphs"] == 3
+    assert mid["recompile_limit_hits"] == before["recompile_limit_hits"]
+    for n in (4, 5, 6):  # a third shape passes the limit; later ones run eagerly, unsaid
+        torch.testing.assert_close(step(torch.ones(n)), torch.full((n,), 3.0))
+    after = compile_stats()
+    assert after["recompile_limit_hits"] - mid["recompile_limit_hits"] == 1
+    assert "shape_bound" in after["functions_past_limit"]
+    assert "fixed" not in after["functions_past_limit"]
+    assert after["unique_graphs"] == mid["unique_graphs"]  # no graph made past the limit

@@ -164,6 +164,20 @@ def _headline(r: dict) -> list[str]:
             f"{r['options'].get('autocast', 'none')}; its Dreamer script ships with compiled "
             "losses and bf16 autocast: `--compile --autocast bf16`).",
         ]
+    stats = r.get("compile_stats")
+    if stats is not None:
+        past = stats["functions_past_limit"]
+        lines += [
+            "",
+            f"Compiled (`--compile`): dynamo made {stats['unique_graphs']} graphs with "
+            f"{stats['graph_breaks']} graph breaks; "
+            + (
+                f"**{stats['recompile_limit_hits']} functions hit its recompile limit and ran "
+                f"eagerly from then on** ({', '.join(past)}): the compiled times are partly eager."
+                if stats["recompile_limit_hits"]
+                else "no function hit its recompile limit."
+            ),
+        ]
     same = r.get("wm_update_speedup_vs_torchrl_same_trunks")
     if same is not None:
         lines += [
