@@ -86,6 +86,12 @@ RUN_FILES = (CHECKPOINT_NAME, RUN_CONFIG, RUN_RECORDS, RUN_LOCK, FINAL_EVALUATIO
 RUN_FOLDERS = ("tb", "replay")  # TensorBoard logs, a disk replay's files (aefrl.run_dir)
 
 
+def video_fps(conf: dict) -> float:
+    """The run's GIF frame rate (``logger.video_fps`` of its stored config ``conf``), as its
+    training logs use: the scripts that make GIFs from a checkpoint play them at the same speed."""
+    return float((conf.get("logger") or {}).get("video_fps", 15))
+
+
 def output_path(
     path: str | Path | None, default: Path, run: str | Path | None = None, taken: tuple = ()
 ) -> Path:

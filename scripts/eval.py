@@ -123,7 +123,7 @@ from aefrl.checkpoint import (
     write_bytes_atomically,
     write_text_atomically,
 )
-from aefrl.cli import UserError, make_run_env, output_path, resolve_device
+from aefrl.cli import UserError, make_run_env, output_path, resolve_device, video_fps
 from aefrl.evaluation import critic_calibration, run_episodes
 from aefrl.logging import encode_gif, to_hwc_uint8
 from aefrl.provenance import machine_info
@@ -319,11 +319,6 @@ def evaluate_checkpoint(args) -> int:
     if record:
         print(f"video (agent view | reconstruction): {video}")
     return 0
-
-
-def video_fps(conf: dict) -> float:
-    """The run's GIF frame rate (``logger.video_fps``), as its training logs and reports use."""
-    return float((conf.get("logger") or {}).get("video_fps", 15))
 
 
 def summary_line(result: dict) -> str:

@@ -130,7 +130,7 @@ from aefrl.checkpoint import (
     write_bytes_atomically,
     write_text_atomically,
 )
-from aefrl.cli import UserError, make_run_env, output_path
+from aefrl.cli import UserError, make_run_env, output_path, video_fps
 from aefrl.collect import Collector
 from aefrl.logging import encode_gif, open_loop_video, to_hwc_uint8
 from aefrl.metrics import sharpness_ratio
@@ -293,8 +293,7 @@ def write_report(args, argv) -> int:
     if video is not None:
         n = args.video_sequences
         frames = open_loop_video(pred["real"][:n], pred["pred"][:n], CONTEXT)  # [T, C, n·H', 3W]
-        fps = float(conf.get("logger", {}).get("video_fps", 15))
-        gif = encode_gif([to_hwc_uint8(f) for f in frames], fps=fps)
+        gif = encode_gif([to_hwc_uint8(f) for f in frames], fps=video_fps(conf))
     result = {
         "run_dir": str(args.run_dir),
         "frames": state["counters"]["frames"],

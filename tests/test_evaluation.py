@@ -235,17 +235,24 @@ def test_an_interrupt_before_the_files_are_written_leaves_the_earlier_results(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "r.gif", "r.json"]
 
 
-def test_the_eval_gif_runs_at_the_runs_frame_rate(tmp_path, monkeypatch):
-    """eval.py wrote its GIF at 15 frames/s whatever the run's logger.video_fps."""
+@pytest.mark.parametrize("script_name", ["eval", "world_model_report"])
+@pytest.mark.parametrize(("logger", "fps"), [({"video_fps": 7}, 7.0), (None, 15.0)])
+def test_the_gifs_run_at_the_runs_frame_rate(tmp_path, monkeypatch, script_name, logger, fps):
+    """eval.py wrote its GIF at 15 frames/s whatever the run's logger.video_fps; both scripts
+    now play their GIFs at the run's rate (15, the logger's default, for a run config whose
+    ``logger`` is empty: the report's own lookup failed on it)."""
     from aefrl.checkpoint import load_checkpoint, save_checkpoint
 
-    write_tiny_dreamer_run(tmp_path)
+    write_tiny_dreamer_run(tmp_path, time_limit=0.4)
     state = load_checkpoint(tmp_path)
-    state["run_config"]["logger"] = {"video_fps": 7}
+    state["run_config"]["logger"] = logger
     save_checkpoint(tmp_path / "checkpoint.pt", state)
-    script = load_script("eval")
+    script = load_script(script_name)
     seen = []
     real = script.encode_gif
     monkeypatch.setattr(script, "encode_gif", lambda f, fps: seen.append(fps) or real(f, fps=fps))
-    assert script.main([str(tmp_path), "--episodes", "1", "--render", "fast"]) == 0
-    assert seen == [7.0]
+    args = [str(tmp_path), "--episodes", "1", "--render", "fast"]
+    if script_name == "world_model_report":
+        args[2:3] = ["3", "--num-samples", "2", "--proposal-scale", "0.5"]
+    assert script.main(args) == 0
+    assert seen == [fps]
