@@ -59,17 +59,18 @@ def eager_copy(module: nn.Module) -> nn.Module:
 
 
 class RecompileLimitWatch(logging.Handler):
-    """Counts dynamo's "hit config.recompile_limit" warnings, per function.
+    """Names the functions that hit dynamo's recompile limit, from its warning.
 
     Past the limit dynamo runs that function eagerly from then on and says so once, in a log line
-    that a benchmark's result file would not show: a compiled timing could then be partly eager
-    and look like a slow compile. :func:`compile_stats` reports the count beside the graph counts.
-    Attach it with :meth:`install` (idempotent; one per process).
+    that a benchmark's result file would not show: a compiled timing could then be partly eager.
+    :func:`compile_stats` counts the hits from dynamo's own counters (whatever the logging
+    settings) and takes their names from here (none where ``TORCH_LOGS`` silences dynamo's
+    warnings). Attach it with :meth:`install` (idempotent; one per process).
     """
 
     _LOGGER = "torch._dynamo.convert_frame"
-    _PATTERN = re.compile(r"hit config\.(\w*recompile_limit\w*|cache_size_limit\w*)")
-    _FUNCTION = re.compile(r"function: '([^']+)'")
+    _PATTERN = re.compile(r"hit config\.\w*(recompile|cache_size)_limit")
+    _FUNCTION = re.compile(r"function: '([^']+)' \(([^)]*)\)")
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
@@ -78,41 +79,55 @@ class RecompileLimitWatch(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
         if self._PATTERN.search(message):
-            name = self._FUNCTION.search(message)
-            self.hits[name.group(1) if name else "?"] += 1
+            found = self._FUNCTION.search(message)
+            # name and place: every module's function is called forward
+            where = f"{found.group(1)} ({_short_place(found.group(2))})" if found else "?"
+            self.hits[where] += 1
+
+    @classmethod
+    def find(cls) -> RecompileLimitWatch | None:
+        return next(
+            (h for h in logging.getLogger(cls._LOGGER).handlers if isinstance(h, cls)), None
+        )
 
     @classmethod
     def install(cls) -> RecompileLimitWatch:
-        logger = logging.getLogger(cls._LOGGER)
-        for handler in logger.handlers:
-            if isinstance(handler, cls):
-                return handler
-        handler = cls()
-        logger.addHandler(handler)
+        handler = cls.find()
+        if handler is None:
+            handler = cls()
+            logging.getLogger(cls._LOGGER).addHandler(handler)
         return handler
 
 
-def compile_stats() -> dict:
-    """What dynamo did in this process so far: ``{"unique_graphs", "graph_breaks",
-    "recompile_limit_hits", "functions_past_limit"}`` (the last two from
-    :class:`RecompileLimitWatch`, zero and empty unless it was installed before compiling).
+def _short_place(place: str) -> str:
+    """``/long/path/aefrl/nn.py:97`` -> ``aefrl/nn.py:97`` (the last two path parts)."""
+    return "/".join(place.replace("\\", "/").split("/")[-2:])
 
-    A compiled timing is only what it says when ``recompile_limit_hits`` is 0; graph breaks
-    split a compiled function into several graphs with eager code between them."""
+
+# dynamo counts each function past the limit once, under this graph-break type
+_LIMIT_KEYS = ("recompile limit exceeded", "cache size limit exceeded")
+
+
+def compile_stats() -> dict:
+    """What dynamo did in this process so far: ``{"unique_graphs", "recompile_limit_hits",
+    "functions_past_limit"}``.
+
+    A compiled timing is only what it says when ``recompile_limit_hits`` is 0: past the limit a
+    function runs eagerly for good. The hits are dynamo's own count; the names (``"forward
+    (aefrl/nn.py:97)"``) come from :class:`RecompileLimitWatch`'s reading of its warnings, so
+    they are listed only when the watch was installed before compiling and the warnings were not
+    silenced. (Graph breaks are not counted here: dynamo's counters file the data-dependent ones
+    with other unsupported constructs; ``torch._dynamo.explain`` counts them per function.)"""
     from torch._dynamo.utils import counters
 
-    watch = next(
-        (
-            h
-            for h in logging.getLogger(RecompileLimitWatch._LOGGER).handlers
-            if isinstance(h, RecompileLimitWatch)
-        ),
-        None,
+    hits = sum(
+        n
+        for reason, n in counters["unimplemented"].items()
+        if any(key in reason.lower() for key in _LIMIT_KEYS)
     )
-    hits = watch.hits if watch is not None else Counter()
+    watch = RecompileLimitWatch.find()
     return {
         "unique_graphs": int(counters["stats"]["unique_graphs"]),
-        "graph_breaks": int(sum(counters["graph_break"].values())),
-        "recompile_limit_hits": int(sum(hits.values())),
-        "functions_past_limit": sorted(hits),
+        "recompile_limit_hits": int(hits),
+        "functions_past_limit": sorted(watch.hits) if watch is not None else [],
     }

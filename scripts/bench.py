@@ -572,7 +572,7 @@ def measure_end_to_end(args) -> dict:
     s = args.plan.identical
     torch.manual_seed(0)
     sizes = replace(s, action_dim=task_action_dim(args.task))
-    ours = build_ours("aef", sizes, args.device, autocast=args.autocast)
+    ours = build_ours("aef", sizes, args.device, args.compile, args.autocast)
     return agent_steps_per_second(
         ours.agent,
         task=args.task,
@@ -611,9 +611,9 @@ def measure_end_to_end_torchrl(args) -> dict | None:
 
 def e2e_speedup(ours: dict | None, theirs: dict | None, args) -> float | None:
     """Our end-to-end agent steps/s over torchrl's; None where either did not run, or where
-    they differ: torchrl's loop runs one env in float32, ours with ``--num-envs`` and
-    ``--autocast`` as given."""
-    if not ours or not theirs or args.num_envs != 1 or args.autocast != "none":
+    they differ: torchrl's loop runs one env in float32, eagerly, ours with ``--num-envs``,
+    ``--autocast`` and ``--compile`` as given."""
+    if not ours or not theirs or args.num_envs != 1 or args.autocast != "none" or args.compile:
         return None
     return round(ours["agent_steps_per_s"] / theirs["agent_steps_per_s"], 3)
 
@@ -754,6 +754,8 @@ def main(argv=None) -> dict:
         kinds += ["aef" + GRAPH, "vae" + GRAPH]
 
     ident = measure_identical(args, kinds)
+    if args.compile:  # the headline's own count; the whole run's is the result's
+        ident["compile_stats"] = compile_stats()
     subjects = ident.pop("_subjects")
     result["identical_sizes"] = ident
     headline(result, kinds)

@@ -2,9 +2,12 @@
 parameter names. Inductor's random numbers are made eager-identical (``fallback_random``), so
 the two updates see the same noise and must agree to float tolerance."""
 
+import logging
+
 import pytest
 import torch
 import torch._inductor.config as inductor_config
+from torch import nn
 
 from aefrl.bench.subjects import Sizes, random_batch
 from tests.agents.test_dreamer import TINY
@@ -93,8 +96,9 @@ def test_planner_compiles_its_world_model_steps():
 
 def test_compile_stats_count_graphs_and_functions_past_the_recompile_limit(monkeypatch):
     """Past dynamo's recompile limit a function runs eagerly for good, said only in a log line:
-    the watch counts it (once per function) so a compiled benchmark can say its times are
-    partly eager. The eager backend: dynamo's bookkeeping without inductor's compile time."""
+    the stats count it (once per function, from dynamo's counters) and name it by the watch's
+    reading of that line, so a compiled benchmark can say its times are partly eager. The eager
+    backend: dynamo's bookkeeping without inductor's compile time."""
     import torch._dynamo as dynamo
 
     from aefrl.compiled import RecompileLimitWatch, compile_stats
@@ -105,23 +109,64 @@ def test_compile_stats_count_graphs_and_functions_past_the_recompile_limit(monke
     assert RecompileLimitWatch.install() is watch  # one per process
     before = compile_stats()
 
-    def shape_bound(x):
-        return x * 2 + 1
+    class Double(nn.Module):
+        def forward(self, x):
+            return 2 * x
 
-    def fixed(x):
-        return x - 1
+    class Shift(nn.Module):
+        def forward(self, x):
+            return x - 1
 
-    step, other = (torch.compile(f, backend="eager", dynamic=False) for f in (shape_bound, fixed))
+    double, shift = (torch.compile(m(), backend="eager", dynamic=False) for m in (Double, Shift))
     for n in (2, 3):  # two shapes: within the limit
-        step(torch.ones(n))
-        other(torch.ones(2))
+        double(torch.ones(n))
+        shift(torch.ones(2))
     mid = compile_stats()
     assert mid["unique_graphs"] - before["unique_graphs"] == 3
     assert mid["recompile_limit_hits"] == before["recompile_limit_hits"]
     for n in (4, 5, 6):  # a third shape passes the limit; later ones run eagerly, unsaid
-        torch.testing.assert_close(step(torch.ones(n)), torch.full((n,), 3.0))
+        torch.testing.assert_close(double(torch.ones(n)), torch.full((n,), 2.0))
     after = compile_stats()
     assert after["recompile_limit_hits"] - mid["recompile_limit_hits"] == 1
-    assert "shape_bound" in after["functions_past_limit"]
-    assert "fixed" not in after["functions_past_limit"]
     assert after["unique_graphs"] == mid["unique_graphs"]  # no graph made past the limit
+    new = set(after["functions_past_limit"]) - set(mid["functions_past_limit"])
+    line = Double.forward.__code__.co_firstlineno
+    assert new == {f"forward (tests/test_compiled.py:{line})"}, new
+    # Every module's function is called forward: a second one past the limit is named apart,
+    # and counted with dynamo's warnings silenced (then it cannot be named).
+    logger = logging.getLogger("torch._dynamo")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # as TORCH_LOGS="-dynamo" does
+    try:
+        for n in (3, 4, 5):
+            shift(torch.ones(n))
+    finally:
+        logger.setLevel(level)
+    silenced = compile_stats()
+    assert silenced["recompile_limit_hits"] - after["recompile_limit_hits"] == 1
+    assert silenced["functions_past_limit"] == after["functions_past_limit"]
+
+
+def test_compile_stats_count_the_accumulated_recompile_limit(monkeypatch):
+    """dynamo's second limit, on all the variants of one code object across frames, reads as a
+    hit too."""
+    import torch._dynamo as dynamo
+
+    from aefrl.compiled import RecompileLimitWatch, compile_stats
+
+    if not hasattr(dynamo.config, "accumulated_recompile_limit"):
+        pytest.skip("this torch has no accumulated recompile limit")
+    dynamo.reset()
+    monkeypatch.setattr(dynamo.config, "accumulated_recompile_limit", 2)
+    RecompileLimitWatch.install()
+    before = compile_stats()
+
+    def scale(x):
+        return 3 * x
+
+    f = torch.compile(scale, backend="eager", dynamic=False)
+    for n in (2, 3, 4, 5):
+        f(torch.ones(n))
+    after = compile_stats()
+    assert after["recompile_limit_hits"] - before["recompile_limit_hits"] == 1
+    assert any(name.startswith("scale (") for name in after["functions_past_limit"])

@@ -164,20 +164,9 @@ def _headline(r: dict) -> list[str]:
             f"{r['options'].get('autocast', 'none')}; its Dreamer script ships with compiled "
             "losses and bf16 autocast: `--compile --autocast bf16`).",
         ]
-    stats = r.get("compile_stats")
+    stats = r.get("compile_stats") if r["options"].get("compile") else None
     if stats is not None:
-        past = stats["functions_past_limit"]
-        lines += [
-            "",
-            f"Compiled (`--compile`): dynamo made {stats['unique_graphs']} graphs with "
-            f"{stats['graph_breaks']} graph breaks; "
-            + (
-                f"**{stats['recompile_limit_hits']} functions hit its recompile limit and ran "
-                f"eagerly from then on** ({', '.join(past)}): the compiled times are partly eager."
-                if stats["recompile_limit_hits"]
-                else "no function hit its recompile limit."
-            ),
-        ]
+        lines += ["", _compile_line(r["identical_sizes"].get("compile_stats", stats), stats)]
     same = r.get("wm_update_speedup_vs_torchrl_same_trunks")
     if same is not None:
         lines += [
@@ -457,6 +446,34 @@ def _collection(r: dict) -> list[str]:
             f"{x['agent_steps_per_s']} | {x['frames_per_s']} |"
         )
     return lines
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _compile_line(headline: dict, run: dict) -> str:
+    """What dynamo did by the end of the headline's measurements and of the whole run (ours and
+    torchrl's compiled functions together)."""
+
+    def past(stats: dict) -> str:
+        n, names = stats["recompile_limit_hits"], stats["functions_past_limit"]
+        if not n:
+            return "no function hit its recompile limit"
+        return (
+            f"**{_plural(n, 'function')} hit its recompile limit and ran eagerly from then on**"
+            + (f" ({', '.join(names)})" if names else "")
+        )
+
+    text = (
+        "Compiled (`--compile`, ours and torchrl's losses): in the identical-sizes measurements "
+        f"dynamo made {_plural(headline['unique_graphs'], 'graph')} and {past(headline)}"
+    )
+    if headline["recompile_limit_hits"]:
+        text += ": the compiled times above are partly eager"
+    if run != headline:
+        text += f"; by the end of the run, {_plural(run['unique_graphs'], 'graph')} and {past(run)}"
+    return text + "."
 
 
 def markdown(r: dict) -> str:
