@@ -70,7 +70,7 @@ class RecompileLimitWatch(logging.Handler):
 
     _LOGGER = "torch._dynamo.convert_frame"
     _PATTERN = re.compile(r"hit config\.\w*(recompile|cache_size)_limit")
-    _FUNCTION = re.compile(r"function: '([^']+)' \(([^)]*)\)")
+    _FUNCTION = re.compile(r"function: '([^']+)' \((.*?:\d+)\)")
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
@@ -104,8 +104,11 @@ def _short_place(place: str) -> str:
     return "/".join(place.replace("\\", "/").split("/")[-2:])
 
 
-# dynamo counts each function past the limit once, under this graph-break type
-_LIMIT_KEYS = ("recompile limit exceeded", "cache size limit exceeded")
+# dynamo counts each function past the limit once, under an "unsupported" reason worded by
+# version: "Dynamo recompile limit exceeded" (2.13), "Dynamo cache limit exceeded" (earlier
+# graph-break registry), "recompile_limit reached" / "accumulated_cache_size_limit reached"
+# (older RecompileLimitExceeded)
+_LIMIT_REASON = re.compile(r"(recompile|cache)(_size)?[ _]limit (exceeded|reached)")
 
 
 def compile_stats() -> dict:
@@ -120,14 +123,12 @@ def compile_stats() -> dict:
     with other unsupported constructs; ``torch._dynamo.explain`` counts them per function.)"""
     from torch._dynamo.utils import counters
 
-    hits = sum(
-        n
-        for reason, n in counters["unimplemented"].items()
-        if any(key in reason.lower() for key in _LIMIT_KEYS)
-    )
+    hits = sum(n for why, n in counters["unimplemented"].items() if _LIMIT_REASON.search(why))
     watch = RecompileLimitWatch.find()
+    names = sorted(watch.hits) if watch is not None else []
     return {
         "unique_graphs": int(counters["stats"]["unique_graphs"]),
-        "recompile_limit_hits": int(hits),
-        "functions_past_limit": sorted(watch.hits) if watch is not None else [],
+        # a torch whose counter wording this misses still names them in its warning
+        "recompile_limit_hits": int(max(hits, len(names))),
+        "functions_past_limit": names,
     }

@@ -119,7 +119,9 @@ full)
     step bench_cuda_bf16 280 "$PY" scripts/bench.py --device cuda --graph --autocast bf16 \
         --reps 10 --skip-e2e --out "$out/bench_cuda_bf16.json"
     ;;
-compile)
+compile)  # the recompile-limit count against this torch's dynamo first (seconds)
+    step compile_stats_test 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_compiled.py \
+        -k compile_stats
     step bench_cuda_compile 280 "$PY" scripts/bench.py --device cuda --graph --compile --quick \
         --skip-e2e --out "$out/bench_cuda_compile.json"
     step bench_cuda_compile_bf16 280 "$PY" scripts/bench.py --device cuda --graph --compile \

@@ -104,6 +104,10 @@ def test_a_compiled_run_says_what_dynamo_did(bench, tmp_path, monkeypatch):
     tests/test_compiled.py; here compiling is skipped (identity) and the counts are stand-ins,
     so the test checks when they are taken and how they are reported."""
     monkeypatch.setattr(torch, "compile", lambda model=None, **options: model)
+    # agent.compile raises dynamo's limit for the process; keep it to this test
+    monkeypatch.setattr(
+        torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit
+    )
     counts = iter(
         [
             {"unique_graphs": 1, "recompile_limit_hits": 1, "functions_past_limit": ["f (a:1)"]},
@@ -123,7 +127,8 @@ def test_a_compiled_run_says_what_dynamo_did(bench, tmp_path, monkeypatch):
     assert (
         "dynamo made 1 graph and **1 function hit its recompile limit and ran eagerly from then "
         "on** (f (a:1)): the compiled times above are partly eager; by the end of the run, "
-        "5 graphs and **2 functions hit" in md
+        "dynamo made 5 graphs and **2 functions hit its recompile limit and ran eagerly from "
+        "then on** (f (a:1)): the later sections' compiled times are partly eager." in md
     )
     from aefrl.bench.report import markdown
 
@@ -132,6 +137,17 @@ def test_a_compiled_run_says_what_dynamo_did(bench, tmp_path, monkeypatch):
     text = markdown({**result, "compile_stats": clean})
     assert "dynamo made 3 graphs and no function hit its recompile limit." in text
     assert "by the end of the run" not in text and "partly eager" not in text
+    late = {"unique_graphs": 4, "recompile_limit_hits": 1, "functions_past_limit": []}
+    text = markdown({**result, "compile_stats": late})  # a hit after the headline's count
+    assert (
+        "3 graphs and no function hit its recompile limit; by the end of the run, dynamo made "
+        "4 graphs and **1 function hit its recompile limit and ran eagerly from then on**: the "
+        "later sections' compiled times are partly eager." in text
+    )
+    del result["identical_sizes"]["compile_stats"]  # a result from before the headline's count
+    text = markdown({**result, "compile_stats": late})
+    assert "losses): in the whole run, dynamo made 4 graphs and **1 function" in text
+    assert "identical-sizes" not in text.split("Compiled (")[1].split("\n")[0]
 
 
 def test_only_e2e_writes_the_end_to_end_run_alone(bench, tmp_path):
@@ -252,7 +268,7 @@ def test_gpu_script_runs_every_step_of_a_stage_and_packs_the_results_into_out(tm
     assert run.returncode == 0, run.stderr
     calls = log.read_text().splitlines()
     assert "torch.cuda.is_available" in calls[0] and "import torch, torchrl" in calls[1]
-    expected = {"quick": 3, "full": 2, "compile": 2, "e2e": 3}[stage]
+    expected = {"quick": 3, "full": 2, "compile": 3, "e2e": 3}[stage]
     assert len(calls) == 2 + expected
     if stage == "quick":  # the numbers first, the tests in what is left
         assert "bench.py" in calls[2] and "bench.py" in calls[3] and "pytest" in calls[4]
@@ -417,6 +433,12 @@ def test_e2e_speedup_only_compares_like_with_like(bench, monkeypatch):
     with pytest.raises(BuiltError):
         bench.measure_end_to_end(bench.parse_args(["--toy", "--only-e2e", "--compile"]))
     assert built == [True]
+    from aefrl.bench.report import _e2e_torchrl
+
+    fields = "task render train_ratio batch prefill_steps frames_per_batch timed_agent_steps"
+    t = dict.fromkeys(fields.split(), 1) | dict.fromkeys(["updates_in_timed_steps", "seconds"], 1)
+    text = "".join(_e2e_torchrl({"end_to_end_torchrl": {**theirs, **t}}))
+    assert "No speedup: ours ran with other envs, precision or compilation than" in text
 
 
 def test_gpu_script_ends_every_step_by_its_deadline(tmp_path):

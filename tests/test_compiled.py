@@ -170,3 +170,53 @@ def test_compile_stats_count_the_accumulated_recompile_limit(monkeypatch):
     after = compile_stats()
     assert after["recompile_limit_hits"] - before["recompile_limit_hits"] == 1
     assert any(name.startswith("scale (") for name in after["functions_past_limit"])
+
+
+@pytest.mark.parametrize(
+    ("reason", "counted"),
+    [
+        ("Dynamo recompile limit exceeded\n  Explanation: ...", True),  # torch 2.13
+        ("Dynamo cache limit exceeded\n  Explanation: ...", True),  # the registry's older type
+        ("recompile_limit reached", True),  # older RecompileLimitExceeded messages
+        ("accumulated_recompile_limit reached", True),
+        ("accumulated_cache_size_limit reached", True),
+        ("Data-dependent branching\n  Explanation: ...", False),  # a graph break, no limit
+    ],
+)
+def test_compile_stats_read_the_limit_in_every_wording(monkeypatch, reason, counted):
+    """The GPU machine's torch is older than this one's: dynamo's counter for a function past
+    the limit has been worded three ways; other unsupported constructs are not hits. Where the
+    counter is missed but the warning named the function, the names count."""
+    from collections import Counter
+
+    from torch._dynamo.utils import counters
+
+    from aefrl.compiled import RecompileLimitWatch, compile_stats
+
+    watch = RecompileLimitWatch.install()
+    monkeypatch.setitem(counters, "unimplemented", Counter())
+    monkeypatch.setattr(watch, "hits", Counter())
+    counters["unimplemented"][reason] += 1
+    assert compile_stats()["recompile_limit_hits"] == int(counted)
+    watch.hits["forward (aefrl/nn.py:97)"] += 1
+    watch.hits["forward (a (copy)/b.py:3)"] += 1
+    stats = compile_stats()
+    assert stats["recompile_limit_hits"] == 2  # the names, where the counter says fewer
+    assert stats["functions_past_limit"] == [
+        "forward (a (copy)/b.py:3)",
+        "forward (aefrl/nn.py:97)",
+    ]
+
+
+def test_the_watch_names_a_function_in_a_folder_with_brackets():
+    import logging
+
+    from aefrl.compiled import RecompileLimitWatch
+
+    watch = RecompileLimitWatch()
+    message = (
+        "torch._dynamo hit config.recompile_limit (8)\n   function: 'forward' "
+        "(/home/me/proj (copy)/aefrl/nn.py:97)\n   last reason: 0/7: tensor 'x' size mismatch"
+    )
+    watch.emit(logging.LogRecord("torch._dynamo.convert_frame", 30, "f", 1, message, None, None))
+    assert dict(watch.hits) == {"forward (aefrl/nn.py:97)": 1}
