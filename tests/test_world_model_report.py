@@ -42,6 +42,21 @@ def test_report_on_fresh_episodes(tmp_path):
     fixed = json.loads((tmp_path / "world_model_report.json").read_text())
     assert fixed["proposal_scale"] == 0.5 and "proposal_scale_search" not in fixed
     assert fixed["proposal_scale_tuned_on"] is None and fixed["sequences"] == 2
+    # The tuning episode is the one collected last, and tuning leaves the report's draws alone:
+    # at the tuned s, the reported episodes score exactly as in a run that tuned nothing.
+    # (Random actions: the deterministic policy's episodes here differ by a few pixels.)
+    out = tmp_path / "world_model_report_random.json"
+    assert script.main([*args, "--policy", "random"]) == 0
+    tuned = json.loads(out.read_text())
+    assert (
+        script.main(
+            [*args, "--policy", "random", "--proposal-scale", repr(tuned["proposal_scale"])]
+        )
+        == 0
+    )
+    at_s = json.loads(out.read_text())
+    assert at_s["bits_per_dim_by_episode"] == tuned["bits_per_dim_by_episode"]
+    assert at_s["open_loop_mse"] == tuned["open_loop_mse"]
 
 
 def test_bits_per_dim_by_episode_averages_each_episodes_own_sequences(tmp_path, monkeypatch):
