@@ -83,7 +83,8 @@ class PlanningConfig:
         )
         with np.errstate(over="ignore", under="ignore"):  # host arithmetic, also on "meta"
             in_float32 = float(np.float32(self.temperature)) if number else math.nan
-        if not (math.isfinite(in_float32) and in_float32 > 0):
+        # Subnormal float32 values (below ~1.2e-38) lose precision: the stated range, kept.
+        if not (math.isfinite(in_float32) and in_float32 >= np.finfo(np.float32).tiny):
             # An inverse temperature: a negative one weights the worst sequences most, and NaN
             # made NaN actions (the physics refused them several frames into an episode).
             raise ValueError(

@@ -129,7 +129,7 @@ from aefrl.logging import encode_gif, to_hwc_uint8
 from aefrl.provenance import machine_info
 from aefrl.world_model.modules import stored_action_dim, world_model_from_checkpoint
 from agents.modules import agent_from_checkpoint
-from agents.planner import PlannerAgent
+from agents.planner import PlannerAgent, PlanningConfig
 
 imports_done()  # Ctrl-C raises KeyboardInterrupt again (main handles it)
 
@@ -176,6 +176,12 @@ def build_planner_agent(state: dict, args, action_dim: int) -> PlannerAgent:
     for option, field in PLANNER_OPTIONS.items():
         if getattr(args, option) is not None:
             options[field] = getattr(args, option)
+    method = options.get("method", PlanningConfig.method)
+    if args.temperature is not None and method != "mppi":  # before its range: it is not used
+        raise UserError(
+            f"--temperature is MPPI's inverse temperature, and the planner here is "
+            f"{method}: add --planner mppi, or leave --temperature out"
+        )
     try:
         agent = PlannerAgent(
             world_model.obs_shape, action_dim, world_model=world_model, planner=options
@@ -189,11 +195,6 @@ def build_planner_agent(state: dict, args, action_dim: int) -> PlannerAgent:
         if unset:
             message += f" ({', '.join(unset)}: the run's or the default value; set it too)"
         raise UserError(message) from None
-    if args.temperature is not None and agent.planning.method != "mppi":
-        raise UserError(
-            f"--temperature is MPPI's inverse temperature, and the planner here is "
-            f"{agent.planning.method}: add --planner mppi, or leave --temperature out"
-        )
     return agent
 
 

@@ -252,7 +252,10 @@ def test_a_temperature_beyond_float32_is_refused():
         tiny_planner(method="mppi", temperature=1e39)
     with pytest.raises(ValueError, match=r"got 1e-50"):  # 0 in float32: returns ignored
         tiny_planner(method="mppi", temperature=1e-50)
+    with pytest.raises(ValueError, match=r"got 1e-40"):  # subnormal in float32
+        tiny_planner(method="mppi", temperature=1e-40)
     assert tiny_planner(method="mppi", temperature=1e38).planning.temperature == 1e38
+    assert tiny_planner(method="mppi", temperature=1.2e-38).planning.temperature == 1.2e-38
 
 
 def test_train_step_trains_only_the_world_model_and_round_trips():
@@ -432,6 +435,9 @@ def test_eval_refuses_a_temperature_the_planner_does_not_use(tmp_path, capsys):
         "--planner mppi, or leave --temperature out\n"
     )
     assert not (tmp_path / "eval_planner.json").exists()
+    # One out of MPPI's range too: what is wrong first is that cem does not use it.
+    assert load_script("eval").main([*args[:-1], "1e39"]) == 2
+    assert "the planner here is cem" in capsys.readouterr().err
     planning = ["--horizon", "2", "--candidates", "8", "--top-k", "2", "--iterations", "1"]
     mppi = [*args, "--planner", "mppi", "--render", "fast", "--video", "", *planning]
     assert load_script("eval").main(mppi) == 0
