@@ -54,11 +54,8 @@ def _decode(obj: Any) -> Any:
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
-    """Write ``payload`` to ``path`` atomically (temp file + fsync + rename). A symlink is
-    followed, as by :func:`write_bytes_atomically`: its target is replaced, not the link (a run
-    whose checkpoint.pt links to another disk keeps writing there)."""
+    """Write ``payload`` to ``path`` atomically (temp file + fsync + rename)."""
     path = Path(path)
-    path = path.resolve() if path.is_symlink() else path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:

@@ -186,19 +186,3 @@ def test_an_atomic_write_through_a_symlink_replaces_its_target(tmp_path):
     write_text_atomically(link, "new")
     assert link.is_symlink() and target.read_text() == "new"
     assert sorted(p.name for p in target.parent.iterdir()) == ["eval.json"]  # no temp left
-
-
-def test_a_checkpoint_saved_through_a_symlink_replaces_its_target(tmp_path):
-    """save_checkpoint replaced a symlinked checkpoint.pt with a file in the run directory (the
-    result files already followed their links)."""
-    from aefrl.checkpoint import load_checkpoint, save_checkpoint
-
-    target = tmp_path / "elsewhere" / "checkpoint.pt"
-    save_checkpoint(target, {"format": 1, "counters": {"frames": 1}})
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "checkpoint.pt").symlink_to(target)
-    save_checkpoint(run / "checkpoint.pt", {"format": 1, "counters": {"frames": 2}})
-    assert (run / "checkpoint.pt").is_symlink()
-    assert load_checkpoint(target)["counters"]["frames"] == 2
-    assert sorted(p.name for p in target.parent.iterdir()) == ["checkpoint.pt"]
