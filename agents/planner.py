@@ -83,12 +83,14 @@ class PlanningConfig:
         )
         with np.errstate(over="ignore", under="ignore"):  # host arithmetic, also on "meta"
             in_float32 = float(np.float32(self.temperature)) if number else math.nan
-        # Subnormal float32 values (below ~1.2e-38) lose precision: the stated range, kept.
-        if not (math.isfinite(in_float32) and in_float32 >= np.finfo(np.float32).tiny):
+        # Subnormal float32 values (below 1.18e-38) lose precision. cem does not read it: a cem
+        # run's stored value stays loadable whatever it is.
+        usable = math.isfinite(in_float32) and in_float32 >= np.finfo(np.float32).tiny
+        if self.method == "mppi" and not usable:
             # An inverse temperature: a negative one weights the worst sequences most, and NaN
             # made NaN actions (the physics refused them several frames into an episode).
             raise ValueError(
-                f"temperature must be a finite number > 0 (in float32: 1.2e-38 to 3.4e38), got "
+                f"temperature must be a finite number > 0 (in float32: 1.18e-38 to 3.4e38), got "
                 f"{self.temperature}"
             )
         if self.method == "cem" and self.top_k < 2 and self.iterations > 1:

@@ -353,7 +353,7 @@ def test_a_sweep_checks_every_jobs_values_before_the_first_trains(
         # an inverse temperature: negative weighted the worst plans most, nan crashed the physics
         (
             ["agent=planner", "agent.planner.method=mppi", "agent.planner.temperature=-1"],
-            "agent.planner.temperature must be a finite number > 0 (in float32: 1.2e-38 to "
+            "agent.planner.temperature must be a finite number > 0 (in float32: 1.18e-38 to "
             "3.4e38), got -1",
         ),
         (["seed=-1"], "seed must be a whole number in [0, 2**32 - 1], got -1"),

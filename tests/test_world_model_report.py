@@ -16,7 +16,7 @@ def test_report_on_fresh_episodes(tmp_path):
     result = json.loads((tmp_path / "world_model_report.json").read_text())
     assert result["frames"] == 1234 and result["obs_model"] == "aef"
     assert result["sequences"] == 2  # episodes shorter than 50 steps make one sequence each
-    # s tuned on one more episode, collected first and not among the two reported
+    # s tuned on one more episode, collected last and not among the two reported
     s = result["proposal_scale"]
     assert len(result["proposal_scale_search"]) == 9 and result["proposal_scale_tuned_on"]
     search = {float(k): v for k, v in result["proposal_scale_search"].items()}
@@ -42,8 +42,8 @@ def test_report_on_fresh_episodes(tmp_path):
     fixed = json.loads((tmp_path / "world_model_report.json").read_text())
     assert fixed["proposal_scale"] == 0.5 and "proposal_scale_search" not in fixed
     assert fixed["proposal_scale_tuned_on"] is None and fixed["sequences"] == 2
-    # The tuning episode is the one collected last, and tuning leaves the report's draws alone:
-    # at the tuned s, the reported episodes score exactly as in a run that tuned nothing.
+    # Tuning leaves the reported episodes and the report's draws alone: at the tuned s they
+    # score exactly as in a run that tuned nothing (which episode tunes: the test below).
     # (Random actions: the deterministic policy's episodes here differ by a few pixels.)
     out = tmp_path / "world_model_report_random.json"
     assert script.main([*args, "--policy", "random"]) == 0
@@ -242,3 +242,32 @@ def test_episodes_too_short_to_predict_are_one_sentence(tmp_path, capsys):
     assert script.main([str(tmp_path), "--episodes", "1", "--render", "fast"]) == 2
     err = capsys.readouterr().err
     assert "episodes hold 3 frames (env.time_limit=0.04)" in err and "Traceback" not in err
+
+
+def test_the_proposal_is_tuned_on_one_more_episode_collected_last(tmp_path, monkeypatch):
+    """The tuning episode is collected after the reported ones and is not among them: the
+    reported episodes are the first --episodes of --seed, as for a model that tunes nothing."""
+    import torch
+
+    write_tiny_dreamer_run(tmp_path, time_limit=0.4)
+    script = load_script("world_model_report")
+    seen = {}
+    tune, report = script.tune_sequence_proposal_scale, script.report_from_seed
+
+    def tuning(world_model, batches, *a):
+        seen["tuned"] = torch.cat([b["pixels"] for b in batches])
+        return tune(world_model, batches, *a)
+
+    def reporting(agent, episodes, *a):
+        seen.setdefault("reported", []).append(episodes["pixels"])
+        return report(agent, episodes, *a)
+
+    monkeypatch.setattr(script, "tune_sequence_proposal_scale", tuning)
+    monkeypatch.setattr(script, "report_from_seed", reporting)
+    args = [str(tmp_path), "--policy", "random", "--num-samples", "2", "--video", ""]
+    assert script.main([*args, "--episodes", "2", "--tune-samples", "2"]) == 0
+    assert script.main([*args, "--episodes", "3", "--proposal-scale", "0.5"]) == 0
+    reported, three = seen["reported"]
+    assert reported.shape[0] == 2 and torch.equal(reported, three[:2])
+    tuned = seen["tuned"]  # the third episode, cut into one sequence (20 steps < 50)
+    assert tuned.shape[0] == 1 and torch.equal(tuned, three[2:, : tuned.shape[1]])
