@@ -154,6 +154,9 @@ class WorldModelLoss(LossModule):
             sigma_q_min=obs.sigma_q.detach().min(),
             sigma_q_max=obs.sigma_q.detach().max(),
             prior_std_mean=obs.sigma_p.detach().mean(),
+            # z's spread over the batch's B·T rows, mean over its d dims: the AEF's scale gauge
+            # moves it with the prior's std (docs/math.md §5), which alone does not show it
+            z_std=z.detach().flatten(0, -2).std(0).mean(),
             sigma_x_mean=sigma_x.detach().mean(),
             recon_bpd=self._bpd(log_px.detach(), filt.logdet),
         )

@@ -268,6 +268,11 @@ def test_logged_diagnostics_are_the_statistics_they_name(kind):
     torch.testing.assert_close(out["sigma_q_max"], sigma_q.max())
     assert not torch.isclose(sigma_p.mean(), sigma_q.mean())
     torch.testing.assert_close(out["prior_std_mean"], sigma_p.mean())
+    # z's spread over the B·T rows, per dim, then averaged: not over dims, not the posterior σ
+    rows = obs.state.z.detach().reshape(-1, obs.state.z.shape[-1])
+    want = torch.stack([rows[:, j].std() for j in range(rows.shape[1])]).mean()
+    assert not torch.isclose(want, rows.std()) and not torch.isclose(want, sigma_q.mean())
+    torch.testing.assert_close(out["z_std"], want)
     # The reward head's expected reward per step against the batch's rewards.
     feat = torch.cat([obs.state.h, obs.state.z], -1).detach()
     pred = wm.reward_head(feat).mean.detach()
