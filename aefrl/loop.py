@@ -736,4 +736,11 @@ class Trainer:
             if h <= len(horizon) and not horizon[h - 1].isnan():
                 scalars[f"open_loop_mse_h{h}"] = horizon[h - 1]
                 scalars[f"open_loop_ssim_h{h}"] = ssim[h - 1]
+        if "open_loop_reward_abs_error" in out:  # what the actor learns from, 15 steps by default
+            error, bias = out["open_loop_reward_abs_error"], out["open_loop_reward_bias"]
+            scalars["open_loop_reward_abs_error_mean"] = error.nanmean()
+            for h in (1, 15, 45):
+                if h <= len(error) and not error[h - 1].isnan():
+                    scalars[f"open_loop_reward_abs_error_h{h}"] = error[h - 1]
+                    scalars[f"open_loop_reward_bias_h{h}"] = bias[h - 1]
         self.logger.log_scalars(scalars, step, source)

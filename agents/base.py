@@ -202,11 +202,12 @@ class WorldModelAgent(nn.Module):
     @torch.no_grad()
     def report(self, batch: TensorDictBase, num_samples: int = 8) -> dict:
         """World-model diagnostics on a ``[B, T]`` batch: open-loop prediction (video, MSE and
-        SSIM per horizon) and the sequence bits/dim with the model's estimator."""
+        SSIM per horizon; with rewards in the batch, the reward head's absolute error and bias
+        per horizon) and the sequence bits/dim with the model's estimator."""
         context = min(5, batch.shape[1] - 1)
         pred = open_loop_prediction(self.world_model, batch, context=context)
         bpd = sequence_bits_per_dim(self.world_model, batch, num_samples)
-        return {
+        out = {
             "context": context,  # the first frames of video_pred: posterior reconstructions
             "video_real": pred["real"],
             "video_pred": pred["pred"],
@@ -215,6 +216,10 @@ class WorldModelAgent(nn.Module):
             "open_loop_sharpness": pred["sharpness"],
             "bits_per_dim": bpd.mean(),
         }
+        if "reward_abs_error" in pred:
+            out["open_loop_reward_abs_error"] = pred["reward_abs_error"]
+            out["open_loop_reward_bias"] = pred["reward_bias"]
+        return out
 
     # --- checkpoints -----------------------------------------------------------------------------
     def state_dict(self, *args, **kwargs):

@@ -7,9 +7,11 @@ training), or with uniform random actions (``--policy random``: the same frames 
 of the task, so VAE and AEF runs are scored on identical data), cuts them into 50-step
 sequences and reports: held-out bits/dim of each sequence
 (exact for aef_partition, importance-sampled with K trajectories otherwise; SPEC §6), open-loop
-prediction error (5 context frames, 45 predicted: MSE and SSIM per horizon), and the sharpness
-of imagined frames relative to real ones. Writes ``<run_dir>/world_model_report.json`` (with
-``--policy random``: ``world_model_report_random.json``) and a GIF
+prediction error (5 context frames, 45 predicted: MSE and SSIM per horizon), the sharpness
+of imagined frames relative to real ones, and the reward head's error on the imagined states per
+horizon and on the filtered (posterior) ones: what the actor and critic learn from. Writes
+``<run_dir>/world_model_report.json`` (with ``--policy random``:
+``world_model_report_random.json``) and a GIF
 of the first sequences, real | imagined | error (next to the JSON, ``.gif`` for ``.json``).
 
 For the expansion AEF, the importance proposal's scale s is first tuned (SPEC §6) on one more
@@ -137,6 +139,7 @@ from aefrl.metrics import sharpness_ratio
 from aefrl.provenance import machine_info
 from aefrl.seeding import forked_torch_rng
 from aefrl.world_model.evaluation import (
+    filtered_reward_error,
     open_loop_prediction,
     sequence_bits_per_dim,
     tune_sequence_proposal_scale,
@@ -206,6 +209,8 @@ def report(agent, episodes, num_samples: int) -> tuple[dict, dict]:
         )
     else:
         estimator = f"importance sampling, posterior proposal, K={num_samples} trajectories"
+    # Last: its draws (dequantisation, a VAE's posterior) leave the numbers above as they were.
+    filtered = filtered_reward_error(wm, batch)
     return {
         "sequences": len(batch),
         "bits_per_dim": float(bpd.mean()),
@@ -219,6 +224,10 @@ def report(agent, episodes, num_samples: int) -> tuple[dict, dict]:
         "open_loop_ssim": [float(x) for x in pred["ssim"]],
         "sharpness_imagined": pred["sharpness"],
         "sharpness_reconstructed": sharpness_ratio(recon, real_context),
+        "open_loop_reward_abs_error": [float(x) for x in pred["reward_abs_error"]],
+        "open_loop_reward_bias": [float(x) for x in pred["reward_bias"]],
+        "filtered_reward_abs_error": filtered["abs_error"],
+        "filtered_reward_bias": filtered["bias"],
     }, pred
 
 
@@ -313,10 +322,13 @@ def write_report(args, argv) -> int:
         write_bytes_atomically(video, gif)
     write_text_atomically(out, json.dumps(result, indent=2))
     mse, r = result["open_loop_mse"], result
+    reward = r["open_loop_reward_abs_error"]
+    h = min(15, len(reward))  # the default imagination horizon
     print(
         f"{r['task']} {r['obs_model']} @ {r['frames']} frames: {r['bits_per_dim']:.3f} bits/dim "
         f"({r['estimator']}), open-loop MSE h1 {mse[0]:.4f} h{len(mse)} {mse[-1]:.4f}, "
-        f"sharpness {r['sharpness_imagined']:.2f}"
+        f"sharpness {r['sharpness_imagined']:.2f}, reward |error| filtered "
+        f"{r['filtered_reward_abs_error']:.3f} open-loop h{h} {reward[h - 1]:.3f}"
     )
     return 0
 

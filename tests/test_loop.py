@@ -846,6 +846,8 @@ class ScriptedAgent(EchoAgent):
             "open_loop_ssim": 1.0 - 0.02 * h,
             "open_loop_sharpness": 0.5,
             "bits_per_dim": 3.25,
+            "open_loop_reward_abs_error": 0.1 + 0.003 * h,
+            "open_loop_reward_bias": -0.05 * h,
         }
 
 
@@ -892,7 +894,8 @@ def test_train_metrics_are_the_mean_of_the_updates_since_the_last_log(tmp_path):
 def test_report_logs_mse_and_ssim_at_their_own_horizons(tmp_path):
     """The report's scalars are the agent's report's entries: ``open_loop_mse_h{h}`` and
     ``open_loop_ssim_h{h}`` the h-th value of each curve (h = 1, 10, 25, 45), their means, the
-    sharpness and the bits/dim; fails if one curve is logged under the other's name."""
+    sharpness and the bits/dim, the reward head's absolute error (its mean, h = 1, 15, 45) and
+    bias; fails if one curve is logged under the other's name."""
     trainer = _scripted_trainer(tmp_path, total_frames=30, report_every=30)
     trainer.run(progress=False)
     trainer.env.close()
@@ -907,6 +910,11 @@ def test_report_logs_mse_and_ssim_at_their_own_horizons(tmp_path):
     for k in (1, 10, 25, 45):
         want[f"open_loop_mse_h{k}"] = float(mse[k - 1])
         want[f"open_loop_ssim_h{k}"] = float(ssim[k - 1])
+    error, bias = 0.1 + 0.003 * h, -0.05 * h
+    want["open_loop_reward_abs_error_mean"] = float(error.mean())
+    for k in (1, 15, 45):
+        want[f"open_loop_reward_abs_error_h{k}"] = float(error[k - 1])
+        want[f"open_loop_reward_bias_h{k}"] = float(bias[k - 1])
     assert set(logged) == {f"replay/{name}" for name in want}
     for name, value in want.items():
         assert logged[f"replay/{name}"] == [(30, pytest.approx(value, rel=1e-6))], name

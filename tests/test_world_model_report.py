@@ -29,6 +29,14 @@ def test_report_on_fresh_episodes(tmp_path):
     steps = len(result["open_loop_mse"]) + script.CONTEXT
     assert 20 <= steps <= 21 and len(result["open_loop_ssim"]) == len(result["open_loop_mse"])
     assert all(m > 0 for m in result["open_loop_mse"])
+    # The reward head's errors: per horizon as the frames', and over the filtered states. An
+    # untrained head predicts 0 (its output layer starts at zero): each error is then the
+    # recorded rewards' mean, and the bias its negative.
+    error, bias = result["open_loop_reward_abs_error"], result["open_loop_reward_bias"]
+    assert len(error) == len(bias) == len(result["open_loop_mse"])
+    assert all(e == pytest.approx(-b, abs=1e-7) for e, b in zip(error, bias, strict=True))
+    assert result["filtered_reward_abs_error"] == pytest.approx(-result["filtered_reward_bias"])
+    assert result["filtered_reward_abs_error"] > 0 and max(error) > 0
     assert result["bits_per_dim_sem"] > 0
     by_episode = result["bits_per_dim_by_episode"]  # one sequence each here: their own values
     assert len(by_episode) == 2 and by_episode[0] != by_episode[1]

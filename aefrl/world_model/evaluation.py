@@ -120,6 +120,13 @@ def open_loop_prediction(
     old one cannot predict (NaN at horizons no sequence reaches); ``sharpness``, the predicted
     frames' mean gradient magnitude over the real ones' on the same frames (below 1: blur;
     NaN if there are none).
+
+    With rewards in the batch, also the reward head's mean on the imagined states against the
+    recorded rewards (row t's ``r_t`` arrives with ``o_t``, :mod:`aefrl.keys`), averaged as the
+    frames: ``reward_abs_error`` and ``reward_bias`` (predicted minus real) per horizon
+    ``[T - context]``, and ``reward_pred`` ``[B, T - context]``. The actor and critic learn
+    from these rewards of imagined states, 15 steps ahead by default; the frames do not enter
+    their losses.
     """
     wm = world_model
     ctx = {k: batch[k][:, :context] for k in (keys.PIXELS, keys.PREV_ACTION, keys.IS_FIRST)}
@@ -141,7 +148,7 @@ def open_loop_prediction(
     def mean_over_same_episode(per_frame: torch.Tensor) -> torch.Tensor:
         return (per_frame.view(-1, steps) * same).sum(0) / count
 
-    return {
+    out = {
         "real": real,
         "pred": pred,
         "mse": mean_over_same_episode(mse(p, r)),
@@ -150,9 +157,31 @@ def open_loop_prediction(
             sharpness_ratio(p[same.flatten()], r[same.flatten()]) if same.any() else math.nan
         ),
     }
+    if keys.REWARD in batch:
+        reward_pred = wm.reward_head(imagined.feat).mean.float()  # [B, steps]
+        diff = reward_pred - batch[keys.REWARD][:, context:].squeeze(-1).float()
+        out["reward_pred"] = reward_pred
+        out["reward_abs_error"] = mean_over_same_episode(diff.abs())
+        out["reward_bias"] = mean_over_same_episode(diff)
+    return out
+
+
+@torch.no_grad()
+def filtered_reward_error(world_model: WorldModel, batch: TensorDictBase) -> dict[str, float]:
+    """The reward head on the posterior states of a whole ``[B, T]`` batch (filtered from the
+    window's start, as in training) against its recorded rewards: ``abs_error`` and ``bias``
+    (predicted minus real), means over every row. Beside :func:`open_loop_prediction`'s
+    per-horizon errors it tells a reward head that misreads imagined states (prior samples)
+    from one that has not learned the rewards at all."""
+    wm = world_model
+    filt = wm.filter(batch, stored_start(batch, dtype=wm.dtype))
+    pred = wm.reward_head(filt.observed.state.feat).mean.float()  # [B, T]
+    diff = pred - batch[keys.REWARD].squeeze(-1).float()
+    return {"abs_error": float(diff.abs().mean()), "bias": float(diff.mean())}
 
 
 __all__ = [
+    "filtered_reward_error",
     "open_loop_prediction",
     "sequence_bits_per_dim",
     "sequence_log_likelihood",

@@ -8,6 +8,7 @@ from torch import distributions as D
 
 from aefrl.metrics import sharpness_ratio
 from aefrl.world_model.evaluation import (
+    filtered_reward_error,
     open_loop_prediction,
     sequence_bits_per_dim,
     sequence_log_likelihood,
@@ -143,6 +144,60 @@ def test_open_loop_prediction_shapes_and_context(kind):
         == [True] * 7
     )
     assert changed(predict(lambda b: b["prev_action"][:, 4].mul_(-1))) == [False] * 4 + [True] * 5
+
+
+def _reward_model(kind):
+    """A tiny model whose reward head reads its input: the output layer starts at zero, so an
+    untrained head predicts 0 everywhere and could not show a misaligned row."""
+    torch.manual_seed(0)
+    wm = tiny_world_model(kind)
+    torch.nn.init.normal_(wm.reward_head.net[-1].weight)
+    return wm
+
+
+def test_open_loop_reward_errors_are_the_head_on_the_imagined_states(kind):
+    """Recomputed from the pieces with the same draws: filter the context, imagine under the
+    recorded actions, the reward head's mean on each imagined state against row
+    ``context + k``'s reward; a window crossing into a new episode counts only before it."""
+    wm = _reward_model(kind)
+    batch = random_batch(3, 9)
+    batch["reward"].mul_(4)  # rewards the untrained head does not meet by chance
+    batch["is_first"][1, 6] = True  # sequence 1 leaves its episode at horizon 3 (frame 6)
+    torch.manual_seed(4)
+    out = open_loop_prediction(wm, batch, context=3)
+    torch.manual_seed(4)  # the same dequantisation, posterior and prior noise
+    with torch.no_grad():
+        ctx = {k: batch[k][:, :3] for k in ("pixels", "prev_action", "is_first")}
+        filt = wm.filter(ctx)
+        wm.decode_pixels(filt.observed.state)  # draws nothing; mirrors the call order
+        imagined = wm.rssm.imagine(filt.observed.last, batch["prev_action"][:, 3:])
+        want = wm.reward_head(imagined.feat).mean
+    torch.testing.assert_close(out["reward_pred"], want)
+    assert want.std() > 0.1  # the head reads the states: a row shift would change the errors
+    diff = want - batch["reward"][:, 3:, 0]
+    torch.testing.assert_close(out["reward_abs_error"][:3], diff[:, :3].abs().mean(0))
+    torch.testing.assert_close(out["reward_abs_error"][3:], diff[[0, 2], 3:].abs().mean(0))
+    torch.testing.assert_close(out["reward_bias"][3:], diff[[0, 2], 3:].mean(0))
+    shifted = (want[:, 1:] - batch["reward"][:, 3:-1, 0]).abs().mean(0)  # off by one row
+    assert not torch.allclose(out["reward_abs_error"][:5], shifted[:5])
+    # Without rewards (e.g. a caller's own frames), the frames' numbers alone.
+    torch.manual_seed(4)
+    plain = open_loop_prediction(wm, batch.exclude("reward"), context=3)
+    assert "reward_abs_error" not in plain and torch.equal(plain["pred"], out["pred"])
+
+
+def test_filtered_reward_error_is_the_head_on_the_posterior_states(kind):
+    wm = _reward_model(kind)
+    batch = random_batch(2, 6, first_at=(0, 4))
+    torch.manual_seed(5)
+    got = filtered_reward_error(wm, batch)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        pred = wm.reward_head(wm.filter(batch).observed.state.feat).mean  # [2, 6]
+    diff = pred - batch["reward"][..., 0]
+    assert got["abs_error"] == pytest.approx(float(diff.abs().mean()), rel=1e-6)
+    assert got["bias"] == pytest.approx(float(diff.mean()), rel=1e-6, abs=1e-7)
+    assert got["abs_error"] > abs(got["bias"])  # errors of both signs: not the same number
 
 
 def _one_latent_model(kind):
