@@ -211,6 +211,9 @@ def report(agent, episodes, num_samples: int) -> tuple[dict, dict]:
         estimator = f"importance sampling, posterior proposal, K={num_samples} trajectories"
     # Last: its draws (dequantisation, a VAE's posterior) leave the numbers above as they were.
     filtered = filtered_reward_error(wm, batch)
+    # The scale the reward errors are read on: the best constant's error is about the rewards'
+    # mean absolute deviation from their mean (the rows the open loop predicts).
+    rewards = batch[keys.REWARD][:, CONTEXT:].double()
     return {
         "sequences": len(batch),
         "bits_per_dim": float(bpd.mean()),
@@ -228,6 +231,8 @@ def report(agent, episodes, num_samples: int) -> tuple[dict, dict]:
         "open_loop_reward_bias": [float(x) for x in pred["reward_bias"]],
         "filtered_reward_abs_error": filtered["abs_error"],
         "filtered_reward_bias": filtered["bias"],
+        "reward_mean": float(rewards.mean()),
+        "reward_abs_deviation": float((rewards - rewards.mean()).abs().mean()),
     }, pred
 
 
@@ -328,7 +333,8 @@ def write_report(args, argv) -> int:
         f"{r['task']} {r['obs_model']} @ {r['frames']} frames: {r['bits_per_dim']:.3f} bits/dim "
         f"({r['estimator']}), open-loop MSE h1 {mse[0]:.4f} h{len(mse)} {mse[-1]:.4f}, "
         f"sharpness {r['sharpness_imagined']:.2f}, reward |error| filtered "
-        f"{r['filtered_reward_abs_error']:.3f} open-loop h{h} {reward[h - 1]:.3f}"
+        f"{r['filtered_reward_abs_error']:.3f} open-loop h{h} {reward[h - 1]:.3f} (rewards' "
+        f"mean absolute deviation {r['reward_abs_deviation']:.3f})"
     )
     return 0
 

@@ -37,6 +37,11 @@ def test_report_on_fresh_episodes(tmp_path):
     assert all(e == pytest.approx(-b, abs=1e-7) for e, b in zip(error, bias, strict=True))
     assert result["filtered_reward_abs_error"] == pytest.approx(-result["filtered_reward_bias"])
     assert result["filtered_reward_abs_error"] > 0 and max(error) > 0
+    # ... whose open-loop rows have that mean: the rewards' mean over the predicted rows.
+    steps = len(error)
+    mean_error = sum(error) / steps  # every sequence is whole here: equal weights per horizon
+    assert result["reward_mean"] == pytest.approx(mean_error, rel=1e-3)  # float32 sums
+    assert 0 < result["reward_abs_deviation"] < result["reward_mean"] * 2
     assert result["bits_per_dim_sem"] > 0
     by_episode = result["bits_per_dim_by_episode"]  # one sequence each here: their own values
     assert len(by_episode) == 2 and by_episode[0] != by_episode[1]
