@@ -2,10 +2,18 @@
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
+import torch
 
+from aefrl.world_model.evaluation import (
+    filtered_reward_error,
+    open_loop_prediction,
+    sequence_bits_per_dim,
+)
 from tests.tiny_run import load_script, write_tiny_dreamer_run
+from tests.world_model.conftest import random_batch, tiny_world_model
 
 
 def test_report_on_fresh_episodes(tmp_path):
@@ -41,7 +49,8 @@ def test_report_on_fresh_episodes(tmp_path):
     steps = len(error)
     mean_error = sum(error) / steps  # every sequence is whole here: equal weights per horizon
     assert result["reward_mean"] == pytest.approx(mean_error, rel=1e-3)  # float32 sums
-    assert 0 < result["reward_abs_deviation"] < result["reward_mean"] * 2
+    # Predicting 0 is a constant too: the best one's error is at most the mean.
+    assert 0 < result["constant_reward_abs_error"] <= result["reward_mean"]
     assert result["bits_per_dim_sem"] > 0
     by_episode = result["bits_per_dim_by_episode"]  # one sequence each here: their own values
     assert len(by_episode) == 2 and by_episode[0] != by_episode[1]
@@ -70,6 +79,42 @@ def test_report_on_fresh_episodes(tmp_path):
     at_s = json.loads(out.read_text())
     assert at_s["bits_per_dim_by_episode"] == tuned["bits_per_dim_by_episode"]
     assert at_s["open_loop_mse"] == tuned["open_loop_mse"]
+
+
+@pytest.mark.parametrize(
+    "rewards", [[0.0, 0.0, 0.0, 1.0], [1.0, 2.0, 3.0, 10.0], [0.5, 0.5, 0.2, 0.9, 0.1]]
+)
+def test_reward_scale_is_the_best_constants_error(rewards):
+    """Against a search over constants: the median's error, not the deviation about the mean
+    (sparse rewards [0, 0, 0, 1]: 0.25 against 0.375)."""
+    script = load_script("world_model_report")
+    r = torch.tensor(rewards, dtype=torch.float64)
+    got = script.reward_scale(r.view(1, -1, 1))
+    grid = torch.linspace(float(r.min()), float(r.max()), 10001, dtype=torch.float64)
+    best = (r[None] - grid[:, None]).abs().mean(1).min()
+    assert got["constant_reward_abs_error"] == pytest.approx(float(best), abs=1e-3)
+    assert got["reward_mean"] == pytest.approx(float(r.mean()))
+
+
+def test_report_numbers_are_the_evaluation_functions_in_order():
+    """The report's numbers are the evaluation functions run from its seed in one order: the
+    open loop, the bits/dim, the filtered reward error last (its draws, first, would move the
+    bits/dim)."""
+    script = load_script("world_model_report")
+    torch.manual_seed(0)
+    wm = tiny_world_model("vae")  # draws in the posterior too
+    torch.nn.init.normal_(wm.reward_head.net[-1].weight)  # a head that reads its input
+    episodes = random_batch(2, 8)
+    numbers, _ = script.report_from_seed(SimpleNamespace(world_model=wm), episodes, 3, seed=9)
+    torch.manual_seed(9)
+    with torch.no_grad():
+        pred = open_loop_prediction(wm, episodes, context=script.CONTEXT)
+        bpd = torch.cat([sequence_bits_per_dim(wm, b, 3) for b in episodes.split(2)])
+        filtered = filtered_reward_error(wm, episodes)
+    assert numbers["bits_per_dim"] == pytest.approx(float(bpd.mean()), rel=1e-6)
+    assert numbers["open_loop_reward_abs_error"] == [float(x) for x in pred["reward_abs_error"]]
+    assert numbers["filtered_reward_abs_error"] == pytest.approx(filtered["abs_error"], rel=1e-6)
+    assert numbers["filtered_reward_bias"] == pytest.approx(filtered["bias"], rel=1e-6)
 
 
 def test_bits_per_dim_by_episode_averages_each_episodes_own_sequences(tmp_path, monkeypatch):

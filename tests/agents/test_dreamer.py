@@ -310,6 +310,10 @@ def test_report_scalars_are_the_evaluation_functions_results(kind):
     torch.testing.assert_close(out["open_loop_ssim"], pred["ssim"], equal_nan=True)
     torch.testing.assert_close(out["open_loop_sharpness"], pred["sharpness"], equal_nan=True)
     torch.testing.assert_close(out["bits_per_dim"], bpd.mean())
+    error, bias = out["open_loop_reward_abs_error"], out["open_loop_reward_bias"]
+    torch.testing.assert_close(error, pred["reward_abs_error"], equal_nan=True)
+    torch.testing.assert_close(bias, pred["reward_bias"], equal_nan=True)
+    assert (error > 0).all() and not torch.allclose(error, bias)  # rewards in [0, 1)
     assert torch.equal(out["video_real"], pred["real"])
     assert torch.equal(out["video_pred"], pred["pred"])
 

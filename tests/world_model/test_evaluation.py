@@ -198,6 +198,21 @@ def test_filtered_reward_error_is_the_head_on_the_posterior_states(kind):
     assert got["abs_error"] == pytest.approx(float(diff.abs().mean()), rel=1e-6)
     assert got["bias"] == pytest.approx(float(diff.mean()), rel=1e-6, abs=1e-7)
     assert got["abs_error"] > abs(got["bias"])  # errors of both signs: not the same number
+    # A replayed window with stored contexts (agent.replay_context) starts from them, as
+    # training does; the first row is no episode start here, so they matter.
+    batch = random_batch(2, 6, first_at=(4,))
+    batch["context_belief"] = torch.randn(2, 6, wm.rssm.deter)
+    batch["context_state"] = torch.randn(2, 6, wm.rssm.latent_dim)
+    torch.manual_seed(5)
+    got = filtered_reward_error(wm, batch)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        start = RSSMState(batch["context_belief"][:, 0], batch["context_state"][:, 0])
+        pred = wm.reward_head(wm.filter(batch, start).observed.state.feat).mean
+    assert got["abs_error"] == pytest.approx(float((pred - batch["reward"][..., 0]).abs().mean()))
+    torch.manual_seed(5)
+    zeros = filtered_reward_error(wm, batch.exclude("context_belief", "context_state"))
+    assert zeros["abs_error"] != pytest.approx(got["abs_error"], rel=1e-3)
 
 
 def _one_latent_model(kind):
