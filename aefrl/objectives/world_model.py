@@ -117,6 +117,7 @@ class WorldModelLoss(LossModule):
                 keys.IS_FIRST: batch[k.is_first],
             },
             stored_start(batch, k.context_belief, k.context_state, wm.dtype),
+            train_noise=True,  # the recurrence reads z with the world model's dynamics_noise
         )
         obs = filt.observed
         h, z = obs.state.h, obs.state.z

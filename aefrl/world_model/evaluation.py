@@ -125,8 +125,8 @@ def open_loop_prediction(
     recorded rewards (row t's ``r_t`` arrives with ``o_t``, :mod:`aefrl.keys`), averaged as the
     frames: ``reward_abs_error`` and ``reward_bias`` (predicted minus real) per horizon
     ``[T - context]``, and ``reward_pred`` ``[B, T - context]``. The actor and critic learn
-    from these rewards of imagined states, 15 steps ahead by default; the frames do not enter
-    their losses.
+    from the reward head on imagined states (under the policy's actions, 15 steps deep by
+    default); the imagined frames do not enter their losses.
     """
     wm = world_model
     ctx = {k: batch[k][:, :context] for k in (keys.PIXELS, keys.PREV_ACTION, keys.IS_FIRST)}

@@ -20,6 +20,7 @@ Shapes: ``[B, T, ...]`` at every sequence boundary, ``[N, ...]`` for single step
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,11 @@ class RSSM(nn.Module):
         deter: size of h.
         hidden: width of the input and prior MLPs.
         prior_std_min: lower bound of σ_p, so that the prior density stays finite (SPEC §1).
+        dynamics_noise: s, the scale of the noise the recurrence reads on z while a training
+            batch is filtered (``observe(train_noise=True)``): ``z_t + s·sg(σ_p(h_t))·ε`` feeds
+            ``h_{t+1}``, where the heads, decoder and likelihood read z_t itself. The AEF's
+            encoding is exact, so without it its dynamics meet the prior's spread only in
+            imagination (a VAE's recurrence reads its posterior samples). 0: off.
     """
 
     def __init__(
@@ -82,6 +88,7 @@ class RSSM(nn.Module):
         deter: int = 256,
         hidden: int = 256,
         prior_std_min: float = 0.1,
+        dynamics_noise: float = 0.0,
     ) -> None:
         super().__init__()
         deter = check_size("deter", deter)
@@ -92,11 +99,14 @@ class RSSM(nn.Module):
             )
         if prior_std_min <= 0:
             raise ValueError(f"prior_std_min must be > 0, got {prior_std_min}")
+        if not 0 <= dynamics_noise < math.inf:  # NaN fails too
+            raise ValueError(f"dynamics_noise must be a finite number >= 0, got {dynamics_noise}")
         self.obs_model = obs_model
         self.latent_dim = obs_model.latent_dim
         self.action_dim = int(action_dim)
         self.deter = deter
         self.prior_std_min = float(prior_std_min)
+        self.dynamics_noise = float(dynamics_noise)
         self.img_in = MLP(self.latent_dim + self.action_dim, None, hidden, 1)
         self.gru = nn.GRUCell(hidden, self.deter)
         self.prior_head = MLP(self.deter, 2 * self.latent_dim, hidden, 1)
@@ -188,9 +198,12 @@ class RSSM(nn.Module):
         is_first: torch.Tensor,
         state: RSSMState | None = None,
         noise: torch.Tensor | None = None,
+        train_noise: bool = False,
     ) -> Observed:
         """Filter a ``[B, T]`` sequence: embed ``[B, T, E]``, coords ``[B, T, d]`` or None,
         prev_action ``[B, T, A]``, is_first ``[B, T, 1]``, noise ``[B, T, d]`` (VAE) or None.
+        ``train_noise``: the recurrence reads z with ``dynamics_noise`` (training batches only;
+        the returned states are the filter's own, and ``last`` too).
 
         The encoder ran on all B·T frames before this call, and the embedding's share of the
         posterior head runs here on all of them at once; only the recurrence is sequential, and
@@ -210,6 +223,8 @@ class RSSM(nn.Module):
             [None] * steps if noise is None else noise.unbind(1),
         ]
         hs, zs, mus, sigmas = [], [], [], []
+        perturb = train_noise and self.dynamics_noise > 0  # no draws when off
+        exact = state
         for projected, coord, action, first, eps in zip(*per_step):
             state, mu_q, sigma_q = self.filter_step(
                 state, action, projected, coord, first, eps, weights
@@ -218,6 +233,10 @@ class RSSM(nn.Module):
             zs.append(state.z)
             mus.append(mu_q)
             sigmas.append(sigma_q)
+            if perturb:  # what the next step's recurrence reads; the filter's own is kept
+                state, exact = self.perturbed(state), state
+            else:
+                exact = state
         h = torch.stack(hs, 1)
         mu_p, sigma_p = self.prior_params(h)
         return Observed(
@@ -226,8 +245,16 @@ class RSSM(nn.Module):
             sigma_q=torch.stack(sigmas, 1),
             mu_p=mu_p,
             sigma_p=sigma_p,
-            last=state,
+            last=exact,
         )
+
+    def perturbed(self, state: RSSMState) -> RSSMState:
+        """``(h_t, z_t + s·sg(σ_p(h_t))·ε)``, ``ε ~ N(0, I)``: z on the scale of the prior's
+        spread around it, as imagination samples it. σ_p is held fixed (no gradient), so the
+        noise cannot train the prior to shrink it."""
+        with torch.no_grad():
+            _, sigma = self.prior_params(state.h)
+        return RSSMState(state.h, state.z + self.dynamics_noise * sigma * torch.randn_like(sigma))
 
     def imagine(self, start: RSSMState, actions: torch.Tensor) -> RSSMState:
         """Open-loop prior rollout from ``start [N, ...]`` under ``actions [N, K, A]``:

@@ -64,6 +64,8 @@ class WorldModel(nn.Module):
         depth: conv trunk depth.
         conv_style, conv_norm: conv trunk geometry (``"v3"`` / ``"v1"``) and norms.
         prior_std_min: lower bound of the prior std.
+        dynamics_noise: noise on z where the recurrence reads it in training, in units of the
+            prior's std (:class:`~aefrl.world_model.rssm.RSSM`); 0: off.
         alpha, actnorm: pre-processing (see :class:`~aefrl.preprocess.Preprocess`).
         reward_bins, reward_twohot: the reward head's bin count and two-hot form (``"symlog"``
             or ``"symexp"``: :mod:`aefrl.world_model.heads`).
@@ -84,6 +86,7 @@ class WorldModel(nn.Module):
         conv_style: str = "v3",
         conv_norm: bool = True,
         prior_std_min: float = 0.1,
+        dynamics_noise: float = 0.0,
         alpha: float = 0.05,
         actnorm: bool = False,
         reward_bins: int = 255,
@@ -117,7 +120,9 @@ class WorldModel(nn.Module):
             **obs_options,
         }
         self.obs_model = make_obs_model(obs_model, self.obs_shape, latent_dim, deter, **options)
-        self.rssm = RSSM(self.obs_model, action_dim, deter, rssm_width, prior_std_min)
+        self.rssm = RSSM(
+            self.obs_model, action_dim, deter, rssm_width, prior_std_min, dynamics_noise
+        )
         feat = self.rssm.feat_dim
         self.reward_head = TwoHotHead(feat, hidden, layers, reward_bins, twohot=reward_twohot)
         self.continue_head = BernoulliHead(feat, hidden, layers)
@@ -159,10 +164,11 @@ class WorldModel(nn.Module):
         batch: TensorDictBase,
         state: RSSMState | None = None,
         noise: torch.Tensor | None = None,
+        train_noise: bool = False,
     ) -> Filtered:
         """Pre-process and filter a ``[B, T]`` replay batch (a tensordict or any mapping with
         keys pixels uint8 ``[B, T, C, H, W]``, prev_action ``[B, T, A]``, is_first
-        ``[B, T, 1]``)."""
+        ``[B, T, 1]``); ``train_noise``: the training loss's filter (``dynamics_noise``)."""
         pixels = batch[keys.PIXELS]
         b, t = pixels.shape[:2]
         y, logdet = self.encode_pixels(pixels.flatten(0, 1))
@@ -174,6 +180,7 @@ class WorldModel(nn.Module):
             batch[keys.IS_FIRST],
             state,
             noise,
+            train_noise,
         )
         return Filtered(y.unflatten(0, (b, t)), logdet.unflatten(0, (b, t)), observed)
 

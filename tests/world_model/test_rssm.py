@@ -1,8 +1,13 @@
 """RSSM shapes and the time alignment drawn in aefrl/world_model/rssm.py."""
 
+import math
+
+import pytest
 import torch
 
+from aefrl.objectives.world_model import WorldModelLoss
 from aefrl.world_model import RSSMState
+from aefrl.world_model.evaluation import sequence_log_likelihood
 from tests.world_model.conftest import random_batch, tiny_world_model
 
 
@@ -195,3 +200,88 @@ def test_without_rssm_hidden_the_posterior_head_keeps_the_obs_model_width(kind):
     assert model.obs_model.posterior_head[0].out_features == 8
     with pytest.raises(ValueError, match="set rssm_hidden alone"):
         tiny_world_model(kind, rssm_hidden=8, obs_options={"posterior_hidden": 4})
+
+
+def test_dynamics_noise_feeds_the_recurrence_only_and_only_in_training(kind):
+    """With ``train_noise``, step t+1's recurrence reads ``z_t + s·σ_p(h_t)·ε_t`` (recomputed
+    step by step with the same draws) while the returned z, and ``last``, are the filter's
+    own; without it, or with s = 0, nothing changes and nothing is drawn."""
+    torch.manual_seed(3)
+    wm = tiny_world_model(kind, dtype=torch.float64, dynamics_noise=0.7)
+    rssm = wm.rssm
+    b, t, d = 3, 5, 3
+    embed = torch.randn(b, t, wm.obs_model.embed_dim, dtype=torch.float64)
+    coords = torch.randn(b, t, d, dtype=torch.float64)
+    noise = torch.randn(b, t, d, dtype=torch.float64)
+    batch = random_batch(b, t, first_at=(0, 3), dtype=torch.float64)
+    act, first = batch["prev_action"], batch["is_first"]
+    plain = rssm.observe(embed, coords, act, first, noise=noise)
+    torch.manual_seed(11)
+    obs = rssm.observe(embed, coords, act, first, noise=noise, train_noise=True)
+    torch.manual_seed(11)
+    state = rssm.initial(b, dtype=torch.float64)
+    for i in range(t):
+        state, _, _ = rssm.obs_step(
+            state, act[:, i], embed[:, i], coords[:, i], first[:, i], noise[:, i]
+        )
+        torch.testing.assert_close(obs.state.h[:, i], state.h)
+        torch.testing.assert_close(obs.state.z[:, i], state.z)
+        exact = state
+        sigma = rssm.prior_params(state.h)[1]
+        state = RSSMState(state.h, state.z + 0.7 * sigma * torch.randn(b, d, dtype=torch.float64))
+    torch.testing.assert_close(obs.last.z, exact.z)
+    torch.testing.assert_close(obs.last.h, exact.h)
+    # The noise moved every belief after the first step, but not where is_first reset it
+    # (row 3: the reset zeroes the noisy z too) and not the first row.
+    moved = [not torch.allclose(obs.state.h[:, i], plain.state.h[:, i]) for i in range(t)]
+    assert moved == [False, True, True, False, True]
+    # Off: the filter of evaluation and acting, and s = 0, draw nothing.
+    rssm.dynamics_noise = 0.0
+    torch.manual_seed(11)
+    off = rssm.observe(embed, coords, act, first, noise=noise, train_noise=True)
+    drawn_next = torch.rand(1)
+    torch.manual_seed(11)
+    assert torch.equal(drawn_next, torch.rand(1))
+    torch.testing.assert_close(off.state.h, plain.state.h, rtol=0, atol=0)
+
+
+def test_dynamics_noise_trains_no_prior_through_its_scale(kind):
+    """σ_p only scales the noise (held fixed): a loss on the beliefs alone gives the prior
+    head no gradient, with noise or without, while the recurrence gets one."""
+    torch.manual_seed(4)
+    wm = tiny_world_model(kind, dynamics_noise=1.0)
+    batch = random_batch(2, 5)
+    obs = wm.filter(batch, train_noise=True).observed
+    obs.state.h.square().sum().backward()
+    assert all(p.grad is None for p in wm.rssm.prior_head.parameters())
+    assert wm.rssm.gru.weight_ih.grad.abs().sum() > 0
+
+
+def test_world_model_loss_filters_with_the_dynamics_noise(kind):
+    """The training loss draws the recurrence's noise (two draws, two losses); evaluation's
+    likelihood does not (the same number with and without the setting)."""
+    torch.manual_seed(5)
+    wm = tiny_world_model(kind, dynamics_noise=1.0)
+    loss = WorldModelLoss(wm)
+    batch = random_batch(2, 5)
+
+    def obs_loss(seed, s):
+        torch.manual_seed(seed)
+        wm.rssm.dynamics_noise = s
+        return float(loss(batch)["loss_obs"].detach())
+
+    assert obs_loss(0, 1.0) != obs_loss(0, 0.0)
+    assert obs_loss(0, 1.0) == obs_loss(0, 1.0)  # seeded: the draws, not something else
+
+    def log_p(s):
+        wm.rssm.dynamics_noise = s
+        torch.manual_seed(1)
+        return sequence_log_likelihood(wm, batch, num_samples=2)[0]
+
+    assert torch.equal(log_p(1.0), log_p(0.0))
+
+
+def test_dynamics_noise_must_be_finite_and_non_negative():
+    for bad in (-0.1, math.nan, math.inf):
+        with pytest.raises(ValueError, match="dynamics_noise must be a finite number >= 0"):
+            tiny_world_model("aef", dynamics_noise=bad)
