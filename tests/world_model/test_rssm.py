@@ -7,7 +7,11 @@ import torch
 
 from aefrl.objectives.world_model import WorldModelLoss
 from aefrl.world_model import RSSMState
-from aefrl.world_model.evaluation import sequence_log_likelihood
+from aefrl.world_model.evaluation import (
+    filtered_reward_error,
+    open_loop_prediction,
+    sequence_log_likelihood,
+)
 from tests.world_model.conftest import random_batch, tiny_world_model
 
 
@@ -279,6 +283,19 @@ def test_world_model_loss_filters_with_the_dynamics_noise(kind):
         return sequence_log_likelihood(wm, batch, num_samples=2)[0]
 
     assert torch.equal(log_p(1.0), log_p(0.0))
+
+    # Evaluation's other paths filter through WorldModel.filter, whose default is no noise.
+    def evaluated(s):
+        wm.rssm.dynamics_noise = s
+        torch.manual_seed(2)
+        with torch.no_grad():
+            h = wm.filter(batch).observed.state.h
+            pred = open_loop_prediction(wm, batch, context=2)["reward_pred"]
+            return h, pred, filtered_reward_error(wm, batch), torch.rand(1)
+
+    noisy, plain = evaluated(1.0), evaluated(0.0)
+    assert torch.equal(noisy[0], plain[0]) and torch.equal(noisy[1], plain[1])
+    assert noisy[2] == plain[2] and torch.equal(noisy[3], plain[3])  # nor any draw
 
 
 def test_dynamics_noise_must_be_finite_and_non_negative():
