@@ -11,10 +11,9 @@ prediction error (5 context frames, 45 predicted: MSE and SSIM per horizon), the
 of imagined frames relative to real ones, and the reward head's error on the states imagined
 under the recorded actions per horizon and on the filtered (posterior) ones, beside the best
 constant's (the actor and critic learn from the rewards of imagined states, 15 steps deep by
-default). Writes
-``<run_dir>/world_model_report.json`` (with ``--policy random``:
-``world_model_report_random.json``) and a GIF
-of the first sequences, real | imagined | error (next to the JSON, ``.gif`` for ``.json``).
+default). Writes ``<run_dir>/world_model_report.json`` (with ``--policy random``:
+``world_model_report_random.json``) and a GIF of the first sequences, real | imagined | error
+(next to the JSON, ``.gif`` for ``.json``).
 
 For the expansion AEF, the importance proposal's scale s is first tuned (SPEC §6) on one more
 held-out episode, collected after the reported ones and not reported (``--proposal-scale S``

@@ -226,17 +226,15 @@ class RSSM(nn.Module):
         perturb = train_noise and self.dynamics_noise > 0  # no draws when off
         exact = state
         for projected, coord, action, first, eps in zip(*per_step):
-            state, mu_q, sigma_q = self.filter_step(
+            exact, mu_q, sigma_q = self.filter_step(
                 state, action, projected, coord, first, eps, weights
             )
-            hs.append(state.h)
-            zs.append(state.z)
+            hs.append(exact.h)
+            zs.append(exact.z)
             mus.append(mu_q)
             sigmas.append(sigma_q)
-            if perturb:  # what the next step's recurrence reads; the filter's own is kept
-                state, exact = self.perturbed(state), state
-            else:
-                exact = state
+            # what the next step's recurrence reads; the filter's own state is returned
+            state = self.perturbed(exact) if perturb else exact
         h = torch.stack(hs, 1)
         mu_p, sigma_p = self.prior_params(h)
         return Observed(
